@@ -1,0 +1,1 @@
+//! GGUF tokenizer rebuild (being written).

@@ -1,0 +1,14 @@
+//! Llama-family model in candle: config, checkpoint loading, GGUF import, training forward and
+//! generation. See docs/architecture.md for how the pieces fit.
+
+pub mod config;
+pub mod gguf;
+mod gguf_tokenizer;
+pub mod linear;
+pub mod llama;
+pub mod weights;
+
+pub use config::LlamaConfig;
+pub use linear::{Dense, Linear};
+pub use llama::{ForwardMask, KvCache, Llama, LoadOptions};
+pub use weights::SafetensorsWeights;

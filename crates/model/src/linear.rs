@@ -1,0 +1,47 @@
+//! The projection layers of the model, behind one trait so LoRA and tensor-parallel layers can
+//! take a dense layer's place by name without changing the model.
+
+use candle_core::{Result, Tensor};
+
+/// `y = f(x)` for x [..., in] → y [..., out].
+pub trait Linear: Send + Sync {
+    fn forward(&self, x: &Tensor) -> Result<Tensor>;
+    /// The full-rank weight [out, in] this layer applies (for merging and export).
+    fn weight(&self) -> &Tensor;
+}
+
+/// `y = x Wᵀ`, W [out, in] as Hugging Face stores it. Llama has no biases.
+#[derive(Debug, Clone)]
+pub struct Dense {
+    pub weight: Tensor,
+}
+
+impl Dense {
+    pub fn new(weight: Tensor) -> Self {
+        Self { weight }
+    }
+}
+
+impl Linear for Dense {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let inner = *dims.last().expect("linear input has a last dimension");
+        let rows = x.elem_count() / inner.max(1);
+        let y = x.reshape((rows, inner))?.matmul(&self.weight.t()?)?;
+        let mut out = dims;
+        *out.last_mut().unwrap() = self.weight.dim(0)?;
+        y.reshape(out)
+    }
+
+    fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+}
+
+/// Replaces a dense layer, given its checkpoint name prefix (e.g.
+/// `model.layers.3.self_attn.q_proj`). The default keeps it dense.
+pub type LinearHook<'a> = dyn Fn(&str, Dense) -> anyhow::Result<Box<dyn Linear>> + 'a;
+
+pub fn keep_dense(_name: &str, d: Dense) -> anyhow::Result<Box<dyn Linear>> {
+    Ok(Box::new(d))
+}

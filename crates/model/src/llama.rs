@@ -1,0 +1,358 @@
+//! The Llama decoder, one readable file: embedding → N × (RMSNorm → attention → RMSNorm → SwiGLU
+//! MLP) → RMSNorm → LM head. Weights are found by the names Hugging Face checkpoints use.
+//!
+//! Every non-trivial computation goes through one function of `helix_ops` (rms_norm, apply_rope,
+//! causal_attention, swiglu, linear_cross_entropy) and every projection through the [`Linear`]
+//! trait, so fused kernels, LoRA and tensor-parallel layers replace them without edits here.
+
+use std::collections::HashMap;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use helix_ops::{
+    apply_rope, attention_bias, causal_attention, count_targets, linear_cross_entropy, rms_norm,
+    swiglu, MaskSpec, RopeTable,
+};
+
+use crate::config::LlamaConfig;
+use crate::linear::{keep_dense, Dense, Linear, LinearHook};
+use crate::weights::SafetensorsWeights;
+
+/// How to load: dtype and device of the weights, and which parameters train.
+pub struct LoadOptions<'a> {
+    pub dtype: DType,
+    pub device: Device,
+    /// Parameters (by checkpoint name) that become trainable [`Var`]s; the rest are constants,
+    /// so candle records no gradient for them and the optimizer never sees them.
+    pub trainable: &'a dyn Fn(&str) -> bool,
+    pub linear_hook: &'a LinearHook<'a>,
+}
+
+impl LoadOptions<'static> {
+    /// Frozen model for inference.
+    pub fn inference(dtype: DType, device: Device) -> Self {
+        LoadOptions { dtype, device, trainable: &|_| false, linear_hook: &keep_dense }
+    }
+}
+
+struct Attention {
+    q_proj: Box<dyn Linear>,
+    k_proj: Box<dyn Linear>,
+    v_proj: Box<dyn Linear>,
+    o_proj: Box<dyn Linear>,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+}
+
+struct Mlp {
+    gate_proj: Box<dyn Linear>,
+    up_proj: Box<dyn Linear>,
+    down_proj: Box<dyn Linear>,
+}
+
+struct DecoderLayer {
+    input_layernorm: Tensor,
+    self_attn: Attention,
+    post_attention_layernorm: Tensor,
+    mlp: Mlp,
+}
+
+/// Past keys and values of every layer, for generation.
+#[derive(Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl KvCache {
+    /// Number of positions already cached.
+    pub fn len(&self) -> usize {
+        self.layers
+            .first()
+            .and_then(|l| l.as_ref())
+            .map(|(k, _)| k.dim(2).unwrap_or(0))
+            .unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What the attention of one forward pass may see.
+pub struct ForwardMask {
+    /// [B, S] flags, 1 for a real token (padding otherwise).
+    pub key_valid: Option<Vec<u8>>,
+    /// [B, S] document ids of packed rows.
+    pub segment_ids: Option<Vec<u32>>,
+}
+
+pub struct Llama {
+    cfg: LlamaConfig,
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: Tensor,
+    /// `None` when tied to `embed_tokens`.
+    lm_head: Option<Tensor>,
+    rope: RopeTable,
+    trainable: Vec<(String, Var)>,
+    dtype: DType,
+    device: Device,
+}
+
+impl Llama {
+    /// Loads every tensor of `cfg` from `weights`, with shape and dtype checks.
+    pub fn load(cfg: &LlamaConfig, weights: &SafetensorsWeights, opts: &LoadOptions) -> Result<Self> {
+        let mut params = ParamLoader { weights, opts, trainable: Vec::new() };
+        let h = cfg.hidden_size;
+        let q_out = cfg.num_attention_heads * cfg.head_dim;
+        let kv_out = cfg.num_key_value_heads * cfg.head_dim;
+        let i = cfg.intermediate_size;
+        let embed_tokens = params.get("model.embed_tokens.weight", (cfg.vocab_size, h))?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let self_attn = Attention {
+                q_proj: params.linear(&format!("{p}.self_attn.q_proj"), q_out, h)?,
+                k_proj: params.linear(&format!("{p}.self_attn.k_proj"), kv_out, h)?,
+                v_proj: params.linear(&format!("{p}.self_attn.v_proj"), kv_out, h)?,
+                o_proj: params.linear(&format!("{p}.self_attn.o_proj"), h, q_out)?,
+                n_heads: cfg.num_attention_heads,
+                n_kv_heads: cfg.num_key_value_heads,
+                head_dim: cfg.head_dim,
+            };
+            let mlp = Mlp {
+                gate_proj: params.linear(&format!("{p}.mlp.gate_proj"), i, h)?,
+                up_proj: params.linear(&format!("{p}.mlp.up_proj"), i, h)?,
+                down_proj: params.linear(&format!("{p}.mlp.down_proj"), h, i)?,
+            };
+            layers.push(DecoderLayer {
+                input_layernorm: params.get(&format!("{p}.input_layernorm.weight"), h)?,
+                self_attn,
+                post_attention_layernorm: params.get(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                mlp,
+            });
+        }
+        let norm = params.get("model.norm.weight", h)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(params.get("lm_head.weight", (cfg.vocab_size, h))?)
+        };
+        let rope = RopeTable::new(cfg.head_dim, cfg.rope_theta, cfg.rope_linear_factor, &opts.device)?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            trainable: params.trainable,
+            dtype: opts.dtype,
+            device: opts.device.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Trainable parameters by checkpoint name, in load order.
+    pub fn trainable_params(&self) -> &[(String, Var)] {
+        &self.trainable
+    }
+
+    pub fn embed_tokens(&self) -> &Tensor {
+        &self.embed_tokens
+    }
+
+    /// The LM head weight [V, H] (the embedding when tied).
+    pub fn lm_head_weight(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    /// Token embeddings [B, S, H] of input_ids [B, S] (u32).
+    pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (b, s) = input_ids.dims2()?;
+        let flat = input_ids.flatten_all()?;
+        Ok(self.embed_tokens.index_select(&flat, 0)?.reshape((b, s, self.cfg.hidden_size))?)
+    }
+
+    /// Final hidden states [B, S, H] (after the last RMSNorm) for input embeddings [B, S, H] at
+    /// `position_ids` [B, S]. Taking embeddings lets P-tuning prepend virtual tokens.
+    pub fn forward_embeds(&self, embeds: &Tensor, position_ids: &Tensor, mask: &ForwardMask) -> Result<Tensor> {
+        let (b, s, _) = embeds.dims3()?;
+        let spec = MaskSpec {
+            batch: b,
+            q_len: s,
+            kv_len: s,
+            q_offset: 0,
+            key_valid: mask.key_valid.clone(),
+            segment_ids: mask.segment_ids.clone(),
+        };
+        let bias = attention_bias(&spec, self.dtype, &self.device)?;
+        let (cos, sin) = self.rope.cos_sin(position_ids, self.dtype)?;
+        let mut x = embeds.clone();
+        for layer in &self.layers {
+            x = layer.forward(&x, &cos, &sin, &bias, None, self.cfg.rms_norm_eps)?;
+        }
+        Ok(rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?)
+    }
+
+    /// Final hidden states for input_ids [B, S].
+    pub fn forward_hidden(&self, input_ids: &Tensor, position_ids: &Tensor, mask: &ForwardMask) -> Result<Tensor> {
+        self.forward_embeds(&self.embed(input_ids)?, position_ids, mask)
+    }
+
+    /// Full-vocabulary logits [B, S, V] in f32. For evaluation and tests; training uses
+    /// [`Llama::loss_sum`], which never holds them all.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let (b, s, h) = hidden.dims3()?;
+        let w = self.lm_head_weight();
+        let logits = hidden.reshape((b * s, h))?.matmul(&w.t()?)?;
+        Ok(logits.reshape((b, s, self.cfg.vocab_size))?.to_dtype(DType::F32)?)
+    }
+
+    /// Summed next-token loss of hidden [B, S, H] against labels [B, S] (aligned with the
+    /// inputs, -100 = ignore; the shift happens here, as in transformers) and the number of
+    /// target tokens. The caller divides by the target count of the whole step.
+    pub fn loss_sum(&self, hidden: &Tensor, labels: &Tensor, chunk_rows: usize) -> Result<(Tensor, usize)> {
+        let (b, s, h) = hidden.dims3()?;
+        if labels.dims() != [b, s] {
+            anyhow::bail!("labels have shape {:?}, expected [{b}, {s}]", labels.dims());
+        }
+        if s < 2 {
+            return Ok((Tensor::zeros((), DType::F32, &self.device)?, 0));
+        }
+        let hid = hidden.narrow(1, 0, s - 1)?.reshape((b * (s - 1), h))?;
+        let lab = labels.narrow(1, 1, s - 1)?.reshape(b * (s - 1))?;
+        let n = count_targets(&lab)?;
+        let sum = linear_cross_entropy(&hid, self.lm_head_weight(), &lab, chunk_rows)?;
+        Ok((sum, n))
+    }
+
+    /// One generation step: runs input_ids [B, S] after the cached positions and returns the
+    /// logits of the last position [B, V] (f32).
+    pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, s) = input_ids.dims2()?;
+        if cache.layers.is_empty() {
+            cache.layers = vec![None; self.layers.len()];
+        }
+        let past = cache.len();
+        if past + s > self.cfg.max_position_embeddings {
+            anyhow::bail!(
+                "sequence of {} tokens exceeds max_position_embeddings {}",
+                past + s,
+                self.cfg.max_position_embeddings
+            );
+        }
+        let positions: Vec<i64> = (0..b).flat_map(|_| (past..past + s).map(|p| p as i64)).collect();
+        let position_ids = Tensor::from_vec(positions, (b, s), &self.device)?;
+        let spec = MaskSpec { batch: b, q_len: s, kv_len: past + s, q_offset: past, ..Default::default() };
+        let bias = attention_bias(&spec, self.dtype, &self.device)?;
+        let (cos, sin) = self.rope.cos_sin(&position_ids, self.dtype)?;
+        let mut x = self.embed(input_ids)?;
+        for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = layer.forward(&x, &cos, &sin, &bias, Some(slot), self.cfg.rms_norm_eps)?;
+        }
+        let x = rms_norm(&x.narrow(1, s - 1, 1)?, &self.norm, self.cfg.rms_norm_eps)?;
+        Ok(self.logits(&x)?.squeeze(1)?)
+    }
+}
+
+impl DecoderLayer {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        bias: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        eps: f64,
+    ) -> candle_core::Result<Tensor> {
+        let h = self.self_attn.forward(&rms_norm(x, &self.input_layernorm, eps)?, cos, sin, bias, cache)?;
+        let x = (x + h)?;
+        let h = self.mlp.forward(&rms_norm(&x, &self.post_attention_layernorm, eps)?)?;
+        x + h
+    }
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        bias: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+    ) -> candle_core::Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let heads = |t: Tensor, n: usize| t.reshape((b, s, n, self.head_dim))?.transpose(1, 2);
+        let q = heads(self.q_proj.forward(x)?, self.n_heads)?;
+        let k = heads(self.k_proj.forward(x)?, self.n_kv_heads)?;
+        let v = heads(self.v_proj.forward(x)?, self.n_kv_heads)?;
+        let q = apply_rope(&q, cos, sin)?;
+        let mut k = apply_rope(&k, cos, sin)?;
+        let mut v = v.contiguous()?;
+        if let Some(slot) = cache {
+            if let Some((pk, pv)) = slot.as_ref() {
+                k = Tensor::cat(&[pk, &k], 2)?;
+                v = Tensor::cat(&[pv, &v], 2)?;
+            }
+            *slot = Some((k.clone(), v.clone()));
+        }
+        let y = causal_attention(&q, &k, &v, bias)?;
+        let y = y.transpose(1, 2)?.reshape((b, s, self.n_heads * self.head_dim))?;
+        self.o_proj.forward(&y)
+    }
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let act = swiglu(&self.gate_proj.forward(x)?, &self.up_proj.forward(x)?)?;
+        self.down_proj.forward(&act)
+    }
+}
+
+/// Loads tensors by name and registers the trainable ones as [`Var`]s.
+struct ParamLoader<'a, 'b> {
+    weights: &'a SafetensorsWeights,
+    opts: &'a LoadOptions<'b>,
+    trainable: Vec<(String, Var)>,
+}
+
+impl ParamLoader<'_, '_> {
+    fn get(&mut self, name: &str, shape: impl Into<candle_core::Shape>) -> Result<Tensor> {
+        let t = self.weights.load(name, shape, self.opts.dtype, &self.opts.device)?;
+        if (self.opts.trainable)(name) {
+            let var = Var::from_tensor(&t)?;
+            let t = var.as_tensor().clone();
+            self.trainable.push((name.to_string(), var));
+            Ok(t)
+        } else {
+            Ok(t)
+        }
+    }
+
+    fn linear(&mut self, prefix: &str, out_dim: usize, in_dim: usize) -> Result<Box<dyn Linear>> {
+        let w = self.get(&format!("{prefix}.weight"), (out_dim, in_dim))?;
+        (self.opts.linear_hook)(prefix, Dense::new(w)).with_context(|| format!("layer {prefix}"))
+    }
+}
+
+/// Map from trainable parameter name to its tensor, e.g. for gradient lookup.
+pub fn param_map(model: &Llama) -> HashMap<String, Tensor> {
+    model
+        .trainable_params()
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect()
+}

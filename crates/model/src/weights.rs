@@ -1,0 +1,180 @@
+//! Hugging Face safetensors checkpoints: one file or shards with `model.safetensors.index.json`,
+//! memory-mapped, read tensor by tensor so a 7B model is never held twice in RAM.
+
+use std::collections::HashMap;
+use std::path::{Component, Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Shape, Tensor};
+use memmap2::Mmap;
+use safetensors::tensor::Dtype as StDtype;
+
+pub const SINGLE_FILE: &str = "model.safetensors";
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// Where one tensor's bytes are.
+#[derive(Debug, Clone)]
+struct Entry {
+    file: usize,
+    dtype: StDtype,
+    shape: Vec<usize>,
+    start: usize,
+    end: usize,
+}
+
+/// An open checkpoint: memory maps of its files and a table of every tensor in them.
+pub struct SafetensorsWeights {
+    dir: PathBuf,
+    files: Vec<(PathBuf, Mmap)>,
+    entries: HashMap<String, Entry>,
+}
+
+impl SafetensorsWeights {
+    /// Opens `dir/model.safetensors.index.json` if present, else `dir/model.safetensors`.
+    pub fn open_dir(dir: &Path) -> Result<Self> {
+        let index = dir.join(INDEX_FILE);
+        if index.exists() {
+            let names = shard_names_from_index(&index)?;
+            let paths = names.iter().map(|n| dir.join(n)).collect::<Vec<_>>();
+            Self::open_files(dir, &paths)
+        } else {
+            let single = dir.join(SINGLE_FILE);
+            if !single.exists() {
+                bail!(
+                    "no weights in {}: expected {SINGLE_FILE} or {INDEX_FILE}",
+                    dir.display()
+                );
+            }
+            Self::open_files(dir, &[single])
+        }
+    }
+
+    /// Opens the given safetensors files; a tensor name present in two files is an error.
+    pub fn open_files(dir: &Path, paths: &[PathBuf]) -> Result<Self> {
+        let mut files = Vec::with_capacity(paths.len());
+        let mut entries = HashMap::new();
+        for (idx, path) in paths.iter().enumerate() {
+            let file = std::fs::File::open(path)
+                .with_context(|| format!("cannot open weights file {}", path.display()))?;
+            // SAFETY: the file is opened read-only; a checkpoint modified while training reads it
+            // is outside what any trainer can defend against.
+            let mmap = unsafe { Mmap::map(&file) }
+                .with_context(|| format!("cannot map weights file {}", path.display()))?;
+            let (header_len, meta) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
+                anyhow::anyhow!("{}: not a valid safetensors file ({e:?}); is it truncated?", path.display())
+            })?;
+            let data_start = 8 + header_len;
+            let data_len = mmap.len() - data_start;
+            for (name, info) in meta.tensors() {
+                let (start, end) = info.data_offsets;
+                if end > data_len {
+                    bail!("{}: tensor '{name}' ends at byte {end} past the data ({data_len} bytes); the file is truncated", path.display());
+                }
+                let entry = Entry {
+                    file: idx,
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    start: data_start + start,
+                    end: data_start + end,
+                };
+                if entries.insert(name.clone(), entry).is_some() {
+                    bail!("tensor '{name}' appears in more than one weights file (again in {})", path.display());
+                }
+            }
+            files.push((path.clone(), mmap));
+        }
+        Ok(Self { dir: dir.to_path_buf(), files, entries })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
+    }
+
+    /// Shape as stored, if the tensor exists.
+    pub fn shape_of(&self, name: &str) -> Option<&[usize]> {
+        self.entries.get(name).map(|e| e.shape.as_slice())
+    }
+
+    /// Loads `name`, checking that it has `shape`, converting to `dtype` on `device`.
+    pub fn load(&self, name: &str, shape: impl Into<Shape>, dtype: DType, device: &Device) -> Result<Tensor> {
+        let shape: Shape = shape.into();
+        let entry = self.entries.get(name).with_context(|| {
+            format!("tensor '{name}' is missing from the checkpoint in {}", self.dir.display())
+        })?;
+        let file = &self.files[entry.file].0;
+        if entry.shape != shape.dims() {
+            bail!(
+                "tensor '{name}' in {} has shape {:?}, expected {:?}",
+                file.display(),
+                entry.shape,
+                shape.dims()
+            );
+        }
+        let stored = match entry.dtype {
+            StDtype::F32 => DType::F32,
+            StDtype::F16 => DType::F16,
+            StDtype::BF16 => DType::BF16,
+            other => bail!(
+                "tensor '{name}' in {} has dtype {other:?}; weights must be F32, F16 or BF16",
+                file.display()
+            ),
+        };
+        let bytes = &self.files[entry.file].1[entry.start..entry.end];
+        if bytes.len() != shape.elem_count() * stored.size_in_bytes() {
+            bail!("tensor '{name}' in {}: {} bytes do not hold {:?} of {stored:?}", file.display(), bytes.len(), shape.dims());
+        }
+        let t = Tensor::from_raw_buffer(bytes, stored, shape.dims(), &Device::Cpu)
+            .with_context(|| format!("tensor '{name}' in {}", file.display()))?;
+        Ok(t.to_dtype(dtype)?.to_device(device)?)
+    }
+}
+
+/// Reads the shard file names of an index, refusing any that would leave the model directory.
+pub fn shard_names_from_index(index: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(index)
+        .with_context(|| format!("cannot read {}", index.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: invalid JSON", index.display()))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .with_context(|| format!("{}: missing object 'weight_map'", index.display()))?;
+    let mut names: Vec<String> = Vec::new();
+    for (tensor, file) in map {
+        let file = file.as_str().with_context(|| {
+            format!("{}: weight_map['{tensor}'] is not a file name", index.display())
+        })?;
+        check_inside_dir(file).with_context(|| {
+            format!("{}: weight_map['{tensor}'] = '{file}'", index.display())
+        })?;
+        if !names.iter().any(|n| n == file) {
+            names.push(file.to_string());
+        }
+    }
+    if names.is_empty() {
+        bail!("{}: weight_map is empty", index.display());
+    }
+    Ok(names)
+}
+
+/// A shard name must be a plain relative path below the model directory.
+fn check_inside_dir(file: &str) -> Result<()> {
+    let p = Path::new(file);
+    if file.is_empty() || p.is_absolute() || file.starts_with('/') || file.starts_with('\\') {
+        bail!("shard path must be relative to the model directory");
+    }
+    for c in p.components() {
+        match c {
+            Component::Normal(_) => {}
+            _ => bail!("shard path must stay inside the model directory (no '..', no root)"),
+        }
+    }
+    if file.contains("..") && file.split(['/', '\\']).any(|s| s == "..") {
+        bail!("shard path must stay inside the model directory (no '..')");
+    }
+    Ok(())
+}

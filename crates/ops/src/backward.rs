@@ -1,0 +1,143 @@
+//! Attaching a hand-written backward pass to a value computed outside the autograd graph.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Storage, Tensor};
+
+/// Computes the gradient of the input from the gradient of the output.
+pub type BackwardFn = Arc<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
+
+/// Returns `value` as a tensor whose gradient flows back to `input` through `bwd`.
+///
+/// `value` must have been computed from `input` without tracking (e.g. from `input.detach()`).
+/// This is how a fused forward (a candle kernel, a chunked loop, later a CUDA kernel) gets an
+/// exact, memory-frugal backward without candle recording every intermediate.
+pub fn with_backward(
+    input: &Tensor,
+    value: Tensor,
+    bwd: impl Fn(&Tensor) -> Result<Tensor> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    if !input.track_op() {
+        return Ok(value);
+    }
+    let op = Precomputed {
+        value: value.contiguous()?,
+        bwd: Arc::new(bwd),
+    };
+    input.apply_op1_arc(Arc::new(Box::new(op)))
+}
+
+/// Two-input form of [`with_backward`]: `bwd` returns the gradients of `(a, b)`; it is told
+/// which inputs need one, so it can skip work for frozen ones (e.g. a frozen LM head).
+pub fn with_backward2(
+    a: &Tensor,
+    b: &Tensor,
+    value: Tensor,
+    bwd: impl Fn(&Tensor, bool, bool) -> Result<(Option<Tensor>, Option<Tensor>)>
+        + Send
+        + Sync
+        + 'static,
+) -> Result<Tensor> {
+    let (need_a, need_b) = (a.track_op(), b.track_op());
+    if !need_a && !need_b {
+        return Ok(value);
+    }
+    let op = Precomputed2 {
+        value: value.contiguous()?,
+        bwd: Box::new(move |g| bwd(g, need_a, need_b)),
+    };
+    a.apply_op2_arc(b, Arc::new(Box::new(op)))
+}
+
+type Backward2Fn = Box<dyn Fn(&Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> + Send + Sync>;
+
+struct Precomputed2 {
+    value: Tensor,
+    bwd: Backward2Fn,
+}
+
+fn cpu_copy(value: &Tensor) -> Result<(CpuStorage, Shape)> {
+    let (storage, layout) = value.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(s) if layout.is_contiguous() && layout.start_offset() == 0 => {
+            Ok((s.clone(), value.shape().clone()))
+        }
+        Storage::Cpu(_) => candle_core::bail!("precomputed value is not a packed tensor"),
+        _ => candle_core::bail!("precomputed value is not on the cpu"),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_copy(value: &Tensor) -> Result<(candle_core::CudaStorage, Shape)> {
+    use candle_core::backend::BackendStorage;
+    let (storage, layout) = value.storage_and_layout();
+    match &*storage {
+        Storage::Cuda(s) => Ok((s.try_clone(layout)?, value.shape().clone())),
+        _ => candle_core::bail!("precomputed value is not on the gpu"),
+    }
+}
+
+impl CustomOp2 for Precomputed2 {
+    fn name(&self) -> &'static str {
+        "helix-precomputed2"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _s1: &CpuStorage,
+        _l1: &Layout,
+        _s2: &CpuStorage,
+        _l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_copy(&self.value)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _s1: &candle_core::CudaStorage,
+        _l1: &Layout,
+        _s2: &candle_core::CudaStorage,
+        _l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda_copy(&self.value)
+    }
+
+    fn bwd(
+        &self,
+        _a: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        (self.bwd)(grad_res)
+    }
+}
+
+struct Precomputed {
+    value: Tensor,
+    bwd: BackwardFn,
+}
+
+impl CustomOp1 for Precomputed {
+    fn name(&self) -> &'static str {
+        "helix-precomputed"
+    }
+
+    fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> Result<(CpuStorage, Shape)> {
+        cpu_copy(&self.value)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _s: &candle_core::CudaStorage,
+        _l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda_copy(&self.value)
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some((self.bwd)(grad_res)?))
+    }
+}

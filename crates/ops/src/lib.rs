@@ -1,0 +1,46 @@
+//! The differentiable building blocks of one Llama training step, one function each.
+//!
+//! The model calls only these functions for RMSNorm, RoPE, SwiGLU, attention and the loss, so a
+//! fused CUDA kernel (kernels/) or a tensor-parallel variant can take the place of any one of
+//! them without touching the model. Each is written with candle ops that have a backward pass;
+//! where the plain op graph would be slow or memory-hungry, the forward is computed detached and
+//! an explicit backward is attached with [`with_backward`].
+
+mod attention;
+mod backward;
+mod loss;
+mod norm;
+mod rope;
+
+pub use attention::{attention_bias, causal_attention, repeat_kv, MaskSpec};
+pub use backward::{with_backward, with_backward2, BackwardFn};
+pub use loss::{count_targets, linear_cross_entropy, IGNORE_INDEX};
+pub use norm::rms_norm;
+pub use rope::{apply_rope, RopeTable};
+
+use candle_core::{Result, Tensor};
+
+/// SwiGLU activation of the Llama MLP: `silu(gate) * up`.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    gate.silu()? * up
+}
+
+/// Softmax over the last dimension, computed in f32 and returned in the input's dtype.
+///
+/// The forward uses candle's fused kernel; the backward is the closed form
+/// `dx = y * (dy - sum(dy * y))`, cheaper than differentiating through max/exp/sum.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let y = candle_nn::ops::softmax_last_dim(&x.detach().to_dtype(candle_core::DType::F32)?)?;
+    let y_saved = y.clone();
+    let y = with_backward(x, y.to_dtype(dtype)?, move |grad| {
+        let g = grad.to_dtype(candle_core::DType::F32)?;
+        let dot = (&g * &y_saved)?.sum_keepdim(candle_core::D::Minus1)?;
+        let dx = (g.broadcast_sub(&dot)? * &y_saved)?;
+        dx.to_dtype(dtype)
+    })?;
+    Ok(y)
+}
+
+#[cfg(test)]
+mod tests;

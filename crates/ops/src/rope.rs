@@ -1,0 +1,47 @@
+//! Rotary position embeddings in the Hugging Face (rotate-half) layout.
+
+use candle_core::{DType, Device, Result, Tensor, D};
+
+/// Inverse frequencies of RoPE; `cos_sin` turns position ids into the tables `apply_rope` uses.
+#[derive(Debug, Clone)]
+pub struct RopeTable {
+    inv_freq: Tensor,
+}
+
+impl RopeTable {
+    /// `head_dim` must be even. `scale` divides positions (the "linear" rope_scaling type).
+    pub fn new(head_dim: usize, theta: f64, scale: f64, device: &Device) -> Result<Self> {
+        if head_dim % 2 != 0 {
+            candle_core::bail!("rope: head_dim {head_dim} is odd");
+        }
+        // f32 like transformers, so the frequencies match bit for bit where it matters.
+        let inv: Vec<f32> = (0..head_dim / 2)
+            .map(|i| {
+                let exponent = (2 * i) as f32 / head_dim as f32;
+                1.0f32 / (theta as f32).powf(exponent) / scale as f32
+            })
+            .collect();
+        Ok(Self {
+            inv_freq: Tensor::from_vec(inv, head_dim / 2, device)?,
+        })
+    }
+
+    /// Tables for `position_ids` [B, S] (any integer dtype): `(cos, sin)` each [B, 1, S, head_dim]
+    /// in `dtype`, broadcastable over heads.
+    pub fn cos_sin(&self, position_ids: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
+        let (b, s) = position_ids.dims2()?;
+        let pos = position_ids.to_dtype(DType::F32)?.reshape((b, s, 1))?;
+        let freqs = pos.broadcast_mul(&self.inv_freq.reshape((1, 1, ()))?)?;
+        let emb = Tensor::cat(&[&freqs, &freqs], D::Minus1)?.unsqueeze(1)?;
+        Ok((emb.cos()?.to_dtype(dtype)?, emb.sin()?.to_dtype(dtype)?))
+    }
+}
+
+/// `x * cos + rotate_half(x) * sin` for x [B, H, S, D]; cos/sin from [`RopeTable::cos_sin`].
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+}

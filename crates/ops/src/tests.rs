@@ -1,0 +1,129 @@
+//! Fused/explicit-backward ops against the plain candle op graph, which candle differentiates on
+//! its own: the two must agree in value and gradient.
+
+use candle_core::{DType, Device, Result, Tensor, Var, D};
+
+use super::*;
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn softmax_backward_matches_op_graph() -> Result<()> {
+    let dev = Device::Cpu;
+    let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, (3, 5, 7), &dev)?)?;
+    let w = Tensor::randn(0f32, 1.0, (3, 5, 7), &dev)?;
+    let fused = (softmax_last_dim(x.as_tensor())? * &w)?.sum_all()?;
+    let plain = (candle_nn::ops::softmax(x.as_tensor(), D::Minus1)? * &w)?.sum_all()?;
+    assert!(max_abs_diff(&fused, &plain) < 1e-5);
+    let g1 = fused.backward()?.get(&x).unwrap().clone();
+    let g2 = plain.backward()?.get(&x).unwrap().clone();
+    assert!(max_abs_diff(&g1, &g2) < 1e-5, "{}", max_abs_diff(&g1, &g2));
+    Ok(())
+}
+
+fn plain_cross_entropy(h: &Tensor, w: &Tensor, labels: &[i64]) -> Result<Tensor> {
+    let logp = candle_nn::ops::log_softmax(&h.matmul(&w.t()?)?, D::Minus1)?;
+    let mut total = Tensor::zeros((), DType::F32, h.device())?;
+    for (i, &l) in labels.iter().enumerate() {
+        if l != IGNORE_INDEX {
+            total = (total - logp.get(i)?.get(l as usize)?)?;
+        }
+    }
+    Ok(total)
+}
+
+#[test]
+fn chunked_cross_entropy_matches_plain_graph_in_value_and_gradients() -> Result<()> {
+    let dev = Device::Cpu;
+    let h = Var::from_tensor(&Tensor::randn(0f32, 1.0, (9, 6), &dev)?)?;
+    let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (11, 6), &dev)?)?;
+    let labels = vec![3i64, -100, 10, 0, 5, -100, 7, 7, 1];
+    let lt = Tensor::new(labels.as_slice(), &dev)?;
+    assert_eq!(count_targets(&lt)?, 7);
+    for chunk in [1, 4, 9, 100] {
+        let fused = linear_cross_entropy(h.as_tensor(), w.as_tensor(), &lt, chunk)?;
+        let plain = plain_cross_entropy(h.as_tensor(), w.as_tensor(), &labels)?;
+        assert!(max_abs_diff(&fused, &plain) < 1e-4, "chunk {chunk}");
+        let (gf, gp) = (fused.backward()?, plain.backward()?);
+        for v in [&h, &w] {
+            let d = max_abs_diff(gf.get(v).unwrap(), gp.get(v).unwrap());
+            assert!(d < 1e-5, "chunk {chunk}: grad diff {d}");
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn frozen_lm_head_gets_no_gradient() -> Result<()> {
+    let dev = Device::Cpu;
+    let h = Var::from_tensor(&Tensor::randn(0f32, 1.0, (4, 6), &dev)?)?;
+    let w = Tensor::randn(0f32, 1.0, (11, 6), &dev)?;
+    let lt = Tensor::new(&[1i64, 2, 3, 4], &dev)?;
+    let loss = linear_cross_entropy(h.as_tensor(), &w, &lt, 2)?;
+    let grads = loss.backward()?;
+    assert!(grads.get(&w).is_none());
+    assert!(grads.get(&h).is_some());
+    Ok(())
+}
+
+#[test]
+fn out_of_vocabulary_label_is_an_error() -> Result<()> {
+    let dev = Device::Cpu;
+    let h = Tensor::randn(0f32, 1.0, (2, 6), &dev)?;
+    let w = Tensor::randn(0f32, 1.0, (11, 6), &dev)?;
+    let err = linear_cross_entropy(&h, &w, &Tensor::new(&[1i64, 11], &dev)?, 2).unwrap_err();
+    assert!(err.to_string().contains("outside the vocabulary"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn mask_blocks_future_padding_and_other_documents() -> Result<()> {
+    let spec = MaskSpec {
+        batch: 1,
+        q_len: 4,
+        kv_len: 4,
+        q_offset: 0,
+        key_valid: Some(vec![1, 1, 1, 0]),
+        segment_ids: Some(vec![0, 0, 1, 1]),
+    };
+    let bias = attention_bias(&spec, DType::F32, &Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let allowed: Vec<u8> = bias.iter().map(|&b| (b == 0.0) as u8).collect();
+    #[rustfmt::skip]
+    let expected = vec![
+        1, 0, 0, 0,
+        1, 1, 0, 0,
+        0, 0, 1, 0,
+        0, 0, 1, 0,
+    ];
+    assert_eq!(allowed, expected);
+    Ok(())
+}
+
+#[test]
+fn rope_rotates_pairs_half_a_head_apart() -> Result<()> {
+    // Position 1 with theta such that the first frequency is 1 rad: (x0, x2) rotate by 1 rad.
+    let table = RopeTable::new(4, 10000.0, 1.0, &Device::Cpu)?;
+    let (cos, sin) = table.cos_sin(&Tensor::new(&[[1i64]], &Device::Cpu)?, DType::F32)?;
+    let x = Tensor::new(&[1f32, 0.0, 0.0, 0.0], &Device::Cpu)?.reshape((1, 1, 1, 4))?;
+    let y = apply_rope(&x, &cos, &sin)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    assert!(
+        (y[0] - 1f32.cos()).abs() < 1e-6 && (y[2] - 1f32.sin()).abs() < 1e-6,
+        "{y:?}"
+    );
+    Ok(())
+}
