@@ -58,7 +58,8 @@ impl LlamaConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read model config {}", path.display()))?;
-        Self::from_json_str(&text).with_context(|| format!("invalid model config {}", path.display()))
+        Self::from_json_str(&text)
+            .with_context(|| format!("invalid model config {}", path.display()))
     }
 
     pub fn from_json_str(text: &str) -> Result<Self> {
@@ -147,7 +148,10 @@ impl LlamaConfig {
             );
         }
         if self.head_dim % 2 != 0 {
-            bail!("head_dim {} must be even for rotary embeddings", self.head_dim);
+            bail!(
+                "head_dim {} must be even for rotary embeddings",
+                self.head_dim
+            );
         }
         if !(self.rms_norm_eps > 0.0) {
             bail!("rms_norm_eps must be positive");
@@ -161,7 +165,9 @@ impl LlamaConfig {
             "llama2-7b" => (4096, 11008, 32, 32, 32),
             "llama2-13b" => (5120, 13824, 40, 40, 40),
             "llama2-70b" => (8192, 28672, 80, 64, 8),
-            other => bail!("unknown model preset '{other}' (known: llama2-7b, llama2-13b, llama2-70b)"),
+            other => {
+                bail!("unknown model preset '{other}' (known: llama2-7b, llama2-13b, llama2-70b)")
+            }
         };
         Ok(LlamaConfig {
             hidden_size: hidden,
@@ -187,7 +193,11 @@ impl LlamaConfig {
         let q = self.num_attention_heads * self.head_dim;
         let kv = self.num_key_value_heads * self.head_dim;
         let per_layer = h * q + 2 * h * kv + q * h + 3 * h * self.intermediate_size + 2 * h;
-        let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * h };
+        let head = if self.tie_word_embeddings {
+            0
+        } else {
+            self.vocab_size * h
+        };
         self.vocab_size * h + self.num_hidden_layers * per_layer + h + head
     }
 }
@@ -205,7 +215,9 @@ fn parse_rope_scaling(v: Option<&Value>) -> Result<f64> {
     if v.is_null() {
         return Ok(1.0);
     }
-    let obj = v.as_object().context("rope_scaling: expected an object or null")?;
+    let obj = v
+        .as_object()
+        .context("rope_scaling: expected an object or null")?;
     let kind = obj
         .get("rope_type")
         .or_else(|| obj.get("type"))
@@ -235,31 +247,52 @@ mod tests {
         "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"rms_norm_eps":1e-5,
         "max_position_embeddings":64,"vocab_size":128,"eos_token_id":[2,7]}"#;
 
+    /// BASE with the keys of `extra` (a JSON object body) set or replaced.
     fn with(extra: &str) -> String {
-        BASE.replacen('{', &format!("{{{extra},"), 1)
+        let mut v: Value = serde_json::from_str(BASE).unwrap();
+        let e: Value = serde_json::from_str(&format!("{{{extra}}}")).unwrap();
+        for (k, x) in e.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        v.to_string()
     }
 
     #[test]
     fn reads_gqa_config_and_defaults() {
         let c = LlamaConfig::from_json_str(BASE).unwrap();
-        assert_eq!((c.head_dim, c.num_key_value_heads, c.rope_theta), (16, 2, 10_000.0));
+        assert_eq!(
+            (c.head_dim, c.num_key_value_heads, c.rope_theta),
+            (16, 2, 10_000.0)
+        );
         assert_eq!(c.eos_token_ids, vec![2, 7]);
         assert!(!c.tie_word_embeddings);
     }
 
     #[test]
     fn unknown_rope_scaling_is_an_error() {
-        let err = LlamaConfig::from_json_str(&with(r#""rope_scaling":{"rope_type":"yarn","factor":4.0}"#))
-            .unwrap_err();
-        assert!(err.to_string().contains("rope_scaling type 'yarn' is not supported"), "{err}");
-        let c = LlamaConfig::from_json_str(&with(r#""rope_scaling":{"type":"linear","factor":2.0}"#)).unwrap();
+        let err = LlamaConfig::from_json_str(&with(
+            r#""rope_scaling":{"rope_type":"yarn","factor":4.0}"#,
+        ))
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("rope_scaling type 'yarn' is not supported"),
+            "{err}"
+        );
+        let c =
+            LlamaConfig::from_json_str(&with(r#""rope_scaling":{"type":"linear","factor":2.0}"#))
+                .unwrap();
         assert_eq!(c.rope_linear_factor, 2.0);
     }
 
     #[test]
     fn bad_head_split_is_named() {
         let err = LlamaConfig::from_json_str(&with(r#""num_key_value_heads":3"#)).unwrap_err();
-        assert!(err.to_string().contains("not a multiple of num_key_value_heads 3"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("not a multiple of num_key_value_heads 3"),
+            "{err}"
+        );
     }
 
     #[test]

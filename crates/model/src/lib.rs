@@ -12,3 +12,9 @@ pub use config::LlamaConfig;
 pub use linear::{Dense, Linear};
 pub use llama::{ForwardMask, KvCache, Llama, LoadOptions};
 pub use weights::SafetensorsWeights;
+pub mod chat;
+pub mod generate;
+pub mod model_dir;
+
+pub use generate::{generate, SamplingOptions};
+pub use model_dir::{ModelDir, TextCodec};

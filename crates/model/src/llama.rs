@@ -31,7 +31,12 @@ pub struct LoadOptions<'a> {
 impl LoadOptions<'static> {
     /// Frozen model for inference.
     pub fn inference(dtype: DType, device: Device) -> Self {
-        LoadOptions { dtype, device, trainable: &|_| false, linear_hook: &keep_dense }
+        LoadOptions {
+            dtype,
+            device,
+            trainable: &|_| false,
+            linear_hook: &keep_dense,
+        }
     }
 }
 
@@ -102,8 +107,16 @@ pub struct Llama {
 
 impl Llama {
     /// Loads every tensor of `cfg` from `weights`, with shape and dtype checks.
-    pub fn load(cfg: &LlamaConfig, weights: &SafetensorsWeights, opts: &LoadOptions) -> Result<Self> {
-        let mut params = ParamLoader { weights, opts, trainable: Vec::new() };
+    pub fn load(
+        cfg: &LlamaConfig,
+        weights: &SafetensorsWeights,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
+        let mut params = ParamLoader {
+            weights,
+            opts,
+            trainable: Vec::new(),
+        };
         let h = cfg.hidden_size;
         let q_out = cfg.num_attention_heads * cfg.head_dim;
         let kv_out = cfg.num_key_value_heads * cfg.head_dim;
@@ -129,7 +142,8 @@ impl Llama {
             layers.push(DecoderLayer {
                 input_layernorm: params.get(&format!("{p}.input_layernorm.weight"), h)?,
                 self_attn,
-                post_attention_layernorm: params.get(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                post_attention_layernorm: params
+                    .get(&format!("{p}.post_attention_layernorm.weight"), h)?,
                 mlp,
             });
         }
@@ -139,7 +153,12 @@ impl Llama {
         } else {
             Some(params.get("lm_head.weight", (cfg.vocab_size, h))?)
         };
-        let rope = RopeTable::new(cfg.head_dim, cfg.rope_theta, cfg.rope_linear_factor, &opts.device)?;
+        let rope = RopeTable::new(
+            cfg.head_dim,
+            cfg.rope_theta,
+            cfg.rope_linear_factor,
+            &opts.device,
+        )?;
         Ok(Self {
             cfg: cfg.clone(),
             embed_tokens,
@@ -183,12 +202,20 @@ impl Llama {
     pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
         let flat = input_ids.flatten_all()?;
-        Ok(self.embed_tokens.index_select(&flat, 0)?.reshape((b, s, self.cfg.hidden_size))?)
+        Ok(self
+            .embed_tokens
+            .index_select(&flat, 0)?
+            .reshape((b, s, self.cfg.hidden_size))?)
     }
 
     /// Final hidden states [B, S, H] (after the last RMSNorm) for input embeddings [B, S, H] at
     /// `position_ids` [B, S]. Taking embeddings lets P-tuning prepend virtual tokens.
-    pub fn forward_embeds(&self, embeds: &Tensor, position_ids: &Tensor, mask: &ForwardMask) -> Result<Tensor> {
+    pub fn forward_embeds(
+        &self,
+        embeds: &Tensor,
+        position_ids: &Tensor,
+        mask: &ForwardMask,
+    ) -> Result<Tensor> {
         let (b, s, _) = embeds.dims3()?;
         let spec = MaskSpec {
             batch: b,
@@ -208,7 +235,12 @@ impl Llama {
     }
 
     /// Final hidden states for input_ids [B, S].
-    pub fn forward_hidden(&self, input_ids: &Tensor, position_ids: &Tensor, mask: &ForwardMask) -> Result<Tensor> {
+    pub fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        position_ids: &Tensor,
+        mask: &ForwardMask,
+    ) -> Result<Tensor> {
         self.forward_embeds(&self.embed(input_ids)?, position_ids, mask)
     }
 
@@ -218,13 +250,20 @@ impl Llama {
         let (b, s, h) = hidden.dims3()?;
         let w = self.lm_head_weight();
         let logits = hidden.reshape((b * s, h))?.matmul(&w.t()?)?;
-        Ok(logits.reshape((b, s, self.cfg.vocab_size))?.to_dtype(DType::F32)?)
+        Ok(logits
+            .reshape((b, s, self.cfg.vocab_size))?
+            .to_dtype(DType::F32)?)
     }
 
     /// Summed next-token loss of hidden [B, S, H] against labels [B, S] (aligned with the
     /// inputs, -100 = ignore; the shift happens here, as in transformers) and the number of
     /// target tokens. The caller divides by the target count of the whole step.
-    pub fn loss_sum(&self, hidden: &Tensor, labels: &Tensor, chunk_rows: usize) -> Result<(Tensor, usize)> {
+    pub fn loss_sum(
+        &self,
+        hidden: &Tensor,
+        labels: &Tensor,
+        chunk_rows: usize,
+    ) -> Result<(Tensor, usize)> {
         let (b, s, h) = hidden.dims3()?;
         if labels.dims() != [b, s] {
             anyhow::bail!("labels have shape {:?}, expected [{b}, {s}]", labels.dims());
@@ -254,9 +293,17 @@ impl Llama {
                 self.cfg.max_position_embeddings
             );
         }
-        let positions: Vec<i64> = (0..b).flat_map(|_| (past..past + s).map(|p| p as i64)).collect();
+        let positions: Vec<i64> = (0..b)
+            .flat_map(|_| (past..past + s).map(|p| p as i64))
+            .collect();
         let position_ids = Tensor::from_vec(positions, (b, s), &self.device)?;
-        let spec = MaskSpec { batch: b, q_len: s, kv_len: past + s, q_offset: past, ..Default::default() };
+        let spec = MaskSpec {
+            batch: b,
+            q_len: s,
+            kv_len: past + s,
+            q_offset: past,
+            ..Default::default()
+        };
         let bias = attention_bias(&spec, self.dtype, &self.device)?;
         let (cos, sin) = self.rope.cos_sin(&position_ids, self.dtype)?;
         let mut x = self.embed(input_ids)?;
@@ -278,9 +325,17 @@ impl DecoderLayer {
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         eps: f64,
     ) -> candle_core::Result<Tensor> {
-        let h = self.self_attn.forward(&rms_norm(x, &self.input_layernorm, eps)?, cos, sin, bias, cache)?;
+        let h = self.self_attn.forward(
+            &rms_norm(x, &self.input_layernorm, eps)?,
+            cos,
+            sin,
+            bias,
+            cache,
+        )?;
         let x = (x + h)?;
-        let h = self.mlp.forward(&rms_norm(&x, &self.post_attention_layernorm, eps)?)?;
+        let h = self
+            .mlp
+            .forward(&rms_norm(&x, &self.post_attention_layernorm, eps)?)?;
         x + h
     }
 }
@@ -310,7 +365,9 @@ impl Attention {
             *slot = Some((k.clone(), v.clone()));
         }
         let y = causal_attention(&q, &k, &v, bias)?;
-        let y = y.transpose(1, 2)?.reshape((b, s, self.n_heads * self.head_dim))?;
+        let y = y
+            .transpose(1, 2)?
+            .reshape((b, s, self.n_heads * self.head_dim))?;
         self.o_proj.forward(&y)
     }
 }
@@ -331,7 +388,9 @@ struct ParamLoader<'a, 'b> {
 
 impl ParamLoader<'_, '_> {
     fn get(&mut self, name: &str, shape: impl Into<candle_core::Shape>) -> Result<Tensor> {
-        let t = self.weights.load(name, shape, self.opts.dtype, &self.opts.device)?;
+        let t = self
+            .weights
+            .load(name, shape, self.opts.dtype, &self.opts.device)?;
         if (self.opts.trainable)(name) {
             let var = Var::from_tensor(&t)?;
             let t = var.as_tensor().clone();

