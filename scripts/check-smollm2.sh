@@ -17,4 +17,4 @@ if [ ! -f "$work/ref/meta.json" ] || [ scripts/smollm2_reference.py -nt "$work/r
   "$py" scripts/smollm2_reference.py --gguf "$gguf" --alpaca "$alpaca" --out "$work/ref"
 fi
 HELIX_SMOLLM2_DIR="$work/smollm2" HELIX_SMOLLM2_REF="$work/ref" \
-  cargo test -q --test smollm2_parity -- --nocapture --test-threads 1
+  cargo test -q --test smollm2_parity --test load_memory -- --nocapture --test-threads 1

@@ -102,3 +102,85 @@ fn tiny_gqa_tied_matches_transformers() -> Result<()> {
 fn tiny_gqa_untied_three_layers_matches_transformers() -> Result<()> {
     check_fixture("tiny-gqa-untied-b3")
 }
+
+#[test]
+fn frozen_parameters_get_no_gradient_and_the_rest_still_match() -> Result<()> {
+    let dir = fixture("tiny-gqa-untied-b3");
+    let dev = Device::Cpu;
+    let cfg = LlamaConfig::from_file(&dir.join("config.json"))?;
+    let weights = SafetensorsWeights::open_dir(&dir)?;
+    let only_layer1 = |n: &str| n.starts_with("model.layers.1.");
+    let opts = LoadOptions {
+        dtype: DType::F32,
+        device: dev.clone(),
+        trainable: &only_layer1,
+        linear_hook: &keep_dense,
+    };
+    let model = Llama::load(&cfg, &weights, &opts)?;
+    assert_eq!(model.trainable_params().len(), 9);
+    let r = candle_core::safetensors::load(dir.join("reference.safetensors"), &dev)?;
+    let mask = r["attention_mask"].flatten_all()?.to_vec1::<i64>()?;
+    let fmask = ForwardMask {
+        key_valid: Some(mask.iter().map(|&m| m as u8).collect()),
+        segment_ids: None,
+    };
+    let hidden = model.forward_hidden(
+        &r["input_ids"].to_dtype(DType::U32)?,
+        &r["position_ids"],
+        &fmask,
+    )?;
+    let (sum, n) = model.loss_sum(&hidden, &r["labels"], 7)?;
+    let grads = (sum / n as f64)?.backward()?;
+    // Frozen weights are constants: the embedding (a leaf every path reaches) has no gradient.
+    assert!(grads.get(model.embed_tokens()).is_none());
+    for (pname, var) in model.trainable_params() {
+        let want = &r[&format!("grad.{pname}")];
+        let rel = max_abs(&(grads.get(var).unwrap() - want)?) / max_abs(want);
+        assert!(rel <= 1e-4, "{pname}: {rel}");
+    }
+    Ok(())
+}
+
+#[test]
+fn packed_documents_do_not_see_each_other() -> Result<()> {
+    // Two documents packed in one row with segment ids and restarted positions give exactly the
+    // hidden states each gets alone.
+    let dir = fixture("tiny-gqa-tied");
+    let dev = Device::Cpu;
+    let cfg = LlamaConfig::from_file(&dir.join("config.json"))?;
+    let model = Llama::load(
+        &cfg,
+        &SafetensorsWeights::open_dir(&dir)?,
+        &LoadOptions::inference(DType::F32, dev.clone()),
+    )?;
+    let (a, b) = (vec![5u32, 17, 33, 2], vec![9u32, 40, 41, 42, 7, 3]);
+    let alone = |ids: &[u32]| -> Result<Tensor> {
+        let pos: Vec<i64> = (0..ids.len() as i64).collect();
+        let none = ForwardMask {
+            key_valid: None,
+            segment_ids: None,
+        };
+        Ok(model.forward_hidden(
+            &Tensor::new(ids, &dev)?.unsqueeze(0)?,
+            &Tensor::new(pos.as_slice(), &dev)?.unsqueeze(0)?,
+            &none,
+        )?)
+    };
+    let packed_ids: Vec<u32> = a.iter().chain(&b).copied().collect();
+    let pos: Vec<i64> = (0..a.len() as i64).chain(0..b.len() as i64).collect();
+    let seg: Vec<u32> = std::iter::repeat_n(0, a.len())
+        .chain(std::iter::repeat_n(1, b.len()))
+        .collect();
+    let packed = model.forward_hidden(
+        &Tensor::new(packed_ids.as_slice(), &dev)?.unsqueeze(0)?,
+        &Tensor::new(pos.as_slice(), &dev)?.unsqueeze(0)?,
+        &ForwardMask {
+            key_valid: None,
+            segment_ids: Some(seg),
+        },
+    )?;
+    let separate = Tensor::cat(&[alone(&a)?, alone(&b)?], 1)?;
+    let d = max_abs(&(packed - separate)?);
+    assert!(d < 1e-5, "packed and separate differ by {d}");
+    Ok(())
+}
