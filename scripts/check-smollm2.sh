@@ -16,5 +16,6 @@ cargo build -q -p helix-train
 if [ ! -f "$work/ref/meta.json" ] || [ scripts/smollm2_reference.py -nt "$work/ref/meta.json" ]; then
   "$py" scripts/smollm2_reference.py --gguf "$gguf" --alpaca "$alpaca" --out "$work/ref"
 fi
+HELIX_SMOLLM2_GGUF="$gguf" cargo test -q -p helix-model gguf_import_smollm2 -- --nocapture
 HELIX_SMOLLM2_DIR="$work/smollm2" HELIX_SMOLLM2_REF="$work/ref" \
   cargo test -q --test smollm2_parity --test load_memory -- --nocapture --test-threads 1

@@ -80,10 +80,10 @@ impl Meta<'_> {
         Ok(self.opt_uint(key)?.unwrap_or_default())
     }
 
-    /// A count that must be positive and fit in memory-sized arithmetic.
+    /// A positive count, small enough that products of two counts cannot overflow.
     pub fn count(&self, key: &str) -> Result<usize> {
         let v = self.uint(key)?;
-        if v == 0 || v > (1 << 32) {
+        if v == 0 || v > (1 << 24) {
             return Err(self.err(format!("metadata key {key} = {v} is out of range")));
         }
         Ok(v as usize)
@@ -295,8 +295,9 @@ pub(crate) fn build(meta: &Meta, model_max_length: u64) -> Result<TokenizerFiles
         replace_spiece,
     ];
     let (normalizer, pre_tokenizer) = if byte_level {
-        // The "llama 3" path: byte-level regex split and no normalization. The decoder is
-        // appended as transformers' Python default ByteLevel decoder serializes.
+        // The "llama 3" path: GPT-2 byte-level regex split (tokenizer.ggml.pre is ignored, as
+        // transformers ignores it) and no normalization. transformers passes options to the
+        // Python ByteLevel decoder that it drops, so the defaults are what gets serialized.
         decoders.push(json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true}));
         (
             json!({"type": "Sequence", "normalizers": []}),
