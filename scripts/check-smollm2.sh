@@ -11,11 +11,12 @@ py=$(scripts/setup-python.sh)
 gguf=$(scripts/fetch-smollm2.sh models)
 work="${HELIX_CHECK_DIR:-models/check}"
 mkdir -p "$work"
-cargo build -q -p helix-train
+# --workspace everywhere: the same feature set as `cargo test --workspace`, so nothing rebuilds.
+cargo build -q --workspace
 ./target/debug/helix-train import --gguf "$gguf" --out "$work/smollm2"
 if [ ! -f "$work/ref/meta.json" ] || [ scripts/smollm2_reference.py -nt "$work/ref/meta.json" ]; then
   "$py" scripts/smollm2_reference.py --gguf "$gguf" --alpaca "$alpaca" --out "$work/ref"
 fi
-HELIX_SMOLLM2_GGUF="$gguf" cargo test -q -p helix-model gguf_import_smollm2 -- --nocapture
+HELIX_SMOLLM2_GGUF="$gguf" cargo test -q --workspace --lib gguf_import_smollm2 -- --nocapture
 HELIX_SMOLLM2_DIR="$work/smollm2" HELIX_SMOLLM2_REF="$work/ref" \
-  cargo test -q --test smollm2_parity --test load_memory -- --nocapture --test-threads 1
+  cargo test -q --workspace --test smollm2_parity --test load_memory -- --nocapture --test-threads 1

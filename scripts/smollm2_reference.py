@@ -228,11 +228,13 @@ def main():
                                  do_sample=False, eos_token_id=eos_id, pad_token_id=pad_id)
         new = out[0, len(ids):].tolist()
         # The same greedy decoding without stopping at EOS, so every one of the 32 steps is
-        # compared (a plain argmax loop: nothing of generate()'s logits processing applies).
+        # compared (a plain argmax loop over the KV cache: none of generate()'s logits processing applies).
         full = list(ids)
         with torch.no_grad():
+            step = model(torch.tensor([ids]), use_cache=True)
             for _ in range(MAX_NEW_TOKENS):
-                full.append(int(model(torch.tensor([full])).logits[0, -1].argmax()))
+                full.append(int(step.logits[0, -1].argmax()))
+                step = model(torch.tensor([[full[-1]]]), past_key_values=step.past_key_values, use_cache=True)
         generations.append({
             "greedy_32_no_stop": full[len(ids):],
             "source": source, "user": content, "prompt": text, "prompt_ids": ids,
