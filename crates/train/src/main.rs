@@ -1,14 +1,20 @@
 //! `helix-train`: the one binary of helix. Subcommands:
 //! - `import --gguf FILE --out DIR`   turn a llama GGUF into a Hugging Face model directory
 //! - `generate --model DIR --prompt TEXT [--chat]`   generate text with a KV cache
+//! - `data-stats --data FILE --format F --tokenizer DIR`   what a data file becomes, as JSON
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Parser, Subcommand, ValueEnum};
+use helix_data::{
+    read_records, tokenize_records, DataStats, Format, LengthPolicy, LossMode, ReadOptions,
+    Template, TokenizeOptions,
+};
 use helix_model::gguf::{import_gguf, ImportOptions};
 use helix_model::{generate, ModelDir, SamplingOptions, TextCodec};
 
@@ -81,6 +87,44 @@ enum Command {
         /// Print the generated token ids as JSON after the text.
         #[arg(long)]
         print_ids: bool,
+    },
+    /// Read, template and tokenize an instruction data file; print statistics as JSON.
+    DataStats {
+        #[arg(long)]
+        data: PathBuf,
+        /// dolly, alpaca (JSON array or JSONL) or nemo
+        #[arg(long)]
+        format: Format,
+        /// A directory with tokenizer.json (and tokenizer_config.json for EOS / chat template).
+        #[arg(long)]
+        tokenizer: PathBuf,
+        /// alpaca, dolly, chat (the model's template), or a string with {instruction} and
+        /// {input}/{context}
+        #[arg(long, default_value = "alpaca")]
+        template: String,
+        #[arg(long, default_value_t = 2048)]
+        max_seq_length: usize,
+        /// truncate_prompt, truncate_response or drop
+        #[arg(long, default_value = "truncate_response")]
+        length_policy: LengthPolicy,
+        /// Train on the whole sequence instead of the response only.
+        #[arg(long)]
+        whole_sequence_loss: bool,
+        /// Skip (and count) invalid rows instead of stopping at the first.
+        #[arg(long)]
+        skip_invalid: bool,
+        /// Field-name overrides, e.g. --instruction-field question.
+        #[arg(long)]
+        instruction_field: Option<String>,
+        #[arg(long)]
+        context_field: Option<String>,
+        #[arg(long)]
+        response_field: Option<String>,
+        #[arg(long)]
+        category_field: Option<String>,
+        /// Tokenizer threads (0 = one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
     },
 }
 
@@ -203,6 +247,71 @@ fn run(cli: Cli) -> Result<()> {
                 new_ids.len(),
                 secs,
                 new_ids.len() as f64 / secs
+            );
+            Ok(())
+        }
+        Command::DataStats {
+            data,
+            format,
+            tokenizer,
+            template,
+            max_seq_length,
+            length_policy,
+            whole_sequence_loss,
+            skip_invalid,
+            instruction_field,
+            context_field,
+            response_field,
+            category_field,
+            threads,
+        } => {
+            let mut read_opts = ReadOptions::new(format);
+            read_opts.skip_invalid = skip_invalid;
+            let fields = &mut read_opts.fields;
+            if let Some(f) = instruction_field {
+                fields.instruction = f;
+            }
+            if let Some(f) = response_field {
+                fields.response = f;
+            }
+            fields.context = context_field.or(fields.context.take());
+            fields.category = category_field.or(fields.category.take());
+            let read = read_records(&data, &read_opts)?;
+            let codec = Arc::new(TextCodec::open(&tokenizer)?);
+            let eos_id = codec
+                .eos_token
+                .as_deref()
+                .and_then(|t| codec.token_id(t))
+                .with_context(|| {
+                    format!(
+                        "{}: no eos_token in tokenizer_config.json",
+                        tokenizer.display()
+                    )
+                })?;
+            let template = Template::from_spec(&template, Some(codec.clone()))?;
+            let opts = TokenizeOptions {
+                max_seq_length,
+                policy: length_policy,
+                loss: if whole_sequence_loss {
+                    LossMode::WholeSequence
+                } else {
+                    LossMode::AnswerOnly
+                },
+                eos_id,
+                threads,
+            };
+            let t = Instant::now();
+            let tokenized = tokenize_records(&read.records, &template, &codec.tokenizer, &opts)?;
+            let secs = t.elapsed().as_secs_f64();
+            for row in &read.skipped_rows {
+                eprintln!("skipped {row}");
+            }
+            let stats = DataStats::new(&read, &tokenized);
+            println!("{}", serde_json::to_string_pretty(&stats)?);
+            eprintln!(
+                "templated and tokenized {} records in {secs:.2} s ({:.0} records/s)",
+                read.records.len(),
+                read.records.len() as f64 / secs
             );
             Ok(())
         }

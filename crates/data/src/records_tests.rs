@@ -1,0 +1,196 @@
+use super::*;
+
+fn read(bytes: &[u8], format: Format, skip: bool) -> Result<ReadReport> {
+    let mut opts = ReadOptions::new(format);
+    opts.skip_invalid = skip;
+    read_records_from_bytes("data.jsonl", bytes, &opts)
+}
+
+fn err(bytes: &[u8], format: Format) -> String {
+    format!("{:#}", read(bytes, format, false).unwrap_err())
+}
+
+const DOLLY: &str = r#"{"instruction": "When did Virgin Australia start operating?", "context": "Virgin Australia commenced services on 31 August 2000.", "response": "31 August 2000.", "category": "closed_qa"}
+{"instruction": "Which is a species of fish? Tope or Rope", "context": "", "response": "Tope", "category": "classification"}
+"#;
+
+#[test]
+fn reads_dolly_jsonl() -> Result<()> {
+    let r = read(DOLLY.as_bytes(), Format::Dolly, false)?;
+    assert_eq!(r.records.len(), 2);
+    assert_eq!(
+        r.records[0].context,
+        "Virgin Australia commenced services on 31 August 2000."
+    );
+    assert_eq!(r.records[1].category.as_deref(), Some("classification"));
+    assert_eq!(r.records[1].line, 2);
+    assert_eq!(r.skipped.total(), 0);
+    Ok(())
+}
+
+#[test]
+fn reads_alpaca_array_with_element_lines_and_missing_input() -> Result<()> {
+    let text = "[\n  {\"instruction\": \"a\", \"input\": \"b\", \"output\": \"c\"},\n\n  {\n    \"instruction\": \"d\",\n    \"output\": \"e\"\n  }\n]\n";
+    let r = read(text.as_bytes(), Format::Alpaca, false)?;
+    assert_eq!(r.records.len(), 2);
+    assert_eq!((r.records[0].line, r.records[1].line), (2, 4));
+    assert_eq!(r.records[1].context, "", "Alpaca's input is optional");
+    Ok(())
+}
+
+#[test]
+fn reads_nemo_and_remapped_fields() -> Result<()> {
+    let r = read(
+        b"{\"input\": \"Q: 2+2?\", \"output\": \"4\"}\n",
+        Format::Nemo,
+        false,
+    )?;
+    assert_eq!(r.records[0].instruction, "Q: 2+2?");
+    assert_eq!(r.records[0].response, "4");
+
+    let mut opts = ReadOptions::new(Format::Alpaca);
+    opts.fields.instruction = "question".into();
+    opts.fields.response = "answer".into();
+    let r = read_records_from_bytes("x", b"{\"question\": \"q\", \"answer\": \"a\"}", &opts)?;
+    assert_eq!(
+        (
+            r.records[0].instruction.as_str(),
+            r.records[0].response.as_str()
+        ),
+        ("q", "a")
+    );
+    Ok(())
+}
+
+#[test]
+fn reads_the_real_alpaca_sample() -> Result<()> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/alpaca_sample.json");
+    let r = read_records(&path, &ReadOptions::new(Format::Alpaca))?;
+    assert!(r.records.len() >= 200, "{}", r.records.len());
+    assert!(r.records.iter().any(|x| x.context.is_empty()));
+    assert!(r.records.iter().any(|x| !x.context.is_empty()));
+    Ok(())
+}
+
+#[test]
+fn malformed_json_line_is_named() {
+    let text = format!("{}{{\"instruction\": \"x\", \n", DOLLY);
+    assert_eq!(
+        err(text.as_bytes(), Format::Dolly),
+        "data.jsonl:3: malformed JSON at column 21: EOF while parsing a value"
+    );
+}
+
+#[test]
+fn malformed_json_array_is_named() {
+    let text = "[\n {\"instruction\": \"a\", \"output\": \"b\"},\n {\"instruction\" \"c\"}\n]";
+    assert_eq!(
+        err(text.as_bytes(), Format::Alpaca),
+        "data.jsonl:3: malformed JSON at column 17: expected `:` (a JSON array cannot be read past it)"
+    );
+}
+
+#[test]
+fn missing_field_is_named() {
+    let text = "{\"instruction\": \"a\", \"context\": \"\", \"category\": \"x\"}\n";
+    assert_eq!(
+        err(text.as_bytes(), Format::Dolly),
+        "data.jsonl:1: field \"response\": missing"
+    );
+}
+
+#[test]
+fn mistyped_fields_are_named() {
+    let text = "{\"instruction\": \"a\", \"output\": 42}\n";
+    assert_eq!(
+        err(text.as_bytes(), Format::Alpaca),
+        "data.jsonl:1: field \"output\": expected a string, found a number"
+    );
+    let text = "{\"instruction\": \"a\", \"input\": [\"x\"], \"output\": \"b\"}\n";
+    assert_eq!(
+        err(text.as_bytes(), Format::Alpaca),
+        "data.jsonl:1: field \"input\": expected a string, found an array"
+    );
+    assert_eq!(
+        err(
+            b"{\"input\": \"q\", \"output\": \"a\"}\n[1, 2]\n",
+            Format::Nemo
+        ),
+        "data.jsonl:2: expected a JSON object, found an array"
+    );
+}
+
+#[test]
+fn empty_strings_are_valid_as_in_the_reference_code() -> Result<()> {
+    let r = read(
+        b"{\"input\": \"q\", \"output\": \"\"}\n",
+        Format::Nemo,
+        false,
+    )?;
+    assert_eq!(r.records[0].response, "");
+    Ok(())
+}
+
+#[test]
+fn invalid_utf8_is_named() {
+    let mut bytes = b"{\"input\": \"q\", \"output\": \"a\"}\n{\"input\": \"q".to_vec();
+    bytes.extend_from_slice(&[0xff, 0xfe]);
+    bytes.extend_from_slice(b"\", \"output\": \"a\"}\n");
+    assert_eq!(
+        err(&bytes, Format::Nemo),
+        "data.jsonl:2: invalid UTF-8 at byte 13 of the line"
+    );
+    let mut arr = b"[\n{\"input\": \"q".to_vec();
+    arr.push(0xc3);
+    arr.extend_from_slice(b"\", \"output\": \"a\"}]");
+    assert_eq!(
+        err(&arr, Format::Nemo),
+        "data.jsonl:2: invalid UTF-8 at byte 13 of the line (a JSON array cannot be read past it)"
+    );
+}
+
+#[test]
+fn empty_file_is_an_error_even_when_skipping() {
+    for bytes in [&b""[..], b"\n  \n", b"\xEF\xBB\xBF"] {
+        let e = format!("{:#}", read(bytes, Format::Dolly, true).unwrap_err());
+        assert_eq!(e, "data.jsonl: file is empty (no records)");
+    }
+}
+
+#[test]
+fn skip_invalid_counts_every_skipped_row() -> Result<()> {
+    let mut bytes = DOLLY.as_bytes().to_vec();
+    bytes.extend_from_slice(b"{not json}\n");
+    bytes.extend_from_slice(b"{\"instruction\": \"a\", \"context\": \"\"}\n");
+    bytes.extend_from_slice(b"{\"instruction\": \"a\", \"response\": false}\n");
+    bytes.extend_from_slice(b"{\"instruction\": \"\xff\", \"response\": \"r\"}\n");
+    bytes.extend_from_slice(b"\"just a string\"\n");
+    bytes.extend_from_slice(b"{\"instruction\": \"\", \"response\": \"\"}\n");
+    bytes.extend_from_slice(b"{\"instruction\": \"last\", \"response\": \"r\"}");
+    let r = read(&bytes, Format::Dolly, true)?;
+    assert_eq!(r.records.len(), 4);
+    assert_eq!(r.records[3].line, 9);
+    let expect = SkipCounts {
+        malformed_json: 1,
+        not_an_object: 1,
+        missing_field: 1,
+        wrong_type: 1,
+        invalid_utf8: 1,
+    };
+    assert_eq!(r.skipped, expect);
+    assert_eq!(r.skipped_rows.len(), 5);
+    assert_eq!(
+        r.skipped_rows[1],
+        "data.jsonl:4: field \"response\": missing"
+    );
+    Ok(())
+}
+
+#[test]
+fn all_rows_invalid_is_an_error_when_skipping() {
+    let e = format!("{:#}", read(b"{}\n{}\n", Format::Alpaca, true).unwrap_err());
+    assert_eq!(
+        e,
+        "data.jsonl: no valid records (2 rows skipped as invalid)"
+    );
+}

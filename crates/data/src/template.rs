@@ -1,0 +1,240 @@
+//! Prompt templates: a [`Record`] becomes a prompt (no loss under answer-only training) and a
+//! target (trained on). Tokenization appends EOS to the target ([`Rendered::add_eos`]).
+
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use helix_model::TextCodec;
+
+use crate::records::Record;
+
+/// Stanford Alpaca's `PROMPT_DICT["prompt_input"]` (train.py), byte for byte.
+pub const ALPACA_PROMPT_INPUT: &str = "Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:";
+/// Stanford Alpaca's `PROMPT_DICT["prompt_no_input"]` (train.py), byte for byte.
+pub const ALPACA_PROMPT_NO_INPUT: &str = "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Response:";
+
+/// Databricks dolly `training/consts.py`: `INTRO_BLURB` and the section keys.
+pub const DOLLY_INTRO: &str =
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.";
+pub const DOLLY_INSTRUCTION_KEY: &str = "### Instruction:";
+pub const DOLLY_INPUT_KEY: &str = "Input:";
+pub const DOLLY_RESPONSE_KEY: &str = "### Response:";
+pub const DOLLY_END_KEY: &str = "### End";
+
+/// A rendered example. `prompt + target` is the training text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rendered {
+    pub prompt: String,
+    pub target: String,
+    /// Append the tokenizer's EOS id after the target. False for chat templates, which end the
+    /// assistant turn with their own end-of-turn token.
+    pub add_eos: bool,
+}
+
+impl Rendered {
+    pub fn text(&self) -> String {
+        format!("{}{}", self.prompt, self.target)
+    }
+}
+
+#[derive(Clone)]
+pub enum Template {
+    /// Stanford Alpaca: with-input variant when `context` is non-empty (as `example.get("input",
+    /// "") != ""` decides there); target = response.
+    Alpaca,
+    /// Databricks Dolly: prompt ends with `### Response:\n` (dolly's `RESPONSE_KEY_NL`, where its
+    /// collator starts the loss); target = `{response}\n\n### End`.
+    Dolly,
+    /// A user string with `{instruction}` and optionally `{input}` / `{context}` (the same
+    /// field); `{{` and `}}` are literal braces. Target = response.
+    User(UserTemplate),
+    /// The model's Jinja chat template: a user turn (instruction, then the context after a
+    /// blank line) and an assistant turn with the response.
+    Chat(ChatTemplate),
+}
+
+impl std::fmt::Debug for Template {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Alpaca => f.write_str("Alpaca"),
+            Self::Dolly => f.write_str("Dolly"),
+            Self::User(u) => write!(f, "User({:?})", u.source),
+            Self::Chat(c) => write!(f, "Chat(system: {:?})", c.system),
+        }
+    }
+}
+
+impl Template {
+    /// `alpaca`, `dolly`, `chat` (needs `codec`), or any other string as a user template.
+    pub fn from_spec(spec: &str, codec: Option<Arc<TextCodec>>) -> Result<Self> {
+        Ok(match spec {
+            "alpaca" => Self::Alpaca,
+            "dolly" => Self::Dolly,
+            "chat" => Self::Chat(ChatTemplate::new(
+                codec.context("the chat template needs a model's tokenizer_config.json")?,
+                None,
+            )?),
+            other => Self::User(UserTemplate::parse(other)?),
+        })
+    }
+
+    pub fn render(&self, rec: &Record) -> Result<Rendered> {
+        let plain = |prompt: String, target: String| Rendered {
+            prompt,
+            target,
+            add_eos: true,
+        };
+        Ok(match self {
+            Self::Alpaca => {
+                let prompt = if rec.context.is_empty() {
+                    ALPACA_PROMPT_NO_INPUT.replacen("{instruction}", &rec.instruction, 1)
+                } else {
+                    // Substitute in one left-to-right pass: an instruction containing "{input}"
+                    // must stay literal, as Python's format_map leaves it.
+                    let (head, tail) = ALPACA_PROMPT_INPUT.split_once("{input}").unwrap();
+                    let head = head.replacen("{instruction}", &rec.instruction, 1);
+                    format!("{head}{}{tail}", rec.context)
+                };
+                plain(prompt, rec.response.clone())
+            }
+            Self::Dolly => {
+                let mut p = format!(
+                    "{DOLLY_INTRO}\n\n{DOLLY_INSTRUCTION_KEY}\n{}\n\n",
+                    rec.instruction
+                );
+                if !rec.context.is_empty() {
+                    p.push_str(&format!("{DOLLY_INPUT_KEY}\n{}\n\n", rec.context));
+                }
+                p.push_str(DOLLY_RESPONSE_KEY);
+                p.push('\n');
+                plain(p, format!("{}\n\n{DOLLY_END_KEY}", rec.response))
+            }
+            Self::User(u) => plain(u.render(rec), rec.response.clone()),
+            Self::Chat(c) => c.render(rec)?,
+        })
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Piece {
+    Text(String),
+    Instruction,
+    Context,
+}
+
+/// A parsed user template string.
+#[derive(Clone, Debug)]
+pub struct UserTemplate {
+    source: String,
+    pieces: Vec<Piece>,
+}
+
+impl UserTemplate {
+    pub fn parse(source: &str) -> Result<Self> {
+        let mut pieces = Vec::new();
+        let mut text = String::new();
+        let mut chars = source.char_indices().peekable();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '{' if chars.peek().map(|p| p.1) == Some('{') => {
+                    chars.next();
+                    text.push('{');
+                }
+                '}' if chars.peek().map(|p| p.1) == Some('}') => {
+                    chars.next();
+                    text.push('}');
+                }
+                '{' => {
+                    let rest = &source[i + 1..];
+                    let end = rest
+                        .find('}')
+                        .with_context(|| format!("template: unclosed '{{' at byte {i}"))?;
+                    let piece = match &rest[..end] {
+                        "instruction" => Piece::Instruction,
+                        "input" | "context" => Piece::Context,
+                        other => bail!(
+                            "template: unknown placeholder {{{other}}} (known: {{instruction}}, {{input}}, {{context}}; write {{{{ for a literal brace)"
+                        ),
+                    };
+                    pieces.push(Piece::Text(std::mem::take(&mut text)));
+                    pieces.push(piece);
+                    for _ in 0..=end {
+                        chars.next();
+                    }
+                }
+                '}' => bail!("template: single '}}' at byte {i} (write }}}} for a literal brace)"),
+                c => text.push(c),
+            }
+        }
+        pieces.push(Piece::Text(text));
+        pieces.retain(|p| *p != Piece::Text(String::new()));
+        if !pieces.contains(&Piece::Instruction) {
+            bail!("template: no {{instruction}} placeholder in {source:?}");
+        }
+        Ok(Self {
+            source: source.to_string(),
+            pieces,
+        })
+    }
+
+    fn render(&self, rec: &Record) -> String {
+        let mut out = String::new();
+        for p in &self.pieces {
+            out.push_str(match p {
+                Piece::Text(t) => t,
+                Piece::Instruction => &rec.instruction,
+                Piece::Context => &rec.context,
+            });
+        }
+        out
+    }
+}
+
+/// The model's chat template (e.g. SmolLM2's ChatML).
+#[derive(Clone)]
+pub struct ChatTemplate {
+    codec: Arc<TextCodec>,
+    system: Option<String>,
+}
+
+impl ChatTemplate {
+    pub fn new(codec: Arc<TextCodec>, system: Option<String>) -> Result<Self> {
+        if codec.chat_template.is_none() {
+            bail!("the model has no chat template (tokenizer_config.json has no 'chat_template')");
+        }
+        Ok(Self { codec, system })
+    }
+
+    /// The prompt is the conversation up to the generation prompt; the target is what the full
+    /// conversation adds after it (the response and the template's end-of-turn).
+    fn render(&self, rec: &Record) -> Result<Rendered> {
+        let user = if rec.context.is_empty() {
+            rec.instruction.clone()
+        } else {
+            format!("{}\n\n{}", rec.instruction, rec.context)
+        };
+        let mut messages: Vec<(&str, &str)> = Vec::new();
+        if let Some(s) = &self.system {
+            messages.push(("system", s));
+        }
+        messages.push(("user", &user));
+        let prompt = self.codec.apply_chat_template(&messages, true)?;
+        messages.push(("assistant", &rec.response));
+        let full = self.codec.apply_chat_template(&messages, false)?;
+        let Some(target) = full.strip_prefix(&prompt) else {
+            bail!(
+                "line {}: the chat template renders the assistant turn differently from its generation prompt, so the response cannot be separated from the prompt",
+                rec.line
+            );
+        };
+        Ok(Rendered {
+            target: target.to_string(),
+            prompt,
+            add_eos: false,
+        })
+    }
+}
+
+#[cfg(test)]
+#[path = "template_tests.rs"]
+pub(crate) mod tests;

@@ -1,0 +1,160 @@
+use std::path::Path;
+
+use super::*;
+use crate::records::{read_records, Format, ReadOptions};
+
+fn rec(instruction: &str, context: &str, response: &str) -> Record {
+    Record {
+        instruction: instruction.into(),
+        context: context.into(),
+        response: response.into(),
+        category: None,
+        line: 1,
+    }
+}
+
+fn sample() -> Vec<Record> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../datasets/alpaca_sample.json");
+    read_records(&path, &ReadOptions::new(Format::Alpaca))
+        .unwrap()
+        .records
+}
+
+#[test]
+fn alpaca_with_input_matches_stanford_byte_for_byte() -> Result<()> {
+    // Row 0 of the real sample, expected text spelled out as Stanford's format_map writes it.
+    let r = Template::Alpaca.render(&sample()[0])?;
+    let expected =
+        "Below is an instruction that describes a task, paired with an input that provides \
+further context. Write a response that appropriately completes the request.\n\n\
+### Instruction:\nAre the two sentences below grammatically correct? Output yes or no.\n\n\
+### Input:\nSentence 1: I am going to the store.\nSentence 2: I goes to the store.\n\n\
+### Response:";
+    assert_eq!(r.prompt, expected);
+    assert_eq!(r.target, "No");
+    assert!(r.add_eos);
+    Ok(())
+}
+
+#[test]
+fn alpaca_without_input_matches_stanford_byte_for_byte() -> Result<()> {
+    let row = &sample()[4];
+    assert!(row.context.is_empty());
+    let r = Template::Alpaca.render(row)?;
+    let expected =
+        "Below is an instruction that describes a task. Write a response that appropriately \
+completes the request.\n\n### Instruction:\nGenerate a new solution to address the global climate \
+crisis.\n\n### Response:";
+    assert_eq!(r.prompt, expected);
+    assert!(r
+        .target
+        .starts_with("One solution to address the global climate crisis is"));
+    Ok(())
+}
+
+#[test]
+fn alpaca_every_sample_row_has_the_stanford_shape() -> Result<()> {
+    let rows = sample();
+    for row in &rows {
+        let r = Template::Alpaca.render(row)?;
+        let (head, body) = if row.context.is_empty() {
+            let head = "Below is an instruction that describes a task. Write a response that appropriately completes the request.";
+            (
+                head,
+                format!("### Instruction:\n{}\n\n### Response:", row.instruction),
+            )
+        } else {
+            let head = "Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.";
+            let body = format!(
+                "### Instruction:\n{}\n\n### Input:\n{}\n\n### Response:",
+                row.instruction, row.context
+            );
+            (head, body)
+        };
+        assert_eq!(r.prompt, format!("{head}\n\n{body}"), "line {}", row.line);
+        assert_eq!(r.target, row.response);
+    }
+    Ok(())
+}
+
+#[test]
+fn alpaca_keeps_braces_in_the_data_literal() -> Result<()> {
+    let r = Template::Alpaca.render(&rec("say {input}", "x {instruction}", "ok"))?;
+    assert!(r
+        .prompt
+        .contains("### Instruction:\nsay {input}\n\n### Input:\nx {instruction}\n\n"));
+    Ok(())
+}
+
+#[test]
+fn dolly_matches_databricks_training_format() -> Result<()> {
+    let intro = "Below is an instruction that describes a task. Write a response that appropriately completes the request.";
+    let r = Template::Dolly.render(&rec("Who?", "Some passage.", "Someone."))?;
+    assert_eq!(
+        r.text(),
+        format!("{intro}\n\n### Instruction:\nWho?\n\nInput:\nSome passage.\n\n### Response:\nSomeone.\n\n### End")
+    );
+    assert!(r.prompt.ends_with("### Response:\n"));
+    assert_eq!(r.target, "Someone.\n\n### End");
+    let r = Template::Dolly.render(&rec("Name a fish.", "", "Tope"))?;
+    assert_eq!(
+        r.text(),
+        format!("{intro}\n\n### Instruction:\nName a fish.\n\n### Response:\nTope\n\n### End")
+    );
+    Ok(())
+}
+
+#[test]
+fn user_template_substitutes_and_escapes() -> Result<()> {
+    let t = Template::from_spec("Q: {instruction}\nC: {context} / {input} {{x}}\nA:", None)?;
+    let r = t.render(&rec("why", "because", "so"))?;
+    assert_eq!(r.prompt, "Q: why\nC: because / because {x}\nA:");
+    assert_eq!(r.target, "so");
+    Ok(())
+}
+
+#[test]
+fn user_template_errors_are_explicit() {
+    let e = |s: &str| format!("{:#}", Template::from_spec(s, None).unwrap_err());
+    assert_eq!(
+        e("{instruction} {output}"),
+        "template: unknown placeholder {output} (known: {instruction}, {input}, {context}; write {{ for a literal brace)"
+    );
+    assert_eq!(
+        e("{input} only"),
+        "template: no {instruction} placeholder in \"{input} only\""
+    );
+    assert_eq!(e("{instruction"), "template: unclosed '{' at byte 0");
+    assert_eq!(
+        e("{instruction} }"),
+        "template: single '}' at byte 14 (write }} for a literal brace)"
+    );
+    assert_eq!(
+        e("chat"),
+        "the chat template needs a model's tokenizer_config.json"
+    );
+}
+
+/// A ChatML codec like SmolLM2's, with a one-token-per-word tokenizer.
+pub(crate) fn chatml_codec() -> Arc<TextCodec> {
+    let template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+    Arc::new(TextCodec {
+        tokenizer: crate::tokenize::tests::word_tokenizer(&["<|im_start|>", "<|im_end|>"]),
+        chat_template: Some(template.into()),
+        bos_token: None,
+        eos_token: Some("<|im_end|>".into()),
+    })
+}
+
+#[test]
+fn chat_template_splits_prompt_and_assistant_turn() -> Result<()> {
+    let t = Template::Chat(ChatTemplate::new(chatml_codec(), Some("Be brief.".into()))?);
+    let r = t.render(&rec("Capital of France?", "Europe", "Paris"))?;
+    assert_eq!(
+        r.prompt,
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nCapital of France?\n\nEurope<|im_end|>\n<|im_start|>assistant\n"
+    );
+    assert_eq!(r.target, "Paris<|im_end|>\n");
+    assert!(!r.add_eos, "the template ends the turn itself");
+    Ok(())
+}

@@ -1,0 +1,227 @@
+//! Templated records → `input_ids` and `labels`, in parallel.
+//!
+//! The prompt and target are tokenized as one text, as Stanford Alpaca's `preprocess` does, so
+//! the ids are what the model sees at inference; the prompt/target split comes from the
+//! tokenizer's byte offsets: a token belongs to the target when it covers any target byte. A
+//! token that covers bytes of both is counted in [`TokenizeStats::boundary_merges`] (trained on).
+
+use anyhow::{anyhow, bail, Context, Result};
+use helix_ops::IGNORE_INDEX;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use tokenizers::Tokenizer;
+
+use crate::records::Record;
+use crate::template::{Rendered, Template};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossMode {
+    /// Prompt tokens get [`IGNORE_INDEX`] (NeMo `answer_only_loss`, Alpaca's `IGNORE_INDEX`).
+    AnswerOnly,
+    /// Every token is a target.
+    WholeSequence,
+}
+
+/// What to do with a sample longer than `max_seq_length`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LengthPolicy {
+    /// Drop prompt tokens from the left, keeping leading special tokens (BOS) and the end of the
+    /// prompt (the response key); dropped when the target alone does not fit.
+    TruncatePrompt,
+    /// Cut the end of the target (EOS included); dropped when no target token would remain.
+    TruncateResponse,
+    /// Drop the sample.
+    Drop,
+}
+
+impl std::str::FromStr for LengthPolicy {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "truncate_prompt" => Ok(Self::TruncatePrompt),
+            "truncate_response" => Ok(Self::TruncateResponse),
+            "drop" => Ok(Self::Drop),
+            _ => bail!(
+                "unknown length policy '{s}' (expected truncate_prompt, truncate_response or drop)"
+            ),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct TokenizeOptions {
+    pub max_seq_length: usize,
+    pub policy: LengthPolicy,
+    pub loss: LossMode,
+    /// Appended after the target when [`Rendered::add_eos`].
+    pub eos_id: u32,
+    /// Worker threads; 0 = one per core.
+    pub threads: usize,
+}
+
+/// One tokenized example. `labels[i]` is the target for position i in HF convention (the model
+/// shifts); `labels.len() == input_ids.len()`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sample {
+    pub input_ids: Vec<u32>,
+    pub labels: Vec<i64>,
+    /// Number of leading prompt tokens (after truncation).
+    pub prompt_len: usize,
+    /// Index of the record it came from.
+    pub record: usize,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct TokenizeStats {
+    pub samples: usize,
+    pub truncated_prompt: usize,
+    pub truncated_response: usize,
+    pub dropped: usize,
+    pub boundary_merges: usize,
+    pub prompt_tokens: usize,
+    pub target_tokens: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct Tokenized {
+    pub samples: Vec<Sample>,
+    pub stats: TokenizeStats,
+}
+
+enum Outcome {
+    Kept(Sample, Cut),
+    Dropped,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Cut {
+    None,
+    Prompt,
+    Response,
+}
+
+/// Renders and tokenizes every record on `opts.threads` threads; order is kept.
+pub fn tokenize_records(
+    records: &[Record],
+    template: &Template,
+    tokenizer: &Tokenizer,
+    opts: &TokenizeOptions,
+) -> Result<Tokenized> {
+    if opts.max_seq_length < 2 {
+        bail!(
+            "max_seq_length must be at least 2, got {}",
+            opts.max_seq_length
+        );
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(opts.threads)
+        .build()
+        .context("cannot start the tokenizer threads")?;
+    let outcomes: Vec<(Outcome, bool)> = pool.install(|| {
+        records
+            .par_iter()
+            .enumerate()
+            .map(|(i, rec)| {
+                let rendered = template
+                    .render(rec)
+                    .with_context(|| format!("templating the record of line {}", rec.line))?;
+                tokenize_one(tokenizer, &rendered, i, opts)
+                    .with_context(|| format!("tokenizing the record of line {}", rec.line))
+            })
+            .collect::<Result<_>>()
+    })?;
+    let mut stats = TokenizeStats::default();
+    let mut samples = Vec::with_capacity(outcomes.len());
+    for (outcome, merged) in outcomes {
+        stats.boundary_merges += merged as usize;
+        match outcome {
+            Outcome::Dropped => stats.dropped += 1,
+            Outcome::Kept(s, cut) => {
+                stats.truncated_prompt += (cut == Cut::Prompt) as usize;
+                stats.truncated_response += (cut == Cut::Response) as usize;
+                stats.prompt_tokens += s.prompt_len;
+                stats.target_tokens += s.input_ids.len() - s.prompt_len;
+                samples.push(s);
+            }
+        }
+    }
+    stats.samples = samples.len();
+    Ok(Tokenized { samples, stats })
+}
+
+/// Tokenizes one rendered example; the bool says whether a token straddled prompt and target.
+fn tokenize_one(
+    tokenizer: &Tokenizer,
+    r: &Rendered,
+    record: usize,
+    opts: &TokenizeOptions,
+) -> Result<(Outcome, bool)> {
+    let text = r.text();
+    let boundary = r.prompt.len();
+    let enc = tokenizer
+        .encode(text.as_str(), true)
+        .map_err(|e| anyhow!("tokenizer: {e}"))?;
+    let offsets = enc.get_offsets();
+    // Leading tokens the post-processor added (BOS) carry no text: offsets (0, 0).
+    let lead = offsets.iter().take_while(|o| o.1 == 0).count();
+    let prompt_len = offsets[lead..]
+        .iter()
+        .position(|o| o.1 > boundary)
+        .map_or(offsets.len(), |p| p + lead);
+    let merged = offsets.get(prompt_len).is_some_and(|o| o.0 < boundary);
+    let mut ids = enc.get_ids().to_vec();
+    if r.add_eos {
+        ids.push(opts.eos_id);
+    }
+    if ids.len() == prompt_len {
+        bail!("the target produced no tokens");
+    }
+
+    let max = opts.max_seq_length;
+    let (ids, prompt_len, cut) = if ids.len() <= max {
+        (ids, prompt_len, Cut::None)
+    } else {
+        match opts.policy {
+            LengthPolicy::Drop => return Ok((Outcome::Dropped, merged)),
+            LengthPolicy::TruncateResponse => {
+                if prompt_len >= max {
+                    return Ok((Outcome::Dropped, merged));
+                }
+                ids.truncate(max);
+                (ids, prompt_len, Cut::Response)
+            }
+            LengthPolicy::TruncatePrompt => {
+                let target_len = ids.len() - prompt_len;
+                let lead = lead.min(prompt_len);
+                if lead + target_len >= max {
+                    return Ok((Outcome::Dropped, merged));
+                }
+                let keep = max - target_len - lead;
+                let mut out = ids[..lead].to_vec();
+                out.extend_from_slice(&ids[prompt_len - keep..]);
+                (out, lead + keep, Cut::Prompt)
+            }
+        }
+    };
+    let labels = ids
+        .iter()
+        .enumerate()
+        .map(|(i, &id)| match opts.loss {
+            LossMode::AnswerOnly if i < prompt_len => IGNORE_INDEX,
+            _ => id as i64,
+        })
+        .collect();
+    let sample = Sample {
+        input_ids: ids,
+        labels,
+        prompt_len,
+        record,
+    };
+    Ok((Outcome::Kept(sample, cut), merged))
+}
+
+#[cfg(test)]
+#[path = "tokenize_tests.rs"]
+pub(crate) mod tests;
