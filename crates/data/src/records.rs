@@ -329,6 +329,10 @@ fn extract(
         let detail = format!("expected a JSON object, found {}", type_name(value));
         return Err(invalid(file, line, None, InvalidKind::NotAnObject, detail));
     };
+    let wrong_type = |name: &str, v: &Value| {
+        let detail = format!("expected a string, found {}", type_name(v));
+        invalid(file, line, Some(name), InvalidKind::WrongType, detail)
+    };
     let required = |name: &str| -> Result<String, InvalidRow> {
         match obj.get(name) {
             None => Err(invalid(
@@ -339,16 +343,7 @@ fn extract(
                 "missing".into(),
             )),
             Some(Value::String(s)) => Ok(s.clone()),
-            Some(v) => {
-                let detail = format!("expected a string, found {}", type_name(v));
-                Err(invalid(
-                    file,
-                    line,
-                    Some(name),
-                    InvalidKind::WrongType,
-                    detail,
-                ))
-            }
+            Some(v) => Err(wrong_type(name, v)),
         }
     };
     let optional = |name: &Option<String>| -> Result<Option<String>, InvalidRow> {
@@ -356,16 +351,7 @@ fn extract(
         match obj.get(name) {
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(v) => {
-                let detail = format!("expected a string, found {}", type_name(v));
-                Err(invalid(
-                    file,
-                    line,
-                    Some(name),
-                    InvalidKind::WrongType,
-                    detail,
-                ))
-            }
+            Some(v) => Err(wrong_type(name, v)),
         }
     };
     Ok(Record {
