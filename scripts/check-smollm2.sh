@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 alpaca="${HELIX_ALPACA:-../shared/assets/alpaca/alpaca_4000.json}"
 [ -f "$alpaca" ] || { echo "check-smollm2: $alpaca not found (set HELIX_ALPACA)" >&2; exit 1; }
 py=$(scripts/setup-python.sh)
-gguf=$(scripts/fetch-smollm2.sh models)
+gguf=$(realpath "$(scripts/fetch-smollm2.sh models)")  # absolute: lib tests run in their crate dir
 work="${HELIX_CHECK_DIR:-models/check}"
 mkdir -p "$work"
 # --workspace everywhere: the same feature set as `cargo test --workspace`, so nothing rebuilds.
