@@ -1,14 +1,30 @@
-//! Instruction data for helix: read Dolly / Alpaca / NeMo files ([`records`]), render prompt
-//! templates ([`template`]), tokenize into `input_ids` and `labels` with answer-only or
-//! whole-sequence loss ([`tokenize`]). See docs/architecture.md.
+//! Instruction data for helix, in the order a run uses it: the `[data]` config ([`config`]),
+//! records from Dolly / Alpaca / NeMo files ([`records`]), prompt templates ([`template`]),
+//! tokens with answer-only or whole-sequence labels ([`tokenize`]), the on-disk token cache
+//! ([`cache`]), splits ([`split`]), all tied together by [`dataset::prepare`]; then per step the
+//! seeded data-parallel [`sampler`], [`pack`]ing and [`batch`] collation. See
+//! docs/architecture.md.
 
+pub mod batch;
+pub mod cache;
+pub mod config;
+pub mod dataset;
+pub mod pack;
 pub mod records;
+pub mod sampler;
+pub mod split;
 pub mod stats;
 pub mod template;
 pub mod tokenize;
 
+pub use batch::{collate_packed, collate_padded, Batch, PadOptions};
+pub use config::{DataConfig, FieldOverrides};
+pub use dataset::{prepare, DataReport, DataTokenizer, PreparedData};
+pub use pack::{pack_first_fit_decreasing, Packing, PackingStats};
 pub use records::{read_records, FieldMap, Format, ReadOptions, ReadReport, Record, SkipCounts};
-pub use stats::DataStats;
+pub use sampler::{Cursor, RankBatch, Sampler};
+pub use split::{split_by_fraction, Splits};
+pub use stats::{DataStats, ReadSummary};
 pub use template::{ChatTemplate, Rendered, Template, UserTemplate};
 pub use tokenize::{
     tokenize_records, LengthPolicy, LossMode, Sample, TokenizeOptions, TokenizeStats, Tokenized,

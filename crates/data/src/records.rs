@@ -100,7 +100,7 @@ pub enum InvalidKind {
 }
 
 /// Rows skipped under `skip_invalid`, by reason.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SkipCounts {
     pub malformed_json: usize,
     pub not_an_object: usize,

@@ -2,10 +2,49 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
+use crate::pack::{pack_first_fit_decreasing, PackingStats};
 use crate::records::{ReadReport, SkipCounts};
 use crate::tokenize::{TokenizeStats, Tokenized};
+
+/// What reading a file found, kept (and cached) apart from the records themselves.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReadSummary {
+    pub records: usize,
+    pub unique_records: usize,
+    pub skipped: SkipCounts,
+    /// The message of every skipped row, for the end-of-run report.
+    pub skipped_rows: Vec<String>,
+    pub categories: BTreeMap<String, usize>,
+}
+
+impl ReadSummary {
+    pub fn new(read: &ReadReport) -> Self {
+        let unique: HashSet<(&str, &str, &str)> = read
+            .records
+            .iter()
+            .map(|r| {
+                (
+                    r.instruction.as_str(),
+                    r.context.as_str(),
+                    r.response.as_str(),
+                )
+            })
+            .collect();
+        let mut categories = BTreeMap::new();
+        for cat in read.records.iter().filter_map(|r| r.category.as_ref()) {
+            *categories.entry(cat.clone()).or_insert(0) += 1;
+        }
+        Self {
+            records: read.records.len(),
+            unique_records: unique.len(),
+            skipped: read.skipped.clone(),
+            skipped_rows: read.skipped_rows.clone(),
+            categories,
+        }
+    }
+}
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct DataStats {
@@ -23,39 +62,36 @@ pub struct DataStats {
     pub tokenize: TokenizeStats,
     /// Records per category (Dolly); empty when the format has none.
     pub categories: BTreeMap<String, usize>,
+    /// First-fit-decreasing packing into rows of the max sequence length.
+    pub packing: Option<PackingStats>,
 }
 
 impl DataStats {
-    pub fn new(read: &ReadReport, tokenized: &Tokenized) -> Self {
-        let unique: HashSet<(&str, &str, &str)> = read
-            .records
+    /// Statistics of one file; packing is measured at `row_len` (the max sequence length)
+    /// whether or not the run packs, so the choice can be made from these numbers.
+    pub fn new(read: &ReadSummary, tokenized: &Tokenized, row_len: usize) -> Self {
+        let lens: Vec<usize> = tokenized
+            .samples
             .iter()
-            .map(|r| {
-                (
-                    r.instruction.as_str(),
-                    r.context.as_str(),
-                    r.response.as_str(),
-                )
-            })
+            .map(|s| s.input_ids.len())
             .collect();
-        let mut categories = BTreeMap::new();
-        for cat in read.records.iter().filter_map(|r| r.category.as_ref()) {
-            *categories.entry(cat.clone()).or_insert(0) += 1;
-        }
-        let lens = tokenized.samples.iter().map(|s| s.input_ids.len());
-        let total: usize = lens.clone().sum();
-        let n = tokenized.samples.len();
+        let total: usize = lens.iter().sum();
+        let n = lens.len();
+        let packing = pack_first_fit_decreasing(&lens, row_len)
+            .ok()
+            .map(|p| p.stats());
         Self {
-            records: read.records.len(),
-            unique_records: unique.len(),
+            records: read.records,
+            unique_records: read.unique_records,
             skipped_invalid: read.skipped.clone(),
             samples: n,
-            min_tokens: lens.clone().min().unwrap_or(0),
-            max_tokens: lens.max().unwrap_or(0),
+            min_tokens: lens.iter().copied().min().unwrap_or(0),
+            max_tokens: lens.iter().copied().max().unwrap_or(0),
             mean_tokens: if n == 0 { 0.0 } else { total as f64 / n as f64 },
             total_tokens: total,
             tokenize: tokenized.stats.clone(),
-            categories,
+            categories: read.categories.clone(),
+            packing,
         }
     }
 }
@@ -87,7 +123,7 @@ mod tests {
         };
         let t = Template::from_spec("Q {instruction} {input} A ", None)?;
         let tokenized = tokenize_records(&read.records, &t, &word_tokenizer(&[]), &tok)?;
-        let s = DataStats::new(&read, &tokenized);
+        let s = DataStats::new(&ReadSummary::new(&read), &tokenized, 16);
         assert_eq!((s.records, s.unique_records, s.samples), (3, 2, 3));
         assert_eq!(s.skipped_invalid.missing_field, 1);
         // <s> Q one A two </s> = 6; <s> Q one two three four A five six </s> = 10.
@@ -95,6 +131,10 @@ mod tests {
         assert!((s.mean_tokens - 22.0 / 3.0).abs() < 1e-12);
         let cats: Vec<_> = s.categories.iter().map(|(k, v)| (k.as_str(), *v)).collect();
         assert_eq!(cats, [("brainstorming", 1), ("qa", 2)]);
+        // 10 + 6 in one row of 16, 6 in a second: 22 / 32.
+        let p = s.packing.unwrap();
+        assert_eq!(p.rows, 2);
+        assert!((p.efficiency - 22.0 / 32.0).abs() < 1e-12);
         Ok(())
     }
 }

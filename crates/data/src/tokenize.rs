@@ -73,7 +73,28 @@ pub struct Sample {
     pub record: usize,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+impl Sample {
+    /// A sample whose labels follow `loss`: with answer-only loss the first `prompt_len` tokens
+    /// get [`IGNORE_INDEX`], every other token is its own label.
+    pub fn new(input_ids: Vec<u32>, prompt_len: usize, record: usize, loss: LossMode) -> Self {
+        let labels = input_ids
+            .iter()
+            .enumerate()
+            .map(|(i, &id)| match loss {
+                LossMode::AnswerOnly if i < prompt_len => IGNORE_INDEX,
+                _ => id as i64,
+            })
+            .collect();
+        Self {
+            input_ids,
+            labels,
+            prompt_len,
+            record,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenizeStats {
     pub samples: usize,
     pub truncated_prompt: usize,
@@ -205,20 +226,7 @@ fn tokenize_one(
             }
         }
     };
-    let labels = ids
-        .iter()
-        .enumerate()
-        .map(|(i, &id)| match opts.loss {
-            LossMode::AnswerOnly if i < prompt_len => IGNORE_INDEX,
-            _ => id as i64,
-        })
-        .collect();
-    let sample = Sample {
-        input_ids: ids,
-        labels,
-        prompt_len,
-        record,
-    };
+    let sample = Sample::new(ids, prompt_len, record, opts.loss);
     Ok((Outcome::Kept(sample, cut), merged))
 }
 

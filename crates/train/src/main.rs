@@ -1,22 +1,24 @@
 //! `helix-train`: the one binary of helix. Subcommands:
 //! - `import --gguf FILE --out DIR`   turn a llama GGUF into a Hugging Face model directory
 //! - `generate --model DIR --prompt TEXT [--chat]`   generate text with a KV cache
-//! - `data-stats --data FILE --format F --tokenizer DIR`   what a data file becomes, as JSON
+//! - `data-stats --config FILE | --data FILE --format F --tokenizer DIR`   what the data
+//!   becomes (samples, tokens, truncation, packing, splits), as JSON
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Parser, Subcommand, ValueEnum};
 use helix_data::{
-    read_records, tokenize_records, DataStats, Format, LengthPolicy, LossMode, ReadOptions,
-    Template, TokenizeOptions,
+    prepare, DataConfig, DataTokenizer, FieldOverrides, Format, LengthPolicy, LossMode,
 };
 use helix_model::gguf::{import_gguf, ImportOptions};
 use helix_model::{generate, ModelDir, SamplingOptions, TextCodec};
+
+mod config;
+use config::ConfigFile;
 
 #[derive(Parser)]
 #[command(
@@ -88,16 +90,20 @@ enum Command {
         #[arg(long)]
         print_ids: bool,
     },
-    /// Read, template and tokenize an instruction data file; print statistics as JSON.
+    /// Read, template and tokenize instruction data; print statistics as JSON. Takes the
+    /// `[data]` section of a config, or the flags below.
     DataStats {
-        #[arg(long)]
-        data: PathBuf,
+        /// A helix TOML config; its [data] section (and model.path for the tokenizer).
+        #[arg(long, conflicts_with_all = ["data", "format", "tokenizer"])]
+        config: Option<PathBuf>,
+        #[arg(long, required_unless_present = "config")]
+        data: Option<PathBuf>,
         /// dolly, alpaca (JSON array or JSONL) or nemo
-        #[arg(long)]
-        format: Format,
+        #[arg(long, required_unless_present = "config")]
+        format: Option<Format>,
         /// A directory with tokenizer.json (and tokenizer_config.json for EOS / chat template).
-        #[arg(long)]
-        tokenizer: PathBuf,
+        #[arg(long, required_unless_present = "config")]
+        tokenizer: Option<PathBuf>,
         /// alpaca, dolly, chat (the model's template), or a string with {instruction} and
         /// {input}/{context}
         #[arg(long, default_value = "alpaca")]
@@ -125,6 +131,9 @@ enum Command {
         /// Tokenizer threads (0 = one per core).
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// Tokenize even when a cached result exists (and do not write one).
+        #[arg(long)]
+        no_cache: bool,
     },
 }
 
@@ -251,6 +260,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::DataStats {
+            config,
             data,
             format,
             tokenizer,
@@ -264,55 +274,59 @@ fn run(cli: Cli) -> Result<()> {
             response_field,
             category_field,
             threads,
+            no_cache,
         } => {
-            let mut read_opts = ReadOptions::new(format);
-            read_opts.skip_invalid = skip_invalid;
-            let fields = &mut read_opts.fields;
-            if let Some(f) = instruction_field {
-                fields.instruction = f;
-            }
-            if let Some(f) = response_field {
-                fields.response = f;
-            }
-            fields.context = context_field.or(fields.context.take());
-            fields.category = category_field.or(fields.category.take());
-            let read = read_records(&data, &read_opts)?;
-            let codec = Arc::new(TextCodec::open(&tokenizer)?);
-            let eos_id = codec
-                .eos_token
-                .as_deref()
-                .and_then(|t| codec.token_id(t))
-                .with_context(|| {
-                    format!(
-                        "{}: no eos_token in tokenizer_config.json",
-                        tokenizer.display()
-                    )
-                })?;
-            let template = Template::from_spec(&template, Some(codec.clone()))?;
-            let opts = TokenizeOptions {
-                max_seq_length,
-                policy: length_policy,
-                loss: if whole_sequence_loss {
-                    LossMode::WholeSequence
-                } else {
-                    LossMode::AnswerOnly
-                },
-                eos_id,
-                threads,
+            let (mut cfg, tokenizer_dir) = match config {
+                Some(path) => {
+                    let file = ConfigFile::load(&path)?;
+                    (file.data(&path)?.clone(), file.tokenizer_dir(&path)?)
+                }
+                None => {
+                    // clap enforces these three without --config.
+                    let (data, format, tokenizer) =
+                        (data.unwrap(), format.unwrap(), tokenizer.unwrap());
+                    let mut cfg = DataConfig::new(data, format);
+                    cfg.template = template;
+                    cfg.max_seq_length = max_seq_length;
+                    cfg.length_policy = length_policy;
+                    if whole_sequence_loss {
+                        cfg.loss = LossMode::WholeSequence;
+                    }
+                    cfg.skip_invalid = skip_invalid;
+                    cfg.fields = FieldOverrides {
+                        instruction: instruction_field,
+                        context: context_field,
+                        response: response_field,
+                        category: category_field,
+                    };
+                    cfg.threads = threads;
+                    (cfg, tokenizer)
+                }
             };
-            let t = Instant::now();
-            let tokenized = tokenize_records(&read.records, &template, &codec.tokenizer, &opts)?;
-            let secs = t.elapsed().as_secs_f64();
-            for row in &read.skipped_rows {
-                eprintln!("skipped {row}");
+            if no_cache {
+                cfg.cache = false;
             }
-            let stats = DataStats::new(&read, &tokenized);
-            println!("{}", serde_json::to_string_pretty(&stats)?);
-            eprintln!(
-                "templated and tokenized {} records in {secs:.2} s ({:.0} records/s)",
-                read.records.len(),
-                read.records.len() as f64 / secs
-            );
+            let tok = DataTokenizer::open(&tokenizer_dir)?;
+            let prepared = prepare(&cfg, &tok)?;
+            for (role, src) in &prepared.report.sources {
+                for row in &src.skipped_rows {
+                    eprintln!("skipped ({role}) {row}");
+                }
+            }
+            println!("{}", serde_json::to_string_pretty(&prepared.report)?);
+            for (role, src) in &prepared.report.sources {
+                let how = if src.cache_hit {
+                    "loaded from the token cache"
+                } else {
+                    "templated and tokenized"
+                };
+                eprintln!(
+                    "{role}: {} records {how} in {:.2} s ({:.0} records/s)",
+                    src.stats.records,
+                    src.seconds,
+                    src.stats.records as f64 / src.seconds
+                );
+            }
             Ok(())
         }
     }

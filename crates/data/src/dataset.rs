@@ -1,0 +1,242 @@
+//! From a `[data]` config to tokenized train / validation / test samples: read, template,
+//! tokenize (or load from the cache), split. This is the whole data recipe, top to bottom.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use helix_model::TextCodec;
+use serde::Serialize;
+
+use crate::cache::{cache_path, file_sha256, key_sha256, read_cache, write_cache};
+use crate::config::DataConfig;
+use crate::records::{read_records, FieldMap};
+use crate::split::split_by_fraction;
+use crate::stats::{DataStats, ReadSummary};
+use crate::template::Template;
+use crate::tokenize::{
+    tokenize_records, LengthPolicy, LossMode, Sample, TokenizeOptions, Tokenized,
+};
+
+/// A tokenizer directory opened for data preparation.
+pub struct DataTokenizer {
+    pub dir: PathBuf,
+    pub codec: Arc<TextCodec>,
+    pub eos_id: u32,
+    /// Padding id for batches: the tokenizer's pad token, else EOS (labels mask it anyway).
+    pub pad_id: u32,
+}
+
+impl DataTokenizer {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let codec = Arc::new(TextCodec::open(dir)?);
+        let eos_id = codec
+            .eos_token
+            .as_deref()
+            .and_then(|t| codec.token_id(t))
+            .with_context(|| {
+                format!(
+                    "{}: no eos_token in tokenizer_config.json (or it is not in the vocabulary)",
+                    dir.display()
+                )
+            })?;
+        let pad_id = codec
+            .tokenizer
+            .get_padding()
+            .map(|p| p.pad_id)
+            .unwrap_or(eos_id);
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            codec,
+            eos_id,
+            pad_id,
+        })
+    }
+}
+
+/// Where one file's tokens came from.
+#[derive(Clone, Debug, Serialize)]
+pub struct SourceReport {
+    pub file: PathBuf,
+    pub cache: Option<PathBuf>,
+    pub cache_hit: bool,
+    pub seconds: f64,
+    pub stats: DataStats,
+    /// Messages of rows skipped under `skip_invalid`, for the end-of-run report.
+    #[serde(skip)]
+    pub skipped_rows: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct SplitCounts {
+    pub train: usize,
+    pub validation: usize,
+    pub test: usize,
+}
+
+/// What [`prepare`] did: per-file statistics, cache use and the split sizes (in samples).
+#[derive(Clone, Debug, Serialize)]
+pub struct DataReport {
+    pub sources: BTreeMap<String, SourceReport>,
+    pub splits: SplitCounts,
+}
+
+pub struct PreparedData {
+    pub train: Vec<Sample>,
+    pub validation: Vec<Sample>,
+    pub test: Vec<Sample>,
+    pub report: DataReport,
+}
+
+/// Reads, templates, tokenizes and splits the data of `cfg`.
+pub fn prepare(cfg: &DataConfig, tok: &DataTokenizer) -> Result<PreparedData> {
+    cfg.validate()?;
+    let template =
+        Template::from_spec(&cfg.template, Some(tok.codec.clone())).context("data.template")?;
+    let mut sources = BTreeMap::new();
+    let mut load = |role: &str, file: &Path| -> Result<(usize, Tokenized)> {
+        let (report, tokenized) = load_source(cfg, tok, &template, file)
+            .with_context(|| format!("data.{role} = {}", file.display()))?;
+        let records = report.stats.records;
+        sources.insert(role.to_string(), report);
+        Ok((records, tokenized))
+    };
+
+    let (records, train_file) = load("train", &cfg.train)?;
+    let split = split_by_fraction(
+        records,
+        cfg.validation_fraction,
+        cfg.test_fraction,
+        cfg.seed,
+    )
+    .context("splitting data.train")?;
+    let mut role_of = vec![0u8; records];
+    for &r in &split.validation {
+        role_of[r] = 1;
+    }
+    for &r in &split.test {
+        role_of[r] = 2;
+    }
+    let (mut train, mut validation, mut test) = (Vec::new(), Vec::new(), Vec::new());
+    for s in train_file.samples {
+        match role_of[s.record] {
+            0 => train.push(s),
+            1 => validation.push(s),
+            _ => test.push(s),
+        }
+    }
+    if let Some(f) = &cfg.validation {
+        validation = load("validation", f)?.1.samples;
+    }
+    if let Some(f) = &cfg.test {
+        test = load("test", f)?.1.samples;
+    }
+    drop(load);
+    let splits = SplitCounts {
+        train: train.len(),
+        validation: validation.len(),
+        test: test.len(),
+    };
+    Ok(PreparedData {
+        train,
+        validation,
+        test,
+        report: DataReport { sources, splits },
+    })
+}
+
+/// Everything the tokens of one file depend on besides its bytes and the tokenizer's.
+#[derive(Serialize)]
+struct CacheKey<'a> {
+    data_sha256: String,
+    tokenizer_sha256: Vec<(String, String)>,
+    template: &'a str,
+    fields: FieldMap,
+    skip_invalid: bool,
+    max_seq_length: usize,
+    length_policy: LengthPolicy,
+    loss: LossMode,
+    eos_id: u32,
+}
+
+fn load_source(
+    cfg: &DataConfig,
+    tok: &DataTokenizer,
+    template: &Template,
+    file: &Path,
+) -> Result<(SourceReport, Tokenized)> {
+    let t = Instant::now();
+    let read_opts = cfg.read_options();
+    let opts = TokenizeOptions {
+        max_seq_length: cfg.max_seq_length,
+        policy: cfg.length_policy,
+        loss: cfg.loss,
+        eos_id: tok.eos_id,
+        threads: cfg.threads,
+    };
+    let cache = if cfg.cache {
+        let mut tokenizer_sha256 = Vec::new();
+        for name in ["tokenizer.json", "tokenizer_config.json"] {
+            let p = tok.dir.join(name);
+            if p.exists() {
+                tokenizer_sha256.push((name.to_string(), file_sha256(&p)?));
+            }
+        }
+        let key = key_sha256(&CacheKey {
+            data_sha256: file_sha256(file)?,
+            tokenizer_sha256,
+            template: &cfg.template,
+            fields: read_opts.fields.clone(),
+            skip_invalid: read_opts.skip_invalid,
+            max_seq_length: opts.max_seq_length,
+            length_policy: opts.policy,
+            loss: opts.loss,
+            eos_id: opts.eos_id,
+        })?;
+        Some((cache_path(&cfg.cache_dir(), file, &key), key))
+    } else {
+        None
+    };
+
+    if let Some((path, key)) = &cache {
+        if path.exists() {
+            match read_cache(path, key) {
+                Ok((read, tokenized)) => {
+                    let stats = DataStats::new(&read, &tokenized, cfg.max_seq_length);
+                    let report = SourceReport {
+                        file: file.to_path_buf(),
+                        cache: Some(path.clone()),
+                        cache_hit: true,
+                        seconds: t.elapsed().as_secs_f64(),
+                        stats,
+                        skipped_rows: read.skipped_rows,
+                    };
+                    return Ok((report, tokenized));
+                }
+                Err(e) => eprintln!("warning: ignoring the token cache: {e:#}; rebuilding it"),
+            }
+        }
+    }
+
+    let read = read_records(file, &read_opts)?;
+    let tokenized = tokenize_records(&read.records, template, &tok.codec.tokenizer, &opts)?;
+    let summary = ReadSummary::new(&read);
+    if let Some((path, key)) = &cache {
+        write_cache(path, key, opts.loss, &summary, &tokenized)?;
+    }
+    let report = SourceReport {
+        file: file.to_path_buf(),
+        cache: cache.map(|c| c.0),
+        cache_hit: false,
+        seconds: t.elapsed().as_secs_f64(),
+        stats: DataStats::new(&summary, &tokenized, cfg.max_seq_length),
+        skipped_rows: summary.skipped_rows,
+    };
+    Ok((report, tokenized))
+}
+
+#[cfg(test)]
+#[path = "dataset_tests.rs"]
+mod tests;

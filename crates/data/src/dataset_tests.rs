@@ -1,0 +1,186 @@
+use std::path::Path;
+
+use super::*;
+use crate::tokenize::tests::word_tokenizer;
+
+/// A tokenizer directory the way a model ships it: tokenizer.json + tokenizer_config.json.
+fn tokenizer_dir(dir: &Path) -> Result<DataTokenizer> {
+    std::fs::create_dir_all(dir)?;
+    word_tokenizer(&[])
+        .save(dir.join("tokenizer.json"), false)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        r#"{"bos_token": "<s>", "eos_token": "</s>"}"#,
+    )?;
+    DataTokenizer::open(dir)
+}
+
+const ROWS: &str = r#"[
+ {"instruction": "one two", "input": "", "output": "three"},
+ {"instruction": "four", "input": "five six", "output": "seven eight"},
+ {"instruction": "one", "input": "", "output": "two three four five six seven eight"},
+ {"instruction": "two", "input": "", "output": "three"},
+ {"instruction": "five", "input": "six", "output": "seven"},
+ {"instruction": "eight", "input": "", "output": "one"}
+]"#;
+
+fn setup(tmp: &Path) -> Result<(DataConfig, DataTokenizer)> {
+    let data = tmp.join("rows.json");
+    std::fs::write(&data, ROWS)?;
+    let mut cfg = DataConfig::new(data, crate::Format::Alpaca);
+    cfg.template = "Q {instruction} {input} A ".into();
+    cfg.max_seq_length = 64;
+    cfg.cache_dir = Some(tmp.join("cache"));
+    Ok((cfg, tokenizer_dir(&tmp.join("tok"))?))
+}
+
+fn fingerprint(p: &PreparedData) -> Vec<Vec<Sample>> {
+    vec![p.train.clone(), p.validation.clone(), p.test.clone()]
+}
+
+#[test]
+fn second_run_loads_the_same_samples_from_the_cache() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (cfg, tok) = setup(tmp.path())?;
+    let first = prepare(&cfg, &tok)?;
+    assert!(!first.report.sources["train"].cache_hit);
+    let second = prepare(&cfg, &tok)?;
+    assert!(second.report.sources["train"].cache_hit);
+    assert_eq!(fingerprint(&first), fingerprint(&second));
+    assert_eq!(
+        serde_json::to_value(&first.report.sources["train"].stats)?,
+        serde_json::to_value(&second.report.sources["train"].stats)?
+    );
+    // And both equal a run without any cache.
+    let mut plain = cfg.clone();
+    plain.cache = false;
+    let uncached = prepare(&plain, &tok)?;
+    assert!(uncached.report.sources["train"].cache.is_none());
+    assert_eq!(fingerprint(&first), fingerprint(&uncached));
+    Ok(())
+}
+
+#[test]
+fn any_input_change_misses_the_cache() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (cfg, tok) = setup(tmp.path())?;
+    prepare(&cfg, &tok)?;
+    let mut changes: Vec<DataConfig> = Vec::new();
+    let mut c = cfg.clone();
+    c.max_seq_length = 8;
+    changes.push(c);
+    let mut c = cfg.clone();
+    c.template = "Q: {instruction} {input} A: ".into();
+    changes.push(c);
+    let mut c = cfg.clone();
+    c.loss = LossMode::WholeSequence;
+    changes.push(c);
+    for c in changes {
+        let p = prepare(&c, &tok)?;
+        assert!(!p.report.sources["train"].cache_hit, "{c:?}");
+    }
+    // The data file's bytes, not its name or time, are the key.
+    std::fs::write(&cfg.train, ROWS.replace("seven eight\"}", "seven\"}"))?;
+    assert!(!prepare(&cfg, &tok)?.report.sources["train"].cache_hit);
+    // So is the tokenizer's.
+    std::fs::write(
+        tok.dir.join("tokenizer_config.json"),
+        r#"{"bos_token": "<s>", "eos_token": "</s>", "model_max_length": 64}"#,
+    )?;
+    assert!(!prepare(&cfg, &tok)?.report.sources["train"].cache_hit);
+    Ok(())
+}
+
+#[test]
+fn a_corrupt_cache_file_is_rebuilt_not_trusted() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (cfg, tok) = setup(tmp.path())?;
+    let first = prepare(&cfg, &tok)?;
+    let path = first.report.sources["train"].cache.clone().unwrap();
+    let bytes = std::fs::read(&path)?;
+    std::fs::write(&path, &bytes[..bytes.len() - 3])?;
+    let err = crate::cache::read_cache(&path, &"x".repeat(64)).unwrap_err();
+    assert!(err.to_string().ends_with("cache key differs"), "{err}");
+    let again = prepare(&cfg, &tok)?;
+    assert!(!again.report.sources["train"].cache_hit);
+    assert_eq!(fingerprint(&first), fingerprint(&again));
+    assert_eq!(std::fs::read(&path)?, bytes);
+    // No temporary files left behind.
+    let names: Vec<_> = std::fs::read_dir(path.parent().unwrap())?
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+    Ok(())
+}
+
+#[test]
+fn fraction_splits_partition_the_samples_by_record() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (mut cfg, tok) = setup(tmp.path())?;
+    cfg.validation_fraction = 0.2;
+    cfg.test_fraction = 0.2;
+    let p = prepare(&cfg, &tok)?;
+    assert_eq!((p.train.len(), p.validation.len(), p.test.len()), (4, 1, 1));
+    let mut records: Vec<usize> = fingerprint(&p).iter().flatten().map(|s| s.record).collect();
+    records.sort_unstable();
+    assert_eq!(records, [0, 1, 2, 3, 4, 5]);
+    Ok(())
+}
+
+#[test]
+fn separate_files_and_conflicting_settings() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (mut cfg, tok) = setup(tmp.path())?;
+    let val = tmp.path().join("val.jsonl");
+    std::fs::write(&val, "{\"instruction\": \"one\", \"output\": \"two\"}\n")?;
+    cfg.validation = Some(val.clone());
+    let p = prepare(&cfg, &tok)?;
+    assert_eq!((p.train.len(), p.validation.len()), (6, 1));
+    assert!(p.report.sources.contains_key("validation"));
+
+    cfg.validation_fraction = 0.1;
+    let err = prepare(&cfg, &tok).err().unwrap().to_string();
+    assert_eq!(
+        err,
+        "data.validation and data.validation_fraction are both set; use one"
+    );
+
+    // Errors inside a file name the config key and the file.
+    cfg.validation_fraction = 0.0;
+    std::fs::write(&val, "{\"instruction\": \"one\"}\n")?;
+    let err = format!("{:#}", prepare(&cfg, &tok).err().unwrap());
+    assert!(
+        err.starts_with(&format!("data.validation = {}: ", val.display())),
+        "{err}"
+    );
+    assert!(err.contains(":1: field \"output\""), "{err}");
+    Ok(())
+}
+
+#[test]
+fn data_config_unknown_keys_and_bad_values_name_the_key() {
+    let parse = |s: &str| toml::from_str::<DataConfig>(s).unwrap_err().to_string();
+    let err = parse("train = \"a.json\"\nformat = \"alpaca\"\nmax_seq_len = 512\n");
+    assert!(err.contains("line 3"), "{err}");
+    assert!(err.contains("unknown field `max_seq_len`"), "{err}");
+    let err = parse("train = \"a.json\"\nformat = \"alpaca\"\nloss = \"answer\"\n");
+    assert!(err.contains("line 3") && err.contains("answer"), "{err}");
+    let err = parse("train = \"a.json\"\nformat = \"csv\"\n");
+    assert!(err.contains("line 2") && err.contains("csv"), "{err}");
+    let err = parse("format = \"alpaca\"\n");
+    assert!(err.contains("missing field `train`"), "{err}");
+
+    let mut cfg = DataConfig::new("a.json".into(), crate::Format::Alpaca);
+    cfg.max_seq_length = 1;
+    assert_eq!(
+        cfg.validate().unwrap_err().to_string(),
+        "data.max_seq_length must be at least 2, got 1"
+    );
+    cfg.max_seq_length = 16;
+    cfg.test_fraction = 1.5;
+    assert_eq!(
+        cfg.validate().unwrap_err().to_string(),
+        "data.test_fraction must be in [0, 1), got 1.5"
+    );
+}
