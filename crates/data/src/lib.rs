@@ -13,6 +13,7 @@ pub mod pack;
 pub mod records;
 pub mod sampler;
 pub mod split;
+pub mod spm_bpe;
 pub mod stats;
 pub mod template;
 pub mod tokenize;

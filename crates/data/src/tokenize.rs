@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use crate::records::Record;
+use crate::spm_bpe::{SpmBpe, WordCache};
 use crate::template::{Rendered, Template};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,15 +141,20 @@ pub fn tokenize_records(
         .num_threads(opts.threads)
         .build()
         .context("cannot start the tokenizer threads")?;
+    let fast = SpmBpe::from_tokenizer(tokenizer);
+    let encoder = Encoder {
+        tokenizer,
+        fast: fast.as_ref(),
+    };
     let outcomes: Vec<(Outcome, bool)> = pool.install(|| {
         records
             .par_iter()
             .enumerate()
-            .map(|(i, rec)| {
+            .map_init(WordCache::default, |cache, (i, rec)| {
                 let rendered = template
                     .render(rec)
                     .with_context(|| format!("templating the record of line {}", rec.line))?;
-                tokenize_one(tokenizer, &rendered, i, opts)
+                tokenize_one(&encoder, cache, &rendered, i, opts)
                     .with_context(|| format!("tokenizing the record of line {}", rec.line))
             })
             .collect::<Result<_>>()
@@ -172,19 +178,37 @@ pub fn tokenize_records(
     Ok(Tokenized { samples, stats })
 }
 
+/// The tokenizer, with the fast path for SentencePiece-style BPE when it applies.
+struct Encoder<'a> {
+    tokenizer: &'a Tokenizer,
+    fast: Option<&'a SpmBpe>,
+}
+
+impl Encoder<'_> {
+    /// Ids and byte offsets of `text`, special tokens included.
+    fn encode(&self, text: &str, cache: &mut WordCache) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+        if let Some(fast) = self.fast.filter(|f| f.accepts(text)) {
+            return Ok(fast.encode(text, cache));
+        }
+        let enc = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| anyhow!("tokenizer: {e}"))?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
+    }
+}
+
 /// Tokenizes one rendered example; the bool says whether a token straddled prompt and target.
 fn tokenize_one(
-    tokenizer: &Tokenizer,
+    encoder: &Encoder,
+    cache: &mut WordCache,
     r: &Rendered,
     record: usize,
     opts: &TokenizeOptions,
 ) -> Result<(Outcome, bool)> {
     let text = r.text();
     let boundary = r.prompt.len();
-    let enc = tokenizer
-        .encode(text.as_str(), true)
-        .map_err(|e| anyhow!("tokenizer: {e}"))?;
-    let offsets = enc.get_offsets();
+    let (mut ids, offsets) = encoder.encode(&text, cache)?;
     // Leading tokens the post-processor added (BOS) carry no text: offsets (0, 0).
     let lead = offsets.iter().take_while(|o| o.1 == 0).count();
     let prompt_len = offsets[lead..]
@@ -192,7 +216,6 @@ fn tokenize_one(
         .position(|o| o.1 > boundary)
         .map_or(offsets.len(), |p| p + lead);
     let merged = offsets.get(prompt_len).is_some_and(|o| o.0 < boundary);
-    let mut ids = enc.get_ids().to_vec();
     if r.add_eos {
         ids.push(opts.eos_id);
     }

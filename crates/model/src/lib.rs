@@ -15,6 +15,7 @@ pub use weights::SafetensorsWeights;
 pub mod chat;
 pub mod generate;
 pub mod model_dir;
+pub mod tokenizer_setup;
 
 pub use generate::{generate, SamplingOptions};
 pub use model_dir::{ModelDir, TextCodec};

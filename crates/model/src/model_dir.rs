@@ -9,6 +9,7 @@ use tokenizers::Tokenizer;
 
 use crate::config::LlamaConfig;
 use crate::llama::{Llama, LoadOptions};
+use crate::tokenizer_setup::apply_llama_post_processor;
 use crate::weights::SafetensorsWeights;
 
 /// The text side of a model directory: tokenizer.json plus what tokenizer_config.json says.
@@ -22,7 +23,7 @@ pub struct TextCodec {
 impl TextCodec {
     pub fn open(dir: &Path) -> Result<Self> {
         let tok_path = dir.join("tokenizer.json");
-        let tokenizer = Tokenizer::from_file(&tok_path)
+        let mut tokenizer = Tokenizer::from_file(&tok_path)
             .map_err(|e| anyhow::anyhow!("cannot load tokenizer {}: {e}", tok_path.display()))?;
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: Value = if cfg_path.exists() {
@@ -51,11 +52,19 @@ impl TextCodec {
                     .transpose()?
             }
         };
+        let (bos_token, eos_token) = (token_str("bos_token"), token_str("eos_token"));
+        apply_llama_post_processor(
+            &mut tokenizer,
+            &cfg,
+            bos_token.as_deref(),
+            eos_token.as_deref(),
+        )
+        .with_context(|| format!("{}", cfg_path.display()))?;
         Ok(Self {
             tokenizer,
             chat_template,
-            bos_token: token_str("bos_token"),
-            eos_token: token_str("eos_token"),
+            bos_token,
+            eos_token,
         })
     }
 

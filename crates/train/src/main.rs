@@ -12,7 +12,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Parser, Subcommand, ValueEnum};
 use helix_data::{
-    prepare, DataConfig, DataTokenizer, FieldOverrides, Format, LengthPolicy, LossMode,
+    pack_first_fit_decreasing, prepare, Cursor, DataConfig, DataTokenizer, FieldOverrides, Format,
+    LengthPolicy, LossMode, Sampler,
 };
 use helix_model::gguf::{import_gguf, ImportOptions};
 use helix_model::{generate, ModelDir, SamplingOptions, TextCodec};
@@ -134,6 +135,12 @@ enum Command {
         /// Tokenize even when a cached result exists (and do not write one).
         #[arg(long)]
         no_cache: bool,
+        /// Data-parallel ranks, for the epoch plan (micro-steps per epoch).
+        #[arg(long, default_value_t = 1)]
+        world_size: usize,
+        /// Rows per micro-batch on each rank, for the epoch plan.
+        #[arg(long, default_value_t = 1)]
+        micro_batch_size: usize,
     },
 }
 
@@ -275,6 +282,8 @@ fn run(cli: Cli) -> Result<()> {
             category_field,
             threads,
             no_cache,
+            world_size,
+            micro_batch_size,
         } => {
             let (mut cfg, tokenizer_dir) = match config {
                 Some(path) => {
@@ -313,7 +322,46 @@ fn run(cli: Cli) -> Result<()> {
                     eprintln!("skipped ({role}) {row}");
                 }
             }
-            println!("{}", serde_json::to_string_pretty(&prepared.report)?);
+            // How an epoch of the train split runs: items are samples, or packed rows.
+            let items = if cfg.packing {
+                let lens: Vec<usize> = prepared.train.iter().map(|s| s.input_ids.len()).collect();
+                pack_first_fit_decreasing(&lens, cfg.max_seq_length)?
+                    .rows
+                    .len()
+            } else {
+                prepared.train.len()
+            };
+            let rank_sampler = |rank| {
+                Sampler::new(
+                    items,
+                    cfg.seed,
+                    cfg.shuffle,
+                    world_size,
+                    rank,
+                    micro_batch_size,
+                )
+            };
+            let steps = rank_sampler(0)?.steps_per_epoch();
+            let last = Cursor {
+                epoch: 0,
+                step: steps - 1,
+            };
+            let order = rank_sampler(0)?.epoch_order(0);
+            let mut filler_rows = 0;
+            for rank in 0..world_size {
+                filler_rows += rank_sampler(rank)?.batch_at(last, &order).filler_rows;
+            }
+            let mut report = serde_json::to_value(&prepared.report)?;
+            report["epoch"] = serde_json::json!({
+                "items": items,
+                "packed": cfg.packing,
+                "world_size": world_size,
+                "micro_batch_size": micro_batch_size,
+                "micro_steps": steps,
+                // Rows without targets that even out the last micro-step across ranks.
+                "filler_rows": filler_rows,
+            });
+            println!("{}", serde_json::to_string_pretty(&report)?);
             for (role, src) in &prepared.report.sources {
                 let how = if src.cache_hit {
                     "loaded from the token cache"

@@ -1,0 +1,166 @@
+//! `helix-train data-stats` end to end: from a config file, and its errors for bad configs.
+
+use std::path::Path;
+use std::process::Command;
+
+fn helix_train(args: &[&str], cwd: &Path) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_helix-train"))
+        .args(args)
+        .current_dir(cwd)
+        .env("HELIX_CACHE_DIR", cwd.join("cache"))
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A word-level tokenizer directory: <s> added in front, </s> as EOS.
+fn write_tokenizer(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut vocab = serde_json::Map::new();
+    for w in [
+        "[UNK]", "<s>", "</s>", "Q", "A", "one", "two", "three", "four", "five",
+    ] {
+        let n = vocab.len();
+        vocab.insert(w.into(), n.into());
+    }
+    let tok = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [{"id": 1, "content": "<s>", "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true},
+            {"id": 2, "content": "</s>", "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": true}],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "decoder": null,
+        "post_processor": {"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}},
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
+    });
+    std::fs::write(dir.join("tokenizer.json"), tok.to_string()).unwrap();
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        r#"{"bos_token": "<s>", "eos_token": "</s>"}"#,
+    )
+    .unwrap();
+}
+
+fn setup() -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    write_tokenizer(&tmp.path().join("model"));
+    let rows: Vec<String> = (0..20)
+        .map(|i| {
+            let words = ["one", "two", "three", "four", "five"];
+            format!(
+                r#"{{"instruction": "{} {}", "input": "", "output": "{}"}}"#,
+                words[i % 5],
+                words[(i / 5) % 5],
+                words[(i + 2) % 5]
+            )
+        })
+        .collect();
+    std::fs::write(tmp.path().join("rows.jsonl"), rows.join("\n")).unwrap();
+    tmp
+}
+
+const CONFIG: &str = r#"
+[model]
+path = "model"
+
+[data]
+train = "rows.jsonl"
+format = "alpaca"
+template = "Q {instruction} {input} A "
+max_seq_length = 16
+packing = true
+validation_fraction = 0.25
+"#;
+
+#[test]
+fn data_stats_reads_a_config_and_reports_splits_packing_and_cache() {
+    let tmp = setup();
+    std::fs::write(tmp.path().join("run.toml"), CONFIG).unwrap();
+    let (ok, out, err) = helix_train(
+        &[
+            "data-stats",
+            "--config",
+            "run.toml",
+            "--world-size",
+            "3",
+            "--micro-batch-size",
+            "2",
+        ],
+        tmp.path(),
+    );
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["splits"]["train"], 15);
+    assert_eq!(v["splits"]["validation"], 5);
+    let train = &v["sources"]["train"];
+    assert_eq!(train["cache_hit"], false);
+    // <s> Q w w A w </s> = 7 tokens each; two per row of 16.
+    assert_eq!(train["stats"]["total_tokens"], 140);
+    assert_eq!(train["stats"]["packing"]["rows"], 10);
+    assert!(
+        err.contains("train: 20 records templated and tokenized"),
+        "{err}"
+    );
+    // 15 training samples, two per packed row: 8 rows. 3 ranks × 2 rows → 2 micro-steps; the
+    // last has 2 rows left, one on each of two ranks, so 3 × 1 - 2 = 1 filler row.
+    assert_eq!(v["epoch"]["items"], 8);
+    assert_eq!(v["epoch"]["micro_steps"], 2);
+    assert_eq!(v["epoch"]["filler_rows"], 1);
+
+    let (ok, out2, err) = helix_train(&["data-stats", "--config", "run.toml"], tmp.path());
+    assert!(ok, "{err}");
+    let v2: serde_json::Value = serde_json::from_str(&out2).unwrap();
+    assert_eq!(v2["sources"]["train"]["cache_hit"], true);
+    assert_eq!(
+        v2["sources"]["train"]["stats"],
+        v["sources"]["train"]["stats"]
+    );
+    assert!(err.contains("loaded from the token cache"), "{err}");
+}
+
+#[test]
+fn bad_configs_name_the_file_line_and_key() {
+    let tmp = setup();
+    let cases = [
+        (
+            CONFIG.replace("max_seq_length = 16", "max_seq_len = 16"),
+            vec!["bad.toml", "line 9", "unknown field `max_seq_len`"],
+        ),
+        (
+            CONFIG.replace("format = \"alpaca\"", "format = \"csv\""),
+            vec!["bad.toml", "line 7", "unknown variant `csv`"],
+        ),
+        (
+            CONFIG.replace("[data]", "[dta]"),
+            vec!["bad.toml: no [data] section"],
+        ),
+        (
+            CONFIG.replace("train = \"rows.jsonl\"", "train = \"missing.jsonl\""),
+            vec!["data.train = missing.jsonl", "missing.jsonl"],
+        ),
+        (
+            CONFIG.replace("validation_fraction = 0.25", "validation_fraction = 1.25"),
+            vec!["data.validation_fraction must be in [0, 1), got 1.25"],
+        ),
+    ];
+    for (text, wants) in cases {
+        std::fs::write(tmp.path().join("bad.toml"), &text).unwrap();
+        let (ok, _, err) = helix_train(&["data-stats", "--config", "bad.toml"], tmp.path());
+        assert!(!ok);
+        for want in wants {
+            assert!(err.contains(want), "wanted {want:?} in: {err}");
+        }
+    }
+    let (ok, _, err) = helix_train(&["data-stats", "--config", "nope.toml"], tmp.path());
+    assert!(
+        !ok && err.contains("cannot read the config nope.toml"),
+        "{err}"
+    );
+}
