@@ -83,7 +83,7 @@ fn data_pipeline(c: &mut Criterion) {
             let mut cache = WordCache::default();
             texts
                 .iter()
-                .map(|t| fast.encode(t, &mut cache).0.len())
+                .map(|t| fast.encode(t, true, &mut cache).0.len())
                 .sum::<usize>()
         })
     });

@@ -127,7 +127,7 @@ fn stanford_preprocessing_of_real_rows_with_llama2() -> Result<()> {
             continue;
         }
         let enc = codec.tokenizer.encode(text.as_str(), true).unwrap();
-        let got = fast.encode(&text, &mut cache);
+        let got = fast.encode(&text, true, &mut cache);
         assert_eq!(got.0, enc.get_ids(), "{text:?}");
         assert_eq!(got.1, enc.get_offsets(), "{text:?}");
         checked += 1;

@@ -147,9 +147,14 @@ pub fn prepare(cfg: &DataConfig, tok: &DataTokenizer) -> Result<PreparedData> {
     })
 }
 
+/// Bumped whenever helix's own reading, templating or tokenizing changes its output, so caches
+/// written by an older helix are never hits.
+const TOKENS_REVISION: u32 = 2;
+
 /// Everything the tokens of one file depend on besides its bytes and the tokenizer's.
 #[derive(Serialize)]
 struct CacheKey<'a> {
+    revision: u32,
     data_sha256: String,
     tokenizer_sha256: Vec<(String, String)>,
     template: &'a str,
@@ -185,6 +190,7 @@ fn load_source(
             }
         }
         let key = key_sha256(&CacheKey {
+            revision: TOKENS_REVISION,
             data_sha256: file_sha256(file)?,
             tokenizer_sha256,
             template: &cfg.template,

@@ -158,11 +158,21 @@ impl SpmBpe {
         !self.added.iter().any(|a| text.contains(a.as_str()))
     }
 
-    /// Ids and byte offsets of `text` with the post-processor's specials, as
-    /// `Tokenizer::encode(text, true)` gives them. The caller checks [`SpmBpe::accepts`].
-    pub fn encode(&self, text: &str, cache: &mut WordCache) -> (Vec<u32>, Vec<(usize, usize)>) {
-        let mut ids = self.lead.clone();
-        let mut offsets = vec![(0, 0); self.lead.len()];
+    /// Ids and byte offsets of `text`, as `Tokenizer::encode(text, special)` gives them. The
+    /// caller checks [`SpmBpe::accepts`].
+    pub fn encode(
+        &self,
+        text: &str,
+        special: bool,
+        cache: &mut WordCache,
+    ) -> (Vec<u32>, Vec<(usize, usize)>) {
+        let (lead, trail): (&[u32], &[u32]) = if special {
+            (&self.lead, &self.trail)
+        } else {
+            (&[], &[])
+        };
+        let mut ids = lead.to_vec();
+        let mut offsets = vec![(0, 0); lead.len()];
         if !text.is_empty() {
             // Normalized chars with the original byte range of each; the prepended ▁ takes the
             // range of the first char, as the Prepend normalizer aligns it.
@@ -204,7 +214,7 @@ impl SpmBpe {
                 start = end;
             }
         }
-        ids.extend_from_slice(&self.trail);
+        ids.extend_from_slice(trail);
         offsets.resize(ids.len(), (0, 0));
         (ids, offsets)
     }
@@ -315,10 +325,12 @@ mod tests {
             " ",
             "ab ab ab ab",
         ] {
-            let e = t.encode(s, true).unwrap();
-            let want = (e.get_ids().to_vec(), e.get_offsets().to_vec());
             assert!(fast.accepts(s));
-            assert_eq!(fast.encode(s, &mut cache), want, "{s:?}");
+            for special in [true, false] {
+                let e = t.encode(s, special).unwrap();
+                let want = (e.get_ids().to_vec(), e.get_offsets().to_vec());
+                assert_eq!(fast.encode(s, special, &mut cache), want, "{s:?}");
+            }
         }
         assert!(!fast.accepts("a <s> b"));
     }

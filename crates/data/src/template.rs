@@ -29,6 +29,9 @@ pub struct Rendered {
     /// Append the tokenizer's EOS id after the target. False for chat templates, which end the
     /// assistant turn with their own end-of-turn token.
     pub add_eos: bool,
+    /// Let the tokenizer's post-processor add its special tokens (BOS). False for chat
+    /// templates, whose text already holds them, as transformers' `apply_chat_template` does.
+    pub add_special_tokens: bool,
 }
 
 impl Rendered {
@@ -83,6 +86,7 @@ impl Template {
             prompt,
             target,
             add_eos: true,
+            add_special_tokens: true,
         };
         Ok(match self {
             Self::Alpaca => {
@@ -231,6 +235,7 @@ impl ChatTemplate {
             target: target.to_string(),
             prompt,
             add_eos: false,
+            add_special_tokens: false,
         })
     }
 }

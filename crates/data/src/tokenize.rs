@@ -185,14 +185,19 @@ struct Encoder<'a> {
 }
 
 impl Encoder<'_> {
-    /// Ids and byte offsets of `text`, special tokens included.
-    fn encode(&self, text: &str, cache: &mut WordCache) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    /// Ids and byte offsets of `text`, with the post-processor's special tokens when `special`.
+    fn encode(
+        &self,
+        text: &str,
+        special: bool,
+        cache: &mut WordCache,
+    ) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
         if let Some(fast) = self.fast.filter(|f| f.accepts(text)) {
-            return Ok(fast.encode(text, cache));
+            return Ok(fast.encode(text, special, cache));
         }
         let enc = self
             .tokenizer
-            .encode(text, true)
+            .encode(text, special)
             .map_err(|e| anyhow!("tokenizer: {e}"))?;
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }
@@ -208,7 +213,7 @@ fn tokenize_one(
 ) -> Result<(Outcome, bool)> {
     let text = r.text();
     let boundary = r.prompt.len();
-    let (mut ids, offsets) = encoder.encode(&text, cache)?;
+    let (mut ids, offsets) = encoder.encode(&text, r.add_special_tokens, cache)?;
     // Leading tokens the post-processor added (BOS) carry no text: offsets (0, 0).
     let lead = offsets.iter().take_while(|o| o.1 == 0).count();
     let prompt_len = offsets[lead..]

@@ -206,6 +206,11 @@ fn chat_template_target_is_the_assistant_turn_without_extra_eos() -> Result<()> 
     let paris = codec.tokenizer.token_to_id("Paris").unwrap() as i64;
     assert_eq!(&s.labels[s.prompt_len..], &[paris, end]);
     assert!(s.labels[..s.prompt_len].iter().all(|&l| l == I));
+    // The template's text is the whole sequence: no BOS from the post-processor in front.
+    let rendered = t.render(&recs[0])?;
+    let bare = codec.tokenizer.encode(rendered.text(), false).unwrap();
+    assert_eq!(s.input_ids, bare.get_ids());
+    assert_ne!(s.input_ids[0], 1);
     Ok(())
 }
 
