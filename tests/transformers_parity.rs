@@ -1,29 +1,13 @@
 //! helix's Llama against PyTorch + transformers on tiny random models (fixtures written by
 //! scripts/make_reference.py): logits, loss and every parameter's gradient, in f32.
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::{fixture, max_abs};
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use helix::model::linear::keep_dense;
 use helix::model::{ForwardMask, Llama, LlamaConfig, LoadOptions, SafetensorsWeights};
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
 
 fn check_fixture(name: &str) -> Result<()> {
     let dir = fixture(name);

@@ -6,7 +6,7 @@
 //! undo that permutation exactly as transformers does when it loads a GGUF.
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -15,6 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
 use crate::gguf_tokenizer::Meta;
+use crate::safetensors_write::{write_atomic, write_json, write_safetensors, TensorSpec};
 
 /// How to import a GGUF file.
 #[derive(Debug, Clone, Copy)]
@@ -242,96 +243,6 @@ fn unpermute(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
         .reshape((rows, cols))
 }
 
-fn tensor_bytes(t: &Tensor) -> candle_core::Result<Vec<u8>> {
-    let t = t.flatten_all()?;
-    if t.dtype() == DType::BF16 {
-        let v = t.to_vec1::<half::bf16>()?;
-        return Ok(v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect());
-    }
-    let v = t.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-    Ok(v.iter().flat_map(|x| x.to_le_bytes()).collect())
-}
-
-/// Writes `dir/name` through a temp file in the same directory, so readers never see a partial file.
-fn write_atomic(
-    dir: &Path,
-    name: &str,
-    f: impl FnOnce(&mut BufWriter<File>) -> Result<()>,
-) -> Result<()> {
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let target = dir.join(name);
-    let io_ctx = |e: anyhow::Error| match e.is::<std::io::Error>() {
-        true => e.context(format!("writing {}", target.display())),
-        // Errors from producing the content (a bad tensor) already say what went wrong.
-        false => e,
-    };
-    let result = (|| {
-        let mut w = BufWriter::new(File::create(&tmp)?);
-        f(&mut w)?;
-        let file = w.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()?;
-        Ok(std::fs::rename(&tmp, &target)?)
-    })()
-    .map_err(io_ctx);
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
-}
-
-fn write_json(dir: &Path, name: &str, v: &serde_json::Value) -> Result<()> {
-    write_atomic(dir, name, |w| {
-        serde_json::to_writer_pretty(&mut *w, v)?;
-        w.write_all(b"\n")?;
-        Ok(())
-    })
-}
-
-/// Streams tensors into a safetensors file one at a time, so peak memory is one tensor.
-fn write_safetensors(
-    w: &mut impl Write,
-    planned: &[Planned],
-    dtype: DType,
-    mut produce: impl FnMut(&Planned) -> Result<Vec<u8>>,
-) -> Result<()> {
-    let (st_dtype, size) = if dtype == DType::BF16 {
-        ("BF16", 2)
-    } else {
-        ("F32", 4)
-    };
-    let mut order: Vec<&Planned> = planned.iter().collect();
-    order.sort_by(|a, b| a.hf.cmp(&b.hf));
-    let mut header = serde_json::Map::new();
-    header.insert("__metadata__".into(), json!({"format": "pt"}));
-    let mut offset = 0usize;
-    for p in &order {
-        let len = p.shape.iter().product::<usize>() * size;
-        header.insert(
-            p.hf.clone(),
-            json!({"dtype": st_dtype, "shape": p.shape, "data_offsets": [offset, offset + len]}),
-        );
-        offset += len;
-    }
-    let mut header = serde_json::to_vec(&header)?;
-    // The format asks for the data to start 8-byte aligned; pad the header with spaces.
-    header.resize(header.len().div_ceil(8) * 8, b' ');
-    w.write_all(&(header.len() as u64).to_le_bytes())?;
-    w.write_all(&header)?;
-    for p in order {
-        let bytes = produce(p)?;
-        let want = p.shape.iter().product::<usize>() * size;
-        if bytes.len() != want {
-            bail!(
-                "internal error: tensor {} has {} bytes, expected {want}",
-                p.hf,
-                bytes.len()
-            );
-        }
-        w.write_all(&bytes)?;
-    }
-    Ok(())
-}
-
 /// Imports a llama-architecture GGUF into `out_dir` as an HF model directory.
 pub fn import_gguf(gguf: &Path, out_dir: &Path, opts: &ImportOptions) -> Result<ImportReport> {
     let file_err = |msg: String| anyhow!("gguf {}: {msg}", gguf.display());
@@ -404,8 +315,16 @@ pub fn import_gguf(gguf: &Path, out_dir: &Path, opts: &ImportOptions) -> Result<
 
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let mut parameters = 0usize;
-    write_atomic(out_dir, "model.safetensors", |w| {
-        write_safetensors(w, &planned, opts.dtype, |p| {
+    let specs: Vec<TensorSpec> = planned
+        .iter()
+        .map(|p| TensorSpec::new(p.hf.clone(), opts.dtype, &p.shape))
+        .collect();
+    write_atomic(&out_dir.join("model.safetensors"), |w| {
+        write_safetensors(w, &specs, |s| {
+            let p = planned
+                .iter()
+                .find(|p| p.hf == s.name)
+                .expect("a spec per planned tensor");
             let ctx = || format!("gguf {}: tensor {}", gguf.display(), p.gguf);
             let q = content
                 .tensor(&mut reader, &p.gguf, &Device::Cpu)
@@ -418,15 +337,21 @@ pub fn import_gguf(gguf: &Path, out_dir: &Path, opts: &ImportOptions) -> Result<
                 t = unpermute(&t, heads).with_context(ctx)?;
             }
             parameters += t.elem_count();
-            Ok(tensor_bytes(&t.to_dtype(opts.dtype)?)?)
+            Ok(t)
         })
     })?;
-    write_atomic(out_dir, "tokenizer.json", |w| {
+    write_atomic(&out_dir.join("tokenizer.json"), |w| {
         Ok(w.write_all(tok.tokenizer_json.as_bytes())?)
     })?;
-    write_json(out_dir, "tokenizer_config.json", &tok.tokenizer_config)?;
-    write_json(out_dir, "special_tokens_map.json", &tok.special_tokens_map)?;
-    write_json(out_dir, "config.json", &config)?;
+    write_json(
+        &out_dir.join("tokenizer_config.json"),
+        &tok.tokenizer_config,
+    )?;
+    write_json(
+        &out_dir.join("special_tokens_map.json"),
+        &tok.special_tokens_map,
+    )?;
+    write_json(&out_dir.join("config.json"), &config)?;
     Ok(ImportReport {
         tensors: planned.len(),
         parameters,

@@ -4,8 +4,10 @@
 pub mod config;
 pub mod gguf;
 mod gguf_tokenizer;
+pub mod hf_export;
 pub mod linear;
 pub mod llama;
+pub mod safetensors_write;
 pub mod weights;
 
 pub use config::LlamaConfig;

@@ -7,7 +7,18 @@ use candle_core::{Result, Tensor};
 pub trait Linear: Send + Sync {
     fn forward(&self, x: &Tensor) -> Result<Tensor>;
     /// The full-rank weight [out, in] this layer applies (for merging and export).
-    fn weight(&self) -> &Tensor;
+    fn weight(&self) -> Tensor;
+}
+
+/// `x Wᵀ` for x [..., in] and W [out, in].
+pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let inner = *dims.last().expect("linear input has a last dimension");
+    let rows = x.elem_count() / inner.max(1);
+    let y = x.reshape((rows, inner))?.matmul(&w.t()?)?;
+    let mut out = dims;
+    *out.last_mut().unwrap() = w.dim(0)?;
+    y.reshape(out)
 }
 
 /// `y = x Wᵀ`, W [out, in] as Hugging Face stores it. Llama has no biases.
@@ -24,17 +35,11 @@ impl Dense {
 
 impl Linear for Dense {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let inner = *dims.last().expect("linear input has a last dimension");
-        let rows = x.elem_count() / inner.max(1);
-        let y = x.reshape((rows, inner))?.matmul(&self.weight.t()?)?;
-        let mut out = dims;
-        *out.last_mut().unwrap() = self.weight.dim(0)?;
-        y.reshape(out)
+        matmul_t(x, &self.weight)
     }
 
-    fn weight(&self) -> &Tensor {
-        &self.weight
+    fn weight(&self) -> Tensor {
+        self.weight.clone()
     }
 }
 

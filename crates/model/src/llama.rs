@@ -198,6 +198,45 @@ impl Llama {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
     }
 
+    /// Every weight under its checkpoint name, in checkpoint order; projections as their
+    /// [`Linear`] reports them (a LoRA layer gives its frozen base).
+    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            self.embed_tokens.clone(),
+        )];
+        for (l, layer) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{l}");
+            let a = &layer.self_attn;
+            let m = &layer.mlp;
+            let projections: [(&str, &dyn Linear); 7] = [
+                ("self_attn.q_proj", a.q_proj.as_ref()),
+                ("self_attn.k_proj", a.k_proj.as_ref()),
+                ("self_attn.v_proj", a.v_proj.as_ref()),
+                ("self_attn.o_proj", a.o_proj.as_ref()),
+                ("mlp.gate_proj", m.gate_proj.as_ref()),
+                ("mlp.up_proj", m.up_proj.as_ref()),
+                ("mlp.down_proj", m.down_proj.as_ref()),
+            ];
+            out.push((
+                format!("{p}.input_layernorm.weight"),
+                layer.input_layernorm.clone(),
+            ));
+            for (name, linear) in projections {
+                out.push((format!("{p}.{name}.weight"), linear.weight()));
+            }
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                layer.post_attention_layernorm.clone(),
+            ));
+        }
+        out.push(("model.norm.weight".to_string(), self.norm.clone()));
+        if let Some(head) = &self.lm_head {
+            out.push(("lm_head.weight".to_string(), head.clone()));
+        }
+        out
+    }
+
     /// Token embeddings [B, S, H] of input_ids [B, S] (u32).
     pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;

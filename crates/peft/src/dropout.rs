@@ -1,0 +1,90 @@
+//! Inverted dropout with masks fixed by a seed and a call counter, so a run (and a resumed run
+//! that restores the counter) draws exactly the same masks.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use candle_core::{Result, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+pub struct SeededDropout {
+    p: f64,
+    seed: u64,
+    calls: AtomicU64,
+    training: AtomicBool,
+}
+
+impl SeededDropout {
+    pub fn new(p: f64, seed: u64) -> Self {
+        Self {
+            p,
+            seed,
+            calls: AtomicU64::new(0),
+            training: AtomicBool::new(true),
+        }
+    }
+
+    /// Train mode drops; eval mode is the identity.
+    pub fn set_training(&self, on: bool) {
+        self.training.store(on, Ordering::Relaxed);
+    }
+
+    pub fn is_training(&self) -> bool {
+        self.training.load(Ordering::Relaxed)
+    }
+
+    /// Masks drawn so far (saved in checkpoints so a resumed run draws the next ones).
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+
+    pub fn set_calls(&self, n: u64) {
+        self.calls.store(n, Ordering::Relaxed);
+    }
+
+    /// `x · mask / (1 − p)` with a fresh Bernoulli(1 − p) mask, in train mode with p > 0.
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        if self.p == 0.0 || !self.training.load(Ordering::Relaxed) {
+            return Ok(x.clone());
+        }
+        let call = self.calls.fetch_add(1, Ordering::Relaxed);
+        let mut rng = StdRng::seed_from_u64(self.seed ^ call.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let keep = 1.0 - self.p;
+        let scale = (1.0 / keep) as f32;
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| {
+                if rng.random::<f64>() < keep {
+                    scale
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x.mul(&mask)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn drops_about_p_and_keeps_the_mean_and_repeats_from_the_counter() -> Result<()> {
+        let d = SeededDropout::new(0.25, 7);
+        let x = Tensor::ones(10_000, candle_core::DType::F32, &Device::Cpu)?;
+        let y = d.apply(&x)?.to_vec1::<f32>()?;
+        let zeros = y.iter().filter(|v| **v == 0.0).count() as f64 / y.len() as f64;
+        assert!((zeros - 0.25).abs() < 0.02, "dropped {zeros}");
+        let mean = y.iter().sum::<f32>() / y.len() as f32;
+        assert!((mean - 1.0).abs() < 0.03, "mean {mean}");
+        let second = d.apply(&x)?.to_vec1::<f32>()?;
+        assert_ne!(y, second, "each call draws a new mask");
+        d.set_calls(1);
+        assert_eq!(d.apply(&x)?.to_vec1::<f32>()?, second, "restored counter");
+        d.set_training(false);
+        assert_eq!(d.apply(&x)?.to_vec1::<f32>()?, vec![1.0; 10_000]);
+        Ok(())
+    }
+}

@@ -1,0 +1,219 @@
+//! Customization methods for helix, in Hugging Face PEFT's formats: LoRA ([`lora`]), P-tuning
+//! ([`ptuning`]) and full SFT; loading a model for one of them ([`load_for_method`]), the
+//! forward pass with adapters ([`Customized::forward`]), export and import ([`peft_format`]),
+//! and the parameter summary printed at start ([`ParamSummary`]). See docs/architecture.md.
+
+mod dropout;
+mod init;
+pub mod lora;
+pub mod peft_format;
+pub mod ptuning;
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use helix_model::linear::keep_dense;
+use helix_model::{ForwardMask, Llama, LlamaConfig, LoadOptions, SafetensorsWeights};
+use serde::Serialize;
+
+pub use dropout::SeededDropout;
+pub use lora::{LoraAdapters, LoraBuilder, LoraConfig, LoraLinear, LLAMA_TARGETS};
+pub use peft_format::{load_with_adapter, read_adapter, save_lora, save_ptuning, Adapter};
+pub use ptuning::{EncoderType, PromptEncoder, Ptuning, PtuningConfig, VirtualTokens};
+
+/// What trains.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Method {
+    /// Every parameter of the model.
+    FullSft,
+    /// Low-rank adapters on the configured projections; the model frozen.
+    Lora(LoraConfig),
+    /// Virtual tokens from a prompt encoder, prepended to every input; the model frozen.
+    Ptuning(PtuningConfig),
+}
+
+impl Method {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Method::FullSft => "sft",
+            Method::Lora(_) => "lora",
+            Method::Ptuning(_) => "ptuning",
+        }
+    }
+}
+
+/// A loaded model and what trains in it.
+pub struct Customized {
+    pub model: Llama,
+    pub lora: Option<LoraAdapters>,
+    pub ptuning: Option<Ptuning>,
+}
+
+/// One micro-batch as the model takes it: input_ids [B, S] (u32), position ids [B, S], labels
+/// [B, S] aligned with the inputs (-100 = ignore), and the attention mask.
+pub struct ModelBatch<'a> {
+    pub input_ids: &'a Tensor,
+    pub position_ids: &'a Tensor,
+    pub labels: Option<&'a Tensor>,
+    pub mask: &'a ForwardMask,
+}
+
+impl Customized {
+    /// Every trainable tensor, by name: checkpoint names for SFT, PEFT's names for adapters.
+    pub fn trainable(&self) -> Vec<(String, Var)> {
+        let mut out = self.model.trainable_params().to_vec();
+        if let Some(l) = &self.lora {
+            out.extend(l.named_vars());
+        }
+        if let Some(p) = &self.ptuning {
+            out.extend(p.named_vars());
+        }
+        out
+    }
+
+    /// Train mode (dropout on) or eval mode.
+    pub fn set_training(&self, on: bool) {
+        if let Some(l) = &self.lora {
+            l.set_training(on);
+        }
+        if let Some(p) = &self.ptuning {
+            p.set_training(on);
+        }
+    }
+
+    /// Final hidden states and the labels aligned with them. With P-tuning both are n virtual
+    /// tokens longer than the batch.
+    pub fn forward(&self, batch: &ModelBatch) -> Result<(Tensor, Option<Tensor>)> {
+        let embeds = self.model.embed(batch.input_ids)?;
+        match &self.ptuning {
+            None => Ok((
+                self.model
+                    .forward_embeds(&embeds, batch.position_ids, batch.mask)?,
+                batch.labels.cloned(),
+            )),
+            Some(p) => {
+                let x = p.prepend(&embeds, batch.position_ids, batch.labels, batch.mask)?;
+                let hidden = self
+                    .model
+                    .forward_embeds(&x.embeds, &x.position_ids, &x.mask)?;
+                Ok((hidden, x.labels))
+            }
+        }
+    }
+
+    /// Summed next-token loss of the batch and its number of target tokens (see
+    /// [`Llama::loss_sum`]).
+    pub fn loss_sum(&self, batch: &ModelBatch, chunk_rows: usize) -> Result<(Tensor, usize)> {
+        let (hidden, labels) = self.forward(batch)?;
+        let Some(labels) = labels else {
+            bail!("loss_sum needs labels");
+        };
+        self.model.loss_sum(&hidden, &labels, chunk_rows)
+    }
+
+    pub fn summary(&self) -> ParamSummary {
+        let base = self.model.config().num_parameters();
+        let trainable = self.trainable();
+        let count: usize = trainable.iter().map(|(_, v)| v.elem_count()).sum();
+        let bytes: usize = trainable
+            .iter()
+            .map(|(_, v)| v.elem_count() * v.dtype().size_in_bytes())
+            .sum();
+        // Adapters add parameters beside the base model's; SFT trains the base's own.
+        let added = if self.lora.is_some() || self.ptuning.is_some() {
+            count
+        } else {
+            0
+        };
+        ParamSummary::new(count, base + added, bytes)
+    }
+}
+
+/// Loads `cfg` from `weights` for `method`: SFT makes every parameter a trainable variable;
+/// LoRA wraps the targeted projections and P-tuning builds a prompt encoder (both initialised
+/// from `seed`) and freeze the model.
+pub fn load_for_method(
+    cfg: &LlamaConfig,
+    weights: &SafetensorsWeights,
+    method: &Method,
+    seed: u64,
+    dtype: DType,
+    device: &Device,
+) -> Result<Customized> {
+    let frozen = |hook| LoadOptions {
+        dtype,
+        device: device.clone(),
+        trainable: &|_| false,
+        linear_hook: hook,
+    };
+    match method {
+        Method::FullSft => {
+            let opts = LoadOptions {
+                dtype,
+                device: device.clone(),
+                trainable: &|_| true,
+                linear_hook: &keep_dense,
+            };
+            Ok(Customized {
+                model: Llama::load(cfg, weights, &opts)?,
+                lora: None,
+                ptuning: None,
+            })
+        }
+        Method::Lora(lora_cfg) => {
+            let builder = LoraBuilder::new(lora_cfg.clone(), seed)?;
+            let hook = |p: &str, d| builder.hook(p, d);
+            let model = Llama::load(cfg, weights, &frozen(&hook))?;
+            Ok(Customized {
+                model,
+                lora: Some(builder.finish()?),
+                ptuning: None,
+            })
+        }
+        Method::Ptuning(p_cfg) => {
+            let model = Llama::load(cfg, weights, &frozen(&keep_dense))?;
+            let encoder = PromptEncoder::init(p_cfg, cfg.hidden_size, seed, device)?;
+            Ok(Customized {
+                model,
+                lora: None,
+                ptuning: Some(Ptuning {
+                    cfg: p_cfg.clone(),
+                    tokens: VirtualTokens::Encoder(encoder),
+                }),
+            })
+        }
+    }
+}
+
+/// Trainable and total parameter counts, as PEFT's `print_trainable_parameters` reports them,
+/// plus the bytes the trainable ones take.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ParamSummary {
+    pub trainable: usize,
+    pub total: usize,
+    pub trainable_percent: f64,
+    pub trainable_bytes: usize,
+}
+
+impl ParamSummary {
+    pub fn new(trainable: usize, total: usize, trainable_bytes: usize) -> Self {
+        Self {
+            trainable,
+            total,
+            trainable_percent: 100.0 * trainable as f64 / total.max(1) as f64,
+            trainable_bytes,
+        }
+    }
+}
+
+impl std::fmt::Display for ParamSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "trainable params: {} || all params: {} || trainable%: {:.4} || trainable bytes: {:.1} MiB",
+            self.trainable,
+            self.total,
+            self.trainable_percent,
+            self.trainable_bytes as f64 / (1 << 20) as f64
+        )
+    }
+}

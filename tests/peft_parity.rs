@@ -1,0 +1,446 @@
+//! LoRA and P-tuning against Hugging Face PEFT (references from scripts/peft_reference.py): a
+//! PEFT adapter loads into helix and gives PEFT's logits, loss and every adapter gradient
+//! (f32, within 1e-4); the frozen base gets no gradient and stays bit-identical through training
+//! steps; merged and unmerged LoRA agree; adapters round-trip through PEFT's file format.
+//!
+//! The tiny models' references are committed in tests/fixtures/<name>/{lora,ptuning,…}. The
+//! same checks run on the real SmolLM2-135M-Instruct when HELIX_SMOLLM2_DIR (its HF directory)
+//! and HELIX_PEFT_SMOLLM2_REF (what `peft_reference.py model` wrote) are set, as
+//! scripts/check-peft.sh does.
+
+mod common;
+use common::{fixture, max_abs};
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use helix::model::{ForwardMask, LlamaConfig, SafetensorsWeights};
+use helix::peft::ptuning::ENCODER_PREFIX;
+use helix::peft::{
+    load_for_method, load_with_adapter, read_adapter, save_lora, save_ptuning, Adapter, Customized,
+    Method, ModelBatch, PromptEncoder, Ptuning, VirtualTokens,
+};
+
+fn load_st(path: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The batch a reference was computed on.
+struct Batch {
+    input_ids: Tensor,
+    position_ids: Tensor,
+    labels: Tensor,
+    mask: ForwardMask,
+    /// [B, S] real-token flags, for comparing logits at real positions only.
+    valid: Vec<u8>,
+}
+
+impl Batch {
+    fn read(path: &Path) -> Result<Self> {
+        let r = load_st(path);
+        let valid: Vec<u8> = r["attention_mask"]
+            .flatten_all()?
+            .to_vec1::<i64>()?
+            .iter()
+            .map(|&m| m as u8)
+            .collect();
+        Ok(Self {
+            input_ids: r["input_ids"].to_dtype(DType::U32)?,
+            position_ids: r["position_ids"].clone(),
+            labels: r["labels"].clone(),
+            mask: ForwardMask {
+                key_valid: Some(valid.clone()),
+                segment_ids: None,
+            },
+            valid,
+        })
+    }
+
+    fn model_batch(&self) -> ModelBatch<'_> {
+        ModelBatch {
+            input_ids: &self.input_ids,
+            position_ids: &self.position_ids,
+            labels: Some(&self.labels),
+            mask: &self.mask,
+        }
+    }
+}
+
+/// (logits [B, S', V], mean loss) of `c` on `batch`.
+fn logits_and_loss(c: &Customized, batch: &Batch) -> Result<(Tensor, Tensor)> {
+    let (hidden, labels) = c.forward(&batch.model_batch())?;
+    let (sum, n) = c.model.loss_sum(&hidden, &labels.unwrap(), 4)?;
+    Ok((c.model.logits(&hidden)?, (sum / n as f64)?))
+}
+
+/// max |Δ| over positions whose row flag in `keep` [B, S'] is 1.
+fn max_diff_where(a: &Tensor, b: &Tensor, keep: &[u8]) -> Result<f32> {
+    let (bsz, s, v) = a.dims3()?;
+    let mask: Vec<f32> = keep.iter().map(|&k| k as f32).collect();
+    let mask = Tensor::from_vec(mask, (bsz, s, 1), a.device())?.broadcast_as((bsz, s, v))?;
+    Ok(max_abs(&((a - b)? * mask)?))
+}
+
+fn open_model(dir: &Path) -> Result<(LlamaConfig, SafetensorsWeights)> {
+    Ok((
+        LlamaConfig::from_file(&dir.join("config.json"))?,
+        SafetensorsWeights::open_dir(dir)?,
+    ))
+}
+
+/// One plain gradient step on every trainable tensor: enough to make adapters non-trivial.
+fn sgd_step(c: &Customized, batch: &Batch, lr: f64) -> Result<()> {
+    let (_, loss) = logits_and_loss(c, batch)?;
+    let grads = loss.backward()?;
+    for (name, var) in c.trainable() {
+        let g = grads
+            .get(&var)
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
+        var.set(&(var.as_tensor() - (g * lr)?)?)?;
+    }
+    Ok(())
+}
+
+fn bits(t: &Tensor) -> Vec<u32> {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .map(|x| x.to_bits())
+        .collect()
+}
+
+/// Gradients of `loss` for every trainable tensor of `c` against `reference`'s `grad.<name>`;
+/// returns the worst relative difference (max |Δ| / max |reference|).
+fn check_grads(
+    what: &str,
+    c: &Customized,
+    loss: &Tensor,
+    reference: &HashMap<String, Tensor>,
+) -> Result<f32> {
+    let grads = loss.backward()?;
+    let vars = c.trainable();
+    let mut worst = 0f32;
+    for (key, var) in &vars {
+        let want = reference
+            .get(&format!("grad.{key}"))
+            .unwrap_or_else(|| panic!("{what}: no PEFT gradient for {key}"));
+        let got = grads
+            .get(var)
+            .unwrap_or_else(|| panic!("{what}: no gradient for {key}"));
+        let rel = max_abs(&(got - want)?) / max_abs(want).max(1e-12);
+        worst = worst.max(rel);
+        assert!(
+            rel <= 1e-4,
+            "{what}: gradient of {key} differs by {rel:.3e} relative"
+        );
+    }
+    let n_ref = reference.keys().filter(|k| k.starts_with("grad.")).count();
+    assert_eq!(vars.len(), n_ref, "{what}: every PEFT gradient is checked");
+    // The frozen model: no gradient anywhere in it.
+    for (name, w) in c.model.named_weights() {
+        assert!(
+            grads.get(&w).is_none(),
+            "{what}: frozen {name} has a gradient"
+        );
+    }
+    Ok(worst)
+}
+
+fn check_lora(model_dir: &Path, batch_path: &Path, method_dir: &Path, what: &str) -> Result<()> {
+    let dev = Device::Cpu;
+    let (cfg, weights) = open_model(model_dir)?;
+    let batch = Batch::read(batch_path)?;
+    let peft = load_st(&method_dir.join("reference.safetensors"));
+    let c = load_with_adapter(&cfg, &weights, method_dir, DType::F32, &dev)?;
+    let lora = c.lora.as_ref().expect("a LoRA adapter");
+
+    let (logits, loss) = logits_and_loss(&c, &batch)?;
+    let d_logits = max_diff_where(&logits, &peft["logits"], &batch.valid)?;
+    let (got, want) = (loss.to_scalar::<f32>()?, peft["loss"].to_scalar::<f32>()?);
+    let rel_loss = (got - want).abs() / want.abs();
+    assert!(d_logits <= 1e-4, "{what}: logits differ by {d_logits}");
+    assert!(rel_loss <= 1e-4, "{what}: loss {got} vs PEFT {want}");
+    let worst = check_grads(what, &c, &loss, &peft)?;
+    println!(
+        "{what}: LoRA vs PEFT: max |Δ logits| {d_logits:.3e}, relative Δ loss {rel_loss:.3e}, \
+         {} adapter gradients, worst relative Δ {worst:.3e}",
+        c.trainable().len()
+    );
+
+    // Merged and unmerged agree.
+    lora.merge()?;
+    let (merged, _) = logits_and_loss(&c, &batch)?;
+    lora.unmerge()?;
+    let (back, _) = logits_and_loss(&c, &batch)?;
+    let d_merged = max_abs(&(&merged - &logits)?);
+    let d_back = max_abs(&(&back - &logits)?);
+    println!("{what}: merged vs unmerged logits {d_merged:.3e}; after unmerge {d_back:.3e}");
+    assert!(d_merged <= 1e-5 && d_back <= 1e-5, "{d_merged} {d_back}");
+
+    // Training steps move the adapters and leave the base bit for bit as loaded.
+    let fresh = load_with_adapter(&cfg, &weights, method_dir, DType::F32, &dev)?;
+    let before: Vec<Vec<u32>> = fresh
+        .model
+        .named_weights()
+        .iter()
+        .map(|(_, t)| bits(t))
+        .collect();
+    let b0 = bits(fresh.lora.as_ref().unwrap().layers[0].b().as_tensor());
+    for _ in 0..3 {
+        sgd_step(&fresh, &batch, 0.1)?;
+    }
+    assert_ne!(
+        bits(fresh.lora.as_ref().unwrap().layers[0].b().as_tensor()),
+        b0
+    );
+    for ((name, t), b) in fresh.model.named_weights().iter().zip(&before) {
+        assert!(bits(t) == *b, "{what}: base weight {name} changed");
+    }
+    Ok(())
+}
+
+fn check_ptuning(model_dir: &Path, batch_path: &Path, method_dir: &Path, what: &str) -> Result<()> {
+    let dev = Device::Cpu;
+    let (cfg, weights) = open_model(model_dir)?;
+    let batch = Batch::read(batch_path)?;
+    let peft = load_st(&method_dir.join("reference.safetensors"));
+    let Adapter::Ptuning {
+        cfg: p_cfg,
+        prompt_embeddings,
+        encoder,
+    } = read_adapter(method_dir, &dev)?
+    else {
+        panic!("{what}: not a P-tuning adapter");
+    };
+    assert!(encoder.is_none(), "PEFT writes no encoder file");
+    let n = p_cfg.num_virtual_tokens;
+
+    // helix's encoder, from PEFT's initial weights.
+    let c = load_for_method(
+        &cfg,
+        &weights,
+        &Method::Ptuning(p_cfg.clone()),
+        0,
+        DType::F32,
+        &dev,
+    )?;
+    let VirtualTokens::Encoder(e) = &c.ptuning.as_ref().unwrap().tokens else {
+        panic!("a fresh P-tuning model has an encoder");
+    };
+    let state_path = method_dir.join("encoder.safetensors");
+    e.load_state(&load_st(&state_path), ENCODER_PREFIX, &state_path)?;
+    let d_table = max_abs(&(e.forward()? - &prompt_embeddings)?);
+    assert!(
+        d_table <= 1e-5,
+        "{what}: encoder output vs PEFT's prompt_embeddings {d_table}"
+    );
+    // Virtual positions and real tokens; PEFT ignores the batch's position ids for pads.
+    let s = batch.input_ids.dim(1)?;
+    let keep: Vec<u8> = batch
+        .valid
+        .chunks(s)
+        .flat_map(|row| std::iter::repeat_n(1u8, n).chain(row.iter().copied()))
+        .collect();
+    let (logits, loss) = logits_and_loss(&c, &batch)?;
+    assert_eq!(logits.dims(), peft["logits"].dims());
+    let d_logits = max_diff_where(&logits, &peft["logits"], &keep)?;
+    let (got, want) = (loss.to_scalar::<f32>()?, peft["loss"].to_scalar::<f32>()?);
+    let rel_loss = (got - want).abs() / want.abs();
+    assert!(d_logits <= 1e-4, "{what}: logits differ by {d_logits}");
+    assert!(rel_loss <= 1e-4, "{what}: loss {got} vs PEFT {want}");
+    let worst = check_grads(what, &c, &loss, &peft)?;
+    println!(
+        "{what}: P-tuning ({:?}) vs PEFT: encoder output Δ {d_table:.3e}, max |Δ logits| \
+         {d_logits:.3e}, relative Δ loss {rel_loss:.3e}, {} encoder gradients, worst relative Δ {worst:.3e}",
+        p_cfg.encoder_reparameterization_type,
+        c.trainable().len()
+    );
+
+    // PEFT's saved adapter (the table alone) gives the same logits.
+    let table = load_with_adapter(&cfg, &weights, method_dir, DType::F32, &dev)?;
+    let (table_logits, _) = logits_and_loss(&table, &batch)?;
+    let d_import = max_diff_where(&table_logits, &peft["logits"], &keep)?;
+    println!("{what}: PEFT prompt_embeddings imported: max |Δ logits| {d_import:.3e}");
+    assert!(d_import <= 1e-4);
+
+    // Training steps move the encoder and leave the base bit for bit as loaded.
+    let before: Vec<Vec<u32>> = c
+        .model
+        .named_weights()
+        .iter()
+        .map(|(_, t)| bits(t))
+        .collect();
+    let e0 = bits(&c.ptuning.as_ref().unwrap().prompts()?);
+    for _ in 0..3 {
+        sgd_step(&c, &batch, 0.1)?;
+    }
+    assert_ne!(bits(&c.ptuning.as_ref().unwrap().prompts()?), e0);
+    for ((name, t), b) in c.model.named_weights().iter().zip(&before) {
+        assert!(bits(t) == *b, "{what}: base weight {name} changed");
+    }
+    Ok(())
+}
+
+fn tiny(name: &str, method: &str) -> Result<()> {
+    let dir = fixture(name);
+    let batch = dir.join("reference.safetensors");
+    let what = format!("{name}/{method}");
+    match method {
+        "lora" => check_lora(&dir, &batch, &dir.join(method), &what),
+        _ => check_ptuning(&dir, &batch, &dir.join(method), &what),
+    }
+}
+
+#[test]
+fn tiny_mha_untied_lora_matches_peft() -> Result<()> {
+    tiny("tiny-mha-untied", "lora")
+}
+
+#[test]
+fn tiny_gqa_tied_lora_matches_peft() -> Result<()> {
+    tiny("tiny-gqa-tied", "lora")
+}
+
+#[test]
+fn tiny_gqa_untied_rslora_matches_peft() -> Result<()> {
+    tiny("tiny-gqa-untied-b3", "lora")
+}
+
+#[test]
+fn tiny_mha_untied_ptuning_matches_peft() -> Result<()> {
+    tiny("tiny-mha-untied", "ptuning")
+}
+
+#[test]
+fn tiny_gqa_tied_ptuning_matches_peft() -> Result<()> {
+    tiny("tiny-gqa-tied", "ptuning")
+}
+
+#[test]
+fn tiny_gqa_tied_ptuning_lstm_matches_peft() -> Result<()> {
+    tiny("tiny-gqa-tied", "ptuning-lstm")
+}
+
+#[test]
+fn tiny_gqa_untied_ptuning_matches_peft() -> Result<()> {
+    tiny("tiny-gqa-untied-b3", "ptuning")
+}
+
+fn smollm2() -> Option<(PathBuf, PathBuf)> {
+    match (
+        std::env::var_os("HELIX_SMOLLM2_DIR"),
+        std::env::var_os("HELIX_PEFT_SMOLLM2_REF"),
+    ) {
+        (Some(m), Some(r)) => Some((m.into(), r.into())),
+        _ => {
+            eprintln!(
+                "skipped: set HELIX_SMOLLM2_DIR and HELIX_PEFT_SMOLLM2_REF (scripts/check-peft.sh)"
+            );
+            None
+        }
+    }
+}
+
+#[test]
+fn smollm2_lora_matches_peft() -> Result<()> {
+    let Some((model, r)) = smollm2() else {
+        return Ok(());
+    };
+    check_lora(
+        &model,
+        &r.join("batch.safetensors"),
+        &r.join("lora"),
+        "smollm2/lora",
+    )
+}
+
+#[test]
+fn smollm2_ptuning_matches_peft() -> Result<()> {
+    let Some((model, r)) = smollm2() else {
+        return Ok(());
+    };
+    check_ptuning(
+        &model,
+        &r.join("batch.safetensors"),
+        &r.join("ptuning"),
+        "smollm2/ptuning",
+    )
+}
+
+#[test]
+fn adapters_round_trip_in_peft_format() -> Result<()> {
+    let dev = Device::Cpu;
+    let dir = fixture("tiny-gqa-tied");
+    let (cfg, weights) = open_model(&dir)?;
+    let tmp = tempfile::tempdir()?;
+
+    // LoRA: what helix writes reads back equal, with PEFT's header metadata.
+    let c = load_with_adapter(&cfg, &weights, &dir.join("lora"), DType::F32, &dev)?;
+    let out = tmp.path().join("lora");
+    save_lora(&out, c.lora.as_ref().unwrap(), "tiny-gqa-tied")?;
+    let Adapter::Lora { cfg: lc, tensors } = read_adapter(&out, &dev)? else {
+        panic!("not LoRA");
+    };
+    assert_eq!(lc, c.lora.as_ref().unwrap().cfg);
+    let Adapter::Lora {
+        tensors: original, ..
+    } = read_adapter(&dir.join("lora"), &dev)?
+    else {
+        panic!("not LoRA");
+    };
+    assert_eq!(tensors.len(), original.len());
+    for (k, t) in &original {
+        assert_eq!(max_abs(&(t - &tensors[k])?), 0.0, "{k}");
+    }
+    let bytes = std::fs::read(out.join("adapter_model.safetensors"))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)?;
+    assert_eq!(
+        meta.metadata()
+            .as_ref()
+            .and_then(|m| m.get("format"))
+            .map(String::as_str),
+        Some("pt")
+    );
+
+    // P-tuning: the table and the whole encoder come back; the encoder resumes training.
+    let p_dir = dir.join("ptuning");
+    let Adapter::Ptuning { cfg: p_cfg, .. } = read_adapter(&p_dir, &dev)? else {
+        panic!("not P-tuning");
+    };
+    let e = PromptEncoder::init(&p_cfg, cfg.hidden_size, 9, &dev)?;
+    let p = Ptuning {
+        cfg: p_cfg.clone(),
+        tokens: VirtualTokens::Encoder(e),
+    };
+    let out = tmp.path().join("ptuning");
+    save_ptuning(&out, &p, &cfg, "tiny-gqa-tied")?;
+    let Adapter::Ptuning {
+        cfg: back_cfg,
+        prompt_embeddings,
+        encoder,
+    } = read_adapter(&out, &dev)?
+    else {
+        panic!("not P-tuning");
+    };
+    assert_eq!(back_cfg, p_cfg);
+    assert_eq!(bits(&prompt_embeddings), bits(&p.prompts()?));
+    let encoder = encoder.expect("helix writes the encoder");
+    for (name, var) in p.named_vars() {
+        let key = name.strip_prefix(ENCODER_PREFIX).unwrap();
+        assert_eq!(bits(&encoder[key]), bits(var.as_tensor()), "{name}");
+    }
+    let resumed = load_with_adapter(&cfg, &weights, &out, DType::F32, &dev)?;
+    assert!(matches!(
+        resumed.ptuning.as_ref().unwrap().tokens,
+        VirtualTokens::Encoder(_)
+    ));
+    assert_eq!(resumed.trainable().len(), 7);
+    Ok(())
+}
