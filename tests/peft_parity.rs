@@ -84,6 +84,12 @@ fn max_diff_where(a: &Tensor, b: &Tensor, keep: &[u8]) -> Result<f32> {
     Ok(max_abs(&((a - b)? * mask)?))
 }
 
+/// 1e-4 × max(1, max |reference logit|): the same relative precision for the tiny models (logits
+/// up to ~3) and for a real model whose logits reach 30.
+fn logits_limit(reference: &Tensor) -> f32 {
+    1e-4 * max_abs(reference).max(1.0)
+}
+
 fn open_model(dir: &Path) -> Result<(LlamaConfig, SafetensorsWeights)> {
     Ok((
         LlamaConfig::from_file(&dir.join("config.json"))?,
@@ -153,7 +159,16 @@ fn check_grads(
     Ok(worst)
 }
 
-fn check_lora(model_dir: &Path, batch_path: &Path, method_dir: &Path, what: &str) -> Result<()> {
+/// `merge_limit`: how far merged logits may stray from unmerged ones: 1e-5 on the tiny models;
+/// on SmolLM2, rounding W + s·BA in f32 through 30 layers moves logits of ±30 by ~3e-4, the same
+/// floor as helix vs PEFT, so it gets [`logits_limit`].
+fn check_lora(
+    model_dir: &Path,
+    batch_path: &Path,
+    method_dir: &Path,
+    what: &str,
+    merge_limit: f32,
+) -> Result<()> {
     let dev = Device::Cpu;
     let (cfg, weights) = open_model(model_dir)?;
     let batch = Batch::read(batch_path)?;
@@ -165,12 +180,16 @@ fn check_lora(model_dir: &Path, batch_path: &Path, method_dir: &Path, what: &str
     let d_logits = max_diff_where(&logits, &peft["logits"], &batch.valid)?;
     let (got, want) = (loss.to_scalar::<f32>()?, peft["loss"].to_scalar::<f32>()?);
     let rel_loss = (got - want).abs() / want.abs();
-    assert!(d_logits <= 1e-4, "{what}: logits differ by {d_logits}");
+    let limit = logits_limit(&peft["logits"]);
+    assert!(
+        d_logits <= limit,
+        "{what}: logits differ by {d_logits} (limit {limit})"
+    );
     assert!(rel_loss <= 1e-4, "{what}: loss {got} vs PEFT {want}");
     let worst = check_grads(what, &c, &loss, &peft)?;
     println!(
-        "{what}: LoRA vs PEFT: max |Δ logits| {d_logits:.3e}, relative Δ loss {rel_loss:.3e}, \
-         {} adapter gradients, worst relative Δ {worst:.3e}",
+        "{what}: LoRA vs PEFT: max |Δ logits| {d_logits:.3e} (limit {limit:.1e}), relative Δ loss \
+         {rel_loss:.3e}, {} adapter gradients, worst relative Δ {worst:.3e}",
         c.trainable().len()
     );
 
@@ -180,9 +199,15 @@ fn check_lora(model_dir: &Path, batch_path: &Path, method_dir: &Path, what: &str
     lora.unmerge()?;
     let (back, _) = logits_and_loss(&c, &batch)?;
     let d_merged = max_abs(&(&merged - &logits)?);
-    let d_back = max_abs(&(&back - &logits)?);
-    println!("{what}: merged vs unmerged logits {d_merged:.3e}; after unmerge {d_back:.3e}");
-    assert!(d_merged <= 1e-5 && d_back <= 1e-5, "{d_merged} {d_back}");
+    println!("{what}: merged vs unmerged logits {d_merged:.3e} (limit {merge_limit:.1e})");
+    assert!(
+        d_merged <= merge_limit,
+        "{what}: merged logits differ by {d_merged}"
+    );
+    assert!(
+        bits(&back) == bits(&logits),
+        "{what}: unmerge restores exactly"
+    );
 
     // Training steps move the adapters and leave the base bit for bit as loaded.
     let fresh = load_with_adapter(&cfg, &weights, method_dir, DType::F32, &dev)?;
@@ -253,12 +278,17 @@ fn check_ptuning(model_dir: &Path, batch_path: &Path, method_dir: &Path, what: &
     let d_logits = max_diff_where(&logits, &peft["logits"], &keep)?;
     let (got, want) = (loss.to_scalar::<f32>()?, peft["loss"].to_scalar::<f32>()?);
     let rel_loss = (got - want).abs() / want.abs();
-    assert!(d_logits <= 1e-4, "{what}: logits differ by {d_logits}");
+    let limit = logits_limit(&peft["logits"]);
+    assert!(
+        d_logits <= limit,
+        "{what}: logits differ by {d_logits} (limit {limit})"
+    );
     assert!(rel_loss <= 1e-4, "{what}: loss {got} vs PEFT {want}");
     let worst = check_grads(what, &c, &loss, &peft)?;
     println!(
         "{what}: P-tuning ({:?}) vs PEFT: encoder output Δ {d_table:.3e}, max |Δ logits| \
-         {d_logits:.3e}, relative Δ loss {rel_loss:.3e}, {} encoder gradients, worst relative Δ {worst:.3e}",
+         {d_logits:.3e} (limit {limit:.1e}), relative Δ loss {rel_loss:.3e}, {} encoder gradients, \
+         worst relative Δ {worst:.3e}",
         p_cfg.encoder_reparameterization_type,
         c.trainable().len()
     );
@@ -268,7 +298,7 @@ fn check_ptuning(model_dir: &Path, batch_path: &Path, method_dir: &Path, what: &
     let (table_logits, _) = logits_and_loss(&table, &batch)?;
     let d_import = max_diff_where(&table_logits, &peft["logits"], &keep)?;
     println!("{what}: PEFT prompt_embeddings imported: max |Δ logits| {d_import:.3e}");
-    assert!(d_import <= 1e-4);
+    assert!(d_import <= limit);
 
     // Training steps move the encoder and leave the base bit for bit as loaded.
     let before: Vec<Vec<u32>> = c
@@ -293,7 +323,7 @@ fn tiny(name: &str, method: &str) -> Result<()> {
     let batch = dir.join("reference.safetensors");
     let what = format!("{name}/{method}");
     match method {
-        "lora" => check_lora(&dir, &batch, &dir.join(method), &what),
+        "lora" => check_lora(&dir, &batch, &dir.join(method), &what, 1e-5),
         _ => check_ptuning(&dir, &batch, &dir.join(method), &what),
     }
 }
@@ -353,11 +383,14 @@ fn smollm2_lora_matches_peft() -> Result<()> {
     let Some((model, r)) = smollm2() else {
         return Ok(());
     };
+    let lora = r.join("lora");
+    let limit = logits_limit(&load_st(&lora.join("reference.safetensors"))["logits"]);
     check_lora(
         &model,
         &r.join("batch.safetensors"),
-        &r.join("lora"),
+        &lora,
         "smollm2/lora",
+        limit,
     )
 }
 
@@ -442,5 +475,73 @@ fn adapters_round_trip_in_peft_format() -> Result<()> {
         VirtualTokens::Encoder(_)
     ));
     assert_eq!(resumed.trainable().len(), 7);
+    Ok(())
+}
+
+/// For scripts/peft_interop.py (run by scripts/check-peft.sh): adapters trained by helix (its
+/// own initialisation, three gradient steps on the batch), saved in PEFT's format, with helix's
+/// logits on the batch beside them. Gated by HELIX_PEFT_INTEROP_OUT.
+#[test]
+fn write_helix_adapters_for_peft_interop() -> Result<()> {
+    let Some(out) = std::env::var_os("HELIX_PEFT_INTEROP_OUT").map(PathBuf::from) else {
+        eprintln!("skipped: set HELIX_PEFT_INTEROP_OUT (scripts/check-peft.sh)");
+        return Ok(());
+    };
+    let mut models = vec![
+        (
+            "tiny-gqa-tied".to_string(),
+            fixture("tiny-gqa-tied"),
+            fixture("tiny-gqa-tied/reference.safetensors"),
+        ),
+        (
+            "tiny-gqa-untied-b3".to_string(),
+            fixture("tiny-gqa-untied-b3"),
+            fixture("tiny-gqa-untied-b3/reference.safetensors"),
+        ),
+    ];
+    if let Some((model, r)) = smollm2() {
+        models.push(("smollm2".into(), model, r.join("batch.safetensors")));
+    }
+    let dev = Device::Cpu;
+    for (name, model_dir, batch_path) in models {
+        let (cfg, weights) = open_model(&model_dir)?;
+        let batch = Batch::read(&batch_path)?;
+        let methods = [
+            (
+                "lora",
+                Method::Lora(helix::peft::LoraConfig {
+                    lora_dropout: 0.0,
+                    use_rslora: name.ends_with("b3"),
+                    ..helix::peft::LoraConfig::new(8, 16.0, &helix::peft::LLAMA_TARGETS)
+                }),
+            ),
+            (
+                "ptuning",
+                Method::Ptuning(helix::peft::PtuningConfig::mlp(10, 32)),
+            ),
+        ];
+        for (method_name, method) in methods {
+            let c = load_for_method(&cfg, &weights, &method, 7, DType::F32, &dev)?;
+            for _ in 0..3 {
+                sgd_step(&c, &batch, 0.05)?;
+            }
+            let dir = out.join(&name).join(method_name);
+            match &method {
+                Method::Lora(_) => save_lora(&dir, c.lora.as_ref().unwrap(), &name)?,
+                _ => save_ptuning(&dir, c.ptuning.as_ref().unwrap(), &cfg, &name)?,
+            }
+            c.set_training(false);
+            let (logits, loss) = logits_and_loss(&c, &batch)?;
+            helix::model::safetensors_write::save_tensors(
+                &dir.join("helix_logits.safetensors"),
+                &[("logits".into(), logits), ("loss".into(), loss)],
+            )?;
+            std::fs::copy(&batch_path, dir.join("batch.safetensors"))?;
+            println!(
+                "{name}/{method_name}: helix adapter written to {}",
+                dir.display()
+            );
+        }
+    }
     Ok(())
 }

@@ -55,6 +55,18 @@ pub fn generate(
     model: &Llama,
     prompt: &[u32],
     opts: &SamplingOptions,
+    on_token: impl FnMut(u32) -> Result<()>,
+) -> Result<Vec<u32>> {
+    generate_after(model, None, prompt, opts, on_token)
+}
+
+/// [`generate`] with `prefix` embeddings [n, H] (P-tuning's virtual tokens) before the prompt,
+/// at positions 0‥n−1, as PEFT generates with a prompt-learning adapter.
+pub fn generate_after(
+    model: &Llama,
+    prefix: Option<&Tensor>,
+    prompt: &[u32],
+    opts: &SamplingOptions,
     mut on_token: impl FnMut(u32) -> Result<()>,
 ) -> Result<Vec<u32>> {
     opts.validate()?;
@@ -65,9 +77,16 @@ pub fn generate(
     let mut cache = KvCache::default();
     let mut out = Vec::new();
     let mut input = Tensor::new(prompt, model.device())?.unsqueeze(0)?;
+    let mut first = true;
     for _ in 0..opts.max_new_tokens {
+        let mut embeds = model.embed(&input)?;
+        if let (true, Some(p)) = (first, prefix) {
+            let p = p.to_dtype(embeds.dtype())?.to_device(embeds.device())?;
+            embeds = Tensor::cat(&[p.unsqueeze(0)?, embeds], 1)?;
+        }
+        first = false;
         let logits = model
-            .forward_cached(&input, &mut cache)?
+            .forward_cached_embeds(&embeds, &mut cache)?
             .squeeze(0)?
             .to_dtype(DType::F32)?;
         let next = choose(&logits.to_vec1::<f32>()?, opts, &mut rng);

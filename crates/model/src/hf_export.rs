@@ -82,6 +82,24 @@ pub fn export_hf_dir(
     result
 }
 
+/// The dtype a model directory's `config.json` declares (`torch_dtype`, or `dtype` as newer
+/// transformers writes it), if it is one helix writes.
+pub fn source_dtype(dir: &Path) -> Result<Option<DType>> {
+    let path = dir.join("config.json");
+    let v: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?,
+    )
+    .with_context(|| format!("{}: invalid JSON", path.display()))?;
+    let name = v.get("torch_dtype").or_else(|| v.get("dtype"));
+    Ok(match name.and_then(|n| n.as_str()) {
+        Some("float32") => Some(DType::F32),
+        Some("bfloat16") => Some(DType::BF16),
+        Some("float16") => Some(DType::F16),
+        _ => None,
+    })
+}
+
 pub fn torch_dtype_name(dtype: DType) -> Result<&'static str> {
     Ok(match dtype {
         DType::F32 => "float32",

@@ -19,5 +19,5 @@ pub mod generate;
 pub mod model_dir;
 pub mod tokenizer_setup;
 
-pub use generate::{generate, SamplingOptions};
+pub use generate::{generate, generate_after, SamplingOptions};
 pub use model_dir::{ModelDir, TextCodec};

@@ -6,7 +6,7 @@ use candle_core::{Result, Tensor};
 /// `y = f(x)` for x [..., in] → y [..., out].
 pub trait Linear: Send + Sync {
     fn forward(&self, x: &Tensor) -> Result<Tensor>;
-    /// The full-rank weight [out, in] this layer applies (for merging and export).
+    /// The layer's frozen full-rank weight [out, in], as the checkpoint holds it.
     fn weight(&self) -> Tensor;
 }
 

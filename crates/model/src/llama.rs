@@ -320,7 +320,13 @@ impl Llama {
     /// One generation step: runs input_ids [B, S] after the cached positions and returns the
     /// logits of the last position [B, V] (f32).
     pub fn forward_cached(&self, input_ids: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
-        let (b, s) = input_ids.dims2()?;
+        self.forward_cached_embeds(&self.embed(input_ids)?, cache)
+    }
+
+    /// [`Llama::forward_cached`] on input embeddings [B, S, H] (P-tuning's virtual tokens come
+    /// first in the first step).
+    pub fn forward_cached_embeds(&self, embeds: &Tensor, cache: &mut KvCache) -> Result<Tensor> {
+        let (b, s, _) = embeds.dims3()?;
         if cache.layers.is_empty() {
             cache.layers = vec![None; self.layers.len()];
         }
@@ -345,7 +351,7 @@ impl Llama {
         };
         let bias = attention_bias(&spec, self.dtype, &self.device)?;
         let (cos, sin) = self.rope.cos_sin(&position_ids, self.dtype)?;
-        let mut x = self.embed(input_ids)?;
+        let mut x = embeds.clone();
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
             x = layer.forward(&x, &cos, &sin, &bias, Some(slot), self.cfg.rms_norm_eps)?;
         }

@@ -1,9 +1,11 @@
 //! Customization methods for helix, in Hugging Face PEFT's formats: LoRA ([`lora`]), P-tuning
 //! ([`ptuning`]) and full SFT; loading a model for one of them ([`load_for_method`]), the
-//! forward pass with adapters ([`Customized::forward`]), export and import ([`peft_format`]),
-//! and the parameter summary printed at start ([`ParamSummary`]). See docs/architecture.md.
+//! forward pass with adapters ([`Customized::forward`]), PEFT-format export and import
+//! ([`peft_format`]), merged Hugging Face export ([`export`]), generation with an adapter
+//! ([`Customized::generate`]), and the parameter summary printed at start ([`ParamSummary`]). See docs/architecture.md.
 
 mod dropout;
+pub mod export;
 mod init;
 pub mod lora;
 pub mod peft_format;
@@ -12,10 +14,14 @@ pub mod ptuning;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use helix_model::linear::keep_dense;
-use helix_model::{ForwardMask, Llama, LlamaConfig, LoadOptions, SafetensorsWeights};
+use helix_model::{
+    generate_after, ForwardMask, Llama, LlamaConfig, LoadOptions, SafetensorsWeights,
+    SamplingOptions,
+};
 use serde::Serialize;
 
 pub use dropout::SeededDropout;
+pub use export::export_merged;
 pub use lora::{LoraAdapters, LoraBuilder, LoraConfig, LoraLinear, LLAMA_TARGETS};
 pub use peft_format::{load_with_adapter, read_adapter, save_lora, save_ptuning, Adapter};
 pub use ptuning::{EncoderType, PromptEncoder, Ptuning, PtuningConfig, VirtualTokens};
@@ -58,6 +64,15 @@ pub struct ModelBatch<'a> {
 }
 
 impl Customized {
+    /// A model without adapters, for inference.
+    pub fn frozen(model: Llama) -> Self {
+        Self {
+            model,
+            lora: None,
+            ptuning: None,
+        }
+    }
+
     /// Every trainable tensor, by name: checkpoint names for SFT, PEFT's names for adapters.
     pub fn trainable(&self) -> Vec<(String, Var)> {
         let mut out = self.model.trainable_params().to_vec();
@@ -108,6 +123,22 @@ impl Customized {
             bail!("loss_sum needs labels");
         };
         self.model.loss_sum(&hidden, &labels, chunk_rows)
+    }
+
+    /// Generates after `prompt` (see [`helix_model::generate`]) in eval mode, with the
+    /// virtual tokens in front when P-tuning.
+    pub fn generate(
+        &self,
+        prompt: &[u32],
+        opts: &SamplingOptions,
+        on_token: impl FnMut(u32) -> Result<()>,
+    ) -> Result<Vec<u32>> {
+        self.set_training(false);
+        let prefix = match &self.ptuning {
+            Some(p) => Some(p.prompts()?),
+            None => None,
+        };
+        generate_after(&self.model, prefix.as_ref(), prompt, opts, on_token)
     }
 
     pub fn summary(&self) -> ParamSummary {

@@ -6,7 +6,6 @@
 //! ([`LoraBuilder::hook`]); [`LoraAdapters`] keeps a handle on every one of them for the
 //! trainer (parameters), export, merge and unmerge.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use anyhow::{bail, Result};
@@ -101,12 +100,14 @@ impl LoraConfig {
 pub struct LoraLinear {
     /// Checkpoint prefix, e.g. `model.layers.0.self_attn.q_proj`.
     pub name: String,
-    base: RwLock<Tensor>,
+    /// The checkpoint's weight, never modified.
+    base: Tensor,
     a: Var,
     b: Var,
     scaling: f64,
     dropout: SeededDropout,
-    merged: AtomicBool,
+    /// W + s·BA while merged: the base stays untouched, so unmerging is exact.
+    merged: RwLock<Option<Tensor>>,
 }
 
 impl LoraLinear {
@@ -118,15 +119,19 @@ impl LoraLinear {
         &self.b
     }
 
-    /// The frozen base weight as it stands (merged or not).
+    /// The frozen base weight, as loaded.
     pub fn base_weight(&self) -> Tensor {
-        self.base.read().unwrap().clone()
+        self.base.clone()
     }
 
-    /// s · B A in the base weight's dtype: what merging adds.
-    pub fn delta(&self) -> candle_core::Result<Tensor> {
-        let base_dtype = self.base.read().unwrap().dtype();
-        (self.b.as_tensor().matmul(self.a.as_tensor())? * self.scaling)?.to_dtype(base_dtype)
+    /// W + s·BA, computed in f32.
+    pub fn merged_f32(&self) -> candle_core::Result<Tensor> {
+        let delta = (self.b.as_tensor().matmul(self.a.as_tensor())? * self.scaling)?;
+        self.base.to_dtype(DType::F32)? + delta
+    }
+
+    pub fn is_merged(&self) -> bool {
+        self.merged.read().unwrap().is_some()
     }
 
     pub fn dropout(&self) -> &SeededDropout {
@@ -136,10 +141,10 @@ impl LoraLinear {
 
 impl Linear for LoraLinear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let y = matmul_t(x, &self.base.read().unwrap())?;
-        if self.merged.load(Ordering::Acquire) {
-            return Ok(y);
+        if let Some(w) = self.merged.read().unwrap().as_ref() {
+            return matmul_t(x, w);
         }
+        let y = matmul_t(x, &self.base)?;
         let xf = self.dropout.apply(&x.to_dtype(DType::F32)?)?;
         let update = matmul_t(&matmul_t(&xf, self.a.as_tensor())?, self.b.as_tensor())?;
         let dtype = y.dtype();
@@ -202,12 +207,12 @@ impl LoraBuilder {
         let a = uniform(&mut rng, &[r, in_dim], 1.0 / (in_dim as f64).sqrt(), &dev)?;
         Ok(LoraLinear {
             name: prefix.to_string(),
-            base: RwLock::new(weight),
+            base: weight,
             a,
             b: Var::zeros((out_dim, r), DType::F32, &dev)?,
             scaling: self.cfg.scaling(),
             dropout: SeededDropout::new(self.cfg.lora_dropout, layer_seed.rotate_left(17)),
-            merged: AtomicBool::new(false),
+            merged: RwLock::new(None),
         })
     }
 
@@ -252,51 +257,42 @@ impl LoraAdapters {
         }
     }
 
-    /// W ← W + s·BA in every layer; the adapters then add nothing until [`Self::unmerge`].
+    /// Applies W + s·BA (rounded to the base dtype) in every layer instead of W and the
+    /// low-rank path: faster inference. The base weights are kept, so [`Self::unmerge`] is exact.
     pub fn merge(&self) -> Result<()> {
         for l in &self.layers {
-            if l.merged.load(Ordering::Acquire) {
+            if l.is_merged() {
                 bail!("{}: already merged", l.name);
             }
-            let delta = l.delta()?; // before the write lock: delta() reads the base's dtype
-            let mut w = l.base.write().unwrap();
-            *w = (&*w + delta)?;
-            l.merged.store(true, Ordering::Release);
+            let w = l.merged_f32()?.to_dtype(l.base.dtype())?;
+            *l.merged.write().unwrap() = Some(w);
         }
         Ok(())
     }
 
-    /// W ← W − s·BA: undoes [`Self::merge`] (up to rounding in the base dtype).
+    /// Back to W and the low-rank path.
     pub fn unmerge(&self) -> Result<()> {
         for l in &self.layers {
-            if !l.merged.load(Ordering::Acquire) {
+            if !l.is_merged() {
                 bail!("{}: not merged", l.name);
             }
-            let delta = l.delta()?;
-            let mut w = l.base.write().unwrap();
-            *w = (&*w - delta)?;
-            l.merged.store(false, Ordering::Release);
+            *l.merged.write().unwrap() = None;
         }
         Ok(())
     }
 
-    /// `W + s·BA` (computed in f32) for the checkpoint weight `name`
+    /// W + s·BA (in f32) for the checkpoint weight `name`
     /// (`model.layers.0.self_attn.q_proj.weight`) when an adapter sits there: what a merged
-    /// export writes, without touching the frozen base.
+    /// export writes.
     pub fn merged_weight(&self, name: &str) -> Result<Option<Tensor>> {
-        let Some(l) = self
+        match self
             .layers
             .iter()
             .find(|l| name.strip_suffix(".weight") == Some(l.name.as_str()))
-        else {
-            return Ok(None);
-        };
-        let w = l.base_weight().to_dtype(DType::F32)?;
-        if l.merged.load(Ordering::Acquire) {
-            return Ok(Some(w));
+        {
+            Some(l) => Ok(Some(l.merged_f32()?)),
+            None => Ok(None),
         }
-        let delta = (l.b.as_tensor().matmul(l.a.as_tensor())? * l.scaling)?;
-        Ok(Some((w + delta)?))
     }
 }
 

@@ -1,6 +1,9 @@
 //! `helix-train`: the one binary of helix. Subcommands:
 //! - `import --gguf FILE --out DIR`   turn a llama GGUF into a Hugging Face model directory
-//! - `generate --model DIR --prompt TEXT [--chat]`   generate text with a KV cache
+//! - `generate --model DIR [--adapter DIR] --prompt TEXT [--chat]`   generate text with a KV
+//!   cache, optionally through a LoRA or P-tuning adapter (helix's or PEFT's)
+//! - `export --model DIR [--adapter DIR] --out DIR`   a Hugging Face directory, LoRA merged,
+//!   sharded with an index
 //! - `data-stats --config FILE | --data FILE --format F --tokenizer DIR`   what the data
 //!   becomes (samples, tokens, truncation, packing, splits), as JSON
 
@@ -16,7 +19,9 @@ use helix_data::{
     LengthPolicy, LossMode, Sampler,
 };
 use helix_model::gguf::{import_gguf, ImportOptions};
-use helix_model::{generate, ModelDir, SamplingOptions, TextCodec};
+use helix_model::hf_export::{parse_size, source_dtype, ExportOptions};
+use helix_model::{ModelDir, SamplingOptions, TextCodec};
+use helix_peft::{export_merged, load_with_adapter, Customized};
 
 mod config;
 use config::ConfigFile;
@@ -62,10 +67,14 @@ enum Command {
         #[arg(long, value_enum, default_value = "f32")]
         dtype: DTypeArg,
     },
-    /// Generate text from a Hugging Face model directory.
+    /// Generate text from a Hugging Face model directory, optionally with an adapter.
     Generate {
         #[arg(long)]
         model: PathBuf,
+        /// A LoRA or P-tuning adapter directory (adapter_config.json, adapter_model.safetensors),
+        /// saved by helix or by PEFT.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
         #[arg(long)]
         prompt: String,
         /// Wrap the prompt as a user message in the model's chat template.
@@ -90,6 +99,23 @@ enum Command {
         /// Print the generated token ids as JSON after the text.
         #[arg(long)]
         print_ids: bool,
+    },
+    /// Write a Hugging Face model directory (config.json, safetensors sharded with an index,
+    /// tokenizer files): the model with a LoRA adapter merged in, or converted to another dtype.
+    Export {
+        #[arg(long)]
+        model: PathBuf,
+        /// A LoRA adapter to merge (P-tuning adapters cannot be merged).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+        /// dtype of the written weights (default: the model's own torch_dtype, else f32)
+        #[arg(long, value_enum)]
+        dtype: Option<DTypeArg>,
+        /// Largest shard, as transformers writes it (5GB, 500MB, 2GiB)
+        #[arg(long, default_value = "5GB")]
+        max_shard_size: String,
     },
     /// Read, template and tokenize instruction data; print statistics as JSON. Takes the
     /// `[data]` section of a config, or the flags below.
@@ -183,6 +209,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Generate {
             model,
+            adapter,
             prompt,
             chat,
             system,
@@ -197,7 +224,7 @@ fn run(cli: Cli) -> Result<()> {
             let dir = ModelDir::open(&model)?;
             let codec = TextCodec::open(&model)?;
             let device = device()?;
-            let llama = dir.load_inference(dtype.into(), &device)?;
+            let model = load_model(&dir, adapter.as_deref(), dtype.into(), &device)?;
             let prompt_ids = if chat {
                 let mut messages = Vec::new();
                 if let Some(s) = &system {
@@ -234,21 +261,22 @@ fn run(cli: Cli) -> Result<()> {
             let mut printed = String::new();
             let mut ids_so_far = Vec::new();
             let mut stdout = std::io::stdout();
-            let new_ids = generate(&llama, &prompt_ids, &opts, |id| {
-                // Decode the whole continuation each time so multi-byte characters print whole.
-                ids_so_far.push(id);
-                if stop.contains(&id) {
-                    return Ok(());
-                }
-                let text = codec.decode(&ids_so_far, true)?;
-                if let Some(new) = text.strip_prefix(printed.as_str()) {
-                    write!(stdout, "{new}")?;
-                    stdout.flush()?;
-                    printed = text;
-                }
-                Ok(())
-            })
-            .context("generation failed")?;
+            let new_ids = model
+                .generate(&prompt_ids, &opts, |id| {
+                    // Decode the whole continuation each time so multi-byte characters print whole.
+                    ids_so_far.push(id);
+                    if stop.contains(&id) {
+                        return Ok(());
+                    }
+                    let text = codec.decode(&ids_so_far, true)?;
+                    if let Some(new) = text.strip_prefix(printed.as_str()) {
+                        write!(stdout, "{new}")?;
+                        stdout.flush()?;
+                        printed = text;
+                    }
+                    Ok(())
+                })
+                .context("generation failed")?;
             println!();
             let secs = t.elapsed().as_secs_f64();
             if print_ids {
@@ -263,6 +291,37 @@ fn run(cli: Cli) -> Result<()> {
                 new_ids.len(),
                 secs,
                 new_ids.len() as f64 / secs
+            );
+            Ok(())
+        }
+        Command::Export {
+            model,
+            adapter,
+            out,
+            dtype,
+            max_shard_size,
+        } => {
+            let t = Instant::now();
+            let dir = ModelDir::open(&model)?;
+            let base_dtype = source_dtype(&model)?.unwrap_or(DType::F32);
+            let opts = ExportOptions {
+                dtype: dtype.map_or(base_dtype, DType::from),
+                max_shard_bytes: parse_size(&max_shard_size).context("--max-shard-size")?,
+            };
+            let c = load_model(&dir, adapter.as_deref(), base_dtype, &Device::Cpu)?;
+            let report = export_merged(&c, &model, &out, &opts)?;
+            eprintln!(
+                "wrote {} ({} file{}, {:.1} MB{}) in {:.1} s",
+                out.display(),
+                report.files.len(),
+                if report.files.len() == 1 { "" } else { "s" },
+                report.total_bytes as f64 / 1e6,
+                if c.lora.is_some() {
+                    ", LoRA merged"
+                } else {
+                    ""
+                },
+                t.elapsed().as_secs_f64()
             );
             Ok(())
         }
@@ -378,4 +437,22 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The model of `dir`, frozen, with the adapter in `adapter` applied; prints what trains in it,
+/// as PEFT's `print_trainable_parameters` does.
+fn load_model(
+    dir: &ModelDir,
+    adapter: Option<&std::path::Path>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Customized> {
+    let Some(adapter) = adapter else {
+        return Ok(Customized::frozen(dir.load_inference(dtype, device)?));
+    };
+    let c = load_with_adapter(&dir.config, &dir.weights, adapter, dtype, device)
+        .with_context(|| format!("loading the adapter {}", adapter.display()))?;
+    let kind = if c.lora.is_some() { "LoRA" } else { "P-tuning" };
+    eprintln!("{kind} adapter {}: {}", adapter.display(), c.summary());
+    Ok(c)
 }

@@ -1,0 +1,289 @@
+//! `helix-train generate --adapter` and `helix-train export` end to end, on a tiny model with the
+//! PEFT-made adapters of tests/fixtures: generation through the KV cache equals greedy decoding
+//! by full forward passes; a merged, sharded export gives the adapter model's logits.
+
+mod common;
+use common::{fixture, helix_train, write_tokenizer};
+
+use std::path::Path;
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use helix_model::{ForwardMask, ModelDir};
+use helix_peft::{load_with_adapter, Customized, ModelBatch};
+
+/// The tiny tied-embedding model with a word-level tokenizer, in `dir/model`.
+fn model_dir(dir: &Path) -> std::path::PathBuf {
+    let m = dir.join("model");
+    write_tokenizer(&m);
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture("tiny-gqa-tied").join(f), m.join(f)).unwrap();
+    }
+    m
+}
+
+fn load(model: &Path, adapter: &Path) -> Result<Customized> {
+    let dir = ModelDir::open(model)?;
+    load_with_adapter(&dir.config, &dir.weights, adapter, DType::F32, &Device::Cpu)
+}
+
+/// Logits [1, S', V] of `ids` through `c`, without a KV cache.
+fn full_logits(c: &Customized, ids: &[u32]) -> Result<Tensor> {
+    let dev = Device::Cpu;
+    let input = Tensor::new(ids, &dev)?.unsqueeze(0)?;
+    let pos = Tensor::arange(0i64, ids.len() as i64, &dev)?.unsqueeze(0)?;
+    let mask = ForwardMask {
+        key_valid: None,
+        segment_ids: None,
+    };
+    let (hidden, _) = c.forward(&ModelBatch {
+        input_ids: &input,
+        position_ids: &pos,
+        labels: None,
+        mask: &mask,
+    })?;
+    c.model.logits(&hidden)
+}
+
+/// Greedy decoding by a full forward pass per token: the reference for the cached path.
+fn greedy_full(c: &Customized, prompt: &[u32], max_new: usize, eos: u32) -> Result<Vec<u32>> {
+    let mut ids = prompt.to_vec();
+    let mut out = Vec::new();
+    for _ in 0..max_new {
+        let logits = full_logits(c, &ids)?;
+        let last = logits.dim(1)? - 1;
+        let next = logits
+            .narrow(1, last, 1)?
+            .flatten_all()?
+            .argmax(0)?
+            .to_scalar::<u32>()?;
+        out.push(next);
+        ids.push(next);
+        if next == eos {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+#[test]
+fn generate_with_lora_and_ptuning_adapters_matches_full_forward_greedy() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let model = model_dir(tmp.path());
+    for method in ["lora", "ptuning", "ptuning-lstm"] {
+        let adapter = fixture("tiny-gqa-tied").join(method);
+        let (ok, out, err) = helix_train(
+            &[
+                "generate",
+                "--model",
+                model.to_str().unwrap(),
+                "--adapter",
+                adapter.to_str().unwrap(),
+                "--prompt",
+                "one two three",
+                "--max-new-tokens",
+                "8",
+                "--print-ids",
+            ],
+            tmp.path(),
+        );
+        assert!(ok, "{method}: {err}");
+        assert!(
+            err.contains("adapter") && err.contains("trainable params"),
+            "{err}"
+        );
+        let json: serde_json::Value = serde_json::from_str(out.lines().last().unwrap())?;
+        let (prompt, new) = (ids(&json["prompt_ids"]), ids(&json["new_ids"]));
+        assert_eq!(prompt, vec![1, 5, 6, 7]);
+        let c = load(&model, &adapter)?;
+        let want = greedy_full(&c, &prompt, 8, 2)?;
+        println!("{method}: generated {new:?}");
+        assert_eq!(new, want, "{method}: cached generation vs full forward");
+    }
+    Ok(())
+}
+
+#[test]
+fn export_merges_lora_into_sharded_safetensors_with_the_adapter_logits() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let model = model_dir(tmp.path());
+    let adapter = fixture("tiny-gqa-tied").join("lora");
+    let out = tmp.path().join("merged");
+    let (ok, _, err) = helix_train(
+        &[
+            "export",
+            "--model",
+            model.to_str().unwrap(),
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--max-shard-size",
+            "40KB",
+        ],
+        tmp.path(),
+    );
+    assert!(ok, "{err}");
+    assert!(err.contains("LoRA merged"), "{err}");
+    let index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        out.join("model.safetensors.index.json"),
+    )?)?;
+    let shards: std::collections::BTreeSet<&str> = index["weight_map"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(shards.len() > 1, "{shards:?}");
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+        assert!(out.join(f).exists(), "{f}");
+    }
+    // No staging directory is left beside it.
+    let leftovers: Vec<_> = std::fs::read_dir(tmp.path())?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+
+    let prompt = [1u32, 5, 6, 7, 8, 9, 3, 4];
+    let with_adapter = full_logits(&load(&model, &adapter)?, &prompt)?;
+    let merged =
+        Customized::frozen(ModelDir::open(&out)?.load_inference(DType::F32, &Device::Cpu)?);
+    let d = (full_logits(&merged, &prompt)? - with_adapter)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?;
+    println!(
+        "merged export vs adapter: max |Δ logits| {d:.3e} over {} shards",
+        shards.len()
+    );
+    assert!(d <= 1e-5, "{d}");
+
+    // Exporting again replaces the directory as a whole (one shard now: no stale files).
+    let (ok, _, err) = helix_train(
+        &[
+            "export",
+            "--model",
+            model.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--dtype",
+            "bf16",
+        ],
+        tmp.path(),
+    );
+    assert!(ok, "{err}");
+    let names: Vec<String> = std::fs::read_dir(&out)?
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        names.contains(&"model.safetensors".to_string()),
+        "{names:?}"
+    );
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.contains("index") || n.contains("-of-")),
+        "{names:?}"
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json"))?)?;
+    assert_eq!(cfg["torch_dtype"], "bfloat16");
+    Ok(())
+}
+
+#[test]
+fn adapter_errors_name_the_file_and_the_problem() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let model = model_dir(tmp.path());
+    let m = model.to_str().unwrap();
+    let run = |args: &[&str]| {
+        let (ok, _, err) = helix_train(args, tmp.path());
+        assert!(!ok, "{args:?} should fail");
+        err
+    };
+    let ptuning = fixture("tiny-gqa-tied").join("ptuning");
+    let err = run(&[
+        "export",
+        "--model",
+        m,
+        "--adapter",
+        ptuning.to_str().unwrap(),
+        "--out",
+        "x",
+    ]);
+    assert!(err.contains("cannot be merged"), "{err}");
+    let lora = fixture("tiny-gqa-tied").join("lora");
+    let err = run(&[
+        "export",
+        "--model",
+        m,
+        "--adapter",
+        lora.to_str().unwrap(),
+        "--out",
+        "x",
+        "--max-shard-size",
+        "5XB",
+    ]);
+    assert!(
+        err.contains("--max-shard-size") && err.contains("'XB'"),
+        "{err}"
+    );
+
+    // A broken adapter directory: each problem named with its file.
+    let bad = tmp.path().join("bad");
+    std::fs::create_dir(&bad)?;
+    let gen = |dir: &Path| {
+        run(&[
+            "generate",
+            "--model",
+            m,
+            "--adapter",
+            dir.to_str().unwrap(),
+            "--prompt",
+            "one",
+        ])
+    };
+    let err = gen(&bad);
+    assert!(err.contains("adapter_config.json"), "{err}");
+    let cfg = std::fs::read_to_string(lora.join("adapter_config.json"))?;
+    std::fs::write(bad.join("adapter_config.json"), &cfg)?;
+    let err = gen(&bad);
+    assert!(
+        err.contains("adapter_model.safetensors: not found"),
+        "{err}"
+    );
+    std::fs::write(
+        bad.join("adapter_config.json"),
+        cfg.replace("\"use_dora\": false", "\"use_dora\": true"),
+    )?;
+    let err = gen(&bad);
+    assert!(err.contains("use_dora = true is not supported"), "{err}");
+    std::fs::write(
+        bad.join("adapter_config.json"),
+        cfg.replace("\"LORA\"", "\"IA3\""),
+    )?;
+    let err = gen(&bad);
+    assert!(err.contains("peft_type") && err.contains("IA3"), "{err}");
+    // Adapter weights for another model: the shapes do not fit.
+    std::fs::write(bad.join("adapter_config.json"), &cfg)?;
+    std::fs::copy(
+        fixture("tiny-gqa-untied-b3").join("lora/adapter_model.safetensors"),
+        bad.join("adapter_model.safetensors"),
+    )?;
+    let err = gen(&bad);
+    assert!(
+        err.contains("has shape") && err.contains("the model needs"),
+        "{err}"
+    );
+    Ok(())
+}
