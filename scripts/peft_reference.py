@@ -11,7 +11,8 @@ Each method directory holds
   adapter_config.json, adapter_model.safetensors   PEFT's own save_pretrained output
   encoder.safetensors   (P-tuning) the whole prompt encoder, PEFT's parameter names, so helix
                         starts from the same weights
-  reference.safetensors logits (f32 [B, n+S, V]), loss (f32 []), grad.<name> for every
+  reference.safetensors logits (f32 [B, n+S, V]), loss (f32 []), param_counts (int64 [2]:
+                        PEFT's get_nb_trainable_parameters, trainable and all), grad.<name> for every
                         trainable tensor (LoRA: keys as in adapter_model.safetensors; P-tuning:
                         prompt_encoder.default.<module>)
 
@@ -57,8 +58,10 @@ def run(model, batch: dict, out_dir: str, base_name: str, grad_key) -> dict:
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 position_ids=batch["position_ids"], labels=batch["labels"])
     out.loss.backward()
+    trainable, total = model.get_nb_trainable_parameters()
     tensors = {"logits": out.logits.detach().float().contiguous(),
-               "loss": out.loss.detach().float().reshape(())}
+               "loss": out.loss.detach().float().reshape(()),
+               "param_counts": torch.tensor([trainable, total], dtype=torch.int64)}
     n = 0
     for pname, p in model.named_parameters():
         if p.requires_grad:

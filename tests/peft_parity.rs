@@ -122,6 +122,19 @@ fn bits(t: &Tensor) -> Vec<u32> {
         .collect()
 }
 
+/// helix's parameter summary against PEFT's `get_nb_trainable_parameters`.
+fn check_counts(what: &str, c: &Customized, reference: &HashMap<String, Tensor>) -> Result<()> {
+    let want = reference["param_counts"].to_vec1::<i64>()?;
+    let s = c.summary();
+    assert_eq!(
+        [s.trainable as i64, s.total as i64],
+        [want[0], want[1]],
+        "{what}: trainable / all parameters vs PEFT"
+    );
+    println!("{what}: {s} (PEFT: {} / {})", want[0], want[1]);
+    Ok(())
+}
+
 /// Gradients of `loss` for every trainable tensor of `c` against `reference`'s `grad.<name>`;
 /// returns the worst relative difference (max |Δ| / max |reference|).
 fn check_grads(
@@ -175,6 +188,7 @@ fn check_lora(
     let peft = load_st(&method_dir.join("reference.safetensors"));
     let c = load_with_adapter(&cfg, &weights, method_dir, DType::F32, &dev)?;
     let lora = c.lora.as_ref().expect("a LoRA adapter");
+    check_counts(what, &c, &peft)?;
 
     let (logits, loss) = logits_and_loss(&c, &batch)?;
     let d_logits = max_diff_where(&logits, &peft["logits"], &batch.valid)?;
@@ -266,6 +280,7 @@ fn check_ptuning(model_dir: &Path, batch_path: &Path, method_dir: &Path, what: &
         d_table <= 1e-5,
         "{what}: encoder output vs PEFT's prompt_embeddings {d_table}"
     );
+    check_counts(what, &c, &peft)?;
     // Virtual positions and real tokens; PEFT ignores the batch's position ids for pads.
     let s = batch.input_ids.dim(1)?;
     let keep: Vec<u8> = batch
@@ -543,5 +558,57 @@ fn write_helix_adapters_for_peft_interop() -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// The base may stay bf16 while adapters train in f32: gradients reach the f32 adapter weights
+/// and the loss is the f32 model's within bf16 rounding. Full SFT trains every parameter.
+#[test]
+fn bf16_base_trains_f32_adapters_and_sft_trains_everything() -> Result<()> {
+    let dev = Device::Cpu;
+    let dir = fixture("tiny-gqa-tied");
+    let (cfg, weights) = open_model(&dir)?;
+    let batch = Batch::read(&dir.join("reference.safetensors"))?;
+    for method in ["lora", "ptuning"] {
+        let f32_loss = {
+            let c = load_with_adapter(&cfg, &weights, &dir.join(method), DType::F32, &dev)?;
+            logits_and_loss(&c, &batch)?.1.to_scalar::<f32>()?
+        };
+        let c = load_with_adapter(&cfg, &weights, &dir.join(method), DType::BF16, &dev)?;
+        assert_eq!(c.model.dtype(), DType::BF16);
+        let (_, loss) = logits_and_loss(&c, &batch)?;
+        let bf16_loss = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        let grads = loss.backward()?;
+        for (name, var) in c.trainable() {
+            assert_eq!(var.dtype(), DType::F32, "{name}");
+            let g = grads
+                .get(&var)
+                .unwrap_or_else(|| panic!("no gradient for {name}"));
+            assert_eq!(g.dtype(), DType::F32, "{name}");
+            assert!(max_abs(g) > 0.0 && max_abs(g).is_finite(), "{name}");
+        }
+        for (name, w) in c.model.named_weights() {
+            assert_eq!(w.dtype(), DType::BF16, "{name}");
+            assert!(grads.get(&w).is_none(), "frozen {name} has a gradient");
+        }
+        println!("{method}: bf16 base loss {bf16_loss:.5}, f32 {f32_loss:.5}");
+        assert!(
+            (bf16_loss - f32_loss).abs() < 0.02 * f32_loss,
+            "{bf16_loss} vs {f32_loss}"
+        );
+    }
+
+    let sft = load_for_method(&cfg, &weights, &Method::FullSft, 0, DType::F32, &dev)?;
+    let s = sft.summary();
+    assert_eq!(s.trainable, cfg.num_parameters());
+    assert_eq!(s.total, cfg.num_parameters());
+    let (_, loss) = logits_and_loss(&sft, &batch)?;
+    let grads = loss.backward()?;
+    for (name, var) in sft.trainable() {
+        assert!(grads.get(&var).is_some(), "SFT: no gradient for {name}");
+    }
+    // Every weight of the model is one of the trainable ones.
+    assert_eq!(sft.trainable().len(), sft.model.named_weights().len());
+    println!("sft: {s}");
     Ok(())
 }

@@ -240,11 +240,37 @@ impl std::fmt::Display for ParamSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "trainable params: {} || all params: {} || trainable%: {:.4} || trainable bytes: {:.1} MiB",
+            "trainable params: {} || all params: {} || trainable%: {:.4} || trainable bytes: {}",
             self.trainable,
             self.total,
             self.trainable_percent,
-            self.trainable_bytes as f64 / (1 << 20) as f64
+            human_bytes(self.trainable_bytes)
         )
+    }
+}
+
+/// 1536 → "1.5 KiB".
+pub fn human_bytes(n: usize) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", units[u])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn human_bytes_picks_the_unit() {
+        assert_eq!(super::human_bytes(512), "512 B");
+        assert_eq!(super::human_bytes(1536), "1.5 KiB");
+        assert_eq!(super::human_bytes(3 << 30), "3.0 GiB");
     }
 }
