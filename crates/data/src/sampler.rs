@@ -102,6 +102,21 @@ impl Sampler {
         }
     }
 
+    /// The micro-step after `cursor`: the next step, or the first of the next epoch.
+    pub fn advance(&self, cursor: Cursor) -> Cursor {
+        if cursor.step + 1 >= self.steps_per_epoch() {
+            Cursor {
+                epoch: cursor.epoch + 1,
+                step: 0,
+            }
+        } else {
+            Cursor {
+                epoch: cursor.epoch,
+                step: cursor.step + 1,
+            }
+        }
+    }
+
     /// An endless iterator over this rank's micro-steps, starting at `cursor`.
     pub fn iter_from(&self, cursor: Cursor) -> Result<SamplerIter<'_>> {
         if cursor.step >= self.steps_per_epoch() {
@@ -137,14 +152,11 @@ impl Iterator for SamplerIter<'_> {
     type Item = RankBatch;
     fn next(&mut self) -> Option<RankBatch> {
         let batch = self.sampler.batch_at(self.next, &self.order);
-        self.next.step += 1;
-        if self.next.step == self.sampler.steps_per_epoch() {
-            self.next = Cursor {
-                epoch: self.next.epoch + 1,
-                step: 0,
-            };
-            self.order = self.sampler.epoch_order(self.next.epoch);
+        let next = self.sampler.advance(self.next);
+        if next.epoch != self.next.epoch {
+            self.order = self.sampler.epoch_order(next.epoch);
         }
+        self.next = next;
         Some(batch)
     }
 }

@@ -57,7 +57,7 @@ pub fn export_hf_dir(
         .collect();
     let staging = staging_dir(out)?;
     let result = (|| {
-        let report = save_sharded(&staging, &specs, opts.max_shard_bytes, |s| {
+        let report = save_sharded(&staging, "model", &specs, opts.max_shard_bytes, |s| {
             let (name, t) = weights
                 .iter()
                 .find(|(n, _)| *n == s.name)

@@ -159,17 +159,20 @@ pub fn save_tensors(path: &Path, named: &[(String, Tensor)]) -> Result<()> {
 /// What [`save_sharded`] wrote.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ShardReport {
-    /// File names, in order: `model.safetensors`, or `model-00001-of-0000N.safetensors`….
+    /// File names, in order: `<stem>.safetensors`, or `<stem>-00001-of-0000N.safetensors`… and
+    /// `<stem>.safetensors.index.json`.
     pub files: Vec<String>,
     pub total_bytes: usize,
 }
 
-/// Writes `specs` into `dir` as Hugging Face does: one `model.safetensors` when everything fits
-/// in `max_shard_bytes`, else shards filled in spec order up to that size (a tensor larger than
-/// the limit gets a shard of its own) and `model.safetensors.index.json` mapping every tensor
-/// to its shard. Each file is written atomically; the index comes last.
+/// Writes `specs` into `dir` as Hugging Face does (with `stem` = "model"): one
+/// `<stem>.safetensors` when everything fits in `max_shard_bytes`, else shards filled in spec
+/// order up to that size (a tensor larger than the limit gets a shard of its own) and
+/// `<stem>.safetensors.index.json` mapping every tensor to its shard. Each file is written
+/// atomically; the index comes last.
 pub fn save_sharded(
     dir: &Path,
+    stem: &str,
     specs: &[TensorSpec],
     max_shard_bytes: usize,
     mut produce: impl FnMut(&TensorSpec) -> Result<Tensor>,
@@ -186,11 +189,12 @@ pub fn save_sharded(
     }
     let total_bytes = specs.iter().map(TensorSpec::bytes).sum();
     if shards.len() <= 1 {
-        write_atomic(&dir.join("model.safetensors"), |w| {
+        let file = format!("{stem}.safetensors");
+        write_atomic(&dir.join(&file), |w| {
             write_safetensors(w, specs, &mut produce)
         })?;
         return Ok(ShardReport {
-            files: vec!["model.safetensors".into()],
+            files: vec![file],
             total_bytes,
         });
     }
@@ -198,7 +202,7 @@ pub fn save_sharded(
     let mut files = Vec::with_capacity(n);
     let mut weight_map = serde_json::Map::new();
     for (i, shard) in shards.iter().enumerate() {
-        let file = format!("model-{:05}-of-{n:05}.safetensors", i + 1);
+        let file = format!("{stem}-{:05}-of-{n:05}.safetensors", i + 1);
         write_atomic(&dir.join(&file), |w| {
             write_safetensors(w, shard, &mut produce)
         })?;
@@ -207,10 +211,12 @@ pub fn save_sharded(
         }
         files.push(file);
     }
+    let index = format!("{stem}.safetensors.index.json");
     write_json(
-        &dir.join("model.safetensors.index.json"),
+        &dir.join(&index),
         &json!({"metadata": {"total_size": total_bytes}, "weight_map": weight_map}),
     )?;
+    files.push(index);
     Ok(ShardReport { files, total_bytes })
 }
 
@@ -233,10 +239,11 @@ mod tests {
             .map(|(n, _)| TensorSpec::new(n.clone(), DType::F32, &[10]))
             .collect();
         // 40 bytes each; 100-byte shards hold two.
-        let report = save_sharded(tmp.path(), &specs, 100, |s| {
+        let report = save_sharded(tmp.path(), "model", &specs, 100, |s| {
             Ok(named.iter().find(|(n, _)| *n == s.name).unwrap().1.clone())
         })?;
-        assert_eq!(report.files.len(), 3);
+        assert_eq!(report.files.len(), 4);
+        assert_eq!(report.files[3], "model.safetensors.index.json");
         assert_eq!(report.files[0], "model-00001-of-00003.safetensors");
         assert_eq!(report.total_bytes, 200);
         let index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(

@@ -11,7 +11,9 @@ pub mod lora;
 pub mod peft_format;
 pub mod ptuning;
 
-use anyhow::{bail, Result};
+use std::collections::BTreeMap;
+
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use helix_model::linear::keep_dense;
 use helix_model::{
@@ -113,6 +115,61 @@ impl Customized {
                 Ok((hidden, x.labels))
             }
         }
+    }
+
+    /// How many targets [`Self::loss_sum`] will count for `labels` (row-major rows of `seq`):
+    /// each row's labels after the first, or with P-tuning every label (the last virtual token
+    /// predicts the first one). The trainer needs the step's total before any backward pass.
+    pub fn count_targets(&self, labels: &[i64], seq: usize) -> usize {
+        let skip = usize::from(self.ptuning.is_none());
+        labels
+            .chunks(seq.max(1))
+            .map(|row| {
+                row.iter()
+                    .skip(skip)
+                    .filter(|&&l| l != helix_ops::IGNORE_INDEX)
+                    .count()
+            })
+            .sum()
+    }
+
+    /// Dropout draws so far, by layer: the random state a checkpoint saves so a resumed run
+    /// draws the masks an uninterrupted one would.
+    pub fn rng_state(&self) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        if let Some(l) = &self.lora {
+            for layer in &l.layers {
+                out.insert(
+                    format!("lora_dropout.{}", layer.name),
+                    layer.dropout().calls(),
+                );
+            }
+        }
+        if let Some(VirtualTokens::Encoder(e)) = self.ptuning.as_ref().map(|p| &p.tokens) {
+            out.insert("prompt_encoder.dropout".to_string(), e.dropout().calls());
+        }
+        out
+    }
+
+    /// Restores [`Self::rng_state`]; every counter must be there.
+    pub fn set_rng_state(&self, state: &BTreeMap<String, u64>) -> Result<()> {
+        let get = |k: &str| {
+            state
+                .get(k)
+                .copied()
+                .with_context(|| format!("the saved random state has no counter for {k}"))
+        };
+        if let Some(l) = &self.lora {
+            for layer in &l.layers {
+                layer
+                    .dropout()
+                    .set_calls(get(&format!("lora_dropout.{}", layer.name))?);
+            }
+        }
+        if let Some(VirtualTokens::Encoder(e)) = self.ptuning.as_ref().map(|p| &p.tokens) {
+            e.dropout().set_calls(get("prompt_encoder.dropout")?);
+        }
+        Ok(())
     }
 
     /// Summed next-token loss of the batch and its number of target tokens (see

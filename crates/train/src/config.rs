@@ -1,31 +1,299 @@
-//! The helix TOML config file. Sections are owned by the crate that uses them (`[data]` is
-//! `helix_data::DataConfig`); this file only reads the file and names it in errors. Unknown keys
-//! inside a section are errors that give the line.
+//! The helix TOML config: one file describes a run (model, method, data, batch, optimizer,
+//! schedule, trainer, outputs), as a NeMo or torchtune recipe config does. `--set
+//! section.key=value` overrides any key. Sections are owned by the crate that uses them where
+//! one exists (`[data]` is `helix_data::DataConfig`, `[lora]` and `[ptuning]` are helix-peft's);
+//! this file reads the file, applies overrides, checks every value and names the key (and, for
+//! an unknown key, the closest valid one) in every error.
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::DType;
 use helix_data::DataConfig;
+use helix_peft::{LoraConfig, Method, PtuningConfig};
 use serde::Deserialize;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ConfigFile {
     pub model: Option<ModelSection>,
+    pub method: Option<MethodSection>,
+    pub lora: Option<LoraConfig>,
+    pub ptuning: Option<PtuningConfig>,
     pub data: Option<DataConfig>,
+    #[serde(default)]
+    pub batch: BatchSection,
+    #[serde(default)]
+    pub optimizer: OptimizerSection,
+    #[serde(default)]
+    pub schedule: ScheduleSection,
+    #[serde(default)]
+    pub trainer: TrainerSection,
+    #[serde(default)]
+    pub output: OutputSection,
+    /// The raw table after `--set`, for the config hash and the copy kept in checkpoints.
+    #[serde(skip)]
+    pub raw: toml::Table,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
     /// A Hugging Face model directory (config.json, safetensors, tokenizer files).
-    pub path: PathBuf,
+    pub path: Option<PathBuf>,
+    /// A named shape (`llama2-7b`, `llama2-13b`, `llama2-70b`) for `helix-train plan`; training
+    /// needs `path`.
+    pub preset: Option<String>,
+    /// dtype the model's weights are held and computed in: f32, bf16 or f16 (NeMo's
+    /// `trainer.precision`). Trainable adapters are always f32; full SFT keeps f32 master
+    /// weights when this is not f32.
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MethodSection {
+    /// sft, lora or ptuning.
+    pub name: String,
+    /// Start from an existing adapter (PEFT's or helix's) instead of a fresh one.
+    pub init_from: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchSection {
+    /// Rows per micro-batch on each data-parallel rank.
+    #[serde(default = "one")]
+    pub micro_batch_size: usize,
+    /// Rows per optimizer step over all ranks; gradient accumulation = global / (micro × DP).
+    pub global_batch_size: Option<usize>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimizerSection {
+    /// Only AdamW (decoupled weight decay, as torch.optim.AdamW).
+    #[serde(default = "default_optimizer")]
+    pub name: String,
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    #[serde(default = "default_betas")]
+    pub betas: [f64; 2],
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSection {
+    /// cosine, linear or constant (after the warmup).
+    #[serde(default = "default_schedule")]
+    pub name: String,
+    pub warmup_steps: Option<u64>,
+    pub warmup_ratio: Option<f64>,
+    #[serde(default)]
+    pub min_lr: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainerSection {
+    pub max_steps: Option<u64>,
+    pub max_epochs: Option<u64>,
+    /// Validation loss every this many steps (0: only before and after training).
+    #[serde(default)]
+    pub val_check_interval: u64,
+    /// Validation micro-batches per check (all when not set).
+    pub limit_val_batches: Option<usize>,
+    /// Clip gradients to this global L2 norm (0: off).
+    #[serde(default = "default_clip")]
+    pub gradient_clip_val: f64,
+    /// Seeds adapter initialisation and dropout (`data.seed` seeds splits and shuffling).
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    #[serde(default = "default_output_dir")]
+    pub output_dir: PathBuf,
+    /// Checkpoint every this many steps (0: only at the end and on a signal).
+    #[serde(default)]
+    pub save_interval: u64,
+    /// Keep this many newest checkpoints.
+    pub save_total_limit: Option<usize>,
+    /// auto (newest valid checkpoint in output_dir, else a fresh start), never, or a
+    /// checkpoint directory.
+    #[serde(default = "default_resume")]
+    pub resume: String,
+    /// Loss rows per chunk of the fused LM head + cross-entropy.
+    #[serde(default = "default_loss_chunk")]
+    pub loss_chunk_rows: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSection {
+    /// At the end, LoRA / P-tuning adapters in PEFT format in `output_dir/adapter`.
+    #[serde(default = "yes")]
+    pub adapter: bool,
+    /// At the end, the model as a Hugging Face directory in `output_dir/model` (LoRA merged;
+    /// full SFT always writes it).
+    #[serde(default)]
+    pub merged: bool,
+    #[serde(default = "default_shard")]
+    pub max_shard_size: String,
+}
+
+fn default_dtype() -> String {
+    "f32".into()
+}
+fn one() -> usize {
+    1
+}
+fn default_optimizer() -> String {
+    "adamw".into()
+}
+fn default_lr() -> f64 {
+    1e-4
+}
+fn default_betas() -> [f64; 2] {
+    [0.9, 0.999]
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_schedule() -> String {
+    "cosine".into()
+}
+fn default_clip() -> f64 {
+    1.0
+}
+fn default_seed() -> u64 {
+    1234
+}
+fn default_output_dir() -> PathBuf {
+    "runs/helix".into()
+}
+fn default_resume() -> String {
+    "auto".into()
+}
+fn default_loss_chunk() -> usize {
+    1024
+}
+fn yes() -> bool {
+    true
+}
+fn default_shard() -> String {
+    "5GB".into()
+}
+
+impl Default for BatchSection {
+    fn default() -> Self {
+        Self {
+            micro_batch_size: 1,
+            global_batch_size: None,
+        }
+    }
+}
+
+impl Default for OptimizerSection {
+    fn default() -> Self {
+        Self {
+            name: default_optimizer(),
+            lr: default_lr(),
+            betas: default_betas(),
+            eps: default_eps(),
+            weight_decay: 0.0,
+        }
+    }
+}
+
+impl Default for ScheduleSection {
+    fn default() -> Self {
+        Self {
+            name: default_schedule(),
+            warmup_steps: None,
+            warmup_ratio: None,
+            min_lr: 0.0,
+        }
+    }
+}
+
+impl Default for TrainerSection {
+    fn default() -> Self {
+        Self {
+            max_steps: None,
+            max_epochs: None,
+            val_check_interval: 0,
+            limit_val_batches: None,
+            gradient_clip_val: default_clip(),
+            seed: default_seed(),
+            output_dir: default_output_dir(),
+            save_interval: 0,
+            save_total_limit: None,
+            resume: default_resume(),
+            loss_chunk_rows: default_loss_chunk(),
+        }
+    }
+}
+
+impl Default for OutputSection {
+    fn default() -> Self {
+        Self {
+            adapter: true,
+            merged: false,
+            max_shard_size: default_shard(),
+        }
+    }
+}
+
+/// Keys that change how a run is operated, not the numbers it computes: a resumed run may
+/// change them.
+const OPERATIONAL_KEYS: [&str; 12] = [
+    "trainer.output_dir",
+    "trainer.resume",
+    "trainer.save_interval",
+    "trainer.save_total_limit",
+    "trainer.val_check_interval",
+    "trainer.limit_val_batches",
+    "data.cache",
+    "data.cache_dir",
+    "data.threads",
+    "output.adapter",
+    "output.merged",
+    "output.max_shard_size",
+];
+
 impl ConfigFile {
-    pub fn load(path: &Path) -> Result<Self> {
+    /// Reads `path`, applies `sets` (`section.key=value`), and deserializes; errors name the
+    /// file, line and key.
+    pub fn load_with(path: &Path, sets: &[String]) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read the config {}", path.display()))?;
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+        // The file alone first, so its own mistakes are reported with their line.
+        let parsed: Self = toml::from_str(&text)
+            .map_err(|e| anyhow!("{}: {}", path.display(), explain(&e.to_string())))?;
+        let mut raw: toml::Table = toml::from_str(&text)
+            .map_err(|e| anyhow!("{}: {}", path.display(), explain(&e.to_string())))?;
+        if sets.is_empty() {
+            return Ok(Self { raw, ..parsed });
+        }
+        for s in sets {
+            apply_set(&mut raw, s)?;
+        }
+        let cfg: Self = toml::Value::Table(raw.clone()).try_into().map_err(|e| {
+            anyhow!(
+                "{} with --set {}: {}",
+                path.display(),
+                sets.join(" --set "),
+                explain(&e.to_string())
+            )
+        })?;
+        Ok(Self { raw, ..cfg })
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        Self::load_with(path, &[])
     }
 
     /// The `[data]` section, or an error naming the file.
@@ -42,12 +310,454 @@ impl ConfigFile {
         }
         self.model
             .as_ref()
-            .map(|m| m.path.clone())
+            .and_then(|m| m.path.clone())
             .with_context(|| {
                 format!(
                     "{}: set data.tokenizer or model.path (the tokenizer's directory)",
                     path.display()
                 )
             })
+    }
+
+    pub fn model_dtype(&self) -> Result<DType> {
+        let d = self.model.as_ref().map_or("f32", |m| m.dtype.as_str());
+        parse_dtype(d).with_context(|| "model.dtype".to_string())
+    }
+
+    /// The method with its options, checked against the sections present.
+    pub fn method(&self) -> Result<Method> {
+        let name = self
+            .method
+            .as_ref()
+            .map(|m| m.name.as_str())
+            .context("[method] name is missing (sft, lora or ptuning)")?;
+        let m = match name {
+            "sft" => Method::FullSft,
+            "lora" => Method::Lora(
+                self.lora
+                    .clone()
+                    .context("method.name = \"lora\" needs a [lora] section (r, lora_alpha, …)")?,
+            ),
+            "ptuning" => Method::Ptuning(self.ptuning.clone().context(
+                "method.name = \"ptuning\" needs a [ptuning] section (num_virtual_tokens, …)",
+            )?),
+            other => bail!(
+                "method.name = \"{other}\" is not a method: sft, lora or ptuning{}",
+                suggest(other, &["sft", "lora", "ptuning"])
+            ),
+        };
+        if self.lora.is_some() && !matches!(m, Method::Lora(_)) {
+            bail!("[lora] is set but method.name = \"{name}\"");
+        }
+        if self.ptuning.is_some() && !matches!(m, Method::Ptuning(_)) {
+            bail!("[ptuning] is set but method.name = \"{name}\"");
+        }
+        match &m {
+            Method::Lora(l) => l.validate().map_err(|e| anyhow!("[lora] {e}"))?,
+            Method::Ptuning(p) => {
+                p.validate().map_err(|e| anyhow!("[ptuning] {e}"))?;
+                if self.data.as_ref().is_some_and(|d| d.packing) {
+                    bail!(
+                        "data.packing = true cannot be used with P-tuning (each document would \
+                         need its own virtual tokens); set data.packing = false"
+                    );
+                }
+            }
+            Method::FullSft => {}
+        }
+        Ok(m)
+    }
+
+    /// Gradient accumulation steps for `dp` data-parallel ranks, checked as NeMo does.
+    pub fn accumulation(&self, dp: usize) -> Result<usize> {
+        let micro = self.batch.micro_batch_size;
+        if micro == 0 {
+            bail!("batch.micro_batch_size must be at least 1");
+        }
+        let global = self.batch.global_batch_size.unwrap_or(micro * dp);
+        if global == 0 || global % (micro * dp) != 0 {
+            bail!(
+                "batch.global_batch_size ({global}) must be a positive multiple of \
+                 batch.micro_batch_size ({micro}) × data-parallel size ({dp}) = {}",
+                micro * dp
+            );
+        }
+        Ok(global / (micro * dp))
+    }
+
+    /// Checks every value a training run uses; the error names the key.
+    pub fn validate_training(&self) -> Result<()> {
+        let model = self
+            .model
+            .as_ref()
+            .context("[model] is missing (path = a Hugging Face model directory)")?;
+        if model.path.is_none() {
+            bail!(
+                "model.path is required to train (model.preset only describes a shape, for \
+                 `helix-train plan`)"
+            );
+        }
+        self.model_dtype()?;
+        self.method()?;
+        let data = self.data.as_ref().context("[data] is missing")?;
+        data.validate()?;
+        let o = &self.optimizer;
+        if o.name != "adamw" {
+            bail!(
+                "optimizer.name = \"{}\": helix has adamw{}",
+                o.name,
+                suggest(&o.name, &["adamw"])
+            );
+        }
+        if !(o.lr > 0.0 && o.lr.is_finite()) {
+            bail!("optimizer.lr must be a positive number, got {}", o.lr);
+        }
+        for (i, b) in o.betas.iter().enumerate() {
+            if !(0.0..1.0).contains(b) {
+                bail!("optimizer.betas[{i}] must be in [0, 1), got {b}");
+            }
+        }
+        if !(o.eps > 0.0) {
+            bail!("optimizer.eps must be positive, got {}", o.eps);
+        }
+        if !(o.weight_decay >= 0.0) {
+            bail!(
+                "optimizer.weight_decay must be >= 0, got {}",
+                o.weight_decay
+            );
+        }
+        let s = &self.schedule;
+        crate::schedule::ScheduleKind::parse(&s.name)?;
+        if s.warmup_steps.is_some() && s.warmup_ratio.is_some() {
+            bail!("set schedule.warmup_steps or schedule.warmup_ratio, not both");
+        }
+        if let Some(r) = s.warmup_ratio {
+            if !(0.0..=1.0).contains(&r) {
+                bail!("schedule.warmup_ratio must be in [0, 1], got {r}");
+            }
+        }
+        if !(s.min_lr >= 0.0 && s.min_lr <= o.lr) {
+            bail!(
+                "schedule.min_lr must be in [0, optimizer.lr = {}], got {}",
+                o.lr,
+                s.min_lr
+            );
+        }
+        let t = &self.trainer;
+        match (t.max_steps, t.max_epochs) {
+            (None, None) => bail!("set trainer.max_steps or trainer.max_epochs"),
+            (Some(0), _) => bail!("trainer.max_steps must be at least 1"),
+            (_, Some(0)) => bail!("trainer.max_epochs must be at least 1"),
+            _ => {}
+        }
+        if !(t.gradient_clip_val >= 0.0) {
+            bail!(
+                "trainer.gradient_clip_val must be >= 0 (0 = off), got {}",
+                t.gradient_clip_val
+            );
+        }
+        if t.save_total_limit == Some(0) {
+            bail!("trainer.save_total_limit must be at least 1");
+        }
+        if t.loss_chunk_rows == 0 {
+            bail!("trainer.loss_chunk_rows must be at least 1");
+        }
+        if self.output.merged && self.ptuning.is_some() {
+            bail!("output.merged = true cannot be used with P-tuning (its virtual tokens are inputs, not weights)");
+        }
+        self.resume()?;
+        helix_model::hf_export::parse_size(&self.output.max_shard_size)
+            .context("output.max_shard_size")?;
+        Ok(())
+    }
+
+    pub fn resume(&self) -> Result<Resume> {
+        Ok(match self.trainer.resume.as_str() {
+            "auto" => Resume::Auto,
+            "never" => Resume::Never,
+            path if path.contains('/') || Path::new(path).exists() => {
+                Resume::From(PathBuf::from(path))
+            }
+            other => bail!(
+                "trainer.resume = \"{other}\": use \"auto\", \"never\" or a checkpoint directory{}",
+                suggest(other, &["auto", "never"])
+            ),
+        })
+    }
+
+    /// The config as canonical JSON without the operational keys: what must match for a
+    /// checkpoint to resume bit-exactly.
+    pub fn numerics(&self) -> serde_json::Value {
+        let mut v = serde_json::to_value(&self.raw).expect("TOML is JSON-representable");
+        for key in OPERATIONAL_KEYS {
+            let (section, name) = key.split_once('.').expect("section.key");
+            if let Some(s) = v.get_mut(section).and_then(|s| s.as_object_mut()) {
+                s.remove(name);
+            }
+        }
+        v
+    }
+}
+
+/// Where a run starts.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resume {
+    Auto,
+    Never,
+    From(PathBuf),
+}
+
+pub fn parse_dtype(d: &str) -> Result<DType> {
+    Ok(match d {
+        "f32" | "float32" | "32" => DType::F32,
+        "bf16" | "bfloat16" | "bf16-mixed" => DType::BF16,
+        "f16" | "float16" | "16" | "16-mixed" => DType::F16,
+        other => bail!(
+            "unknown dtype \"{other}\" (f32, bf16 or f16){}",
+            suggest(other, &["f32", "bf16", "f16"])
+        ),
+    })
+}
+
+/// Applies one `section.key=value` override; the value is TOML (`1e-4`, `true`, `[0.9, 0.95]`,
+/// `"text"`), or a bare string.
+fn apply_set(table: &mut toml::Table, set: &str) -> Result<()> {
+    let (path, value) = set
+        .split_once('=')
+        .with_context(|| format!("--set {set}: expected section.key=value"))?;
+    let keys: Vec<&str> = path.trim().split('.').collect();
+    if keys.len() < 2 || keys.iter().any(|k| k.is_empty()) {
+        bail!("--set {set}: the key must be section.key (e.g. optimizer.lr)");
+    }
+    let value = value.trim();
+    let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(value.to_string()));
+    let mut at = table;
+    for k in &keys[..keys.len() - 1] {
+        at = at
+            .entry(k.to_string())
+            .or_insert_with(|| toml::Value::Table(Default::default()))
+            .as_table_mut()
+            .with_context(|| format!("--set {set}: {k} is not a section"))?;
+    }
+    at.insert(keys[keys.len() - 1].to_string(), parsed);
+    Ok(())
+}
+
+/// serde's "unknown field `x`, expected one of `a`, `b`" (and "unknown variant"), with the
+/// closest valid name added.
+fn explain(msg: &str) -> String {
+    let mut out = msg.trim_end().to_string();
+    for what in ["unknown field `", "unknown variant `"] {
+        let Some(start) = msg.find(what) else {
+            continue;
+        };
+        let rest = &msg[start + what.len()..];
+        let Some(end) = rest.find('`') else {
+            continue;
+        };
+        let bad = &rest[..end];
+        let valid: Vec<&str> = rest[end + 1..].split('`').skip(1).step_by(2).collect();
+        out.push_str(&suggest(bad, &valid));
+    }
+    out
+}
+
+/// " (did you mean `x`?)" when a valid name is close to `bad`.
+pub fn suggest(bad: &str, valid: &[&str]) -> String {
+    valid
+        .iter()
+        .map(|v| (levenshtein(bad, v), *v))
+        .filter(|(d, v)| *d <= 3.max(v.len() / 3))
+        .min()
+        .map(|(_, v)| format!(" (did you mean `{v}`?)"))
+        .unwrap_or_default()
+}
+
+fn levenshtein(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str, sets: &[&str]) -> Result<ConfigFile> {
+        let tmp = tempfile::tempdir()?;
+        let p = tmp.path().join("run.toml");
+        std::fs::write(&p, text)?;
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        ConfigFile::load_with(&p, &sets)
+    }
+
+    const BASE: &str = r#"
+[model]
+path = "m"
+
+[method]
+name = "lora"
+
+[lora]
+r = 8
+lora_alpha = 16
+
+[data]
+train = "rows.jsonl"
+format = "alpaca"
+
+[batch]
+micro_batch_size = 2
+global_batch_size = 8
+
+[trainer]
+max_steps = 20
+"#;
+
+    #[test]
+    fn unknown_keys_name_the_line_and_the_closest_valid_key() {
+        let err = load(&BASE.replace("max_steps", "max_step"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("line 21"), "{err}");
+        assert!(err.contains("unknown field `max_step`"), "{err}");
+        assert!(err.contains("did you mean `max_steps`?"), "{err}");
+        let err = load(&BASE.replace("[batch]", "[bach]"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("did you mean `batch`?"), "{err}");
+        let err = load(&BASE.replace("lora_alpha", "alpha"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `alpha`"), "{err}");
+    }
+
+    #[test]
+    fn wrong_types_and_bad_values_name_the_key() {
+        let err = load(
+            &BASE.replace("max_steps = 20", "max_steps = \"twenty\""),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("line 21") && err.contains("max_steps"),
+            "{err}"
+        );
+        let c = load(BASE, &["batch.global_batch_size=9"]).unwrap();
+        let err = c.accumulation(1).unwrap_err().to_string();
+        assert!(
+            err.contains("batch.global_batch_size (9)")
+                && err.contains("batch.micro_batch_size (2)"),
+            "{err}"
+        );
+        assert_eq!(load(BASE, &[]).unwrap().accumulation(2).unwrap(), 2);
+        let err = load(BASE, &["optimizer.lr=-1"])
+            .unwrap()
+            .validate_training()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("optimizer.lr"), "{err}");
+        let err = load(BASE, &["method.name=lorra"])
+            .unwrap()
+            .method()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("did you mean `lora`?"), "{err}");
+        let err = load(BASE, &["schedule.name=cosin"])
+            .unwrap()
+            .validate_training()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("schedule.name") && err.contains("`cosine`"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn set_overrides_any_key_with_a_toml_value() -> Result<()> {
+        let c = load(
+            BASE,
+            &[
+                "optimizer.lr=3e-4",
+                "optimizer.betas=[0.9, 0.95]",
+                "trainer.output_dir=runs/x",
+                "data.fields.instruction=question",
+                "lora.target_modules=[\"q_proj\", \"k_proj\"]",
+            ],
+        )?;
+        assert_eq!(c.optimizer.lr, 3e-4);
+        assert_eq!(c.optimizer.betas, [0.9, 0.95]);
+        assert_eq!(c.trainer.output_dir, PathBuf::from("runs/x"));
+        assert_eq!(
+            c.data.as_ref().unwrap().fields.instruction.as_deref(),
+            Some("question")
+        );
+        assert_eq!(
+            c.lora.as_ref().unwrap().target_modules,
+            ["q_proj", "k_proj"]
+        );
+        let err = load(BASE, &["trainer.max_steps=abc"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--set trainer.max_steps=abc"), "{err}");
+        let err = load(BASE, &["lr=1"]).unwrap_err().to_string();
+        assert!(err.contains("section.key"), "{err}");
+        let err = load(BASE, &["trainer.max_steps.x=1"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_steps is not a section"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn the_numerics_ignore_operational_keys() -> Result<()> {
+        let a = load(BASE, &[])?;
+        let b = load(
+            BASE,
+            &["trainer.output_dir=elsewhere", "trainer.save_interval=5"],
+        )?;
+        let c = load(BASE, &["optimizer.lr=1e-3"])?;
+        assert_eq!(a.numerics(), b.numerics());
+        assert_ne!(a.numerics(), c.numerics());
+        Ok(())
+    }
+
+    #[test]
+    fn method_sections_must_agree() {
+        let err = load(&BASE.replace("name = \"lora\"", "name = \"sft\""), &[])
+            .unwrap()
+            .method()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("[lora] is set but method.name = \"sft\""),
+            "{err}"
+        );
+        let text = BASE
+            .replace("name = \"lora\"", "name = \"ptuning\"")
+            .replace(
+                "[lora]\nr = 8\nlora_alpha = 16",
+                "[ptuning]\nnum_virtual_tokens = 10",
+            );
+        let err = load(&text, &["data.packing=true"])
+            .unwrap()
+            .method()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("data.packing"), "{err}");
     }
 }

@@ -1,4 +1,6 @@
-//! `helix-train`: the one binary of helix. Subcommands:
+//! `helix-train`: the one binary of helix.
+//! - `helix-train --config FILE [--set section.key=value ...]`   fine-tune (SFT, LoRA, P-tuning)
+//! - `eval --config FILE [--checkpoint DIR]`   print the validation loss as JSON
 //! - `import --gguf FILE --out DIR`   turn a llama GGUF into a Hugging Face model directory
 //! - `generate --model DIR [--adapter DIR] --prompt TEXT [--chat]`   generate text with a KV
 //!   cache, optionally through a LoRA or P-tuning adapter (helix's or PEFT's)
@@ -23,8 +25,9 @@ use helix_model::hf_export::{parse_size, source_dtype, ExportOptions};
 use helix_model::{ModelDir, SamplingOptions, TextCodec};
 use helix_peft::{export_merged, load_with_adapter, Customized};
 
-mod config;
-use config::ConfigFile;
+use helix_train::config::ConfigFile;
+use helix_train::device;
+use helix_train::recipe::{evaluate, train};
 
 #[derive(Parser)]
 #[command(
@@ -33,8 +36,14 @@ use config::ConfigFile;
     about = "Fine-tune Llama-family models: SFT, LoRA, P-tuning"
 )]
 struct Cli {
+    /// A helix TOML config: fine-tune as it says (see configs/).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Override a config key: --set optimizer.lr=3e-4 (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE", global = true)]
+    set: Vec<String>,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -56,6 +65,15 @@ impl From<DTypeArg> for DType {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Fine-tune as the config says (the same as `helix-train --config FILE`).
+    Train,
+    /// Print the validation loss as JSON: of the configured model, or with the trainable
+    /// tensors of a checkpoint.
+    Eval {
+        /// A checkpoint directory (output_dir/checkpoints/step-NNNNNN).
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+    },
     /// Convert a llama-architecture GGUF file into a Hugging Face directory (config.json,
     /// model.safetensors, tokenizer.json, tokenizer_config.json with the chat template).
     Import {
@@ -119,17 +137,15 @@ enum Command {
     },
     /// Read, template and tokenize instruction data; print statistics as JSON. Takes the
     /// `[data]` section of a config, or the flags below.
+    /// With --config, its [data] section (and model.path for the tokenizer).
     DataStats {
-        /// A helix TOML config; its [data] section (and model.path for the tokenizer).
-        #[arg(long, conflicts_with_all = ["data", "format", "tokenizer"])]
-        config: Option<PathBuf>,
-        #[arg(long, required_unless_present = "config")]
+        #[arg(long)]
         data: Option<PathBuf>,
         /// dolly, alpaca (JSON array or JSONL) or nemo
-        #[arg(long, required_unless_present = "config")]
+        #[arg(long)]
         format: Option<Format>,
         /// A directory with tokenizer.json (and tokenizer_config.json for EOS / chat template).
-        #[arg(long, required_unless_present = "config")]
+        #[arg(long)]
         tokenizer: Option<PathBuf>,
         /// alpaca, dolly, chat (the model's template), or a string with {instruction} and
         /// {input}/{context}
@@ -177,17 +193,33 @@ fn main() {
     }
 }
 
-fn device() -> Result<Device> {
-    #[cfg(feature = "cuda")]
-    {
-        return Ok(Device::new_cuda(0)?);
-    }
-    #[allow(unreachable_code)]
-    Ok(Device::Cpu)
-}
-
 fn run(cli: Cli) -> Result<()> {
-    match cli.command {
+    let config = || -> Result<(PathBuf, ConfigFile)> {
+        let path = cli
+            .config
+            .clone()
+            .context("--config FILE is required (see configs/)")?;
+        let cfg = ConfigFile::load_with(&path, &cli.set)?;
+        Ok((path, cfg))
+    };
+    let Some(command) = cli.command else {
+        let (path, cfg) = config()?;
+        return run_training(&path, &cfg);
+    };
+    if !cli.set.is_empty() && cli.config.is_none() {
+        bail!("--set needs --config");
+    }
+    match command {
+        Command::Train => {
+            let (path, cfg) = config()?;
+            run_training(&path, &cfg)
+        }
+        Command::Eval { checkpoint } => {
+            let (path, cfg) = config()?;
+            let v = evaluate(&cfg, &path, checkpoint.as_deref())?;
+            println!("{}", serde_json::json!({ "val_loss": v }));
+            Ok(())
+        }
         Command::Import { gguf, out, dtype } => {
             let t = Instant::now();
             let report = import_gguf(
@@ -326,7 +358,6 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::DataStats {
-            config,
             data,
             format,
             tokenizer,
@@ -344,15 +375,21 @@ fn run(cli: Cli) -> Result<()> {
             world_size,
             micro_batch_size,
         } => {
-            let (mut cfg, tokenizer_dir) = match config {
+            let (mut cfg, tokenizer_dir) = match &cli.config {
                 Some(path) => {
-                    let file = ConfigFile::load(&path)?;
-                    (file.data(&path)?.clone(), file.tokenizer_dir(&path)?)
+                    if data.is_some() || format.is_some() || tokenizer.is_some() {
+                        bail!("data-stats takes --config or --data/--format/--tokenizer, not both");
+                    }
+                    let file = ConfigFile::load_with(path, &cli.set)?;
+                    (file.data(path)?.clone(), file.tokenizer_dir(path)?)
                 }
                 None => {
-                    // clap enforces these three without --config.
-                    let (data, format, tokenizer) =
-                        (data.unwrap(), format.unwrap(), tokenizer.unwrap());
+                    let (Some(data), Some(format), Some(tokenizer)) = (data, format, tokenizer)
+                    else {
+                        bail!(
+                            "data-stats needs --config FILE, or --data, --format and --tokenizer"
+                        );
+                    };
                     let mut cfg = DataConfig::new(data, format);
                     cfg.template = template;
                     cfg.max_seq_length = max_seq_length;
@@ -455,4 +492,29 @@ fn load_model(
     let kind = if c.lora.is_some() { "LoRA" } else { "P-tuning" };
     eprintln!("{kind} adapter {}: {}", adapter.display(), c.summary());
     Ok(c)
+}
+
+fn run_training(path: &std::path::Path, cfg: &ConfigFile) -> Result<()> {
+    let t = Instant::now();
+    let r = train(cfg, path)?;
+    let how = if r.preempted {
+        "stopped by a signal after saving"
+    } else {
+        "finished"
+    };
+    let val = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
+    eprintln!(
+        "{how} at step {}/{} (started at {}) in {:.1} s; validation loss {} → {}; median {:.0}          tokens/s",
+        r.last_step,
+        r.total_steps,
+        r.resumed_from,
+        t.elapsed().as_secs_f64(),
+        val(r.val_loss_before),
+        val(r.val_loss_after),
+        r.median_tokens_per_s
+    );
+    for p in &r.outputs {
+        eprintln!("wrote {}", p.display());
+    }
+    Ok(())
 }

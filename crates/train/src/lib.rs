@@ -1,0 +1,25 @@
+//! The training side of `helix-train`: the config file ([`config`]), the fine-tuning recipe
+//! ([`recipe`]) with its optimizer ([`optim`]), schedule ([`schedule`]), checkpoint state
+//! ([`state`]), signal handling ([`signals`]), and what it shows and writes ([`progress`],
+//! [`plot`]). `main.rs` is only the command line over these.
+
+pub mod config;
+pub mod optim;
+pub mod plot;
+pub mod progress;
+pub mod recipe;
+pub mod schedule;
+pub mod signals;
+pub mod state;
+
+use candle_core::Device;
+
+/// The device a run computes on: the first GPU when built with `cuda`, else the CPU.
+pub fn device() -> anyhow::Result<Device> {
+    #[cfg(feature = "cuda")]
+    {
+        return Ok(Device::new_cuda(0)?);
+    }
+    #[allow(unreachable_code)]
+    Ok(Device::Cpu)
+}

@@ -1,0 +1,312 @@
+//! AdamW as `torch.optim.AdamW` computes it (decoupled weight decay, bias correction, same
+//! order of operations), with f32 state and f32 master weights for parameters held in bf16 or
+//! f16; and gradient clipping by global norm as `torch.nn.utils.clip_grad_norm_`.
+//!
+//! Weight decay skips 1-D tensors (norm weights, biases), as Megatron / NeMo and the Hugging
+//! Face Trainer do.
+
+use std::collections::{BTreeMap, HashMap};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor, Var};
+
+/// Gradients by parameter name, in f32. Ordered, so sums over them (the global norm) are the
+/// same in every process: bit-exact resume depends on it.
+pub type Grads = BTreeMap<String, Tensor>;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWConfig {
+    pub betas: [f64; 2],
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+struct ParamState {
+    name: String,
+    var: Var,
+    /// The f32 copy the update is applied to when the parameter is not f32.
+    master: Option<Tensor>,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    decay: bool,
+}
+
+pub struct AdamW {
+    cfg: AdamWConfig,
+    params: Vec<ParamState>,
+    /// Optimizer steps taken (torch's `state["step"]`).
+    pub step: u64,
+}
+
+impl AdamW {
+    pub fn new(params: Vec<(String, Var)>, cfg: AdamWConfig) -> Result<Self> {
+        let params = params
+            .into_iter()
+            .map(|(name, var)| {
+                let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
+                let master = match var.dtype() {
+                    DType::F32 => None,
+                    _ => Some(var.as_tensor().to_dtype(DType::F32)?),
+                };
+                Ok(ParamState {
+                    decay: var.rank() >= 2,
+                    name,
+                    var,
+                    master,
+                    exp_avg: zeros.clone(),
+                    exp_avg_sq: zeros,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            cfg,
+            params,
+            step: 0,
+        })
+    }
+
+    /// One update with `grads` (f32, by parameter name) at learning rate `lr`.
+    pub fn step(&mut self, grads: &Grads, lr: f64) -> Result<()> {
+        self.step += 1;
+        let [b1, b2] = self.cfg.betas;
+        let bias1 = 1.0 - b1.powi(self.step as i32);
+        let bias2_sqrt = (1.0 - b2.powi(self.step as i32)).sqrt();
+        let step_size = lr / bias1;
+        for p in &mut self.params {
+            let g = grads
+                .get(&p.name)
+                .with_context(|| format!("no gradient for {}", p.name))?;
+            let mut w = match &p.master {
+                Some(m) => m.clone(),
+                None => p.var.as_tensor().clone(),
+            };
+            if p.decay && self.cfg.weight_decay != 0.0 {
+                w = (w * (1.0 - lr * self.cfg.weight_decay))?;
+            }
+            // torch: exp_avg.lerp_(grad, 1 - beta1); exp_avg_sq.mul_(beta2).addcmul_(g, g, 1 - beta2)
+            p.exp_avg = (&p.exp_avg + ((g - &p.exp_avg)? * (1.0 - b1))?)?;
+            p.exp_avg_sq = ((&p.exp_avg_sq * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            let denom = ((p.exp_avg_sq.sqrt()? / bias2_sqrt)? + self.cfg.eps)?;
+            w = (w - ((&p.exp_avg * step_size)? / denom)?)?;
+            match &mut p.master {
+                Some(m) => {
+                    p.var.set(&w.to_dtype(p.var.dtype())?)?;
+                    *m = w;
+                }
+                None => p.var.set(&w)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// The state a checkpoint saves: `exp_avg.<name>`, `exp_avg_sq.<name>` and, for parameters
+    /// not held in f32, `master.<name>`. The tensors are never modified in place (each step
+    /// makes new ones), so these handles are a consistent snapshot.
+    pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = Vec::new();
+        for p in &self.params {
+            out.push((format!("exp_avg.{}", p.name), p.exp_avg.clone()));
+            out.push((format!("exp_avg_sq.{}", p.name), p.exp_avg_sq.clone()));
+            if let Some(m) = &p.master {
+                out.push((format!("master.{}", p.name), m.clone()));
+            }
+        }
+        out
+    }
+
+    /// Restores [`Self::state_tensors`] and the step count.
+    pub fn load_state(&mut self, tensors: &HashMap<String, Tensor>, step: u64) -> Result<()> {
+        let get = |key: String, like: &Var| -> Result<Tensor> {
+            let t = tensors
+                .get(&key)
+                .with_context(|| format!("optimizer state has no {key}"))?;
+            if t.dims() != like.dims() {
+                bail!(
+                    "optimizer state {key} has shape {:?}, the parameter {:?}",
+                    t.dims(),
+                    like.dims()
+                );
+            }
+            Ok(t.to_dtype(DType::F32)?.to_device(like.device())?)
+        };
+        for p in &mut self.params {
+            p.exp_avg = get(format!("exp_avg.{}", p.name), &p.var)?;
+            p.exp_avg_sq = get(format!("exp_avg_sq.{}", p.name), &p.var)?;
+            if p.master.is_some() {
+                p.master = Some(get(format!("master.{}", p.name), &p.var)?);
+            }
+        }
+        self.step = step;
+        Ok(())
+    }
+}
+
+/// Scales `grads` so their global L2 norm is at most `max_norm` (0 = no clipping) and returns
+/// the norm before clipping, as `clip_grad_norm_` does (coefficient max_norm / (norm + 1e-6)).
+pub fn clip_grad_norm(grads: &mut Grads, max_norm: f64) -> Result<f64> {
+    let mut sq = 0f64;
+    for g in grads.values() {
+        sq += g
+            .sqr()?
+            .sum_all()?
+            .to_dtype(DType::F64)?
+            .to_scalar::<f64>()?;
+    }
+    let norm = sq.sqrt();
+    if max_norm > 0.0 {
+        let coef = max_norm / (norm + 1e-6);
+        if coef < 1.0 {
+            for g in grads.values_mut() {
+                *g = (&*g * coef)?;
+            }
+        }
+    }
+    Ok(norm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schedule::{Schedule, ScheduleKind};
+    use candle_core::Device;
+
+    fn reference() -> HashMap<String, Tensor> {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/optim/reference.safetensors");
+        candle_core::safetensors::load(p, &Device::Cpu).unwrap()
+    }
+
+    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        let m = b.abs().unwrap().max_all().unwrap();
+        d.to_scalar::<f32>().unwrap() / m.to_scalar::<f32>().unwrap()
+    }
+
+    /// Six steps of clipping, the schedule and AdamW against torch.optim.AdamW +
+    /// clip_grad_norm_ + transformers' cosine schedule (scripts/make_optim_reference.py); the
+    /// same run with one parameter in bf16 keeps an f32 master that follows the f32 run.
+    #[test]
+    fn adamw_clipping_and_schedule_match_pytorch() -> Result<()> {
+        let r = reference();
+        let names = ["w", "emb", "norm"];
+        for dtype in [DType::F32, DType::BF16] {
+            let vars: Vec<(String, Var)> = names
+                .iter()
+                .map(|n| {
+                    let t = r[&format!("init.{n}")].clone();
+                    let t = if *n == "w" { t.to_dtype(dtype)? } else { t };
+                    Ok((n.to_string(), Var::from_tensor(&t)?))
+                })
+                .collect::<Result<_>>()?;
+            let cfg = AdamWConfig {
+                betas: [0.9, 0.95],
+                eps: 1e-8,
+                weight_decay: 0.1,
+            };
+            let mut opt = AdamW::new(vars.clone(), cfg)?;
+            let sched = Schedule::new(ScheduleKind::Cosine, 1e-2, 1e-3, Some(2), None, 6);
+            for k in 0..6 {
+                let lr = sched.lr(k);
+                let want_lr = r[&format!("lr.{k}")].to_scalar::<f64>()?;
+                assert!((lr - want_lr).abs() <= 1e-15 * want_lr.max(1.0), "lr {k}");
+                let mut grads: Grads = names
+                    .iter()
+                    .map(|n| (n.to_string(), r[&format!("grad.{k}.{n}")].clone()))
+                    .collect();
+                let norm = clip_grad_norm(&mut grads, 1.0)?;
+                let want = r[&format!("norm.{k}")].to_scalar::<f64>()?;
+                assert!(
+                    (norm - want).abs() < 1e-6 * want,
+                    "norm {k}: {norm} vs {want}"
+                );
+                opt.step(&grads, lr)?;
+                for (n, v) in &vars {
+                    let want = &r[&format!("param.{k}.{n}")];
+                    let got = match opt
+                        .state_tensors()
+                        .iter()
+                        .find(|(k, _)| *k == format!("master.{n}"))
+                    {
+                        Some((_, m)) => m.clone(),
+                        None => v.as_tensor().clone(),
+                    };
+                    if v.dtype() == DType::F32 {
+                        let rel = max_rel(&got, want);
+                        assert!(rel < 1e-5, "step {k} {n}: {rel:e}");
+                    } else {
+                        // The bf16 run starts from rounded weights; its updates must be torch's.
+                        let init = &r[&format!("init.{n}")];
+                        let start = init.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
+                        let (moved, want_moved) = ((&got - &start)?, (want - init)?);
+                        let d = (&moved - &want_moved)?
+                            .abs()?
+                            .max_all()?
+                            .to_scalar::<f32>()?;
+                        let scale = want_moved.abs()?.max_all()?.to_scalar::<f32>()?;
+                        assert!(d <= 1e-3 * scale + 1e-7, "bf16 master, step {k} {n}: {d:e}");
+                    }
+                    if v.dtype() == DType::BF16 {
+                        assert_eq!(
+                            v.as_tensor().to_dtype(DType::F32)?.to_vec2::<f32>()?,
+                            got.to_dtype(DType::BF16)?
+                                .to_dtype(DType::F32)?
+                                .to_vec2::<f32>()?,
+                            "the bf16 parameter is its master rounded"
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn schedules_match_transformers() {
+        let r = reference();
+        for (name, kind, min_lr) in [
+            ("cosine", ScheduleKind::Cosine, 1e-4),
+            ("linear", ScheduleKind::Linear, 0.0),
+            ("constant", ScheduleKind::Constant, 0.0),
+        ] {
+            let s = Schedule::new(kind, 1e-3, min_lr, Some(5), None, 50);
+            let want = r[&format!("sched.{name}")].to_vec1::<f64>().unwrap();
+            for (step, w) in want.iter().enumerate() {
+                let got = s.lr(step as u64);
+                assert!((got - w).abs() <= 1e-15, "{name} step {step}: {got} vs {w}");
+            }
+        }
+    }
+
+    #[test]
+    fn state_round_trips_and_decay_skips_vectors() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Var::from_tensor(&Tensor::ones((2, 2), DType::F32, &dev)?)?;
+        let b = Var::from_tensor(&Tensor::ones(2, DType::F32, &dev)?)?;
+        let cfg = AdamWConfig {
+            betas: [0.9, 0.999],
+            eps: 1e-8,
+            weight_decay: 0.5,
+        };
+        let params = vec![("w".to_string(), w.clone()), ("b".to_string(), b.clone())];
+        let mut opt = AdamW::new(params.clone(), cfg)?;
+        let zero: Grads = [
+            ("w".to_string(), Tensor::zeros((2, 2), DType::F32, &dev)?),
+            ("b".to_string(), Tensor::zeros(2, DType::F32, &dev)?),
+        ]
+        .into();
+        opt.step(&zero, 0.1)?;
+        // Zero gradient: only decay moves w (by lr · wd); b is a vector and stays.
+        assert_eq!(w.as_tensor().to_vec2::<f32>()?, vec![vec![0.95f32; 2]; 2]);
+        assert_eq!(b.as_tensor().to_vec1::<f32>()?, vec![1.0f32; 2]);
+        let saved: HashMap<String, Tensor> = opt.state_tensors().into_iter().collect();
+        let mut again = AdamW::new(params, cfg)?;
+        again.load_state(&saved, opt.step)?;
+        assert_eq!(again.step, 1);
+        let err = again
+            .load_state(&HashMap::new(), 1)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("exp_avg.w"), "{err}");
+        Ok(())
+    }
+}

@@ -1,0 +1,501 @@
+//! The fine-tuning recipe, top to bottom, as a torchtune recipe reads: the model and what trains
+//! in it, the data, the optimizer and schedule, where to start (a checkpoint or afresh), the
+//! loop (micro-batches → loss normalised by the step's target tokens → backward → clip →
+//! AdamW), validation, checkpoints, and at the end the adapter or model and the plots.
+//!
+//! Data parallelism (issue 6) plugs in where the comments say "all ranks": the step's target
+//! count and its gradients are summed over ranks there.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use helix_ckpt::{BackgroundWriter, CheckpointStore};
+use helix_data::{eval_batches, prepare, Batch, BatchStream, DataTokenizer};
+use helix_model::hf_export::{parse_size, ExportOptions};
+use helix_model::{ForwardMask, ModelDir};
+use helix_peft::{
+    export_merged, load_for_method, load_with_adapter, save_lora, save_ptuning, Customized, Method,
+    ModelBatch, VirtualTokens,
+};
+
+use crate::config::ConfigFile;
+use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, Grads};
+use crate::progress::{read_metrics, write_plots, MetricsLog, Progress, StepMetrics};
+use crate::schedule::{Schedule, ScheduleKind};
+use crate::signals::StopRequest;
+use crate::state::{choose_checkpoint, restore, restore_trainable, snapshot};
+
+/// How a run ended.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub resumed_from: u64,
+    pub last_step: u64,
+    pub total_steps: u64,
+    /// Stopped by SIGTERM / SIGINT after saving.
+    pub preempted: bool,
+    pub val_loss_before: Option<f64>,
+    pub val_loss_after: Option<f64>,
+    /// Median over this run's steps.
+    pub median_tokens_per_s: f64,
+    pub outputs: Vec<PathBuf>,
+}
+
+/// `helix-train --config FILE`.
+pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
+    cfg.validate_training()?;
+    let t = &cfg.trainer;
+    let device = crate::device()?;
+    std::fs::create_dir_all(&t.output_dir)
+        .with_context(|| format!("cannot create {}", t.output_dir.display()))?;
+
+    // 1. The model and what trains in it.
+    let method = cfg.method()?;
+    let model_dir = ModelDir::open(model_path(cfg))?;
+    let model = load_model(cfg, &model_dir, &method, &device)?;
+    eprintln!(
+        "{} on {}: {}",
+        method.name(),
+        model_dir.path.display(),
+        model.summary()
+    );
+
+    // 2. Data: tokenized once (or read back from the cache), then this rank's micro-batches.
+    let Data {
+        train: mut stream,
+        validation,
+    } = Data::load(cfg, config_path)?;
+    let accumulation = cfg.accumulation(1)?;
+
+    // 3. How long, how fast.
+    let total_steps = total_steps(cfg, stream.steps_per_epoch(), accumulation)?;
+    let s = &cfg.schedule;
+    let schedule = Schedule::new(
+        ScheduleKind::parse(&s.name)?,
+        cfg.optimizer.lr,
+        s.min_lr,
+        s.warmup_steps,
+        s.warmup_ratio,
+        total_steps,
+    );
+    let mut optimizer = AdamW::new(
+        model.trainable(),
+        AdamWConfig {
+            betas: cfg.optimizer.betas,
+            eps: cfg.optimizer.eps,
+            weight_decay: cfg.optimizer.weight_decay,
+        },
+    )?;
+
+    // 4. Where to start: the newest valid checkpoint (resume = "auto"), or afresh.
+    let store = checkpoint_store(cfg)?;
+    let mut step = 0;
+    if let Some(dir) = choose_checkpoint(cfg, &store, |w| eprintln!("{w}"))? {
+        let state = restore(&dir, cfg, &model, &mut optimizer, &mut stream)?;
+        step = state.step;
+        eprintln!("resumed from {} (step {step})", dir.display());
+    }
+    let resumed_from = step;
+    eprintln!(
+        "{total_steps} steps of {accumulation} micro-batch(es) × {} rows; {} micro-batches \
+         per epoch; checkpoints in {}",
+        cfg.batch.micro_batch_size,
+        stream.steps_per_epoch(),
+        store.root.display()
+    );
+
+    // 5. The loop.
+    let mut metrics = MetricsLog::open(&t.output_dir, step)?;
+    let stop = StopRequest::install()?;
+    let progress = Progress::new(total_steps, step);
+    let mut writer = BackgroundWriter::spawn(store.clone());
+    let chunk = t.loss_chunk_rows;
+    let val_every = t.val_check_interval;
+    let mut val_loss_before = None;
+    let mut val_loss_after = None;
+    if step == 0 && !validation.is_empty() {
+        let v = validate(&model, &validation, chunk)?;
+        metrics.write(&StepMetrics {
+            step: 0,
+            val_loss: Some(v),
+            ..Default::default()
+        })?;
+        progress.println(format!("validation loss before training: {v:.4}"));
+        val_loss_before = Some(v);
+    }
+    let mut rates = Vec::new();
+    let mut stall = Duration::ZERO;
+    let mut preempted = false;
+    while step < total_steps {
+        let t0 = Instant::now();
+        let batches = (0..accumulation)
+            .map(|_| stream.next_batch())
+            .collect::<Result<Vec<_>>>()?;
+        let (loss, mut grads) = forward_backward(&model, &batches, chunk)?;
+        let grad_norm = clip_grad_norm(&mut grads, t.gradient_clip_val)?;
+        if !loss.is_finite() || !grad_norm.is_finite() {
+            writer.wait()?;
+            let last = store.list_complete()?.first().map_or_else(
+                || "none was written".to_string(),
+                |(_, d)| format!("{} is kept", d.display()),
+            );
+            bail!(
+                "step {}: the loss is {loss} and the gradient norm {grad_norm}; stopping \
+                 without applying or saving this step (the last good checkpoint: {last})",
+                step + 1
+            );
+        }
+        let lr = schedule.lr(step);
+        optimizer.step(&grads, lr)?;
+        step += 1;
+
+        let secs = t0.elapsed().as_secs_f64();
+        let tokens: usize = batches.iter().map(|b| b.real_tokens).sum();
+        rates.push(tokens as f64 / secs);
+        let mut m = StepMetrics {
+            step,
+            loss: Some(loss),
+            lr: Some(lr),
+            grad_norm: Some(grad_norm),
+            tokens: Some(tokens as u64),
+            tokens_per_s: Some(tokens as f64 / secs),
+            step_time_s: Some(secs),
+            ..Default::default()
+        };
+        let last = step == total_steps;
+        if !validation.is_empty() && (last || (val_every > 0 && step % val_every == 0)) {
+            let v = validate(&model, &validation, chunk)?;
+            progress.println(format!("step {step}: validation loss {v:.4}"));
+            m.val_loss = Some(v);
+            val_loss_after = Some(v);
+        }
+        preempted = stop.requested();
+        if preempted || last || (t.save_interval > 0 && step % t.save_interval == 0) {
+            let ckpt = snapshot(step, total_steps, cfg, &model, &optimizer, &stream)?;
+            let (prev, waited) = writer.submit(ckpt)?;
+            stall += waited;
+            m.ckpt_stall_s = Some(waited.as_secs_f64());
+            if let Some(r) = prev {
+                progress.println(saved_line(&r));
+            }
+        }
+        metrics.write(&m)?;
+        progress.step(&m);
+        if preempted {
+            progress.println(format!(
+                "stop requested: saving step {step} and exiting (a second signal aborts)"
+            ));
+            break;
+        }
+    }
+    if let Some(r) = writer.wait()? {
+        progress.println(saved_line(&r));
+    }
+    progress.finish();
+    if stall > Duration::ZERO {
+        eprintln!(
+            "training waited {:.2} s in all for checkpoints still being written",
+            stall.as_secs_f64()
+        );
+    }
+
+    // 6. What the run leaves behind.
+    let mut outputs = write_plots(&t.output_dir, &read_metrics(&metrics.path)?)?;
+    if !preempted {
+        outputs.extend(write_outputs(cfg, &model, &model_dir, &method)?);
+    }
+    rates.sort_by(f64::total_cmp);
+    Ok(RunSummary {
+        resumed_from,
+        last_step: step,
+        total_steps,
+        preempted,
+        val_loss_before,
+        val_loss_after,
+        median_tokens_per_s: rates.get(rates.len() / 2).copied().unwrap_or(0.0),
+        outputs,
+    })
+}
+
+/// `helix-train eval --config FILE [--checkpoint DIR]`: the validation loss of the model as
+/// configured (fresh adapters, or `init_from`), or with a checkpoint's trainable tensors.
+pub fn evaluate(cfg: &ConfigFile, config_path: &Path, checkpoint: Option<&Path>) -> Result<f64> {
+    cfg.validate_training()?;
+    let device = crate::device()?;
+    let method = cfg.method()?;
+    let model_dir = ModelDir::open(model_path(cfg))?;
+    let model = load_model(cfg, &model_dir, &method, &device)?;
+    if let Some(dir) = checkpoint {
+        helix_ckpt::verify(dir)?;
+        restore_trainable(dir, &model)?;
+    }
+    let validation = Data::load(cfg, config_path)?.validation;
+    if validation.is_empty() {
+        bail!("no validation data: set data.validation or data.validation_fraction");
+    }
+    validate(&model, &validation, cfg.trainer.loss_chunk_rows)
+}
+
+fn model_path(cfg: &ConfigFile) -> &Path {
+    cfg.model
+        .as_ref()
+        .and_then(|m| m.path.as_deref())
+        .expect("validate_training checked model.path")
+}
+
+fn checkpoint_store(cfg: &ConfigFile) -> Result<CheckpointStore> {
+    Ok(CheckpointStore::new(
+        cfg.trainer.output_dir.join("checkpoints"),
+        cfg.trainer.save_total_limit,
+        parse_size(&cfg.output.max_shard_size)?,
+    ))
+}
+
+/// The model for `method`: fresh adapters from the seed, or the adapter of `method.init_from`.
+fn load_model(
+    cfg: &ConfigFile,
+    dir: &ModelDir,
+    method: &Method,
+    device: &Device,
+) -> Result<Customized> {
+    let dtype = cfg.model_dtype()?;
+    let Some(from) = cfg.method.as_ref().and_then(|m| m.init_from.as_deref()) else {
+        return load_for_method(
+            &dir.config,
+            &dir.weights,
+            method,
+            cfg.trainer.seed,
+            dtype,
+            device,
+        );
+    };
+    let c = load_with_adapter(&dir.config, &dir.weights, from, dtype, device)
+        .with_context(|| format!("method.init_from = {}", from.display()))?;
+    match (method, &c.lora, &c.ptuning) {
+        (Method::Lora(want), Some(got), _) if *want == got.cfg => Ok(c),
+        (Method::Lora(want), Some(got), _) => bail!(
+            "method.init_from = {}: the adapter's LoRA settings {:?} differ from [lora] {:?}",
+            from.display(),
+            got.cfg,
+            want
+        ),
+        (Method::Ptuning(_), _, Some(p)) => match p.tokens {
+            VirtualTokens::Encoder(_) => Ok(c),
+            VirtualTokens::Table(_) => bail!(
+                "method.init_from = {}: PEFT saves only P-tuning's virtual tokens, not its \
+                 encoder; continue from an adapter helix saved (with prompt_encoder.safetensors)",
+                from.display()
+            ),
+        },
+        _ => bail!(
+            "method.init_from = {} is not a {} adapter",
+            from.display(),
+            method.name()
+        ),
+    }
+}
+
+/// The prepared data of a run: this rank's stream of training micro-batches and the
+/// validation batches.
+struct Data {
+    train: BatchStream,
+    validation: Vec<Batch>,
+}
+
+impl Data {
+    fn load(cfg: &ConfigFile, config_path: &Path) -> Result<Self> {
+        let data_cfg = cfg.data(config_path)?;
+        let tok = DataTokenizer::open(&cfg.tokenizer_dir(config_path)?)?;
+        let prepared = prepare(data_cfg, &tok)?;
+        for (role, src) in &prepared.report.sources {
+            if !src.skipped_rows.is_empty() {
+                eprintln!(
+                    "{role}: skipped {} invalid rows (data.skip_invalid)",
+                    src.skipped_rows.len()
+                );
+            }
+        }
+        eprintln!(
+            "data: {} training and {} validation samples",
+            prepared.train.len(),
+            prepared.validation.len()
+        );
+        let micro = cfg.batch.micro_batch_size;
+        let validation = eval_batches(
+            &prepared.validation,
+            data_cfg,
+            tok.pad_id,
+            micro,
+            cfg.trainer.limit_val_batches,
+        )?;
+        // Rank 0 of 1 until data parallelism (issue 6).
+        let train = BatchStream::new(prepared.train, data_cfg, tok.pad_id, 1, 0, micro)?;
+        Ok(Self { train, validation })
+    }
+}
+
+/// Optimizer steps of the run: `max_steps`, or `max_epochs` worth of micro-batches, whichever
+/// ends first. A step takes `accumulation` micro-batches, running on into the next epoch.
+fn total_steps(cfg: &ConfigFile, micro_per_epoch: u64, accumulation: usize) -> Result<u64> {
+    let t = &cfg.trainer;
+    let from_epochs = t
+        .max_epochs
+        .map(|e| e * micro_per_epoch / accumulation as u64);
+    let total = match (t.max_steps, from_epochs) {
+        (Some(a), Some(b)) => a.min(b),
+        (Some(a), None) => a,
+        (None, Some(b)) => b,
+        (None, None) => unreachable!("validate_training requires one"),
+    };
+    if total == 0 {
+        bail!(
+            "trainer.max_epochs = {} gives no optimizer step: an epoch has {micro_per_epoch} \
+             micro-batches and a step takes {accumulation}",
+            t.max_epochs.unwrap_or(0)
+        );
+    }
+    Ok(total)
+}
+
+/// A host batch on the model's device.
+struct DeviceBatch {
+    input_ids: Tensor,
+    position_ids: Tensor,
+    labels: Tensor,
+    mask: ForwardMask,
+}
+
+impl DeviceBatch {
+    fn new(b: &Batch, dev: &Device) -> Result<Self> {
+        let shape = (b.rows, b.seq_len);
+        Ok(Self {
+            input_ids: Tensor::from_vec(b.input_ids.clone(), shape, dev)?,
+            position_ids: Tensor::from_vec(b.position_ids.clone(), shape, dev)?,
+            labels: Tensor::from_vec(b.labels.clone(), shape, dev)?,
+            mask: ForwardMask {
+                key_valid: b.key_valid.clone(),
+                segment_ids: b.segment_ids.clone(),
+            },
+        })
+    }
+
+    fn model_batch(&self) -> ModelBatch<'_> {
+        ModelBatch {
+            input_ids: &self.input_ids,
+            position_ids: &self.position_ids,
+            labels: Some(&self.labels),
+            mask: &self.mask,
+        }
+    }
+}
+
+/// One optimizer step's forward and backward over its micro-batches: the loss is the sum over
+/// all of them divided by the step's target tokens, so a long answer weighs what its tokens
+/// weigh whatever micro-batch it lands in. Returns that loss and the f32 gradients.
+fn forward_backward(model: &Customized, batches: &[Batch], chunk: usize) -> Result<(f64, Grads)> {
+    let dev = model.model.device().clone();
+    // All ranks: this count is summed over data-parallel ranks.
+    let targets: usize = batches
+        .iter()
+        .map(|b| model.count_targets(&b.labels, b.seq_len))
+        .sum();
+    let denom = targets.max(1) as f64;
+    let vars = model.trainable();
+    let mut grads = Grads::new();
+    let mut loss = 0f64;
+    for b in batches {
+        let t = DeviceBatch::new(b, &dev)?;
+        let (sum, _) = model.loss_sum(&t.model_batch(), chunk)?;
+        loss += sum.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
+        let store = (sum / denom)?.backward()?;
+        for (name, var) in &vars {
+            let Some(g) = store.get(var) else { continue };
+            let g = g.to_dtype(DType::F32)?;
+            let acc = match grads.remove(name) {
+                Some(acc) => (acc + g)?,
+                None => g,
+            };
+            grads.insert(name.clone(), acc);
+        }
+    }
+    // All ranks: gradients are summed over data-parallel ranks here.
+    Ok((loss / denom, grads))
+}
+
+/// Mean loss per target token over the validation batches, in eval mode (no dropout).
+fn validate(model: &Customized, batches: &[Batch], chunk: usize) -> Result<f64> {
+    model.set_training(false);
+    let dev = model.model.device().clone();
+    let result = (|| {
+        let (mut sum, mut n) = (0f64, 0usize);
+        for b in batches {
+            let t = DeviceBatch::new(b, &dev)?;
+            let (s, k) = model.loss_sum(&t.model_batch(), chunk)?;
+            sum += s.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
+            n += k;
+        }
+        Ok(sum / n.max(1) as f64)
+    })();
+    model.set_training(true);
+    result
+}
+
+fn saved_line(r: &helix_ckpt::SaveReport) -> String {
+    format!(
+        "saved checkpoint {} ({:.1} MB in {:.2} s{})",
+        r.dir.display(),
+        r.bytes as f64 / 1e6,
+        r.seconds,
+        if r.removed.is_empty() {
+            String::new()
+        } else {
+            format!(", removed {} older", r.removed.len())
+        }
+    )
+}
+
+/// At the end: the adapter in PEFT format (`output_dir/adapter`), and the model as a Hugging
+/// Face directory (`output_dir/model`: full SFT always, LoRA merged when `output.merged`).
+fn write_outputs(
+    cfg: &ConfigFile,
+    model: &Customized,
+    model_dir: &ModelDir,
+    method: &Method,
+) -> Result<Vec<PathBuf>> {
+    let out = &cfg.trainer.output_dir;
+    let base = model_dir.path.display().to_string();
+    let mut written = Vec::new();
+    if cfg.output.adapter {
+        let dir = out.join("adapter");
+        match method {
+            Method::Lora(_) => save_lora(&dir, model.lora.as_ref().expect("LoRA"), &base)?,
+            Method::Ptuning(_) => save_ptuning(
+                &dir,
+                model.ptuning.as_ref().expect("P-tuning"),
+                model.model.config(),
+                &base,
+            )?,
+            Method::FullSft => {}
+        }
+        if !matches!(method, Method::FullSft) {
+            eprintln!("adapter (PEFT format): {}", dir.display());
+            written.push(dir);
+        }
+    }
+    if matches!(method, Method::FullSft) || cfg.output.merged {
+        let dir = out.join("model");
+        let opts = ExportOptions {
+            dtype: cfg.model_dtype()?,
+            max_shard_bytes: parse_size(&cfg.output.max_shard_size)?,
+        };
+        let report = export_merged(model, &model_dir.path, &dir, &opts)?;
+        eprintln!(
+            "model (Hugging Face directory, {} files): {}",
+            report.files.len(),
+            dir.display()
+        );
+        written.push(dir);
+    }
+    Ok(written)
+}
