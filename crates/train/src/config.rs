@@ -278,18 +278,36 @@ impl ConfigFile {
         if sets.is_empty() {
             return Ok(Self { raw, ..parsed });
         }
+        let mut typed = Vec::new();
         for s in sets {
-            apply_set(&mut raw, s)?;
+            typed.push(apply_set(&mut raw, s)?);
         }
-        let cfg: Self = toml::Value::Table(raw.clone()).try_into().map_err(|e| {
-            anyhow!(
-                "{} with --set {}: {}",
-                path.display(),
-                sets.join(" --set "),
-                explain(&e.to_string())
-            )
-        })?;
-        Ok(Self { raw, ..cfg })
+        loop {
+            match toml::Value::Table(raw.clone()).try_into::<Self>() {
+                Ok(cfg) => return Ok(Self { raw, ..cfg }),
+                Err(e) => {
+                    // `--set trainer.output_dir=nan`: a bare value that parsed as another type
+                    // where the key wants a string is the text the user typed.
+                    let msg = e.to_string();
+                    let key = msg
+                        .split("in `")
+                        .nth(1)
+                        .and_then(|r| r.split('`').next())
+                        .unwrap_or_default();
+                    let Some(i) = typed.iter().position(|t| t.as_deref() == Some(key)) else {
+                        bail!(
+                            "{} with --set {}: {}",
+                            path.display(),
+                            sets.join(" --set "),
+                            explain(&msg)
+                        );
+                    };
+                    let text = sets[i].split_once('=').expect("checked").1.trim();
+                    set_value(&mut raw, key, toml::Value::String(text.to_string()))?;
+                    typed[i] = None;
+                }
+            }
+        }
     }
 
     pub fn load(path: &Path) -> Result<Self> {
@@ -520,12 +538,14 @@ pub fn parse_dtype(d: &str) -> Result<DType> {
 }
 
 /// Applies one `section.key=value` override; the value is TOML (`1e-4`, `true`, `[0.9, 0.95]`,
-/// `"text"`), or a bare string.
-fn apply_set(table: &mut toml::Table, set: &str) -> Result<()> {
+/// `"text"`), or a bare string. Returns the dotted key when a bare value was read as something
+/// other than a string (the caller turns it back into the string if the key wants one).
+fn apply_set(table: &mut toml::Table, set: &str) -> Result<Option<String>> {
     let (path, value) = set
         .split_once('=')
         .with_context(|| format!("--set {set}: expected section.key=value"))?;
-    let keys: Vec<&str> = path.trim().split('.').collect();
+    let path = path.trim();
+    let keys: Vec<&str> = path.split('.').collect();
     if keys.len() < 2 || keys.iter().any(|k| k.is_empty()) {
         bail!("--set {set}: the key must be section.key (e.g. optimizer.lr)");
     }
@@ -534,15 +554,22 @@ fn apply_set(table: &mut toml::Table, set: &str) -> Result<()> {
         .ok()
         .and_then(|mut t| t.remove("v"))
         .unwrap_or_else(|| toml::Value::String(value.to_string()));
+    let retypable = !parsed.is_str();
+    set_value(table, path, parsed).with_context(|| format!("--set {set}"))?;
+    Ok(retypable.then(|| path.to_string()))
+}
+
+fn set_value(table: &mut toml::Table, path: &str, value: toml::Value) -> Result<()> {
+    let keys: Vec<&str> = path.split('.').collect();
     let mut at = table;
     for k in &keys[..keys.len() - 1] {
         at = at
             .entry(k.to_string())
             .or_insert_with(|| toml::Value::Table(Default::default()))
             .as_table_mut()
-            .with_context(|| format!("--set {set}: {k} is not a section"))?;
+            .with_context(|| format!("{k} is not a section"))?;
     }
-    at.insert(keys[keys.len() - 1].to_string(), parsed);
+    at.insert(keys[keys.len() - 1].to_string(), value);
     Ok(())
 }
 
@@ -716,9 +743,11 @@ max_steps = 20
         assert!(err.contains("--set trainer.max_steps=abc"), "{err}");
         let err = load(BASE, &["lr=1"]).unwrap_err().to_string();
         assert!(err.contains("section.key"), "{err}");
-        let err = load(BASE, &["trainer.max_steps.x=1"])
-            .unwrap_err()
-            .to_string();
+        // Bare values that parse as numbers, floats or booleans stay text where text is wanted.
+        let c = load(BASE, &["trainer.output_dir=nan", "trainer.resume=true"])?;
+        assert_eq!(c.trainer.output_dir, PathBuf::from("nan"));
+        assert_eq!(c.trainer.resume, "true");
+        let err = format!("{:#}", load(BASE, &["trainer.max_steps.x=1"]).unwrap_err());
         assert!(err.contains("max_steps is not a section"), "{err}");
         Ok(())
     }

@@ -504,7 +504,7 @@ fn run_training(path: &std::path::Path, cfg: &ConfigFile) -> Result<()> {
     };
     let val = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
     eprintln!(
-        "{how} at step {}/{} (started at {}) in {:.1} s; validation loss {} → {}; median {:.0}          tokens/s",
+        "{how} at step {}/{} (started at {}) in {:.1} s; validation loss {} → {}; median {:.0} tokens/s",
         r.last_step,
         r.total_steps,
         r.resumed_from,

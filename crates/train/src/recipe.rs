@@ -182,6 +182,7 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
         }
         metrics.write(&m)?;
         progress.step(&m);
+        std::thread::sleep(test_step_delay());
         if preempted {
             progress.println(format!(
                 "stop requested: saving step {step} and exiting (a second signal aborts)"
@@ -441,6 +442,16 @@ fn validate(model: &Customized, batches: &[Batch], chunk: usize) -> Result<f64> 
     result
 }
 
+/// Fault injection for the kill and signal tests: `HELIX_TEST_STEP_DELAY_MS` sleeps after
+/// each step, so a signal or a kill lands mid-run.
+fn test_step_delay() -> Duration {
+    std::env::var("HELIX_TEST_STEP_DELAY_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis)
+        .unwrap_or_default()
+}
+
 fn saved_line(r: &helix_ckpt::SaveReport) -> String {
     format!(
         "saved checkpoint {} ({:.1} MB in {:.2} s{})",
@@ -498,4 +509,69 @@ fn write_outputs(
         written.push(dir);
     }
     Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use helix_data::{collate_padded, PadOptions, Sample};
+    use helix_model::{LlamaConfig, SafetensorsWeights};
+    use helix_peft::LoraConfig;
+
+    /// The loss of a step is its micro-batches' summed loss over the step's target tokens:
+    /// two micro-batches of one row give the loss and gradients of one micro-batch of both.
+    #[test]
+    fn accumulated_micro_batches_equal_one_batch_of_their_rows() -> Result<()> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures/tiny-gqa-untied-b3");
+        let cfg = LlamaConfig::from_file(&dir.join("config.json"))?;
+        let weights = SafetensorsWeights::open_dir(&dir)?;
+        let mut lora = LoraConfig::new(4, 8.0, &helix_peft::LLAMA_TARGETS);
+        lora.lora_dropout = 0.0;
+        let model = load_for_method(
+            &cfg,
+            &weights,
+            &Method::Lora(lora),
+            3,
+            DType::F32,
+            &Device::Cpu,
+        )?;
+        // Non-zero B so every adapter weight has a gradient.
+        for (_, v) in model.trainable() {
+            v.set(&(v.as_tensor().ones_like()? * 0.05)?)?;
+        }
+        let a = Sample::new(
+            vec![3, 9, 4, 17, 8, 11, 2],
+            2,
+            0,
+            helix_data::LossMode::AnswerOnly,
+        );
+        let b = Sample::new(vec![5, 6, 30, 2], 1, 1, helix_data::LossMode::AnswerOnly);
+        let pad = PadOptions::default();
+        let one = [collate_padded(&[&a, &b], &pad)?];
+        let two = [collate_padded(&[&a], &pad)?, collate_padded(&[&b], &pad)?];
+        let (l1, g1) = forward_backward(&model, &one, 64)?;
+        let (l2, g2) = forward_backward(&model, &two, 64)?;
+        assert!((l1 - l2).abs() < 1e-6 * l1, "{l1} vs {l2}");
+        assert_eq!(g1.len(), model.trainable().len());
+        for (name, g) in &g1 {
+            let d = (g - &g2[name])?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let m = g.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(d <= 1e-5 * m, "{name}: {d} of {m}");
+        }
+        // And it is the mean over target tokens: (5 + 3) targets, not a mean of two means.
+        let (sum_a, na) = {
+            let t = DeviceBatch::new(&two[0], &Device::Cpu)?;
+            let (s, n) = model.loss_sum(&t.model_batch(), 64)?;
+            (s.to_scalar::<f32>()? as f64, n)
+        };
+        let (sum_b, nb) = {
+            let t = DeviceBatch::new(&two[1], &Device::Cpu)?;
+            let (s, n) = model.loss_sum(&t.model_batch(), 64)?;
+            (s.to_scalar::<f32>()? as f64, n)
+        };
+        assert_eq!((na, nb), (5, 3));
+        assert!((l2 - (sum_a + sum_b) / 8.0).abs() < 1e-9);
+        Ok(())
+    }
 }
