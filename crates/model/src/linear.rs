@@ -10,15 +10,9 @@ pub trait Linear: Send + Sync {
     fn weight(&self) -> Tensor;
 }
 
-/// `x Wᵀ` for x [..., in] and W [out, in].
+/// `x Wᵀ` for x [..., in] and W [out, in] (see [`helix_ops::linear`]).
 pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let inner = *dims.last().expect("linear input has a last dimension");
-    let rows = x.elem_count() / inner.max(1);
-    let y = x.reshape((rows, inner))?.matmul(&w.t()?)?;
-    let mut out = dims;
-    *out.last_mut().unwrap() = w.dim(0)?;
-    y.reshape(out)
+    helix_ops::linear(x, w)
 }
 
 /// `y = x Wᵀ`, W [out, in] as Hugging Face stores it. Llama has no biases.

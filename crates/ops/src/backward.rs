@@ -1,6 +1,6 @@
 //! Attaching a hand-written backward pass to a value computed outside the autograd graph.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Storage, Tensor};
 
@@ -21,7 +21,7 @@ pub fn with_backward(
         return Ok(value);
     }
     let op = Precomputed {
-        value: value.contiguous()?,
+        value: Mutex::new(Some(value.contiguous()?)),
         bwd: Arc::new(bwd),
     };
     input.apply_op1_arc(Arc::new(Box::new(op)))
@@ -43,7 +43,7 @@ pub fn with_backward2(
         return Ok(value);
     }
     let op = Precomputed2 {
-        value: value.contiguous()?,
+        value: Mutex::new(Some(value.contiguous()?)),
         bwd: Box::new(move |g| bwd(g, need_a, need_b)),
     };
     a.apply_op2_arc(b, Arc::new(Box::new(op)))
@@ -52,11 +52,24 @@ pub fn with_backward2(
 type Backward2Fn = Box<dyn Fn(&Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> + Send + Sync>;
 
 struct Precomputed2 {
-    value: Tensor,
+    value: PrecomputedValue,
     bwd: Backward2Fn,
 }
 
-fn cpu_copy(value: &Tensor) -> Result<(CpuStorage, Shape)> {
+/// The forward's result, handed over once: the op must not keep it alive for the whole life
+/// of the graph (that would hold every such activation twice).
+type PrecomputedValue = Mutex<Option<Tensor>>;
+
+fn take(value: &PrecomputedValue) -> Result<Tensor> {
+    value
+        .lock()
+        .expect("not poisoned")
+        .take()
+        .ok_or_else(|| candle_core::Error::Msg("a precomputed value is used once".into()))
+}
+
+fn cpu_copy(value: &PrecomputedValue) -> Result<(CpuStorage, Shape)> {
+    let value = take(value)?;
     let (storage, layout) = value.storage_and_layout();
     match &*storage {
         Storage::Cpu(s) if layout.is_contiguous() && layout.start_offset() == 0 => {
@@ -68,8 +81,9 @@ fn cpu_copy(value: &Tensor) -> Result<(CpuStorage, Shape)> {
 }
 
 #[cfg(feature = "cuda")]
-fn cuda_copy(value: &Tensor) -> Result<(candle_core::CudaStorage, Shape)> {
+fn cuda_copy(value: &PrecomputedValue) -> Result<(candle_core::CudaStorage, Shape)> {
     use candle_core::backend::BackendStorage;
+    let value = take(value)?;
     let (storage, layout) = value.storage_and_layout();
     match &*storage {
         Storage::Cuda(s) => Ok((s.try_clone(layout)?, value.shape().clone())),
@@ -115,7 +129,7 @@ impl CustomOp2 for Precomputed2 {
 }
 
 struct Precomputed {
-    value: Tensor,
+    value: PrecomputedValue,
     bwd: BackwardFn,
 }
 

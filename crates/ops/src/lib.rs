@@ -1,6 +1,7 @@
 //! The differentiable building blocks of one Llama training step, one function each.
 //!
-//! The model calls only these functions for RMSNorm, RoPE, SwiGLU, attention and the loss, so a
+//! The model calls only these functions for projections, RMSNorm, RoPE, SwiGLU, attention and the
+//! loss, so a
 //! fused CUDA kernel (kernels/) or a tensor-parallel variant can take the place of any one of
 //! them without touching the model. Each is written with candle ops that have a backward pass;
 //! where the plain op graph would be slow or memory-hungry, the forward is computed detached and
@@ -8,12 +9,14 @@
 
 mod attention;
 mod backward;
+mod linear;
 mod loss;
 mod norm;
 mod rope;
 
 pub use attention::{attention_bias, causal_attention, repeat_kv, MaskSpec};
 pub use backward::{with_backward, with_backward2, BackwardFn};
+pub use linear::linear;
 pub use loss::{count_targets, linear_cross_entropy, IGNORE_INDEX};
 pub use norm::rms_norm;
 pub use rope::{apply_rope, RopeTable};

@@ -127,3 +127,38 @@ fn rope_rotates_pairs_half_a_head_apart() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn linear_with_a_frozen_weight_matches_matmul_and_skips_the_weight_gradient() -> Result<()> {
+    let dev = Device::Cpu;
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 8), &dev)?)?;
+    let w = Tensor::randn(0f32, 1.0, (5, 8), &dev)?;
+    let mix = Tensor::randn(0f32, 1.0, (2, 3, 5), &dev)?;
+    let y = linear(x.as_tensor(), &w)?;
+    let plain = x.as_tensor().broadcast_matmul(&w.t()?)?;
+    assert!(max_abs_diff(&y, &plain) < 1e-5);
+    let g = (y * &mix)?.sum_all()?.backward()?;
+    let gp = (plain * &mix)?.sum_all()?.backward()?;
+    let (gx, gx_plain) = (g.get(&x).unwrap(), gp.get(&x).unwrap());
+    assert!(max_abs_diff(gx, gx_plain) < 1e-5);
+    // Nothing weight-shaped was computed, where candle's own matmul computes it.
+    let weight_shaped = |g: &candle_core::backprop::GradStore| {
+        g.get_ids()
+            .any(|id| g.get_id(*id).unwrap().dims() == [8, 5])
+    };
+    assert!(!weight_shaped(&g));
+    assert!(weight_shaped(&gp));
+
+    // A trainable weight (full SFT) still gets its gradient.
+    let wv = Var::from_tensor(&w)?;
+    let g = (linear(x.as_tensor(), wv.as_tensor())? * &mix)?
+        .sum_all()?
+        .backward()?;
+    let gw = g.get(&wv).expect("a trainable weight has a gradient");
+    let want = mix
+        .reshape((6, 5))?
+        .t()?
+        .matmul(&x.as_tensor().reshape((6, 8))?)?;
+    assert!(max_abs_diff(gw, &want) < 1e-5);
+    Ok(())
+}

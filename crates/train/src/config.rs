@@ -403,8 +403,9 @@ impl ConfigFile {
         Ok(global / (micro * dp))
     }
 
-    /// Checks every value a training run uses; the error names the key.
-    pub fn validate_training(&self) -> Result<()> {
+    /// Checks every value a training run on `data_parallel` ranks uses, before anything is
+    /// loaded; the error names the key.
+    pub fn validate_training(&self, data_parallel: usize) -> Result<()> {
         let model = self
             .model
             .as_ref()
@@ -419,6 +420,7 @@ impl ConfigFile {
         self.method()?;
         let data = self.data.as_ref().context("[data] is missing")?;
         data.validate()?;
+        self.accumulation(data_parallel)?;
         let o = &self.optimizer;
         if o.name != "adamw" {
             bail!(
@@ -693,7 +695,7 @@ max_steps = 20
         assert_eq!(load(BASE, &[]).unwrap().accumulation(2).unwrap(), 2);
         let err = load(BASE, &["optimizer.lr=-1"])
             .unwrap()
-            .validate_training()
+            .validate_training(1)
             .unwrap_err()
             .to_string();
         assert!(err.contains("optimizer.lr"), "{err}");
@@ -705,7 +707,7 @@ max_steps = 20
         assert!(err.contains("did you mean `lora`?"), "{err}");
         let err = load(BASE, &["schedule.name=cosin"])
             .unwrap()
-            .validate_training()
+            .validate_training(1)
             .unwrap_err()
             .to_string();
         assert!(

@@ -44,7 +44,7 @@ pub struct RunSummary {
 
 /// `helix-train --config FILE`.
 pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
-    cfg.validate_training()?;
+    cfg.validate_training(1)?;
     let t = &cfg.trainer;
     let device = crate::device()?;
     std::fs::create_dir_all(&t.output_dir)
@@ -222,7 +222,7 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
 /// `helix-train eval --config FILE [--checkpoint DIR]`: the validation loss of the model as
 /// configured (fresh adapters, or `init_from`), or with a checkpoint's trainable tensors.
 pub fn evaluate(cfg: &ConfigFile, config_path: &Path, checkpoint: Option<&Path>) -> Result<f64> {
-    cfg.validate_training()?;
+    cfg.validate_training(1)?;
     let device = crate::device()?;
     let method = cfg.method()?;
     let model_dir = ModelDir::open(model_path(cfg))?;

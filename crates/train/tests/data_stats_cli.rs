@@ -94,7 +94,12 @@ fn bad_configs_name_the_file_line_and_key() {
         ),
         (
             CONFIG.replace("[data]", "[dta]"),
-            vec!["bad.toml", "line 5", "unknown field `dta`", "did you mean `data`?"],
+            vec![
+                "bad.toml",
+                "line 5",
+                "unknown field `dta`",
+                "did you mean `data`?",
+            ],
         ),
         (
             CONFIG.replace("train = \"rows.jsonl\"", "train = \"missing.jsonl\""),

@@ -1,0 +1,37 @@
+//! Every config in configs/ parses and passes the checks a run makes before it loads anything;
+//! the training configs' batch sizes divide for the data-parallel sizes they are meant for.
+
+use std::path::Path;
+
+use helix_train::config::ConfigFile;
+
+#[test]
+fn every_shipped_config_is_valid() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    let mut training = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let path = e.unwrap().path();
+        if path.extension().is_none_or(|x| x != "toml") {
+            continue;
+        }
+        let cfg = ConfigFile::load(&path).unwrap_or_else(|e| panic!("{e:#}"));
+        cfg.data(&path).unwrap();
+        if cfg.method.is_none() {
+            continue; // a [data]-only example for data-stats
+        }
+        cfg.validate_training(1)
+            .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+        // One GPU, one node of 8, and the 70B job's two nodes at TP 8 (DP 2).
+        for dp in [1, 2, 8] {
+            if cfg.batch.global_batch_size.unwrap_or(1) >= dp {
+                cfg.accumulation(dp)
+                    .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+            }
+        }
+        training += 1;
+    }
+    assert_eq!(
+        training, 6,
+        "quickstart, sft7b, lora7b, lora13b, lora70b, ptuning7b"
+    );
+}
