@@ -146,7 +146,13 @@ impl Linear for LoraLinear {
         }
         let y = matmul_t(x, &self.base)?;
         let xf = self.dropout.apply(&x.to_dtype(DType::F32)?)?;
-        let update = matmul_t(&matmul_t(&xf, self.a.as_tensor())?, self.b.as_tensor())?;
+        // In eval mode the adapters are constants: no graph is recorded, so activations are
+        // freed as the forward goes (validation, generation).
+        let (a, b) = match self.dropout.is_training() {
+            true => (self.a.as_tensor().clone(), self.b.as_tensor().clone()),
+            false => (self.a.as_tensor().detach(), self.b.as_tensor().detach()),
+        };
+        let update = matmul_t(&matmul_t(&xf, &a)?, &b)?;
         let dtype = y.dtype();
         y + (update * self.scaling)?.to_dtype(dtype)?
     }
@@ -299,4 +305,28 @@ impl LoraAdapters {
 /// PEFT's key for an adapter weight of the projection at `prefix`.
 pub fn peft_key(prefix: &str, which: &str) -> String {
     format!("base_model.model.{prefix}.{which}.weight")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn eval_mode_computes_the_same_without_recording_a_graph() -> Result<()> {
+        let dev = Device::Cpu;
+        let builder = LoraBuilder::new(LoraConfig::new(2, 4.0, &["q_proj"]), 1)?;
+        let w = Tensor::randn(0f32, 1.0, (3, 4), &dev)?;
+        let layer = builder.hook("model.layers.0.self_attn.q_proj", Dense::new(w))?;
+        let adapters = builder.finish()?;
+        adapters.layers[0].b().set(&Tensor::ones((3, 2), DType::F32, &dev)?)?;
+        let x = Tensor::randn(0f32, 1.0, (5, 4), &dev)?;
+        let train = layer.forward(&x)?;
+        assert!(train.track_op(), "training records the graph to the adapters");
+        adapters.set_training(false);
+        let eval = layer.forward(&x)?;
+        assert!(!eval.track_op(), "eval mode keeps no activations for a backward");
+        assert_eq!(eval.to_vec2::<f32>()?, train.to_vec2::<f32>()?);
+        Ok(())
+    }
 }

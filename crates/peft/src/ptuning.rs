@@ -180,23 +180,29 @@ impl PromptEncoder {
         &self.dropout
     }
 
-    fn p(&self, name: &str) -> &Tensor {
-        self.params
+    /// A parameter; detached in eval mode, so no graph is recorded.
+    fn p(&self, name: &str) -> Tensor {
+        let t = self
+            .params
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, v)| v.as_tensor())
-            .unwrap_or_else(|| panic!("prompt encoder has no parameter {name}"))
+            .unwrap_or_else(|| panic!("prompt encoder has no parameter {name}"));
+        match self.dropout.is_training() {
+            true => t.clone(),
+            false => t.detach(),
+        }
     }
 
     fn linear(&self, i: usize, x: &Tensor) -> candle_core::Result<Tensor> {
         let w = self.p(&format!("mlp_head.{i}.weight"));
         let b = self.p(&format!("mlp_head.{i}.bias"));
-        x.matmul(&w.t()?)?.broadcast_add(b)
+        x.matmul(&w.t()?)?.broadcast_add(&b)
     }
 
     /// The virtual tokens [n, D] (f32): the encoder applied to its embedding table.
     pub fn forward(&self) -> candle_core::Result<Tensor> {
-        let x = self.p("embedding.weight").clone();
+        let x = self.p("embedding.weight");
         match self.cfg.encoder_reparameterization_type {
             EncoderType::Mlp => {
                 let x = self.linear(0, &x)?.relu()?;
