@@ -272,6 +272,48 @@ pub fn load_for_method(
     }
 }
 
+/// Sets every variable of `vars` from `tensors` (keys: `prefix` + name) in the variable's
+/// dtype and device: each must be there with its shape, and every tensor must be used. Errors
+/// name `source` (the file) and the key.
+pub fn load_named_vars(
+    vars: &[(String, Var)],
+    tensors: &std::collections::HashMap<String, Tensor>,
+    prefix: &str,
+    source: &std::path::Path,
+) -> Result<()> {
+    for (name, var) in vars {
+        let key = format!("{prefix}{name}");
+        let t = tensors
+            .get(&key)
+            .with_context(|| format!("{}: no tensor {key}", source.display()))?;
+        if t.dims() != var.dims() {
+            bail!(
+                "{}: {key} has shape {:?}, the model needs {:?}",
+                source.display(),
+                t.dims(),
+                var.dims()
+            );
+        }
+        var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+    }
+    if tensors.len() != vars.len() {
+        let mut unused: Vec<&String> = tensors
+            .keys()
+            .filter(|k| !vars.iter().any(|(n, _)| **k == format!("{prefix}{n}")))
+            .collect();
+        unused.sort();
+        if let Some(k) = unused.first() {
+            bail!(
+                "{}: {k} matches nothing this model trains ({} unused tensors; another method \
+                 or model?)",
+                source.display(),
+                unused.len()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Trainable and total parameter counts, as PEFT's `print_trainable_parameters` reports them,
 /// plus the bytes the trainable ones take.
 #[derive(Clone, Debug, PartialEq, Serialize)]

@@ -89,6 +89,23 @@ impl LoraConfig {
         Ok(())
     }
 
+    /// The same settings, whatever the order of `target_modules`.
+    pub fn same_as(&self, other: &LoraConfig) -> bool {
+        let sorted = |c: &LoraConfig| {
+            let mut t = c.target_modules.clone();
+            t.sort();
+            t.dedup();
+            t
+        };
+        LoraConfig {
+            target_modules: sorted(self),
+            ..self.clone()
+        } == LoraConfig {
+            target_modules: sorted(other),
+            ..other.clone()
+        }
+    }
+
     /// Whether the projection at `prefix` (`model.layers.3.self_attn.q_proj`) gets an adapter.
     pub fn targets(&self, prefix: &str) -> bool {
         let leaf = prefix.rsplit('.').next().unwrap_or(prefix);
@@ -319,13 +336,21 @@ mod tests {
         let w = Tensor::randn(0f32, 1.0, (3, 4), &dev)?;
         let layer = builder.hook("model.layers.0.self_attn.q_proj", Dense::new(w))?;
         let adapters = builder.finish()?;
-        adapters.layers[0].b().set(&Tensor::ones((3, 2), DType::F32, &dev)?)?;
+        adapters.layers[0]
+            .b()
+            .set(&Tensor::ones((3, 2), DType::F32, &dev)?)?;
         let x = Tensor::randn(0f32, 1.0, (5, 4), &dev)?;
         let train = layer.forward(&x)?;
-        assert!(train.track_op(), "training records the graph to the adapters");
+        assert!(
+            train.track_op(),
+            "training records the graph to the adapters"
+        );
         adapters.set_training(false);
         let eval = layer.forward(&x)?;
-        assert!(!eval.track_op(), "eval mode keeps no activations for a backward");
+        assert!(
+            !eval.track_op(),
+            "eval mode keeps no activations for a backward"
+        );
         assert_eq!(eval.to_vec2::<f32>()?, train.to_vec2::<f32>()?);
         Ok(())
     }

@@ -7,7 +7,7 @@
 //!   `prompt_encoder.safetensors` (PEFT's parameter names) so training can resume; PEFT ignores
 //!   that file.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -340,33 +340,9 @@ fn ptuning_config_from_peft(v: &Value) -> Result<PtuningConfig> {
 }
 
 impl LoraAdapters {
-    /// Sets every adapter weight from `tensors` (PEFT keys). Every key must be used and every
-    /// adapter weight given, with its shape.
+    /// Sets every adapter weight from `tensors` (PEFT keys); see [`crate::load_named_vars`].
     pub fn load_tensors(&self, tensors: &HashMap<String, Tensor>, source: &Path) -> Result<()> {
-        let mut unused: BTreeSet<&str> = tensors.keys().map(String::as_str).collect();
-        for (key, var) in self.named_vars() {
-            let t = tensors
-                .get(&key)
-                .with_context(|| format!("{}: no tensor {key}", source.display()))?;
-            if t.dims() != var.dims() {
-                bail!(
-                    "{}: {key} has shape {:?}, the model needs {:?}",
-                    source.display(),
-                    t.dims(),
-                    var.dims()
-                );
-            }
-            var.set(&t.to_device(var.device())?)?;
-            unused.remove(key.as_str());
-        }
-        if let Some(k) = unused.first() {
-            bail!(
-                "{}: {k} matches no adapted layer of this model ({} unused tensors)",
-                source.display(),
-                unused.len()
-            );
-        }
-        Ok(())
+        crate::load_named_vars(&self.named_vars(), tensors, "", source)
     }
 }
 

@@ -266,47 +266,15 @@ impl PromptEncoder {
         Tensor::cat(&outs, 0)
     }
 
-    /// Sets every parameter from `tensors` (keys as [`Self::named_vars`] after `prefix`); every
-    /// parameter must be given with its shape and every key used.
+    /// Sets every parameter from `tensors` (keys: `prefix` + the names of
+    /// [`Self::named_vars`]); see [`crate::load_named_vars`].
     pub fn load_state(
         &self,
         tensors: &std::collections::HashMap<String, Tensor>,
         prefix: &str,
         source: &std::path::Path,
     ) -> Result<()> {
-        let mut used = 0;
-        for (name, var) in &self.params {
-            let key = format!("{prefix}{name}");
-            let Some(t) = tensors.get(&key) else {
-                bail!("{}: no tensor {key}", source.display());
-            };
-            if t.dims() != var.dims() {
-                bail!(
-                    "{}: {key} has shape {:?}, the encoder needs {:?}",
-                    source.display(),
-                    t.dims(),
-                    var.dims()
-                );
-            }
-            var.set(&t.to_dtype(DType::F32)?.to_device(var.device())?)?;
-            used += 1;
-        }
-        if used != tensors.len() {
-            let extra = tensors
-                .keys()
-                .find(|k| {
-                    !self
-                        .params
-                        .iter()
-                        .any(|(n, _)| **k == format!("{prefix}{n}"))
-                })
-                .expect("an unused key");
-            bail!(
-                "{}: {extra} is not a parameter of this prompt encoder",
-                source.display()
-            );
-        }
-        Ok(())
+        crate::load_named_vars(&self.params, tensors, prefix, source)
     }
 
     pub fn token_dim(&self) -> usize {

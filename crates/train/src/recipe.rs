@@ -274,7 +274,7 @@ fn load_model(
     let c = load_with_adapter(&dir.config, &dir.weights, from, dtype, device)
         .with_context(|| format!("method.init_from = {}", from.display()))?;
     match (method, &c.lora, &c.ptuning) {
-        (Method::Lora(want), Some(got), _) if *want == got.cfg => Ok(c),
+        (Method::Lora(want), Some(got), _) if want.same_as(&got.cfg) => Ok(c),
         (Method::Lora(want), Some(got), _) => bail!(
             "method.init_from = {}: the adapter's LoRA settings {:?} differ from [lora] {:?}",
             from.display(),

@@ -157,32 +157,8 @@ pub fn restore(
 
 /// Sets every trainable tensor of `model` from the checkpoint in `dir`.
 pub fn restore_trainable(dir: &Path, model: &Customized) -> Result<()> {
-    let device = model.model.device().clone();
-    let saved = load_tensors(dir, TRAINABLE, &device)?;
-    let vars = model.trainable();
-    for (name, var) in &vars {
-        let t = saved
-            .get(name)
-            .with_context(|| format!("{}: no tensor {name}", dir.display()))?;
-        if t.dims() != var.dims() {
-            bail!(
-                "{}: {name} has shape {:?}, the model needs {:?}",
-                dir.display(),
-                t.dims(),
-                var.dims()
-            );
-        }
-        var.set(&t.to_dtype(var.dtype())?)?;
-    }
-    if saved.len() != vars.len() {
-        bail!(
-            "{}: holds {} trainable tensors, this model has {} (another method or model?)",
-            dir.display(),
-            saved.len(),
-            vars.len()
-        );
-    }
-    Ok(())
+    let saved = load_tensors(dir, TRAINABLE, model.model.device())?;
+    helix_peft::load_named_vars(&model.trainable(), &saved, "", &dir.join(TRAINABLE))
 }
 
 /// Dotted keys whose values differ between two configs.

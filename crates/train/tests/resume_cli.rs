@@ -6,100 +6,11 @@
 //! Dropout is on (LoRA, the P-tuning LSTM), so the random state must resume too.
 
 mod common;
-use common::{fixture, write_tokenizer};
+use common::tiny_run_dir as setup;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-const CONFIG: &str = r#"
-[model]
-path = "model"
-dtype = "f32"
-
-[method]
-name = "METHOD"
-
-[data]
-train = "rows.jsonl"
-format = "alpaca"
-template = "Q {instruction} {input} A "
-max_seq_length = 16
-packing = PACKING
-validation_fraction = 0.2
-seed = 3
-
-[batch]
-micro_batch_size = 2
-global_batch_size = 4
-
-[optimizer]
-lr = 0.01
-weight_decay = 0.01
-
-[schedule]
-name = "cosine"
-warmup_steps = 2
-min_lr = 0.001
-
-[trainer]
-max_steps = 20
-val_check_interval = 5
-save_interval = 5
-seed = 7
-output_dir = "out"
-"#;
-
-const LORA: &str = r#"
-[lora]
-r = 4
-lora_alpha = 8
-lora_dropout = 0.1
-target_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-"#;
-
-const PTUNING: &str = r#"
-[ptuning]
-num_virtual_tokens = 4
-encoder_reparameterization_type = "LSTM"
-encoder_hidden_size = 16
-encoder_num_layers = 2
-encoder_dropout = 0.1
-"#;
-
-/// A run directory: the tiny model with a word-level tokenizer, 40 Alpaca rows, run.toml.
-fn setup(method: &str) -> tempfile::TempDir {
-    let tmp = tempfile::tempdir().unwrap();
-    let m = tmp.path().join("model");
-    write_tokenizer(&m);
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(fixture("tiny-gqa-tied").join(f), m.join(f)).unwrap();
-    }
-    let words = ["one", "two", "three", "four", "five"];
-    let rows: Vec<String> = (0..40)
-        .map(|i| {
-            format!(
-                r#"{{"instruction": "{} {}", "input": "", "output": "{} {}"}}"#,
-                words[i % 5],
-                words[(i / 5) % 5],
-                words[(i + 2) % 5],
-                words[(i * 3) % 5]
-            )
-        })
-        .collect();
-    std::fs::write(tmp.path().join("rows.jsonl"), rows.join("\n")).unwrap();
-    let mut cfg = CONFIG.replace("METHOD", method).replace(
-        "PACKING",
-        if method == "ptuning" { "false" } else { "true" },
-    );
-    cfg.push_str(match method {
-        "lora" => LORA,
-        "ptuning" => PTUNING,
-        _ => "",
-    });
-    std::fs::write(tmp.path().join("run.toml"), cfg).unwrap();
-    tmp
-}
 
 fn command(dir: &Path, out: &str, env: &[(&str, &str)]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_helix-train"));
@@ -229,7 +140,7 @@ fn exact_resume(method: &str) {
     assert_same_run(method, "kill -9", &straight, &killed);
 
     // SIGTERM after step 10: the run finishes its step, saves, exits 0; the rerun continues.
-    let mut child = start_slow(dir, "preempted", 100, &[]);
+    let child = start_slow(dir, "preempted", 100, &[]);
     let pre = dir.join("preempted");
     wait_for("step 10", || {
         std::fs::read_to_string(pre.join("metrics.jsonl")).is_ok_and(|m| m.contains("\"step\":10,"))

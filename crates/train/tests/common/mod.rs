@@ -56,3 +56,93 @@ pub fn fixture(name: &str) -> PathBuf {
         .join("../../tests/fixtures")
         .join(name)
 }
+
+const CONFIG: &str = r#"
+[model]
+path = "model"
+dtype = "f32"
+
+[method]
+name = "METHOD"
+
+[data]
+train = "rows.jsonl"
+format = "alpaca"
+template = "Q {instruction} {input} A "
+max_seq_length = 16
+packing = PACKING
+validation_fraction = 0.2
+seed = 3
+
+[batch]
+micro_batch_size = 2
+global_batch_size = 4
+
+[optimizer]
+lr = 0.01
+weight_decay = 0.01
+
+[schedule]
+name = "cosine"
+warmup_steps = 2
+min_lr = 0.001
+
+[trainer]
+max_steps = 20
+val_check_interval = 5
+save_interval = 5
+seed = 7
+output_dir = "out"
+"#;
+
+const LORA: &str = r#"
+[lora]
+r = 4
+lora_alpha = 8
+lora_dropout = 0.1
+target_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+"#;
+
+const PTUNING: &str = r#"
+[ptuning]
+num_virtual_tokens = 4
+encoder_reparameterization_type = "LSTM"
+encoder_hidden_size = 16
+encoder_num_layers = 2
+encoder_dropout = 0.1
+"#;
+
+/// A run directory for `method`: the tiny tied model with a word-level tokenizer, 40 Alpaca
+/// rows of its words, and run.toml (20 steps, checkpoints every 5, dropout on).
+pub fn tiny_run_dir(method: &str) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("model");
+    write_tokenizer(&m);
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture("tiny-gqa-tied").join(f), m.join(f)).unwrap();
+    }
+    let words = ["one", "two", "three", "four", "five"];
+    let rows: Vec<String> = (0..40)
+        .map(|i| {
+            format!(
+                r#"{{"instruction": "{} {}", "input": "", "output": "{} {}"}}"#,
+                words[i % 5],
+                words[(i / 5) % 5],
+                words[(i + 2) % 5],
+                words[(i * 3) % 5]
+            )
+        })
+        .collect();
+    std::fs::write(tmp.path().join("rows.jsonl"), rows.join("\n")).unwrap();
+    let mut cfg = CONFIG.replace("METHOD", method).replace(
+        "PACKING",
+        if method == "ptuning" { "false" } else { "true" },
+    );
+    cfg.push_str(match method {
+        "lora" => LORA,
+        "ptuning" => PTUNING,
+        _ => "",
+    });
+    std::fs::write(tmp.path().join("run.toml"), cfg).unwrap();
+    tmp
+}
