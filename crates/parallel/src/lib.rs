@@ -1,0 +1,169 @@
+//! Multi-process training for helix: where a process stands in a job ([`env`]), the rank-0
+//! rendezvous store and failure detector ([`store`]), the collectives of the CPU backend over
+//! TCP ([`tcp`]), data-parallel gradient reduction ([`Job::all_reduce_tensors`]) and the
+//! torchrun-style launcher ([`launch`]). See docs/architecture.md.
+
+pub mod env;
+pub mod launch;
+pub mod store;
+pub mod tcp;
+mod wire;
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+
+pub use env::ProcessEnv;
+pub use store::{Heartbeat, StoreClient, StoreServer};
+pub use tcp::TcpRing;
+
+/// This process's place in the job and its communicators: the data-parallel group (ranks
+/// holding the same weights and different data). A single process is a job of one, whose
+/// collectives return their input.
+pub struct Job {
+    pub rank: usize,
+    pub world: usize,
+    pub local_rank: usize,
+    /// Data-parallel group: every rank, until tensor parallelism splits the world.
+    pub dp: TcpRing,
+    store: Option<StoreClient>,
+    server: Option<StoreServer>,
+    heartbeat: Option<Heartbeat>,
+    timeout: Duration,
+}
+
+impl Job {
+    /// Joins the job the environment describes (none: a single process); `timeout` bounds
+    /// every wait on another rank.
+    pub fn from_env(timeout: Duration) -> Result<Self> {
+        match ProcessEnv::from_env()? {
+            None => Ok(Self::single(timeout)),
+            Some(env) => Self::join(&env, timeout),
+        }
+    }
+
+    pub fn single(timeout: Duration) -> Self {
+        Self {
+            rank: 0,
+            world: 1,
+            local_rank: 0,
+            dp: TcpRing::solo(),
+            store: None,
+            server: None,
+            heartbeat: None,
+            timeout,
+        }
+    }
+
+    pub fn join(env: &ProcessEnv, timeout: Duration) -> Result<Self> {
+        let server = if env.rank == 0 {
+            Some(
+                StoreServer::start(env.master_port, &env.token, timeout).with_context(|| {
+                    format!("rank 0 serves the rendezvous on port {}", env.master_port)
+                })?,
+            )
+        } else {
+            None
+        };
+        let addr = format!("{}:{}", env.master_addr, env.master_port);
+        let store = StoreClient::connect(&addr, &env.token, env.rank, timeout)
+            .with_context(|| format!("joining the job at {addr} ({} variables)", env.source))?;
+        let heartbeat = store.start_heartbeat(&env.token)?;
+        let all: Vec<usize> = (0..env.world_size).collect();
+        let dp = TcpRing::join(
+            &store,
+            "dp",
+            &all,
+            env.rank,
+            &env.token,
+            &env.master_addr,
+            timeout,
+        )?;
+        store.barrier("joined", env.world_size)?;
+        Ok(Self {
+            rank: env.rank,
+            world: env.world_size,
+            local_rank: env.local_rank,
+            dp,
+            store: Some(store),
+            server,
+            heartbeat: Some(heartbeat),
+            timeout,
+        })
+    }
+
+    pub fn is_main(&self) -> bool {
+        self.rank == 0
+    }
+
+    /// Sums f64 scalars (losses, token counts) over the data-parallel group.
+    pub fn sum_f64(&self, xs: &mut [f64]) -> Result<()> {
+        self.dp.all_reduce_sum(xs)
+    }
+
+    /// Sums `tensors` (f32) over the data-parallel group in buckets of at most
+    /// `bucket_elems` elements: few large messages instead of one per tensor.
+    pub fn all_reduce_tensors(&self, tensors: &mut [Tensor], bucket_elems: usize) -> Result<()> {
+        if self.dp.size == 1 {
+            return Ok(());
+        }
+        let mut start = 0;
+        while start < tensors.len() {
+            let mut end = start;
+            let mut elems = 0;
+            while end < tensors.len()
+                && (end == start || elems + tensors[end].elem_count() <= bucket_elems)
+            {
+                elems += tensors[end].elem_count();
+                end += 1;
+            }
+            let mut flat = Vec::with_capacity(elems);
+            for t in &tensors[start..end] {
+                if t.dtype() != DType::F32 {
+                    bail!("all_reduce_tensors takes f32 tensors, got {:?}", t.dtype());
+                }
+                flat.extend(t.flatten_all()?.to_vec1::<f32>()?);
+            }
+            self.dp.all_reduce_sum(&mut flat)?;
+            let mut at = 0;
+            for t in &mut tensors[start..end] {
+                let n = t.elem_count();
+                let dev: Device = t.device().clone();
+                *t = Tensor::from_slice(&flat[at..at + n], t.shape(), &dev)?;
+                at += n;
+            }
+            start = end;
+        }
+        Ok(())
+    }
+
+    /// Rank 0's `text` on every rank (e.g. which checkpoint to resume from).
+    pub fn broadcast_text(&self, text: &str) -> Result<String> {
+        let mut len = [text.len() as u64];
+        self.dp.broadcast(&mut len, 0)?;
+        let mut bytes = text.as_bytes().to_vec();
+        bytes.resize(len[0] as usize, 0);
+        self.dp.broadcast(&mut bytes, 0)?;
+        String::from_utf8(bytes).context("a broadcast text is not UTF-8")
+    }
+
+    /// Waits for every rank.
+    pub fn barrier(&self, name: &str) -> Result<()> {
+        match &self.store {
+            Some(s) => s.barrier(name, self.world),
+            None => Ok(()),
+        }
+    }
+
+    /// Ends the job cleanly: this rank says goodbye to the store, and rank 0 keeps serving it
+    /// until every rank has.
+    pub fn finish(mut self) {
+        if let Some(h) = self.heartbeat.take() {
+            h.goodbye();
+        }
+        if let Some(server) = self.server.take() {
+            server.wait_for_goodbyes(self.world, self.timeout);
+        }
+    }
+}
