@@ -10,6 +10,8 @@ use rand::{Rng, SeedableRng};
 pub struct SeededDropout {
     p: f64,
     seed: u64,
+    /// Which stream of the seed to draw from (a data-parallel rank's own masks).
+    stream: AtomicU64,
     calls: AtomicU64,
     training: AtomicBool,
 }
@@ -19,6 +21,7 @@ impl SeededDropout {
         Self {
             p,
             seed,
+            stream: AtomicU64::new(0),
             calls: AtomicU64::new(0),
             training: AtomicBool::new(true),
         }
@@ -31,6 +34,12 @@ impl SeededDropout {
 
     pub fn is_training(&self) -> bool {
         self.training.load(Ordering::Relaxed)
+    }
+
+    /// Draws from stream `k` of the seed: data-parallel rank k's masks differ from the other
+    /// ranks' (stream 0 is what a single process draws).
+    pub fn set_stream(&self, k: u64) {
+        self.stream.store(k, Ordering::Relaxed);
     }
 
     /// Masks drawn so far (saved in checkpoints so a resumed run draws the next ones).
@@ -48,7 +57,9 @@ impl SeededDropout {
             return Ok(x.clone());
         }
         let call = self.calls.fetch_add(1, Ordering::Relaxed);
-        let mut rng = StdRng::seed_from_u64(self.seed ^ call.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let stream = self.stream.load(Ordering::Relaxed);
+        let seed = self.seed ^ stream.wrapping_mul(0xD1B5_4A32_D192_ED03);
+        let mut rng = StdRng::seed_from_u64(seed ^ call.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let keep = 1.0 - self.p;
         let scale = (1.0 / keep) as f32;
         let mask: Vec<f32> = (0..x.elem_count())

@@ -172,6 +172,19 @@ impl Customized {
         Ok(())
     }
 
+    /// Makes every dropout of the model draw from stream `k` (the data-parallel rank), so
+    /// ranks do not drop the same units of their different samples.
+    pub fn set_dropout_stream(&self, k: u64) {
+        if let Some(l) = &self.lora {
+            for layer in &l.layers {
+                layer.dropout().set_stream(k);
+            }
+        }
+        if let Some(VirtualTokens::Encoder(e)) = self.ptuning.as_ref().map(|p| &p.tokens) {
+            e.dropout().set_stream(k);
+        }
+    }
+
     /// Summed next-token loss of the batch and its number of target tokens (see
     /// [`Llama::loss_sum`]).
     pub fn loss_sum(&self, batch: &ModelBatch, chunk_rows: usize) -> Result<(Tensor, usize)> {

@@ -31,6 +31,8 @@ pub struct ConfigFile {
     pub trainer: TrainerSection,
     #[serde(default)]
     pub output: OutputSection,
+    #[serde(default)]
+    pub parallel: ParallelSection,
     /// The raw table after `--set`, for the config hash and the copy kept in checkpoints.
     #[serde(skip)]
     pub raw: toml::Table,
@@ -144,6 +146,35 @@ pub struct OutputSection {
     pub max_shard_size: String,
 }
 
+/// Multi-process runs (launched with `--nproc-per-node`, `srun`, or anything that sets RANK /
+/// WORLD_SIZE / MASTER_ADDR).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParallelSection {
+    /// A rank silent this long (dead, hung, stopped) fails the job on every rank.
+    #[serde(default = "default_timeout")]
+    pub timeout_s: f64,
+    /// Gradients are summed over data-parallel ranks in buckets of this many MB.
+    #[serde(default = "default_bucket")]
+    pub bucket_mb: f64,
+}
+
+impl Default for ParallelSection {
+    fn default() -> Self {
+        Self {
+            timeout_s: default_timeout(),
+            bucket_mb: default_bucket(),
+        }
+    }
+}
+
+fn default_timeout() -> f64 {
+    60.0
+}
+fn default_bucket() -> f64 {
+    25.0
+}
+
 fn default_dtype() -> String {
     "f32".into()
 }
@@ -249,7 +280,9 @@ impl Default for OutputSection {
 
 /// Keys that change how a run is operated, not the numbers it computes: a resumed run may
 /// change them.
-const OPERATIONAL_KEYS: [&str; 12] = [
+const OPERATIONAL_KEYS: [&str; 14] = [
+    "parallel.timeout_s",
+    "parallel.bucket_mb",
     "trainer.output_dir",
     "trainer.resume",
     "trainer.save_interval",
@@ -482,6 +515,16 @@ impl ConfigFile {
         if t.loss_chunk_rows == 0 {
             bail!("trainer.loss_chunk_rows must be at least 1");
         }
+        let p = &self.parallel;
+        if !(p.timeout_s > 0.0 && p.timeout_s.is_finite()) {
+            bail!(
+                "parallel.timeout_s must be a positive number of seconds, got {}",
+                p.timeout_s
+            );
+        }
+        if !(p.bucket_mb > 0.0) {
+            bail!("parallel.bucket_mb must be positive, got {}", p.bucket_mb);
+        }
         if self.output.merged && self.ptuning.is_some() {
             bail!("output.merged = true cannot be used with P-tuning (its virtual tokens are inputs, not weights)");
         }
@@ -513,6 +556,9 @@ impl ConfigFile {
             let (section, name) = key.split_once('.').expect("section.key");
             if let Some(s) = v.get_mut(section).and_then(|s| s.as_object_mut()) {
                 s.remove(name);
+                if s.is_empty() {
+                    v.as_object_mut().expect("a table").remove(section);
+                }
             }
         }
         v
@@ -759,7 +805,11 @@ max_steps = 20
         let a = load(BASE, &[])?;
         let b = load(
             BASE,
-            &["trainer.output_dir=elsewhere", "trainer.save_interval=5"],
+            &[
+                "trainer.output_dir=elsewhere",
+                "trainer.save_interval=5",
+                "parallel.timeout_s=9",
+            ],
         )?;
         let c = load(BASE, &["optimizer.lr=1e-3"])?;
         assert_eq!(a.numerics(), b.numerics());

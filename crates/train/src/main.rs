@@ -23,6 +23,7 @@ use helix_data::{
 use helix_model::gguf::{import_gguf, ImportOptions};
 use helix_model::hf_export::{parse_size, source_dtype, ExportOptions};
 use helix_model::{ModelDir, SamplingOptions, TextCodec};
+use helix_parallel::launch::{launch, LaunchOptions};
 use helix_peft::{export_merged, load_with_adapter, Customized};
 
 use helix_train::config::ConfigFile;
@@ -42,6 +43,21 @@ struct Cli {
     /// Override a config key: --set optimizer.lr=3e-4 (repeatable).
     #[arg(long = "set", value_name = "SECTION.KEY=VALUE", global = true)]
     set: Vec<String>,
+    /// Start this many ranks on this node, as torchrun does (data parallelism).
+    #[arg(long)]
+    nproc_per_node: Option<usize>,
+    /// Nodes in the job (with --nproc-per-node).
+    #[arg(long, default_value_t = 1, requires = "nproc_per_node")]
+    nnodes: usize,
+    /// This node's index (0 serves the rendezvous).
+    #[arg(long, default_value_t = 0, requires = "nproc_per_node")]
+    node_rank: usize,
+    /// Host of node 0.
+    #[arg(long, default_value = "127.0.0.1", requires = "nproc_per_node")]
+    master_addr: String,
+    /// Rendezvous port on node 0.
+    #[arg(long, default_value_t = helix_parallel::env::DEFAULT_PORT, requires = "nproc_per_node")]
+    master_port: u16,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -187,10 +203,52 @@ enum Command {
 }
 
 fn main() {
-    if let Err(e) = run(Cli::parse()) {
+    let cli = Cli::parse();
+    if let Some(nproc) = cli.nproc_per_node {
+        let opts = LaunchOptions {
+            nproc_per_node: nproc,
+            nnodes: cli.nnodes,
+            node_rank: cli.node_rank,
+            master_addr: cli.master_addr.clone(),
+            master_port: cli.master_port,
+        };
+        let status = std::env::current_exe()
+            .context("cannot find this executable to start the ranks")
+            .and_then(|exe| launch(&opts, &exe, &rank_args()));
+        match status {
+            Ok(code) => std::process::exit(code),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                std::process::exit(1);
+            }
+        }
+    }
+    if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+/// This command line without the launcher's options: what every rank runs.
+fn rank_args() -> Vec<std::ffi::OsString> {
+    const LAUNCHER: [&str; 5] = [
+        "--nproc-per-node",
+        "--nnodes",
+        "--node-rank",
+        "--master-addr",
+        "--master-port",
+    ];
+    let mut out = Vec::new();
+    let mut args = std::env::args_os().skip(1);
+    while let Some(a) = args.next() {
+        let text = a.to_string_lossy();
+        if LAUNCHER.contains(&text.as_ref()) {
+            args.next(); // its value
+        } else if !LAUNCHER.iter().any(|f| text.starts_with(&format!("{f}="))) {
+            out.push(a);
+        }
+    }
+    out
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -497,6 +555,9 @@ fn load_model(
 fn run_training(path: &std::path::Path, cfg: &ConfigFile) -> Result<()> {
     let t = Instant::now();
     let r = train(cfg, path)?;
+    if r.rank != 0 {
+        return Ok(());
+    }
     let how = if r.preempted {
         "stopped by a signal after saving"
     } else {

@@ -157,14 +157,16 @@ pub fn write_plots(output_dir: &Path, metrics: &[StepMetrics]) -> Result<Vec<Pat
 /// The progress bar, or plain lines when stderr is not a terminal (Slurm logs, CI).
 pub struct Progress {
     bar: Option<ProgressBar>,
+    /// Shows anything at all (rank 0 of a multi-process job; the others are quiet).
+    visible: bool,
     total: u64,
     start: Instant,
     first_step: u64,
 }
 
 impl Progress {
-    pub fn new(total: u64, first_step: u64) -> Self {
-        let bar = std::io::stderr().is_terminal().then(|| {
+    pub fn new(total: u64, first_step: u64, visible: bool) -> Self {
+        let bar = (visible && std::io::stderr().is_terminal()).then(|| {
             let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
             bar.set_style(
                 ProgressStyle::with_template(
@@ -178,6 +180,7 @@ impl Progress {
         });
         Self {
             bar,
+            visible,
             total,
             start: Instant::now(),
             first_step,
@@ -186,6 +189,9 @@ impl Progress {
 
     /// Shows a finished training step.
     pub fn step(&self, m: &StepMetrics) {
+        if !self.visible {
+            return;
+        }
         let msg = format!(
             "loss {:.4} lr {:.2e} {:.0} tok/s",
             m.loss.unwrap_or(f64::NAN),
@@ -215,6 +221,9 @@ impl Progress {
 
     /// A line above the bar (or a plain line).
     pub fn println(&self, msg: impl AsRef<str>) {
+        if !self.visible {
+            return;
+        }
         match &self.bar {
             Some(bar) => bar.println(msg.as_ref()),
             None => eprintln!("{}", msg.as_ref()),

@@ -15,6 +15,7 @@ use helix_ckpt::{BackgroundWriter, CheckpointStore};
 use helix_data::{eval_batches, prepare, Batch, BatchStream, DataTokenizer};
 use helix_model::hf_export::{parse_size, ExportOptions};
 use helix_model::{ForwardMask, ModelDir};
+use helix_parallel::Job;
 use helix_peft::{
     export_merged, load_for_method, load_with_adapter, save_lora, save_ptuning, Customized, Method,
     ModelBatch, VirtualTokens,
@@ -30,6 +31,8 @@ use crate::state::{choose_checkpoint, restore, restore_trainable, snapshot};
 /// How a run ended.
 #[derive(Debug, Clone)]
 pub struct RunSummary {
+    /// This process's rank (0 when alone); only rank 0 reports.
+    pub rank: usize,
     pub resumed_from: u64,
     pub last_step: u64,
     pub total_steps: u64,
@@ -42,31 +45,49 @@ pub struct RunSummary {
     pub outputs: Vec<PathBuf>,
 }
 
-/// `helix-train --config FILE`.
+/// `helix-train --config FILE`, in this process alone or as one rank of a job (RANK /
+/// WORLD_SIZE / MASTER_ADDR from `--nproc-per-node`, srun or another launcher).
 pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
     cfg.validate_training(1)?;
     let t = &cfg.trainer;
+    // 0. The job: rank 0 serves the rendezvous; every rank joins the data-parallel ring.
+    let job = Job::from_env(Duration::from_secs_f64(cfg.parallel.timeout_s))?;
+    cfg.validate_training(job.world)?;
+    let main = job.is_main();
+    let say = |msg: String| {
+        if main {
+            eprintln!("{msg}")
+        }
+    };
     let device = crate::device()?;
     std::fs::create_dir_all(&t.output_dir)
         .with_context(|| format!("cannot create {}", t.output_dir.display()))?;
 
-    // 1. The model and what trains in it.
+    // 1. The model and what trains in it: identical on every rank; dropout draws differ.
     let method = cfg.method()?;
     let model_dir = ModelDir::open(model_path(cfg))?;
     let model = load_model(cfg, &model_dir, &method, &device)?;
-    eprintln!(
+    model.set_dropout_stream(job.rank as u64);
+    say(format!(
         "{} on {}: {}",
         method.name(),
         model_dir.path.display(),
         model.summary()
-    );
+    ));
 
-    // 2. Data: tokenized once (or read back from the cache), then this rank's micro-batches.
+    // 2. Data: tokenized once (rank 0 fills the token cache the others then read), then this
+    //    rank's share of every micro-step.
+    if !main {
+        job.barrier("data")?;
+    }
     let Data {
         train: mut stream,
         validation,
-    } = Data::load(cfg, config_path)?;
-    let accumulation = cfg.accumulation(1)?;
+    } = Data::load(cfg, config_path, &job)?;
+    if main {
+        job.barrier("data")?;
+    }
+    let accumulation = cfg.accumulation(job.world)?;
 
     // 3. How long, how fast.
     let total_steps = total_steps(cfg, stream.steps_per_epoch(), accumulation)?;
@@ -89,38 +110,54 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
     )?;
 
     // 4. Where to start: the newest valid checkpoint (resume = "auto"), or afresh.
+    //    Rank 0 chooses; every rank loads the same one.
     let store = checkpoint_store(cfg)?;
     let mut step = 0;
-    if let Some(dir) = choose_checkpoint(cfg, &store, |w| eprintln!("{w}"))? {
+    let chosen = match main {
+        true => choose_checkpoint(cfg, &store, |w| eprintln!("{w}"))?
+            .map(|d| d.display().to_string())
+            .unwrap_or_default(),
+        false => String::new(),
+    };
+    let chosen = job.broadcast_text(&chosen)?;
+    if !chosen.is_empty() {
+        let dir = PathBuf::from(&chosen);
         let state = restore(&dir, cfg, &model, &mut optimizer, &mut stream)?;
         step = state.step;
-        eprintln!("resumed from {} (step {step})", dir.display());
+        say(format!("resumed from {} (step {step})", dir.display()));
     }
     let resumed_from = step;
-    eprintln!(
-        "{total_steps} steps of {accumulation} micro-batch(es) × {} rows; {} micro-batches \
-         per epoch; checkpoints in {}",
+    say(format!(
+        "{total_steps} steps of {accumulation} micro-batch(es) × {} rows × {} data-parallel \
+         rank(s); {} micro-batches per epoch; checkpoints in {}",
         cfg.batch.micro_batch_size,
+        job.world,
         stream.steps_per_epoch(),
         store.root.display()
-    );
+    ));
 
     // 5. The loop.
-    let mut metrics = MetricsLog::open(&t.output_dir, step)?;
+    //    Rank 0 alone shows progress and writes metrics and checkpoints.
+    let mut metrics = main
+        .then(|| MetricsLog::open(&t.output_dir, step))
+        .transpose()?;
     let stop = StopRequest::install()?;
-    let progress = Progress::new(total_steps, step);
-    let mut writer = BackgroundWriter::spawn(store.clone());
+    let progress = Progress::new(total_steps, step, main);
+    let mut writer = main.then(|| BackgroundWriter::spawn(store.clone()));
     let chunk = t.loss_chunk_rows;
+    let bucket = (cfg.parallel.bucket_mb * 1e6 / 4.0) as usize;
     let val_every = t.val_check_interval;
     let mut val_loss_before = None;
     let mut val_loss_after = None;
     if step == 0 && !validation.is_empty() {
-        let v = validate(&model, &validation, chunk)?;
-        metrics.write(&StepMetrics {
-            step: 0,
-            val_loss: Some(v),
-            ..Default::default()
-        })?;
+        let v = validate(&model, &validation, chunk, &job)?;
+        if let Some(m) = &mut metrics {
+            m.write(&StepMetrics {
+                step: 0,
+                val_loss: Some(v),
+                ..Default::default()
+            })?;
+        }
         progress.println(format!("validation loss before training: {v:.4}"));
         val_loss_before = Some(v);
     }
@@ -132,10 +169,12 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
         let batches = (0..accumulation)
             .map(|_| stream.next_batch())
             .collect::<Result<Vec<_>>>()?;
-        let (loss, mut grads) = forward_backward(&model, &batches, chunk)?;
+        let (loss, tokens, mut grads) = forward_backward(&model, &batches, chunk, &job, bucket)?;
         let grad_norm = clip_grad_norm(&mut grads, t.gradient_clip_val)?;
         if !loss.is_finite() || !grad_norm.is_finite() {
-            writer.wait()?;
+            if let Some(w) = &mut writer {
+                w.wait()?;
+            }
             let last = store.list_complete()?.first().map_or_else(
                 || "none was written".to_string(),
                 |(_, d)| format!("{} is kept", d.display()),
@@ -151,7 +190,6 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
         step += 1;
 
         let secs = t0.elapsed().as_secs_f64();
-        let tokens: usize = batches.iter().map(|b| b.real_tokens).sum();
         rates.push(tokens as f64 / secs);
         let mut m = StepMetrics {
             step,
@@ -165,22 +203,28 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
         };
         let last = step == total_steps;
         if !validation.is_empty() && (last || (val_every > 0 && step % val_every == 0)) {
-            let v = validate(&model, &validation, chunk)?;
+            let v = validate(&model, &validation, chunk, &job)?;
             progress.println(format!("step {step}: validation loss {v:.4}"));
             m.val_loss = Some(v);
             val_loss_after = Some(v);
         }
-        preempted = stop.requested();
-        if preempted || last || (t.save_interval > 0 && step % t.save_interval == 0) {
+        // All ranks stop at the same step when any was asked to.
+        let mut asked = [f64::from(u8::from(stop.requested()))];
+        job.sum_f64(&mut asked)?;
+        preempted = asked[0] > 0.0;
+        let save = preempted || last || (t.save_interval > 0 && step % t.save_interval == 0);
+        if let (true, Some(w)) = (save, &mut writer) {
             let ckpt = snapshot(step, total_steps, cfg, &model, &optimizer, &stream)?;
-            let (prev, waited) = writer.submit(ckpt)?;
+            let (prev, waited) = w.submit(ckpt)?;
             stall += waited;
             m.ckpt_stall_s = Some(waited.as_secs_f64());
             if let Some(r) = prev {
                 progress.println(saved_line(&r));
             }
         }
-        metrics.write(&m)?;
+        if let Some(log) = &mut metrics {
+            log.write(&m)?;
+        }
         progress.step(&m);
         std::thread::sleep(test_step_delay());
         if preempted {
@@ -190,24 +234,30 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
             break;
         }
     }
-    if let Some(r) = writer.wait()? {
+    if let Some(r) = writer.as_mut().map(|w| w.wait()).transpose()?.flatten() {
         progress.println(saved_line(&r));
     }
     progress.finish();
     if stall > Duration::ZERO {
-        eprintln!(
+        say(format!(
             "training waited {:.2} s in all for checkpoints still being written",
             stall.as_secs_f64()
-        );
+        ));
     }
 
-    // 6. What the run leaves behind.
-    let mut outputs = write_plots(&t.output_dir, &read_metrics(&metrics.path)?)?;
-    if !preempted {
-        outputs.extend(write_outputs(cfg, &model, &model_dir, &method)?);
+    // 6. What the run leaves behind (rank 0).
+    let mut outputs = Vec::new();
+    if let Some(log) = &metrics {
+        outputs = write_plots(&t.output_dir, &read_metrics(&log.path)?)?;
+        if !preempted {
+            outputs.extend(write_outputs(cfg, &model, &model_dir, &method)?);
+        }
     }
+    let rank = job.rank;
+    job.finish();
     rates.sort_by(f64::total_cmp);
     Ok(RunSummary {
+        rank,
         resumed_from,
         last_step: step,
         total_steps,
@@ -231,11 +281,12 @@ pub fn evaluate(cfg: &ConfigFile, config_path: &Path, checkpoint: Option<&Path>)
         helix_ckpt::verify(dir)?;
         restore_trainable(dir, &model)?;
     }
-    let validation = Data::load(cfg, config_path)?.validation;
+    let job = Job::single(Duration::from_secs_f64(cfg.parallel.timeout_s));
+    let validation = Data::load(cfg, config_path, &job)?.validation;
     if validation.is_empty() {
         bail!("no validation data: set data.validation or data.validation_fraction");
     }
-    validate(&model, &validation, cfg.trainer.loss_chunk_rows)
+    validate(&model, &validation, cfg.trainer.loss_chunk_rows, &job)
 }
 
 fn model_path(cfg: &ConfigFile) -> &Path {
@@ -305,7 +356,7 @@ struct Data {
 }
 
 impl Data {
-    fn load(cfg: &ConfigFile, config_path: &Path) -> Result<Self> {
+    fn load(cfg: &ConfigFile, config_path: &Path, job: &Job) -> Result<Self> {
         let data_cfg = cfg.data(config_path)?;
         let tok = DataTokenizer::open(&cfg.tokenizer_dir(config_path)?)?;
         let prepared = prepare(data_cfg, &tok)?;
@@ -317,11 +368,13 @@ impl Data {
                 );
             }
         }
-        eprintln!(
-            "data: {} training and {} validation samples",
-            prepared.train.len(),
-            prepared.validation.len()
-        );
+        if job.is_main() {
+            eprintln!(
+                "data: {} training and {} validation samples",
+                prepared.train.len(),
+                prepared.validation.len()
+            );
+        }
         let micro = cfg.batch.micro_batch_size;
         let validation = eval_batches(
             &prepared.validation,
@@ -330,8 +383,14 @@ impl Data {
             micro,
             cfg.trainer.limit_val_batches,
         )?;
-        // Rank 0 of 1 until data parallelism (issue 6).
-        let train = BatchStream::new(prepared.train, data_cfg, tok.pad_id, 1, 0, micro)?;
+        let train = BatchStream::new(
+            prepared.train,
+            data_cfg,
+            tok.pad_id,
+            job.dp.size,
+            job.dp.index,
+            micro,
+        )?;
         Ok(Self { train, validation })
     }
 }
@@ -391,24 +450,34 @@ impl DeviceBatch {
     }
 }
 
-/// One optimizer step's forward and backward over its micro-batches: the loss is the sum over
-/// all of them divided by the step's target tokens, so a long answer weighs what its tokens
-/// weigh whatever micro-batch it lands in. Returns that loss and the f32 gradients.
-fn forward_backward(model: &Customized, batches: &[Batch], chunk: usize) -> Result<(f64, Grads)> {
+/// One optimizer step's forward and backward over its micro-batches and every data-parallel
+/// rank's: the loss is the sum over all of them divided by the step's target tokens over all
+/// ranks, so a long answer weighs what its tokens weigh wherever it lands. Returns that loss,
+/// the tokens all ranks processed, and the f32 gradients (summed over ranks: the same on each).
+fn forward_backward(
+    model: &Customized,
+    batches: &[Batch],
+    chunk: usize,
+    job: &Job,
+    bucket_elems: usize,
+) -> Result<(f64, u64, Grads)> {
     let dev = model.model.device().clone();
-    // All ranks: this count is summed over data-parallel ranks.
-    let targets: usize = batches
+    let mut targets = [batches
         .iter()
         .map(|b| model.count_targets(&b.labels, b.seq_len))
-        .sum();
-    let denom = targets.max(1) as f64;
+        .sum::<usize>() as f64];
+    job.sum_f64(&mut targets)?;
+    let denom = targets[0].max(1.0);
     let vars = model.trainable();
     let mut grads = Grads::new();
-    let mut loss = 0f64;
+    let mut sums = [
+        0f64,
+        batches.iter().map(|b| b.real_tokens).sum::<usize>() as f64,
+    ];
     for b in batches {
         let t = DeviceBatch::new(b, &dev)?;
         let (sum, _) = model.loss_sum(&t.model_batch(), chunk)?;
-        loss += sum.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
+        sums[0] += sum.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
         let store = (sum / denom)?.backward()?;
         for (name, var) in &vars {
             let Some(g) = store.get(var) else { continue };
@@ -420,23 +489,31 @@ fn forward_backward(model: &Customized, batches: &[Batch], chunk: usize) -> Resu
             grads.insert(name.clone(), acc);
         }
     }
-    // All ranks: gradients are summed over data-parallel ranks here.
-    Ok((loss / denom, grads))
+    job.sum_f64(&mut sums)?;
+    if job.world > 1 {
+        let names: Vec<String> = grads.keys().cloned().collect();
+        let mut tensors: Vec<Tensor> = names.iter().map(|n| grads[n].clone()).collect();
+        job.all_reduce_tensors(&mut tensors, bucket_elems)?;
+        grads = names.into_iter().zip(tensors).collect();
+    }
+    Ok((sums[0] / denom, sums[1] as u64, grads))
 }
 
-/// Mean loss per target token over the validation batches, in eval mode (no dropout).
-fn validate(model: &Customized, batches: &[Batch], chunk: usize) -> Result<f64> {
+/// Mean loss per target token over the validation batches, in eval mode (no dropout); with
+/// data parallelism each rank takes every world-th batch and the sums are shared.
+fn validate(model: &Customized, batches: &[Batch], chunk: usize, job: &Job) -> Result<f64> {
     model.set_training(false);
     let dev = model.model.device().clone();
     let result = (|| {
-        let (mut sum, mut n) = (0f64, 0usize);
-        for b in batches {
+        let mut sums = [0f64, 0f64];
+        for b in batches.iter().skip(job.dp.index).step_by(job.dp.size) {
             let t = DeviceBatch::new(b, &dev)?;
             let (s, k) = model.loss_sum(&t.model_batch(), chunk)?;
-            sum += s.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
-            n += k;
+            sums[0] += s.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
+            sums[1] += k as f64;
         }
-        Ok(sum / n.max(1) as f64)
+        job.sum_f64(&mut sums)?;
+        Ok(sums[0] / sums[1].max(1.0))
     })();
     model.set_training(true);
     result
@@ -550,8 +627,9 @@ mod tests {
         let pad = PadOptions::default();
         let one = [collate_padded(&[&a, &b], &pad)?];
         let two = [collate_padded(&[&a], &pad)?, collate_padded(&[&b], &pad)?];
-        let (l1, g1) = forward_backward(&model, &one, 64)?;
-        let (l2, g2) = forward_backward(&model, &two, 64)?;
+        let job = Job::single(std::time::Duration::from_secs(1));
+        let (l1, _, g1) = forward_backward(&model, &one, 64, &job, usize::MAX)?;
+        let (l2, _, g2) = forward_backward(&model, &two, 64, &job, usize::MAX)?;
         assert!((l1 - l2).abs() < 1e-6 * l1, "{l1} vs {l2}");
         assert_eq!(g1.len(), model.trainable().len());
         for (name, g) in &g1 {

@@ -1,0 +1,258 @@
+//! Data parallelism through the launcher (`helix-train --nproc-per-node 2`), on CPU with the
+//! TCP backend between real processes: the same loss at every step as one process, for LoRA,
+//! P-tuning and full SFT; a rank killed mid-run stops the job, naming it, and a rerun resumes;
+//! a connection with the wrong job token is refused while the job goes on.
+
+mod common;
+use common::tiny_run_dir;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A free port for a job's rendezvous.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `helix-train` in `dir` with `args`, plus the settings every run here shares: no packing
+/// (both layouts then see the same samples in each step) and no dropout.
+fn helix(dir: &Path, out: &str, ranks: usize, port: u16, extra: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_helix-train"));
+    if ranks > 1 {
+        c.args(["--nproc-per-node", &ranks.to_string()])
+            .args(["--master-port", &port.to_string()]);
+    }
+    c.args(["--config", "run.toml"])
+        .args(["--set", &format!("trainer.output_dir={out}")])
+        .args(["--set", "data.packing=false"])
+        .args(extra)
+        .current_dir(dir)
+        .env("HELIX_CACHE_DIR", dir.join("cache"))
+        .env_remove("RANK")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
+fn no_dropout(method: &str) -> Vec<&'static str> {
+    match method {
+        "lora" => vec!["--set", "lora.lora_dropout=0.0"],
+        "ptuning" => vec!["--set", "ptuning.encoder_dropout=0.0"],
+        _ => vec![],
+    }
+}
+
+fn ok(o: Output) -> String {
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "{err}");
+    err
+}
+
+/// (step, loss, val_loss) of every line of metrics.jsonl.
+fn losses(dir: &Path) -> Vec<(u64, Option<f64>, Option<f64>)> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["step"].as_u64().unwrap(),
+                v["loss"].as_f64(),
+                v["val_loss"].as_f64(),
+            )
+        })
+        .collect()
+}
+
+fn same_losses(what: &str, a: &Path, b: &Path) -> f64 {
+    let (a, b) = (losses(a), losses(b));
+    assert_eq!(a.len(), b.len(), "{what}: steps");
+    let mut worst = 0f64;
+    for ((s1, l1, v1), (s2, l2, v2)) in a.iter().zip(&b) {
+        assert_eq!(s1, s2);
+        for (x, y) in [(l1, l2), (v1, v2)] {
+            assert_eq!(x.is_some(), y.is_some(), "{what} step {s1}");
+            if let (Some(x), Some(y)) = (x, y) {
+                let rel = (x - y).abs() / x.abs().max(1e-12);
+                worst = worst.max(rel);
+                assert!(rel <= 1e-5, "{what} step {s1}: {x} vs {y} ({rel:e})");
+            }
+        }
+    }
+    worst
+}
+
+fn data_parallel_matches_one_process(method: &str) {
+    let tmp = tiny_run_dir(method);
+    let dir = tmp.path();
+    let nd = no_dropout(method);
+    ok(helix(dir, "one", 1, 0, &nd).output().unwrap());
+    let err = ok(helix(dir, "dp2", 2, free_port(), &nd).output().unwrap());
+    assert!(err.contains("× 2 data-parallel rank(s)"), "{err}");
+    let worst = same_losses(method, &dir.join("one"), &dir.join("dp2"));
+    println!("{method}: DP=2 vs one process over 20 steps: worst relative Δ loss {worst:.2e}");
+}
+
+#[test]
+fn lora_data_parallel_matches_one_process() {
+    data_parallel_matches_one_process("lora");
+}
+
+#[test]
+fn ptuning_data_parallel_matches_one_process() {
+    data_parallel_matches_one_process("ptuning");
+}
+
+#[test]
+fn sft_data_parallel_matches_one_process() {
+    data_parallel_matches_one_process("sft");
+}
+
+/// The pid of rank `rank` among the children of `launcher`.
+fn rank_pid(launcher: u32, rank: usize) -> Option<u32> {
+    for e in std::fs::read_dir("/proc").ok()? {
+        let Ok(pid) = e.ok()?.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let ppid: Option<u32> = stat
+            .rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().nth(1))
+            .and_then(|p| p.parse().ok());
+        if ppid != Some(launcher) {
+            continue;
+        }
+        let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        if env
+            .split(|&b| b == 0)
+            .any(|v| v == format!("RANK={rank}").as_bytes())
+        {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+#[test]
+fn a_killed_rank_stops_the_job_naming_it_and_a_rerun_resumes() {
+    let tmp = tiny_run_dir("lora");
+    let dir = tmp.path();
+    let nd = no_dropout("lora");
+    let mut args = nd.clone();
+    args.extend(["--set", "parallel.timeout_s=30"]);
+    let child = helix(dir, "run", 2, free_port(), &args)
+        .env("HELIX_TEST_STEP_DELAY_MS", "150")
+        .spawn()
+        .unwrap();
+    let out = dir.join("run");
+    let t = Instant::now();
+    while !std::fs::read_to_string(out.join("metrics.jsonl"))
+        .is_ok_and(|m| m.contains("\"step\":6,"))
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "the job never reached step 6"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let victim = rank_pid(child.id(), 1).expect("rank 1's process");
+    let killed = Instant::now();
+    assert!(Command::new("kill")
+        .args(["-9", &victim.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let o = child.wait_with_output().unwrap();
+    let took = killed.elapsed();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        took < Duration::from_secs(60),
+        "the job took {took:?} to stop"
+    );
+    assert!(err.contains("rank 1"), "names the rank: {err}");
+    println!(
+        "rank 1 killed: the job exited with {:?} after {took:.2?}",
+        o.status.code()
+    );
+    for l in err
+        .lines()
+        .filter(|l| l.contains("rank 1") && (l.contains("error") || l.contains("exited")))
+    {
+        println!("  {l}");
+    }
+    // resume = "auto" picks up the last checkpoint (step 5) and finishes.
+    let err = ok(helix(dir, "run", 2, free_port(), &nd).output().unwrap());
+    assert!(err.contains("step-000005 (step 5)"), "{err}");
+    assert_eq!(losses(&out).last().unwrap().0, 20);
+}
+
+#[test]
+fn a_connection_with_the_wrong_job_token_is_refused() {
+    let tmp = tiny_run_dir("lora");
+    let dir = tmp.path();
+    let port = free_port();
+    let nd = no_dropout("lora");
+    let child = helix(dir, "run", 2, port, &nd)
+        .env("HELIX_TEST_STEP_DELAY_MS", "100")
+        .spawn()
+        .unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let t = Duration::from_secs(30);
+    let err = helix_parallel::StoreClient::connect(&addr, "not-the-token", 7, t)
+        .err()
+        .expect("refused");
+    assert!(format!("{err:#}").contains("wrong job token"), "{err:#}");
+    let o = child.wait_with_output().unwrap();
+    let log = ok(o);
+    assert!(log.contains("refused a connection"), "{log}");
+    assert_eq!(
+        losses(&dir.join("run")).last().unwrap().0,
+        20,
+        "the job went on"
+    );
+}
+
+#[test]
+fn a_stopped_rank_is_detected_by_its_silence() {
+    let tmp = tiny_run_dir("lora");
+    let dir = tmp.path();
+    let mut args = no_dropout("lora");
+    args.extend(["--set", "parallel.timeout_s=3"]);
+    let child = helix(dir, "run", 2, free_port(), &args)
+        .env("HELIX_TEST_STEP_DELAY_MS", "150")
+        .spawn()
+        .unwrap();
+    let out = dir.join("run");
+    let t = Instant::now();
+    while !std::fs::read_to_string(out.join("metrics.jsonl"))
+        .is_ok_and(|m| m.contains("\"step\":3,"))
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "the job never reached step 3"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SIGSTOP: the process is alive and its connections open, but it says nothing.
+    let victim = rank_pid(child.id(), 1).expect("rank 1's process");
+    let stopped = Instant::now();
+    assert!(Command::new("kill")
+        .args(["-STOP", &victim.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let o = child.wait_with_output().unwrap();
+    let took = stopped.elapsed();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("rank 1 stopped responding"), "{err}");
+    assert!(took < Duration::from_secs(60), "took {took:?}");
+    println!("rank 1 stopped: the job exited after {took:.2?} naming it");
+}
