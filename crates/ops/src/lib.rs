@@ -9,6 +9,7 @@
 
 mod attention;
 mod backward;
+mod collective;
 mod linear;
 mod loss;
 mod norm;
@@ -16,8 +17,13 @@ mod rope;
 
 pub use attention::{attention_bias, causal_attention, repeat_kv, MaskSpec};
 pub use backward::{with_backward, with_backward2, BackwardFn};
+pub use collective::{
+    copy_to_parallel_region, reduce_from_parallel_region, Collective, SharedCollective,
+};
 pub use linear::linear;
-pub use loss::{count_targets, linear_cross_entropy, IGNORE_INDEX};
+pub use loss::{
+    count_targets, linear_cross_entropy, vocab_parallel_cross_entropy, VocabShard, IGNORE_INDEX,
+};
 pub use norm::rms_norm;
 pub use rope::{apply_rope, RopeTable};
 

@@ -71,6 +71,8 @@ impl Job {
             .with_context(|| format!("joining the job at {addr} ({} variables)", env.source))?;
         let heartbeat = store.start_heartbeat(&env.token)?;
         let all: Vec<usize> = (0..env.world_size).collect();
+        // The heartbeat names a silent rank after `timeout`; the ring's own timeout is a
+        // backstop that must not fire first with a vaguer message.
         let dp = TcpRing::join(
             &store,
             "dp",
@@ -78,7 +80,7 @@ impl Job {
             env.rank,
             &env.token,
             &env.master_addr,
-            timeout,
+            2 * timeout,
         )?;
         store.barrier("joined", env.world_size)?;
         Ok(Self {

@@ -153,6 +153,15 @@ impl TcpRing {
 
     /// Sums `data` over the group in place (every rank ends with the same bits).
     pub fn all_reduce_sum<T: Elem>(&self, data: &mut [T]) -> Result<()> {
+        self.all_reduce(data, T::add)
+    }
+
+    /// Elementwise maximum over the group, in place.
+    pub fn all_reduce_max<T: Elem>(&self, data: &mut [T]) -> Result<()> {
+        self.all_reduce(data, T::max)
+    }
+
+    fn all_reduce<T: Elem>(&self, data: &mut [T], op: fn(T, T) -> T) -> Result<()> {
         let n = self.size;
         if n == 1 {
             return Ok(());
@@ -171,7 +180,7 @@ impl TcpRing {
                 .iter_mut()
                 .zip(T::from_bytes(&got))
             {
-                *d = d.add(x);
+                *d = op(*d, x);
             }
         }
         // All-gather the summed chunks.
@@ -291,9 +300,16 @@ fn chunk_bounds(len: usize, n: usize) -> Vec<std::ops::Range<usize>> {
 }
 
 /// Element types the ring moves: little-endian bytes and a sum.
-pub trait Elem: Copy + Default + Send + Sync {
+pub trait Elem: Copy + Default + Send + Sync + PartialOrd {
     const SIZE: usize;
     fn add(self, other: Self) -> Self;
+    fn max(self, other: Self) -> Self {
+        if other > self {
+            other
+        } else {
+            self
+        }
+    }
     fn to_bytes(xs: &[Self]) -> Vec<u8>;
     fn from_bytes(b: &[u8]) -> Vec<Self>;
 }
@@ -381,4 +397,72 @@ mod tests {
             }
         }
     }
+}
+
+/// Tensor collectives for tensor parallelism, over the ring (tensors travel as f32 and come
+/// back in their own dtype).
+impl helix_ops::Collective for TcpRing {
+    fn rank(&self) -> usize {
+        self.index
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn all_reduce_sum(&self, t: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+        self.reduce_tensor(t, false)
+    }
+
+    fn all_reduce_max(&self, t: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+        self.reduce_tensor(t, true)
+    }
+
+    fn all_gather(
+        &self,
+        t: &candle_core::Tensor,
+        dim: usize,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        if self.size == 1 {
+            return Ok(t.clone());
+        }
+        let (dtype, dev) = (t.dtype(), t.device().clone());
+        let flat = t
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let all = TcpRing::all_gather(self, &flat).map_err(to_candle)?;
+        let n = flat.len();
+        let parts = (0..self.size)
+            .map(|r| candle_core::Tensor::from_slice(&all[r * n..(r + 1) * n], t.shape(), &dev))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        candle_core::Tensor::cat(&parts, dim)?.to_dtype(dtype)
+    }
+}
+
+impl TcpRing {
+    fn reduce_tensor(
+        &self,
+        t: &candle_core::Tensor,
+        max: bool,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        if self.size == 1 {
+            return Ok(t.clone());
+        }
+        let (dtype, dev) = (t.dtype(), t.device().clone());
+        let mut flat = t
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        match max {
+            true => self.all_reduce_max(&mut flat),
+            false => self.all_reduce_sum(&mut flat),
+        }
+        .map_err(to_candle)?;
+        candle_core::Tensor::from_vec(flat, t.shape(), &dev)?.to_dtype(dtype)
+    }
+}
+
+fn to_candle(e: anyhow::Error) -> candle_core::Error {
+    candle_core::Error::Msg(format!("{e:#}"))
 }
