@@ -4,4 +4,5 @@
 pub use helix_data as data;
 pub use helix_model as model;
 pub use helix_ops as ops;
+pub use helix_parallel as parallel;
 pub use helix_peft as peft;

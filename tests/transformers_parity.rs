@@ -19,6 +19,7 @@ fn check_fixture(name: &str) -> Result<()> {
         device: dev.clone(),
         trainable: &|_| true,
         linear_hook: &keep_dense,
+        tensor_parallel: None,
     };
     let model = Llama::load(&cfg, &weights, &opts)?;
     let r = candle_core::safetensors::load(dir.join("reference.safetensors"), &dev)?;
@@ -99,6 +100,7 @@ fn frozen_parameters_get_no_gradient_and_the_rest_still_match() -> Result<()> {
         device: dev.clone(),
         trainable: &only_layer1,
         linear_hook: &keep_dense,
+        tensor_parallel: None,
     };
     let model = Llama::load(&cfg, &weights, &opts)?;
     assert_eq!(model.trainable_params().len(), 9);

@@ -2,11 +2,13 @@
 //! take a dense layer's place by name without changing the model.
 
 use candle_core::{Result, Tensor};
+use helix_ops::{copy_to_parallel_region, reduce_from_parallel_region, SharedCollective};
 
 /// `y = f(x)` for x [..., in] → y [..., out].
 pub trait Linear: Send + Sync {
     fn forward(&self, x: &Tensor) -> Result<Tensor>;
-    /// The layer's frozen full-rank weight [out, in], as the checkpoint holds it.
+    /// The layer's frozen full-rank weight [out, in], as the checkpoint holds it (this rank's
+    /// shard under tensor parallelism).
     fn weight(&self) -> Tensor;
 }
 
@@ -37,10 +39,106 @@ impl Linear for Dense {
     }
 }
 
-/// Replaces a dense layer, given its checkpoint name prefix (e.g.
-/// `model.layers.3.self_attn.q_proj`). The default keeps it dense.
-pub type LinearHook<'a> = dyn Fn(&str, Dense) -> anyhow::Result<Box<dyn Linear>> + 'a;
+/// How a projection is split over a tensor-parallel group (Megatron's layers).
+#[derive(Clone)]
+pub enum Placement {
+    /// The whole weight, on this rank alone.
+    Whole,
+    /// Output features split (q/k/v/gate/up): this rank holds rows of W and sees the whole
+    /// input; its output is its slice of the features.
+    Column(SharedCollective),
+    /// Input features split (o/down): this rank holds the columns of W matching its slice of
+    /// the input; the outputs are summed over the group.
+    Row(SharedCollective),
+}
 
-pub fn keep_dense(_name: &str, d: Dense) -> anyhow::Result<Box<dyn Linear>> {
-    Ok(Box::new(d))
+impl Placement {
+    /// `x Wᵀ` for this placement: the whole product, a column shard of it (the input's
+    /// gradient summed over the group), or the sum of the ranks' partial products.
+    pub fn forward(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        match self {
+            Placement::Whole => matmul_t(x, w),
+            Placement::Column(g) => matmul_t(&copy_to_parallel_region(x, g)?, w),
+            Placement::Row(g) => reduce_from_parallel_region(&matmul_t(x, w)?, g),
+        }
+    }
+}
+
+/// A dense projection with its tensor-parallel placement.
+pub struct PlacedDense {
+    pub dense: Dense,
+    pub placement: Placement,
+}
+
+impl Linear for PlacedDense {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.placement.forward(x, &self.dense.weight)
+    }
+
+    fn weight(&self) -> Tensor {
+        self.dense.weight.clone()
+    }
+}
+
+/// Replaces a dense layer, given its checkpoint name prefix (e.g.
+/// `model.layers.3.self_attn.q_proj`), its weight (this rank's shard) and its placement.
+pub type LinearHook<'a> = dyn Fn(&str, Dense, &Placement) -> anyhow::Result<Box<dyn Linear>> + 'a;
+
+/// The default hook: the dense layer as it is placed.
+pub fn keep_dense(_name: &str, d: Dense, placement: &Placement) -> anyhow::Result<Box<dyn Linear>> {
+    Ok(match placement {
+        Placement::Whole => Box::new(d),
+        p => Box::new(PlacedDense {
+            dense: d,
+            placement: p.clone(),
+        }),
+    })
+}
+
+/// How a tensor is divided over a tensor-parallel group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    /// Every rank holds all of it.
+    Replicated,
+    /// Rank r holds part r of `size` equal parts along this dimension.
+    Dim(usize),
+}
+
+/// Whether projection `leaf` (`q_proj`, `o_proj`…) is split by output (column-parallel) or by
+/// input (row-parallel) features.
+pub fn is_row_parallel(leaf: &str) -> bool {
+    matches!(leaf, "o_proj" | "down_proj")
+}
+
+/// How the model's weight `name` (a checkpoint name) is divided: the vocabulary rows of the
+/// embedding and LM head, the output rows of q/k/v/gate/up, the input columns of o/down; norms
+/// are replicated.
+pub fn weight_split(name: &str) -> Split {
+    let Some(stem) = name.strip_suffix(".weight") else {
+        return Split::Replicated;
+    };
+    let leaf = stem.rsplit('.').next().unwrap_or(stem);
+    match leaf {
+        "embed_tokens" | "lm_head" => Split::Dim(0),
+        "q_proj" | "k_proj" | "v_proj" | "gate_proj" | "up_proj" => Split::Dim(0),
+        "o_proj" | "down_proj" => Split::Dim(1),
+        _ => Split::Replicated,
+    }
+}
+
+/// Rank `rank`'s part of the whole tensor `full` under `split` (over `size` ranks).
+pub fn shard_of(full: &Tensor, split: Split, rank: usize, size: usize) -> Result<Tensor> {
+    match split {
+        Split::Replicated => Ok(full.clone()),
+        Split::Dim(d) => {
+            let n = full.dim(d)?;
+            if n % size != 0 {
+                candle_core::bail!(
+                    "dimension {d} of {:?} does not split {size} ways",
+                    full.dims()
+                );
+            }
+            full.narrow(d, rank * n / size, n / size)?.contiguous()
+        }
+    }
 }

@@ -10,12 +10,13 @@ use std::collections::HashMap;
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use helix_ops::{
-    apply_rope, attention_bias, causal_attention, count_targets, linear_cross_entropy, rms_norm,
-    swiglu, MaskSpec, RopeTable,
+    apply_rope, attention_bias, causal_attention, copy_to_parallel_region, count_targets,
+    linear_cross_entropy, reduce_from_parallel_region, rms_norm, swiglu,
+    vocab_parallel_cross_entropy, MaskSpec, RopeTable, SharedCollective, VocabShard,
 };
 
 use crate::config::LlamaConfig;
-use crate::linear::{keep_dense, Dense, Linear, LinearHook};
+use crate::linear::{keep_dense, Dense, Linear, LinearHook, Placement};
 use crate::weights::SafetensorsWeights;
 
 /// How to load: dtype and device of the weights, and which parameters train.
@@ -26,6 +27,9 @@ pub struct LoadOptions<'a> {
     /// so candle records no gradient for them and the optimizer never sees them.
     pub trainable: &'a dyn Fn(&str) -> bool,
     pub linear_hook: &'a LinearHook<'a>,
+    /// The tensor-parallel group this rank belongs to (Megatron style): each rank loads its
+    /// shard of every projection, its heads, and its slice of the vocabulary.
+    pub tensor_parallel: Option<SharedCollective>,
 }
 
 impl LoadOptions<'static> {
@@ -36,6 +40,7 @@ impl LoadOptions<'static> {
             device,
             trainable: &|_| false,
             linear_hook: &keep_dense,
+            tensor_parallel: None,
         }
     }
 }
@@ -103,6 +108,8 @@ pub struct Llama {
     trainable: Vec<(String, Var)>,
     dtype: DType,
     device: Device,
+    /// The tensor-parallel group; `embed_tokens` and the LM head are this rank's vocabulary rows.
+    tp: Option<SharedCollective>,
 }
 
 impl Llama {
@@ -112,32 +119,51 @@ impl Llama {
         weights: &SafetensorsWeights,
         opts: &LoadOptions,
     ) -> Result<Self> {
+        let tp = opts.tensor_parallel.clone().filter(|g| g.size() > 1);
+        let (tp_rank, tp_size) = tp.as_ref().map_or((0, 1), |g| (g.rank(), g.size()));
+        for (what, n) in [
+            ("num_attention_heads", cfg.num_attention_heads),
+            ("num_key_value_heads", cfg.num_key_value_heads),
+            ("intermediate_size", cfg.intermediate_size),
+            ("vocab_size", cfg.vocab_size),
+        ] {
+            if n % tp_size != 0 {
+                anyhow::bail!(
+                    "tensor parallelism over {tp_size} ranks needs {what} ({n}) divisible by \
+                     {tp_size}"
+                );
+            }
+        }
         let mut params = ParamLoader {
             weights,
             opts,
             trainable: Vec::new(),
+            tp: tp.clone(),
+            tp_rank,
+            tp_size,
         };
         let h = cfg.hidden_size;
         let q_out = cfg.num_attention_heads * cfg.head_dim;
         let kv_out = cfg.num_key_value_heads * cfg.head_dim;
         let i = cfg.intermediate_size;
-        let embed_tokens = params.get("model.embed_tokens.weight", (cfg.vocab_size, h))?;
+        let embed_tokens = params.get_shard("model.embed_tokens.weight", (cfg.vocab_size, h), 0)?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
             let self_attn = Attention {
-                q_proj: params.linear(&format!("{p}.self_attn.q_proj"), q_out, h)?,
-                k_proj: params.linear(&format!("{p}.self_attn.k_proj"), kv_out, h)?,
-                v_proj: params.linear(&format!("{p}.self_attn.v_proj"), kv_out, h)?,
-                o_proj: params.linear(&format!("{p}.self_attn.o_proj"), h, q_out)?,
-                n_heads: cfg.num_attention_heads,
-                n_kv_heads: cfg.num_key_value_heads,
+                q_proj: params.linear(&format!("{p}.self_attn.q_proj"), q_out, h, COLUMN)?,
+                k_proj: params.linear(&format!("{p}.self_attn.k_proj"), kv_out, h, COLUMN)?,
+                v_proj: params.linear(&format!("{p}.self_attn.v_proj"), kv_out, h, COLUMN)?,
+                o_proj: params.linear(&format!("{p}.self_attn.o_proj"), h, q_out, ROW)?,
+                // This rank's heads: q/k/v rows are head-major, so its shard holds whole heads.
+                n_heads: cfg.num_attention_heads / tp_size,
+                n_kv_heads: cfg.num_key_value_heads / tp_size,
                 head_dim: cfg.head_dim,
             };
             let mlp = Mlp {
-                gate_proj: params.linear(&format!("{p}.mlp.gate_proj"), i, h)?,
-                up_proj: params.linear(&format!("{p}.mlp.up_proj"), i, h)?,
-                down_proj: params.linear(&format!("{p}.mlp.down_proj"), h, i)?,
+                gate_proj: params.linear(&format!("{p}.mlp.gate_proj"), i, h, COLUMN)?,
+                up_proj: params.linear(&format!("{p}.mlp.up_proj"), i, h, COLUMN)?,
+                down_proj: params.linear(&format!("{p}.mlp.down_proj"), h, i, ROW)?,
             };
             layers.push(DecoderLayer {
                 input_layernorm: params.get(&format!("{p}.input_layernorm.weight"), h)?,
@@ -151,7 +177,7 @@ impl Llama {
         let lm_head = if cfg.tie_word_embeddings {
             None
         } else {
-            Some(params.get("lm_head.weight", (cfg.vocab_size, h))?)
+            Some(params.get_shard("lm_head.weight", (cfg.vocab_size, h), 0)?)
         };
         let rope = RopeTable::new(
             cfg.head_dim,
@@ -169,7 +195,13 @@ impl Llama {
             trainable: params.trainable,
             dtype: opts.dtype,
             device: opts.device.clone(),
+            tp,
         })
+    }
+
+    /// The tensor-parallel group, if the model is split over one.
+    pub fn tensor_parallel(&self) -> Option<&SharedCollective> {
+        self.tp.as_ref()
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -241,10 +273,35 @@ impl Llama {
     pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
         let flat = input_ids.flatten_all()?;
-        Ok(self
+        let Some(g) = &self.tp else {
+            return Ok(self.embed_tokens.index_select(&flat, 0)?.reshape((
+                b,
+                s,
+                self.cfg.hidden_size,
+            ))?);
+        };
+        // Vocabulary-parallel: this rank embeds the ids in its rows, zeros the others, and the
+        // group sums (Megatron's VocabParallelEmbedding).
+        let rows = self.embed_tokens.dim(0)?;
+        let start = g.rank() * rows;
+        let ids = flat.to_dtype(DType::I64)?.to_vec1::<i64>()?;
+        let (local, here): (Vec<u32>, Vec<f32>) = ids
+            .iter()
+            .map(|&i| {
+                let inside = (i as usize) >= start && (i as usize) < start + rows;
+                match inside {
+                    true => ((i as usize - start) as u32, 1.0),
+                    false => (0, 0.0),
+                }
+            })
+            .unzip();
+        let local = Tensor::from_vec(local, b * s, &self.device)?;
+        let here = Tensor::from_vec(here, (b * s, 1), &self.device)?.to_dtype(self.dtype)?;
+        let part = self
             .embed_tokens
-            .index_select(&flat, 0)?
-            .reshape((b, s, self.cfg.hidden_size))?)
+            .index_select(&local, 0)?
+            .broadcast_mul(&here)?;
+        Ok(reduce_from_parallel_region(&part, g)?.reshape((b, s, self.cfg.hidden_size))?)
     }
 
     /// Final hidden states [B, S, H] (after the last RMSNorm) for input embeddings [B, S, H] at
@@ -288,7 +345,10 @@ impl Llama {
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let (b, s, h) = hidden.dims3()?;
         let w = self.lm_head_weight();
-        let logits = hidden.reshape((b * s, h))?.matmul(&w.t()?)?;
+        let mut logits = hidden.reshape((b * s, h))?.matmul(&w.t()?)?;
+        if let Some(g) = &self.tp {
+            logits = g.all_gather(&logits, 1)?;
+        }
         Ok(logits
             .reshape((b, s, self.cfg.vocab_size))?
             .to_dtype(DType::F32)?)
@@ -313,7 +373,17 @@ impl Llama {
         let hid = hidden.narrow(1, 0, s - 1)?.reshape((b * (s - 1), h))?;
         let lab = labels.narrow(1, 1, s - 1)?.reshape(b * (s - 1))?;
         let n = count_targets(&lab)?;
-        let sum = linear_cross_entropy(&hid, self.lm_head_weight(), &lab, chunk_rows)?;
+        let sum = match &self.tp {
+            None => linear_cross_entropy(&hid, self.lm_head_weight(), &lab, chunk_rows)?,
+            Some(g) => {
+                let shard = VocabShard {
+                    start: g.rank() * self.lm_head_weight().dim(0)?,
+                    group: g.clone(),
+                };
+                let hid = copy_to_parallel_region(&hid, g)?;
+                vocab_parallel_cross_entropy(&hid, self.lm_head_weight(), &lab, chunk_rows, &shard)?
+            }
+        };
         Ok((sum, n))
     }
 
@@ -424,11 +494,19 @@ impl Mlp {
     }
 }
 
-/// Loads tensors by name and registers the trainable ones as [`Var`]s.
+/// Column or row split of a projection over the tensor-parallel group.
+const COLUMN: usize = 0;
+const ROW: usize = 1;
+
+/// Loads tensors by name (this rank's shard under tensor parallelism) and registers the
+/// trainable ones as [`Var`]s.
 struct ParamLoader<'a, 'b> {
     weights: &'a SafetensorsWeights,
     opts: &'a LoadOptions<'b>,
     trainable: Vec<(String, Var)>,
+    tp: Option<SharedCollective>,
+    tp_rank: usize,
+    tp_size: usize,
 }
 
 impl ParamLoader<'_, '_> {
@@ -436,6 +514,29 @@ impl ParamLoader<'_, '_> {
         let t = self
             .weights
             .load(name, shape, self.opts.dtype, &self.opts.device)?;
+        self.register(name, t)
+    }
+
+    /// This rank's part of `name` along `dim` (the whole tensor without tensor parallelism).
+    fn get_shard(
+        &mut self,
+        name: &str,
+        full: impl Into<candle_core::Shape>,
+        dim: usize,
+    ) -> Result<Tensor> {
+        let t = self.weights.load_shard(
+            name,
+            full,
+            dim,
+            self.tp_rank,
+            self.tp_size,
+            self.opts.dtype,
+            &self.opts.device,
+        )?;
+        self.register(name, t)
+    }
+
+    fn register(&mut self, name: &str, t: Tensor) -> Result<Tensor> {
         if (self.opts.trainable)(name) {
             let var = Var::from_tensor(&t)?;
             let t = var.as_tensor().clone();
@@ -446,9 +547,22 @@ impl ParamLoader<'_, '_> {
         }
     }
 
-    fn linear(&mut self, prefix: &str, out_dim: usize, in_dim: usize) -> Result<Box<dyn Linear>> {
-        let w = self.get(&format!("{prefix}.weight"), (out_dim, in_dim))?;
-        (self.opts.linear_hook)(prefix, Dense::new(w)).with_context(|| format!("layer {prefix}"))
+    /// A projection split as `split` says (COLUMN: its output rows; ROW: its input columns).
+    fn linear(
+        &mut self,
+        prefix: &str,
+        out_dim: usize,
+        in_dim: usize,
+        split: usize,
+    ) -> Result<Box<dyn Linear>> {
+        let w = self.get_shard(&format!("{prefix}.weight"), (out_dim, in_dim), split)?;
+        let placement = match (&self.tp, split) {
+            (None, _) => Placement::Whole,
+            (Some(g), COLUMN) => Placement::Column(g.clone()),
+            (Some(g), _) => Placement::Row(g.clone()),
+        };
+        (self.opts.linear_hook)(prefix, Dense::new(w), &placement)
+            .with_context(|| format!("layer {prefix}"))
     }
 }
 

@@ -110,15 +110,57 @@ impl SafetensorsWeights {
         self.entries.get(name).map(|e| e.shape.as_slice())
     }
 
-    /// Loads `name`, checking that it has `shape`, converting to `dtype` on `device`.
-    pub fn load(
+    /// Part `index` of `parts` equal parts of `name` (stored with `full_shape`, 1-D or 2-D)
+    /// along `dim`: a tensor-parallel rank's shard, read without loading the whole tensor.
+    pub fn load_shard(
         &self,
         name: &str,
-        shape: impl Into<Shape>,
+        full_shape: impl Into<Shape>,
+        dim: usize,
+        index: usize,
+        parts: usize,
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
-        let shape: Shape = shape.into();
+        let full: Shape = full_shape.into();
+        if parts == 1 {
+            return self.load(name, full, dtype, device);
+        }
+        let dims = full.dims().to_vec();
+        if dim >= dims.len() || dims.len() > 2 || dims[dim] % parts != 0 {
+            bail!(
+                "tensor '{name}' of shape {dims:?} does not split into {parts} equal parts \
+                 along dimension {dim}"
+            );
+        }
+        let (bytes, stored, file) = self.raw(name, &full)?;
+        let per = dims[dim] / parts;
+        let elem = stored.size_in_bytes();
+        let (shape, data): (Vec<usize>, Vec<u8>) = if dim == 0 {
+            let row = dims.iter().skip(1).product::<usize>() * elem;
+            let mut shape = dims.clone();
+            shape[0] = per;
+            (
+                shape,
+                bytes[index * per * row..(index + 1) * per * row].to_vec(),
+            )
+        } else {
+            // Columns: the slice of every row.
+            let (rows, cols) = (dims[0], dims[1]);
+            let mut data = Vec::with_capacity(rows * per * elem);
+            for r in 0..rows {
+                let at = (r * cols + index * per) * elem;
+                data.extend_from_slice(&bytes[at..at + per * elem]);
+            }
+            (vec![rows, per], data)
+        };
+        let t = Tensor::from_raw_buffer(&data, stored, &shape, &Device::Cpu)
+            .with_context(|| format!("tensor '{name}' in {}", file.display()))?;
+        Ok(t.to_dtype(dtype)?.to_device(device)?)
+    }
+
+    /// The stored bytes of `name`, checked against `shape`, with their dtype and file.
+    fn raw(&self, name: &str, shape: &Shape) -> Result<(&[u8], DType, &Path)> {
         let entry = self.entries.get(name).with_context(|| {
             format!(
                 "tensor '{name}' is missing from the checkpoint in {}",
@@ -152,6 +194,19 @@ impl SafetensorsWeights {
                 shape.dims()
             );
         }
+        Ok((bytes, stored, file))
+    }
+
+    /// Loads `name`, checking that it has `shape`, converting to `dtype` on `device`.
+    pub fn load(
+        &self,
+        name: &str,
+        shape: impl Into<Shape>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let shape: Shape = shape.into();
+        let (bytes, stored, file) = self.raw(name, &shape)?;
         let t = Tensor::from_raw_buffer(bytes, stored, shape.dims(), &Device::Cpu)
             .with_context(|| format!("tensor '{name}' in {}", file.display()))?;
         Ok(t.to_dtype(dtype)?.to_device(device)?)

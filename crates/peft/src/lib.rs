@@ -15,11 +15,12 @@ use std::collections::BTreeMap;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use helix_model::linear::keep_dense;
+use helix_model::linear::{is_row_parallel, keep_dense, weight_split, Split};
 use helix_model::{
     generate_after, ForwardMask, Llama, LlamaConfig, LoadOptions, SafetensorsWeights,
     SamplingOptions,
 };
+use helix_ops::SharedCollective;
 use serde::Serialize;
 
 pub use dropout::SeededDropout;
@@ -133,6 +134,33 @@ impl Customized {
             .sum()
     }
 
+    /// How the trainable tensor or model weight `name` is divided over the tensor-parallel group
+    /// (everything is [`Split::Replicated`] without one). LoRA follows its base: on a
+    /// column-parallel projection A is replicated and B split by rows; on a row-parallel one A is
+    /// split by columns and B replicated. P-tuning's encoder is replicated.
+    pub fn split_of(&self, name: &str) -> Split {
+        if self.model.tensor_parallel().is_none() {
+            return Split::Replicated;
+        }
+        if let Some(rest) = name.strip_prefix("base_model.model.") {
+            let (prefix, which) = rest
+                .rsplit_once('.')
+                .and_then(|(p, w)| (w == "weight").then_some(p))
+                .and_then(|p| p.rsplit_once('.'))
+                .unwrap_or((rest, ""));
+            let leaf = prefix.rsplit('.').next().unwrap_or(prefix);
+            return match (is_row_parallel(leaf), which) {
+                (false, "lora_B") => Split::Dim(0),
+                (true, "lora_A") => Split::Dim(1),
+                _ => Split::Replicated,
+            };
+        }
+        if name.starts_with(ptuning::ENCODER_PREFIX) {
+            return Split::Replicated;
+        }
+        weight_split(name)
+    }
+
     /// Dropout draws so far, by layer: the random state a checkpoint saves so a resumed run
     /// draws the masks an uninterrupted one would.
     pub fn rng_state(&self) -> BTreeMap<String, u64> {
@@ -240,11 +268,26 @@ pub fn load_for_method(
     dtype: DType,
     device: &Device,
 ) -> Result<Customized> {
+    load_for_method_split(cfg, weights, method, seed, dtype, device, None)
+}
+
+/// [`load_for_method`] for one rank of a tensor-parallel group: this rank's shards of the model
+/// and of the LoRA adapters (P-tuning's encoder is replicated).
+pub fn load_for_method_split(
+    cfg: &LlamaConfig,
+    weights: &SafetensorsWeights,
+    method: &Method,
+    seed: u64,
+    dtype: DType,
+    device: &Device,
+    tensor_parallel: Option<SharedCollective>,
+) -> Result<Customized> {
     let frozen = |hook| LoadOptions {
         dtype,
         device: device.clone(),
         trainable: &|_| false,
         linear_hook: hook,
+        tensor_parallel: tensor_parallel.clone(),
     };
     match method {
         Method::FullSft => {
@@ -253,6 +296,7 @@ pub fn load_for_method(
                 device: device.clone(),
                 trainable: &|_| true,
                 linear_hook: &keep_dense,
+                tensor_parallel: tensor_parallel.clone(),
             };
             Ok(Customized {
                 model: Llama::load(cfg, weights, &opts)?,
@@ -262,7 +306,9 @@ pub fn load_for_method(
         }
         Method::Lora(lora_cfg) => {
             let builder = LoraBuilder::new(lora_cfg.clone(), seed)?;
-            let hook = |p: &str, d| builder.hook(p, d);
+            let hook = |p: &str, d, placement: &helix_model::linear::Placement| {
+                builder.hook(p, d, placement)
+            };
             let model = Llama::load(cfg, weights, &frozen(&hook))?;
             Ok(Customized {
                 model,

@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, Var};
-use helix_model::linear::{matmul_t, Dense, Linear};
+use helix_model::linear::{keep_dense, matmul_t, Dense, Linear, Placement};
+use helix_ops::{copy_to_parallel_region, reduce_from_parallel_region};
 use serde::{Deserialize, Serialize};
 
 use crate::dropout::SeededDropout;
@@ -125,6 +126,8 @@ pub struct LoraLinear {
     dropout: SeededDropout,
     /// W + s·BA while merged: the base stays untouched, so unmerging is exact.
     merged: RwLock<Option<Tensor>>,
+    /// How the base is split over a tensor-parallel group; the adapters follow it.
+    placement: Placement,
 }
 
 impl LoraLinear {
@@ -159,9 +162,9 @@ impl LoraLinear {
 impl Linear for LoraLinear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         if let Some(w) = self.merged.read().unwrap().as_ref() {
-            return matmul_t(x, w);
+            return self.placement.forward(x, w);
         }
-        let y = matmul_t(x, &self.base)?;
+        let y = self.placement.forward(x, &self.base)?;
         let xf = self.dropout.apply(&x.to_dtype(DType::F32)?)?;
         // In eval mode the adapters are constants: no graph is recorded, so activations are
         // freed as the forward goes (validation, generation).
@@ -169,7 +172,19 @@ impl Linear for LoraLinear {
             true => (self.a.as_tensor().clone(), self.b.as_tensor().clone()),
             false => (self.a.as_tensor().detach(), self.b.as_tensor().detach()),
         };
-        let update = matmul_t(&matmul_t(&xf, &a)?, &b)?;
+        // Under tensor parallelism (NeMo's LoRA on Megatron layers):
+        // - column-parallel: A is replicated, B holds this rank's output rows; the low-rank
+        //   activation x·Aᵀ enters B through `copy_to`, so A's gradient is summed over the group.
+        //   x itself is not copied again: its gradient from this path is already whole.
+        // - row-parallel: A holds this rank's input columns; the partial x·Aᵀ are summed before
+        //   B (replicated), so B's gradient is whole on every rank.
+        let low = matmul_t(&xf, &a)?;
+        let low = match &self.placement {
+            Placement::Whole => low,
+            Placement::Column(g) => copy_to_parallel_region(&low, g)?,
+            Placement::Row(g) => reduce_from_parallel_region(&low, g)?,
+        };
+        let update = matmul_t(&low, &b)?;
         let dtype = y.dtype();
         y + (update * self.scaling)?.to_dtype(dtype)?
     }
@@ -209,25 +224,42 @@ impl LoraBuilder {
     }
 
     /// Wraps every targeted projection; pass as `LoadOptions::linear_hook`.
-    pub fn hook(&self, prefix: &str, dense: Dense) -> Result<Box<dyn Linear>> {
+    pub fn hook(
+        &self,
+        prefix: &str,
+        dense: Dense,
+        placement: &Placement,
+    ) -> Result<Box<dyn Linear>> {
         if !self.cfg.targets(prefix) {
-            return Ok(Box::new(dense));
+            return keep_dense(prefix, dense, placement);
         }
-        let layer = Arc::new(self.new_layer(prefix, dense.weight)?);
+        let layer = Arc::new(self.new_layer(prefix, dense.weight, placement)?);
         self.layers.lock().unwrap().push(layer.clone());
         Ok(Box::new(SharedLora(layer)))
     }
 
     /// PEFT's initialisation: A Kaiming-uniform with a = √5, i.e. U(±1/√in); B zeros. Each
     /// layer's generator is seeded from the run's seed and the layer's name, so the values do
-    /// not depend on load order.
-    fn new_layer(&self, prefix: &str, weight: Tensor) -> Result<LoraLinear> {
+    /// not depend on load order — nor on tensor parallelism: a row-parallel rank draws the whole
+    /// A and keeps its columns, so every split starts from the same adapters.
+    fn new_layer(&self, prefix: &str, weight: Tensor, placement: &Placement) -> Result<LoraLinear> {
         let (out_dim, in_dim) = weight.dims2()?;
         let r = self.cfg.r;
         let layer_seed = self.seed ^ fnv1a(prefix);
         let mut rng = rand::SeedableRng::seed_from_u64(layer_seed);
         let dev = weight.device().clone();
-        let a = uniform(&mut rng, &[r, in_dim], 1.0 / (in_dim as f64).sqrt(), &dev)?;
+        let a = match placement {
+            Placement::Row(g) => {
+                let full_in = in_dim * g.size();
+                let full = uniform(&mut rng, &[r, full_in], 1.0 / (full_in as f64).sqrt(), &dev)?;
+                let part = full
+                    .as_tensor()
+                    .narrow(1, g.rank() * in_dim, in_dim)?
+                    .contiguous()?;
+                Var::from_tensor(&part)?
+            }
+            _ => uniform(&mut rng, &[r, in_dim], 1.0 / (in_dim as f64).sqrt(), &dev)?,
+        };
         Ok(LoraLinear {
             name: prefix.to_string(),
             base: weight,
@@ -236,6 +268,7 @@ impl LoraBuilder {
             scaling: self.cfg.scaling(),
             dropout: SeededDropout::new(self.cfg.lora_dropout, layer_seed.rotate_left(17)),
             merged: RwLock::new(None),
+            placement: placement.clone(),
         })
     }
 
@@ -334,7 +367,11 @@ mod tests {
         let dev = Device::Cpu;
         let builder = LoraBuilder::new(LoraConfig::new(2, 4.0, &["q_proj"]), 1)?;
         let w = Tensor::randn(0f32, 1.0, (3, 4), &dev)?;
-        let layer = builder.hook("model.layers.0.self_attn.q_proj", Dense::new(w))?;
+        let layer = builder.hook(
+            "model.layers.0.self_attn.q_proj",
+            Dense::new(w),
+            &Placement::Whole,
+        )?;
         let adapters = builder.finish()?;
         adapters.layers[0]
             .b()
