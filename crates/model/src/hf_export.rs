@@ -42,6 +42,48 @@ pub fn export_hf_dir(
     opts: &ExportOptions,
     mut transform: impl FnMut(&str, Tensor) -> Result<Tensor>,
 ) -> Result<ShardReport> {
+    let weights = model.named_weights();
+    let specs: Vec<TensorSpec> = weights
+        .iter()
+        .map(|(n, t)| TensorSpec::new(n.clone(), opts.dtype, t.dims()))
+        .collect();
+    export_hf(&specs, src_dir, out, opts, |name| {
+        let (_, t) = weights
+            .iter()
+            .find(|(n, _)| n == name)
+            .expect("a spec per weight");
+        transform(name, t.clone())
+    })
+}
+
+/// Writes whole `weights` already in memory (e.g. gathered from tensor-parallel shards) to
+/// `out`, as [`export_hf_dir`] does.
+pub fn export_hf_weights(
+    weights: &[(String, Tensor)],
+    src_dir: &Path,
+    out: &Path,
+    opts: &ExportOptions,
+) -> Result<ShardReport> {
+    let specs: Vec<TensorSpec> = weights
+        .iter()
+        .map(|(n, t)| TensorSpec::new(n.clone(), opts.dtype, t.dims()))
+        .collect();
+    export_hf(&specs, src_dir, out, opts, |name| {
+        let (_, t) = weights
+            .iter()
+            .find(|(n, _)| n == name)
+            .expect("a spec per weight");
+        Ok(t.clone())
+    })
+}
+
+fn export_hf(
+    specs: &[TensorSpec],
+    src_dir: &Path,
+    out: &Path,
+    opts: &ExportOptions,
+    mut produce: impl FnMut(&str) -> Result<Tensor>,
+) -> Result<ShardReport> {
     let config_path = src_dir.join("config.json");
     let mut config: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(&config_path)
@@ -49,20 +91,10 @@ pub fn export_hf_dir(
     )
     .with_context(|| format!("{}: invalid JSON", config_path.display()))?;
     config["torch_dtype"] = serde_json::json!(torch_dtype_name(opts.dtype)?);
-
-    let weights = model.named_weights();
-    let specs: Vec<TensorSpec> = weights
-        .iter()
-        .map(|(n, t)| TensorSpec::new(n.clone(), opts.dtype, t.dims()))
-        .collect();
     let staging = staging_dir(out)?;
     let result = (|| {
-        let report = save_sharded(&staging, "model", &specs, opts.max_shard_bytes, |s| {
-            let (name, t) = weights
-                .iter()
-                .find(|(n, _)| *n == s.name)
-                .expect("a spec per weight");
-            transform(name, t.clone()).with_context(|| format!("weight {name}"))
+        let report = save_sharded(&staging, "model", specs, opts.max_shard_bytes, |s| {
+            produce(&s.name).with_context(|| format!("weight {}", s.name))
         })?;
         for f in TOKENIZER_FILES {
             let src = src_dir.join(f);

@@ -9,6 +9,7 @@ pub mod store;
 pub mod tcp;
 mod wire;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -18,14 +19,17 @@ pub use env::ProcessEnv;
 pub use store::{Heartbeat, StoreClient, StoreServer};
 pub use tcp::TcpRing;
 
-/// This process's place in the job and its communicators: the data-parallel group (ranks
-/// holding the same weights and different data). A single process is a job of one, whose
-/// collectives return their input.
+/// This process's place in the job and its communicators, on a grid of `tp × dp` ranks:
+/// tensor-parallel groups are consecutive ranks (inside a node, where NVSwitch is), data-parallel
+/// groups take one rank of each. A single process is a job of one, whose collectives return
+/// their input.
 pub struct Job {
     pub rank: usize,
     pub world: usize,
     pub local_rank: usize,
-    /// Data-parallel group: every rank, until tensor parallelism splits the world.
+    /// The ranks splitting one model (Megatron tensor parallelism).
+    pub tp: Arc<TcpRing>,
+    /// The ranks holding the same shards and different data.
     pub dp: TcpRing,
     store: Option<StoreClient>,
     server: Option<StoreServer>,
@@ -34,12 +38,16 @@ pub struct Job {
 }
 
 impl Job {
-    /// Joins the job the environment describes (none: a single process); `timeout` bounds
-    /// every wait on another rank.
-    pub fn from_env(timeout: Duration) -> Result<Self> {
+    /// Joins the job the environment describes (none: a single process) with tensor-parallel
+    /// groups of `tp` ranks; `timeout` bounds every wait on another rank.
+    pub fn from_env(timeout: Duration, tp: usize) -> Result<Self> {
         match ProcessEnv::from_env()? {
+            None if tp > 1 => bail!(
+                "parallel.tensor_parallel = {tp} needs {tp} ranks or a multiple (launch with \
+                 --nproc-per-node, srun, or torchrun's variables)"
+            ),
             None => Ok(Self::single(timeout)),
-            Some(env) => Self::join(&env, timeout),
+            Some(env) => Self::join(&env, timeout, tp),
         }
     }
 
@@ -48,6 +56,7 @@ impl Job {
             rank: 0,
             world: 1,
             local_rank: 0,
+            tp: Arc::new(TcpRing::solo()),
             dp: TcpRing::solo(),
             store: None,
             server: None,
@@ -56,7 +65,13 @@ impl Job {
         }
     }
 
-    pub fn join(env: &ProcessEnv, timeout: Duration) -> Result<Self> {
+    pub fn join(env: &ProcessEnv, timeout: Duration, tp: usize) -> Result<Self> {
+        if tp == 0 || env.world_size % tp != 0 {
+            bail!(
+                "parallel.tensor_parallel = {tp} does not divide the {} ranks of the job",
+                env.world_size
+            );
+        }
         let server = if env.rank == 0 {
             Some(
                 StoreServer::start(env.master_port, &env.token, timeout).with_context(|| {
@@ -70,23 +85,31 @@ impl Job {
         let store = StoreClient::connect(&addr, &env.token, env.rank, timeout)
             .with_context(|| format!("joining the job at {addr} ({} variables)", env.source))?;
         let heartbeat = store.start_heartbeat(&env.token)?;
-        let all: Vec<usize> = (0..env.world_size).collect();
-        // The heartbeat names a silent rank after `timeout`; the ring's own timeout is a
+        // The heartbeat names a silent rank after `timeout`; the rings' own timeout is a
         // backstop that must not fire first with a vaguer message.
-        let dp = TcpRing::join(
-            &store,
-            "dp",
-            &all,
-            env.rank,
-            &env.token,
-            &env.master_addr,
-            2 * timeout,
-        )?;
+        let (tp_index, dp_index) = (env.rank % tp, env.rank / tp);
+        let dp_size = env.world_size / tp;
+        let tp_ranks: Vec<usize> = (0..tp).map(|i| dp_index * tp + i).collect();
+        let dp_ranks: Vec<usize> = (0..dp_size).map(|d| d * tp + tp_index).collect();
+        let join = |name: String, ranks: &[usize]| {
+            TcpRing::join(
+                &store,
+                &name,
+                ranks,
+                env.rank,
+                &env.token,
+                &env.master_addr,
+                2 * timeout,
+            )
+        };
+        let tp_ring = join(format!("tp{dp_index}"), &tp_ranks)?;
+        let dp = join(format!("dp{tp_index}"), &dp_ranks)?;
         store.barrier("joined", env.world_size)?;
         Ok(Self {
             rank: env.rank,
             world: env.world_size,
             local_rank: env.local_rank,
+            tp: Arc::new(tp_ring),
             dp,
             store: Some(store),
             server,
@@ -102,6 +125,17 @@ impl Job {
     /// Sums f64 scalars (losses, token counts) over the data-parallel group.
     pub fn sum_f64(&self, xs: &mut [f64]) -> Result<()> {
         self.dp.all_reduce_sum(xs)
+    }
+
+    /// Sums f64 scalars over every rank of the job.
+    pub fn sum_all_f64(&self, xs: &mut [f64]) -> Result<()> {
+        self.dp.all_reduce_sum(xs)?;
+        self.tp.all_reduce_sum(xs)
+    }
+
+    /// The tensor-parallel group as the model takes it (`None` without tensor parallelism).
+    pub fn tensor_parallel(&self) -> Option<helix_ops::SharedCollective> {
+        (self.tp.size > 1).then(|| self.tp.clone() as helix_ops::SharedCollective)
     }
 
     /// Sums `tensors` (f32) over the data-parallel group in buckets of at most
@@ -140,14 +174,14 @@ impl Job {
         Ok(())
     }
 
-    /// Rank 0's `text` on every rank (e.g. which checkpoint to resume from).
+    /// Rank 0's `text` on every rank (e.g. which checkpoint to resume from): along rank 0's
+    /// data-parallel group, then along every tensor-parallel group.
     pub fn broadcast_text(&self, text: &str) -> Result<String> {
-        let mut len = [text.len() as u64];
-        self.dp.broadcast(&mut len, 0)?;
-        let mut bytes = text.as_bytes().to_vec();
-        bytes.resize(len[0] as usize, 0);
-        self.dp.broadcast(&mut bytes, 0)?;
-        String::from_utf8(bytes).context("a broadcast text is not UTF-8")
+        let mut text = text.to_string();
+        if self.tp.index == 0 {
+            text = broadcast_on(&self.dp, &text)?;
+        }
+        broadcast_on(&self.tp, &text)
     }
 
     /// Waits for every rank.
@@ -168,4 +202,13 @@ impl Job {
             server.wait_for_goodbyes(self.world, self.timeout);
         }
     }
+}
+
+fn broadcast_on(ring: &TcpRing, text: &str) -> Result<String> {
+    let mut len = [text.len() as u64];
+    ring.broadcast(&mut len, 0)?;
+    let mut bytes = text.as_bytes().to_vec();
+    bytes.resize(len[0] as usize, 0);
+    ring.broadcast(&mut bytes, 0)?;
+    String::from_utf8(bytes).context("a broadcast text is not UTF-8")
 }

@@ -6,7 +6,9 @@
 use std::path::Path;
 
 use anyhow::{bail, Result};
+use candle_core::Tensor;
 use helix_model::hf_export::{export_hf_dir, ExportOptions};
+use helix_model::linear::{weight_split, Split};
 use helix_model::safetensors_write::ShardReport;
 
 use crate::Customized;
@@ -31,4 +33,26 @@ pub fn export_merged(
         };
         Ok(merged.unwrap_or(w))
     })
+}
+
+/// Every weight of the model, whole (LoRA merged in): gathered over the tensor-parallel group,
+/// so every rank of the group must call this; one of them then writes it with
+/// [`helix_model::hf_export::export_hf_weights`].
+pub fn gathered_weights(c: &Customized) -> Result<Vec<(String, Tensor)>> {
+    if c.ptuning.is_some() {
+        bail!("a P-tuning model cannot be merged into its weights (the virtual tokens are inputs)");
+    }
+    let mut out = Vec::new();
+    for (name, w) in c.model.named_weights() {
+        let local = match &c.lora {
+            Some(l) => l.merged_weight(&name)?.unwrap_or(w),
+            None => w,
+        };
+        let whole = match (c.model.tensor_parallel(), weight_split(&name)) {
+            (Some(g), Split::Dim(d)) => g.all_gather(&local, d)?,
+            _ => local,
+        };
+        out.push((name, whole));
+    }
+    Ok(out)
 }

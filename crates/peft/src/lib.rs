@@ -11,11 +11,12 @@ pub mod lora;
 pub mod peft_format;
 pub mod ptuning;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use helix_model::linear::{is_row_parallel, keep_dense, weight_split, Split};
+use helix_model::linear::{is_row_parallel, keep_dense, shard_of, weight_split, Split};
 use helix_model::{
     generate_after, ForwardMask, Llama, LlamaConfig, LoadOptions, SafetensorsWeights,
     SamplingOptions,
@@ -24,9 +25,11 @@ use helix_ops::SharedCollective;
 use serde::Serialize;
 
 pub use dropout::SeededDropout;
-pub use export::export_merged;
+pub use export::{export_merged, gathered_weights};
 pub use lora::{LoraAdapters, LoraBuilder, LoraConfig, LoraLinear, LLAMA_TARGETS};
-pub use peft_format::{load_with_adapter, read_adapter, save_lora, save_ptuning, Adapter};
+pub use peft_format::{
+    load_with_adapter, read_adapter, save_lora, save_lora_tensors, save_ptuning, Adapter,
+};
 pub use ptuning::{EncoderType, PromptEncoder, Ptuning, PtuningConfig, VirtualTokens};
 
 /// What trains.
@@ -159,6 +162,33 @@ impl Customized {
             return Split::Replicated;
         }
         weight_split(name)
+    }
+
+    /// This rank's tensor-parallel rank and group size ((0, 1) without tensor parallelism).
+    pub fn tp_rank_size(&self) -> (usize, usize) {
+        self.model
+            .tensor_parallel()
+            .map_or((0, 1), |g| (g.rank(), g.size()))
+    }
+
+    /// Sets every trainable tensor from whole (unsplit) tensors keyed by trainable name, this
+    /// rank keeping its shard; every tensor must be there and used (see [`load_named_vars`]).
+    pub fn load_whole(&self, tensors: &HashMap<String, Tensor>, source: &Path) -> Result<()> {
+        let (rank, size) = self.tp_rank_size();
+        let mut shards = HashMap::with_capacity(tensors.len());
+        for (name, t) in tensors {
+            shards.insert(name.clone(), shard_of(t, self.split_of(name), rank, size)?);
+        }
+        load_named_vars(&self.trainable(), &shards, "", source)
+    }
+
+    /// The whole tensor `name` from this rank's shard `local`: gathered over the
+    /// tensor-parallel group (every rank of the group must call this, in the same order).
+    pub fn gather_whole(&self, name: &str, local: &Tensor) -> Result<Tensor> {
+        match (self.model.tensor_parallel(), self.split_of(name)) {
+            (Some(g), Split::Dim(d)) => Ok(g.all_gather(local, d)?),
+            _ => Ok(local.clone()),
+        }
     }
 
     /// Dropout draws so far, by layer: the random state a checkpoint saves so a resumed run
@@ -336,9 +366,9 @@ pub fn load_for_method_split(
 /// name `source` (the file) and the key.
 pub fn load_named_vars(
     vars: &[(String, Var)],
-    tensors: &std::collections::HashMap<String, Tensor>,
+    tensors: &HashMap<String, Tensor>,
     prefix: &str,
-    source: &std::path::Path,
+    source: &Path,
 ) -> Result<()> {
     for (name, var) in vars {
         let key = format!("{prefix}{name}");

@@ -53,8 +53,22 @@ impl Adapter {
 
 /// Writes a LoRA adapter as PEFT's `save_pretrained` does.
 pub fn save_lora(dir: &Path, adapters: &LoraAdapters, base_model: &str) -> Result<()> {
+    let named: Vec<(String, Tensor)> = adapters
+        .named_vars()
+        .into_iter()
+        .map(|(k, v)| (k, v.as_tensor().clone()))
+        .collect();
+    save_lora_tensors(dir, &adapters.cfg, &named, base_model)
+}
+
+/// [`save_lora`] from given tensors (PEFT keys), e.g. gathered from tensor-parallel shards.
+pub fn save_lora_tensors(
+    dir: &Path,
+    cfg: &LoraConfig,
+    named: &[(String, Tensor)],
+    base_model: &str,
+) -> Result<()> {
     create_dir(dir)?;
-    let cfg = &adapters.cfg;
     let mut targets = cfg.target_modules.clone();
     targets.sort();
     let config = json!({
@@ -76,12 +90,7 @@ pub fn save_lora(dir: &Path, adapters: &LoraAdapters, base_model: &str) -> Resul
         "alpha_pattern": {},
         "revision": null,
     });
-    let named: Vec<(String, Tensor)> = adapters
-        .named_vars()
-        .into_iter()
-        .map(|(k, v)| (k, v.as_tensor().clone()))
-        .collect();
-    save_tensors(&dir.join(ADAPTER_WEIGHTS), &named)?;
+    save_tensors(&dir.join(ADAPTER_WEIGHTS), named)?;
     write_json(&dir.join(ADAPTER_CONFIG), &config)
 }
 

@@ -157,6 +157,10 @@ pub struct ParallelSection {
     /// Gradients are summed over data-parallel ranks in buckets of this many MB.
     #[serde(default = "default_bucket")]
     pub bucket_mb: f64,
+    /// Ranks splitting one model (Megatron tensor parallelism); the job's ranks must be a
+    /// multiple. The rest of the ranks are data-parallel.
+    #[serde(default = "one")]
+    pub tensor_parallel: usize,
 }
 
 impl Default for ParallelSection {
@@ -164,6 +168,7 @@ impl Default for ParallelSection {
         Self {
             timeout_s: default_timeout(),
             bucket_mb: default_bucket(),
+            tensor_parallel: 1,
         }
     }
 }
@@ -280,9 +285,10 @@ impl Default for OutputSection {
 
 /// Keys that change how a run is operated, not the numbers it computes: a resumed run may
 /// change them.
-const OPERATIONAL_KEYS: [&str; 14] = [
+const OPERATIONAL_KEYS: [&str; 15] = [
     "parallel.timeout_s",
     "parallel.bucket_mb",
+    "parallel.tensor_parallel",
     "trainer.output_dir",
     "trainer.resume",
     "trainer.save_interval",
@@ -524,6 +530,9 @@ impl ConfigFile {
         }
         if !(p.bucket_mb > 0.0) {
             bail!("parallel.bucket_mb must be positive, got {}", p.bucket_mb);
+        }
+        if p.tensor_parallel == 0 {
+            bail!("parallel.tensor_parallel must be at least 1");
         }
         if self.output.merged && self.ptuning.is_some() {
             bail!("output.merged = true cannot be used with P-tuning (its virtual tokens are inputs, not weights)");

@@ -144,15 +144,29 @@ impl AdamW {
 /// Scales `grads` so their global L2 norm is at most `max_norm` (0 = no clipping) and returns
 /// the norm before clipping, as `clip_grad_norm_` does (coefficient max_norm / (norm + 1e-6)).
 pub fn clip_grad_norm(grads: &mut Grads, max_norm: f64) -> Result<f64> {
+    let norm = squared_norm(grads, |_| true)?.sqrt();
+    clip_to(grads, norm, max_norm)?;
+    Ok(norm)
+}
+
+/// The sum of squares of the gradients `which` selects (in name order, so every process sums
+/// alike).
+pub fn squared_norm(grads: &Grads, which: impl Fn(&str) -> bool) -> Result<f64> {
     let mut sq = 0f64;
-    for g in grads.values() {
-        sq += g
-            .sqr()?
-            .sum_all()?
-            .to_dtype(DType::F64)?
-            .to_scalar::<f64>()?;
+    for (name, g) in grads {
+        if which(name) {
+            sq += g
+                .sqr()?
+                .sum_all()?
+                .to_dtype(DType::F64)?
+                .to_scalar::<f64>()?;
+        }
     }
-    let norm = sq.sqrt();
+    Ok(sq)
+}
+
+/// Scales `grads` by max_norm / (norm + 1e-6) when that is below 1.
+pub fn clip_to(grads: &mut Grads, norm: f64, max_norm: f64) -> Result<()> {
     if max_norm > 0.0 {
         let coef = max_norm / (norm + 1e-6);
         if coef < 1.0 {
@@ -161,7 +175,7 @@ pub fn clip_grad_norm(grads: &mut Grads, max_norm: f64) -> Result<f64> {
             }
         }
     }
-    Ok(norm)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -13,16 +13,17 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use helix_ckpt::{BackgroundWriter, CheckpointStore};
 use helix_data::{eval_batches, prepare, Batch, BatchStream, DataTokenizer};
-use helix_model::hf_export::{parse_size, ExportOptions};
+use helix_model::hf_export::{export_hf_weights, parse_size, ExportOptions};
+use helix_model::linear::Split;
 use helix_model::{ForwardMask, ModelDir};
 use helix_parallel::Job;
 use helix_peft::{
-    export_merged, load_for_method, load_with_adapter, save_lora, save_ptuning, Customized, Method,
-    ModelBatch, VirtualTokens,
+    export_merged, gathered_weights, load_for_method_split, read_adapter, save_lora_tensors,
+    save_ptuning, Adapter, Customized, Method, ModelBatch,
 };
 
 use crate::config::ConfigFile;
-use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, Grads};
+use crate::optim::{clip_to, squared_norm, AdamW, AdamWConfig, Grads};
 use crate::progress::{read_metrics, write_plots, MetricsLog, Progress, StepMetrics};
 use crate::schedule::{Schedule, ScheduleKind};
 use crate::signals::StopRequest;
@@ -51,8 +52,11 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
     cfg.validate_training(1)?;
     let t = &cfg.trainer;
     // 0. The job: rank 0 serves the rendezvous; every rank joins the data-parallel ring.
-    let job = Job::from_env(Duration::from_secs_f64(cfg.parallel.timeout_s))?;
-    cfg.validate_training(job.world)?;
+    let job = Job::from_env(
+        Duration::from_secs_f64(cfg.parallel.timeout_s),
+        cfg.parallel.tensor_parallel,
+    )?;
+    cfg.validate_training(job.dp.size)?;
     let main = job.is_main();
     let say = |msg: String| {
         if main {
@@ -66,8 +70,9 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
     // 1. The model and what trains in it: identical on every rank; dropout draws differ.
     let method = cfg.method()?;
     let model_dir = ModelDir::open(model_path(cfg))?;
-    let model = load_model(cfg, &model_dir, &method, &device)?;
-    model.set_dropout_stream(job.rank as u64);
+    let model = load_model(cfg, &model_dir, &method, &device, &job)?;
+    // Data-parallel ranks draw different masks; tensor-parallel ranks share theirs.
+    model.set_dropout_stream(job.dp.index as u64);
     say(format!(
         "{} on {}: {}",
         method.name(),
@@ -87,7 +92,7 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
     if main {
         job.barrier("data")?;
     }
-    let accumulation = cfg.accumulation(job.world)?;
+    let accumulation = cfg.accumulation(job.dp.size)?;
 
     // 3. How long, how fast.
     let total_steps = total_steps(cfg, stream.steps_per_epoch(), accumulation)?;
@@ -129,9 +134,10 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
     let resumed_from = step;
     say(format!(
         "{total_steps} steps of {accumulation} micro-batch(es) × {} rows × {} data-parallel \
-         rank(s); {} micro-batches per epoch; checkpoints in {}",
+         rank(s), tensor parallel {}; {} micro-batches per epoch; checkpoints in {}",
         cfg.batch.micro_batch_size,
-        job.world,
+        job.dp.size,
+        job.tp.size,
         stream.steps_per_epoch(),
         store.root.display()
     ));
@@ -170,7 +176,8 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
             .map(|_| stream.next_batch())
             .collect::<Result<Vec<_>>>()?;
         let (loss, tokens, mut grads) = forward_backward(&model, &batches, chunk, &job, bucket)?;
-        let grad_norm = clip_grad_norm(&mut grads, t.gradient_clip_val)?;
+        let grad_norm = global_grad_norm(&grads, &model, &job)?;
+        clip_to(&mut grads, grad_norm, t.gradient_clip_val)?;
         if !loss.is_finite() || !grad_norm.is_finite() {
             if let Some(w) = &mut writer {
                 w.wait()?;
@@ -210,11 +217,23 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
         }
         // All ranks stop at the same step when any was asked to.
         let mut asked = [f64::from(u8::from(stop.requested()))];
-        job.sum_f64(&mut asked)?;
+        job.sum_all_f64(&mut asked)?;
         preempted = asked[0] > 0.0;
         let save = preempted || last || (t.save_interval > 0 && step % t.save_interval == 0);
-        if let (true, Some(w)) = (save, &mut writer) {
-            let ckpt = snapshot(step, total_steps, cfg, &model, &optimizer, &stream)?;
+        // Every rank of rank 0's tensor-parallel group gathers (collectively); rank 0 writes.
+        let gather = save && (job.tp.size > 1 && job.dp.index == 0 || main);
+        let ckpt = match gather {
+            true => Some(snapshot(
+                step,
+                total_steps,
+                cfg,
+                &model,
+                &optimizer,
+                &stream,
+            )?),
+            false => None,
+        };
+        if let (Some(ckpt), Some(w)) = (ckpt, &mut writer) {
             let (prev, waited) = w.submit(ckpt)?;
             stall += waited;
             m.ckpt_stall_s = Some(waited.as_secs_f64());
@@ -245,13 +264,14 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
         ));
     }
 
-    // 6. What the run leaves behind (rank 0).
+    // 6. What the run leaves behind (gathered over rank 0's tensor-parallel group; rank 0
+    //    writes).
     let mut outputs = Vec::new();
     if let Some(log) = &metrics {
         outputs = write_plots(&t.output_dir, &read_metrics(&log.path)?)?;
-        if !preempted {
-            outputs.extend(write_outputs(cfg, &model, &model_dir, &method)?);
-        }
+    }
+    if !preempted && job.dp.index == 0 {
+        outputs.extend(write_outputs(cfg, &model, &model_dir, &method, main)?);
     }
     let rank = job.rank;
     job.finish();
@@ -276,12 +296,12 @@ pub fn evaluate(cfg: &ConfigFile, config_path: &Path, checkpoint: Option<&Path>)
     let device = crate::device()?;
     let method = cfg.method()?;
     let model_dir = ModelDir::open(model_path(cfg))?;
-    let model = load_model(cfg, &model_dir, &method, &device)?;
+    let job = Job::single(Duration::from_secs_f64(cfg.parallel.timeout_s));
+    let model = load_model(cfg, &model_dir, &method, &device, &job)?;
     if let Some(dir) = checkpoint {
         helix_ckpt::verify(dir)?;
         restore_trainable(dir, &model)?;
     }
-    let job = Job::single(Duration::from_secs_f64(cfg.parallel.timeout_s));
     let validation = Data::load(cfg, config_path, &job)?.validation;
     if validation.is_empty() {
         bail!("no validation data: set data.validation or data.validation_fraction");
@@ -304,48 +324,65 @@ fn checkpoint_store(cfg: &ConfigFile) -> Result<CheckpointStore> {
     ))
 }
 
-/// The model for `method`: fresh adapters from the seed, or the adapter of `method.init_from`.
+/// The model for `method` (this rank's shards under tensor parallelism): fresh adapters from
+/// the seed, or the adapter of `method.init_from` (PEFT's or helix's).
 fn load_model(
     cfg: &ConfigFile,
     dir: &ModelDir,
     method: &Method,
     device: &Device,
+    job: &Job,
 ) -> Result<Customized> {
     let dtype = cfg.model_dtype()?;
+    let c = load_for_method_split(
+        &dir.config,
+        &dir.weights,
+        method,
+        cfg.trainer.seed,
+        dtype,
+        device,
+        job.tensor_parallel(),
+    )?;
     let Some(from) = cfg.method.as_ref().and_then(|m| m.init_from.as_deref()) else {
-        return load_for_method(
-            &dir.config,
-            &dir.weights,
-            method,
-            cfg.trainer.seed,
-            dtype,
-            device,
-        );
+        return Ok(c);
     };
-    let c = load_with_adapter(&dir.config, &dir.weights, from, dtype, device)
-        .with_context(|| format!("method.init_from = {}", from.display()))?;
-    match (method, &c.lora, &c.ptuning) {
-        (Method::Lora(want), Some(got), _) if want.same_as(&got.cfg) => Ok(c),
-        (Method::Lora(want), Some(got), _) => bail!(
-            "method.init_from = {}: the adapter's LoRA settings {:?} differ from [lora] {:?}",
-            from.display(),
-            got.cfg,
-            want
+    let source = from.join(helix_peft::peft_format::ADAPTER_WEIGHTS);
+    let whole = match (method, read_adapter(from, device)?) {
+        (Method::Lora(want), Adapter::Lora { cfg: got, tensors }) => {
+            if !want.same_as(&got) {
+                bail!(
+                    "method.init_from = {}: the adapter's LoRA settings {got:?} differ from \
+                     [lora] {want:?}",
+                    from.display()
+                );
+            }
+            tensors
+        }
+        (
+            Method::Ptuning(_),
+            Adapter::Ptuning {
+                encoder: Some(state),
+                ..
+            },
+        ) => state
+            .into_iter()
+            .map(|(k, t)| (format!("{}{k}", helix_peft::ptuning::ENCODER_PREFIX), t))
+            .collect(),
+        (Method::Ptuning(_), Adapter::Ptuning { encoder: None, .. }) => bail!(
+            "method.init_from = {}: PEFT saves only P-tuning's virtual tokens, not its \
+             encoder; continue from an adapter helix saved (with prompt_encoder.safetensors)",
+            from.display()
         ),
-        (Method::Ptuning(_), _, Some(p)) => match p.tokens {
-            VirtualTokens::Encoder(_) => Ok(c),
-            VirtualTokens::Table(_) => bail!(
-                "method.init_from = {}: PEFT saves only P-tuning's virtual tokens, not its \
-                 encoder; continue from an adapter helix saved (with prompt_encoder.safetensors)",
-                from.display()
-            ),
-        },
-        _ => bail!(
-            "method.init_from = {} is not a {} adapter",
+        (_, a) => bail!(
+            "method.init_from = {} is a {} adapter, not a {} one",
             from.display(),
+            a.kind(),
             method.name()
         ),
-    }
+    };
+    c.load_whole(&whole, &source)
+        .with_context(|| format!("method.init_from = {}", from.display()))?;
+    Ok(c)
 }
 
 /// The prepared data of a run: this rank's stream of training micro-batches and the
@@ -499,6 +536,15 @@ fn forward_backward(
     Ok((sums[0] / denom, sums[1] as u64, grads))
 }
 
+/// The L2 norm of all gradients of the model, whatever its split: shards' squares are summed
+/// over the tensor-parallel group, replicated tensors counted once (Megatron's clip_grad_norm).
+fn global_grad_norm(grads: &Grads, model: &Customized, job: &Job) -> Result<f64> {
+    let replicated = |n: &str| model.split_of(n) == Split::Replicated;
+    let mut sharded = [squared_norm(grads, |n| !replicated(n))?];
+    job.tp.all_reduce_sum(&mut sharded)?;
+    Ok((sharded[0] + squared_norm(grads, replicated)?).sqrt())
+}
+
 /// Mean loss per target token over the validation batches, in eval mode (no dropout); with
 /// data parallelism each rank takes every world-th batch and the sums are shared.
 fn validate(model: &Customized, batches: &[Batch], chunk: usize, job: &Job) -> Result<f64> {
@@ -545,28 +591,40 @@ fn saved_line(r: &helix_ckpt::SaveReport) -> String {
 
 /// At the end: the adapter in PEFT format (`output_dir/adapter`), and the model as a Hugging
 /// Face directory (`output_dir/model`: full SFT always, LoRA merged when `output.merged`).
+/// Every rank of rank 0's tensor-parallel group calls this (it gathers shards); `write` is
+/// set on rank 0 alone.
 fn write_outputs(
     cfg: &ConfigFile,
     model: &Customized,
     model_dir: &ModelDir,
     method: &Method,
+    write: bool,
 ) -> Result<Vec<PathBuf>> {
     let out = &cfg.trainer.output_dir;
     let base = model_dir.path.display().to_string();
     let mut written = Vec::new();
-    if cfg.output.adapter {
+    if cfg.output.adapter && !matches!(method, Method::FullSft) {
         let dir = out.join("adapter");
         match method {
-            Method::Lora(_) => save_lora(&dir, model.lora.as_ref().expect("LoRA"), &base)?,
-            Method::Ptuning(_) => save_ptuning(
+            Method::Lora(lora) => {
+                let named = model
+                    .trainable()
+                    .into_iter()
+                    .map(|(n, v)| Ok((n.clone(), model.gather_whole(&n, v.as_tensor())?)))
+                    .collect::<Result<Vec<_>>>()?;
+                if write {
+                    save_lora_tensors(&dir, lora, &named, &base)?;
+                }
+            }
+            _ if write => save_ptuning(
                 &dir,
                 model.ptuning.as_ref().expect("P-tuning"),
                 model.model.config(),
                 &base,
             )?,
-            Method::FullSft => {}
+            _ => {}
         }
-        if !matches!(method, Method::FullSft) {
+        if write {
             eprintln!("adapter (PEFT format): {}", dir.display());
             written.push(dir);
         }
@@ -577,13 +635,25 @@ fn write_outputs(
             dtype: cfg.model_dtype()?,
             max_shard_bytes: parse_size(&cfg.output.max_shard_size)?,
         };
-        let report = export_merged(model, &model_dir.path, &dir, &opts)?;
-        eprintln!(
-            "model (Hugging Face directory, {} files): {}",
-            report.files.len(),
-            dir.display()
-        );
-        written.push(dir);
+        let report = match model.model.tensor_parallel() {
+            None if write => Some(export_merged(model, &model_dir.path, &dir, &opts)?),
+            None => None,
+            Some(_) => {
+                let weights = gathered_weights(model)?;
+                match write {
+                    true => Some(export_hf_weights(&weights, &model_dir.path, &dir, &opts)?),
+                    false => None,
+                }
+            }
+        };
+        if let Some(report) = report {
+            eprintln!(
+                "model (Hugging Face directory, {} files): {}",
+                report.files.len(),
+                dir.display()
+            );
+            written.push(dir);
+        }
     }
     Ok(written)
 }
@@ -593,7 +663,7 @@ mod tests {
     use super::*;
     use helix_data::{collate_padded, PadOptions, Sample};
     use helix_model::{LlamaConfig, SafetensorsWeights};
-    use helix_peft::LoraConfig;
+    use helix_peft::{load_for_method, LoraConfig};
 
     /// The loss of a step is its micro-batches' summed loss over the step's target tokens:
     /// two micro-batches of one row give the loss and gradients of one micro-batch of both.

@@ -3,13 +3,14 @@
 //! dropout counters and the config the numbers depend on. Restoring all of it makes a resumed
 //! run compute exactly what the uninterrupted one would.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use helix_ckpt::{load_tensors, read_json, verify, Checkpoint, CheckpointStore};
 use helix_data::{BatchStream, Cursor};
+use helix_model::linear::shard_of;
 use helix_peft::Customized;
 use serde::{Deserialize, Serialize};
 
@@ -38,7 +39,9 @@ pub struct TrainerState {
 }
 
 /// Host copies of everything a checkpoint of `step` holds, taken now so training can go on
-/// while a background thread writes them.
+/// while a background thread writes them. Tensor-parallel shards are gathered into whole
+/// tensors, so any tensor-parallel size can resume from the checkpoint; every rank of the
+/// group must call this (the gathers are collective).
 pub fn snapshot(
     step: u64,
     total_steps: u64,
@@ -47,16 +50,19 @@ pub fn snapshot(
     optimizer: &AdamW,
     stream: &BatchStream,
 ) -> Result<Checkpoint> {
-    let host = |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(&Device::Cpu)?.copy()?) };
+    let host = |split_name: &str, t: &Tensor| -> Result<Tensor> {
+        let whole = model.gather_whole(split_name, t)?;
+        Ok(whole.to_device(&Device::Cpu)?.copy()?)
+    };
     let trainable = model
         .trainable()
         .into_iter()
-        .map(|(n, v)| Ok((n, host(v.as_tensor())?)))
+        .map(|(n, v)| Ok((n.clone(), host(&n, v.as_tensor())?)))
         .collect::<Result<Vec<_>>>()?;
     let optim = optimizer
         .state_tensors()
         .into_iter()
-        .map(|(n, t)| Ok((n, host(&t)?)))
+        .map(|(n, t)| Ok((n.clone(), host(optimizer_param(&n), &t)?)))
         .collect::<Result<Vec<_>>>()?;
     let config = cfg.numerics();
     let state = TrainerState {
@@ -145,8 +151,14 @@ pub fn restore(
     }
     restore_trainable(dir, model)?;
     let device = model.model.device().clone();
+    let (rank, size) = model.tp_rank_size();
+    let mut optim = HashMap::new();
+    for (key, t) in load_tensors(dir, OPTIMIZER, &device)? {
+        let split = model.split_of(optimizer_param(&key));
+        optim.insert(key, shard_of(&t, split, rank, size)?);
+    }
     optimizer
-        .load_state(&load_tensors(dir, OPTIMIZER, &device)?, state.step)
+        .load_state(&optim, state.step)
         .with_context(|| format!("{}: optimizer state", dir.display()))?;
     model.set_rng_state(&state.rng)?;
     stream
@@ -155,10 +167,16 @@ pub fn restore(
     Ok(state)
 }
 
-/// Sets every trainable tensor of `model` from the checkpoint in `dir`.
+/// Sets every trainable tensor of `model` from the checkpoint in `dir` (whole tensors; each
+/// tensor-parallel rank keeps its shard).
 pub fn restore_trainable(dir: &Path, model: &Customized) -> Result<()> {
     let saved = load_tensors(dir, TRAINABLE, model.model.device())?;
-    helix_peft::load_named_vars(&model.trainable(), &saved, "", &dir.join(TRAINABLE))
+    model.load_whole(&saved, &dir.join(TRAINABLE))
+}
+
+/// The parameter an optimizer-state key belongs to (`exp_avg.<name>` → `<name>`).
+fn optimizer_param(key: &str) -> &str {
+    key.split_once('.').map_or(key, |(_, name)| name)
 }
 
 /// Dotted keys whose values differ between two configs.

@@ -187,9 +187,16 @@ fn a_killed_rank_stops_the_job_naming_it_and_a_rerun_resumes() {
     {
         println!("  {l}");
     }
-    // resume = "auto" picks up the last checkpoint (step 5) and finishes.
+    // resume = "auto" picks up the last checkpoint written before the kill and finishes.
     let err = ok(helix(dir, "run", 2, free_port(), &nd).output().unwrap());
-    assert!(err.contains("step-000005 (step 5)"), "{err}");
+    let at = err.find("resumed from").unwrap_or_else(|| panic!("{err}"));
+    let step: u64 = err[at..]
+        .split("(step ")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(step >= 5 && step % 5 == 0, "resumed at step {step}");
     assert_eq!(losses(&out).last().unwrap().0, 20);
 }
 
@@ -255,4 +262,102 @@ fn a_stopped_rank_is_detected_by_its_silence() {
     assert!(err.contains("rank 1 stopped responding"), "{err}");
     assert!(took < Duration::from_secs(60), "took {took:?}");
     println!("rank 1 stopped: the job exited after {took:.2?} naming it");
+}
+
+/// `ranks` processes with tensor-parallel groups of `tp` against one process, 20 steps.
+fn grid_matches_one_process(method: &str, ranks: usize, tp: usize) {
+    let tmp = tiny_run_dir(method);
+    let dir = tmp.path();
+    let mut args = no_dropout(method);
+    ok(helix(dir, "one", 1, 0, &args).output().unwrap());
+    let tp_set = format!("parallel.tensor_parallel={tp}");
+    args.extend(["--set", &tp_set]);
+    let err = ok(helix(dir, "grid", ranks, free_port(), &args)
+        .output()
+        .unwrap());
+    assert!(
+        err.contains(&format!(
+            "× {} data-parallel rank(s), tensor parallel {tp}",
+            ranks / tp
+        )),
+        "{err}"
+    );
+    let worst = same_losses(method, &dir.join("one"), &dir.join("grid"));
+    println!(
+        "{method}: TP={tp} × DP={} vs one process over 20 steps: worst relative Δ loss {worst:.2e}",
+        ranks / tp
+    );
+    // The outputs are whole: the adapter (or model) of the grid run loads like the single one's.
+    let out = match method {
+        "sft" => "model/model.safetensors",
+        _ => "adapter/adapter_model.safetensors",
+    };
+    let read = |run: &str| {
+        candle_core::safetensors::load(dir.join(run).join(out), &candle_core::Device::Cpu).unwrap()
+    };
+    let (a, b) = (read("one"), read("grid"));
+    assert_eq!(a.len(), b.len());
+    for (k, t) in &a {
+        assert_eq!(t.dims(), b[k].dims(), "{method}: {k}");
+    }
+}
+
+#[test]
+fn lora_tensor_parallel_matches_one_process() {
+    grid_matches_one_process("lora", 2, 2);
+    grid_matches_one_process("lora", 4, 2);
+}
+
+#[test]
+fn ptuning_tensor_parallel_matches_one_process() {
+    grid_matches_one_process("ptuning", 2, 2);
+    grid_matches_one_process("ptuning", 4, 2);
+}
+
+#[test]
+fn sft_tensor_parallel_matches_one_process() {
+    grid_matches_one_process("sft", 2, 2);
+    grid_matches_one_process("sft", 4, 2);
+}
+
+/// A run stopped (SIGTERM) after step 10 at TP=2 continues at TP=1 from its checkpoint, and
+/// its losses are those of a run that went straight through in one process.
+#[test]
+fn a_run_checkpointed_at_tp2_resumes_at_tp1() {
+    let tmp = tiny_run_dir("lora");
+    let dir = tmp.path();
+    let args = no_dropout("lora");
+    ok(helix(dir, "one", 1, 0, &args).output().unwrap());
+    let mut tp2 = args.clone();
+    tp2.extend(["--set", "parallel.tensor_parallel=2"]);
+    let child = helix(dir, "run", 2, free_port(), &tp2)
+        .env("HELIX_TEST_STEP_DELAY_MS", "100")
+        .spawn()
+        .unwrap();
+    let out = dir.join("run");
+    let t = Instant::now();
+    while !std::fs::read_to_string(out.join("metrics.jsonl"))
+        .is_ok_and(|m| m.contains("\"step\":10,"))
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "never reached step 10"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let err = ok(child.wait_with_output().unwrap());
+    assert!(err.contains("stopped by a signal after saving"), "{err}");
+    let stopped = losses(&out).last().unwrap().0;
+    let err = ok(helix(dir, "run", 1, 0, &args).output().unwrap());
+    assert!(err.contains(&format!("(step {stopped})")), "{err}");
+    assert!(err.contains("tensor parallel 1"), "{err}");
+    let worst = same_losses("TP=2 then TP=1", &dir.join("one"), &out);
+    println!(
+        "stopped at TP=2 after step {stopped}, resumed at TP=1: worst relative Δ loss {worst:.2e}"
+    );
 }
