@@ -1,10 +1,11 @@
 //! The training side of `helix-train`: the config file ([`config`]), the fine-tuning recipe
-//! ([`recipe`]) with its optimizer ([`optim`]), schedule ([`schedule`]), checkpoint state
+//! ([`recipe`]), the analytic cluster model ([`plan`]), with its optimizer ([`optim`]), schedule ([`schedule`]), checkpoint state
 //! ([`state`]), signal handling ([`signals`]), and what it shows and writes ([`progress`],
 //! [`plot`] over a small raster canvas). `main.rs` is only the command line over these.
 
 pub mod config;
 pub mod optim;
+pub mod plan;
 pub mod plot;
 pub mod progress;
 mod raster;

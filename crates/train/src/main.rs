@@ -22,7 +22,7 @@ use helix_data::{
 };
 use helix_model::gguf::{import_gguf, ImportOptions};
 use helix_model::hf_export::{parse_size, source_dtype, ExportOptions};
-use helix_model::{ModelDir, SamplingOptions, TextCodec};
+use helix_model::{LlamaConfig, ModelDir, SamplingOptions, TextCodec};
 use helix_parallel::launch::{launch, LaunchOptions};
 use helix_peft::{export_merged, load_with_adapter, Customized};
 
@@ -153,6 +153,23 @@ enum Command {
     },
     /// Read, template and tokenize instruction data; print statistics as JSON. Takes the
     /// `[data]` section of a config, or the flags below.
+    /// With --config: an analytic model of one step per GPU on an H100 cluster — memory,
+    /// FLOPs, communication, step time — beside the seed's measured NeMo times.
+    Plan {
+        #[arg(long, default_value_t = 1)]
+        nodes: usize,
+        #[arg(long, default_value_t = 8)]
+        gpus_per_node: usize,
+        /// Tokens in each sample (default: data.max_seq_length, what packing fills).
+        #[arg(long)]
+        tokens_per_sample: Option<usize>,
+        /// Fraction of peak FLOP/s a step reaches (default 0.45).
+        #[arg(long)]
+        mfu: Option<f64>,
+        /// Print the numbers as JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// With --config, its [data] section (and model.path for the tokenizer).
     DataStats {
         #[arg(long)]
@@ -271,6 +288,57 @@ fn run(cli: Cli) -> Result<()> {
         Command::Train => {
             let (path, cfg) = config()?;
             run_training(&path, &cfg)
+        }
+        Command::Plan {
+            nodes,
+            gpus_per_node,
+            tokens_per_sample,
+            mfu,
+            json,
+        } => {
+            let (path, cfg) = config()?;
+            let m = cfg
+                .model
+                .as_ref()
+                .with_context(|| format!("{}: no [model] section", path.display()))?;
+            let model = match (&m.preset, &m.path) {
+                (Some(p), _) => LlamaConfig::preset(p)?,
+                (None, Some(dir)) => LlamaConfig::from_file(&dir.join("config.json"))?,
+                (None, None) => bail!("{}: set model.preset or model.path", path.display()),
+            };
+            let data = cfg.data(&path)?;
+            let job = helix_train::plan::Job {
+                model,
+                preset: m.preset.clone(),
+                method: cfg.method()?,
+                dtype_bytes: cfg.model_dtype()?.size_in_bytes(),
+                tokens_per_sample: tokens_per_sample.unwrap_or(data.max_seq_length),
+                micro_batch: cfg.batch.micro_batch_size,
+                global_batch: cfg
+                    .batch
+                    .global_batch_size
+                    .unwrap_or(cfg.batch.micro_batch_size),
+                nodes,
+                gpus_per_node,
+                tensor_parallel: cfg.parallel.tensor_parallel,
+            };
+            let mut hw = helix_train::plan::Hardware::default();
+            if let Some(mfu) = mfu {
+                if !(mfu > 0.0 && mfu <= 1.0) {
+                    bail!("--mfu must be in (0, 1], got {mfu}");
+                }
+                hw.mfu = mfu;
+            }
+            let plan = helix_train::plan::plan(&job, &hw)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({"hardware": hw, "plan": plan}))?
+                );
+            } else {
+                print!("{}", helix_train::plan::render(&job, &hw, &plan));
+            }
+            Ok(())
         }
         Command::Eval { checkpoint } => {
             let (path, cfg) = config()?;

@@ -35,3 +35,30 @@ fn every_shipped_config_is_valid() {
         "quickstart, sft7b, lora7b, lora13b, lora70b, ptuning7b"
     );
 }
+
+/// `helix-train plan` runs on every 7B–70B config and compares the LoRA ones with the seed's
+/// measured NeMo times.
+#[test]
+fn plan_reports_every_cluster_config() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    for (name, measured) in [
+        ("sft7b", false),
+        ("lora7b", true),
+        ("lora13b", false),
+        ("lora70b", true),
+        ("ptuning7b", false),
+    ] {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_helix-train"))
+            .args(["plan", "--config", &format!("configs/{name}.toml")])
+            .args(["--nodes", "1", "--gpus-per-node", "8"])
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
+        for want in ["memory per GPU", "PFLOP per GPU per step", "predicted step"] {
+            assert!(out.contains(want), "{name}: {out}");
+        }
+        assert_eq!(out.contains("seed's NeMo measurement"), measured, "{name}: {out}");
+    }
+}
