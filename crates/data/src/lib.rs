@@ -27,7 +27,7 @@ pub use records::{read_records, FieldMap, Format, ReadOptions, ReadReport, Recor
 pub use sampler::{Cursor, RankBatch, Sampler};
 pub use split::{split_by_fraction, Splits};
 pub use stats::{DataStats, ReadSummary};
-pub use stream::{eval_batches, BatchStream};
+pub use stream::{eval_batches, BatchStream, Position};
 pub use template::{ChatTemplate, Rendered, Template, UserTemplate};
 pub use tokenize::{
     tokenize_records, LengthPolicy, LossMode, Sample, TokenizeOptions, TokenizeStats, Tokenized,

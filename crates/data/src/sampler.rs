@@ -70,6 +70,11 @@ impl Sampler {
         })
     }
 
+    /// Items every micro-step takes over all ranks.
+    pub fn items_per_step(&self) -> usize {
+        self.world_size * self.micro_batch
+    }
+
     /// Micro-steps per epoch (the same on every rank).
     pub fn steps_per_epoch(&self) -> u64 {
         self.items.div_ceil(self.world_size * self.micro_batch) as u64

@@ -10,6 +10,13 @@ use crate::pack::pack_first_fit_decreasing;
 use crate::sampler::{Cursor, Sampler};
 use crate::tokenize::Sample;
 
+/// A position in the data: the epoch and how many of its items the whole job has consumed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Position {
+    pub epoch: u64,
+    pub items: u64,
+}
+
 pub struct BatchStream {
     samples: Vec<Sample>,
     /// Packed rows (sample indices), when packing; otherwise every sample is an item.
@@ -63,9 +70,35 @@ impl BatchStream {
         Ok(())
     }
 
-    /// The micro-step the next [`Self::next_batch`] yields: what a checkpoint saves.
+    /// The micro-step the next [`Self::next_batch`] yields.
     pub fn cursor(&self) -> Cursor {
         self.cursor
+    }
+
+    /// Where the job stands in the data whatever its data-parallel layout: what a checkpoint
+    /// saves, so a run can resume on another number of ranks.
+    pub fn position(&self) -> Position {
+        Position {
+            epoch: self.cursor.epoch,
+            items: self.cursor.step * self.sampler.items_per_step() as u64,
+        }
+    }
+
+    /// Continues from `p`, which must fall on one of this layout's micro-steps.
+    pub fn seek_position(&mut self, p: Position) -> Result<()> {
+        let per = self.sampler.items_per_step() as u64;
+        if p.items % per != 0 {
+            anyhow::bail!(
+                "the data position ({} items into epoch {}) does not fall on a micro-step of \
+                 {per} items here; resume with the batch sizes of the run that saved it",
+                p.items,
+                p.epoch
+            );
+        }
+        self.seek(Cursor {
+            epoch: p.epoch,
+            step: p.items / per,
+        })
     }
 
     pub fn steps_per_epoch(&self) -> u64 {

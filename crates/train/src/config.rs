@@ -161,6 +161,10 @@ pub struct ParallelSection {
     /// multiple. The rest of the ranks are data-parallel.
     #[serde(default = "one")]
     pub tensor_parallel: usize,
+    /// Shard AdamW's state over the data-parallel ranks (ZeRO-1, NeMo's distributed optimizer):
+    /// its memory falls as 1/DP; the numbers do not change.
+    #[serde(default)]
+    pub zero1: bool,
 }
 
 impl Default for ParallelSection {
@@ -169,6 +173,7 @@ impl Default for ParallelSection {
             timeout_s: default_timeout(),
             bucket_mb: default_bucket(),
             tensor_parallel: 1,
+            zero1: false,
         }
     }
 }
@@ -285,7 +290,8 @@ impl Default for OutputSection {
 
 /// Keys that change how a run is operated, not the numbers it computes: a resumed run may
 /// change them.
-const OPERATIONAL_KEYS: [&str; 15] = [
+const OPERATIONAL_KEYS: [&str; 16] = [
+    "parallel.zero1",
     "parallel.timeout_s",
     "parallel.bucket_mb",
     "parallel.tensor_parallel",

@@ -321,6 +321,7 @@ fn run(cli: Cli) -> Result<()> {
                 nodes,
                 gpus_per_node,
                 tensor_parallel: cfg.parallel.tensor_parallel,
+                zero1: cfg.parallel.zero1,
             };
             let mut hw = helix_train::plan::Hardware::default();
             if let Some(mfu) = mfu {
@@ -333,7 +334,9 @@ fn run(cli: Cli) -> Result<()> {
             if json {
                 println!(
                     "{}",
-                    serde_json::to_string_pretty(&serde_json::json!({"hardware": hw, "plan": plan}))?
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({"hardware": hw, "plan": plan})
+                    )?
                 );
             } else {
                 print!("{}", helix_train::plan::render(&job, &hw, &plan));

@@ -4,6 +4,11 @@
 //!
 //! Weight decay skips 1-D tensors (norm weights, biases), as Megatron / NeMo and the Hugging
 //! Face Trainer do.
+//!
+//! With ZeRO-1 ([`AdamW::shard_state`], NeMo's distributed optimizer) each data-parallel rank
+//! keeps the moments and master weights of the parameters it owns only, updates those, and
+//! sends them to the others ([`AdamW::sync_params`]): optimizer memory falls as 1/DP while
+//! every rank computes exactly what one process would.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -24,6 +29,8 @@ pub struct AdamWConfig {
 struct ParamState {
     name: String,
     var: Var,
+    /// The data-parallel rank that keeps this parameter's state and updates it.
+    owner: usize,
     /// The f32 copy the update is applied to when the parameter is not f32.
     master: Option<Tensor>,
     exp_avg: Tensor,
@@ -34,6 +41,9 @@ struct ParamState {
 pub struct AdamW {
     cfg: AdamWConfig,
     params: Vec<ParamState>,
+    /// This process's data-parallel rank (every parameter's owner without ZeRO-1).
+    me: usize,
+    sharded: bool,
     /// Optimizer steps taken (torch's `state["step"]`).
     pub step: u64,
 }
@@ -50,6 +60,7 @@ impl AdamW {
                 };
                 Ok(ParamState {
                     decay: var.rank() >= 2,
+                    owner: 0,
                     name,
                     var,
                     master,
@@ -61,8 +72,90 @@ impl AdamW {
         Ok(Self {
             cfg,
             params,
+            me: 0,
+            sharded: false,
             step: 0,
         })
+    }
+
+    /// ZeRO-1 over `size` data-parallel ranks: every parameter gets an owner (the largest first,
+    /// to the least loaded rank) and this rank drops the state of the others.
+    pub fn shard_state(&mut self, rank: usize, size: usize) -> Result<()> {
+        let mut order: Vec<usize> = (0..self.params.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(self.params[i].var.elem_count()));
+        let mut load = vec![0usize; size];
+        for i in order {
+            let owner = (0..size).min_by_key(|&r| (load[r], r)).expect("size > 0");
+            load[owner] += self.params[i].var.elem_count();
+            self.params[i].owner = owner;
+        }
+        self.me = rank;
+        self.sharded = size > 1;
+        for p in self.params.iter_mut().filter(|p| p.owner != rank) {
+            let none = Tensor::zeros(0, DType::F32, p.var.device())?;
+            p.exp_avg = none.clone();
+            p.exp_avg_sq = none;
+            p.master = None;
+        }
+        Ok(())
+    }
+
+    pub fn is_sharded(&self) -> bool {
+        self.sharded
+    }
+
+    /// Bytes of optimizer state this rank holds.
+    pub fn state_bytes(&self) -> usize {
+        self.params
+            .iter()
+            .map(|p| {
+                (p.exp_avg.elem_count()
+                    + p.exp_avg_sq.elem_count()
+                    + p.master.as_ref().map_or(0, |m| m.elem_count()))
+                    * 4
+            })
+            .sum()
+    }
+
+    /// After a ZeRO-1 step: every parameter sent from its owner to the other ranks of `ring`
+    /// (the data-parallel group), so all hold the same weights.
+    pub fn sync_params(&self, ring: &helix_parallel::TcpRing) -> Result<()> {
+        for p in &self.params {
+            let t = p.var.as_tensor();
+            let mut data = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            ring.broadcast(&mut data, p.owner)?;
+            if p.owner != self.me {
+                let got = Tensor::from_vec(data, t.shape(), t.device())?.to_dtype(t.dtype())?;
+                p.var.set(&got)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The whole state, as [`Self::state_tensors`] names it, on every rank of `ring`: each owner
+    /// sends its parameters' state (for checkpoints under ZeRO-1).
+    pub fn gather_state(&self, ring: &helix_parallel::TcpRing) -> Result<Vec<(String, Tensor)>> {
+        let mut out = Vec::new();
+        for p in &self.params {
+            let shape = p.var.shape().clone();
+            let dev = p.var.device();
+            let mut parts = vec![("exp_avg", &p.exp_avg), ("exp_avg_sq", &p.exp_avg_sq)];
+            if p.var.dtype() != DType::F32 {
+                parts.push(("master", p.master.as_ref().unwrap_or(&p.exp_avg)));
+            }
+            for (what, t) in parts {
+                let mut data = match p.owner == self.me {
+                    true => t.flatten_all()?.to_vec1::<f32>()?,
+                    false => vec![0f32; shape.elem_count()],
+                };
+                ring.broadcast(&mut data, p.owner)?;
+                out.push((
+                    format!("{what}.{}", p.name),
+                    Tensor::from_vec(data, shape.clone(), dev)?,
+                ));
+            }
+        }
+        Ok(out)
     }
 
     /// One update with `grads` (f32, by parameter name) at learning rate `lr`.
@@ -72,7 +165,7 @@ impl AdamW {
         let bias1 = 1.0 - b1.powi(self.step as i32);
         let bias2_sqrt = (1.0 - b2.powi(self.step as i32)).sqrt();
         let step_size = lr / bias1;
-        for p in &mut self.params {
+        for p in self.params.iter_mut().filter(|p| p.owner == self.me) {
             let g = grads
                 .get(&p.name)
                 .with_context(|| format!("no gradient for {}", p.name))?;
@@ -100,11 +193,12 @@ impl AdamW {
     }
 
     /// The state a checkpoint saves: `exp_avg.<name>`, `exp_avg_sq.<name>` and, for parameters
-    /// not held in f32, `master.<name>`. The tensors are never modified in place (each step
-    /// makes new ones), so these handles are a consistent snapshot.
+    /// not held in f32, `master.<name>` — of the parameters this rank owns (all of them without
+    /// ZeRO-1). The tensors are never modified in place (each step makes new ones), so these
+    /// handles are a consistent snapshot.
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();
-        for p in &self.params {
+        for p in self.params.iter().filter(|p| p.owner == self.me) {
             out.push((format!("exp_avg.{}", p.name), p.exp_avg.clone()));
             out.push((format!("exp_avg_sq.{}", p.name), p.exp_avg_sq.clone()));
             if let Some(m) = &p.master {
@@ -129,7 +223,7 @@ impl AdamW {
             }
             Ok(t.to_dtype(DType::F32)?.to_device(like.device())?)
         };
-        for p in &mut self.params {
+        for p in self.params.iter_mut().filter(|p| p.owner == self.me) {
             p.exp_avg = get(format!("exp_avg.{}", p.name), &p.var)?;
             p.exp_avg_sq = get(format!("exp_avg_sq.{}", p.name), &p.var)?;
             if p.master.is_some() {

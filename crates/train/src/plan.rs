@@ -51,6 +51,8 @@ pub struct Job {
     pub nodes: usize,
     pub gpus_per_node: usize,
     pub tensor_parallel: usize,
+    /// AdamW's state sharded over the data-parallel ranks (`parallel.zero1`).
+    pub zero1: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -80,8 +82,10 @@ pub struct Plan {
 }
 
 /// The seed's measured NeMo runs: (preset, method, GPUs) → minutes per 1,000 steps.
-const MEASURED: [(&str, &str, usize, f64); 2] =
-    [("llama2-7b", "lora", 8, 79.0), ("llama2-70b", "lora", 8, 985.0)];
+const MEASURED: [(&str, &str, usize, f64); 2] = [
+    ("llama2-7b", "lora", 8, 79.0),
+    ("llama2-70b", "lora", 8, 985.0),
+];
 
 pub fn plan(job: &Job, hw: &Hardware) -> Result<Plan> {
     let m = &job.model;
@@ -146,6 +150,7 @@ pub fn plan(job: &Job, hw: &Hardware) -> Result<Plan> {
     let master = matches!(job.method, Method::FullSft) && job.dtype_bytes < 4;
     let optimizer_bytes = trainable_per_gpu * if master { 12.0 } else { 8.0 };
     let optimizer_bytes_zero1 = optimizer_bytes / df;
+    let optimizer_held = if job.zero1 { optimizer_bytes_zero1 } else { optimizer_bytes };
     // Activations kept for the backward, per micro-batch (Korthikanti et al. 2022, without
     // sequence parallelism or recomputation, 16-bit): s·b·h·(10 + 24/t + 5·a·s/(h·t)) per layer.
     let s = job.tokens_per_sample as f64;
@@ -153,13 +158,17 @@ pub fn plan(job: &Job, hw: &Hardware) -> Result<Plan> {
     let a = m.num_attention_heads as f64;
     let per_layer_act = s * b * h * (10.0 + 24.0 / tf + 5.0 * a * s / (h * tf));
     let activation_bytes = per_layer_act * l * job.dtype_bytes as f64 / 2.0;
-    let total_bytes = weights_bytes + grads_bytes + optimizer_bytes + activation_bytes;
+    let total_bytes = weights_bytes + grads_bytes + optimizer_held + activation_bytes;
 
     // FLOPs (PaLM's accounting): per token 2·N forward, 2·N for input gradients, 2·N for weight
     // gradients (full SFT only: the frozen base of LoRA / P-tuning has none), and 12·L·h·s for
     // attention's scores and values, forward and backward.
     // The embedding lookup does no matmul; a tied embedding is also the head, which does.
-    let lookup = if m.tie_word_embeddings { 0.0 } else { m.vocab_size as f64 * h };
+    let lookup = if m.tie_word_embeddings {
+        0.0
+    } else {
+        m.vocab_size as f64 * h
+    };
     let matmul_params = total - norms - lookup;
     let per_token = match job.method {
         Method::FullSft => 6.0 * matmul_params,
@@ -174,7 +183,13 @@ pub fn plan(job: &Job, hw: &Hardware) -> Result<Plan> {
     // Tensor parallel: Megatron's 4 all-reduces of b·s·h activations per layer per micro-batch
     // (2 forward, 2 backward); a ring all-reduce moves 2(t−1)/t of the buffer per GPU, over
     // NVSwitch inside a node (half its bidirectional bandwidth each way).
-    let ar = |n: f64, bytes: f64| if n > 1.0 { 2.0 * (n - 1.0) / n * bytes } else { 0.0 };
+    let ar = |n: f64, bytes: f64| {
+        if n > 1.0 {
+            2.0 * (n - 1.0) / n * bytes
+        } else {
+            0.0
+        }
+    };
     let tp_bytes_per_gpu =
         ar(tf, b * s * h * job.dtype_bytes as f64) * 4.0 * l * accumulation as f64;
     let nvswitch = hw.nvswitch_gb_s * 1e9 / 2.0;
@@ -186,7 +201,13 @@ pub fn plan(job: &Job, hw: &Hardware) -> Result<Plan> {
     let tp_s = tp_bytes_per_gpu / tp_link;
     // Data parallel: one all-reduce of the f32 gradients per step, over InfiniBand when the
     // group spans nodes (8 NICs shared by 8 GPUs), else NVSwitch.
-    let dp_bytes_per_gpu = ar(df, grads_bytes);
+    // ZeRO-1 then sends every updated parameter from its owner: one more all-gather's worth.
+    let dp_bytes_per_gpu = ar(df, grads_bytes)
+        + if job.zero1 && d > 1 {
+            (df - 1.0) / df * params_per_gpu * 4.0
+        } else {
+            0.0
+        };
     let dp_link = if gpus > job.gpus_per_node {
         nic_per_gpu(hw)
     } else {
@@ -240,31 +261,58 @@ pub fn render(job: &Job, hw: &Hardware, p: &Plan) -> String {
         job.nodes, job.gpus_per_node, job.tensor_parallel, p.data_parallel, job.micro_batch,
         p.accumulation, job.global_batch, job.tokens_per_sample
     ));
-    w(&mut s, format!(
-        "per GPU: {:.2} B parameters, {:.3} B trainable ({})",
-        p.params_per_gpu / 1e9,
-        p.trainable_per_gpu / 1e9,
-        job.method.name()
-    ));
+    w(
+        &mut s,
+        format!(
+            "per GPU: {:.2} B parameters, {:.3} B trainable ({})",
+            p.params_per_gpu / 1e9,
+            p.trainable_per_gpu / 1e9,
+            job.method.name()
+        ),
+    );
     w(&mut s, "memory per GPU (GiB):".into());
-    w(&mut s, format!("  weights            {:8.2}", gib(p.weights_bytes)));
-    w(&mut s, format!("  gradients (f32)    {:8.2}", gib(p.grads_bytes)));
-    w(&mut s, format!(
-        "  optimizer (f32)    {:8.2}   ({:.2} with ZeRO-1 over {} ranks; helix does not shard it yet)",
-        gib(p.optimizer_bytes),
-        gib(p.optimizer_bytes_zero1),
-        p.data_parallel
-    ));
-    w(&mut s, format!(
-        "  activations        {:8.2}   (per micro-batch, no recomputation)",
-        gib(p.activation_bytes)
-    ));
-    w(&mut s, format!(
-        "  total              {:8.2}   of {:.0} GiB HBM{}",
-        gib(p.total_bytes),
-        hw.hbm_gib,
-        if gib(p.total_bytes) > hw.hbm_gib { "  — DOES NOT FIT" } else { "" }
-    ));
+    w(
+        &mut s,
+        format!("  weights            {:8.2}", gib(p.weights_bytes)),
+    );
+    w(
+        &mut s,
+        format!("  gradients (f32)    {:8.2}", gib(p.grads_bytes)),
+    );
+    w(&mut s, match job.zero1 {
+        true => format!(
+            "  optimizer (f32)    {:8.2}   ZeRO-1 over {} ranks ({:.2} unsharded)",
+            gib(p.optimizer_bytes_zero1),
+            p.data_parallel,
+            gib(p.optimizer_bytes)
+        ),
+        false => format!(
+            "  optimizer (f32)    {:8.2}   ({:.2} with parallel.zero1 over {} ranks)",
+            gib(p.optimizer_bytes),
+            gib(p.optimizer_bytes_zero1),
+            p.data_parallel
+        ),
+    });
+    w(
+        &mut s,
+        format!(
+            "  activations        {:8.2}   (per micro-batch, no recomputation)",
+            gib(p.activation_bytes)
+        ),
+    );
+    w(
+        &mut s,
+        format!(
+            "  total              {:8.2}   of {:.0} GiB HBM{}",
+            gib(p.total_bytes),
+            hw.hbm_gib,
+            if gib(p.total_bytes) > hw.hbm_gib {
+                "  — DOES NOT FIT"
+            } else {
+                ""
+            }
+        ),
+    );
     w(&mut s, format!(
         "compute: {:.3} PFLOP per GPU per step: {:.2} s at the {:.0} TFLOP/s peak, {:.2} s at {:.0}% MFU",
         p.flops_per_gpu / 1e15,
@@ -280,11 +328,14 @@ pub fn render(job: &Job, hw: &Hardware, p: &Plan) -> String {
         p.dp_bytes_per_gpu / 1e9,
         p.dp_s
     ));
-    w(&mut s, format!(
-        "predicted step: {:.2} s = {:.0} min per 1,000 steps (communication not overlapped)",
-        p.step_s,
-        p.step_s * 1000.0 / 60.0
-    ));
+    w(
+        &mut s,
+        format!(
+            "predicted step: {:.2} s = {:.0} min per 1,000 steps (communication not overlapped)",
+            p.step_s,
+            p.step_s * 1000.0 / 60.0
+        ),
+    );
     match p.measured_step_s {
         Some(measured) => {
             let implied = p.compute_s_at_peak / measured;
@@ -297,15 +348,20 @@ pub fn render(job: &Job, hw: &Hardware, p: &Plan) -> String {
                 implied * 100.0
             ));
             w(&mut s, "what explains the difference:".into());
-            w(&mut s, format!(
+            w(
+                &mut s,
+                format!(
                 "  - tokens: the plan counts {} tokens in every sample; Dolly's answers are far \
                  shorter, and without packing NeMo pads each micro-batch only to its own length, \
                  so the real step does fewer FLOPs than counted (measure with `helix-train \
                  data-stats` and pass --tokens-per-sample): that makes the real efficiency lower \
                  still, not higher",
                 job.tokens_per_sample
-            ));
-            w(&mut s, format!(
+            ),
+            );
+            w(
+                &mut s,
+                format!(
                 "  - size of the work: at micro batch {} each GEMM is that many samples' tokens \
                  wide; kernel launches{} and the optimizer step take a fixed time that larger \
                  micro-batches would amortise",
@@ -315,20 +371,30 @@ pub fn render(job: &Job, hw: &Hardware, p: &Plan) -> String {
                 } else {
                     ""
                 }
-            ));
-            w(&mut s, "  - the measured run may use activation recomputation or a different \
+            ),
+            );
+            w(
+                &mut s,
+                "  - the measured run may use activation recomputation or a different \
                  parallel layout than this config (the seed's NeMo settings decide)"
-                .into());
+                    .into(),
+            );
             if measured / p.step_s > 10.0 {
-                w(&mut s, format!(
+                w(
+                    &mut s,
+                    format!(
                     "  - a {:.0}× gap is more than these account for: the measured run's settings \
                      (recomputation, pipeline or sequence parallelism, offloading) and the \
                      data's real lengths need checking before reading it as helix's margin",
                     measured / p.step_s
-                ));
+                ),
+                );
             }
         }
-        None => w(&mut s, "no seed measurement for this model, method and GPU count".into()),
+        None => w(
+            &mut s,
+            "no seed measurement for this model, method and GPU count".into(),
+        ),
     }
     s
 }
@@ -350,21 +416,35 @@ mod tests {
             nodes: gpus.div_ceil(8),
             gpus_per_node: gpus.min(8),
             tensor_parallel: tp,
+            zero1: false,
         }
     }
 
     #[test]
     fn full_sft_of_7b_counts_what_the_literature_counts() {
-        let p = plan(&job("llama2-7b", Method::FullSft, 8, 1, 128), &Hardware::default()).unwrap();
+        let p = plan(
+            &job("llama2-7b", Method::FullSft, 8, 1, 128),
+            &Hardware::default(),
+        )
+        .unwrap();
         // 6.74 B parameters in bf16: 12.55 GiB of weights; 16 bytes per parameter of
         // gradients and AdamW state with f32 masters; 6·N + 12·L·h·s FLOPs per token.
-        assert!((p.params_per_gpu / 1e9 - 6.738).abs() < 0.01, "{}", p.params_per_gpu);
+        assert!(
+            (p.params_per_gpu / 1e9 - 6.738).abs() < 0.01,
+            "{}",
+            p.params_per_gpu
+        );
         assert!((p.weights_bytes / (1u64 << 30) as f64 - 12.55).abs() < 0.05);
         assert_eq!(p.optimizer_bytes, p.trainable_per_gpu * 12.0);
         let n = LlamaConfig::preset("llama2-7b").unwrap().num_parameters() as f64;
-        let per_token = 6.0 * (n - 65.0 * 4096.0 - 32000.0 * 4096.0) + 12.0 * 32.0 * 4096.0 * 2048.0;
+        let per_token =
+            6.0 * (n - 65.0 * 4096.0 - 32000.0 * 4096.0) + 12.0 * 32.0 * 4096.0 * 2048.0;
         let want = per_token * 128.0 * 2048.0 / 8.0;
-        assert!((p.flops_per_gpu / want - 1.0).abs() < 1e-3, "{} vs {want}", p.flops_per_gpu);
+        assert!(
+            (p.flops_per_gpu / want - 1.0).abs() < 1e-3,
+            "{} vs {want}",
+            p.flops_per_gpu
+        );
         assert_eq!((p.data_parallel, p.accumulation), (8, 16));
         assert!(p.measured_step_s.is_none());
     }
@@ -372,16 +452,32 @@ mod tests {
     #[test]
     fn lora_70b_over_tp8_splits_weights_and_adds_its_traffic() {
         let lora = LoraConfig::new(32, 32.0, &["q_proj", "k_proj", "v_proj"]);
-        let p = plan(&job("llama2-70b", Method::Lora(lora), 8, 8, 8), &Hardware::default()).unwrap();
+        let p = plan(
+            &job("llama2-70b", Method::Lora(lora), 8, 8, 8),
+            &Hardware::default(),
+        )
+        .unwrap();
         // 69 B / 8 ranks, bf16: about 16 GiB of weights per GPU; LoRA on q/k/v, r 32.
-        assert!((p.weights_bytes / (1u64 << 30) as f64 - 16.1).abs() < 0.3, "{}", p.weights_bytes);
+        assert!(
+            (p.weights_bytes / (1u64 << 30) as f64 - 16.1).abs() < 0.3,
+            "{}",
+            p.weights_bytes
+        );
         // Per layer, A replicated (column-parallel bases) and B split 8 ways:
         // q 32·8192 + 1024·32, k and v 32·8192 + 128·32 each: 827,392 × 80 layers.
         assert_eq!(p.trainable_per_gpu, 66_191_360.0);
         assert!(p.tp_s > 0.0 && p.dp_s == 0.0);
         assert_eq!(p.measured_step_s, Some(985.0 * 60.0 / 1000.0));
-        let text = render(&job("llama2-70b", Method::FullSft, 8, 8, 8), &Hardware::default(), &p);
+        let text = render(
+            &job("llama2-70b", Method::FullSft, 8, 8, 8),
+            &Hardware::default(),
+            &p,
+        );
         assert!(text.contains("seed's NeMo measurement"), "{text}");
-        assert!(plan(&job("llama2-7b", Method::FullSft, 8, 3, 8), &Hardware::default()).is_err());
+        assert!(plan(
+            &job("llama2-7b", Method::FullSft, 8, 3, 8),
+            &Hardware::default()
+        )
+        .is_err());
     }
 }

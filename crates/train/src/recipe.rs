@@ -113,6 +113,9 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
             weight_decay: cfg.optimizer.weight_decay,
         },
     )?;
+    if cfg.parallel.zero1 {
+        optimizer.shard_state(job.dp.index, job.dp.size)?;
+    }
 
     // 4. Where to start: the newest valid checkpoint (resume = "auto"), or afresh.
     //    Rank 0 chooses; every rank loads the same one.
@@ -134,11 +137,18 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
     let resumed_from = step;
     say(format!(
         "{total_steps} steps of {accumulation} micro-batch(es) × {} rows × {} data-parallel \
-         rank(s), tensor parallel {}; {} micro-batches per epoch; checkpoints in {}",
+         rank(s), tensor parallel {}; {} micro-batches per epoch; optimizer state {} on this \
+         rank{}; checkpoints in {}",
         cfg.batch.micro_batch_size,
         job.dp.size,
         job.tp.size,
         stream.steps_per_epoch(),
+        helix_peft::human_bytes(optimizer.state_bytes()),
+        if optimizer.is_sharded() {
+            " (ZeRO-1)"
+        } else {
+            ""
+        },
         store.root.display()
     ));
 
@@ -194,6 +204,9 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
         }
         let lr = schedule.lr(step);
         optimizer.step(&grads, lr)?;
+        if optimizer.is_sharded() {
+            optimizer.sync_params(&job.dp)?;
+        }
         step += 1;
 
         let secs = t0.elapsed().as_secs_f64();
@@ -220,15 +233,16 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
         job.sum_all_f64(&mut asked)?;
         preempted = asked[0] > 0.0;
         let save = preempted || last || (t.save_interval > 0 && step % t.save_interval == 0);
-        // Every rank of rank 0's tensor-parallel group gathers (collectively); rank 0 writes.
-        let gather = save && (job.tp.size > 1 && job.dp.index == 0 || main);
-        let ckpt = match gather {
+        // Every rank takes part in the gathers (tensor-parallel shards, ZeRO-1 state); rank 0
+        // writes.
+        let ckpt = match save {
             true => Some(snapshot(
                 step,
                 total_steps,
                 cfg,
                 &model,
                 &optimizer,
+                &job.dp,
                 &stream,
             )?),
             false => None,

@@ -9,8 +9,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use helix_ckpt::{load_tensors, read_json, verify, Checkpoint, CheckpointStore};
-use helix_data::{BatchStream, Cursor};
+use helix_data::{BatchStream, Position};
 use helix_model::linear::shard_of;
+use helix_parallel::TcpRing;
 use helix_peft::Customized;
 use serde::{Deserialize, Serialize};
 
@@ -26,8 +27,8 @@ pub struct TrainerState {
     /// Optimizer steps completed.
     pub step: u64,
     pub total_steps: u64,
-    /// The data stream's next micro-step.
-    pub data_cursor: Cursor,
+    /// Where the job stands in the data (independent of the data-parallel layout).
+    pub data_position: Position,
     /// Dropout draws per layer.
     pub rng: BTreeMap<String, u64>,
     pub method: String,
@@ -40,14 +41,15 @@ pub struct TrainerState {
 
 /// Host copies of everything a checkpoint of `step` holds, taken now so training can go on
 /// while a background thread writes them. Tensor-parallel shards are gathered into whole
-/// tensors, so any tensor-parallel size can resume from the checkpoint; every rank of the
-/// group must call this (the gathers are collective).
+/// tensors and ZeRO-1's optimizer state from its owners, so any layout can resume from the
+/// checkpoint; every rank must call this (the gathers are collective).
 pub fn snapshot(
     step: u64,
     total_steps: u64,
     cfg: &ConfigFile,
     model: &Customized,
     optimizer: &AdamW,
+    dp: &TcpRing,
     stream: &BatchStream,
 ) -> Result<Checkpoint> {
     let host = |split_name: &str, t: &Tensor| -> Result<Tensor> {
@@ -59,8 +61,12 @@ pub fn snapshot(
         .into_iter()
         .map(|(n, v)| Ok((n.clone(), host(&n, v.as_tensor())?)))
         .collect::<Result<Vec<_>>>()?;
-    let optim = optimizer
-        .state_tensors()
+    // Under ZeRO-1 each owner sends its parameters' state first (collective over `dp`).
+    let state = match optimizer.is_sharded() {
+        true => optimizer.gather_state(dp)?,
+        false => optimizer.state_tensors(),
+    };
+    let optim = state
         .into_iter()
         .map(|(n, t)| Ok((n.clone(), host(optimizer_param(&n), &t)?)))
         .collect::<Result<Vec<_>>>()?;
@@ -68,7 +74,7 @@ pub fn snapshot(
     let state = TrainerState {
         step,
         total_steps,
-        data_cursor: stream.cursor(),
+        data_position: stream.position(),
         rng: model.rng_state(),
         method: cfg.method()?.name().to_string(),
         config_sha256: config_sha256(&config),
@@ -162,8 +168,8 @@ pub fn restore(
         .with_context(|| format!("{}: optimizer state", dir.display()))?;
     model.set_rng_state(&state.rng)?;
     stream
-        .seek(state.data_cursor)
-        .with_context(|| format!("{}: data cursor", dir.display()))?;
+        .seek_position(state.data_position)
+        .with_context(|| format!("{}: data position", dir.display()))?;
     Ok(state)
 }
 

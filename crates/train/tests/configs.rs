@@ -55,10 +55,18 @@ fn plan_reports_every_cluster_config() {
             .output()
             .unwrap();
         let out = String::from_utf8_lossy(&o.stdout);
-        assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         for want in ["memory per GPU", "PFLOP per GPU per step", "predicted step"] {
             assert!(out.contains(want), "{name}: {out}");
         }
-        assert_eq!(out.contains("seed's NeMo measurement"), measured, "{name}: {out}");
+        assert_eq!(
+            out.contains("seed's NeMo measurement"),
+            measured,
+            "{name}: {out}"
+        );
     }
 }

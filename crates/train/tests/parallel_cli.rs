@@ -361,3 +361,70 @@ fn a_run_checkpointed_at_tp2_resumes_at_tp1() {
         "stopped at TP=2 after step {stopped}, resumed at TP=1: worst relative Δ loss {worst:.2e}"
     );
 }
+
+/// The optimizer state rank 0 reports holding, in bytes ("optimizer state 12.5 KiB on this
+/// rank").
+fn optimizer_state(log: &str) -> f64 {
+    let at = log
+        .find("optimizer state ")
+        .unwrap_or_else(|| panic!("{log}"))
+        + 16;
+    let mut words = log[at..].split_whitespace();
+    let (n, unit) = (words.next().unwrap(), words.next().unwrap());
+    let n: f64 = n.parse().unwrap();
+    n * match unit {
+        "B" => 1.0,
+        "KiB" => 1024.0,
+        "MiB" => 1024.0 * 1024.0,
+        u => panic!("unit {u}"),
+    }
+}
+
+/// ZeRO-1 over 2 data-parallel ranks: the same losses as one process with at most about half
+/// the optimizer state on a rank; a ZeRO-1 run stopped midway resumes in one process.
+#[test]
+fn zero1_halves_optimizer_state_and_matches_one_process() {
+    for method in ["sft", "lora"] {
+        let tmp = tiny_run_dir(method);
+        let dir = tmp.path();
+        let args = no_dropout(method);
+        let one = ok(helix(dir, "one", 1, 0, &args).output().unwrap());
+        let mut z = args.clone();
+        z.extend(["--set", "parallel.zero1=true"]);
+        let sharded = ok(helix(dir, "zero1", 2, free_port(), &z).output().unwrap());
+        assert!(sharded.contains("(ZeRO-1)"), "{sharded}");
+        let (full, mine) = (optimizer_state(&one), optimizer_state(&sharded));
+        assert!(mine <= 0.6 * full, "{method}: {mine} of {full} bytes");
+        let worst = same_losses(method, &dir.join("one"), &dir.join("zero1"));
+        println!(
+            "{method}: ZeRO-1 over DP=2: optimizer state on rank 0 {:.0}% of one process's; \
+             worst relative Δ loss {worst:.2e}",
+            100.0 * mine / full
+        );
+
+        // Stopped at ZeRO-1 × DP=2, resumed in one process without it.
+        let child = helix(dir, "moved", 2, free_port(), &z)
+            .env("HELIX_TEST_STEP_DELAY_MS", "100")
+            .spawn()
+            .unwrap();
+        let out = dir.join("moved");
+        let t = Instant::now();
+        while !std::fs::read_to_string(out.join("metrics.jsonl"))
+            .is_ok_and(|m| m.contains("\"step\":10,"))
+        {
+            assert!(
+                t.elapsed() < Duration::from_secs(120),
+                "never reached step 10"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap()
+            .success());
+        ok(child.wait_with_output().unwrap());
+        ok(helix(dir, "moved", 1, 0, &args).output().unwrap());
+        same_losses(method, &dir.join("one"), &out);
+    }
+}
