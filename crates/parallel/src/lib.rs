@@ -1,10 +1,13 @@
 //! Multi-process training for helix: where a process stands in a job ([`env`]), the rank-0
 //! rendezvous store and failure detector ([`store`]), the collectives of the CPU backend over
 //! TCP ([`tcp`]), data-parallel gradient reduction ([`Job::all_reduce_tensors`]) and the
-//! torchrun-style launcher ([`launch`]). See docs/architecture.md.
+//! torchrun-style launcher ([`launch`]); with the `nccl` feature, the GPU backend (`nccl`).
+//! See docs/architecture.md.
 
 pub mod env;
 pub mod launch;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod store;
 pub mod tcp;
 mod wire;
