@@ -40,20 +40,9 @@ pub fn export_hf_dir(
     src_dir: &Path,
     out: &Path,
     opts: &ExportOptions,
-    mut transform: impl FnMut(&str, Tensor) -> Result<Tensor>,
+    transform: impl FnMut(&str, Tensor) -> Result<Tensor>,
 ) -> Result<ShardReport> {
-    let weights = model.named_weights();
-    let specs: Vec<TensorSpec> = weights
-        .iter()
-        .map(|(n, t)| TensorSpec::new(n.clone(), opts.dtype, t.dims()))
-        .collect();
-    export_hf(&specs, src_dir, out, opts, |name| {
-        let (_, t) = weights
-            .iter()
-            .find(|(n, _)| n == name)
-            .expect("a spec per weight");
-        transform(name, t.clone())
-    })
+    export_named(&model.named_weights(), src_dir, out, opts, transform)
 }
 
 /// Writes whole `weights` already in memory (e.g. gathered from tensor-parallel shards) to
@@ -64,6 +53,18 @@ pub fn export_hf_weights(
     out: &Path,
     opts: &ExportOptions,
 ) -> Result<ShardReport> {
+    export_named(weights, src_dir, out, opts, |_, t| Ok(t))
+}
+
+/// The tensors of `weights` (handles: a model's weights cost nothing to list), each passed
+/// through `transform` as it is written.
+fn export_named(
+    weights: &[(String, Tensor)],
+    src_dir: &Path,
+    out: &Path,
+    opts: &ExportOptions,
+    mut transform: impl FnMut(&str, Tensor) -> Result<Tensor>,
+) -> Result<ShardReport> {
     let specs: Vec<TensorSpec> = weights
         .iter()
         .map(|(n, t)| TensorSpec::new(n.clone(), opts.dtype, t.dims()))
@@ -73,7 +74,7 @@ pub fn export_hf_weights(
             .iter()
             .find(|(n, _)| n == name)
             .expect("a spec per weight");
-        Ok(t.clone())
+        transform(name, t.clone())
     })
 }
 

@@ -29,7 +29,13 @@ unsafe impl Send for SendComm {}
 impl NcclGroup {
     /// Joins the NCCL group `name` of the global `ranks` (this process is `me`, computing on
     /// `device`).
-    pub fn join(store: &StoreClient, name: &str, ranks: &[usize], me: usize, device: &Device) -> Result<Self> {
+    pub fn join(
+        store: &StoreClient,
+        name: &str,
+        ranks: &[usize],
+        me: usize,
+        device: &Device,
+    ) -> Result<Self> {
         let rank = ranks
             .iter()
             .position(|&r| r == me)
@@ -46,7 +52,10 @@ impl NcclGroup {
         } else {
             let bytes = store.get(&key)?;
             if bytes.len() != 128 {
-                bail!("NCCL unique id for {name} has {} bytes, expected 128", bytes.len());
+                bail!(
+                    "NCCL unique id for {name} has {} bytes, expected 128",
+                    bytes.len()
+                );
             }
             let mut internal = [0 as std::ffi::c_char; 128];
             for (d, s) in internal.iter_mut().zip(&bytes) {
@@ -54,8 +63,12 @@ impl NcclGroup {
             }
             Id::uninit(internal)
         };
-        let comm = Comm::from_rank(cuda.cuda_stream(), rank, ranks.len(), id)
-            .map_err(|e| anyhow::anyhow!("NCCL init of group {name} (rank {rank} of {}): {e:?}", ranks.len()))?;
+        let comm = Comm::from_rank(cuda.cuda_stream(), rank, ranks.len(), id).map_err(|e| {
+            anyhow::anyhow!(
+                "NCCL init of group {name} (rank {rank} of {}): {e:?}",
+                ranks.len()
+            )
+        })?;
         Ok(Self {
             comm: Mutex::new(SendComm(comm)),
             rank,
@@ -151,6 +164,8 @@ impl helix_ops::Collective for NcclGroup {
     fn all_gather(&self, t: &Tensor, dim: usize) -> candle_core::Result<Tensor> {
         // NCCL stacks ranks along the flat buffer, i.e. dimension 0: move `dim` there and back.
         let moved = t.transpose(0, dim)?.contiguous()?;
-        self.run(&moved, Kind::Gather)?.transpose(0, dim)?.contiguous()
+        self.run(&moved, Kind::Gather)?
+            .transpose(0, dim)?
+            .contiguous()
     }
 }

@@ -150,7 +150,11 @@ pub fn plan(job: &Job, hw: &Hardware) -> Result<Plan> {
     let master = matches!(job.method, Method::FullSft) && job.dtype_bytes < 4;
     let optimizer_bytes = trainable_per_gpu * if master { 12.0 } else { 8.0 };
     let optimizer_bytes_zero1 = optimizer_bytes / df;
-    let optimizer_held = if job.zero1 { optimizer_bytes_zero1 } else { optimizer_bytes };
+    let optimizer_held = if job.zero1 {
+        optimizer_bytes_zero1
+    } else {
+        optimizer_bytes
+    };
     // Activations kept for the backward, per micro-batch (Korthikanti et al. 2022, without
     // sequence parallelism or recomputation, 16-bit): s·b·h·(10 + 24/t + 5·a·s/(h·t)) per layer.
     let s = job.tokens_per_sample as f64;
@@ -279,20 +283,23 @@ pub fn render(job: &Job, hw: &Hardware, p: &Plan) -> String {
         &mut s,
         format!("  gradients (f32)    {:8.2}", gib(p.grads_bytes)),
     );
-    w(&mut s, match job.zero1 {
-        true => format!(
-            "  optimizer (f32)    {:8.2}   ZeRO-1 over {} ranks ({:.2} unsharded)",
-            gib(p.optimizer_bytes_zero1),
-            p.data_parallel,
-            gib(p.optimizer_bytes)
-        ),
-        false => format!(
-            "  optimizer (f32)    {:8.2}   ({:.2} with parallel.zero1 over {} ranks)",
-            gib(p.optimizer_bytes),
-            gib(p.optimizer_bytes_zero1),
-            p.data_parallel
-        ),
-    });
+    w(
+        &mut s,
+        match job.zero1 {
+            true => format!(
+                "  optimizer (f32)    {:8.2}   ZeRO-1 over {} ranks ({:.2} unsharded)",
+                gib(p.optimizer_bytes_zero1),
+                p.data_parallel,
+                gib(p.optimizer_bytes)
+            ),
+            false => format!(
+                "  optimizer (f32)    {:8.2}   ({:.2} with parallel.zero1 over {} ranks)",
+                gib(p.optimizer_bytes),
+                gib(p.optimizer_bytes_zero1),
+                p.data_parallel
+            ),
+        },
+    );
     w(
         &mut s,
         format!(

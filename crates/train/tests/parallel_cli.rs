@@ -113,6 +113,33 @@ fn sft_data_parallel_matches_one_process() {
     data_parallel_matches_one_process("sft");
 }
 
+/// Starts `helix-train` slowed to `delay_ms` per step and waits until its metrics show `step`.
+fn start_and_wait(mut cmd: Command, out: &Path, delay_ms: u64, step: u64) -> std::process::Child {
+    let child = cmd
+        .env("HELIX_TEST_STEP_DELAY_MS", delay_ms.to_string())
+        .spawn()
+        .unwrap();
+    let mark = format!("\"step\":{step},");
+    let t = Instant::now();
+    while !std::fs::read_to_string(out.join("metrics.jsonl")).is_ok_and(|m| m.contains(&mark)) {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "the job never reached step {step}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child
+}
+
+/// `kill -SIG pid`.
+fn signal(sig: &str, pid: u32) {
+    assert!(Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+}
+
 /// The pid of rank `rank` among the children of `launcher`.
 fn rank_pid(launcher: u32, rank: usize) -> Option<u32> {
     for e in std::fs::read_dir("/proc").ok()? {
@@ -146,28 +173,11 @@ fn a_killed_rank_stops_the_job_naming_it_and_a_rerun_resumes() {
     let nd = no_dropout("lora");
     let mut args = nd.clone();
     args.extend(["--set", "parallel.timeout_s=30"]);
-    let child = helix(dir, "run", 2, free_port(), &args)
-        .env("HELIX_TEST_STEP_DELAY_MS", "150")
-        .spawn()
-        .unwrap();
     let out = dir.join("run");
-    let t = Instant::now();
-    while !std::fs::read_to_string(out.join("metrics.jsonl"))
-        .is_ok_and(|m| m.contains("\"step\":6,"))
-    {
-        assert!(
-            t.elapsed() < Duration::from_secs(120),
-            "the job never reached step 6"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let child = start_and_wait(helix(dir, "run", 2, free_port(), &args), &out, 150, 6);
     let victim = rank_pid(child.id(), 1).expect("rank 1's process");
     let killed = Instant::now();
-    assert!(Command::new("kill")
-        .args(["-9", &victim.to_string()])
-        .status()
-        .unwrap()
-        .success());
+    signal("-9", victim);
     let o = child.wait_with_output().unwrap();
     let took = killed.elapsed();
     let err = String::from_utf8_lossy(&o.stderr);
@@ -232,29 +242,12 @@ fn a_stopped_rank_is_detected_by_its_silence() {
     let dir = tmp.path();
     let mut args = no_dropout("lora");
     args.extend(["--set", "parallel.timeout_s=3"]);
-    let child = helix(dir, "run", 2, free_port(), &args)
-        .env("HELIX_TEST_STEP_DELAY_MS", "150")
-        .spawn()
-        .unwrap();
     let out = dir.join("run");
-    let t = Instant::now();
-    while !std::fs::read_to_string(out.join("metrics.jsonl"))
-        .is_ok_and(|m| m.contains("\"step\":3,"))
-    {
-        assert!(
-            t.elapsed() < Duration::from_secs(120),
-            "the job never reached step 3"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let child = start_and_wait(helix(dir, "run", 2, free_port(), &args), &out, 150, 3);
     // SIGSTOP: the process is alive and its connections open, but it says nothing.
     let victim = rank_pid(child.id(), 1).expect("rank 1's process");
     let stopped = Instant::now();
-    assert!(Command::new("kill")
-        .args(["-STOP", &victim.to_string()])
-        .status()
-        .unwrap()
-        .success());
+    signal("-STOP", victim);
     let o = child.wait_with_output().unwrap();
     let took = stopped.elapsed();
     let err = String::from_utf8_lossy(&o.stderr);
@@ -330,26 +323,9 @@ fn a_run_checkpointed_at_tp2_resumes_at_tp1() {
     ok(helix(dir, "one", 1, 0, &args).output().unwrap());
     let mut tp2 = args.clone();
     tp2.extend(["--set", "parallel.tensor_parallel=2"]);
-    let child = helix(dir, "run", 2, free_port(), &tp2)
-        .env("HELIX_TEST_STEP_DELAY_MS", "100")
-        .spawn()
-        .unwrap();
     let out = dir.join("run");
-    let t = Instant::now();
-    while !std::fs::read_to_string(out.join("metrics.jsonl"))
-        .is_ok_and(|m| m.contains("\"step\":10,"))
-    {
-        assert!(
-            t.elapsed() < Duration::from_secs(120),
-            "never reached step 10"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert!(Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success());
+    let child = start_and_wait(helix(dir, "run", 2, free_port(), &tp2), &out, 100, 10);
+    signal("-TERM", child.id());
     let err = ok(child.wait_with_output().unwrap());
     assert!(err.contains("stopped by a signal after saving"), "{err}");
     let stopped = losses(&out).last().unwrap().0;
@@ -403,26 +379,9 @@ fn zero1_halves_optimizer_state_and_matches_one_process() {
         );
 
         // Stopped at ZeRO-1 × DP=2, resumed in one process without it.
-        let child = helix(dir, "moved", 2, free_port(), &z)
-            .env("HELIX_TEST_STEP_DELAY_MS", "100")
-            .spawn()
-            .unwrap();
         let out = dir.join("moved");
-        let t = Instant::now();
-        while !std::fs::read_to_string(out.join("metrics.jsonl"))
-            .is_ok_and(|m| m.contains("\"step\":10,"))
-        {
-            assert!(
-                t.elapsed() < Duration::from_secs(120),
-                "never reached step 10"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        assert!(Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success());
+        let child = start_and_wait(helix(dir, "moved", 2, free_port(), &z), &out, 100, 10);
+        signal("-TERM", child.id());
         ok(child.wait_with_output().unwrap());
         ok(helix(dir, "moved", 1, 0, &args).output().unwrap());
         same_losses(method, &dir.join("one"), &out);
