@@ -7,11 +7,19 @@
 //! `latest` pointer replaced last. A crash at any point leaves either the previous checkpoints
 //! untouched or the new one complete: a `.tmp` directory is never read.
 //!
+//! In a job of several ranks each writes its own pieces into the same `.tmp` directory and rank 0
+//! seals it (see [`SaveRendezvous`] and layout.rs).
+//!
 //! Reading verifies every file's hash first; [`CheckpointStore::find_resumable`] takes the
 //! newest checkpoint that verifies and reports the damaged ones it passed over.
 
+mod layout;
 mod writer;
 
+pub use layout::{
+    stem_files, CheckpointIndex, CheckpointReader, IndexEntry, Piece, RankPart, SplitPiece,
+    TensorFile, INDEX,
+};
 pub use writer::{BackgroundWriter, SaveReport};
 
 use std::collections::HashMap;
@@ -28,13 +36,25 @@ use sha2::{Digest, Sha256};
 pub const CHECKSUMS: &str = "SHA256SUMS";
 pub const LATEST: &str = "latest";
 
-/// What a trainer hands over to be saved: host copies, so training may go on meanwhile.
+/// What one rank hands over to be saved: host copies, so training may go on meanwhile.
 pub struct Checkpoint {
     pub step: u64,
-    /// Tensor groups by file stem (`trainable`, `optimizer`), each `(name, tensor)`.
-    pub tensors: Vec<(String, Vec<(String, Tensor)>)>,
-    /// JSON files by name (`trainer_state.json`).
+    /// The tensor files this rank writes (its pieces only).
+    pub files: Vec<TensorFile>,
+    /// JSON files by name (`trainer_state.json`); rank 0 writes them.
     pub json: Vec<(String, serde_json::Value)>,
+}
+
+/// How the ranks of a job meet to finish one checkpoint: each writes its own files into the
+/// same `.tmp` directory and reports them; rank 0 waits for every report, then writes the index
+/// and checksums and renames the directory into place. Without one, a process saves alone.
+pub trait SaveRendezvous: Send {
+    fn rank(&self) -> usize;
+    fn world(&self) -> usize;
+    /// A rank other than 0 hands rank 0 its report on checkpoint `step`.
+    fn report(&self, step: u64, part: &str) -> Result<()>;
+    /// Rank 0: the reports of ranks 1.. on checkpoint `step`, in rank order.
+    fn collect(&self, step: u64) -> Result<Vec<String>>;
 }
 
 /// The checkpoints of one run.
@@ -68,47 +88,130 @@ impl CheckpointStore {
         self.root.join(format!("step-{step:06}"))
     }
 
-    /// Writes `ckpt` atomically (see the module docs), then prunes old checkpoints.
-    pub fn save(&self, ckpt: &Checkpoint) -> Result<SaveReport> {
+    /// Writes this rank's part of `ckpt`; rank 0 (or a process alone, `peers: None`) then
+    /// seals it atomically (see the module docs) and prunes old checkpoints.
+    pub fn save(
+        &self,
+        ckpt: &Checkpoint,
+        peers: Option<&dyn SaveRendezvous>,
+    ) -> Result<SaveReport> {
         let t = Instant::now();
+        let rank = peers.map_or(0, |p| p.rank());
         std::fs::create_dir_all(&self.root)
             .with_context(|| format!("cannot create {}", self.root.display()))?;
         let dir = self.dir_for(ckpt.step);
         let tmp = dir.with_extension("tmp");
-        if tmp.exists() {
-            // A crash's leftover: never complete, never read.
+        if peers.is_none() && tmp.exists() {
+            // A crash's leftover: never complete, never read. (With peers, rank 0 removes
+            // leftovers before training: see `remove_incomplete`.)
             std::fs::remove_dir_all(&tmp)
                 .with_context(|| format!("cannot remove {}", tmp.display()))?;
         }
-        std::fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        std::fs::create_dir_all(&tmp)
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
+        let mine = self.write_part(&tmp, ckpt);
+        let Some(peers) = peers.filter(|_| rank != 0) else {
+            return self.seal(ckpt, &tmp, &dir, mine?, peers, t);
+        };
+        let part = mine.unwrap_or_else(|e| RankPart {
+            error: Some(format!("{e:#}")),
+            ..Default::default()
+        });
+        peers.report(ckpt.step, &serde_json::to_string(&part)?)?;
+        if let Some(e) = part.error {
+            bail!("{e}");
+        }
+        Ok(SaveReport {
+            step: ckpt.step,
+            dir,
+            bytes: part.files.iter().map(|f| f.2).sum(),
+            seconds: t.elapsed().as_secs_f64(),
+            removed: Vec::new(),
+        })
+    }
+
+    /// Writes and fsyncs this rank's tensor files into `tmp`; what it wrote.
+    fn write_part(&self, tmp: &Path, ckpt: &Checkpoint) -> Result<RankPart> {
         let delay = test_write_delay();
-        let mut files = Vec::new();
-        for (stem, named) in &ckpt.tensors {
-            let specs: Vec<TensorSpec> = named
+        let mut part = RankPart::default();
+        for file in &ckpt.files {
+            let specs: Vec<TensorSpec> = file
+                .pieces
                 .iter()
-                .map(|(n, t)| TensorSpec::new(n.clone(), t.dtype(), t.dims()))
+                .map(|p| TensorSpec::new(p.name.clone(), p.tensor.dtype(), p.tensor.dims()))
                 .collect();
-            let by_name: HashMap<&str, &Tensor> =
-                named.iter().map(|(n, t)| (n.as_str(), t)).collect();
-            let report = save_sharded(&tmp, stem, &specs, self.max_shard_bytes, |s| {
+            let by_name: HashMap<&str, &Tensor> = file
+                .pieces
+                .iter()
+                .map(|p| (p.name.as_str(), &p.tensor))
+                .collect();
+            let report = save_sharded(tmp, &file.stem, &specs, self.max_shard_bytes, |s| {
                 std::thread::sleep(delay);
                 Ok(by_name[s.name.as_str()].clone())
             })?;
-            files.extend(report.files);
+            for f in report.files {
+                let (hash, len) = sha256_file(&tmp.join(&f))?;
+                part.files.push((hash, f, len));
+            }
+            for p in &file.pieces {
+                part.pieces.push((
+                    file.group.clone(),
+                    p.name.clone(),
+                    file.stem.clone(),
+                    p.whole_shape(),
+                    p.tensor.dtype().as_str().to_string(),
+                    p.split,
+                ));
+            }
         }
-        for (name, value) in &ckpt.json {
-            helix_model::safetensors_write::write_json(&tmp.join(name), value)?;
-            files.push(name.clone());
+        Ok(part)
+    }
+
+    /// Rank 0: waits for the other ranks' parts, writes the index, the JSON files and the
+    /// checksums, renames `tmp` to `dir` and moves `latest`.
+    fn seal(
+        &self,
+        ckpt: &Checkpoint,
+        tmp: &Path,
+        dir: &Path,
+        mine: RankPart,
+        peers: Option<&dyn SaveRendezvous>,
+        t: Instant,
+    ) -> Result<SaveReport> {
+        let mut parts = vec![mine];
+        if let Some(peers) = peers {
+            for (i, text) in peers.collect(ckpt.step)?.into_iter().enumerate() {
+                let part: RankPart = serde_json::from_str(&text)
+                    .with_context(|| format!("rank {}'s report on step {}", i + 1, ckpt.step))?;
+                if let Some(e) = &part.error {
+                    bail!(
+                        "rank {} could not write its part of checkpoint {}: {e}",
+                        i + 1,
+                        ckpt.step
+                    );
+                }
+                parts.push(part);
+            }
         }
+        let index = CheckpointIndex::merge(&parts)?;
+        let mut files: Vec<(String, String, u64)> =
+            parts.into_iter().flat_map(|p| p.files).collect();
+        let mut json = ckpt.json.clone();
+        json.push((INDEX.to_string(), serde_json::to_value(&index)?));
+        for (name, value) in &json {
+            let path = tmp.join(name);
+            helix_model::safetensors_write::write_json(&path, value)?;
+            let (hash, len) = sha256_file(&path)?;
+            files.push((hash, name.clone(), len));
+        }
+        files.sort_by(|a, b| a.1.cmp(&b.1));
         let mut sums = String::new();
-        let mut bytes = 0u64;
-        files.sort();
-        for f in &files {
-            let (hash, len) = sha256_file(&tmp.join(f))?;
-            sums.push_str(&format!("{hash}  {f}\n"));
-            bytes += len;
+        for (hash, name, _) in &files {
+            sums.push_str(&format!("{hash}  {name}\n"));
         }
+        let bytes = files.iter().map(|f| f.2).sum();
         write_atomic(&tmp.join(CHECKSUMS), |w| Ok(w.write_all(sums.as_bytes())?))?;
+        let (tmp, dir) = (tmp.to_path_buf(), dir.to_path_buf());
         sync_dir(&tmp)?;
         if dir.exists() {
             // The same step saved again (a resumed run reaching it): the new one replaces it.
@@ -144,6 +247,27 @@ impl CheckpointStore {
                 std::fs::remove_dir_all(&dir)
                     .with_context(|| format!("cannot remove old checkpoint {}", dir.display()))?;
                 removed.push(dir);
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Removes what crashed saves left (`step-N.tmp/`). Several ranks write into one `.tmp`
+    /// directory, so a job's rank 0 calls this once before training, not each save.
+    pub fn remove_incomplete(&self) -> Result<Vec<PathBuf>> {
+        let mut removed = Vec::new();
+        if !self.root.exists() {
+            return Ok(removed);
+        }
+        for e in std::fs::read_dir(&self.root)
+            .with_context(|| format!("cannot list {}", self.root.display()))?
+        {
+            let path = e?.path();
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            if name.starts_with("step-") && name.ends_with(".tmp") && path.is_dir() {
+                std::fs::remove_dir_all(&path)
+                    .with_context(|| format!("cannot remove {}", path.display()))?;
+                removed.push(path);
             }
         }
         Ok(removed)
@@ -222,20 +346,10 @@ pub fn verify(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Every tensor of the group `stem` in a checkpoint directory (single file or sharded).
+/// Every tensor of the stem `stem` in a checkpoint directory (single file or sharded).
 pub fn load_tensors(dir: &Path, stem: &str, device: &Device) -> Result<HashMap<String, Tensor>> {
-    let single = dir.join(format!("{stem}.safetensors"));
-    let files: Vec<PathBuf> = if single.exists() {
-        vec![single]
-    } else {
-        let index = dir.join(format!("{stem}.safetensors.index.json"));
-        helix_model::weights::shard_names_from_index(&index)?
-            .into_iter()
-            .map(|f| dir.join(f))
-            .collect()
-    };
     let mut out = HashMap::new();
-    for f in files {
+    for f in stem_files(dir, stem)? {
         let part = candle_core::safetensors::load(&f, device)
             .with_context(|| format!("cannot read {}", f.display()))?;
         out.extend(part);

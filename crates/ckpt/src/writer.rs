@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Result};
 
-use crate::{Checkpoint, CheckpointStore};
+use crate::{Checkpoint, CheckpointStore, SaveRendezvous};
 
 /// What one save wrote.
 #[derive(Debug, Clone)]
@@ -30,14 +30,16 @@ pub struct BackgroundWriter {
 }
 
 impl BackgroundWriter {
-    pub fn spawn(store: CheckpointStore) -> Self {
+    /// Starts the thread; `peers` when this process is one rank of several (see
+    /// [`SaveRendezvous`]).
+    pub fn spawn(store: CheckpointStore, peers: Option<Box<dyn SaveRendezvous>>) -> Self {
         let (jobs, job_rx) = channel::<Checkpoint>();
         let (done_tx, done) = channel();
         let thread = std::thread::Builder::new()
             .name("helix-checkpoint".into())
             .spawn(move || {
                 for ckpt in job_rx {
-                    if done_tx.send(store.save(&ckpt)).is_err() {
+                    if done_tx.send(store.save(&ckpt, peers.as_deref())).is_err() {
                         break;
                     }
                 }

@@ -38,6 +38,7 @@ pub struct Job {
     server: Option<StoreServer>,
     heartbeat: Option<Heartbeat>,
     timeout: Duration,
+    token: String,
 }
 
 impl Job {
@@ -65,6 +66,7 @@ impl Job {
             server: None,
             heartbeat: None,
             timeout,
+            token: String::new(),
         }
     }
 
@@ -118,6 +120,7 @@ impl Job {
             server,
             heartbeat: Some(heartbeat),
             timeout,
+            token: env.token.clone(),
         })
     }
 
@@ -185,6 +188,15 @@ impl Job {
             text = broadcast_on(&self.dp, &text)?;
         }
         broadcast_on(&self.tp, &text)
+    }
+
+    /// A new connection to the job's store for a thread of this rank (`None` alone), whose
+    /// waits may last `timeout`.
+    pub fn store_connection(&self, timeout: Duration) -> Result<Option<StoreClient>> {
+        self.store
+            .as_ref()
+            .map(|s| s.another(&self.token, timeout))
+            .transpose()
     }
 
     /// Waits for every rank.

@@ -253,6 +253,12 @@ impl StoreClient {
         })
     }
 
+    /// A second connection of this rank to the same store, for a thread that waits on it on its
+    /// own (a checkpoint writer); `timeout` bounds each of its waits.
+    pub fn another(&self, token: &str, timeout: Duration) -> Result<Self> {
+        Self::connect(&self.addr, token, self.rank, timeout)
+    }
+
     fn request(&self, op: u8, body: &[u8], what: &str) -> Result<Vec<u8>> {
         let mut s = self.ctl.lock().expect("store client lock");
         let mut msg = vec![op];

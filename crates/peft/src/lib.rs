@@ -179,7 +179,13 @@ impl Customized {
         for (name, t) in tensors {
             shards.insert(name.clone(), shard_of(t, self.split_of(name), rank, size)?);
         }
-        load_named_vars(&self.trainable(), &shards, "", source)
+        self.load_shards(&shards, source)
+    }
+
+    /// Sets every trainable tensor from this rank's shards, keyed by trainable name (see
+    /// [`load_named_vars`]).
+    pub fn load_shards(&self, shards: &HashMap<String, Tensor>, source: &Path) -> Result<()> {
+        load_named_vars(&self.trainable(), shards, "", source)
     }
 
     /// The whole tensor `name` from this rank's shard `local`: gathered over the

@@ -132,30 +132,11 @@ impl AdamW {
         Ok(())
     }
 
-    /// The whole state, as [`Self::state_tensors`] names it, on every rank of `ring`: each owner
-    /// sends its parameters' state (for checkpoints under ZeRO-1).
-    pub fn gather_state(&self, ring: &helix_parallel::TcpRing) -> Result<Vec<(String, Tensor)>> {
-        let mut out = Vec::new();
-        for p in &self.params {
-            let shape = p.var.shape().clone();
-            let dev = p.var.device();
-            let mut parts = vec![("exp_avg", &p.exp_avg), ("exp_avg_sq", &p.exp_avg_sq)];
-            if p.var.dtype() != DType::F32 {
-                parts.push(("master", p.master.as_ref().unwrap_or(&p.exp_avg)));
-            }
-            for (what, t) in parts {
-                let mut data = match p.owner == self.me {
-                    true => t.flatten_all()?.to_vec1::<f32>()?,
-                    false => vec![0f32; shape.elem_count()],
-                };
-                ring.broadcast(&mut data, p.owner)?;
-                out.push((
-                    format!("{what}.{}", p.name),
-                    Tensor::from_vec(data, shape.clone(), dev)?,
-                ));
-            }
-        }
-        Ok(out)
+    /// Whether this rank keeps (and checkpoints) the state of parameter `name`.
+    pub fn owns(&self, name: &str) -> bool {
+        self.params
+            .iter()
+            .any(|p| p.name == name && p.owner == self.me)
     }
 
     /// One update with `grads` (f32, by parameter name) at learning rate `lr`.

@@ -27,7 +27,7 @@ use crate::optim::{clip_to, squared_norm, AdamW, AdamWConfig, Grads};
 use crate::progress::{read_metrics, write_plots, MetricsLog, Progress, StepMetrics};
 use crate::schedule::{Schedule, ScheduleKind};
 use crate::signals::StopRequest;
-use crate::state::{choose_checkpoint, restore, restore_trainable, snapshot};
+use crate::state::{choose_checkpoint, restore, restore_trainable, snapshot, StoreSaveRendezvous};
 
 /// How a run ended.
 #[derive(Debug, Clone)]
@@ -118,13 +118,17 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
     }
 
     // 4. Where to start: the newest valid checkpoint (resume = "auto"), or afresh.
-    //    Rank 0 chooses; every rank loads the same one.
+    //    Rank 0 chooses (after clearing what crashed saves left, before any rank can write
+    //    into a `.tmp` directory again); every rank loads the same one.
     let store = checkpoint_store(cfg)?;
     let mut step = 0;
     let chosen = match main {
-        true => choose_checkpoint(cfg, &store, |w| eprintln!("{w}"))?
-            .map(|d| d.display().to_string())
-            .unwrap_or_default(),
+        true => {
+            store.remove_incomplete()?;
+            choose_checkpoint(cfg, &store, |w| eprintln!("{w}"))?
+                .map(|d| d.display().to_string())
+                .unwrap_or_default()
+        }
         false => String::new(),
     };
     let chosen = job.broadcast_text(&chosen)?;
@@ -159,7 +163,8 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
         .transpose()?;
     let stop = StopRequest::install()?;
     let progress = Progress::new(total_steps, step, main);
-    let mut writer = main.then(|| BackgroundWriter::spawn(store.clone()));
+    let peers = StoreSaveRendezvous::for_job(&job)?;
+    let mut writer = BackgroundWriter::spawn(store.clone(), peers.map(|p| Box::new(p) as _));
     let chunk = t.loss_chunk_rows;
     let bucket = (cfg.parallel.bucket_mb * 1e6 / 4.0) as usize;
     let val_every = t.val_check_interval;
@@ -189,9 +194,7 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
         let grad_norm = global_grad_norm(&grads, &model, &job)?;
         clip_to(&mut grads, grad_norm, t.gradient_clip_val)?;
         if !loss.is_finite() || !grad_norm.is_finite() {
-            if let Some(w) = &mut writer {
-                w.wait()?;
-            }
+            writer.wait()?;
             let last = store.list_complete()?.first().map_or_else(
                 || "none was written".to_string(),
                 |(_, d)| format!("{} is kept", d.display()),
@@ -233,22 +236,10 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
         job.sum_all_f64(&mut asked)?;
         preempted = asked[0] > 0.0;
         let save = preempted || last || (t.save_interval > 0 && step % t.save_interval == 0);
-        // Every rank takes part in the gathers (tensor-parallel shards, ZeRO-1 state); rank 0
-        // writes.
-        let ckpt = match save {
-            true => Some(snapshot(
-                step,
-                total_steps,
-                cfg,
-                &model,
-                &optimizer,
-                &job.dp,
-                &stream,
-            )?),
-            false => None,
-        };
-        if let (Some(ckpt), Some(w)) = (ckpt, &mut writer) {
-            let (prev, waited) = w.submit(ckpt)?;
+        // Every rank writes its own pieces; rank 0 seals the checkpoint.
+        if save {
+            let ckpt = snapshot(step, total_steps, cfg, &model, &optimizer, &job, &stream)?;
+            let (prev, waited) = writer.submit(ckpt)?;
             stall += waited;
             m.ckpt_stall_s = Some(waited.as_secs_f64());
             if let Some(r) = prev {
@@ -267,7 +258,7 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
             break;
         }
     }
-    if let Some(r) = writer.as_mut().map(|w| w.wait()).transpose()?.flatten() {
+    if let Some(r) = writer.wait()? {
         progress.println(saved_line(&r));
     }
     progress.finish();

@@ -5,13 +5,17 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
-use helix_ckpt::{load_tensors, read_json, verify, Checkpoint, CheckpointStore};
+use helix_ckpt::{
+    read_json, verify, Checkpoint, CheckpointReader, CheckpointStore, Piece, SaveRendezvous,
+    SplitPiece, TensorFile,
+};
 use helix_data::{BatchStream, Position};
-use helix_model::linear::shard_of;
-use helix_parallel::TcpRing;
+use helix_model::linear::Split;
+use helix_parallel::{Job, StoreClient};
 use helix_peft::Customized;
 use serde::{Deserialize, Serialize};
 
@@ -39,53 +43,132 @@ pub struct TrainerState {
     pub helix_version: String,
 }
 
-/// Host copies of everything a checkpoint of `step` holds, taken now so training can go on
-/// while a background thread writes them. Tensor-parallel shards are gathered into whole
-/// tensors and ZeRO-1's optimizer state from its owners, so any layout can resume from the
-/// checkpoint; every rank must call this (the gathers are collective).
+/// Host copies of this rank's part of the checkpoint of `step`, taken now so training can go
+/// on while a background thread writes them. Nothing is gathered: each rank keeps its
+/// tensor-parallel shards, under ZeRO-1 the optimizer state it owns, and rank 0 the trainer
+/// state; the checkpoint's index says how the pieces fit, so any layout can resume from it.
 pub fn snapshot(
     step: u64,
     total_steps: u64,
     cfg: &ConfigFile,
     model: &Customized,
     optimizer: &AdamW,
-    dp: &TcpRing,
+    job: &Job,
     stream: &BatchStream,
 ) -> Result<Checkpoint> {
-    let host = |split_name: &str, t: &Tensor| -> Result<Tensor> {
-        let whole = model.gather_whole(split_name, t)?;
-        Ok(whole.to_device(&Device::Cpu)?.copy()?)
+    let (tp, tp_size, dp) = (job.tp.index, job.tp.size, job.dp.index);
+    // A split tensor: this rank's piece. A replicated one: written by tensor-parallel rank 0.
+    let piece = |name: &str, param: &str, t: &Tensor| -> Result<Option<Piece>> {
+        let split = match model.split_of(param) {
+            Split::Dim(dim) => Some(SplitPiece {
+                dim,
+                index: tp,
+                count: tp_size,
+            }),
+            Split::Replicated if tp == 0 => None,
+            Split::Replicated => return Ok(None),
+        };
+        Ok(Some(Piece {
+            name: name.to_string(),
+            tensor: t.to_device(&Device::Cpu)?.copy()?,
+            split,
+        }))
     };
-    let trainable = model
-        .trainable()
-        .into_iter()
-        .map(|(n, v)| Ok((n.clone(), host(&n, v.as_tensor())?)))
-        .collect::<Result<Vec<_>>>()?;
-    // Under ZeRO-1 each owner sends its parameters' state first (collective over `dp`).
-    let state = match optimizer.is_sharded() {
-        true => optimizer.gather_state(dp)?,
-        false => optimizer.state_tensors(),
+    let mut files = Vec::new();
+    let mut add = |group: &str, stem: String, pieces: Vec<Piece>| {
+        if !pieces.is_empty() {
+            files.push(TensorFile {
+                group: group.to_string(),
+                stem,
+                pieces,
+            });
+        }
     };
-    let optim = state
-        .into_iter()
-        .map(|(n, t)| Ok((n.clone(), host(optimizer_param(&n), &t)?)))
-        .collect::<Result<Vec<_>>>()?;
-    let config = cfg.numerics();
-    let state = TrainerState {
-        step,
-        total_steps,
-        data_position: stream.position(),
-        rng: model.rng_state(),
-        method: cfg.method()?.name().to_string(),
-        config_sha256: config_sha256(&config),
-        config,
-        helix_version: env!("CARGO_PKG_VERSION").to_string(),
-    };
-    Ok(Checkpoint {
-        step,
-        tensors: vec![(TRAINABLE.into(), trainable), (OPTIMIZER.into(), optim)],
-        json: vec![(TRAINER_STATE.into(), serde_json::to_value(&state)?)],
-    })
+    let alone = job.world == 1;
+    // The trainable tensors are the same on every data-parallel rank: the first writes them.
+    if dp == 0 {
+        let mut pieces = Vec::new();
+        for (name, var) in model.trainable() {
+            pieces.extend(piece(&name, &name, var.as_tensor())?);
+        }
+        let stem = match alone {
+            true => TRAINABLE.to_string(),
+            false => format!("{TRAINABLE}-tp{tp:02}"),
+        };
+        add(TRAINABLE, stem, pieces);
+    }
+    // Optimizer state: under ZeRO-1 every owner writes its own; else the first data-parallel
+    // rank writes it all.
+    if optimizer.is_sharded() || dp == 0 {
+        let mut pieces = Vec::new();
+        for (key, t) in optimizer.state_tensors() {
+            pieces.extend(piece(&key, optimizer_param(&key), &t)?);
+        }
+        let stem = match alone {
+            true => OPTIMIZER.to_string(),
+            false => format!("{OPTIMIZER}-tp{tp:02}-dp{dp:03}"),
+        };
+        add(OPTIMIZER, stem, pieces);
+    }
+    let mut json = Vec::new();
+    if job.is_main() {
+        let config = cfg.numerics();
+        let state = TrainerState {
+            step,
+            total_steps,
+            data_position: stream.position(),
+            rng: model.rng_state(),
+            method: cfg.method()?.name().to_string(),
+            config_sha256: config_sha256(&config),
+            config,
+            helix_version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        json.push((TRAINER_STATE.into(), serde_json::to_value(&state)?));
+    }
+    Ok(Checkpoint { step, files, json })
+}
+
+/// How this rank's checkpoint writer meets the others: through the job's rendezvous store, on
+/// a connection of its own (the main thread keeps using the job's).
+pub struct StoreSaveRendezvous {
+    client: StoreClient,
+    world: usize,
+}
+
+impl StoreSaveRendezvous {
+    /// `None` for a process alone. A writer may wait long for slower ranks' files; a rank that
+    /// dies meanwhile fails the wait at once through the store.
+    pub fn for_job(job: &Job) -> Result<Option<Self>> {
+        Ok(job
+            .store_connection(Duration::from_secs(6 * 3600))?
+            .map(|client| Self {
+                client,
+                world: job.world,
+            }))
+    }
+}
+
+impl SaveRendezvous for StoreSaveRendezvous {
+    fn rank(&self) -> usize {
+        self.client.rank
+    }
+    fn world(&self) -> usize {
+        self.world
+    }
+    fn report(&self, step: u64, part: &str) -> Result<()> {
+        self.client.set(
+            &format!("checkpoint/{step}/{}", self.client.rank),
+            part.as_bytes(),
+        )
+    }
+    fn collect(&self, step: u64) -> Result<Vec<String>> {
+        (1..self.world)
+            .map(|r| {
+                let v = self.client.get(&format!("checkpoint/{step}/{r}"))?;
+                String::from_utf8(v).with_context(|| format!("rank {r}'s checkpoint report"))
+            })
+            .collect()
+    }
 }
 
 pub fn config_sha256(numerics: &serde_json::Value) -> String {
@@ -155,13 +238,17 @@ pub fn restore(
             differing_keys(&state.config, &now).join(", ")
         );
     }
-    restore_trainable(dir, model)?;
+    let reader = CheckpointReader::open(dir)?;
+    restore_trainable_from(&reader, model)?;
     let device = model.model.device().clone();
     let (rank, size) = model.tp_rank_size();
     let mut optim = HashMap::new();
-    for (key, t) in load_tensors(dir, OPTIMIZER, &device)? {
-        let split = model.split_of(optimizer_param(&key));
-        optim.insert(key, shard_of(&t, split, rank, size)?);
+    for key in reader.names(OPTIMIZER) {
+        let param = optimizer_param(key);
+        if optimizer.owns(param) {
+            let t = reader.load(OPTIMIZER, key, model.split_of(param), rank, size, &device)?;
+            optim.insert(key.to_string(), t);
+        }
     }
     optimizer
         .load_state(&optim, state.step)
@@ -173,11 +260,21 @@ pub fn restore(
     Ok(state)
 }
 
-/// Sets every trainable tensor of `model` from the checkpoint in `dir` (whole tensors; each
-/// tensor-parallel rank keeps its shard).
+/// Sets every trainable tensor of `model` from the checkpoint in `dir`, written at any layout
+/// (each tensor-parallel rank reads its shard).
 pub fn restore_trainable(dir: &Path, model: &Customized) -> Result<()> {
-    let saved = load_tensors(dir, TRAINABLE, model.model.device())?;
-    model.load_whole(&saved, &dir.join(TRAINABLE))
+    restore_trainable_from(&CheckpointReader::open(dir)?, model)
+}
+
+fn restore_trainable_from(reader: &CheckpointReader, model: &Customized) -> Result<()> {
+    let (rank, size) = model.tp_rank_size();
+    let device = model.model.device();
+    let mut shards = HashMap::new();
+    for name in reader.names(TRAINABLE) {
+        let t = reader.load(TRAINABLE, name, model.split_of(name), rank, size, device)?;
+        shards.insert(name.to_string(), t);
+    }
+    model.load_shards(&shards, &reader.dir.join(TRAINABLE))
 }
 
 /// The parameter an optimizer-state key belongs to (`exp_avg.<name>` → `<name>`).

@@ -6,7 +6,7 @@
 mod common;
 use common::tiny_run_dir;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -329,6 +329,27 @@ fn a_run_checkpointed_at_tp2_resumes_at_tp1() {
     let err = ok(child.wait_with_output().unwrap());
     assert!(err.contains("stopped by a signal after saving"), "{err}");
     let stopped = losses(&out).last().unwrap().0;
+    // Each rank wrote its own shards; nothing was gathered into whole tensors.
+    let ckpt = latest_checkpoint(&out);
+    let index = read_index(&ckpt);
+    assert_eq!(index["ranks"], 2);
+    let lora_b = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight";
+    let entry = &index["groups"]["trainable"][lora_b];
+    assert_eq!(entry["split_dim"], 0, "{entry}");
+    assert_eq!(
+        entry["stems"],
+        serde_json::json!(["trainable-tp00", "trainable-tp01"])
+    );
+    let whole_rows = entry["shape"][0].as_u64().unwrap();
+    for stem in ["trainable-tp00", "trainable-tp01"] {
+        let held = safetensors_shapes(&ckpt.join(format!("{stem}.safetensors")));
+        assert_eq!(
+            held[lora_b][0] * 2,
+            whole_rows,
+            "{stem}: {:?}",
+            held[lora_b]
+        );
+    }
     let err = ok(helix(dir, "run", 1, 0, &args).output().unwrap());
     assert!(err.contains(&format!("(step {stopped})")), "{err}");
     assert!(err.contains("tensor parallel 1"), "{err}");
@@ -336,6 +357,38 @@ fn a_run_checkpointed_at_tp2_resumes_at_tp1() {
     println!(
         "stopped at TP=2 after step {stopped}, resumed at TP=1: worst relative Δ loss {worst:.2e}"
     );
+}
+
+/// The directory `latest` names under a run's checkpoints.
+fn latest_checkpoint(out: &Path) -> PathBuf {
+    let root = out.join("checkpoints");
+    let name = std::fs::read_to_string(root.join("latest")).unwrap();
+    root.join(name.trim())
+}
+
+fn read_index(ckpt: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(ckpt.join("checkpoint_index.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Tensor shapes in a safetensors file, from its header.
+fn safetensors_shapes(file: &Path) -> std::collections::HashMap<String, Vec<u64>> {
+    let bytes = std::fs::read(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| *k != "__metadata__")
+        .map(|(k, v)| {
+            let shape = v["shape"].as_array().unwrap();
+            (
+                k.clone(),
+                shape.iter().map(|d| d.as_u64().unwrap()).collect(),
+            )
+        })
+        .collect()
 }
 
 /// The optimizer state rank 0 reports holding, in bytes ("optimizer state 12.5 KiB on this
@@ -383,6 +436,20 @@ fn zero1_halves_optimizer_state_and_matches_one_process() {
         let child = start_and_wait(helix(dir, "moved", 2, free_port(), &z), &out, 100, 10);
         signal("-TERM", child.id());
         ok(child.wait_with_output().unwrap());
+        // Each data-parallel rank wrote the optimizer state it owns, and only that.
+        let index = read_index(&latest_checkpoint(&out));
+        let mut owners = std::collections::BTreeMap::<String, usize>::new();
+        for e in index["groups"]["optimizer"].as_object().unwrap().values() {
+            *owners
+                .entry(e["stems"][0].as_str().unwrap().into())
+                .or_default() += 1;
+        }
+        let stems: Vec<&str> = owners.keys().map(String::as_str).collect();
+        assert_eq!(
+            stems,
+            ["optimizer-tp00-dp000", "optimizer-tp00-dp001"],
+            "{method}"
+        );
         ok(helix(dir, "moved", 1, 0, &args).output().unwrap());
         same_losses(method, &dir.join("one"), &out);
     }
