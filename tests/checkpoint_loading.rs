@@ -216,3 +216,59 @@ fn unknown_rope_scaling_is_refused_when_loading_a_directory() {
         "{e}"
     );
 }
+
+/// A safetensors file whose header is `header` (JSON) followed by `data`.
+fn safetensors_bytes(header_len: u64, header: &str, data: &[u8]) -> Vec<u8> {
+    let mut out = header_len.to_le_bytes().to_vec();
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
+#[test]
+fn a_header_claiming_absurd_sizes_is_refused_without_allocating_them() {
+    let norm = r#"{"model.norm.weight":{"dtype":"F32","shape":[SHAPE],"data_offsets":[0,END]}}"#;
+    let tensor_file = |h: &str, data: &[u8]| safetensors_bytes(h.len() as u64, h, data);
+    let cases = [
+        // A header length far past the end of the file.
+        safetensors_bytes(u64::MAX / 2, "{}", &[]),
+        safetensors_bytes(1 << 40, "{}", &[]),
+        // A tensor of 2^40 × 2^40 elements whose bytes are said to be there.
+        tensor_file(
+            &norm
+                .replace("SHAPE", "1099511627776,1099511627776")
+                .replace("END", "4"),
+            &[0; 4],
+        ),
+        // Offsets past the end of the file.
+        tensor_file(
+            &norm
+                .replace("SHAPE", "16")
+                .replace("END", "18446744073709551615"),
+            &[0; 64],
+        ),
+    ];
+    for (i, bytes) in cases.iter().enumerate() {
+        let tmp = tempfile::tempdir().unwrap();
+        copy_config(tmp.path());
+        std::fs::write(tmp.path().join("model.safetensors"), bytes).unwrap();
+        let e = load_err(tmp.path());
+        assert!(e.contains("model.safetensors"), "case {i}: {e}");
+    }
+}
+
+#[test]
+fn a_tokenizer_file_that_fails_to_parse_is_refused_naming_it() {
+    for bad in ["", "{", "{\"model\": 7}", "\u{0}\u{1}garbage"] {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("tokenizer.json"), bad).unwrap();
+        let e = match helix::model::model_dir::TextCodec::open(tmp.path()) {
+            Ok(_) => panic!("{bad:?} parsed"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(
+            e.contains("cannot load tokenizer") && e.contains("tokenizer.json"),
+            "{bad:?}: {e}"
+        );
+    }
+}

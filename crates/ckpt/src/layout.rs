@@ -171,6 +171,12 @@ impl CheckpointReader {
             let mut stems = HashMap::new();
             for e in index.groups.values().flat_map(|g| g.values()) {
                 for stem in &e.stems {
+                    if !is_plain_name(stem) {
+                        bail!(
+                            "{}: file stem '{stem}' is not a plain name inside the checkpoint",
+                            index_path.display()
+                        );
+                    }
                     if !stems.contains_key(stem) {
                         stems.insert(stem.clone(), open_stem(dir, stem)?);
                     }
@@ -243,6 +249,11 @@ impl CheckpointReader {
         shard_of(&whole, split, rank, size)
             .with_context(|| format!("{}: {group} tensor '{name}'", self.dir.display()))
     }
+}
+
+/// A file name with no path in it: what an index may name.
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\\', '\0'])
 }
 
 /// The files of one stem: `{stem}.safetensors`, or the shards its index lists.

@@ -384,3 +384,21 @@ fn a_piece_no_rank_wrote_is_refused() {
         .to_string();
     assert!(err.contains("two ranks wrote the same piece"), "{err}");
 }
+
+#[test]
+fn an_index_naming_a_file_outside_the_checkpoint_is_refused() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let s = store(tmp.path());
+    let dir = s.save_alone(&ckpt(3, 1.0))?.dir;
+    std::fs::write(tmp.path().join("outside.safetensors"), b"not read")?;
+    let path = dir.join(INDEX);
+    let mut index: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+    index["groups"]["trainable"]["a"]["stems"] = serde_json::json!(["../outside"]);
+    std::fs::write(&path, index.to_string())?;
+    let err = format!("{:#}", CheckpointReader::open(&dir).err().expect("refused"));
+    assert!(
+        err.contains("checkpoint_index.json") && err.contains("'../outside' is not a plain name"),
+        "{err}"
+    );
+    Ok(())
+}

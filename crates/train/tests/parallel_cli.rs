@@ -166,18 +166,37 @@ fn rank_pid(launcher: u32, rank: usize) -> Option<u32> {
     None
 }
 
+/// The pids of every rank of the job `launcher` started.
+fn rank_pids(launcher: u32, ranks: usize) -> Vec<u32> {
+    (0..ranks)
+        .map(|r| rank_pid(launcher, r).unwrap_or_else(|| panic!("rank {r}'s process")))
+        .collect()
+}
+
+/// Whether `pid` still runs (a zombie counts as gone: it has exited).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit(')')
+            .next()
+            .is_some_and(|r| !r.trim_start().starts_with('Z'))
+    })
+}
+
+/// A 4-rank job (TP 2 × DP 2): rank 2 is killed; the launcher and every other rank exit
+/// non-zero within the timeout, naming it; rerunning resumes from the last checkpoint.
 #[test]
 fn a_killed_rank_stops_the_job_naming_it_and_a_rerun_resumes() {
     let tmp = tiny_run_dir("lora");
     let dir = tmp.path();
-    let nd = no_dropout("lora");
+    let mut nd = no_dropout("lora");
+    nd.extend(["--set", "parallel.tensor_parallel=2"]);
     let mut args = nd.clone();
     args.extend(["--set", "parallel.timeout_s=30"]);
     let out = dir.join("run");
-    let child = start_and_wait(helix(dir, "run", 2, free_port(), &args), &out, 150, 6);
-    let victim = rank_pid(child.id(), 1).expect("rank 1's process");
+    let child = start_and_wait(helix(dir, "run", 4, free_port(), &args), &out, 150, 6);
+    let pids = rank_pids(child.id(), 4);
     let killed = Instant::now();
-    signal("-9", victim);
+    signal("-9", pids[2]);
     let o = child.wait_with_output().unwrap();
     let took = killed.elapsed();
     let err = String::from_utf8_lossy(&o.stderr);
@@ -186,19 +205,22 @@ fn a_killed_rank_stops_the_job_naming_it_and_a_rerun_resumes() {
         took < Duration::from_secs(60),
         "the job took {took:?} to stop"
     );
-    assert!(err.contains("rank 1"), "names the rank: {err}");
+    assert!(err.contains("rank 2"), "names the rank: {err}");
+    for (r, &pid) in pids.iter().enumerate() {
+        assert!(!alive(pid), "rank {r} (pid {pid}) still runs");
+    }
     println!(
-        "rank 1 killed: the job exited with {:?} after {took:.2?}",
+        "rank 2 of 4 killed: the job exited with {:?} after {took:.2?}, no rank left running",
         o.status.code()
     );
     for l in err
         .lines()
-        .filter(|l| l.contains("rank 1") && (l.contains("error") || l.contains("exited")))
+        .filter(|l| l.contains("rank 2") && (l.contains("error") || l.contains("exited")))
     {
         println!("  {l}");
     }
     // resume = "auto" picks up the last checkpoint written before the kill and finishes.
-    let err = ok(helix(dir, "run", 2, free_port(), &nd).output().unwrap());
+    let err = ok(helix(dir, "run", 4, free_port(), &nd).output().unwrap());
     let at = err.find("resumed from").unwrap_or_else(|| panic!("{err}"));
     let step: u64 = err[at..]
         .split("(step ")
@@ -208,6 +230,67 @@ fn a_killed_rank_stops_the_job_naming_it_and_a_rerun_resumes() {
         .unwrap_or_else(|| panic!("{err}"));
     assert!(step >= 5 && step % 5 == 0, "resumed at step {step}");
     assert_eq!(losses(&out).last().unwrap().0, 20);
+}
+
+/// Port scans and garbage on rank 0's rendezvous port while a job runs: connections that close
+/// at once, random bytes, a frame claiming 4 GiB, one that never speaks. The job finishes.
+#[test]
+fn garbage_on_the_rendezvous_port_neither_crashes_nor_stalls_rank_0() {
+    use std::io::Write;
+    let tmp = tiny_run_dir("lora");
+    let dir = tmp.path();
+    let port = free_port();
+    let mut args = no_dropout("lora");
+    args.extend(["--set", "parallel.timeout_s=20"]);
+    let t = Instant::now();
+    let child = helix(dir, "run", 2, port, &args)
+        .env("HELIX_TEST_STEP_DELAY_MS", "50")
+        .spawn()
+        .unwrap();
+    let addr = format!("127.0.0.1:{port}");
+    let connect = || loop {
+        if let Ok(s) = std::net::TcpStream::connect(&addr) {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "rank 0 never listened"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let silent = connect();
+    let mut x = 0x9e3779b97f4a7c15u64;
+    for i in 0..300 {
+        let mut s = connect();
+        match i % 3 {
+            0 => {}
+            1 => {
+                let junk: Vec<u8> = (0..512)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x as u8
+                    })
+                    .collect();
+                let _ = s.write_all(&junk);
+            }
+            _ => {
+                let _ = s.write_all(&u32::MAX.to_le_bytes());
+                let _ = s.write_all(&u64::MAX.to_le_bytes());
+            }
+        }
+    }
+    let log = ok(child.wait_with_output().unwrap());
+    drop(silent);
+    let refused = log.matches("refused a connection").count();
+    assert!(refused > 0, "{log}");
+    assert_eq!(losses(&dir.join("run")).last().unwrap().0, 20);
+    println!(
+        "300 hostile connections and a silent one: the job finished in {:.2?}, rank 0 refused \
+         {refused}",
+        t.elapsed()
+    );
 }
 
 #[test]
@@ -242,19 +325,25 @@ fn a_stopped_rank_is_detected_by_its_silence() {
     let dir = tmp.path();
     let mut args = no_dropout("lora");
     args.extend(["--set", "parallel.timeout_s=3"]);
+    args.extend(["--set", "parallel.tensor_parallel=2"]);
     let out = dir.join("run");
-    let child = start_and_wait(helix(dir, "run", 2, free_port(), &args), &out, 150, 3);
+    let child = start_and_wait(helix(dir, "run", 4, free_port(), &args), &out, 150, 3);
     // SIGSTOP: the process is alive and its connections open, but it says nothing.
-    let victim = rank_pid(child.id(), 1).expect("rank 1's process");
+    let pids = rank_pids(child.id(), 4);
     let stopped = Instant::now();
-    signal("-STOP", victim);
+    signal("-STOP", pids[3]);
     let o = child.wait_with_output().unwrap();
     let took = stopped.elapsed();
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success(), "{err}");
-    assert!(err.contains("rank 1 stopped responding"), "{err}");
+    assert!(err.contains("rank 3 stopped responding"), "{err}");
     assert!(took < Duration::from_secs(60), "took {took:?}");
-    println!("rank 1 stopped: the job exited after {took:.2?} naming it");
+    for (r, &pid) in pids.iter().enumerate() {
+        assert!(!alive(pid), "rank {r} (pid {pid}) still runs");
+    }
+    println!(
+        "rank 3 of 4 stopped: the job exited after {took:.2?} naming it, no rank left running"
+    );
 }
 
 /// `ranks` processes with tensor-parallel groups of `tp` against one process, 20 steps.

@@ -265,3 +265,168 @@ fn a_non_finite_loss_stops_the_run_naming_the_step_and_keeping_the_last_checkpoi
         "{err}"
     );
 }
+
+/// A small xorshift generator: the kill moments of [`kill_9_at_random_moments`], repeatable
+/// from the seed it prints.
+struct Draws(u64);
+
+impl Draws {
+    fn next_unit(&mut self) -> f64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Any `.tmp` directory under a run's checkpoints: what a kill during a save leaves.
+fn save_in_progress(out: &Path) -> bool {
+    std::fs::read_dir(out.join("checkpoints")).is_ok_and(|d| {
+        d.flatten()
+            .any(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+    })
+}
+
+/// kill -9 at 20 random moments of a LoRA run slowed to 40 ms a step and 1 ms per tensor saved
+/// (so a good share of the kills land inside a checkpoint write): every rerun ends with the losses
+/// and final weights of the run that went straight through. `HELIX_FAULT_SEED` repeats a draw.
+#[test]
+fn kill_9_at_random_moments_always_resumes_exactly() {
+    let tmp = setup("lora");
+    let dir = tmp.path();
+    run(dir, "straight");
+    let straight = dir.join("straight");
+    let slow = [("HELIX_CKPT_TEST_WRITE_DELAY_MS", "1")];
+    // How long a slowed run takes end to end: the window the kills are drawn from.
+    let t = Instant::now();
+    let o = start_slow(dir, "timed", 40, &slow)
+        .wait_with_output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let span = t.elapsed();
+    assert_same_run("lora", "slowed", &straight, &dir.join("timed"));
+
+    let seed = std::env::var("HELIX_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
+    println!("kill moments drawn with HELIX_FAULT_SEED={seed} over {span:.2?}");
+    let mut draws = Draws(seed);
+    let (mut mid_save, mut before_first, mut finished) = (0, 0, 0);
+    for trial in 0..20 {
+        let out = format!("trial{trial}");
+        let at = span.mul_f64(0.05 + 0.95 * draws.next_unit());
+        let mut child = start_slow(dir, &out, 40, &slow);
+        std::thread::sleep(at);
+        signal(&child, "-KILL");
+        let status = child.wait().unwrap();
+        let out_dir = dir.join(&out);
+        let during_save = save_in_progress(&out_dir);
+        let saved = (1..=4).filter(|k| checkpoint_done(&out_dir, 5 * k)).count();
+        let err = run(dir, &out);
+        assert_same_run("lora", &format!("trial {trial}"), &straight, &out_dir);
+        let how = match (status.success(), during_save, saved) {
+            (true, ..) => {
+                finished += 1;
+                "after the run ended"
+            }
+            (_, true, _) => {
+                mid_save += 1;
+                "during a checkpoint write"
+            }
+            (_, _, 0) => {
+                before_first += 1;
+                "before the first checkpoint"
+            }
+            _ => "between checkpoints",
+        };
+        let from = err
+            .lines()
+            .find(|l| l.contains("resumed from"))
+            .map_or("started afresh", |_| "resumed");
+        println!(
+            "trial {trial:2}: killed at {at:>9.2?} {how} ({saved} checkpoints complete); \
+             rerun {from}: identical"
+        );
+    }
+    println!(
+        "20 of 20 trials identical to the straight run: {mid_save} killed during a checkpoint \
+         write, {before_first} before the first checkpoint, {finished} after the end"
+    );
+}
+
+/// Checkpoints on a file system too small for the third: the save fails with the system's
+/// error naming the file, training stops, and the checkpoints before it still verify; once
+/// there is room, the rerun resumes from the last of them and ends as the straight run.
+/// Needs root to mount a tmpfs (CI runs as root; `HELIX_REQUIRE_FAULTS=1` makes a skip fail).
+#[test]
+fn a_full_disk_during_a_save_is_named_and_keeps_the_previous_checkpoint() {
+    let tmp = setup("lora");
+    let dir = tmp.path();
+    run(dir, "straight");
+    let straight = dir.join("straight");
+    let one: u64 = std::fs::read_dir(straight.join("checkpoints/step-000005"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len().div_ceil(4096) * 4096)
+        .sum();
+    let mount = dir.join("small-disk");
+    std::fs::create_dir(&mount).unwrap();
+    let size = format!("size={}", 2 * one + one / 2);
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &size, "tmpfs"])
+        .arg(&mount)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        assert!(
+            std::env::var("HELIX_REQUIRE_FAULTS").is_err(),
+            "cannot mount a tmpfs"
+        );
+        println!("skipped: mounting a tmpfs needs root");
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(mount.clone());
+    let full = dir.join("full");
+    std::fs::create_dir(&full).unwrap();
+    std::os::unix::fs::symlink(&mount, full.join("checkpoints")).unwrap();
+    let o = command(dir, "full", &[]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.contains("No space left on device"))
+        .unwrap_or_else(|| panic!("names the cause: {err}"));
+    assert!(line.contains("step-000015.tmp/"), "names the file: {line}");
+    println!(
+        "disk full ({} KiB tmpfs, {} KiB per checkpoint): {line}",
+        (2 * one + one / 2) / 1024,
+        one / 1024
+    );
+    for step in [5, 10] {
+        helix_ckpt::verify(&full.join(format!("checkpoints/step-{step:06}"))).unwrap();
+    }
+    assert!(!checkpoint_done(&full, 15));
+    // Room again: the rerun clears the partial save, resumes at step 10, ends as straight.
+    let ok = Command::new("mount")
+        .args(["-o", "remount,size=64m"])
+        .arg(&mount)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "remount");
+    let err = run(dir, "full");
+    assert!(err.contains("step-000010 (step 10)"), "{err}");
+    assert_same_run("lora", "after a full disk", &straight, &full);
+}
