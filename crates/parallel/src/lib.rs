@@ -147,6 +147,57 @@ impl Job {
     /// Sums `tensors` (f32) over the data-parallel group in buckets of at most
     /// `bucket_elems` elements: few large messages instead of one per tensor.
     pub fn all_reduce_tensors(&self, tensors: &mut [Tensor], bucket_elems: usize) -> Result<()> {
+        self.bucketed(tensors, bucket_elems, |flat, _, _| {
+            self.dp.all_reduce_sum(flat)
+        })
+    }
+
+    /// ZeRO-1's gradient reduction: `tensors` (f32) are sorted by their owner `owners[i]` (a
+    /// data-parallel rank); each rank ends with the full sums of the tensors it owns, the
+    /// others hold partial sums. Half the traffic of an all-reduce.
+    pub fn reduce_scatter_tensors(
+        &self,
+        tensors: &mut [Tensor],
+        owners: &[usize],
+        bucket_elems: usize,
+    ) -> Result<()> {
+        self.by_owner(tensors, owners, bucket_elems, TcpRing::reduce_scatter_sum)
+    }
+
+    /// After a ZeRO-1 step: every tensor (f32, sorted by owner as for
+    /// [`Self::reduce_scatter_tensors`]) as its owner holds it, on every data-parallel rank.
+    pub fn all_gather_tensors(
+        &self,
+        tensors: &mut [Tensor],
+        owners: &[usize],
+        bucket_elems: usize,
+    ) -> Result<()> {
+        self.by_owner(tensors, owners, bucket_elems, TcpRing::all_gather_parts)
+    }
+
+    /// `collective` over buckets whose parts are the owners' tensors.
+    fn by_owner(
+        &self,
+        tensors: &mut [Tensor],
+        owners: &[usize],
+        bucket_elems: usize,
+        collective: fn(&TcpRing, &mut [f32], &[std::ops::Range<usize>]) -> Result<()>,
+    ) -> Result<()> {
+        self.bucketed(tensors, bucket_elems, |flat, range, elems| {
+            let parts = owner_parts(elems, &owners[range], self.dp.size)?;
+            collective(&self.dp, flat, &parts)
+        })
+    }
+
+    /// Runs `op` on the data-parallel group over buckets of consecutive tensors of at most
+    /// `bucket_elems` elements (one tensor may exceed it), flattened to f32; `op` sees the
+    /// bucket's data, which tensors it holds and their element counts.
+    fn bucketed(
+        &self,
+        tensors: &mut [Tensor],
+        bucket_elems: usize,
+        op: impl Fn(&mut [f32], std::ops::Range<usize>, &[usize]) -> Result<()>,
+    ) -> Result<()> {
         if self.dp.size == 1 {
             return Ok(());
         }
@@ -161,13 +212,17 @@ impl Job {
                 end += 1;
             }
             let mut flat = Vec::with_capacity(elems);
+            let counts: Vec<usize> = tensors[start..end].iter().map(|t| t.elem_count()).collect();
             for t in &tensors[start..end] {
                 if t.dtype() != DType::F32 {
-                    bail!("all_reduce_tensors takes f32 tensors, got {:?}", t.dtype());
+                    bail!(
+                        "data-parallel collectives take f32 tensors, got {:?}",
+                        t.dtype()
+                    );
                 }
                 flat.extend(t.flatten_all()?.to_vec1::<f32>()?);
             }
-            self.dp.all_reduce_sum(&mut flat)?;
+            op(&mut flat, start..end, &counts)?;
             let mut at = 0;
             for t in &mut tensors[start..end] {
                 let n = t.elem_count();
@@ -217,6 +272,31 @@ impl Job {
             server.wait_for_goodbyes(self.world, self.timeout);
         }
     }
+}
+
+/// Each rank's range of a bucket whose tensors have `elems` elements and the given owners
+/// (ascending): empty for a rank that owns none of them.
+fn owner_parts(
+    elems: &[usize],
+    owners: &[usize],
+    ranks: usize,
+) -> Result<Vec<std::ops::Range<usize>>> {
+    if owners.windows(2).any(|w| w[0] > w[1]) || owners.iter().any(|&o| o >= ranks) {
+        bail!("tensors must be sorted by owner, each owner below {ranks}");
+    }
+    let mut parts = Vec::with_capacity(ranks);
+    let mut at = 0;
+    for r in 0..ranks {
+        let len: usize = elems
+            .iter()
+            .zip(owners)
+            .filter(|(_, &o)| o == r)
+            .map(|(n, _)| n)
+            .sum();
+        parts.push(at..at + len);
+        at += len;
+    }
+    Ok(parts)
 }
 
 fn broadcast_on(ring: &TcpRing, text: &str) -> Result<String> {

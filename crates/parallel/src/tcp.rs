@@ -8,6 +8,7 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::ops::Range;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -162,36 +163,57 @@ impl TcpRing {
     }
 
     fn all_reduce<T: Elem>(&self, data: &mut [T], op: fn(T, T) -> T) -> Result<()> {
-        let n = self.size;
-        if n == 1 {
+        if self.size == 1 {
             return Ok(());
         }
-        let bounds = chunk_bounds(data.len(), n);
-        let r = self.index;
-        // Reduce-scatter: after n − 1 steps this rank holds the full sum of chunk r + 1.
-        for s in 0..n - 1 {
-            let send = (r + n - s) % n;
-            let recv = (r + n - s - 1) % n;
-            let got = self.exchange(
-                &T::to_bytes(&data[bounds[send].clone()]),
-                bounds[recv].len() * T::SIZE,
-            )?;
-            for (d, x) in data[bounds[recv].clone()]
-                .iter_mut()
-                .zip(T::from_bytes(&got))
-            {
+        let parts = chunk_bounds(data.len(), self.size);
+        self.reduce_scatter(data, &parts, op)?;
+        self.all_gather_parts(data, &parts)
+    }
+
+    /// Sums `data` over the group so that rank r ends with the full sum of its part
+    /// `parts[r]` (the rest of `data` holds partial sums). `parts` are one range per rank, in
+    /// any sizes, empty ones included: ZeRO-1 gives each rank the gradients of the parameters
+    /// it owns.
+    pub fn reduce_scatter_sum<T: Elem>(
+        &self,
+        data: &mut [T],
+        parts: &[Range<usize>],
+    ) -> Result<()> {
+        self.reduce_scatter(data, parts, T::add)
+    }
+
+    fn reduce_scatter<T: Elem>(
+        &self,
+        data: &mut [T],
+        parts: &[Range<usize>],
+        op: fn(T, T) -> T,
+    ) -> Result<()> {
+        let (n, r) = (self.size, self.index);
+        check_parts(parts, n, data.len())?;
+        // Step s: pass on the partial sum of part r − s − 1, add the one of part r − s − 2
+        // from the previous rank; after n − 1 steps part r has every rank's term.
+        for s in 0..n.saturating_sub(1) {
+            let send = &parts[(r + 2 * n - s - 1) % n];
+            let recv = &parts[(r + 2 * n - s - 2) % n];
+            let got = self.exchange(&T::to_bytes(&data[send.clone()]), recv.len() * T::SIZE)?;
+            for (d, x) in data[recv.clone()].iter_mut().zip(T::from_bytes(&got)) {
                 *d = op(*d, x);
             }
         }
-        // All-gather the summed chunks.
-        for s in 0..n - 1 {
-            let send = (r + 1 + n - s) % n;
-            let recv = (r + n - s) % n;
-            let got = self.exchange(
-                &T::to_bytes(&data[bounds[send].clone()]),
-                bounds[recv].len() * T::SIZE,
-            )?;
-            data[bounds[recv].clone()].copy_from_slice(&T::from_bytes(&got));
+        Ok(())
+    }
+
+    /// Every rank's part of `data` from that rank (`parts` as for
+    /// [`Self::reduce_scatter_sum`]): afterwards all ranks hold the same `data`.
+    pub fn all_gather_parts<T: Elem>(&self, data: &mut [T], parts: &[Range<usize>]) -> Result<()> {
+        let (n, r) = (self.size, self.index);
+        check_parts(parts, n, data.len())?;
+        for s in 0..n.saturating_sub(1) {
+            let send = &parts[(r + n - s) % n];
+            let recv = &parts[(r + 2 * n - s - 1) % n];
+            let got = self.exchange(&T::to_bytes(&data[send.clone()]), recv.len() * T::SIZE)?;
+            data[recv.clone()].copy_from_slice(&T::from_bytes(&got));
         }
         Ok(())
     }
@@ -286,7 +308,25 @@ fn accept_from(
 }
 
 /// Chunk `i` of `len` elements split `n` ways (the first `len % n` chunks one longer).
-fn chunk_bounds(len: usize, n: usize) -> Vec<std::ops::Range<usize>> {
+/// `parts` must be one range per rank, in order, covering `0..len`.
+fn check_parts(parts: &[Range<usize>], n: usize, len: usize) -> Result<()> {
+    let contiguous = parts.windows(2).all(|w| w[0].end == w[1].start);
+    if parts.len() != n || !contiguous || parts.first().map_or(0, |p| p.start) != 0 {
+        bail!(
+            "{} parts for {n} ranks do not tile the buffer in order",
+            parts.len()
+        );
+    }
+    if parts.last().map_or(0, |p| p.end) != len {
+        bail!(
+            "the parts end at {:?}, the buffer at {len}",
+            parts.last().map(|p| p.end)
+        );
+    }
+    Ok(())
+}
+
+fn chunk_bounds(len: usize, n: usize) -> Vec<Range<usize>> {
     let (base, extra) = (len / n, len % n);
     let mut start = 0;
     (0..n)
@@ -396,6 +436,50 @@ mod tests {
                 assert_eq!(*b, 42);
             }
         }
+    }
+
+    #[test]
+    fn reduce_scatter_leaves_each_rank_the_sum_of_its_part_and_all_gather_shares_them() {
+        // Uneven parts, an empty one among them: ZeRO-1's owners hold different amounts.
+        for (world, cuts) in [
+            (2, &[0, 3, 11][..]),
+            (3, &[0, 5, 5, 11][..]),
+            (3, &[0, 0, 1, 11][..]),
+        ] {
+            let out = ranks(world, move |ring| {
+                let r = ring.index;
+                let parts: Vec<Range<usize>> = cuts.windows(2).map(|w| w[0]..w[1]).collect();
+                let mut data: Vec<f64> = (0..11).map(|i| (i * 10 + r) as f64).collect();
+                ring.reduce_scatter_sum(&mut data, &parts)?;
+                let mine = data[parts[r].clone()].to_vec();
+                // Each rank then puts its own marker in its part; all-gather spreads them.
+                for x in &mut data[parts[r].clone()] {
+                    *x += 1000.0 * (r + 1) as f64;
+                }
+                ring.all_gather_parts(&mut data, &parts)?;
+                Ok((mine, parts, data))
+            });
+            let total = |i: usize| (0..world).map(|r| (i * 10 + r) as f64).sum::<f64>();
+            for (r, (mine, parts, _)) in out.iter().enumerate() {
+                let want: Vec<f64> = parts[r].clone().map(total).collect();
+                assert_eq!(mine, &want, "rank {r} of {world}");
+            }
+            let gathered: Vec<f64> = (0..11)
+                .map(|i| {
+                    let owner = out[0].1.iter().position(|p| p.contains(&i)).unwrap();
+                    total(i) + 1000.0 * (owner + 1) as f64
+                })
+                .collect();
+            for (_, _, data) in &out {
+                assert_eq!(data, &gathered);
+            }
+        }
+        let err = ranks(2, |ring| {
+            Ok(ring
+                .reduce_scatter_sum(&mut [0f32; 4], &[0..1, 2..4])
+                .is_err())
+        });
+        assert_eq!(err, vec![true, true], "parts with a gap are refused");
     }
 }
 

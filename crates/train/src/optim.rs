@@ -6,9 +6,10 @@
 //! Face Trainer do.
 //!
 //! With ZeRO-1 ([`AdamW::shard_state`], NeMo's distributed optimizer) each data-parallel rank
-//! keeps the moments and master weights of the parameters it owns only, updates those, and
-//! sends them to the others ([`AdamW::sync_params`]): optimizer memory falls as 1/DP while
-//! every rank computes exactly what one process would.
+//! keeps the moments and master weights of the parameters it owns only, receives only their
+//! summed gradients (a reduce-scatter), updates those, and gathers the updated parameters from
+//! their owners ([`AdamW::sync_params`]): optimizer memory falls as 1/DP and gradient traffic
+//! halves, while every rank computes what one process would.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -117,16 +118,35 @@ impl AdamW {
             .sum()
     }
 
-    /// After a ZeRO-1 step: every parameter sent from its owner to the other ranks of `ring`
-    /// (the data-parallel group), so all hold the same weights.
-    pub fn sync_params(&self, ring: &helix_parallel::TcpRing) -> Result<()> {
-        for p in &self.params {
-            let t = p.var.as_tensor();
-            let mut data = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            ring.broadcast(&mut data, p.owner)?;
-            if p.owner != self.me {
-                let got = Tensor::from_vec(data, t.shape(), t.device())?.to_dtype(t.dtype())?;
-                p.var.set(&got)?;
+    /// ZeRO-1's layout: every parameter name with its owner, grouped by owner in rank order
+    /// (the order [`helix_parallel::Job::reduce_scatter_tensors`] and
+    /// [`helix_parallel::Job::all_gather_tensors`] take).
+    pub fn owner_order(&self) -> Vec<(String, usize)> {
+        let mut out: Vec<(String, usize)> = self
+            .params
+            .iter()
+            .map(|p| (p.name.clone(), p.owner))
+            .collect();
+        out.sort_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
+        out
+    }
+
+    /// After a ZeRO-1 step: every parameter from its owner, gathered over the data-parallel
+    /// group in buckets, so all ranks hold the same weights.
+    pub fn sync_params(&self, job: &helix_parallel::Job, bucket_elems: usize) -> Result<()> {
+        let by_name: HashMap<&str, &ParamState> =
+            self.params.iter().map(|p| (p.name.as_str(), p)).collect();
+        let order = self.owner_order();
+        let owners: Vec<usize> = order.iter().map(|(_, o)| *o).collect();
+        let mut tensors = order
+            .iter()
+            .map(|(n, _)| Ok(by_name[n.as_str()].var.as_tensor().to_dtype(DType::F32)?))
+            .collect::<Result<Vec<_>>>()?;
+        job.all_gather_tensors(&mut tensors, &owners, bucket_elems)?;
+        for ((name, owner), t) in order.iter().zip(tensors) {
+            if *owner != self.me {
+                let var = &by_name[name.as_str()].var;
+                var.set(&t.to_dtype(var.dtype())?)?;
             }
         }
         Ok(())

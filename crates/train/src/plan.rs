@@ -204,14 +204,13 @@ pub fn plan(job: &Job, hw: &Hardware) -> Result<Plan> {
     };
     let tp_s = tp_bytes_per_gpu / tp_link;
     // Data parallel: one all-reduce of the f32 gradients per step, over InfiniBand when the
-    // group spans nodes (8 NICs shared by 8 GPUs), else NVSwitch.
-    // ZeRO-1 then sends every updated parameter from its owner: one more all-gather's worth.
-    let dp_bytes_per_gpu = ar(df, grads_bytes)
-        + if job.zero1 && d > 1 {
-            (df - 1.0) / df * params_per_gpu * 4.0
-        } else {
-            0.0
-        };
+    // group spans nodes (8 NICs shared by 8 GPUs), else NVSwitch. ZeRO-1 instead
+    // reduce-scatters the gradients to their owners (half an all-reduce) and all-gathers the
+    // updated f32 parameters from them.
+    let dp_bytes_per_gpu = match job.zero1 {
+        true => ar(df, grads_bytes) / 2.0 + ar(df, params_per_gpu * 4.0) / 2.0,
+        false => ar(df, grads_bytes),
+    };
     let dp_link = if gpus > job.gpus_per_node {
         nic_per_gpu(hw)
     } else {

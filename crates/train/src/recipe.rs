@@ -190,8 +190,10 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
         let batches = (0..accumulation)
             .map(|_| stream.next_batch())
             .collect::<Result<Vec<_>>>()?;
-        let (loss, tokens, mut grads) = forward_backward(&model, &batches, chunk, &job, bucket)?;
-        let grad_norm = global_grad_norm(&grads, &model, &job)?;
+        let zero1 = optimizer.is_sharded().then(|| optimizer.owner_order());
+        let (loss, tokens, mut grads) =
+            forward_backward(&model, &batches, chunk, &job, bucket, zero1.as_deref())?;
+        let grad_norm = global_grad_norm(&grads, &model, &job, zero1.is_some())?;
         clip_to(&mut grads, grad_norm, t.gradient_clip_val)?;
         if !loss.is_finite() || !grad_norm.is_finite() {
             writer.wait()?;
@@ -208,7 +210,7 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
         let lr = schedule.lr(step);
         optimizer.step(&grads, lr)?;
         if optimizer.is_sharded() {
-            optimizer.sync_params(&job.dp)?;
+            optimizer.sync_params(&job, bucket)?;
         }
         step += 1;
 
@@ -502,6 +504,7 @@ fn forward_backward(
     chunk: usize,
     job: &Job,
     bucket_elems: usize,
+    zero1: Option<&[(String, usize)]>,
 ) -> Result<(f64, u64, Grads)> {
     let dev = model.model.device().clone();
     let mut targets = [batches
@@ -532,22 +535,53 @@ fn forward_backward(
         }
     }
     job.sum_f64(&mut sums)?;
-    if job.world > 1 {
-        let names: Vec<String> = grads.keys().cloned().collect();
-        let mut tensors: Vec<Tensor> = names.iter().map(|n| grads[n].clone()).collect();
-        job.all_reduce_tensors(&mut tensors, bucket_elems)?;
-        grads = names.into_iter().zip(tensors).collect();
+    match zero1 {
+        // ZeRO-1: each rank receives the summed gradients of the parameters it owns only.
+        Some(order) => {
+            let (names, owners): (Vec<&String>, Vec<usize>) =
+                order.iter().map(|(n, o)| (n, *o)).unzip();
+            let mut tensors = names
+                .iter()
+                .map(|n| {
+                    grads
+                        .get(*n)
+                        .cloned()
+                        .with_context(|| format!("no gradient for {n}"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            job.reduce_scatter_tensors(&mut tensors, &owners, bucket_elems)?;
+            grads = names
+                .into_iter()
+                .zip(owners)
+                .zip(tensors)
+                .filter(|((_, o), _)| *o == job.dp.index)
+                .map(|((n, _), t)| (n.clone(), t))
+                .collect();
+        }
+        None if job.world > 1 => {
+            let names: Vec<String> = grads.keys().cloned().collect();
+            let mut tensors: Vec<Tensor> = names.iter().map(|n| grads[n].clone()).collect();
+            job.all_reduce_tensors(&mut tensors, bucket_elems)?;
+            grads = names.into_iter().zip(tensors).collect();
+        }
+        None => {}
     }
     Ok((sums[0] / denom, sums[1] as u64, grads))
 }
 
 /// The L2 norm of all gradients of the model, whatever its split: shards' squares are summed
-/// over the tensor-parallel group, replicated tensors counted once (Megatron's clip_grad_norm).
-fn global_grad_norm(grads: &Grads, model: &Customized, job: &Job) -> Result<f64> {
+/// over the tensor-parallel group, replicated tensors counted once (Megatron's clip_grad_norm);
+/// under ZeRO-1 (`owned_only`) each data-parallel rank holds its own parameters' gradients,
+/// so the squares are summed over that group too.
+fn global_grad_norm(grads: &Grads, model: &Customized, job: &Job, owned_only: bool) -> Result<f64> {
     let replicated = |n: &str| model.split_of(n) == Split::Replicated;
     let mut sharded = [squared_norm(grads, |n| !replicated(n))?];
     job.tp.all_reduce_sum(&mut sharded)?;
-    Ok((sharded[0] + squared_norm(grads, replicated)?).sqrt())
+    let mut total = [sharded[0] + squared_norm(grads, replicated)?];
+    if owned_only {
+        job.dp.all_reduce_sum(&mut total)?;
+    }
+    Ok(total[0].sqrt())
 }
 
 /// Mean loss per target token over the validation batches, in eval mode (no dropout); with
@@ -703,8 +737,8 @@ mod tests {
         let one = [collate_padded(&[&a, &b], &pad)?];
         let two = [collate_padded(&[&a], &pad)?, collate_padded(&[&b], &pad)?];
         let job = Job::single(std::time::Duration::from_secs(1));
-        let (l1, _, g1) = forward_backward(&model, &one, 64, &job, usize::MAX)?;
-        let (l2, _, g2) = forward_backward(&model, &two, 64, &job, usize::MAX)?;
+        let (l1, _, g1) = forward_backward(&model, &one, 64, &job, usize::MAX, None)?;
+        let (l2, _, g2) = forward_backward(&model, &two, 64, &job, usize::MAX, None)?;
         assert!((l1 - l2).abs() < 1e-6 * l1, "{l1} vs {l2}");
         assert_eq!(g1.len(), model.trainable().len());
         for (name, g) in &g1 {
