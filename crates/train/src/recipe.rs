@@ -498,7 +498,7 @@ impl DeviceBatch {
 /// rank's: the loss is the sum over all of them divided by the step's target tokens over all
 /// ranks, so a long answer weighs what its tokens weigh wherever it lands. Returns that loss,
 /// the tokens all ranks processed, and the f32 gradients (summed over ranks: the same on each).
-fn forward_backward(
+pub fn forward_backward(
     model: &Customized,
     batches: &[Batch],
     chunk: usize,
