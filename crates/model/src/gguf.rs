@@ -6,15 +6,15 @@
 //! undo that permutation exactly as transformers does when it loads a GGUF.
 
 use std::fs::File;
-use std::io::{BufReader, Read, Write};
-use std::path::Path;
+use std::io::{BufReader, Read, Seek, Write};
+use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
-use crate::gguf_tokenizer::Meta;
+use crate::gguf_tokenizer::{Meta, TokenizerFiles};
 use crate::safetensors_write::{write_atomic, write_json, write_safetensors, TensorSpec};
 
 /// How to import a GGUF file.
@@ -243,103 +243,158 @@ fn unpermute(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
         .reshape((rows, cols))
 }
 
+/// A GGUF file whose header, metadata and tensor table have been read and checked: everything
+/// an import writes except the tensors, which [`GgufModel::tensor`] reads one at a time.
+pub struct GgufModel {
+    file: PathBuf,
+    content: gguf_file::Content,
+    planned: Vec<Planned>,
+    tok: TokenizerFiles,
+    /// The `config.json` of the HF directory.
+    pub config: serde_json::Value,
+}
+
+impl GgufModel {
+    /// Reads a llama-architecture GGUF from the start of `reader` (a file, or bytes in memory);
+    /// `file` names it in messages; `dtype`, what the import will write, goes in `config.json`.
+    pub fn read<R: Read + Seek>(reader: &mut R, file: &Path, dtype: DType) -> Result<Self> {
+        let file_err = |msg: String| anyhow!("gguf {}: {msg}", file.display());
+        // A header this walk cannot finish is left to candle's reader to describe.
+        let mut scan = HeaderScan::default();
+        let _ = scan_header(reader, &mut scan);
+        if scan.zero_alignment {
+            bail!(file_err(
+                "metadata key general.alignment is 0 (it must be positive)".into()
+            ));
+        }
+        reader
+            .rewind()
+            .map_err(|e| file_err(format!("cannot read: {e}")))?;
+        let content = match gguf_file::Content::read(reader) {
+            Ok(c) => c,
+            Err(e) => {
+                // candle rejects unknown quantization types without naming the tensor.
+                if let Some((tensor, ty)) = scan.unknown_type {
+                    bail!(file_err(format!(
+                        "unsupported tensor type {} for tensor {tensor}",
+                        ggml_type_name(ty)
+                    )));
+                }
+                bail!(file_err(format!("cannot read GGUF header: {e}")));
+            }
+        };
+        let meta = Meta {
+            file,
+            md: &content.metadata,
+        };
+        let arch = meta.str("general.architecture")?;
+        if arch != "llama" {
+            bail!(meta.err(format!(
+                "unsupported architecture '{arch}' (only 'llama' is supported)"
+            )));
+        }
+        let hp = read_hparams(&meta)?;
+        let planned = plan_tensors(&meta, &content, &hp)?;
+        let tied = !content.tensor_infos.contains_key("output.weight");
+        let tok = crate::gguf_tokenizer::build(&meta, hp.context)?;
+
+        let mut config = json!({
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": hp.hidden,
+            "intermediate_size": hp.intermediate,
+            "num_hidden_layers": hp.layers,
+            "num_attention_heads": hp.heads,
+            "num_key_value_heads": hp.kv_heads,
+            "head_dim": hp.head_dim,
+            "rms_norm_eps": hp.eps,
+            "rope_theta": hp.theta,
+            "rope_scaling": rope_scaling(&meta)?,
+            "max_position_embeddings": hp.context,
+            "vocab_size": hp.vocab,
+            "tie_word_embeddings": tied,
+            "torch_dtype": if dtype == DType::BF16 { "bfloat16" } else { "float32" },
+            "hidden_act": "silu",
+            "attention_bias": false,
+            "attention_dropout": 0.0,
+            "mlp_bias": false,
+        });
+        for (key, gguf_key) in [
+            ("bos_token_id", "tokenizer.ggml.bos_token_id"),
+            ("eos_token_id", "tokenizer.ggml.eos_token_id"),
+            ("pad_token_id", "tokenizer.ggml.padding_token_id"),
+        ] {
+            if let Some(id) = meta.opt_uint(gguf_key)? {
+                config[key] = json!(id);
+            }
+        }
+        Ok(Self {
+            file: file.to_path_buf(),
+            content,
+            planned,
+            tok,
+            config,
+        })
+    }
+
+    /// The HF name and shape of every tensor the import writes, in write order.
+    pub fn tensors(&self) -> impl Iterator<Item = (&str, &[usize])> {
+        self.planned
+            .iter()
+            .map(|p| (p.hf.as_str(), p.shape.as_slice()))
+    }
+
+    /// Reads the tensor the import writes as `hf_name` from `reader`: de-quantized to f32, in
+    /// the HF layout.
+    pub fn tensor<R: Read + Seek>(&self, reader: &mut R, hf_name: &str) -> Result<Tensor> {
+        let p = self
+            .planned
+            .iter()
+            .find(|p| p.hf == hf_name)
+            .with_context(|| format!("gguf {}: no tensor for {hf_name}", self.file.display()))?;
+        let ctx = || format!("gguf {}: tensor {}", self.file.display(), p.gguf);
+        let q = self
+            .content
+            .tensor(reader, &p.gguf, &Device::Cpu)
+            .with_context(ctx)?;
+        let mut t = q
+            .dequantize(&Device::Cpu)
+            .with_context(ctx)?
+            .to_dtype(DType::F32)?;
+        if let Some(heads) = p.unpermute_heads {
+            t = unpermute(&t, heads).with_context(ctx)?;
+        }
+        Ok(t)
+    }
+}
+
 /// Imports a llama-architecture GGUF into `out_dir` as an HF model directory.
 pub fn import_gguf(gguf: &Path, out_dir: &Path, opts: &ImportOptions) -> Result<ImportReport> {
-    let file_err = |msg: String| anyhow!("gguf {}: {msg}", gguf.display());
     if !matches!(opts.dtype, DType::F32 | DType::BF16) {
         bail!(
             "unsupported import dtype {:?} (use F32 or BF16)",
             opts.dtype
         );
     }
-    let mut reader =
-        BufReader::new(File::open(gguf).map_err(|e| file_err(format!("cannot open: {e}")))?);
-    let content = match gguf_file::Content::read(&mut reader) {
-        Ok(c) => c,
-        Err(e) => {
-            // candle rejects unknown quantization types without naming the tensor; find it.
-            if let Ok(Some((tensor, ty))) = find_unknown_tensor_type(gguf) {
-                bail!(file_err(format!(
-                    "unsupported tensor type {} for tensor {tensor}",
-                    ggml_type_name(ty)
-                )));
-            }
-            bail!(file_err(format!("cannot read GGUF header: {e}")));
-        }
-    };
-    let meta = Meta {
-        file: gguf,
-        md: &content.metadata,
-    };
-    let arch = meta.str("general.architecture")?;
-    if arch != "llama" {
-        bail!(meta.err(format!(
-            "unsupported architecture '{arch}' (only 'llama' is supported)"
-        )));
-    }
-    let hp = read_hparams(&meta)?;
-    let planned = plan_tensors(&meta, &content, &hp)?;
-    let tied = !content.tensor_infos.contains_key("output.weight");
-    let tok = crate::gguf_tokenizer::build(&meta, hp.context)?;
-
-    let mut config = json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": hp.hidden,
-        "intermediate_size": hp.intermediate,
-        "num_hidden_layers": hp.layers,
-        "num_attention_heads": hp.heads,
-        "num_key_value_heads": hp.kv_heads,
-        "head_dim": hp.head_dim,
-        "rms_norm_eps": hp.eps,
-        "rope_theta": hp.theta,
-        "rope_scaling": rope_scaling(&meta)?,
-        "max_position_embeddings": hp.context,
-        "vocab_size": hp.vocab,
-        "tie_word_embeddings": tied,
-        "torch_dtype": if opts.dtype == DType::BF16 { "bfloat16" } else { "float32" },
-        "hidden_act": "silu",
-        "attention_bias": false,
-        "attention_dropout": 0.0,
-        "mlp_bias": false,
-    });
-    for (key, gguf_key) in [
-        ("bos_token_id", "tokenizer.ggml.bos_token_id"),
-        ("eos_token_id", "tokenizer.ggml.eos_token_id"),
-        ("pad_token_id", "tokenizer.ggml.padding_token_id"),
-    ] {
-        if let Some(id) = meta.opt_uint(gguf_key)? {
-            config[key] = json!(id);
-        }
-    }
+    let mut reader = BufReader::new(
+        File::open(gguf).map_err(|e| anyhow!("gguf {}: cannot open: {e}", gguf.display()))?,
+    );
+    let model = GgufModel::read(&mut reader, gguf, opts.dtype)?;
 
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let mut parameters = 0usize;
-    let specs: Vec<TensorSpec> = planned
-        .iter()
-        .map(|p| TensorSpec::new(p.hf.clone(), opts.dtype, &p.shape))
+    let specs: Vec<TensorSpec> = model
+        .tensors()
+        .map(|(name, shape)| TensorSpec::new(name.to_string(), opts.dtype, shape))
         .collect();
     write_atomic(&out_dir.join("model.safetensors"), |w| {
         write_safetensors(w, &specs, |s| {
-            let p = planned
-                .iter()
-                .find(|p| p.hf == s.name)
-                .expect("a spec per planned tensor");
-            let ctx = || format!("gguf {}: tensor {}", gguf.display(), p.gguf);
-            let q = content
-                .tensor(&mut reader, &p.gguf, &Device::Cpu)
-                .with_context(ctx)?;
-            let mut t = q
-                .dequantize(&Device::Cpu)
-                .with_context(ctx)?
-                .to_dtype(DType::F32)?;
-            if let Some(heads) = p.unpermute_heads {
-                t = unpermute(&t, heads).with_context(ctx)?;
-            }
+            let t = model.tensor(&mut reader, &s.name)?;
             parameters += t.elem_count();
             Ok(t)
         })
     })?;
+    let tok = &model.tok;
     write_atomic(&out_dir.join("tokenizer.json"), |w| {
         Ok(w.write_all(tok.tokenizer_json.as_bytes())?)
     })?;
@@ -351,11 +406,11 @@ pub fn import_gguf(gguf: &Path, out_dir: &Path, opts: &ImportOptions) -> Result<
         &out_dir.join("special_tokens_map.json"),
         &tok.special_tokens_map,
     )?;
-    write_json(&out_dir.join("config.json"), &config)?;
+    write_json(&out_dir.join("config.json"), &model.config)?;
     Ok(ImportReport {
-        tensors: planned.len(),
+        tensors: model.planned.len(),
         parameters,
-        config,
+        config: model.config,
     })
 }
 
@@ -379,8 +434,20 @@ fn read_le(r: &mut impl Read, n: usize) -> Result<u64> {
     Ok(u64::from_le_bytes(b))
 }
 
-/// Re-walks the GGUF header to find the first tensor whose type candle does not know.
-fn find_unknown_tensor_type(path: &Path) -> Result<Option<(String, u32)>> {
+/// What a walk over a GGUF header finds that candle's reader does not report.
+#[derive(Debug, Default, PartialEq)]
+struct HeaderScan {
+    /// The last `general.alignment` is an integer 0: candle's reader would divide by it.
+    zero_alignment: bool,
+    /// The first tensor whose type candle does not know, with that type.
+    unknown_type: Option<(String, u32)>,
+}
+
+/// Walks a GGUF header from the start of `r` as candle reads it, skipping values without
+/// allocating for them, and fills `scan` as it goes: a walk stopped by an error keeps what it
+/// found before.
+fn scan_header<R: Read + Seek>(r: &mut R, scan: &mut HeaderScan) -> Result<()> {
+    const ALIGNMENT_KEY: &[u8] = b"general.alignment";
     fn fixed_size(ty: u64) -> Option<u64> {
         Some(match ty {
             0 | 1 | 7 => 1,
@@ -390,11 +457,12 @@ fn find_unknown_tensor_type(path: &Path) -> Result<Option<(String, u32)>> {
             _ => return None,
         })
     }
-    fn skip(r: &mut BufReader<File>, ty: u64, w: usize, depth: u32) -> Result<()> {
+    // candle nests arrays up to this depth.
+    fn skip<R: Read + Seek>(r: &mut R, ty: u64, w: usize, depth: u32) -> Result<()> {
         let size = match (ty, fixed_size(ty)) {
             (_, Some(size)) => size,
             (8, _) => read_le(r, w)?,
-            (9, _) if depth < 4 => {
+            (9, _) if depth < 64 => {
                 let (elem, n) = (read_le(r, 4)?, read_le(r, w)?);
                 // Fixed-size arrays are skipped in one seek so a bogus length cannot spin.
                 match fixed_size(elem) {
@@ -411,32 +479,66 @@ fn find_unknown_tensor_type(path: &Path) -> Result<Option<(String, u32)>> {
         };
         Ok(r.seek_relative(i64::try_from(size)?)?)
     }
-    let mut r = BufReader::new(File::open(path)?);
-    anyhow::ensure!(read_le(&mut r, 4)? == 0x4655_4747, "not a GGUF file");
+    // Whether the `len`-byte string at `r` is `want`, as candle reads it (trailing NULs
+    // dropped), read through a small buffer whatever `len` claims.
+    fn string_is<R: Read>(r: &mut R, len: u64, want: &[u8]) -> Result<bool> {
+        let mut buf = [0u8; 256];
+        let mut same = len >= want.len() as u64;
+        let mut at = 0u64;
+        while at < len {
+            let n = (len - at).min(buf.len() as u64) as usize;
+            r.read_exact(&mut buf[..n])?;
+            for (i, &b) in buf[..n].iter().enumerate() {
+                let want = usize::try_from(at + i as u64)
+                    .ok()
+                    .and_then(|i| want.get(i));
+                same &= b == want.copied().unwrap_or(0);
+            }
+            at += n as u64;
+        }
+        Ok(same)
+    }
+    r.rewind()?;
+    let magic = read_le(r, 4)?;
+    anyhow::ensure!(
+        magic == 0x4655_4747 || magic == 0x4747_5546,
+        "not a GGUF file"
+    );
     // Version 1 used 32-bit lengths and counts.
-    let w = if read_le(&mut r, 4)? == 1 { 4 } else { 8 };
-    let (n_tensors, n_kv) = (read_le(&mut r, w)?, read_le(&mut r, w)?);
+    let w = if read_le(r, 4)? == 1 { 4 } else { 8 };
+    let (n_tensors, n_kv) = (read_le(r, w)?, read_le(r, w)?);
     for _ in 0..n_kv {
-        let key_len = read_le(&mut r, w)?;
-        r.seek_relative(i64::try_from(key_len)?)?;
-        let ty = read_le(&mut r, 4)?;
-        skip(&mut r, ty, w, 0)?;
+        let key_len = read_le(r, w)?;
+        let is_alignment = string_is(r, key_len, ALIGNMENT_KEY)?;
+        let ty = read_le(r, 4)?;
+        if is_alignment {
+            // candle takes the alignment from 8-, 16- and 32-bit integers, else uses 32.
+            scan.zero_alignment = false;
+            if let (0..=5, Some(size)) = (ty, fixed_size(ty)) {
+                scan.zero_alignment = read_le(r, size as usize)? == 0;
+                continue;
+            }
+        }
+        skip(r, ty, w, 0)?;
     }
     for _ in 0..n_tensors {
-        let mut name = vec![0u8; read_le(&mut r, w)?.min(1 << 16) as usize];
+        let name_len = read_le(r, w)?;
+        let mut name = vec![0u8; name_len.min(1 << 16) as usize];
         r.read_exact(&mut name)?;
-        let n_dims = read_le(&mut r, 4)?;
+        r.seek_relative(i64::try_from(name_len - name.len() as u64)?)?;
+        let n_dims = read_le(r, 4)?;
         anyhow::ensure!(n_dims <= 8, "too many dimensions");
         for _ in 0..n_dims {
-            read_le(&mut r, w)?;
+            read_le(r, w)?;
         }
-        let ty = read_le(&mut r, 4)? as u32;
-        read_le(&mut r, 8)?;
+        let ty = read_le(r, 4)? as u32;
+        read_le(r, 8)?;
         if !matches!(ty, 0..=3 | 6..=15 | 30) {
-            return Ok(Some((String::from_utf8_lossy(&name).into_owned(), ty)));
+            scan.unknown_type = Some((String::from_utf8_lossy(&name).into_owned(), ty));
+            return Ok(());
         }
     }
-    Ok(None)
+    Ok(())
 }
 
 #[cfg(test)]

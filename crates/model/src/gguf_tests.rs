@@ -53,8 +53,15 @@ fn metadata() -> Vec<(String, Value)> {
 /// Writes a one-layer GGUF: Q8_0 embeddings, f32 elsewhere, and an `attn_q` holding
 /// 100 * row + col so the un-permutation can be checked by hand.
 fn write_tiny(dir: &Path, md: &[(String, Value)]) -> PathBuf {
+    let path = dir.join("tiny.gguf");
+    write_tiny_as(&path, md, GgmlDType::F32);
+    path
+}
+
+/// [`write_tiny`] to `path` with every tensor but the embeddings stored as `dtype`.
+fn write_tiny_as(path: &Path, md: &[(String, Value)], dtype: GgmlDType) {
     let dev = &Device::Cpu;
-    let f32q = |t: &Tensor| QTensor::quantize(t, GgmlDType::F32).unwrap();
+    let f32q = |t: &Tensor| QTensor::quantize(t, dtype).unwrap();
     let rows = Tensor::arange(0f32, 32., dev)
         .unwrap()
         .unsqueeze(1)
@@ -80,11 +87,9 @@ fn write_tiny(dir: &Path, md: &[(String, Value)]) -> PathBuf {
         let t = Tensor::randn(0f32, 0.1, shape, dev).unwrap();
         tensors.push((format!("{name}.weight"), f32q(&t)));
     }
-    let path = dir.join("tiny.gguf");
     let md: Vec<(&str, &Value)> = md.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    gguf_file::write(&mut File::create(&path).unwrap(), &md, &ts).unwrap();
-    path
+    gguf_file::write(&mut File::create(path).unwrap(), &md, &ts).unwrap();
 }
 
 fn read_json(path: PathBuf) -> serde_json::Value {
@@ -260,6 +265,66 @@ fn gguf_import_rejects_bad_files() {
         err.contains("unsupported tensor type IQ4_NL for tensor blk.0.ffn_up.weight"),
         "{err}"
     );
+}
+
+/// Found by fuzzing (fuzz/fuzz_targets/gguf.rs): `general.alignment = 0` made candle's reader
+/// divide by zero. Version 3, no tensors, one key; candle drops a key's trailing NULs.
+#[test]
+fn gguf_zero_alignment_is_an_error() {
+    let read = |bytes: &[u8]| {
+        let err = GgufModel::read(
+            &mut std::io::Cursor::new(bytes),
+            Path::new("a.gguf"),
+            DType::F32,
+        );
+        format!("{:#}", err.err().expect("not a model"))
+    };
+    let u8_zero = b"GGUF\x03\0\0\0\0\0\0\0\0\0\0\0\x01\0\0\0\0\0\0\0\
+                    \x11\0\0\0\0\0\0\0general.alignment\0\0\0\0\0";
+    let u32_zero_nul_key = b"GGUF\x03\0\0\0\0\0\0\0\0\0\0\0\x01\0\0\0\0\0\0\0\
+                             \x12\0\0\0\0\0\0\0general.alignment\0\x04\0\0\0\0\0\0\0";
+    for bytes in [&u8_zero[..], &u32_zero_nul_key[..]] {
+        let err = read(bytes);
+        assert!(
+            err.contains("a.gguf: metadata key general.alignment is 0"),
+            "{err}"
+        );
+    }
+    // 32 is read past; the file then lacks everything else.
+    let mut ok = u32_zero_nul_key.to_vec();
+    let at = ok.len() - 4;
+    ok[at] = 32;
+    let err = read(&ok);
+    assert!(
+        err.contains("missing metadata key general.architecture"),
+        "{err}"
+    );
+}
+
+/// Writes the GGUF fuzz seeds into HELIX_WRITE_FUZZ_SEEDS (`fuzz/seeds/gguf`) when it is set:
+/// the tiny model in Q8_0 (small enough to mutate), with a byte-level vocabulary and merges,
+/// and with a SentencePiece one whose merges are rebuilt from scores.
+#[test]
+fn gguf_write_fuzz_seeds() {
+    let Some(dir) = std::env::var_os("HELIX_WRITE_FUZZ_SEEDS") else {
+        eprintln!("skipping gguf_write_fuzz_seeds: HELIX_WRITE_FUZZ_SEEDS is not set");
+        return;
+    };
+    let dir = Path::new(&dir);
+    std::fs::create_dir_all(dir).unwrap();
+    write_tiny_as(&dir.join("tiny-gpt2.gguf"), &metadata(), GgmlDType::Q8_0);
+    let mut md = metadata();
+    md.retain(|(k, _)| k != "tokenizer.ggml.merges" && k != "tokenizer.ggml.token_type");
+    md[10].1 = Value::String("llama".into());
+    let scores = (0..TOKENS.len()).map(|i| Value::F32(-(i as f32))).collect();
+    md.push(("tokenizer.ggml.scores".into(), Value::Array(scores)));
+    md.push(("general.alignment".into(), Value::U32(32)));
+    write_tiny_as(&dir.join("tiny-spm.gguf"), &md, GgmlDType::Q8_0);
+    for name in ["tiny-gpt2.gguf", "tiny-spm.gguf"] {
+        let path = dir.join(name);
+        let model = GgufModel::read(&mut File::open(&path).unwrap(), &path, DType::F32).unwrap();
+        assert_eq!(model.tensors().count(), 11, "{name}");
+    }
 }
 
 /// Imports the real SmolLM2 GGUF when HELIX_SMOLLM2_GGUF points at it.

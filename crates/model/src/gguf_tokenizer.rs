@@ -238,6 +238,10 @@ pub(crate) fn build(meta: &Meta, model_max_length: u64) -> Result<TokenizerFiles
                     scores.len()
                 )));
             }
+            // Merges are sorted by score, which needs an order: NaN has none.
+            if let Some(i) = scores[..n].iter().position(|s| s.is_nan()) {
+                return Err(meta.err(format!("tokenizer.ggml.scores[{i}] is NaN")));
+            }
             merges_from_scores(&tokens, &scores)
         }
     };
@@ -405,6 +409,7 @@ fn template_processing(bos: Option<(&str, usize)>, eos: Option<(&str, usize)>) -
 /// Rebuilds BPE merges from SentencePiece scores when the GGUF has none (Llama 2 files), the
 /// way transformers' GGUFTokenizerSkeleton does: every split of a token into two tokens is a
 /// merge ranked by the whole token's score; ties keep vocabulary order (Python's stable sort).
+/// The scores must not be NaN (the caller checks), or the sorts have no order to follow.
 fn merges_from_scores(tokens: &[&str], scores: &[f64]) -> Vec<(String, String)> {
     // Python dict semantics: first-occurrence order, last-occurrence score.
     let mut score: HashMap<&str, f64> = HashMap::new();
@@ -515,6 +520,43 @@ mod tests {
             .map(|t| t["content"].as_str().unwrap())
             .collect();
         assert_eq!(added, ["<unk>", "<s>", "</s>"]);
+    }
+
+    /// Found by review (sorting with NaN is not a total order, and Rust's sort may then panic):
+    /// a NaN among `tokenizer.ggml.scores` panicked while rebuilding merges from scores.
+    #[test]
+    fn gguf_tokenizer_nan_score_is_an_error() {
+        // 26 letters, then 30 two-letter tokens (one merge each) whose scores are scrambled
+        // with every third one NaN: enough for the sort of the merges to see the NaNs.
+        let letters: Vec<String> = ('a'..='z').map(String::from).collect();
+        let pairs = letters
+            .iter()
+            .flat_map(|a| letters.iter().map(move |b| format!("{a}{b}")));
+        let tokens: Vec<String> = letters.iter().cloned().chain(pairs.take(30)).collect();
+        let scores = (0..tokens.len()).map(|i| match i.checked_sub(26) {
+            None => 0.0,
+            Some(j) if j % 3 == 0 => f32::NAN,
+            Some(j) => -((j * 7919 % 1009) as f32),
+        });
+        let md: HashMap<String, GValue> = [
+            (
+                "tokenizer.ggml.tokens",
+                arr(tokens.iter().map(|t| GValue::String(t.clone()))),
+            ),
+            ("tokenizer.ggml.scores", arr(scores.map(GValue::F32))),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let meta = Meta {
+            file: Path::new("nan.gguf"),
+            md: &md,
+        };
+        let err = build(&meta, 1).err().unwrap().to_string();
+        assert!(
+            err.contains("nan.gguf: tokenizer.ggml.scores[26] is NaN"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -22,10 +22,26 @@ struct Entry {
     end: usize,
 }
 
+/// The bytes of one weights file: memory-mapped from disk, or already in memory.
+enum FileBytes {
+    Mapped(Mmap),
+    Owned(Vec<u8>),
+}
+
+impl std::ops::Deref for FileBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Self::Mapped(m) => m,
+            Self::Owned(v) => v,
+        }
+    }
+}
+
 /// An open checkpoint: memory maps of its files and a table of every tensor in them.
 pub struct SafetensorsWeights {
     dir: PathBuf,
-    files: Vec<(PathBuf, Mmap)>,
+    files: Vec<(PathBuf, FileBytes)>,
     entries: HashMap<String, Entry>,
 }
 
@@ -52,23 +68,37 @@ impl SafetensorsWeights {
     /// Opens the given safetensors files; a tensor name present in two files is an error.
     pub fn open_files(dir: &Path, paths: &[PathBuf]) -> Result<Self> {
         let mut files = Vec::with_capacity(paths.len());
-        let mut entries = HashMap::new();
-        for (idx, path) in paths.iter().enumerate() {
+        for path in paths {
             let file = std::fs::File::open(path)
                 .with_context(|| format!("cannot open weights file {}", path.display()))?;
             // SAFETY: the file is opened read-only; a checkpoint modified while training reads it
             // is outside what any trainer can defend against.
             let mmap = unsafe { Mmap::map(&file) }
                 .with_context(|| format!("cannot map weights file {}", path.display()))?;
+            files.push((path.clone(), FileBytes::Mapped(mmap)));
+        }
+        Self::index(dir, files)
+    }
+
+    /// One safetensors file already in memory; `path` names it in messages.
+    pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<Self> {
+        let dir = path.parent().unwrap_or(Path::new(""));
+        Self::index(dir, vec![(path.to_path_buf(), FileBytes::Owned(bytes))])
+    }
+
+    /// Reads the header of every file into the table of tensors.
+    fn index(dir: &Path, files: Vec<(PathBuf, FileBytes)>) -> Result<Self> {
+        let mut entries = HashMap::new();
+        for (idx, (path, bytes)) in files.iter().enumerate() {
             let (header_len, meta) =
-                safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
+                safetensors::SafeTensors::read_metadata(bytes).map_err(|e| {
                     anyhow::anyhow!(
                         "{}: not a valid safetensors file ({e:?}); is it truncated?",
                         path.display()
                     )
                 })?;
             let data_start = 8 + header_len;
-            let data_len = mmap.len() - data_start;
+            let data_len = bytes.len() - data_start;
             for (name, info) in meta.tensors() {
                 let (start, end) = info.data_offsets;
                 if end > data_len {
@@ -88,7 +118,6 @@ impl SafetensorsWeights {
                     );
                 }
             }
-            files.push((path.clone(), mmap));
         }
         Ok(Self {
             dir: dir.to_path_buf(),
@@ -215,9 +244,13 @@ impl SafetensorsWeights {
 
 /// Reads the shard file names of an index, refusing any that would leave the model directory.
 pub fn shard_names_from_index(index: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(index)
-        .with_context(|| format!("cannot read {}", index.display()))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
+    let bytes = std::fs::read(index).with_context(|| format!("cannot read {}", index.display()))?;
+    shard_names_from_index_bytes(index, &bytes)
+}
+
+/// [`shard_names_from_index`] on the index's bytes already in memory; `index` names them.
+pub fn shard_names_from_index_bytes(index: &Path, bytes: &[u8]) -> Result<Vec<String>> {
+    let v: serde_json::Value = serde_json::from_slice(bytes)
         .with_context(|| format!("{}: invalid JSON", index.display()))?;
     let map = v
         .get("weight_map")
@@ -259,4 +292,38 @@ fn check_inside_dir(file: &str) -> Result<()> {
         bail!("shard path must stay inside the model directory (no '..')");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weights_from_bytes_read_as_from_a_file_and_name_it() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("w.safetensors");
+        let t = Tensor::arange(0f32, 6., &Device::Cpu)?.reshape((2, 3))?;
+        candle_core::safetensors::save(&HashMap::from([("w".to_string(), t)]), &path)?;
+        let bytes = std::fs::read(&path)?;
+        let w = SafetensorsWeights::from_bytes(&path, bytes.clone())?;
+        let half = w.load_shard("w", (2, 3), 0, 1, 2, DType::F32, &Device::Cpu)?;
+        assert_eq!(half.to_vec2::<f32>()?, [[3., 4., 5.]]);
+        let err = SafetensorsWeights::from_bytes(&path, bytes[..bytes.len() - 1].to_vec())
+            .err()
+            .expect("truncated");
+        assert!(
+            err.to_string()
+                .contains("w.safetensors: not a valid safetensors file"),
+            "{err}"
+        );
+        let index = Path::new("m/model.safetensors.index.json");
+        let err = shard_names_from_index_bytes(index, br#"{"weight_map": {"w": "../x"}}"#)
+            .err()
+            .expect("outside the directory");
+        assert!(
+            format!("{err:#}").contains("m/model.safetensors.index.json: weight_map['w']"),
+            "{err:#}"
+        );
+        Ok(())
+    }
 }

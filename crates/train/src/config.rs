@@ -315,10 +315,16 @@ impl ConfigFile {
     pub fn load_with(path: &Path, sets: &[String]) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read the config {}", path.display()))?;
+        Self::from_str_with(path, &text, sets)
+    }
+
+    /// [`ConfigFile::load_with`] on the text of the config already in memory; `path` names it
+    /// in messages.
+    pub fn from_str_with(path: &Path, text: &str, sets: &[String]) -> Result<Self> {
         // The file alone first, so its own mistakes are reported with their line.
-        let parsed: Self = toml::from_str(&text)
+        let parsed: Self = toml::from_str(text)
             .map_err(|e| anyhow!("{}: {}", path.display(), explain(&e.to_string())))?;
-        let mut raw: toml::Table = toml::from_str(&text)
+        let mut raw: toml::Table = toml::from_str(text)
             .map_err(|e| anyhow!("{}: {}", path.display(), explain(&e.to_string())))?;
         if sets.is_empty() {
             return Ok(Self { raw, ..parsed });
@@ -437,15 +443,21 @@ impl ConfigFile {
         if micro == 0 {
             bail!("batch.micro_batch_size must be at least 1");
         }
-        let global = self.batch.global_batch_size.unwrap_or(micro * dp);
-        if global == 0 || global % (micro * dp) != 0 {
+        // Checked: a huge micro-batch times the ranks must not wrap (to 0, a division by 0).
+        let Some(rows) = micro.checked_mul(dp).filter(|&r| r > 0) else {
+            bail!(
+                "batch.micro_batch_size ({micro}) × data-parallel size ({dp}) is not a usable \
+                 number of rows per micro-step"
+            );
+        };
+        let global = self.batch.global_batch_size.unwrap_or(rows);
+        if global == 0 || global % rows != 0 {
             bail!(
                 "batch.global_batch_size ({global}) must be a positive multiple of \
-                 batch.micro_batch_size ({micro}) × data-parallel size ({dp}) = {}",
-                micro * dp
+                 batch.micro_batch_size ({micro}) × data-parallel size ({dp}) = {rows}"
             );
         }
-        Ok(global / (micro * dp))
+        Ok(global / rows)
     }
 
     /// Checks every value a training run on `data_parallel` ranks uses, before anything is
@@ -775,6 +787,20 @@ max_steps = 20
             err.contains("schedule.name") && err.contains("`cosine`"),
             "{err}"
         );
+    }
+
+    /// Found by review and replayed through fuzz/fuzz_targets/config.rs: micro × ranks wrapped
+    /// (2^61 × 8 = 0) and `global % 0` panicked.
+    #[test]
+    fn a_micro_batch_too_large_for_the_ranks_is_an_error() {
+        let text = "[batch]\nmicro_batch_size = 2305843009213693952\nglobal_batch_size = 5\n";
+        let c = ConfigFile::from_str_with(Path::new("big.toml"), text, &[]).unwrap();
+        let err = c.accumulation(8).unwrap_err().to_string();
+        assert!(
+            err.contains("batch.micro_batch_size (2305843009213693952) × data-parallel size (8)"),
+            "{err}"
+        );
+        assert!(c.accumulation(1).is_err(), "5 is not a multiple of 2^61");
     }
 
     #[test]
