@@ -402,3 +402,18 @@ fn an_index_naming_a_file_outside_the_checkpoint_is_refused() -> Result<()> {
     );
     Ok(())
 }
+
+#[test]
+fn a_checkpoint_from_before_the_index_reads_as_whole_tensors() -> Result<()> {
+    use helix_model::linear::Split;
+    let tmp = tempfile::tempdir()?;
+    let dir = store(tmp.path()).save_alone(&ckpt(4, 2.5))?.dir;
+    // What helix wrote before per-rank files: the same groups, no index.
+    std::fs::remove_file(dir.join(INDEX))?;
+    let reader = CheckpointReader::open(&dir)?;
+    assert_eq!(reader.names("trainable"), vec!["a", "b"]);
+    assert_eq!(reader.names("optimizer"), vec!["exp_avg.a"]);
+    let half = reader.load("trainable", "b", Split::Dim(0), 1, 2, &Device::Cpu)?;
+    assert_eq!(half.to_vec1::<f32>()?, vec![2.5; 50]);
+    Ok(())
+}
