@@ -15,6 +15,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use helix_model::linear::{shard_of, Split};
+use helix_model::weights::stem_files;
 use serde::{Deserialize, Serialize};
 
 pub const INDEX: &str = "checkpoint_index.json";
@@ -254,19 +255,6 @@ impl CheckpointReader {
 /// A file name with no path in it: what an index may name.
 fn is_plain_name(name: &str) -> bool {
     !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\\', '\0'])
-}
-
-/// The files of one stem: `{stem}.safetensors`, or the shards its index lists.
-pub fn stem_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
-    let single = dir.join(format!("{stem}.safetensors"));
-    if single.exists() {
-        return Ok(vec![single]);
-    }
-    let index = dir.join(format!("{stem}.safetensors.index.json"));
-    Ok(helix_model::weights::shard_names_from_index(&index)?
-        .into_iter()
-        .map(|f| dir.join(f))
-        .collect())
 }
 
 fn open_stem(dir: &Path, stem: &str) -> Result<MmapedSafetensors> {

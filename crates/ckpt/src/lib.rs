@@ -17,8 +17,7 @@ mod layout;
 mod writer;
 
 pub use layout::{
-    stem_files, CheckpointIndex, CheckpointReader, IndexEntry, Piece, RankPart, SplitPiece,
-    TensorFile, INDEX,
+    CheckpointIndex, CheckpointReader, IndexEntry, Piece, RankPart, SplitPiece, TensorFile, INDEX,
 };
 pub use writer::{BackgroundWriter, SaveReport};
 
@@ -29,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use helix_model::safetensors_write::{save_sharded, write_atomic, TensorSpec};
 use sha2::{Digest, Sha256};
 
@@ -111,7 +110,7 @@ impl CheckpointStore {
             .with_context(|| format!("cannot create {}", tmp.display()))?;
         let mine = self.write_part(&tmp, ckpt);
         let Some(peers) = peers.filter(|_| rank != 0) else {
-            return self.seal(ckpt, &tmp, &dir, mine?, peers, t);
+            return self.seal(ckpt, &tmp, dir, mine?, peers, t);
         };
         let part = mine.unwrap_or_else(|e| RankPart {
             error: Some(format!("{e:#}")),
@@ -173,7 +172,7 @@ impl CheckpointStore {
         &self,
         ckpt: &Checkpoint,
         tmp: &Path,
-        dir: &Path,
+        dir: PathBuf,
         mine: RankPart,
         peers: Option<&dyn SaveRendezvous>,
         t: Instant,
@@ -196,9 +195,8 @@ impl CheckpointStore {
         let index = CheckpointIndex::merge(&parts)?;
         let mut files: Vec<(String, String, u64)> =
             parts.into_iter().flat_map(|p| p.files).collect();
-        let mut json = ckpt.json.clone();
-        json.push((INDEX.to_string(), serde_json::to_value(&index)?));
-        for (name, value) in &json {
+        let index = (INDEX.to_string(), serde_json::to_value(&index)?);
+        for (name, value) in ckpt.json.iter().chain([&index]) {
             let path = tmp.join(name);
             helix_model::safetensors_write::write_json(&path, value)?;
             let (hash, len) = sha256_file(&path)?;
@@ -211,14 +209,13 @@ impl CheckpointStore {
         }
         let bytes = files.iter().map(|f| f.2).sum();
         write_atomic(&tmp.join(CHECKSUMS), |w| Ok(w.write_all(sums.as_bytes())?))?;
-        let (tmp, dir) = (tmp.to_path_buf(), dir.to_path_buf());
-        sync_dir(&tmp)?;
+        sync_dir(tmp)?;
         if dir.exists() {
             // The same step saved again (a resumed run reaching it): the new one replaces it.
             std::fs::remove_dir_all(&dir)
                 .with_context(|| format!("cannot replace {}", dir.display()))?;
         }
-        std::fs::rename(&tmp, &dir)
+        std::fs::rename(tmp, &dir)
             .with_context(|| format!("cannot rename {} to {}", tmp.display(), dir.display()))?;
         sync_dir(&self.root)?;
         let name = dir.file_name().expect("step dir").to_string_lossy();
@@ -344,17 +341,6 @@ pub fn verify(dir: &Path) -> Result<()> {
         bail!("{}: lists no files", sums_path.display());
     }
     Ok(())
-}
-
-/// Every tensor of the stem `stem` in a checkpoint directory (single file or sharded).
-pub fn load_tensors(dir: &Path, stem: &str, device: &Device) -> Result<HashMap<String, Tensor>> {
-    let mut out = HashMap::new();
-    for f in stem_files(dir, stem)? {
-        let part = candle_core::safetensors::load(&f, device)
-            .with_context(|| format!("cannot read {}", f.display()))?;
-        out.extend(part);
-    }
-    Ok(out)
 }
 
 pub fn read_json(dir: &Path, name: &str) -> Result<serde_json::Value> {

@@ -1,5 +1,14 @@
 use super::*;
-use candle_core::DType;
+use candle_core::{DType, Device};
+
+/// Every tensor of the stem `stem` in a checkpoint directory.
+fn load_tensors(dir: &Path, stem: &str, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let mut out = HashMap::new();
+    for f in helix_model::weights::stem_files(dir, stem)? {
+        out.extend(candle_core::safetensors::load(&f, device)?);
+    }
+    Ok(out)
+}
 
 fn ckpt(step: u64, value: f32) -> Checkpoint {
     let dev = Device::Cpu;

@@ -9,9 +9,6 @@ use candle_core::{DType, Device, Shape, Tensor};
 use memmap2::Mmap;
 use safetensors::tensor::Dtype as StDtype;
 
-pub const SINGLE_FILE: &str = "model.safetensors";
-pub const INDEX_FILE: &str = "model.safetensors.index.json";
-
 /// Where one tensor's bytes are.
 #[derive(Debug, Clone)]
 struct Entry {
@@ -48,21 +45,7 @@ pub struct SafetensorsWeights {
 impl SafetensorsWeights {
     /// Opens `dir/model.safetensors.index.json` if present, else `dir/model.safetensors`.
     pub fn open_dir(dir: &Path) -> Result<Self> {
-        let index = dir.join(INDEX_FILE);
-        if index.exists() {
-            let names = shard_names_from_index(&index)?;
-            let paths = names.iter().map(|n| dir.join(n)).collect::<Vec<_>>();
-            Self::open_files(dir, &paths)
-        } else {
-            let single = dir.join(SINGLE_FILE);
-            if !single.exists() {
-                bail!(
-                    "no weights in {}: expected {SINGLE_FILE} or {INDEX_FILE}",
-                    dir.display()
-                );
-            }
-            Self::open_files(dir, &[single])
-        }
+        Self::open_files(dir, &stem_files(dir, "model")?)
     }
 
     /// Opens the given safetensors files; a tensor name present in two files is an error.
@@ -240,6 +223,26 @@ impl SafetensorsWeights {
             .with_context(|| format!("tensor '{name}' in {}", file.display()))?;
         Ok(t.to_dtype(dtype)?.to_device(device)?)
     }
+}
+
+/// The files of the tensors saved under `stem` in `dir`: the shards `{stem}.safetensors.index.json`
+/// lists if it exists, else `{stem}.safetensors`.
+pub fn stem_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
+    let (single, index) = (
+        format!("{stem}.safetensors"),
+        format!("{stem}.safetensors.index.json"),
+    );
+    if dir.join(&index).exists() {
+        let names = shard_names_from_index(&dir.join(&index))?;
+        return Ok(names.iter().map(|n| dir.join(n)).collect());
+    }
+    if !dir.join(&single).exists() {
+        bail!(
+            "no weights in {}: expected {single} or {index}",
+            dir.display()
+        );
+    }
+    Ok(vec![dir.join(single)])
 }
 
 /// Reads the shard file names of an index, refusing any that would leave the model directory.
