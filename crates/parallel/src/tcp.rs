@@ -223,15 +223,8 @@ impl TcpRing {
         let (n, len, r) = (self.size, part.len(), self.index);
         let mut out = vec![T::default(); n * len];
         out[r * len..(r + 1) * len].copy_from_slice(part);
-        for s in 0..n.saturating_sub(1) {
-            let send = (r + n - s) % n;
-            let recv = (r + n - s - 1) % n;
-            let got = self.exchange(
-                &T::to_bytes(&out[send * len..(send + 1) * len]),
-                len * T::SIZE,
-            )?;
-            out[recv * len..(recv + 1) * len].copy_from_slice(&T::from_bytes(&got));
-        }
+        let parts: Vec<Range<usize>> = (0..n).map(|k| k * len..(k + 1) * len).collect();
+        self.all_gather_parts(&mut out, &parts)?;
         Ok(out)
     }
 
