@@ -167,6 +167,8 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
     let mut writer = BackgroundWriter::spawn(store.clone(), peers.map(|p| Box::new(p) as _));
     let chunk = t.loss_chunk_rows;
     let bucket = (cfg.parallel.bucket_mb * 1e6 / 4.0) as usize;
+    // ZeRO-1's owners are fixed for the run: which gradients each rank receives.
+    let zero1 = optimizer.is_sharded().then(|| optimizer.owner_order());
     let val_every = t.val_check_interval;
     let mut val_loss_before = None;
     let mut val_loss_after = None;
@@ -190,7 +192,6 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
         let batches = (0..accumulation)
             .map(|_| stream.next_batch())
             .collect::<Result<Vec<_>>>()?;
-        let zero1 = optimizer.is_sharded().then(|| optimizer.owner_order());
         let (loss, tokens, mut grads) =
             forward_backward(&model, &batches, chunk, &job, bucket, zero1.as_deref())?;
         let grad_norm = global_grad_norm(&grads, &model, &job, zero1.is_some())?;
