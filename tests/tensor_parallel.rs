@@ -196,35 +196,39 @@ fn set_from_whole(
     Ok(())
 }
 
+/// The PEFT adapter of fixture `name` in `kind` (`lora`, `ptuning`) loaded on both ranks of a
+/// TP=2 group, each keeping its shard, against PEFT's reference logits, loss and gradients.
+fn adapter_at_tp2_matches_peft(name: &'static str, kind: &'static str) -> Vec<(f32, f32, f32)> {
+    on_ranks(move |g| {
+        let (cfg, w) = open(name);
+        let rank = g.rank();
+        let dir = fixture(name).join(kind);
+        let (method, whole, prefix) = match read_adapter(&dir, &Device::Cpu)? {
+            Adapter::Lora { cfg, tensors } => (Method::Lora(cfg), tensors, ""),
+            // The encoder, which PEFT's adapter file leaves out, from the reference script.
+            Adapter::Ptuning { cfg, .. } => (
+                Method::Ptuning(cfg),
+                load_st(&dir.join("encoder.safetensors")),
+                ENCODER_PREFIX,
+            ),
+        };
+        let c = load_for_method_split(&cfg, &w, &method, 0, DType::F32, &Device::Cpu, Some(g))?;
+        set_from_whole(&c, &whole, prefix, rank)?;
+        let batch = load_st(&fixture(name).join("reference.safetensors"));
+        check(
+            name,
+            &c,
+            &batch,
+            &load_st(&dir.join("reference.safetensors")),
+            rank,
+        )
+    })
+}
+
 #[test]
 fn lora_at_tp2_matches_peft() {
     for name in ["tiny-mha-untied", "tiny-gqa-tied", "tiny-gqa-untied-b3"] {
-        let results = on_ranks(move |g| {
-            let (cfg, w) = open(name);
-            let rank = g.rank();
-            let dir = fixture(name).join("lora");
-            let Adapter::Lora { cfg: lora, tensors } = read_adapter(&dir, &Device::Cpu)? else {
-                unreachable!()
-            };
-            let c = load_for_method_split(
-                &cfg,
-                &w,
-                &Method::Lora(lora),
-                0,
-                DType::F32,
-                &Device::Cpu,
-                Some(g),
-            )?;
-            set_from_whole(&c, &tensors, "", rank)?;
-            let batch = load_st(&fixture(name).join("reference.safetensors"));
-            check(
-                name,
-                &c,
-                &batch,
-                &load_st(&dir.join("reference.safetensors")),
-                rank,
-            )
-        });
+        let results = adapter_at_tp2_matches_peft(name, "lora");
         report(&format!("{name} LoRA vs PEFT"), &results);
     }
 }
@@ -232,33 +236,7 @@ fn lora_at_tp2_matches_peft() {
 #[test]
 fn ptuning_at_tp2_matches_peft() {
     for name in ["tiny-mha-untied", "tiny-gqa-untied-b3"] {
-        let results = on_ranks(move |g| {
-            let (cfg, w) = open(name);
-            let rank = g.rank();
-            let dir = fixture(name).join("ptuning");
-            let Adapter::Ptuning { cfg: p, .. } = read_adapter(&dir, &Device::Cpu)? else {
-                unreachable!()
-            };
-            let c = load_for_method_split(
-                &cfg,
-                &w,
-                &Method::Ptuning(p),
-                0,
-                DType::F32,
-                &Device::Cpu,
-                Some(g),
-            )?;
-            let state = load_st(&dir.join("encoder.safetensors"));
-            set_from_whole(&c, &state, ENCODER_PREFIX, rank)?;
-            let batch = load_st(&fixture(name).join("reference.safetensors"));
-            check(
-                name,
-                &c,
-                &batch,
-                &load_st(&dir.join("reference.safetensors")),
-                rank,
-            )
-        });
+        let results = adapter_at_tp2_matches_peft(name, "ptuning");
         report(&format!("{name} P-tuning vs PEFT"), &results);
     }
 }

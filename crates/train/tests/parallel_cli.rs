@@ -4,7 +4,7 @@
 //! a connection with the wrong job token is refused while the job goes on.
 
 mod common;
-use common::tiny_run_dir;
+use common::{metrics_rows, signal, tiny_run_dir, XorShift};
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -55,11 +55,9 @@ fn ok(o: Output) -> String {
 
 /// (step, loss, val_loss) of every line of metrics.jsonl.
 fn losses(dir: &Path) -> Vec<(u64, Option<f64>, Option<f64>)> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+    metrics_rows(dir)
+        .iter()
+        .map(|v| {
             (
                 v["step"].as_u64().unwrap(),
                 v["loss"].as_f64(),
@@ -131,15 +129,6 @@ fn start_and_wait(mut cmd: Command, out: &Path, delay_ms: u64, step: u64) -> std
     child
 }
 
-/// `kill -SIG pid`.
-fn signal(sig: &str, pid: u32) {
-    assert!(Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .unwrap()
-        .success());
-}
-
 /// The pid of rank `rank` among the children of `launcher`.
 fn rank_pid(launcher: u32, rank: usize) -> Option<u32> {
     for e in std::fs::read_dir("/proc").ok()? {
@@ -182,6 +171,40 @@ fn alive(pid: u32) -> bool {
     })
 }
 
+/// Starts a 4-rank TP 2 × DP 2 LoRA job in `dir/run` with `args` (which must set
+/// `parallel.tensor_parallel=2`), sends `sig` to rank `victim` once step `at` is done, and
+/// waits: the job must fail within 60 s and leave no rank running. Its stderr and exit code,
+/// and how long it took after the signal.
+fn signal_a_rank_of_four(
+    dir: &Path,
+    args: &[&str],
+    at: u64,
+    victim: usize,
+    sig: &str,
+) -> (String, Option<i32>, Duration) {
+    let child = start_and_wait(
+        helix(dir, "run", 4, free_port(), args),
+        &dir.join("run"),
+        150,
+        at,
+    );
+    let pids = rank_pids(child.id(), 4);
+    let sent = Instant::now();
+    signal(pids[victim], sig);
+    let o = child.wait_with_output().unwrap();
+    let took = sent.elapsed();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        took < Duration::from_secs(60),
+        "the job took {took:?} to stop"
+    );
+    for (r, &pid) in pids.iter().enumerate() {
+        assert!(!alive(pid), "rank {r} (pid {pid}) still runs");
+    }
+    (err, o.status.code(), took)
+}
+
 /// A 4-rank job (TP 2 × DP 2): rank 2 is killed; the launcher and every other rank exit
 /// non-zero within the timeout, naming it; rerunning resumes from the last checkpoint.
 #[test]
@@ -193,25 +216,10 @@ fn a_killed_rank_stops_the_job_naming_it_and_a_rerun_resumes() {
     let mut args = nd.clone();
     args.extend(["--set", "parallel.timeout_s=30"]);
     let out = dir.join("run");
-    let child = start_and_wait(helix(dir, "run", 4, free_port(), &args), &out, 150, 6);
-    let pids = rank_pids(child.id(), 4);
-    let killed = Instant::now();
-    signal("-9", pids[2]);
-    let o = child.wait_with_output().unwrap();
-    let took = killed.elapsed();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "{err}");
-    assert!(
-        took < Duration::from_secs(60),
-        "the job took {took:?} to stop"
-    );
+    let (err, code, took) = signal_a_rank_of_four(dir, &args, 6, 2, "-9");
     assert!(err.contains("rank 2"), "names the rank: {err}");
-    for (r, &pid) in pids.iter().enumerate() {
-        assert!(!alive(pid), "rank {r} (pid {pid}) still runs");
-    }
     println!(
-        "rank 2 of 4 killed: the job exited with {:?} after {took:.2?}, no rank left running",
-        o.status.code()
+        "rank 2 of 4 killed: the job exited with {code:?} after {took:.2?}, no rank left running"
     );
     for l in err
         .lines()
@@ -259,20 +267,13 @@ fn garbage_on_the_rendezvous_port_neither_crashes_nor_stalls_rank_0() {
         std::thread::sleep(Duration::from_millis(5));
     };
     let silent = connect();
-    let mut x = 0x9e3779b97f4a7c15u64;
+    let mut x = XorShift(0x9e3779b97f4a7c15);
     for i in 0..300 {
         let mut s = connect();
         match i % 3 {
             0 => {}
             1 => {
-                let junk: Vec<u8> = (0..512)
-                    .map(|_| {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
-                        x as u8
-                    })
-                    .collect();
+                let junk: Vec<u8> = (0..512).map(|_| x.next_u64() as u8).collect();
                 let _ = s.write_all(&junk);
             }
             _ => {
@@ -322,25 +323,12 @@ fn a_connection_with_the_wrong_job_token_is_refused() {
 #[test]
 fn a_stopped_rank_is_detected_by_its_silence() {
     let tmp = tiny_run_dir("lora");
-    let dir = tmp.path();
     let mut args = no_dropout("lora");
     args.extend(["--set", "parallel.timeout_s=3"]);
     args.extend(["--set", "parallel.tensor_parallel=2"]);
-    let out = dir.join("run");
-    let child = start_and_wait(helix(dir, "run", 4, free_port(), &args), &out, 150, 3);
     // SIGSTOP: the process is alive and its connections open, but it says nothing.
-    let pids = rank_pids(child.id(), 4);
-    let stopped = Instant::now();
-    signal("-STOP", pids[3]);
-    let o = child.wait_with_output().unwrap();
-    let took = stopped.elapsed();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success(), "{err}");
+    let (err, _, took) = signal_a_rank_of_four(tmp.path(), &args, 3, 3, "-STOP");
     assert!(err.contains("rank 3 stopped responding"), "{err}");
-    assert!(took < Duration::from_secs(60), "took {took:?}");
-    for (r, &pid) in pids.iter().enumerate() {
-        assert!(!alive(pid), "rank {r} (pid {pid}) still runs");
-    }
     println!(
         "rank 3 of 4 stopped: the job exited after {took:.2?} naming it, no rank left running"
     );
@@ -414,7 +402,7 @@ fn a_run_checkpointed_at_tp2_resumes_at_tp1() {
     tp2.extend(["--set", "parallel.tensor_parallel=2"]);
     let out = dir.join("run");
     let child = start_and_wait(helix(dir, "run", 2, free_port(), &tp2), &out, 100, 10);
-    signal("-TERM", child.id());
+    signal(child.id(), "-TERM");
     let err = ok(child.wait_with_output().unwrap());
     assert!(err.contains("stopped by a signal after saving"), "{err}");
     let stopped = losses(&out).last().unwrap().0;
@@ -431,13 +419,10 @@ fn a_run_checkpointed_at_tp2_resumes_at_tp1() {
     );
     let whole_rows = entry["shape"][0].as_u64().unwrap();
     for stem in ["trainable-tp00", "trainable-tp01"] {
-        let held = safetensors_shapes(&ckpt.join(format!("{stem}.safetensors")));
-        assert_eq!(
-            held[lora_b][0] * 2,
-            whole_rows,
-            "{stem}: {:?}",
-            held[lora_b]
-        );
+        let file = ckpt.join(format!("{stem}.safetensors"));
+        let held = helix_model::SafetensorsWeights::open_files(&ckpt, &[file]).unwrap();
+        let rows = held.shape_of(lora_b).unwrap()[0] as u64;
+        assert_eq!(rows * 2, whole_rows, "{stem}: {rows} rows");
     }
     let err = ok(helix(dir, "run", 1, 0, &args).output().unwrap());
     assert!(err.contains(&format!("(step {stopped})")), "{err}");
@@ -458,26 +443,6 @@ fn latest_checkpoint(out: &Path) -> PathBuf {
 fn read_index(ckpt: &Path) -> serde_json::Value {
     let text = std::fs::read_to_string(ckpt.join("checkpoint_index.json")).unwrap();
     serde_json::from_str(&text).unwrap()
-}
-
-/// Tensor shapes in a safetensors file, from its header.
-fn safetensors_shapes(file: &Path) -> std::collections::HashMap<String, Vec<u64>> {
-    let bytes = std::fs::read(file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    header
-        .as_object()
-        .unwrap()
-        .iter()
-        .filter(|(k, _)| *k != "__metadata__")
-        .map(|(k, v)| {
-            let shape = v["shape"].as_array().unwrap();
-            (
-                k.clone(),
-                shape.iter().map(|d| d.as_u64().unwrap()).collect(),
-            )
-        })
-        .collect()
 }
 
 /// The optimizer state rank 0 reports holding, in bytes ("optimizer state 12.5 KiB on this
@@ -524,7 +489,7 @@ fn zero1_halves_optimizer_state_and_matches_one_process() {
         // Stopped at ZeRO-1 × DP=2, resumed in one process without it.
         let out = dir.join("moved");
         let child = start_and_wait(helix(dir, "moved", 2, free_port(), &z), &out, 100, 10);
-        signal("-TERM", child.id());
+        signal(child.id(), "-TERM");
         ok(child.wait_with_output().unwrap());
         // Each data-parallel rank wrote the optimizer state it owns, and only that.
         let index = read_index(&latest_checkpoint(&out));

@@ -58,21 +58,14 @@ fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
 }
 
 fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig}");
+    common::signal(child.id(), sig);
 }
 
 /// (step, loss bits, val_loss bits) of every line of metrics.jsonl.
 fn metrics(dir: &Path) -> Vec<(u64, Option<u64>, Option<u64>)> {
-    std::fs::read_to_string(dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+    common::metrics_rows(dir)
+        .iter()
+        .map(|v| {
             let bits = |k: &str| v[k].as_f64().map(f64::to_bits);
             (v["step"].as_u64().unwrap(), bits("loss"), bits("val_loss"))
         })
@@ -266,19 +259,6 @@ fn a_non_finite_loss_stops_the_run_naming_the_step_and_keeping_the_last_checkpoi
     );
 }
 
-/// A small xorshift generator: the kill moments of [`kill_9_at_random_moments`], repeatable
-/// from the seed it prints.
-struct Draws(u64);
-
-impl Draws {
-    fn next_unit(&mut self) -> f64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        (self.0 >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 /// Any `.tmp` directory under a run's checkpoints: what a kill during a save leaves.
 fn save_in_progress(out: &Path) -> bool {
     std::fs::read_dir(out.join("checkpoints")).is_ok_and(|d| {
@@ -317,7 +297,7 @@ fn kill_9_at_random_moments_always_resumes_exactly() {
                 | 1
         });
     println!("kill moments drawn with HELIX_FAULT_SEED={seed} over {span:.2?}");
-    let mut draws = Draws(seed);
+    let mut draws = common::XorShift(seed);
     let (mut mid_save, mut before_first, mut finished) = (0, 0, 0);
     for trial in 0..20 {
         let out = format!("trial{trial}");

@@ -146,3 +146,39 @@ pub fn tiny_run_dir(method: &str) -> tempfile::TempDir {
     std::fs::write(tmp.path().join("run.toml"), cfg).unwrap();
     tmp
 }
+
+/// Every line of a run's `metrics.jsonl`, parsed.
+pub fn metrics_rows(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap_or_else(|e| panic!("{}/metrics.jsonl: {e}", out.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// `kill -SIG pid`.
+pub fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+/// A small xorshift generator: repeatable pseudo-random draws for fault tests.
+pub struct XorShift(pub u64);
+
+impl XorShift {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// Uniform in [0, 1).
+    pub fn next_unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
