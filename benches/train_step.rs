@@ -9,6 +9,8 @@
 //! The headline figure is criterion's median step time. `scripts/cpu-step-vs-pytorch.sh` runs
 //! the SmolLM2 case beside transformers + PEFT on the same CPU and prints the ratio.
 //!
+//! `lora_recompute` is the LoRA step with `activation_checkpointing = "full"`.
+//!
 //! LoRA: r 8, alpha 16, the seven projections, no dropout. P-tuning: 20 virtual tokens, MLP
 //! encoder of width 64. Loss on every token after the first of each row.
 
@@ -21,8 +23,8 @@ use helix::data::{collate_padded, Batch, LossMode, PadOptions, Sample};
 use helix::model::{LlamaConfig, SafetensorsWeights};
 use helix::parallel::Job;
 use helix::peft::{load_for_method, Customized, LoraConfig, Method, PtuningConfig, LLAMA_TARGETS};
+use helix::train::gradients::{forward_backward, ActivationCheckpointing, GradientOptions};
 use helix::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
-use helix::train::recipe::forward_backward;
 
 /// `rows` rows of `seq` pseudo-random token ids below `vocab`.
 fn batch(rows: usize, seq: usize, vocab: usize) -> Batch {
@@ -49,6 +51,7 @@ struct Case {
     optimizer: AdamW,
     batch: Batch,
     job: Job,
+    opts: GradientOptions,
 }
 
 impl Case {
@@ -71,14 +74,20 @@ impl Case {
             optimizer,
             batch: batch(rows, seq, cfg.vocab_size),
             job: Job::single(Duration::from_secs(60)),
+            opts: GradientOptions::default(),
         }
+    }
+
+    fn recomputing(mut self) -> Self {
+        self.opts.activation_checkpointing = ActivationCheckpointing::Full;
+        self
     }
 
     /// One optimizer step; its loss.
     fn step(&mut self) -> f64 {
         let batches = std::slice::from_ref(&self.batch);
         let (loss, _, mut grads) =
-            forward_backward(&self.model, batches, 1024, &self.job, usize::MAX, None)
+            forward_backward(&self.model, batches, &self.opts, &self.job, None)
                 .expect("forward and backward");
         clip_grad_norm(&mut grads, 1.0).expect("clip");
         self.optimizer.step(&grads, 1e-4).expect("AdamW");
@@ -114,6 +123,9 @@ fn train_step(c: &mut Criterion) {
     ] {
         bench_case(c, "tiny_step", name, Case::new(&tiny, method, 4, 64));
     }
+    // What activation checkpointing costs: one more forward of the decoder layers.
+    let case = Case::new(&tiny, lora(), 4, 64).recomputing();
+    bench_case(c, "tiny_step", "lora_recompute", case);
     let smollm2 = std::env::var_os("HELIX_SMOLLM2").map_or_else(
         || Path::new(env!("CARGO_MANIFEST_DIR")).join("models/smollm2-135m-instruct"),
         PathBuf::from,

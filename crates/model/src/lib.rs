@@ -12,7 +12,7 @@ pub mod weights;
 
 pub use config::LlamaConfig;
 pub use linear::{Dense, Linear};
-pub use llama::{ForwardMask, KvCache, Llama, LoadOptions};
+pub use llama::{ForwardMask, KvCache, LayerContext, Llama, LoadOptions};
 pub use weights::SafetensorsWeights;
 pub mod chat;
 pub mod generate;

@@ -90,11 +90,20 @@ impl KvCache {
 }
 
 /// What the attention of one forward pass may see.
+#[derive(Clone, Debug, Default)]
 pub struct ForwardMask {
     /// [B, S] flags, 1 for a real token (padding otherwise).
     pub key_valid: Option<Vec<u8>>,
     /// [B, S] document ids of packed rows.
     pub segment_ids: Option<Vec<u32>>,
+}
+
+/// The per-forward inputs every decoder layer takes besides the hidden states
+/// ([`Llama::layer_context`]).
+pub struct LayerContext {
+    cos: Tensor,
+    sin: Tensor,
+    bias: Tensor,
 }
 
 pub struct Llama {
@@ -312,6 +321,28 @@ impl Llama {
         position_ids: &Tensor,
         mask: &ForwardMask,
     ) -> Result<Tensor> {
+        let ctx = self.layer_context(embeds, position_ids, mask)?;
+        let mut x = embeds.clone();
+        for i in 0..self.num_layers() {
+            x = self.forward_layer(i, &x, &ctx)?;
+        }
+        self.final_norm(&x)
+    }
+
+    /// Decoder layers, for callers that run them one at a time (activation checkpointing).
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// What every decoder layer of one forward over `embeds` [B, S, H] shares: the rotary
+    /// tables at `position_ids` and the attention bias of `mask`. Neither depends on a
+    /// parameter, so a recomputed layer may reuse them.
+    pub fn layer_context(
+        &self,
+        embeds: &Tensor,
+        position_ids: &Tensor,
+        mask: &ForwardMask,
+    ) -> Result<LayerContext> {
         let (b, s, _) = embeds.dims3()?;
         let spec = MaskSpec {
             batch: b,
@@ -323,11 +354,27 @@ impl Llama {
         };
         let bias = attention_bias(&spec, self.dtype, &self.device)?;
         let (cos, sin) = self.rope.cos_sin(position_ids, self.dtype)?;
-        let mut x = embeds.clone();
-        for layer in &self.layers {
-            x = layer.forward(&x, &cos, &sin, &bias, None, self.cfg.rms_norm_eps)?;
-        }
-        Ok(rms_norm(&x, &self.norm, self.cfg.rms_norm_eps)?)
+        Ok(LayerContext { cos, sin, bias })
+    }
+
+    /// Decoder layer `i` on hidden states x [B, S, H].
+    pub fn forward_layer(&self, i: usize, x: &Tensor, ctx: &LayerContext) -> Result<Tensor> {
+        let layer = self.layers.get(i).with_context(|| {
+            format!("no decoder layer {i} (the model has {})", self.layers.len())
+        })?;
+        Ok(layer.forward(
+            x,
+            &ctx.cos,
+            &ctx.sin,
+            &ctx.bias,
+            None,
+            self.cfg.rms_norm_eps,
+        )?)
+    }
+
+    /// The RMSNorm after the last decoder layer.
+    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(rms_norm(x, &self.norm, self.cfg.rms_norm_eps)?)
     }
 
     /// Final hidden states for input_ids [B, S].

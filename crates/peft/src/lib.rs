@@ -53,6 +53,16 @@ impl Method {
     }
 }
 
+/// The decoder layers' inputs for one batch ([`Customized::decoder_inputs`]).
+pub struct DecoderInputs {
+    /// [B, S', H]; S' = S plus P-tuning's virtual tokens.
+    pub embeds: Tensor,
+    pub position_ids: Tensor,
+    /// Aligned with `embeds` (-100 = ignore).
+    pub labels: Option<Tensor>,
+    pub mask: ForwardMask,
+}
+
 /// A loaded model and what trains in it.
 pub struct Customized {
     pub model: Llama,
@@ -104,20 +114,25 @@ impl Customized {
     /// Final hidden states and the labels aligned with them. With P-tuning both are n virtual
     /// tokens longer than the batch.
     pub fn forward(&self, batch: &ModelBatch) -> Result<(Tensor, Option<Tensor>)> {
+        let x = self.decoder_inputs(batch)?;
+        let hidden = self
+            .model
+            .forward_embeds(&x.embeds, &x.position_ids, &x.mask)?;
+        Ok((hidden, x.labels))
+    }
+
+    /// What the decoder layers take for `batch`: its token embeddings, with P-tuning's
+    /// virtual tokens in front (positions, labels and mask shifted to match).
+    pub fn decoder_inputs(&self, batch: &ModelBatch) -> Result<DecoderInputs> {
         let embeds = self.model.embed(batch.input_ids)?;
         match &self.ptuning {
-            None => Ok((
-                self.model
-                    .forward_embeds(&embeds, batch.position_ids, batch.mask)?,
-                batch.labels.cloned(),
-            )),
-            Some(p) => {
-                let x = p.prepend(&embeds, batch.position_ids, batch.labels, batch.mask)?;
-                let hidden = self
-                    .model
-                    .forward_embeds(&x.embeds, &x.position_ids, &x.mask)?;
-                Ok((hidden, x.labels))
-            }
+            None => Ok(DecoderInputs {
+                embeds,
+                position_ids: batch.position_ids.clone(),
+                labels: batch.labels.cloned(),
+                mask: batch.mask.clone(),
+            }),
+            Some(p) => p.prepend(&embeds, batch.position_ids, batch.labels, batch.mask),
         }
     }
 

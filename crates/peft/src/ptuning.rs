@@ -17,6 +17,7 @@ use helix_ops::IGNORE_INDEX;
 
 use crate::dropout::SeededDropout;
 use crate::init::{rng_for, standard_normal, uniform};
+use crate::DecoderInputs;
 
 /// PEFT's `encoder_reparameterization_type`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -354,7 +355,7 @@ impl Ptuning {
         position_ids: &Tensor,
         labels: Option<&Tensor>,
         mask: &ForwardMask,
-    ) -> Result<Prepended> {
+    ) -> Result<DecoderInputs> {
         if mask.segment_ids.is_some() {
             bail!("P-tuning does not support packed sequences (set data.packing = false)");
         }
@@ -391,7 +392,7 @@ impl Ptuning {
                 .flat_map(|row| std::iter::repeat_n(1u8, n).chain(row.iter().copied()))
                 .collect()
         });
-        Ok(Prepended {
+        Ok(DecoderInputs {
             embeds: Tensor::cat(&[prompts, embeds.clone()], 1)?,
             position_ids: Tensor::cat(&[virtual_pos, shifted], 1)?,
             labels,
@@ -401,14 +402,6 @@ impl Ptuning {
             },
         })
     }
-}
-
-/// A batch with the virtual tokens in front.
-pub struct Prepended {
-    pub embeds: Tensor,
-    pub position_ids: Tensor,
-    pub labels: Option<Tensor>,
-    pub mask: ForwardMask,
 }
 
 /// Where PEFT keeps the encoder in a model's state dict.

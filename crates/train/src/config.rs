@@ -11,6 +11,8 @@ use anyhow::{anyhow, bail, Context, Result};
 use candle_core::DType;
 use helix_data::DataConfig;
 use helix_peft::{LoraConfig, Method, PtuningConfig};
+
+use crate::gradients::ActivationCheckpointing;
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -130,6 +132,11 @@ pub struct TrainerSection {
     /// Loss rows per chunk of the fused LM head + cross-entropy.
     #[serde(default = "default_loss_chunk")]
     pub loss_chunk_rows: usize,
+    /// "none" keeps every activation for the backward; "full" keeps each decoder layer's input
+    /// and recomputes the layer in backward (less memory, one more forward per step, the same
+    /// gradients).
+    #[serde(default)]
+    pub activation_checkpointing: ActivationCheckpointing,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -274,6 +281,7 @@ impl Default for TrainerSection {
             save_total_limit: None,
             resume: default_resume(),
             loss_chunk_rows: default_loss_chunk(),
+            activation_checkpointing: ActivationCheckpointing::None,
         }
     }
 }
@@ -290,8 +298,9 @@ impl Default for OutputSection {
 
 /// Keys that change how a run is operated, not the numbers it computes: a resumed run may
 /// change them.
-const OPERATIONAL_KEYS: [&str; 16] = [
+const OPERATIONAL_KEYS: [&str; 17] = [
     "parallel.zero1",
+    "trainer.activation_checkpointing",
     "parallel.timeout_s",
     "parallel.bucket_mb",
     "parallel.tensor_parallel",

@@ -4,6 +4,7 @@
 //! [`plot`] over a small raster canvas). `main.rs` is only the command line over these.
 
 pub mod config;
+pub mod gradients;
 pub mod optim;
 pub mod plan;
 pub mod plot;

@@ -322,6 +322,8 @@ fn run(cli: Cli) -> Result<()> {
                 gpus_per_node,
                 tensor_parallel: cfg.parallel.tensor_parallel,
                 zero1: cfg.parallel.zero1,
+                recompute: cfg.trainer.activation_checkpointing
+                    == helix_train::gradients::ActivationCheckpointing::Full,
             };
             let mut hw = helix_train::plan::Hardware::default();
             if let Some(mfu) = mfu {
@@ -645,6 +647,13 @@ fn run_training(path: &std::path::Path, cfg: &ConfigFile) -> Result<()> {
         val(r.val_loss_after),
         r.median_tokens_per_s
     );
+    if let Some(peak) = r.peak_host_bytes {
+        eprintln!(
+            "peak host memory {} (activation checkpointing: {})",
+            helix_peft::human_bytes(peak as usize),
+            cfg.trainer.activation_checkpointing.name()
+        );
+    }
     for p in &r.outputs {
         eprintln!("wrote {}", p.display());
     }

@@ -53,6 +53,8 @@ pub struct Job {
     pub tensor_parallel: usize,
     /// AdamW's state sharded over the data-parallel ranks (`parallel.zero1`).
     pub zero1: bool,
+    /// Each decoder layer recomputed in backward (`trainer.activation_checkpointing = "full"`).
+    pub recompute: bool,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -67,9 +69,15 @@ pub struct Plan {
     pub grads_bytes: f64,
     pub optimizer_bytes: f64,
     pub optimizer_bytes_zero1: f64,
+    /// Activations held for the backward under the job's recomputation setting.
     pub activation_bytes: f64,
+    /// The same without recomputation and with full recomputation.
+    pub activation_bytes_kept: f64,
+    pub activation_bytes_recomputed: f64,
     pub total_bytes: f64,
+    /// Model FLOPs (what MFU counts) and what the GPU runs, recomputation included.
     pub flops_per_gpu: f64,
+    pub hardware_flops_per_gpu: f64,
     pub tp_bytes_per_gpu: f64,
     pub dp_bytes_per_gpu: f64,
     pub compute_s_at_peak: f64,
@@ -161,7 +169,15 @@ pub fn plan(job: &Job, hw: &Hardware) -> Result<Plan> {
     let b = job.micro_batch as f64;
     let a = m.num_attention_heads as f64;
     let per_layer_act = s * b * h * (10.0 + 24.0 / tf + 5.0 * a * s / (h * tf));
-    let activation_bytes = per_layer_act * l * job.dtype_bytes as f64 / 2.0;
+    let activation_bytes_kept = per_layer_act * l * job.dtype_bytes as f64 / 2.0;
+    // Full recomputation keeps each layer's input (s·b·h) and, during a layer's backward,
+    // that one layer's activations.
+    let activation_bytes_recomputed =
+        (s * b * h * l * 2.0 + per_layer_act) * job.dtype_bytes as f64 / 2.0;
+    let activation_bytes = match job.recompute {
+        true => activation_bytes_recomputed,
+        false => activation_bytes_kept,
+    };
     let total_bytes = weights_bytes + grads_bytes + optimizer_held + activation_bytes;
 
     // FLOPs (PaLM's accounting): per token 2·N forward, 2·N for input gradients, 2·N for weight
@@ -180,8 +196,16 @@ pub fn plan(job: &Job, hw: &Hardware) -> Result<Plan> {
     } + 12.0 * l * h * s;
     let tokens = (job.global_batch * job.tokens_per_sample) as f64;
     let flops_per_gpu = per_token * tokens / gpus as f64;
+    // Recomputation runs the decoder layers' forward (not the head's) once more: work the GPU
+    // does that the model FLOPs (and so MFU) do not count.
+    let head = m.vocab_size as f64 * h;
+    let recompute_per_token = match job.recompute {
+        true => 2.0 * (matmul_params - head) + 4.0 * l * h * s,
+        false => 0.0,
+    };
+    let hardware_flops_per_gpu = (per_token + recompute_per_token) * tokens / gpus as f64;
     let peak = hw.peak_tflops_bf16 * 1e12;
-    let compute_s_at_peak = flops_per_gpu / peak;
+    let compute_s_at_peak = hardware_flops_per_gpu / peak;
     let compute_s = compute_s_at_peak / hw.mfu;
 
     // Tensor parallel: Megatron's 4 all-reduces of b·s·h activations per layer per micro-batch
@@ -234,8 +258,11 @@ pub fn plan(job: &Job, hw: &Hardware) -> Result<Plan> {
         optimizer_bytes,
         optimizer_bytes_zero1,
         activation_bytes,
+        activation_bytes_kept,
+        activation_bytes_recomputed,
         total_bytes,
         flops_per_gpu,
+        hardware_flops_per_gpu,
         tp_bytes_per_gpu,
         dp_bytes_per_gpu,
         compute_s_at_peak,
@@ -301,10 +328,19 @@ pub fn render(job: &Job, hw: &Hardware, p: &Plan) -> String {
     );
     w(
         &mut s,
-        format!(
-            "  activations        {:8.2}   (per micro-batch, no recomputation)",
-            gib(p.activation_bytes)
-        ),
+        match job.recompute {
+            true => format!(
+                "  activations        {:8.2}   (per micro-batch, each layer recomputed; {:.2} kept)",
+                gib(p.activation_bytes),
+                gib(p.activation_bytes_kept)
+            ),
+            false => format!(
+                "  activations        {:8.2}   (per micro-batch, kept; {:.2} with \
+                 activation_checkpointing = \"full\")",
+                gib(p.activation_bytes),
+                gib(p.activation_bytes_recomputed)
+            ),
+        },
     );
     w(
         &mut s,
@@ -319,6 +355,15 @@ pub fn render(job: &Job, hw: &Hardware, p: &Plan) -> String {
             }
         ),
     );
+    if job.recompute {
+        w(
+            &mut s,
+            format!(
+                "recomputation: {:.3} PFLOP per GPU per step more than the model FLOPs below",
+                (p.hardware_flops_per_gpu - p.flops_per_gpu) / 1e15
+            ),
+        );
+    }
     w(&mut s, format!(
         "compute: {:.3} PFLOP per GPU per step: {:.2} s at the {:.0} TFLOP/s peak, {:.2} s at {:.0}% MFU",
         p.flops_per_gpu / 1e15,
@@ -344,7 +389,7 @@ pub fn render(job: &Job, hw: &Hardware, p: &Plan) -> String {
     );
     match p.measured_step_s {
         Some(measured) => {
-            let implied = p.compute_s_at_peak / measured;
+            let implied = p.flops_per_gpu / (hw.peak_tflops_bf16 * 1e12) / measured;
             w(&mut s, format!(
                 "seed's NeMo measurement: {:.2} s = {:.0} min per 1,000 steps: {:.1}× the prediction; \
                  the analytic FLOPs then ran at {:.1}% of peak",
@@ -423,6 +468,7 @@ mod tests {
             gpus_per_node: gpus.min(8),
             tensor_parallel: tp,
             zero1: false,
+            recompute: false,
         }
     }
 
@@ -453,6 +499,30 @@ mod tests {
         );
         assert_eq!((p.data_parallel, p.accumulation), (8, 16));
         assert!(p.measured_step_s.is_none());
+    }
+
+    #[test]
+    fn full_recomputation_keeps_layer_inputs_and_adds_one_forward_of_the_layers() {
+        let mut j = job("llama2-7b", Method::FullSft, 8, 1, 8);
+        let kept = plan(&j, &Hardware::default()).unwrap();
+        j.recompute = true;
+        let p = plan(&j, &Hardware::default()).unwrap();
+        // Korthikanti et al.: s·b·h·(34 + 5·a·s/h) bytes per layer in 16 bits, 32 layers kept;
+        // recomputed, 32 layer inputs of s·b·h 16-bit values plus one layer's activations.
+        let (s, h) = (2048.0, 4096.0);
+        let per_layer = s * h * (34.0 + 5.0 * 32.0 * s / h);
+        assert!((kept.activation_bytes / (32.0 * per_layer) - 1.0).abs() < 1e-9);
+        let want = 32.0 * s * h * 2.0 + per_layer;
+        assert!((p.activation_bytes / want - 1.0).abs() < 1e-9);
+        assert!(p.activation_bytes < kept.activation_bytes / 20.0);
+        // The model FLOPs (MFU's numerator) do not change; the GPU does 2·N_layers + 4·L·h·s
+        // more per token.
+        assert_eq!(p.flops_per_gpu, kept.flops_per_gpu);
+        let n = LlamaConfig::preset("llama2-7b").unwrap().num_parameters() as f64;
+        let layers = n - 65.0 * 4096.0 - 2.0 * 32000.0 * 4096.0;
+        let extra = (2.0 * layers + 4.0 * 32.0 * h * s) * 8.0 * s / 8.0;
+        let got = p.hardware_flops_per_gpu - p.flops_per_gpu;
+        assert!((got / extra - 1.0).abs() < 1e-6, "{got} vs {extra}");
     }
 
     #[test]

@@ -287,3 +287,12 @@ mod tests {
         Ok(())
     }
 }
+
+/// The most resident memory this process has held (Linux's VmHWM), in bytes; `None` where the
+/// kernel does not report it.
+pub fn peak_host_memory() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}

@@ -10,21 +10,23 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use helix_ckpt::{BackgroundWriter, CheckpointStore};
 use helix_data::{eval_batches, prepare, Batch, BatchStream, DataTokenizer};
 use helix_model::hf_export::{export_hf_weights, parse_size, ExportOptions};
-use helix_model::linear::Split;
-use helix_model::{ForwardMask, ModelDir};
+use helix_model::ModelDir;
 use helix_parallel::Job;
 use helix_peft::{
     export_merged, gathered_weights, load_for_method_split, read_adapter, save_lora_tensors,
-    save_ptuning, Adapter, Customized, Method, ModelBatch,
+    save_ptuning, Adapter, Customized, Method,
 };
 
 use crate::config::ConfigFile;
-use crate::optim::{clip_to, squared_norm, AdamW, AdamWConfig, Grads};
-use crate::progress::{read_metrics, write_plots, MetricsLog, Progress, StepMetrics};
+use crate::gradients::{forward_backward, global_grad_norm, DeviceBatch, GradientOptions};
+use crate::optim::{clip_to, AdamW, AdamWConfig};
+use crate::progress::{
+    peak_host_memory, read_metrics, write_plots, MetricsLog, Progress, StepMetrics,
+};
 use crate::schedule::{Schedule, ScheduleKind};
 use crate::signals::StopRequest;
 use crate::state::{choose_checkpoint, restore, restore_trainable, snapshot, StoreSaveRendezvous};
@@ -43,6 +45,8 @@ pub struct RunSummary {
     pub val_loss_after: Option<f64>,
     /// Median over this run's steps.
     pub median_tokens_per_s: f64,
+    /// This process's peak resident memory, where the OS reports it.
+    pub peak_host_bytes: Option<u64>,
     pub outputs: Vec<PathBuf>,
 }
 
@@ -167,6 +171,11 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
     let mut writer = BackgroundWriter::spawn(store.clone(), peers.map(|p| Box::new(p) as _));
     let chunk = t.loss_chunk_rows;
     let bucket = (cfg.parallel.bucket_mb * 1e6 / 4.0) as usize;
+    let grad_opts = GradientOptions {
+        loss_chunk_rows: chunk,
+        bucket_elems: bucket,
+        activation_checkpointing: t.activation_checkpointing,
+    };
     // ZeRO-1's owners are fixed for the run: which gradients each rank receives.
     let zero1 = optimizer.is_sharded().then(|| optimizer.owner_order());
     let val_every = t.val_check_interval;
@@ -193,7 +202,7 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
             .map(|_| stream.next_batch())
             .collect::<Result<Vec<_>>>()?;
         let (loss, tokens, mut grads) =
-            forward_backward(&model, &batches, chunk, &job, bucket, zero1.as_deref())?;
+            forward_backward(&model, &batches, &grad_opts, &job, zero1.as_deref())?;
         let grad_norm = global_grad_norm(&grads, &model, &job, zero1.is_some())?;
         clip_to(&mut grads, grad_norm, t.gradient_clip_val)?;
         if !loss.is_finite() || !grad_norm.is_finite() {
@@ -293,6 +302,7 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
         val_loss_before,
         val_loss_after,
         median_tokens_per_s: rates.get(rates.len() / 2).copied().unwrap_or(0.0),
+        peak_host_bytes: peak_host_memory(),
         outputs,
     })
 }
@@ -463,128 +473,6 @@ fn total_steps(cfg: &ConfigFile, micro_per_epoch: u64, accumulation: usize) -> R
     Ok(total)
 }
 
-/// A host batch on the model's device.
-struct DeviceBatch {
-    input_ids: Tensor,
-    position_ids: Tensor,
-    labels: Tensor,
-    mask: ForwardMask,
-}
-
-impl DeviceBatch {
-    fn new(b: &Batch, dev: &Device) -> Result<Self> {
-        let shape = (b.rows, b.seq_len);
-        Ok(Self {
-            input_ids: Tensor::from_vec(b.input_ids.clone(), shape, dev)?,
-            position_ids: Tensor::from_vec(b.position_ids.clone(), shape, dev)?,
-            labels: Tensor::from_vec(b.labels.clone(), shape, dev)?,
-            mask: ForwardMask {
-                key_valid: b.key_valid.clone(),
-                segment_ids: b.segment_ids.clone(),
-            },
-        })
-    }
-
-    fn model_batch(&self) -> ModelBatch<'_> {
-        ModelBatch {
-            input_ids: &self.input_ids,
-            position_ids: &self.position_ids,
-            labels: Some(&self.labels),
-            mask: &self.mask,
-        }
-    }
-}
-
-/// One optimizer step's forward and backward over its micro-batches and every data-parallel
-/// rank's: the loss is the sum over all of them divided by the step's target tokens over all
-/// ranks, so a long answer weighs what its tokens weigh wherever it lands. Returns that loss,
-/// the tokens all ranks processed, and the f32 gradients (summed over ranks: the same on each).
-pub fn forward_backward(
-    model: &Customized,
-    batches: &[Batch],
-    chunk: usize,
-    job: &Job,
-    bucket_elems: usize,
-    zero1: Option<&[(String, usize)]>,
-) -> Result<(f64, u64, Grads)> {
-    let dev = model.model.device().clone();
-    let mut targets = [batches
-        .iter()
-        .map(|b| model.count_targets(&b.labels, b.seq_len))
-        .sum::<usize>() as f64];
-    job.sum_f64(&mut targets)?;
-    let denom = targets[0].max(1.0);
-    let vars = model.trainable();
-    let mut grads = Grads::new();
-    let mut sums = [
-        0f64,
-        batches.iter().map(|b| b.real_tokens).sum::<usize>() as f64,
-    ];
-    for b in batches {
-        let t = DeviceBatch::new(b, &dev)?;
-        let (sum, _) = model.loss_sum(&t.model_batch(), chunk)?;
-        sums[0] += sum.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
-        let store = (sum / denom)?.backward()?;
-        for (name, var) in &vars {
-            let Some(g) = store.get(var) else { continue };
-            let g = g.to_dtype(DType::F32)?;
-            let acc = match grads.remove(name) {
-                Some(acc) => (acc + g)?,
-                None => g,
-            };
-            grads.insert(name.clone(), acc);
-        }
-    }
-    job.sum_f64(&mut sums)?;
-    match zero1 {
-        // ZeRO-1: each rank receives the summed gradients of the parameters it owns only.
-        Some(order) => {
-            let (names, owners): (Vec<&String>, Vec<usize>) =
-                order.iter().map(|(n, o)| (n, *o)).unzip();
-            let mut tensors = names
-                .iter()
-                .map(|n| {
-                    grads
-                        .get(*n)
-                        .cloned()
-                        .with_context(|| format!("no gradient for {n}"))
-                })
-                .collect::<Result<Vec<_>>>()?;
-            job.reduce_scatter_tensors(&mut tensors, &owners, bucket_elems)?;
-            grads = names
-                .into_iter()
-                .zip(owners)
-                .zip(tensors)
-                .filter(|((_, o), _)| *o == job.dp.index)
-                .map(|((n, _), t)| (n.clone(), t))
-                .collect();
-        }
-        None if job.world > 1 => {
-            let names: Vec<String> = grads.keys().cloned().collect();
-            let mut tensors: Vec<Tensor> = names.iter().map(|n| grads[n].clone()).collect();
-            job.all_reduce_tensors(&mut tensors, bucket_elems)?;
-            grads = names.into_iter().zip(tensors).collect();
-        }
-        None => {}
-    }
-    Ok((sums[0] / denom, sums[1] as u64, grads))
-}
-
-/// The L2 norm of all gradients of the model, whatever its split: shards' squares are summed
-/// over the tensor-parallel group, replicated tensors counted once (Megatron's clip_grad_norm);
-/// under ZeRO-1 (`owned_only`) each data-parallel rank holds its own parameters' gradients,
-/// so the squares are summed over that group too.
-fn global_grad_norm(grads: &Grads, model: &Customized, job: &Job, owned_only: bool) -> Result<f64> {
-    let replicated = |n: &str| model.split_of(n) == Split::Replicated;
-    let mut sharded = [squared_norm(grads, |n| !replicated(n))?];
-    job.tp.all_reduce_sum(&mut sharded)?;
-    let mut total = [sharded[0] + squared_norm(grads, replicated)?];
-    if owned_only {
-        job.dp.all_reduce_sum(&mut total)?;
-    }
-    Ok(total[0].sqrt())
-}
-
 /// Mean loss per target token over the validation batches, in eval mode (no dropout); with
 /// data parallelism each rank takes every world-th batch and the sums are shared.
 fn validate(model: &Customized, batches: &[Batch], chunk: usize, job: &Job) -> Result<f64> {
@@ -696,70 +584,4 @@ fn write_outputs(
         }
     }
     Ok(written)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use helix_data::{collate_padded, PadOptions, Sample};
-    use helix_model::{LlamaConfig, SafetensorsWeights};
-    use helix_peft::{load_for_method, LoraConfig};
-
-    /// The loss of a step is its micro-batches' summed loss over the step's target tokens:
-    /// two micro-batches of one row give the loss and gradients of one micro-batch of both.
-    #[test]
-    fn accumulated_micro_batches_equal_one_batch_of_their_rows() -> Result<()> {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../tests/fixtures/tiny-gqa-untied-b3");
-        let cfg = LlamaConfig::from_file(&dir.join("config.json"))?;
-        let weights = SafetensorsWeights::open_dir(&dir)?;
-        let mut lora = LoraConfig::new(4, 8.0, &helix_peft::LLAMA_TARGETS);
-        lora.lora_dropout = 0.0;
-        let model = load_for_method(
-            &cfg,
-            &weights,
-            &Method::Lora(lora),
-            3,
-            DType::F32,
-            &Device::Cpu,
-        )?;
-        // Non-zero B so every adapter weight has a gradient.
-        for (_, v) in model.trainable() {
-            v.set(&(v.as_tensor().ones_like()? * 0.05)?)?;
-        }
-        let a = Sample::new(
-            vec![3, 9, 4, 17, 8, 11, 2],
-            2,
-            0,
-            helix_data::LossMode::AnswerOnly,
-        );
-        let b = Sample::new(vec![5, 6, 30, 2], 1, 1, helix_data::LossMode::AnswerOnly);
-        let pad = PadOptions::default();
-        let one = [collate_padded(&[&a, &b], &pad)?];
-        let two = [collate_padded(&[&a], &pad)?, collate_padded(&[&b], &pad)?];
-        let job = Job::single(std::time::Duration::from_secs(1));
-        let (l1, _, g1) = forward_backward(&model, &one, 64, &job, usize::MAX, None)?;
-        let (l2, _, g2) = forward_backward(&model, &two, 64, &job, usize::MAX, None)?;
-        assert!((l1 - l2).abs() < 1e-6 * l1, "{l1} vs {l2}");
-        assert_eq!(g1.len(), model.trainable().len());
-        for (name, g) in &g1 {
-            let d = (g - &g2[name])?.abs()?.max_all()?.to_scalar::<f32>()?;
-            let m = g.abs()?.max_all()?.to_scalar::<f32>()?;
-            assert!(d <= 1e-5 * m, "{name}: {d} of {m}");
-        }
-        // And it is the mean over target tokens: (5 + 3) targets, not a mean of two means.
-        let (sum_a, na) = {
-            let t = DeviceBatch::new(&two[0], &Device::Cpu)?;
-            let (s, n) = model.loss_sum(&t.model_batch(), 64)?;
-            (s.to_scalar::<f32>()? as f64, n)
-        };
-        let (sum_b, nb) = {
-            let t = DeviceBatch::new(&two[1], &Device::Cpu)?;
-            let (s, n) = model.loss_sum(&t.model_batch(), 64)?;
-            (s.to_scalar::<f32>()? as f64, n)
-        };
-        assert_eq!((na, nb), (5, 3));
-        assert!((l2 - (sum_a + sum_b) / 8.0).abs() < 1e-9);
-        Ok(())
-    }
 }
