@@ -27,11 +27,15 @@ pub use loss::{
 pub use norm::rms_norm;
 pub use rope::{apply_rope, RopeTable};
 
+/// The fused kernels compared with their references (`helix-train kernel-check`).
+pub use helix_kernels::check as kernel_check;
+
 use candle_core::{Result, Tensor};
 
-/// SwiGLU activation of the Llama MLP: `silu(gate) * up`.
+/// SwiGLU activation of the Llama MLP: `silu(gate) * up`, one fused op forward and backward
+/// (`helix_kernels::swiglu`).
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    gate.silu()? * up
+    helix_kernels::swiglu(gate, up)
 }
 
 /// Softmax over the last dimension, computed in f32 and returned in the input's dtype.

@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod gradients;
+pub mod kernel_check;
 pub mod optim;
 pub mod plan;
 pub mod plot;

@@ -170,6 +170,14 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Compare the fused kernels on this build's device (the GPU with `cuda`) with their CPU
+    /// references, forward and gradients, f32 and bf16; exits 1 if any differs beyond its
+    /// tolerance. On a GPU also times each op fused and unfused.
+    KernelCheck {
+        /// Timed repetitions per op on a GPU (0: no timing).
+        #[arg(long, default_value_t = 20)]
+        repeats: usize,
+    },
     /// With --config, its [data] section (and model.path for the tokenizer).
     DataStats {
         #[arg(long)]
@@ -486,6 +494,14 @@ fn run(cli: Cli) -> Result<()> {
                 },
                 t.elapsed().as_secs_f64()
             );
+            Ok(())
+        }
+        Command::KernelCheck { repeats } => {
+            let device = helix_train::device()?;
+            if !helix_train::kernel_check::kernel_check(&device, repeats)? {
+                bail!("a fused kernel differs from its reference beyond the tolerance");
+            }
+            println!("every fused kernel matches its reference");
             Ok(())
         }
         Command::DataStats {

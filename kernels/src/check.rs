@@ -1,0 +1,171 @@
+//! Comparing implementations of the fused ops on seeded inputs: the fused kernels on one device
+//! against the CPU references (what `helix-train kernel-check` runs on the GPU), or against the
+//! unfused definition written with plain candle ops (the CPU tests). Forward values and every
+//! input gradient are compared, for f32 and bf16.
+
+use candle_core::{DType, Device, Result, Tensor, Var, D};
+
+/// Which implementation computes an op.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Implementation {
+    /// This crate's custom op (CUDA kernel or CPU reference, by device).
+    Fused,
+    /// The op written with plain candle ops, each stored in the dtype as PyTorch's are.
+    Unfused,
+}
+
+/// One op on one shape and dtype.
+#[derive(Clone, Debug)]
+pub struct Case {
+    pub op: &'static str,
+    pub dtype: DType,
+    pub dims: Vec<usize>,
+}
+
+impl Case {
+    pub fn label(&self) -> String {
+        format!("{} {:?} {:?}", self.op, self.dtype, self.dims)
+    }
+}
+
+/// The cases compared: each op at a small odd shape and at Llama-2-7B's widths.
+pub fn cases() -> Vec<Case> {
+    let mut out = Vec::new();
+    for dtype in [DType::F32, DType::BF16] {
+        for (op, dims) in [
+            ("rms_norm", vec![3, 5, 67]),
+            ("rms_norm", vec![2, 256, 4096]),
+            ("swiglu", vec![3, 7, 33]),
+            ("swiglu", vec![2, 256, 11008]),
+            ("rope", vec![2, 3, 5, 8]),
+            ("rope", vec![2, 32, 256, 128]),
+        ] {
+            out.push(Case { op, dtype, dims });
+        }
+    }
+    out
+}
+
+/// The forward value and the input gradients, in f32 on the CPU.
+pub struct Outputs {
+    pub tensors: Vec<(&'static str, Tensor)>,
+}
+
+/// Runs `case` with `implementation` on `device`: seeded inputs (the same on every device),
+/// forward, and backward of Σ y · r for a seeded r.
+pub fn run(case: &Case, implementation: Implementation, device: &Device) -> Result<Outputs> {
+    let dims = &case.dims[..];
+    let input = |seed: u64, dims: &[usize], scale: f64| -> Result<Tensor> {
+        let n: usize = dims.iter().product();
+        let v: Vec<f32> = seeded(seed, n)
+            .into_iter()
+            .map(|x| (x * scale) as f32)
+            .collect();
+        Tensor::from_vec(v, dims, &Device::Cpu)?
+            .to_dtype(case.dtype)?
+            .to_device(device)
+    };
+    let var = |t: Tensor| Var::from_tensor(&t);
+    let (y, vars, names): (Tensor, Vec<Var>, Vec<&'static str>) = match case.op {
+        "rms_norm" => {
+            let x = var(input(1, dims, 2.0)?)?;
+            let w = var(input(2, &dims[dims.len() - 1..], 1.0)?)?;
+            let y = match implementation {
+                Implementation::Fused => crate::rms_norm(x.as_tensor(), w.as_tensor(), 1e-5)?,
+                Implementation::Unfused => unfused_rms_norm(x.as_tensor(), w.as_tensor(), 1e-5)?,
+            };
+            (y, vec![x, w], vec!["dx", "dw"])
+        }
+        "swiglu" => {
+            let g = var(input(3, dims, 3.0)?)?;
+            let u = var(input(4, dims, 1.0)?)?;
+            let y = match implementation {
+                Implementation::Fused => crate::swiglu(g.as_tensor(), u.as_tensor())?,
+                Implementation::Unfused => (g.as_tensor().silu()? * u.as_tensor())?,
+            };
+            (y, vec![g, u], vec!["d gate", "d up"])
+        }
+        "rope" => {
+            let x = var(input(5, dims, 1.0)?)?;
+            let (b, _, s, d) = (dims[0], dims[1], dims[2], dims[3]);
+            let angles = input(6, &[b, 1, s, d / 2], 3.0)?.to_dtype(DType::F32)?;
+            let angles = Tensor::cat(&[&angles, &angles], D::Minus1)?;
+            let cos = angles.cos()?.to_dtype(case.dtype)?;
+            let sin = angles.sin()?.to_dtype(case.dtype)?;
+            let y = match implementation {
+                Implementation::Fused => crate::rope(x.as_tensor(), &cos, &sin)?,
+                Implementation::Unfused => unfused_rope(x.as_tensor(), &cos, &sin)?,
+            };
+            (y, vec![x], vec!["dx"])
+        }
+        other => candle_core::bail!("no op {other}"),
+    };
+    let r = input(7, y.dims(), 1.0)?.to_dtype(DType::F32)?;
+    let grads = (y.to_dtype(DType::F32)? * r)?.sum_all()?.backward()?;
+    let mut tensors = vec![("y", y.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)];
+    for (v, name) in vars.iter().zip(names) {
+        let g = grads
+            .get(v)
+            .ok_or_else(|| candle_core::Error::Msg(format!("{}: no {name}", case.label())))?;
+        tensors.push((name, g.to_dtype(DType::F32)?.to_device(&Device::Cpu)?));
+    }
+    Ok(Outputs { tensors })
+}
+
+/// How far `got` is from `want`, tensor by tensor: (name, max |got − want|, max |want|).
+pub fn compare(want: &Outputs, got: &Outputs) -> Result<Vec<(&'static str, f32, f32)>> {
+    want.tensors
+        .iter()
+        .zip(&got.tensors)
+        .map(|((name, a), (_, b))| {
+            let diff = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            let scale = a.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            Ok((*name, diff, scale))
+        })
+        .collect()
+}
+
+/// The largest difference allowed relative to the largest reference value: f32 rounding of
+/// sums taken in another order, or for bf16 two units in the last place (8 bits of mantissa)
+/// where the last rounding of an f32 value falls the other way.
+pub fn tolerance(dtype: DType) -> f32 {
+    match dtype {
+        DType::F32 => 2e-5,
+        _ => 2.0 / 128.0,
+    }
+}
+
+/// Deterministic values in [-1, 1) (xorshift), the same on every machine.
+fn seeded(seed: u64, n: usize) -> Vec<f64> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 11) as f64 / (1u64 << 52) as f64 - 1.0
+        })
+        .collect()
+}
+
+fn unfused_rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let x32 = x.to_dtype(DType::F32)?;
+    let rstd = (x32.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
+    let normed = x32.broadcast_mul(&rstd)?.to_dtype(x.dtype())?;
+    // The product in f32, rounded once, is what a bf16 multiply computes; through f32, the
+    // weight's gradient is summed over rows in f32 as PyTorch sums it (candle would in bf16).
+    normed
+        .to_dtype(DType::F32)?
+        .broadcast_mul(&w.to_dtype(DType::F32)?)?
+        .to_dtype(x.dtype())
+}
+
+fn unfused_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let half = x.dim(D::Minus1)? / 2;
+    let x1 = x.narrow(D::Minus1, 0, half)?;
+    let x2 = x.narrow(D::Minus1, half, half)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+}

@@ -1,0 +1,119 @@
+//! Launching the kernels of kernels/cuda (compiled to PTX by build.rs) on candle's CUDA storage.
+
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result};
+
+/// One .cu file's PTX and the module name candle caches it under.
+#[derive(Clone, Copy)]
+pub(crate) struct Module {
+    name: &'static str,
+    ptx: &'static str,
+}
+
+pub(crate) const RMS_NORM: Module = Module {
+    name: "helix_rms_norm",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/rms_norm.ptx")),
+};
+pub(crate) const SWIGLU: Module = Module {
+    name: "helix_swiglu",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/swiglu.ptx")),
+};
+pub(crate) const ROPE: Module = Module {
+    name: "helix_rope",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/rope.ptx")),
+};
+
+/// How a kernel covers its output.
+pub(crate) enum Grid {
+    /// One block per row of `cols` (RMSNorm); the kernel takes `(inputs…, out, cols: i32, eps: f32)`.
+    Rows { rows: usize, cols: usize, eps: f32 },
+    /// A grid-stride loop over `n` elements; the kernel takes `(inputs…, out, n: i64, extra: i32…)`.
+    Elements { n: usize, extra: Vec<i32> },
+}
+
+/// Runs `function` (its dtype suffix added) of `module` on `inputs`, which must be packed and
+/// share one dtype, into a new buffer of `out_len` elements.
+pub(crate) fn launch(
+    module: Module,
+    function: &str,
+    inputs: &[(&CudaStorage, &Layout)],
+    out_len: usize,
+    grid: Grid,
+) -> Result<CudaStorage> {
+    let dtype = inputs[0].0.dtype();
+    if inputs.iter().any(|(s, _)| s.dtype() != dtype) {
+        candle_core::bail!("{function}: inputs must share one dtype");
+    }
+    match dtype {
+        DType::F32 => typed::<f32>(module, &format!("{function}_f32"), inputs, out_len, grid),
+        DType::BF16 => {
+            typed::<half::bf16>(module, &format!("{function}_bf16"), inputs, out_len, grid)
+        }
+        DType::F16 => typed::<half::f16>(module, &format!("{function}_f16"), inputs, out_len, grid),
+        other => candle_core::bail!("{function}: no kernel for {other:?}"),
+    }
+}
+
+fn typed<T: CudaDType + DeviceRepr>(
+    module: Module,
+    function: &str,
+    inputs: &[(&CudaStorage, &Layout)],
+    out_len: usize,
+    grid: Grid,
+) -> Result<CudaStorage> {
+    let dev: CudaDevice = inputs[0].0.device.clone();
+    let func = dev.get_or_load_custom_func(function, module.name, module.ptx)?;
+    let views = inputs
+        .iter()
+        .map(|(s, l)| match l.contiguous_offsets() {
+            Some((a, b)) => Ok(s.as_cuda_slice::<T>()?.slice(a..b)),
+            None => candle_core::bail!("{function}: inputs must be contiguous"),
+        })
+        .collect::<Result<Vec<CudaView<T>>>>()?;
+    // SAFETY: the kernel writes every one of the out_len elements.
+    let out = unsafe { dev.alloc::<T>(out_len)? };
+    let mut args = func.builder();
+    for v in &views {
+        args.arg(v);
+    }
+    args.arg(&out);
+    let (cfg, cols, eps, n, extra) = match grid {
+        Grid::Rows { rows, cols, eps } => {
+            // A warp per 32 columns up to 1024 threads; the kernels loop over the rest.
+            let threads = cols.div_ceil(32).clamp(1, 32) as u32 * 32;
+            let cfg = LaunchConfig {
+                grid_dim: (rows as u32, 1, 1),
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            (cfg, Some(cols as i32), Some(eps), None, Vec::new())
+        }
+        Grid::Elements { n, extra } => {
+            let blocks = n.div_ceil(256).clamp(1, 1 << 16) as u32;
+            let cfg = LaunchConfig {
+                grid_dim: (blocks, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            (cfg, None, None, Some(n as i64), extra)
+        }
+    };
+    if let (Some(cols), Some(eps)) = (&cols, &eps) {
+        args.arg(cols);
+        args.arg(eps);
+    }
+    if let Some(n) = &n {
+        args.arg(n);
+    }
+    for e in &extra {
+        args.arg(e);
+    }
+    if out_len > 0 {
+        // SAFETY: the argument list matches the kernel's signature (see Grid).
+        unsafe { args.launch(cfg) }.w()?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}

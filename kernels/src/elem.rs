@@ -1,0 +1,64 @@
+//! What the CPU references need of a storage type, and getting packed slices out of candle's
+//! storage.
+
+use candle_core::{Layout, Result};
+use half::{bf16, f16};
+
+/// A storage element, computed on in f32.
+pub(crate) trait Elem: Copy + Send + Sync + 'static {
+    fn to_f32(self) -> f32;
+    fn from_f32(v: f32) -> Self;
+    /// Rounds `v` through this type (storing an intermediate in it and reading it back).
+    fn round(v: f32) -> f32 {
+        Self::from_f32(v).to_f32()
+    }
+}
+
+impl Elem for f32 {
+    fn to_f32(self) -> f32 {
+        self
+    }
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+}
+
+impl Elem for bf16 {
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+    fn from_f32(v: f32) -> Self {
+        bf16::from_f32(v)
+    }
+}
+
+impl Elem for f16 {
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
+}
+
+/// The elements `layout` covers, which must be packed (contiguous).
+pub(crate) fn packed<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Result<&'a [T]> {
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{what} must be contiguous"),
+    }
+}
+
+/// Runs `$body` with `$t` bound to the element type of the CPU storages, which must agree.
+macro_rules! dispatch_cpu {
+    ($what:expr, ($($s:ident),+), |$t:ident, ($($v:ident),+)| $body:expr) => {{
+        use candle_core::CpuStorage as S;
+        match ($($s),+) {
+            ($(S::F32($v)),+) => { type $t = f32; $body.map(S::F32) }
+            ($(S::BF16($v)),+) => { type $t = half::bf16; $body.map(S::BF16) }
+            ($(S::F16($v)),+) => { type $t = half::f16; $body.map(S::F16) }
+            _ => candle_core::bail!("{}: inputs must share one float dtype (f32, bf16, f16)", $what),
+        }
+    }};
+}
+pub(crate) use dispatch_cpu;

@@ -1,0 +1,25 @@
+//! Fused training kernels, each with a CUDA forward and backward (kernels/cuda/*.cu) beside a
+//! plain CPU reference written as loops over rows (src/*.rs): RMSNorm ([`rms_norm`]), SwiGLU
+//! ([`swiglu`]) and rotary embeddings ([`rope`]). Each is a candle custom op whose backward is
+//! another custom op of the same kernel file, so candle's autograd sees one node per fused op.
+//!
+//! Storage is f32, bf16 or f16; arithmetic is f32, rounding intermediates to the storage type
+//! exactly where PyTorch's unfused ops store them, so bf16 runs stay close to transformers'.
+//! The CPU path trains with the references; on the GPU `helix-train kernel-check` compares the
+//! CUDA kernels with them (scripts/gpu-check.sh).
+
+pub mod check;
+mod elem;
+mod rms_norm;
+mod rope;
+mod swiglu;
+
+#[cfg(feature = "cuda")]
+mod cuda;
+
+pub use rms_norm::rms_norm;
+pub use rope::rope;
+pub use swiglu::swiglu;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,23 @@
+//! The CPU references against the unfused definition (plain candle ops, which the parity tests
+//! compare with transformers): forward and gradients, f32 and bf16.
+
+use candle_core::Device;
+
+use crate::check::{cases, compare, run, tolerance, Implementation};
+
+#[test]
+fn cpu_references_match_the_unfused_ops() {
+    for case in cases() {
+        let want = run(&case, Implementation::Unfused, &Device::Cpu).unwrap();
+        let got = run(&case, Implementation::Fused, &Device::Cpu).unwrap();
+        for (name, diff, scale) in compare(&want, &got).unwrap() {
+            println!("{} {name}: max |Δ| {diff:.3e} of {scale:.3e}", case.label());
+            assert!(scale > 0.0, "{}: {name} is zero", case.label());
+            assert!(
+                diff <= tolerance(case.dtype) * scale,
+                "{} {name}: differs by {diff} of {scale}",
+                case.label()
+            );
+        }
+    }
+}

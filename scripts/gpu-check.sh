@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# On the GPU machine, from the repository root with dist/helix-train carried there
+# (scripts/build-cuda.sh builds it): points the loader at the NVIDIA libraries of the machine's
+# Python packages, prints the GPU, compares every fused CUDA kernel with its CPU reference
+# (forward and gradients, f32 and bf16) and times it fused and unfused, then runs the
+# comparison again under compute-sanitizer memcheck. Exits non-zero on any mismatch or error.
+# Usage: scripts/gpu-check.sh [BINARY=dist/helix-train]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bin=${1:-dist/helix-train}
+site=$(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))')
+libs=$(find "$site/nvidia" -maxdepth 3 -type d -name lib | tr '\n' ':')
+export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:-}"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+echo "== kernel-check"
+"$bin" kernel-check --repeats 20
+echo "== compute-sanitizer memcheck"
+sanitizer=$(command -v compute-sanitizer || find / -name compute-sanitizer -type f -perm -u+x 2>/dev/null | head -n 1 || true)
+if [ -z "$sanitizer" ]; then
+  echo "compute-sanitizer: not found on this machine" >&2
+  exit 3
+fi
+"$sanitizer" --tool memcheck --error-exitcode 9 "$bin" kernel-check --repeats 0 | tail -n 3
