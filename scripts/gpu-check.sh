@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# On the GPU machine, from the repository root with dist/helix-train carried there
-# (scripts/build-cuda.sh builds it): points the loader at the NVIDIA libraries of the machine's
+# On the GPU machine, from the repository root with dist/helix-train.gz carried there
+# (scripts/build-cuda.sh builds it; it is unpacked here): points the loader at the NVIDIA libraries of the machine's
 # Python packages, prints the GPU, compares every fused CUDA kernel with its CPU reference
 # (forward and gradients, f32 and bf16) and times it fused and unfused, then runs the
 # comparison again under compute-sanitizer memcheck. Exits non-zero on any mismatch or error.
@@ -8,6 +8,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bin=${1:-dist/helix-train}
+if [ ! -x "$bin" ] && [ -f "$bin.gz" ]; then
+  gzip -dc "$bin.gz" > "$bin"
+  chmod +x "$bin"
+fi
 site=$(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))')
 libs=$(find "$site/nvidia" -maxdepth 3 -type d -name lib | tr '\n' ':')
 export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:-}"

@@ -1,5 +1,6 @@
 //! Launching the kernels of kernels/cuda (compiled to PTX by build.rs) on candle's CUDA storage.
 
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
     CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
