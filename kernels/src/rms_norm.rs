@@ -26,8 +26,9 @@ struct RmsNorm {
 
 /// The forward of one row.
 pub(crate) fn forward_row<T: Elem>(x: &[T], w: &[T], y: &mut [T], eps: f32) {
-    let sq: f32 = x.iter().map(|v| v.to_f32() * v.to_f32()).sum();
-    let rstd = 1.0 / (sq / x.len() as f32 + eps).sqrt();
+    // Summed in f64: closer to PyTorch's pairwise f32 sum than a running f32 sum over 4096.
+    let sq: f64 = x.iter().map(|v| (v.to_f32() * v.to_f32()) as f64).sum();
+    let rstd = 1.0 / ((sq / x.len() as f64) as f32 + eps).sqrt();
     for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
         *y = T::from_f32(T::round(x.to_f32() * rstd) * w.to_f32());
     }
@@ -36,14 +37,15 @@ pub(crate) fn forward_row<T: Elem>(x: &[T], w: &[T], y: &mut [T], eps: f32) {
 /// The input gradient of one row: rstd · (g − n · mean(g · n)), g = dy · w rounded to T.
 pub(crate) fn backward_row<T: Elem>(x: &[T], w: &[T], dy: &[T], dx: &mut [T], eps: f32) {
     let g = |i: usize| T::round(dy[i].to_f32() * w[i].to_f32());
-    let (mut sq, mut dot) = (0f32, 0f32);
+    let (mut sq, mut dot) = (0f64, 0f64);
     for (i, v) in x.iter().enumerate() {
         let v = v.to_f32();
-        sq += v * v;
-        dot += g(i) * v;
+        sq += (v * v) as f64;
+        dot += (g(i) * v) as f64;
     }
     let n = x.len() as f32;
-    let rstd = 1.0 / (sq / n + eps).sqrt();
+    let dot = dot as f32;
+    let rstd = 1.0 / ((sq / n as f64) as f32 + eps).sqrt();
     let c = dot * rstd * rstd * rstd / n;
     for (i, (dx, x)) in dx.iter_mut().zip(x).enumerate() {
         *dx = T::from_f32(g(i) * rstd - x.to_f32() * c);
