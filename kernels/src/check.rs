@@ -94,7 +94,7 @@ pub fn run(case: &Case, implementation: Implementation, device: &Device) -> Resu
             let sin = angles.sin()?.to_dtype(case.dtype)?;
             let y = match implementation {
                 Implementation::Fused => crate::rope(x.as_tensor(), &cos, &sin)?,
-                Implementation::Unfused => unfused_rope(x.as_tensor(), &cos, &sin)?,
+                Implementation::Unfused => crate::unfused::rope(x.as_tensor(), &cos, &sin)?,
             };
             (y, vec![x], vec!["dx"])
         }
@@ -160,12 +160,4 @@ fn unfused_rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
         .to_dtype(DType::F32)?
         .broadcast_mul(&w.to_dtype(DType::F32)?)?
         .to_dtype(x.dtype())
-}
-
-fn unfused_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let half = x.dim(D::Minus1)? / 2;
-    let x1 = x.narrow(D::Minus1, 0, half)?;
-    let x2 = x.narrow(D::Minus1, half, half)?;
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
 }

@@ -13,6 +13,7 @@ mod elem;
 mod rms_norm;
 mod rope;
 mod swiglu;
+pub mod unfused;
 
 #[cfg(feature = "cuda")]
 mod cuda;

@@ -38,10 +38,7 @@ impl RopeTable {
 }
 
 /// `x * cos + rotate_half(x) * sin` for x [B, H, S, D]; cos/sin from [`RopeTable::cos_sin`].
+/// The unfused definition (`helix_kernels::unfused::rope`), which `helix_kernels::rope` fuses.
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let half = x.dim(D::Minus1)? / 2;
-    let x1 = x.narrow(D::Minus1, 0, half)?;
-    let x2 = x.narrow(D::Minus1, half, half)?;
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+    helix_kernels::unfused::rope(x, cos, sin)
 }

@@ -225,7 +225,7 @@ fn default_output_dir() -> PathBuf {
 fn default_resume() -> String {
     "auto".into()
 }
-fn default_loss_chunk() -> usize {
+pub(crate) fn default_loss_chunk() -> usize {
     1024
 }
 fn yes() -> bool {

@@ -50,7 +50,7 @@ pub struct GradientOptions {
 impl Default for GradientOptions {
     fn default() -> Self {
         Self {
-            loss_chunk_rows: 1024,
+            loss_chunk_rows: crate::config::default_loss_chunk(),
             bucket_elems: usize::MAX,
             activation_checkpointing: ActivationCheckpointing::None,
         }

@@ -242,6 +242,22 @@ fn format_secs(s: f64) -> String {
     format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
 }
 
+/// The most resident memory this process has held (Linux's VmHWM), in bytes; `None` where the
+/// kernel does not report it.
+pub fn peak_host_memory() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    Some(status_field(&status, "VmHWM:")? * 1024)
+}
+
+/// A `/proc/<pid>/status` field's number (`VmRSS:  1234 kB` → 1234).
+pub fn status_field(status: &str, key: &str) -> Option<u64> {
+    status
+        .lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -286,13 +302,4 @@ mod tests {
         assert!(plots.iter().all(|p| p.exists()));
         Ok(())
     }
-}
-
-/// The most resident memory this process has held (Linux's VmHWM), in bytes; `None` where the
-/// kernel does not report it.
-pub fn peak_host_memory() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }

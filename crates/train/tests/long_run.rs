@@ -5,6 +5,7 @@
 
 mod common;
 use common::tiny_run_dir;
+use helix_train::progress::status_field;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -21,15 +22,6 @@ struct Sample {
     threads: u64,
     fds: u64,
     ckpt_bytes: u64,
-}
-
-/// A `/proc/<pid>/status` field's number (`VmRSS:  1234 kB` → 1234).
-fn status_field(status: &str, key: &str) -> Option<u64> {
-    status
-        .lines()
-        .find(|l| l.starts_with(key))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|n| n.parse().ok())
 }
 
 fn dir_bytes(dir: &Path) -> u64 {
