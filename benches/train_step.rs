@@ -11,6 +11,12 @@
 //!
 //! `lora_recompute` is the LoRA step with `activation_checkpointing = "full"`.
 //!
+//! Built with `--features cuda`, the `gpu_7b_step` group times LoRA on a Llama-2-7B-shaped
+//! model with random weights (32 layers, hidden 4096, bf16, one row of 2048 tokens) on GPU 0.
+//! The device machines have no Rust toolchain, so the GPU figures are taken with the same
+//! `StepBench` through the one carried binary: `helix-train bench --random-weights`
+//! (scripts/gpu-bench.sh), which also reports MFU and peak GPU memory.
+//!
 //! LoRA: r 8, alpha 16, the seven projections, no dropout. P-tuning: 20 virtual tokens, MLP
 //! encoder of width 64. Loss on every token after the first of each row.
 
@@ -19,84 +25,18 @@ use std::time::Duration;
 
 use candle_core::{DType, Device};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use helix::data::{collate_padded, Batch, LossMode, PadOptions, Sample};
 use helix::model::{LlamaConfig, SafetensorsWeights};
-use helix::parallel::Job;
-use helix::peft::{load_for_method, Customized, LoraConfig, Method, PtuningConfig, LLAMA_TARGETS};
-use helix::train::gradients::{forward_backward, ActivationCheckpointing, GradientOptions};
-use helix::train::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use helix::peft::{load_for_method, LoraConfig, Method, PtuningConfig, LLAMA_TARGETS};
+use helix::train::gradients::{ActivationCheckpointing, GradientOptions};
+use helix::train::step_bench::StepBench;
 
-/// `rows` rows of `seq` pseudo-random token ids below `vocab`.
-fn batch(rows: usize, seq: usize, vocab: usize) -> Batch {
-    let mut x = 0x2545f4914f6cdd1du64;
-    let samples: Vec<Sample> = (0..rows)
-        .map(|r| {
-            let ids = (0..seq)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    (x % vocab as u64) as u32
-                })
-                .collect();
-            Sample::new(ids, 1, r, LossMode::AnswerOnly)
-        })
-        .collect();
-    let refs: Vec<&Sample> = samples.iter().collect();
-    collate_padded(&refs, &PadOptions::default()).expect("collate")
-}
-
-struct Case {
-    model: Customized,
-    optimizer: AdamW,
-    batch: Batch,
-    job: Job,
-    opts: GradientOptions,
-}
-
-impl Case {
-    fn new(dir: &Path, method: Method, rows: usize, seq: usize) -> Self {
-        let cfg = LlamaConfig::from_file(&dir.join("config.json")).expect("config.json");
-        let weights = SafetensorsWeights::open_dir(dir).expect("weights");
-        let model =
-            load_for_method(&cfg, &weights, &method, 7, DType::F32, &Device::Cpu).expect("model");
-        let optimizer = AdamW::new(
-            model.trainable(),
-            AdamWConfig {
-                betas: [0.9, 0.999],
-                eps: 1e-8,
-                weight_decay: 0.0,
-            },
-        )
-        .expect("optimizer");
-        Self {
-            model,
-            optimizer,
-            batch: batch(rows, seq, cfg.vocab_size),
-            job: Job::single(Duration::from_secs(60)),
-            opts: GradientOptions::default(),
-        }
-    }
-
-    fn recomputing(mut self) -> Self {
-        self.opts.activation_checkpointing = ActivationCheckpointing::Full;
-        self
-    }
-
-    /// One optimizer step; its loss.
-    fn step(&mut self) -> f64 {
-        let batches = std::slice::from_ref(&self.batch);
-        let (loss, _, mut grads) =
-            forward_backward(&self.model, batches, &self.opts, &self.job, None)
-                .expect("forward and backward");
-        clip_grad_norm(&mut grads, 1.0).expect("clip");
-        self.optimizer.step(&grads, 1e-4).expect("AdamW");
-        loss
-    }
-
-    fn tokens(&self) -> u64 {
-        self.batch.real_tokens as u64
-    }
+/// A step of `method` on the model in `dir` (f32, CPU), `rows` rows of `seq` random tokens.
+fn case(dir: &Path, method: Method, rows: usize, seq: usize) -> StepBench {
+    let cfg = LlamaConfig::from_file(&dir.join("config.json")).expect("config.json");
+    let weights = SafetensorsWeights::open_dir(dir).expect("weights");
+    let model =
+        load_for_method(&cfg, &weights, &method, 7, DType::F32, &Device::Cpu).expect("model");
+    StepBench::new(model, rows, seq, GradientOptions::default()).expect("step")
 }
 
 fn lora() -> Method {
@@ -105,12 +45,12 @@ fn lora() -> Method {
     Method::Lora(l)
 }
 
-fn bench_case(c: &mut Criterion, group: &str, name: &str, mut case: Case) {
+fn bench_case(c: &mut Criterion, group: &str, name: &str, mut case: StepBench) {
     let mut g = c.benchmark_group(group);
     g.sample_size(10)
         .warm_up_time(Duration::from_secs(2))
-        .throughput(Throughput::Elements(case.tokens()));
-    g.bench_function(name, |b| b.iter(|| case.step()));
+        .throughput(Throughput::Elements(case.tokens() as u64));
+    g.bench_function(name, |b| b.iter(|| case.step().expect("step")));
     g.finish();
 }
 
@@ -121,24 +61,43 @@ fn train_step(c: &mut Criterion) {
         ("ptuning", Method::Ptuning(PtuningConfig::mlp(20, 64))),
         ("sft", Method::FullSft),
     ] {
-        bench_case(c, "tiny_step", name, Case::new(&tiny, method, 4, 64));
+        bench_case(c, "tiny_step", name, case(&tiny, method, 4, 64));
     }
     // What activation checkpointing costs: one more forward of the decoder layers.
-    let case = Case::new(&tiny, lora(), 4, 64).recomputing();
-    bench_case(c, "tiny_step", "lora_recompute", case);
+    let mut recompute = case(&tiny, lora(), 4, 64);
+    recompute.opts.activation_checkpointing = ActivationCheckpointing::Full;
+    bench_case(c, "tiny_step", "lora_recompute", recompute);
     let smollm2 = std::env::var_os("HELIX_SMOLLM2").map_or_else(
         || Path::new(env!("CARGO_MANIFEST_DIR")).join("models/smollm2-135m-instruct"),
         PathBuf::from,
     );
     if smollm2.join("config.json").exists() {
-        let case = Case::new(&smollm2, lora(), 4, 256);
-        bench_case(c, "smollm2_step", "lora_4x256", case);
+        bench_case(
+            c,
+            "smollm2_step",
+            "lora_4x256",
+            case(&smollm2, lora(), 4, 256),
+        );
     } else {
         eprintln!(
             "{}: not found; skipping the SmolLM2 step (scripts/fetch-smollm2.sh imports it)",
             smollm2.display()
         );
     }
+    #[cfg(feature = "cuda")]
+    gpu_7b_step(c);
+}
+
+/// LoRA (r 8, the seven projections) on the Llama-2-7B shape with random bf16 weights, GPU 0.
+#[cfg(feature = "cuda")]
+fn gpu_7b_step(c: &mut Criterion) {
+    let device = Device::new_cuda(0).expect("GPU 0");
+    let cfg = LlamaConfig::preset("llama2-7b").expect("preset");
+    let weights = SafetensorsWeights::random(&cfg, DType::BF16, 7).expect("weights");
+    let model = load_for_method(&cfg, &weights, &lora(), 7, DType::BF16, &device).expect("model");
+    drop(weights);
+    let step = StepBench::new(model, 1, 2048, GradientOptions::default()).expect("step");
+    bench_case(c, "gpu_7b_step", "lora_1x2048_bf16", step);
 }
 
 criterion_group!(benches, train_step);

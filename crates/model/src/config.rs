@@ -187,6 +187,40 @@ impl LlamaConfig {
         })
     }
 
+    /// The tensors of a Hugging Face checkpoint of this shape: names and shapes, in the order
+    /// the model reads them.
+    pub fn checkpoint_tensors(&self) -> Vec<(String, Vec<usize>)> {
+        let h = self.hidden_size;
+        let q = self.num_attention_heads * self.head_dim;
+        let kv = self.num_key_value_heads * self.head_dim;
+        let i = self.intermediate_size;
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            vec![self.vocab_size, h],
+        )];
+        for l in 0..self.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            for (name, shape) in [
+                ("input_layernorm", vec![h]),
+                ("self_attn.q_proj", vec![q, h]),
+                ("self_attn.k_proj", vec![kv, h]),
+                ("self_attn.v_proj", vec![kv, h]),
+                ("self_attn.o_proj", vec![h, q]),
+                ("post_attention_layernorm", vec![h]),
+                ("mlp.gate_proj", vec![i, h]),
+                ("mlp.up_proj", vec![i, h]),
+                ("mlp.down_proj", vec![h, i]),
+            ] {
+                out.push((format!("{p}.{name}.weight"), shape));
+            }
+        }
+        out.push(("model.norm.weight".to_string(), vec![h]));
+        if !self.tie_word_embeddings {
+            out.push(("lm_head.weight".to_string(), vec![self.vocab_size, h]));
+        }
+        out
+    }
+
     /// Parameter count, for reports and memory planning.
     pub fn num_parameters(&self) -> usize {
         let h = self.hidden_size;

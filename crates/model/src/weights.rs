@@ -9,6 +9,9 @@ use candle_core::{DType, Device, Shape, Tensor};
 use memmap2::Mmap;
 use safetensors::tensor::Dtype as StDtype;
 
+use crate::safetensors_write::TensorSpec;
+use crate::LlamaConfig;
+
 /// Where one tensor's bytes are.
 #[derive(Debug, Clone)]
 struct Entry {
@@ -67,6 +70,28 @@ impl SafetensorsWeights {
     pub fn from_bytes(path: &Path, bytes: Vec<u8>) -> Result<Self> {
         let dir = path.parent().unwrap_or(Path::new(""));
         Self::index(dir, vec![(path.to_path_buf(), FileBytes::Owned(bytes))])
+    }
+
+    /// A checkpoint of `cfg`'s shape with random weights, in memory, for benchmarks at shapes
+    /// no file is at hand for (Llama-2-7B on a GPU machine): matrices uniform with standard
+    /// deviation 0.02 (transformers' `initializer_range`), norm weights 1, drawn from `seed` on
+    /// all cores.
+    pub fn random(cfg: &LlamaConfig, dtype: DType, seed: u64) -> Result<Self> {
+        let specs: Vec<TensorSpec> = cfg
+            .checkpoint_tensors()
+            .into_iter()
+            .map(|(name, shape)| TensorSpec::new(name, dtype, &shape))
+            .collect();
+        let mut bytes = Vec::new();
+        crate::safetensors_write::write_safetensors(&mut bytes, &specs, |s| {
+            let n: usize = s.shape.iter().product();
+            let values = match s.shape.len() {
+                1 => vec![1f32; n],
+                _ => uniform_parallel(n, 0.02 * 3f32.sqrt(), seed ^ fnv(&s.name)),
+            };
+            Ok(Tensor::from_vec(values, s.shape.as_slice(), &Device::Cpu)?.to_dtype(s.dtype)?)
+        })?;
+        Self::from_bytes(Path::new("<random weights>/model.safetensors"), bytes)
     }
 
     /// Reads the header of every file into the table of tensors.
@@ -301,6 +326,54 @@ fn check_inside_dir(file: &str) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// The fixtures were saved by transformers: their tensors are what a checkpoint of each
+    /// shape must hold, names and shapes.
+    #[test]
+    fn random_weights_hold_the_tensors_transformers_saves_with_an_initializer_spread() -> Result<()>
+    {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+        for fixture in ["tiny-gqa-tied", "tiny-gqa-untied-b3"] {
+            let dir = root.join(fixture);
+            let cfg = LlamaConfig::from_file(&dir.join("config.json"))?;
+            let saved = SafetensorsWeights::open_dir(&dir)?;
+            let random = SafetensorsWeights::random(&cfg, DType::BF16, 5)?;
+            let mut want: Vec<(&str, &[usize])> = saved
+                .names()
+                .map(|n| (n, saved.shape_of(n).expect("listed")))
+                .collect();
+            let mut got: Vec<(&str, &[usize])> = random
+                .names()
+                .map(|n| (n, random.shape_of(n).expect("listed")))
+                .collect();
+            want.sort();
+            got.sort();
+            assert_eq!(got, want, "{fixture}");
+            let q = random.load(
+                "model.layers.1.self_attn.q_proj.weight",
+                random
+                    .shape_of("model.layers.1.self_attn.q_proj.weight")
+                    .expect("q"),
+                DType::F32,
+                &Device::Cpu,
+            )?;
+            let v = q.flatten_all()?.to_vec1::<f32>()?;
+            let mean = v.iter().sum::<f32>() / v.len() as f32;
+            let std = (v.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / v.len() as f32).sqrt();
+            assert!(
+                mean.abs() < 0.003 && (std - 0.02).abs() < 0.002,
+                "{mean} {std}"
+            );
+            let norm = random.load(
+                "model.norm.weight",
+                cfg.hidden_size,
+                DType::F32,
+                &Device::Cpu,
+            )?;
+            assert_eq!(norm.min(0)?.to_scalar::<f32>()?, 1.0);
+        }
+        Ok(())
+    }
+
     #[test]
     fn weights_from_bytes_read_as_from_a_file_and_name_it() -> Result<()> {
         let dir = tempfile::tempdir()?;
@@ -329,4 +402,33 @@ mod tests {
         );
         Ok(())
     }
+}
+
+/// `n` values uniform in (-bound, bound), filled in parallel chunks from xorshift streams.
+fn uniform_parallel(n: usize, bound: f32, seed: u64) -> Vec<f32> {
+    let mut out = vec![0f32; n];
+    let threads = std::thread::available_parallelism().map_or(1, |p| p.get());
+    let chunk = n.div_ceil(threads).max(1 << 16);
+    std::thread::scope(|s| {
+        for (c, part) in out.chunks_mut(chunk).enumerate() {
+            s.spawn(move || {
+                let mut x = (seed ^ (c as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1;
+                for v in part {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let unit = (x >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
+                    *v = (2.0 * unit - 1.0) * bound;
+                }
+            });
+        }
+    });
+    out
+}
+
+/// FNV-1a of a name: each tensor its own stream.
+fn fnv(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }

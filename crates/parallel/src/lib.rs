@@ -39,6 +39,9 @@ pub struct Job {
     heartbeat: Option<Heartbeat>,
     timeout: Duration,
     token: String,
+    /// With NCCL, the same groups on the GPU, after [`Self::use_device`].
+    #[cfg(feature = "nccl")]
+    nccl: Option<nccl::NcclGroups>,
 }
 
 impl Job {
@@ -67,6 +70,8 @@ impl Job {
             heartbeat: None,
             timeout,
             token: String::new(),
+            #[cfg(feature = "nccl")]
+            nccl: None,
         }
     }
 
@@ -121,7 +126,57 @@ impl Job {
             heartbeat: Some(heartbeat),
             timeout,
             token: env.token.clone(),
+            #[cfg(feature = "nccl")]
+            nccl: None,
         })
+    }
+
+    /// Makes the job's tensor collectives run where `device` is. On a GPU of a build with the
+    /// `nccl` feature, NCCL groups over the same ranks take over every tensor (tensor-parallel
+    /// activations, data-parallel gradient buckets) while host scalars keep the TCP rings.
+    /// Otherwise, a no-op: tensors travel through host memory over TCP.
+    pub fn use_device(&mut self, device: &Device) -> Result<()> {
+        #[cfg(feature = "nccl")]
+        if let (true, Some(store)) = (device.is_cuda(), &self.store) {
+            let (tp, dp) = (self.tp.size, self.dp.size);
+            let (tp_index, dp_index) = (self.tp.index, self.dp.index);
+            let tp_ranks: Vec<usize> = (0..tp).map(|i| dp_index * tp + i).collect();
+            let dp_ranks: Vec<usize> = (0..dp).map(|d| d * tp + tp_index).collect();
+            let groups = nccl::NcclGroups::join(
+                store,
+                (&format!("tp{dp_index}"), &tp_ranks),
+                (&format!("dp{tp_index}"), &dp_ranks),
+                self.rank,
+                device,
+            )
+            .with_context(|| format!("rank {} joins its NCCL groups", self.rank))?;
+            self.nccl = Some(groups);
+        }
+        let _ = device;
+        Ok(())
+    }
+
+    /// What carries tensors between ranks: "nccl", "tcp", or "none" for a job of one.
+    pub fn backend(&self) -> &'static str {
+        #[cfg(feature = "nccl")]
+        if self.nccl.is_some() {
+            return "nccl";
+        }
+        if self.store.is_some() {
+            "tcp"
+        } else {
+            "none"
+        }
+    }
+
+    /// The tensor collectives of the tensor-parallel and data-parallel groups, whatever
+    /// their size (for `helix-train comm-check`).
+    pub fn tensor_groups(&self) -> [(&'static str, &dyn helix_ops::Collective); 2] {
+        #[cfg(feature = "nccl")]
+        if let Some(g) = &self.nccl {
+            return [("tp", g.tp.as_ref()), ("dp", &g.dp)];
+        }
+        [("tp", self.tp.as_ref()), ("dp", &self.dp)]
     }
 
     pub fn is_main(&self) -> bool {
@@ -141,15 +196,20 @@ impl Job {
 
     /// The tensor-parallel group as the model takes it (`None` without tensor parallelism).
     pub fn tensor_parallel(&self) -> Option<helix_ops::SharedCollective> {
-        (self.tp.size > 1).then(|| self.tp.clone() as helix_ops::SharedCollective)
+        if self.tp.size == 1 {
+            return None;
+        }
+        #[cfg(feature = "nccl")]
+        if let Some(g) = &self.nccl {
+            return Some(g.tp.clone() as helix_ops::SharedCollective);
+        }
+        Some(self.tp.clone() as helix_ops::SharedCollective)
     }
 
     /// Sums `tensors` (f32) over the data-parallel group in buckets of at most
     /// `bucket_elems` elements: few large messages instead of one per tensor.
     pub fn all_reduce_tensors(&self, tensors: &mut [Tensor], bucket_elems: usize) -> Result<()> {
-        self.bucketed(tensors, bucket_elems, |flat, _, _| {
-            self.dp.all_reduce_sum(flat)
-        })
+        self.bucketed(tensors, bucket_elems, BucketOp::AllReduce)
     }
 
     /// ZeRO-1's gradient reduction: `tensors` (f32) are sorted by their owner `owners[i]` (a
@@ -161,7 +221,7 @@ impl Job {
         owners: &[usize],
         bucket_elems: usize,
     ) -> Result<()> {
-        self.by_owner(tensors, owners, bucket_elems, TcpRing::reduce_scatter_sum)
+        self.bucketed(tensors, bucket_elems, BucketOp::ReduceScatter(owners))
     }
 
     /// After a ZeRO-1 step: every tensor (f32, sorted by owner as for
@@ -172,65 +232,70 @@ impl Job {
         owners: &[usize],
         bucket_elems: usize,
     ) -> Result<()> {
-        self.by_owner(tensors, owners, bucket_elems, TcpRing::all_gather_parts)
-    }
-
-    /// `collective` over buckets whose parts are the owners' tensors.
-    fn by_owner(
-        &self,
-        tensors: &mut [Tensor],
-        owners: &[usize],
-        bucket_elems: usize,
-        collective: fn(&TcpRing, &mut [f32], &[std::ops::Range<usize>]) -> Result<()>,
-    ) -> Result<()> {
-        self.bucketed(tensors, bucket_elems, |flat, range, elems| {
-            let parts = owner_parts(elems, &owners[range], self.dp.size)?;
-            collective(&self.dp, flat, &parts)
-        })
+        self.bucketed(tensors, bucket_elems, BucketOp::AllGather(owners))
     }
 
     /// Runs `op` on the data-parallel group over buckets of consecutive tensors of at most
-    /// `bucket_elems` elements (one tensor may exceed it), flattened to f32; `op` sees the
-    /// bucket's data, which tensors it holds and their element counts.
-    fn bucketed(
-        &self,
-        tensors: &mut [Tensor],
-        bucket_elems: usize,
-        op: impl Fn(&mut [f32], std::ops::Range<usize>, &[usize]) -> Result<()>,
-    ) -> Result<()> {
+    /// `bucket_elems` elements (one tensor may exceed it), each flattened to one f32 message:
+    /// on the GPU with NCCL, or through host memory over TCP.
+    fn bucketed(&self, tensors: &mut [Tensor], bucket_elems: usize, op: BucketOp) -> Result<()> {
         if self.dp.size == 1 {
             return Ok(());
         }
-        let mut start = 0;
-        while start < tensors.len() {
-            let mut end = start;
-            let mut elems = 0;
-            while end < tensors.len()
-                && (end == start || elems + tensors[end].elem_count() <= bucket_elems)
-            {
-                elems += tensors[end].elem_count();
-                end += 1;
-            }
-            let mut flat = Vec::with_capacity(elems);
-            let counts: Vec<usize> = tensors[start..end].iter().map(|t| t.elem_count()).collect();
-            for t in &tensors[start..end] {
-                if t.dtype() != DType::F32 {
-                    bail!(
-                        "data-parallel collectives take f32 tensors, got {:?}",
-                        t.dtype()
-                    );
+        if let Some(t) = tensors.iter().find(|t| t.dtype() != DType::F32) {
+            bail!(
+                "data-parallel collectives take f32 tensors, got {:?}",
+                t.dtype()
+            );
+        }
+        for range in buckets(tensors, bucket_elems) {
+            let counts: Vec<usize> = tensors[range.clone()]
+                .iter()
+                .map(|t| t.elem_count())
+                .collect();
+            let parts = match op {
+                BucketOp::AllReduce => Vec::new(),
+                BucketOp::ReduceScatter(owners) | BucketOp::AllGather(owners) => {
+                    owner_parts(&counts, &owners[range.clone()], self.dp.size)?
                 }
+            };
+            let bucket = &mut tensors[range];
+            #[cfg(feature = "nccl")]
+            if let Some(g) = &self.nccl {
+                let flat = bucket
+                    .iter()
+                    .map(|t| t.flatten_all())
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                let flat = Tensor::cat(&flat, 0)?;
+                let out = match op {
+                    BucketOp::AllReduce => g.dp.all_reduce_flat(&flat)?,
+                    BucketOp::ReduceScatter(_) => g.dp.reduce_scatter_parts(&flat, &parts)?,
+                    BucketOp::AllGather(_) => g.dp.all_gather_parts(&flat, &parts)?,
+                };
+                let mut at = 0;
+                for t in bucket.iter_mut() {
+                    let n = t.elem_count();
+                    *t = out.narrow(0, at, n)?.reshape(t.shape())?;
+                    at += n;
+                }
+                continue;
+            }
+            let mut flat = Vec::with_capacity(counts.iter().sum());
+            for t in bucket.iter() {
                 flat.extend(t.flatten_all()?.to_vec1::<f32>()?);
             }
-            op(&mut flat, start..end, &counts)?;
+            match op {
+                BucketOp::AllReduce => self.dp.all_reduce_sum(&mut flat)?,
+                BucketOp::ReduceScatter(_) => self.dp.reduce_scatter_sum(&mut flat, &parts)?,
+                BucketOp::AllGather(_) => self.dp.all_gather_parts(&mut flat, &parts)?,
+            }
             let mut at = 0;
-            for t in &mut tensors[start..end] {
+            for t in bucket.iter_mut() {
                 let n = t.elem_count();
                 let dev: Device = t.device().clone();
                 *t = Tensor::from_slice(&flat[at..at + n], t.shape(), &dev)?;
                 at += n;
             }
-            start = end;
         }
         Ok(())
     }
@@ -272,6 +337,33 @@ impl Job {
             server.wait_for_goodbyes(self.world, self.timeout);
         }
     }
+}
+
+/// A data-parallel collective over gradient buckets; ZeRO-1's carry each tensor's owner.
+#[derive(Clone, Copy)]
+enum BucketOp<'a> {
+    AllReduce,
+    ReduceScatter(&'a [usize]),
+    AllGather(&'a [usize]),
+}
+
+/// Consecutive runs of `tensors` of at most `bucket_elems` elements (a larger tensor alone).
+fn buckets(tensors: &[Tensor], bucket_elems: usize) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < tensors.len() {
+        let mut end = start;
+        let mut elems = 0;
+        while end < tensors.len()
+            && (end == start || elems + tensors[end].elem_count() <= bucket_elems)
+        {
+            elems += tensors[end].elem_count();
+            end += 1;
+        }
+        out.push(start..end);
+        start = end;
+    }
+    out
 }
 
 /// Each rank's range of a bucket whose tensors have `elems` elements and the given owners

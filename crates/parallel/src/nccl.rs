@@ -4,7 +4,8 @@
 //! NCCL_DEBUG…). Collectives run on the device's stream as candle custom ops, so tensors never
 //! leave the GPU.
 
-use std::sync::Mutex;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
 use candle_core::backend::BackendStorage;
@@ -76,6 +77,55 @@ impl NcclGroup {
         })
     }
 
+    /// Sums a flat f32 bucket over the group.
+    pub fn all_reduce_flat(&self, flat: &Tensor) -> candle_core::Result<Tensor> {
+        self.run(flat, Kind::Sum)
+    }
+
+    /// ZeRO-1's reduce-scatter of a flat f32 bucket whose rank `r` owns `parts[r]` (parts
+    /// adjacent, of any lengths): this rank's part comes back summed over the group, the rest
+    /// as it was. NCCL scatters equal pieces, so each part travels padded to the longest.
+    pub fn reduce_scatter_parts(
+        &self,
+        flat: &Tensor,
+        parts: &[Range<usize>],
+    ) -> candle_core::Result<Tensor> {
+        let Some(longest) = longest_part(parts) else {
+            return Ok(flat.clone());
+        };
+        let padded = parts
+            .iter()
+            .map(|p| pad_to(&flat.narrow(0, p.start, p.len())?, longest))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let mine = self.run(&Tensor::cat(&padded, 0)?, Kind::ReduceScatter)?;
+        let own = &parts[self.rank];
+        let summed = mine.narrow(0, 0, own.len())?;
+        let before = flat.narrow(0, 0, own.start)?;
+        let after = flat.narrow(0, own.end, flat.dim(0)? - own.end)?;
+        Tensor::cat(&[before, summed, after], 0)
+    }
+
+    /// After a ZeRO-1 step: the flat f32 bucket with every rank's part `parts[r]` as that
+    /// rank holds it (padded to the longest part on the wire, as above).
+    pub fn all_gather_parts(
+        &self,
+        flat: &Tensor,
+        parts: &[Range<usize>],
+    ) -> candle_core::Result<Tensor> {
+        let Some(longest) = longest_part(parts) else {
+            return Ok(flat.clone());
+        };
+        let own = &parts[self.rank];
+        let send = pad_to(&flat.narrow(0, own.start, own.len())?, longest)?;
+        let all = self.run(&send, Kind::Gather)?;
+        let pieces = parts
+            .iter()
+            .enumerate()
+            .map(|(r, p)| all.narrow(0, r * longest, p.len()))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Tensor::cat(&pieces, 0)
+    }
+
     fn run(&self, t: &Tensor, kind: Kind) -> candle_core::Result<Tensor> {
         let dtype = t.dtype();
         // NCCL sums f32 here; 16-bit tensors travel widened (exact for bf16 values).
@@ -90,12 +140,29 @@ impl NcclGroup {
     }
 }
 
+/// The longest of `parts`, the length each travels padded to; `None` when all are empty.
+fn longest_part(parts: &[Range<usize>]) -> Option<usize> {
+    parts.iter().map(|p| p.len()).max().filter(|&n| n > 0)
+}
+
+/// `t` (1-D) followed by zeros up to `len` elements.
+fn pad_to(t: &Tensor, len: usize) -> candle_core::Result<Tensor> {
+    let n = t.dim(0)?;
+    if n == len {
+        return Ok(t.clone());
+    }
+    let zeros = Tensor::zeros(len - n, t.dtype(), t.device())?;
+    Tensor::cat(&[t, &zeros], 0)
+}
+
 #[derive(Clone, Copy)]
 enum Kind {
     Sum,
     Max,
     /// Every rank's tensor stacked along dimension 0.
     Gather,
+    /// The sum over the group of this rank's 1/size of the tensor (a flat tensor).
+    ReduceScatter,
 }
 
 struct NcclOp<'a> {
@@ -140,6 +207,20 @@ impl CustomOp1 for NcclOp<'_> {
                 dims[0] *= self.size;
                 Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(dims)))
             }
+            Kind::ReduceScatter => {
+                if n % self.size != 0 {
+                    candle_core::bail!("reduce-scatter of {n} elements over {} ranks", self.size);
+                }
+                // SAFETY: the reduce-scatter writes every element of this rank's piece.
+                let mut out = unsafe { dev.alloc::<f32>(n / self.size)? };
+                self.comm
+                    .reduce_scatter(&src, &mut out, &ReduceOp::Sum)
+                    .map_err(nccl)?;
+                Ok((
+                    CudaStorage::wrap_cuda_slice(out, dev),
+                    Shape::from(n / self.size),
+                ))
+            }
         }
     }
 }
@@ -167,5 +248,31 @@ impl helix_ops::Collective for NcclGroup {
         self.run(&moved, Kind::Gather)?
             .transpose(0, dim)?
             .contiguous()
+    }
+}
+
+/// A rank's NCCL communicators on the job's grid: the same tensor-parallel and data-parallel
+/// groups as the TCP rings of [`crate::Job`], for tensors that live on the GPU.
+pub struct NcclGroups {
+    pub tp: Arc<NcclGroup>,
+    pub dp: NcclGroup,
+}
+
+impl NcclGroups {
+    /// Joins both groups (every rank joins its tensor-parallel group first, so the blocking
+    /// NCCL inits pair up).
+    pub fn join(
+        store: &StoreClient,
+        (tp_name, tp_ranks): (&str, &[usize]),
+        (dp_name, dp_ranks): (&str, &[usize]),
+        me: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let tp = NcclGroup::join(store, tp_name, tp_ranks, me, device)?;
+        let dp = NcclGroup::join(store, dp_name, dp_ranks, me, device)?;
+        Ok(Self {
+            tp: Arc::new(tp),
+            dp,
+        })
     }
 }

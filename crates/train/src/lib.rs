@@ -3,6 +3,7 @@
 //! ([`state`]), signal handling ([`signals`]), and what it shows and writes ([`progress`],
 //! [`plot`] over a small raster canvas). `main.rs` is only the command line over these.
 
+pub mod comm_check;
 pub mod config;
 pub mod gradients;
 pub mod kernel_check;
@@ -15,15 +16,42 @@ pub mod recipe;
 pub mod schedule;
 pub mod signals;
 pub mod state;
+pub mod step_bench;
 
 use candle_core::Device;
 
-/// The device a run computes on: the first GPU when built with `cuda`, else the CPU.
-pub fn device() -> anyhow::Result<Device> {
+/// The device a rank computes on: with `cuda`, GPU `local_rank` — or the only GPU it sees,
+/// when the launcher gives each rank one (srun --gpus-per-task=1, CUDA_VISIBLE_DEVICES);
+/// otherwise the CPU.
+pub fn device(local_rank: usize) -> anyhow::Result<Device> {
     #[cfg(feature = "cuda")]
     {
-        return Ok(Device::new_cuda(0)?);
+        use anyhow::Context;
+        let visible = candle_core::cuda::cudarc::driver::CudaContext::device_count()
+            .map_err(|e| anyhow::anyhow!("counting CUDA devices: {e:?}"))?
+            as usize;
+        let ordinal = match visible {
+            0 => anyhow::bail!("this build computes on a GPU, and none is visible"),
+            1 => 0,
+            n if local_rank < n => local_rank,
+            n => anyhow::bail!(
+                "local rank {local_rank} has no GPU of its own: {n} are visible \
+                 (start at most {n} ranks per node)"
+            ),
+        };
+        return Device::new_cuda(ordinal).with_context(|| format!("opening GPU {ordinal}"));
     }
     #[allow(unreachable_code)]
-    Ok(Device::Cpu)
+    {
+        let _ = local_rank;
+        Ok(Device::Cpu)
+    }
+}
+
+/// "cpu" or "cuda:N", for what a run prints.
+pub fn device_name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        _ => "cpu".into(),
+    }
 }

@@ -6,6 +6,8 @@
 //!   cache, optionally through a LoRA or P-tuning adapter (helix's or PEFT's)
 //! - `export --model DIR [--adapter DIR] --out DIR`   a Hugging Face directory, LoRA merged,
 //!   sharded with an index
+//! - `bench --config FILE [--random-weights]`   one training step timed: tokens/s, MFU, memory
+//! - `comm-check [--tp N]`   the job's collectives checked and timed (under the launcher)
 //! - `data-stats --config FILE | --data FILE --format F --tokenizer DIR`   what the data
 //!   becomes (samples, tokens, truncation, packing, splits), as JSON
 
@@ -151,8 +153,6 @@ enum Command {
         #[arg(long, default_value = "5GB")]
         max_shard_size: String,
     },
-    /// Read, template and tokenize instruction data; print statistics as JSON. Takes the
-    /// `[data]` section of a config, or the flags below.
     /// With --config: an analytic model of one step per GPU on an H100 cluster — memory,
     /// FLOPs, communication, step time — beside the seed's measured NeMo times.
     Plan {
@@ -178,7 +178,52 @@ enum Command {
         #[arg(long, default_value_t = 20)]
         repeats: usize,
     },
-    /// With --config, its [data] section (and model.path for the tokenizer).
+    /// Time one optimizer step (forward, backward, clipping, AdamW) of the configured model
+    /// and method on random tokens: tokens/s, model TFLOP/s, MFU, peak GPU and host memory.
+    Bench {
+        /// Draw the weights for the model's shape (model.preset, else model.path's
+        /// config.json) instead of reading them.
+        #[arg(long)]
+        random_weights: bool,
+        /// Keep only the first N decoder layers.
+        #[arg(long)]
+        layers: Option<usize>,
+        /// Rows per step (default: batch.micro_batch_size).
+        #[arg(long)]
+        rows: Option<usize>,
+        /// Tokens per row (default: data.max_seq_length).
+        #[arg(long)]
+        seq: Option<usize>,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// The peak MFU is taken against, TFLOP/s (H100 SXM dense bf16).
+        #[arg(long, default_value_t = 989.0)]
+        peak_tflops: f64,
+        /// Print one JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every collective of the job (NCCL on GPUs, TCP otherwise) against values each
+    /// rank works out alone, then time an all-reduce per group. Start it like training:
+    /// `helix-train --nproc-per-node N comm-check`, or under srun.
+    CommCheck {
+        /// Tensor-parallel group size; the other ranks form the data-parallel groups.
+        #[arg(long, default_value_t = 1)]
+        tp: usize,
+        /// Size of the timed all-reduce, MiB of f32.
+        #[arg(long, default_value_t = 64.0)]
+        megabytes: f64,
+        /// Timed all-reduces per group (0: no timing).
+        #[arg(long, default_value_t = 20)]
+        repeats: usize,
+        /// Seconds any rank may wait for another.
+        #[arg(long, default_value_t = 60.0)]
+        timeout_s: f64,
+    },
+    /// Read, template and tokenize instruction data; print statistics as JSON. Takes the
+    /// `[data]` section of a config (and model.path for the tokenizer), or the flags below.
     DataStats {
         #[arg(long)]
         data: Option<PathBuf>,
@@ -394,7 +439,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let dir = ModelDir::open(&model)?;
             let codec = TextCodec::open(&model)?;
-            let device = device()?;
+            let device = device(0)?;
             let model = load_model(&dir, adapter.as_deref(), dtype.into(), &device)?;
             let prompt_ids = if chat {
                 let mut messages = Vec::new();
@@ -497,11 +542,51 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::KernelCheck { repeats } => {
-            let device = helix_train::device()?;
+            let device = helix_train::device(0)?;
             if !helix_train::kernel_check::kernel_check(&device, repeats)? {
                 bail!("a fused kernel differs from its reference beyond the tolerance");
             }
             println!("every fused kernel matches its reference");
+            Ok(())
+        }
+        Command::Bench {
+            random_weights,
+            layers,
+            rows,
+            seq,
+            warmup,
+            steps,
+            peak_tflops,
+            json,
+        } => {
+            let (_, cfg) = config()?;
+            let opts = helix_train::step_bench::BenchOptions {
+                rows,
+                seq,
+                layers,
+                random_weights,
+                warmup,
+                steps,
+                peak_tflops,
+                json,
+            };
+            helix_train::step_bench::bench(&cfg, &opts)
+        }
+        Command::CommCheck {
+            tp,
+            megabytes,
+            repeats,
+            timeout_s,
+        } => {
+            let opts = helix_train::comm_check::CommCheckOptions {
+                tp,
+                megabytes,
+                repeats,
+                timeout: std::time::Duration::from_secs_f64(timeout_s),
+            };
+            if !helix_train::comm_check::comm_check(&opts)? {
+                bail!("a collective returned a wrong result");
+            }
             Ok(())
         }
         Command::DataStats {

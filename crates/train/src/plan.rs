@@ -180,20 +180,9 @@ pub fn plan(job: &Job, hw: &Hardware) -> Result<Plan> {
     };
     let total_bytes = weights_bytes + grads_bytes + optimizer_held + activation_bytes;
 
-    // FLOPs (PaLM's accounting): per token 2·N forward, 2·N for input gradients, 2·N for weight
-    // gradients (full SFT only: the frozen base of LoRA / P-tuning has none), and 12·L·h·s for
-    // attention's scores and values, forward and backward.
-    // The embedding lookup does no matmul; a tied embedding is also the head, which does.
-    let lookup = if m.tie_word_embeddings {
-        0.0
-    } else {
-        m.vocab_size as f64 * h
-    };
-    let matmul_params = total - norms - lookup;
-    let per_token = match job.method {
-        Method::FullSft => 6.0 * matmul_params,
-        _ => 4.0 * matmul_params,
-    } + 12.0 * l * h * s;
+    // FLOPs (PaLM's accounting, attention counted whole as the literature compares it).
+    let per_token = model_flops_per_token(m, &job.method, job.tokens_per_sample, false);
+    let matmul_params = matmul_parameters(m);
     let tokens = (job.global_batch * job.tokens_per_sample) as f64;
     let flops_per_gpu = per_token * tokens / gpus as f64;
     // Recomputation runs the decoder layers' forward (not the head's) once more: work the GPU
@@ -279,6 +268,34 @@ fn nic_per_gpu(hw: &Hardware) -> f64 {
 }
 
 /// The plan as a person reads it, with the comparison and what explains it.
+/// The weights that multiply: all but the norms and the embedding lookup (a tied embedding is
+/// also the head, which does multiply).
+pub fn matmul_parameters(m: &LlamaConfig) -> f64 {
+    let h = m.hidden_size as f64;
+    let norms = (2 * m.num_hidden_layers + 1) as f64 * h;
+    let lookup = match m.tie_word_embeddings {
+        true => 0.0,
+        false => m.vocab_size as f64 * h,
+    };
+    m.num_parameters() as f64 - norms - lookup
+}
+
+/// Model FLOPs of one token of a training step (what MFU counts), PaLM's accounting: 2·N
+/// forward and 2·N for the input gradients over the N matmul weights, 2·N more for weight
+/// gradients under full SFT only (LoRA's and P-tuning's frozen base has none; their adapters
+/// are a rounding error), plus attention's scores and values — 4·L·h·s forward, three times that
+/// with the backward: 12·L·h·s, or half of it, 6·L·h·s, counting only the causal half.
+pub fn model_flops_per_token(m: &LlamaConfig, method: &Method, seq: usize, causal: bool) -> f64 {
+    let (h, l) = (m.hidden_size as f64, m.num_hidden_layers as f64);
+    let matmul = matmul_parameters(m);
+    let weights = match method {
+        Method::FullSft => 6.0 * matmul,
+        _ => 4.0 * matmul,
+    };
+    let attention = 12.0 * l * h * seq as f64;
+    weights + if causal { attention / 2.0 } else { attention }
+}
+
 pub fn render(job: &Job, hw: &Hardware, p: &Plan) -> String {
     let gib = |b: f64| b / (1u64 << 30) as f64;
     let mut s = String::new();

@@ -56,7 +56,7 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
     cfg.validate_training(1)?;
     let t = &cfg.trainer;
     // 0. The job: rank 0 serves the rendezvous; every rank joins the data-parallel ring.
-    let job = Job::from_env(
+    let mut job = Job::from_env(
         Duration::from_secs_f64(cfg.parallel.timeout_s),
         cfg.parallel.tensor_parallel,
     )?;
@@ -67,7 +67,8 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
             eprintln!("{msg}")
         }
     };
-    let device = crate::device()?;
+    let device = crate::device(job.local_rank)?;
+    job.use_device(&device)?;
     std::fs::create_dir_all(&t.output_dir)
         .with_context(|| format!("cannot create {}", t.output_dir.display()))?;
 
@@ -145,11 +146,13 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
     let resumed_from = step;
     say(format!(
         "{total_steps} steps of {accumulation} micro-batch(es) × {} rows × {} data-parallel \
-         rank(s), tensor parallel {}; {} micro-batches per epoch; optimizer state {} on this \
-         rank{}; checkpoints in {}",
+         rank(s), tensor parallel {}, on {} (collectives: {}); {} micro-batches per epoch; \
+         optimizer state {} on this rank{}; checkpoints in {}",
         cfg.batch.micro_batch_size,
         job.dp.size,
         job.tp.size,
+        crate::device_name(&device),
+        job.backend(),
         stream.steps_per_epoch(),
         helix_peft::human_bytes(optimizer.state_bytes()),
         if optimizer.is_sharded() {
@@ -311,7 +314,7 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
 /// configured (fresh adapters, or `init_from`), or with a checkpoint's trainable tensors.
 pub fn evaluate(cfg: &ConfigFile, config_path: &Path, checkpoint: Option<&Path>) -> Result<f64> {
     cfg.validate_training(1)?;
-    let device = crate::device()?;
+    let device = crate::device(0)?;
     let method = cfg.method()?;
     let model_dir = ModelDir::open(model_path(cfg))?;
     let job = Job::single(Duration::from_secs_f64(cfg.parallel.timeout_s));

@@ -5,6 +5,21 @@ use std::path::Path;
 
 use helix_train::config::ConfigFile;
 
+/// `helix-train ARGS` in `dir`; its stdout, after asserting that it succeeded.
+fn helix_train_ok(dir: &Path, args: &[&str]) -> String {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_helix-train"))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
 #[test]
 fn every_shipped_config_is_valid() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
@@ -48,17 +63,18 @@ fn plan_reports_every_cluster_config() {
         ("lora70b", true),
         ("ptuning7b", false),
     ] {
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_helix-train"))
-            .args(["plan", "--config", &format!("configs/{name}.toml")])
-            .args(["--nodes", "1", "--gpus-per-node", "8"])
-            .current_dir(&dir)
-            .output()
-            .unwrap();
-        let out = String::from_utf8_lossy(&o.stdout);
-        assert!(
-            o.status.success(),
-            "{name}: {}",
-            String::from_utf8_lossy(&o.stderr)
+        let config = format!("configs/{name}.toml");
+        let out = helix_train_ok(
+            &dir,
+            &[
+                "plan",
+                "--config",
+                &config,
+                "--nodes",
+                "1",
+                "--gpus-per-node",
+                "8",
+            ],
         );
         for want in ["memory per GPU", "PFLOP per GPU per step", "predicted step"] {
             assert!(out.contains(want), "{name}: {out}");
@@ -68,5 +84,45 @@ fn plan_reports_every_cluster_config() {
             measured,
             "{name}: {out}"
         );
+    }
+}
+
+/// The GPU benchmark's configs (configs/bench/) run `helix-train bench` on a sliver of their
+/// shape: one layer, four tokens, random weights (SFT's only parses: AdamW over even one
+/// layer and the 7B embeddings takes half a minute on a CPU).
+#[test]
+fn bench_configs_run_one_step_of_one_layer() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let sft = ConfigFile::load(&dir.join("configs/bench/sft7b.toml")).unwrap();
+    assert_eq!(sft.method().unwrap().name(), "sft");
+    for (name, method) in [("lora7b", "lora")] {
+        let config = format!("configs/bench/{name}.toml");
+        let out = helix_train_ok(
+            &dir,
+            &[
+                "bench",
+                "--config",
+                &config,
+                "--random-weights",
+                "--layers",
+                "1",
+                "--seq",
+                "4",
+                "--json",
+                "--warmup",
+                "0",
+                "--steps",
+                "1",
+            ],
+        );
+        let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(report["method"], method, "{out}");
+        assert_eq!(
+            (report["layers"].as_u64(), report["dtype"].as_str()),
+            (Some(1), Some("bf16"))
+        );
+        let loss = report["losses"][0].as_f64().unwrap();
+        // Random weights of spread 0.02 predict about uniformly over the 32,000 tokens.
+        assert!((loss - 32000f64.ln()).abs() < 2.0, "{name}: loss {loss}");
     }
 }

@@ -542,3 +542,36 @@ fn zero1_halves_optimizer_state_and_matches_one_process() {
         println!("{method}: ZeRO-1 on TP=2 × DP=2: worst relative Δ loss {worst:.2e}");
     }
 }
+
+#[test]
+fn comm_check_finds_every_collective_exact_on_a_two_by_two_grid() {
+    let port = free_port().to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_helix-train"))
+        .args(["--nproc-per-node", "4", "--master-port", &port])
+        .args([
+            "comm-check",
+            "--tp",
+            "2",
+            "--megabytes",
+            "1",
+            "--repeats",
+            "3",
+        ])
+        .env_remove("RANK")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}\n{err}");
+    assert!(
+        text.contains("tensor parallel 2 × data parallel 2, collectives over tcp"),
+        "{text}"
+    );
+    assert!(text.contains("every result exact"), "{text}");
+    for group in ["tp", "dp"] {
+        assert!(
+            text.contains(&format!("{group} all-reduce of 1.0 MiB over 2 rank(s)")),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# On the GPU machine, after scripts/gpu-check.sh has unpacked dist/helix-train: helix against
+# transformers + PEFT on the same GPU in one command, PyTorch before and after helix so a drift
+# in the machine shows. The Llama-2-7B shape with random bf16 weights, one row of SEQ tokens:
+#   1. LoRA (configs/bench/lora7b.toml: r 8, alpha 16, the seven projections): tokens/s, MFU and
+#      peak GPU memory of both, and the helix / PyTorch ratios;
+#   2. full SFT cut to SFT_LAYERS decoder layers (configs/bench/sft7b.toml): helix's MFU, and
+#      PyTorch's for reference.
+# MFU counts model FLOPs per token 4N (LoRA) or 6N (SFT) + 6·L·h·s (causal attention) against
+# 989 TFLOP/s; both sides print the same JSON keys (helix-train bench --json).
+# Usage: scripts/gpu-bench.sh [SEQ=2048] [SFT_LAYERS=8] [STEPS=5]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seq=${1:-2048}
+sft_layers=${2:-8}
+steps=${3:-5}
+bin=dist/helix-train
+if [ ! -x "$bin" ]; then
+  gzip -dc "$bin.gz" > "$bin"
+  chmod +x "$bin"
+fi
+site=$(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))')
+libs=$(find "$site/nvidia" -maxdepth 3 -type d -name lib | tr '\n' ':')
+export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:-}"
+out=${OUT:-/tmp}/gpu-bench
+mkdir -p "$out"
+torch_lora() { python3 scripts/gpu_step_pytorch.py --method lora --seq "$seq" --steps "$steps"; }
+
+echo "== LoRA, Llama-2-7B shape, 1 x $seq tokens, bf16"
+torch_lora | tee "$out/torch-lora-1.json"
+"$bin" bench --config configs/bench/lora7b.toml --random-weights --seq "$seq" --steps "$steps" \
+  --json | tee "$out/helix-lora.json"
+torch_lora | tee "$out/torch-lora-2.json"
+
+echo "== full SFT, the first $sft_layers layers of the Llama-2-7B shape, 1 x $seq tokens"
+"$bin" bench --config configs/bench/sft7b.toml --random-weights --layers "$sft_layers" \
+  --seq "$seq" --steps "$steps" --json | tee "$out/helix-sft.json" || echo "helix SFT failed"
+python3 scripts/gpu_step_pytorch.py --method sft --layers "$sft_layers" --seq "$seq" \
+  --steps "$steps" | tee "$out/torch-sft.json" || echo "PyTorch SFT failed"
+
+python3 - "$out" <<'PY'
+import json, os, sys
+out = sys.argv[1]
+def load(name):
+    path = os.path.join(out, name)
+    try:
+        return json.load(open(path))
+    except (OSError, ValueError):
+        return None
+t1, h, t2 = load("torch-lora-1.json"), load("helix-lora.json"), load("torch-lora-2.json")
+gib = lambda b: b / 2**30
+tps = (t1["tokens_per_s"] + t2["tokens_per_s"]) / 2
+mem = max(t1["peak_device_bytes"], t2["peak_device_bytes"])
+print(f"LoRA 7B: helix {h['tokens_per_s']:.0f} tokens/s, MFU {100*h['mfu']:.1f} %, peak GPU "
+      f"{gib(h['peak_device_bytes']):.1f} GiB | PyTorch {tps:.0f} tokens/s (runs "
+      f"{t1['tokens_per_s']:.0f}, {t2['tokens_per_s']:.0f}), MFU {100*(t1['mfu']+t2['mfu'])/2:.1f} %, "
+      f"peak GPU {gib(mem):.1f} GiB")
+print(f"LoRA 7B: helix / PyTorch tokens/s = {h['tokens_per_s']/tps:.2f} (goal >= 1.3); "
+      f"peak memory helix / PyTorch = {h['peak_device_bytes']/mem:.2f} (goal <= 1.0); "
+      f"MFU {100*h['mfu']:.1f} % (goal >= 45 %)")
+s, ts = load("helix-sft.json"), load("torch-sft.json")
+if s:
+    line = (f"SFT 7B shape, {s['layers']} layers: helix {s['tokens_per_s']:.0f} tokens/s, MFU "
+            f"{100*s['mfu']:.1f} % (goal >= 45 %), peak GPU {gib(s['peak_device_bytes']):.1f} GiB")
+    if ts:
+        line += (f" | PyTorch {ts['tokens_per_s']:.0f} tokens/s, MFU {100*ts['mfu']:.1f} %, "
+                 f"peak GPU {gib(ts['peak_device_bytes']):.1f} GiB")
+    print(line)
+PY
