@@ -2,6 +2,8 @@
 //! plain CPU reference written as loops over rows (src/*.rs): RMSNorm ([`rms_norm`]), SwiGLU
 //! ([`swiglu`]) and rotary embeddings ([`rope`]). Each is a candle custom op whose backward is
 //! another custom op of the same kernel file, so candle's autograd sees one node per fused op.
+//! Causal attention in the FlashAttention-2 manner has its CPU reference so far
+//! ([`flash_attention`]): no custom op or CUDA kernel yet.
 //!
 //! Storage is f32, bf16 or f16; arithmetic is f32, rounding intermediates to the storage type
 //! exactly where PyTorch's unfused ops store them, so bf16 runs stay close to transformers'.
@@ -10,6 +12,7 @@
 
 pub mod check;
 mod elem;
+pub mod flash_attention;
 mod rms_norm;
 mod rope;
 mod swiglu;
