@@ -136,7 +136,7 @@ pub fn tolerance(dtype: DType) -> f32 {
 }
 
 /// Deterministic values in [-1, 1) (xorshift), the same on every machine.
-fn seeded(seed: u64, n: usize) -> Vec<f64> {
+pub(crate) fn seeded(seed: u64, n: usize) -> Vec<f64> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..n)
         .map(|_| {

@@ -165,7 +165,7 @@ pub fn bench(cfg: &ConfigFile, opts: &BenchOptions) -> Result<()> {
         activation_checkpointing: cfg.trainer.activation_checkpointing,
     };
     let summary = model.summary();
-    let memory = MemoryPeak::start(&device)?;
+    let memory = MemoryPeak::start(&device);
     let mut bench = StepBench::new(model, rows, seq, grad_opts)?;
     if !opts.json {
         println!(
@@ -200,6 +200,7 @@ pub fn bench(cfg: &ConfigFile, opts: &BenchOptions) -> Result<()> {
         }
     }
     let peak_device = memory.finish();
+    let peak_host = crate::progress::peak_host_memory();
     let mut sorted = times.clone();
     sorted.sort_by(f64::total_cmp);
     let median = sorted[sorted.len() / 2];
@@ -223,7 +224,7 @@ pub fn bench(cfg: &ConfigFile, opts: &BenchOptions) -> Result<()> {
         "mfu": tflops / opts.peak_tflops,
         "peak_tflops": opts.peak_tflops,
         "peak_device_bytes": peak_device,
-        "peak_host_bytes": crate::progress::peak_host_memory(),
+        "peak_host_bytes": peak_host,
         "losses": losses,
     });
     if opts.json {
@@ -257,7 +258,7 @@ pub fn bench(cfg: &ConfigFile, opts: &BenchOptions) -> Result<()> {
             helix_peft::human_bytes(bytes as usize)
         );
     }
-    if let Some(bytes) = crate::progress::peak_host_memory() {
+    if let Some(bytes) = peak_host {
         println!(
             "peak host memory: {}",
             helix_peft::human_bytes(bytes as usize)
@@ -275,7 +276,7 @@ struct MemoryPeak {
 }
 
 impl MemoryPeak {
-    fn start(device: &Device) -> Result<Self> {
+    fn start(device: &Device) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let peak = Arc::new(AtomicU64::new(0));
         let thread = match device {
@@ -294,7 +295,7 @@ impl MemoryPeak {
             }
             _ => None,
         };
-        Ok(Self { stop, peak, thread })
+        Self { stop, peak, thread }
     }
 
     fn finish(mut self) -> Option<u64> {
