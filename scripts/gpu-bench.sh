@@ -27,10 +27,10 @@ mkdir -p "$out"
 torch_lora() { python3 scripts/gpu_step_pytorch.py --method lora --seq "$seq" --steps "$steps"; }
 
 echo "== LoRA, Llama-2-7B shape, 1 x $seq tokens, bf16"
-torch_lora | tee "$out/torch-lora-1.json"
+torch_lora | tee "$out/torch-lora-1.json" || echo "PyTorch LoRA failed"
 "$bin" bench --config configs/bench/lora7b.toml --random-weights --seq "$seq" --steps "$steps" \
-  --json | tee "$out/helix-lora.json"
-torch_lora | tee "$out/torch-lora-2.json"
+  --json | tee "$out/helix-lora.json" || echo "helix LoRA failed"
+torch_lora | tee "$out/torch-lora-2.json" || echo "PyTorch LoRA failed"
 
 echo "== full SFT, the first $sft_layers layers of the Llama-2-7B shape, 1 x $seq tokens"
 "$bin" bench --config configs/bench/sft7b.toml --random-weights --layers "$sft_layers" \
@@ -49,15 +49,18 @@ def load(name):
         return None
 t1, h, t2 = load("torch-lora-1.json"), load("helix-lora.json"), load("torch-lora-2.json")
 gib = lambda b: b / 2**30
-tps = (t1["tokens_per_s"] + t2["tokens_per_s"]) / 2
-mem = max(t1["peak_device_bytes"], t2["peak_device_bytes"])
-print(f"LoRA 7B: helix {h['tokens_per_s']:.0f} tokens/s, MFU {100*h['mfu']:.1f} %, peak GPU "
-      f"{gib(h['peak_device_bytes']):.1f} GiB | PyTorch {tps:.0f} tokens/s (runs "
-      f"{t1['tokens_per_s']:.0f}, {t2['tokens_per_s']:.0f}), MFU {100*(t1['mfu']+t2['mfu'])/2:.1f} %, "
-      f"peak GPU {gib(mem):.1f} GiB")
-print(f"LoRA 7B: helix / PyTorch tokens/s = {h['tokens_per_s']/tps:.2f} (goal >= 1.3); "
-      f"peak memory helix / PyTorch = {h['peak_device_bytes']/mem:.2f} (goal <= 1.0); "
-      f"MFU {100*h['mfu']:.1f} % (goal >= 45 %)")
+if not (t1 and h and t2):
+    print(f"LoRA 7B: no comparison (PyTorch {bool(t1)}/{bool(t2)}, helix {bool(h)})")
+else:
+    tps = (t1["tokens_per_s"] + t2["tokens_per_s"]) / 2
+    mem = max(t1["peak_device_bytes"], t2["peak_device_bytes"])
+    print(f"LoRA 7B: helix {h['tokens_per_s']:.0f} tokens/s, MFU {100*h['mfu']:.1f} %, peak GPU "
+          f"{gib(h['peak_device_bytes']):.1f} GiB | PyTorch {tps:.0f} tokens/s (runs "
+          f"{t1['tokens_per_s']:.0f}, {t2['tokens_per_s']:.0f}), MFU {100*(t1['mfu']+t2['mfu'])/2:.1f} %, "
+          f"peak GPU {gib(mem):.1f} GiB")
+    print(f"LoRA 7B: helix / PyTorch tokens/s = {h['tokens_per_s']/tps:.2f} (goal >= 1.3); "
+          f"peak memory helix / PyTorch = {h['peak_device_bytes']/mem:.2f} (goal <= 1.0); "
+          f"MFU {100*h['mfu']:.1f} % (goal >= 45 %)")
 s, ts = load("helix-sft.json"), load("torch-sft.json")
 if s:
     line = (f"SFT 7B shape, {s['layers']} layers: helix {s['tokens_per_s']:.0f} tokens/s, MFU "

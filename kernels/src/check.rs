@@ -39,6 +39,8 @@ pub fn cases() -> Vec<Case> {
             ("swiglu", vec![2, 256, 11008]),
             ("rope", vec![2, 3, 5, 8]),
             ("rope", vec![2, 32, 256, 128]),
+            ("attention_softmax", vec![2, 3, 5, 37]),
+            ("attention_softmax", vec![1, 32, 128, 2048]),
         ] {
             out.push(Case { op, dtype, dims });
         }
@@ -98,6 +100,7 @@ pub fn run(case: &Case, implementation: Implementation, device: &Device) -> Resu
             };
             (y, vec![x], vec!["dx"])
         }
+        "attention_softmax" => return attention_softmax(case, implementation, &input),
         other => candle_core::bail!("no op {other}"),
     };
     let r = input(7, y.dims(), 1.0)?.to_dtype(DType::F32)?;
@@ -110,6 +113,58 @@ pub fn run(case: &Case, implementation: Implementation, device: &Device) -> Resu
         tensors.push((name, g.to_dtype(DType::F32)?.to_device(&Device::Cpu)?));
     }
     Ok(Outputs { tensors })
+}
+
+/// Makes a case's seeded input: (seed, dims, scale) → a tensor in the case's dtype and device.
+type SeededInput<'a> = dyn Fn(u64, &[usize], f64) -> Result<Tensor> + 'a;
+
+/// The three forward-only kernels of `attention_softmax` on scores [B, H, R, K] under a causal
+/// mask (query r sees keys up to K − R + r): the row log-sum-exps, the probabilities and the
+/// scores' gradient, against the same written with candle ops in f32.
+fn attention_softmax(
+    case: &Case,
+    implementation: Implementation,
+    input: &SeededInput<'_>,
+) -> Result<Outputs> {
+    let dims = &case.dims[..];
+    let (b, h, r, k) = (dims[0], dims[1], dims[2], dims[3]);
+    let s = input(8, dims, 40.0)?;
+    let dp = input(9, dims, 1.0)?;
+    let d = input(10, &[b, h, r, 1], 0.5)?.to_dtype(DType::F32)?;
+    let blocked: Vec<f32> = (0..b * r * k)
+        .map(|i| match (i % k) <= k - r + (i / k) % r {
+            true => 0.0,
+            false => -1e30,
+        })
+        .collect();
+    let bias = Tensor::from_vec(blocked, (b, 1, r, k), s.device())?.to_dtype(case.dtype)?;
+    // A head dimension of 128: logits within ±3.5, far from a uniform softmax.
+    let scale = 1.0 / 128f64.sqrt();
+    let (lse, p, ds) = match implementation {
+        Implementation::Fused => {
+            use crate::attention_softmax::{probs, row_lse, softmax_grad};
+            let lse = row_lse(&s, &bias, scale)?;
+            let p = probs(&s, &bias, &lse, scale)?;
+            let ds = softmax_grad(&p, &dp, &d, scale)?;
+            (lse, p, ds)
+        }
+        Implementation::Unfused => {
+            let v =
+                (s.to_dtype(DType::F32)? * scale)?.broadcast_add(&bias.to_dtype(DType::F32)?)?;
+            let max = v.max_keepdim(D::Minus1)?;
+            let sum = v.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?;
+            let lse = (max + sum.log()?)?;
+            let p = v.broadcast_sub(&lse)?.exp()?.to_dtype(case.dtype)?;
+            let ds = ((p.to_dtype(DType::F32)? * dp.to_dtype(DType::F32)?.broadcast_sub(&d)?)?
+                * scale)?
+                .to_dtype(case.dtype)?;
+            (lse, p, ds)
+        }
+    };
+    let cpu = |t: Tensor| t.to_dtype(DType::F32)?.to_device(&Device::Cpu);
+    Ok(Outputs {
+        tensors: vec![("lse", cpu(lse)?), ("p", cpu(p)?), ("ds", cpu(ds)?)],
+    })
 }
 
 /// How far `got` is from `want`, tensor by tensor: (name, max |got − want|, max |want|).

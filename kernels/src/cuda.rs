@@ -27,6 +27,111 @@ pub(crate) const ROPE: Module = Module {
     ptx: include_str!(concat!(env!("OUT_DIR"), "/rope.ptx")),
 };
 
+pub(crate) const ATTENTION_SOFTMAX: Module = Module {
+    name: "helix_attention_softmax",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/attention_softmax.ptx")),
+};
+
+/// The arguments of the attention-softmax kernels (kernels/cuda/attention_softmax.cu): inputs
+/// in the storage type, then f32 inputs, then the output, then the sizes.
+pub(crate) struct AttentionArgs<'a> {
+    pub typed: Vec<(&'a CudaStorage, &'a Layout)>,
+    pub f32s: Vec<(&'a CudaStorage, &'a Layout)>,
+    /// One f32 per row (`attn_row_lse`) rather than rows × keys in the storage type.
+    pub out_f32: bool,
+    pub rows: usize,
+    pub keys: usize,
+    pub heads: usize,
+    pub q_rows: usize,
+    pub scale: f32,
+}
+
+/// Runs `attn_row_lse`, `attn_probs` or `attn_softmax_grad` (their dtype suffix added).
+pub(crate) fn attention(function: &str, args: AttentionArgs) -> Result<CudaStorage> {
+    match args.typed[0].0.dtype() {
+        DType::F32 => attention_typed::<f32>(&format!("{function}_f32"), args),
+        DType::BF16 => attention_typed::<half::bf16>(&format!("{function}_bf16"), args),
+        DType::F16 => attention_typed::<half::f16>(&format!("{function}_f16"), args),
+        other => candle_core::bail!("{function}: no kernel for {other:?}"),
+    }
+}
+
+fn views<'a, T: CudaDType + DeviceRepr>(
+    function: &str,
+    inputs: &[(&'a CudaStorage, &'a Layout)],
+) -> Result<Vec<CudaView<'a, T>>> {
+    inputs
+        .iter()
+        .map(|(s, l)| match l.contiguous_offsets() {
+            Some((a, b)) => Ok(s.as_cuda_slice::<T>()?.slice(a..b)),
+            None => candle_core::bail!("{function}: inputs must be contiguous"),
+        })
+        .collect()
+}
+
+fn attention_typed<T: CudaDType + DeviceRepr>(
+    function: &str,
+    a: AttentionArgs,
+) -> Result<CudaStorage> {
+    let dev: CudaDevice = a.typed[0].0.device.clone();
+    let func =
+        dev.get_or_load_custom_func(function, ATTENTION_SOFTMAX.name, ATTENTION_SOFTMAX.ptx)?;
+    let typed = views::<T>(function, &a.typed)?;
+    let f32s = views::<f32>(function, &a.f32s)?;
+    let n = a.rows * a.keys;
+    let (keys, heads, q_rows, n64) = (a.keys as i32, a.heads as i32, a.q_rows as i32, n as i64);
+    // SAFETY: each kernel writes every element of its output.
+    let (out_f32, out_t) = match a.out_f32 {
+        true => (Some(unsafe { dev.alloc::<f32>(a.rows)? }), None),
+        false => (None, Some(unsafe { dev.alloc::<T>(n)? })),
+    };
+    let mut b = func.builder();
+    for v in &typed {
+        b.arg(v);
+    }
+    for v in &f32s {
+        b.arg(v);
+    }
+    if let Some(o) = &out_f32 {
+        b.arg(o);
+    }
+    if let Some(o) = &out_t {
+        b.arg(o);
+    }
+    let elements = LaunchConfig {
+        grid_dim: (n.div_ceil(256).clamp(1, 1 << 16) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let cfg = if function.starts_with("attn_row_lse") {
+        b.arg(&keys).arg(&heads).arg(&q_rows).arg(&a.scale);
+        LaunchConfig {
+            grid_dim: (a.rows as u32, 1, 1),
+            block_dim: (a.keys.div_ceil(32).clamp(1, 32) as u32 * 32, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    } else if function.starts_with("attn_probs") {
+        b.arg(&n64)
+            .arg(&keys)
+            .arg(&heads)
+            .arg(&q_rows)
+            .arg(&a.scale);
+        elements
+    } else {
+        b.arg(&n64).arg(&keys).arg(&a.scale);
+        elements
+    };
+    if n > 0 {
+        // SAFETY: the argument list matches the kernel's signature (attention_softmax.cu).
+        unsafe { b.launch(cfg) }.w()?;
+    }
+    Ok(match (out_f32, out_t) {
+        (Some(o), _) => CudaStorage::wrap_cuda_slice(o, dev),
+        (_, Some(o)) => CudaStorage::wrap_cuda_slice(o, dev),
+        _ => unreachable!("one output is allocated"),
+    })
+}
+
 /// How a kernel covers its output.
 pub(crate) enum Grid {
     /// One block per row of `cols` (RMSNorm); the kernel takes `(inputs…, out, cols: i32, eps: f32)`.
@@ -67,13 +172,7 @@ fn typed<T: CudaDType + DeviceRepr>(
 ) -> Result<CudaStorage> {
     let dev: CudaDevice = inputs[0].0.device.clone();
     let func = dev.get_or_load_custom_func(function, module.name, module.ptx)?;
-    let views = inputs
-        .iter()
-        .map(|(s, l)| match l.contiguous_offsets() {
-            Some((a, b)) => Ok(s.as_cuda_slice::<T>()?.slice(a..b)),
-            None => candle_core::bail!("{function}: inputs must be contiguous"),
-        })
-        .collect::<Result<Vec<CudaView<T>>>>()?;
+    let views = views::<T>(function, inputs)?;
     // SAFETY: the kernel writes every one of the out_len elements.
     let out = unsafe { dev.alloc::<T>(out_len)? };
     let mut args = func.builder();

@@ -2,14 +2,17 @@
 //! plain CPU reference written as loops over rows (src/*.rs): RMSNorm ([`rms_norm`]), SwiGLU
 //! ([`swiglu`]) and rotary embeddings ([`rope`]). Each is a candle custom op whose backward is
 //! another custom op of the same kernel file, so candle's autograd sees one node per fused op.
-//! Causal attention in the FlashAttention-2 manner has its CPU reference so far
-//! ([`flash_attention`]): no custom op or CUDA kernel yet.
+//! Causal attention runs the FlashAttention-2 algorithm a chunk of query rows at a time in
+//! `helix_ops::causal_attention`, its matmuls on cuBLAS and its softmax, forward and backward,
+//! in the kernels of [`attention_softmax`]; [`flash_attention`] is the tile-by-tile CPU
+//! reference of the whole algorithm, checked against the full score matrix in f64.
 //!
 //! Storage is f32, bf16 or f16; arithmetic is f32, rounding intermediates to the storage type
 //! exactly where PyTorch's unfused ops store them, so bf16 runs stay close to transformers'.
 //! The CPU path trains with the references; on the GPU `helix-train kernel-check` compares the
 //! CUDA kernels with them (scripts/gpu-check.sh).
 
+pub mod attention_softmax;
 pub mod check;
 mod elem;
 pub mod flash_attention;

@@ -1,7 +1,10 @@
 //! Causal self-attention with grouped-query heads, padding and packed-sequence masks.
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor, D};
 
+use helix_kernels::attention_softmax as softmax;
+
+use crate::backward::{with_backward3, Grads3};
 use crate::softmax_last_dim;
 
 /// What a query may see, described on the host: causal order, key padding and document
@@ -78,8 +81,247 @@ pub fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
 }
 
 /// softmax(q kᵀ / sqrt(d) + bias) v for q [B, Hq, S, D], k and v [B, Hkv, Skv, D], Hq a
-/// multiple of Hkv; bias from [`attention_bias`]. Returns [B, Hq, S, D].
+/// multiple of Hkv, bias from [`attention_bias`] (causal: query i sees keys up to
+/// Skv − S + i). Returns [B, Hq, S, D].
+///
+/// Computed the FlashAttention-2 way at the level of whole matmuls: query rows go in chunks, so
+/// the S × S scores are never held for more than one chunk, and only the output and each row's
+/// log-sum-exp are kept for the backward, which recomputes the chunk's probabilities from them.
+/// A chunk reads only the keys its last query can see, and grouped-query heads share their KV
+/// head without copies. So the graph keeps q, k, v and the output per layer instead of several
+/// S × S tensors. [`plain_causal_attention`] is the same function written with candle's
+/// autograd: its reference in the tests.
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    let dims = Chunking::of(q, k, bias, None)?;
+    chunked_attention(dims, q, k, v, bias)
+}
+
+/// [`causal_attention`] in chunks of `rows` query rows (the tests cut small inputs into many).
+#[cfg(test)]
+pub(crate) fn causal_attention_in_chunks(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+    rows: usize,
+) -> Result<Tensor> {
+    let dims = Chunking::of(q, k, bias, Some(rows))?;
+    chunked_attention(dims, q, k, v, bias)
+}
+
+fn chunked_attention(
+    dims: Chunking,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    bias: &Tensor,
+) -> Result<Tensor> {
+    let q_ = q.detach().contiguous()?;
+    let k_ = k.detach().contiguous()?;
+    let v_ = v.detach().contiguous()?;
+    let bias = bias.detach();
+    let (mut outs, mut lses) = (Vec::new(), Vec::new());
+    for (r0, rows) in dims.chunks() {
+        let c = dims.chunk((&q_, &k_, &v_), &bias, r0, rows)?;
+        let scores = c.scores()?;
+        let lse = softmax::row_lse(&scores, &c.bias, dims.scale())?;
+        let probs = softmax::probs(&scores, &c.bias, &lse, dims.scale())?;
+        outs.push(c.times_values(&probs)?);
+        lses.push(lse);
+    }
+    let out = Tensor::cat(&outs, 2)?;
+    let lse = Tensor::cat(&lses, 2)?;
+    let saved = out.clone();
+    with_backward3((q, k, v), out, move |dout, _| {
+        dims.backward((&q_, &k_, &v_), &bias, &saved, &lse, dout)
+    })
+}
+
+/// How [`causal_attention`] cuts one call into query chunks.
+#[derive(Debug, Clone, Copy)]
+struct Chunking {
+    batch: usize,
+    q_heads: usize,
+    kv_heads: usize,
+    q_len: usize,
+    kv_len: usize,
+    head_dim: usize,
+    /// Query rows per chunk.
+    rows: usize,
+}
+
+/// Score elements per chunk (all heads): 64 Mi, 256 MiB per f32 score-sized tensor (Llama 2 7B
+/// at 2048 tokens: 1024 query rows, two chunks). Fewer, larger chunks launch fewer kernels.
+const CHUNK_SCORES: usize = 1 << 26;
+
+impl Chunking {
+    fn of(q: &Tensor, k: &Tensor, bias: &Tensor, rows: Option<usize>) -> Result<Self> {
+        let (batch, q_heads, q_len, head_dim) = q.dims4()?;
+        let (kb, kv_heads, kv_len, kd) = k.dims4()?;
+        if kb != batch || kd != head_dim {
+            candle_core::bail!("attention: q {:?} and k {:?} disagree", q.dims(), k.dims());
+        }
+        if kv_heads == 0 || q_heads % kv_heads != 0 {
+            candle_core::bail!(
+                "attention: {q_heads} query heads is not a multiple of {kv_heads} kv heads"
+            );
+        }
+        if kv_len < q_len {
+            candle_core::bail!("attention: {q_len} queries but only {kv_len} keys");
+        }
+        if bias.dims() != [batch, 1, q_len, kv_len] {
+            candle_core::bail!(
+                "attention: bias {:?}, expected {:?}",
+                bias.dims(),
+                [batch, 1, q_len, kv_len]
+            );
+        }
+        let rows = rows
+            .unwrap_or(CHUNK_SCORES / (batch * q_heads * kv_len).max(1))
+            .clamp(1, q_len.max(1));
+        Ok(Self {
+            batch,
+            q_heads,
+            kv_heads,
+            q_len,
+            kv_len,
+            head_dim,
+            rows,
+        })
+    }
+
+    /// (first row, rows) of each chunk.
+    fn chunks(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        (0..self.q_len)
+            .step_by(self.rows)
+            .map(|r0| (r0, self.rows.min(self.q_len - r0)))
+    }
+
+    /// The tensors of one chunk: its queries grouped under their KV head, the keys and values
+    /// the chunk can see, its bias.
+    fn chunk(
+        &self,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        bias: &Tensor,
+        r0: usize,
+        rows: usize,
+    ) -> Result<Chunk> {
+        // Causal: the chunk's last query, at key index kv_len − q_len + r0 + rows − 1, is the
+        // last to see anything.
+        let keys = self.kv_len - self.q_len + r0 + rows;
+        Ok(Chunk {
+            q: self.grouped(&q.narrow(2, r0, rows)?)?,
+            k: k.narrow(2, 0, keys)?.contiguous()?,
+            v: v.narrow(2, 0, keys)?.contiguous()?,
+            bias: bias
+                .narrow(2, r0, rows)?
+                .narrow(3, 0, keys)?
+                .to_dtype(q.dtype())?
+                .contiguous()?,
+            dims: *self,
+            rows,
+            keys,
+        })
+    }
+
+    /// [B, Hq, n, X] → [B, Hkv, Hq/Hkv · n, X]: the query heads that share a KV head become
+    /// rows of one matmul against it.
+    fn grouped(&self, x: &Tensor) -> Result<Tensor> {
+        let (_, _, n, last) = x.dims4()?;
+        let rows = self.q_heads / self.kv_heads * n;
+        x.contiguous()?
+            .reshape((self.batch, self.kv_heads, rows, last))
+    }
+
+    /// The inverse of [`Self::grouped`].
+    fn ungrouped(&self, x: &Tensor, n: usize) -> Result<Tensor> {
+        x.reshape((self.batch, self.q_heads, n, x.dim(D::Minus1)?))
+    }
+
+    fn scale(&self) -> f64 {
+        1.0 / (self.head_dim as f64).sqrt()
+    }
+
+    /// dq, dk, dv from the output's gradient, chunk by chunk: the probabilities are rebuilt
+    /// from the saved log-sum-exp, and dk, dv are summed over chunks in f32.
+    fn backward(
+        &self,
+        qkv: (&Tensor, &Tensor, &Tensor),
+        bias: &Tensor,
+        out: &Tensor,
+        lse: &Tensor,
+        dout: &Tensor,
+    ) -> Result<Grads3> {
+        let dtype = qkv.0.dtype();
+        let dout = dout.contiguous()?;
+        let kv_shape = (self.batch, self.kv_heads, self.kv_len, self.head_dim);
+        let mut dk = Tensor::zeros(kv_shape, DType::F32, qkv.1.device())?;
+        let mut dv = dk.clone();
+        let mut dq = Vec::new();
+        for (r0, rows) in self.chunks() {
+            let c = self.chunk(qkv, bias, r0, rows)?;
+            let p = softmax::probs(
+                &c.scores()?,
+                &c.bias,
+                &lse.narrow(2, r0, rows)?,
+                self.scale(),
+            )?;
+            let do_ = dout.narrow(2, r0, rows)?;
+            // D_i = rowsum(dO ∘ O): softmax's backward term, from the output instead of P.
+            let di = (do_.to_dtype(DType::F32)?
+                * out.narrow(2, r0, rows)?.to_dtype(DType::F32)?)?
+            .sum_keepdim(D::Minus1)?;
+            let do_g = self.grouped(&do_)?;
+            let p_g = self.grouped(&p)?;
+            let dv_c = p_g.t()?.matmul(&do_g)?;
+            let dp = self.ungrouped(&do_g.matmul(&c.v.t()?)?, rows)?;
+            let ds_g = self.grouped(&softmax::softmax_grad(&p, &dp, &di, self.scale())?)?;
+            dq.push(self.ungrouped(&ds_g.matmul(&c.k)?, rows)?);
+            let dk_c = ds_g.t()?.matmul(&c.q)?;
+            let pad = self.kv_len - c.keys;
+            dk = (dk + dk_c.to_dtype(DType::F32)?.pad_with_zeros(2, 0, pad)?)?;
+            dv = (dv + dv_c.to_dtype(DType::F32)?.pad_with_zeros(2, 0, pad)?)?;
+        }
+        Ok((
+            Some(Tensor::cat(&dq, 2)?),
+            Some(dk.to_dtype(dtype)?),
+            Some(dv.to_dtype(dtype)?),
+        ))
+    }
+}
+
+/// One query chunk of [`causal_attention`].
+struct Chunk {
+    /// [B, Hkv, Hq/Hkv · rows, D]
+    q: Tensor,
+    /// [B, Hkv, keys, D]
+    k: Tensor,
+    v: Tensor,
+    /// [B, 1, rows, keys]
+    bias: Tensor,
+    dims: Chunking,
+    rows: usize,
+    keys: usize,
+}
+
+impl Chunk {
+    /// q kᵀ in the inputs' dtype, [B, Hq, rows, keys]; the kernels of
+    /// `helix_kernels::attention_softmax` scale it and add the bias.
+    fn scores(&self) -> Result<Tensor> {
+        self.dims
+            .ungrouped(&self.q.matmul(&self.k.t()?)?, self.rows)
+    }
+
+    /// probs [B, Hq, rows, keys] times the values: [B, Hq, rows, D].
+    fn times_values(&self, probs: &Tensor) -> Result<Tensor> {
+        let p = self.dims.grouped(probs)?;
+        self.dims.ungrouped(&p.matmul(&self.v)?, self.rows)
+    }
+}
+
+/// [`causal_attention`] written plainly with candle's autograd (KV heads repeated, the whole
+/// S × S scores kept): its reference.
+pub fn plain_causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor) -> Result<Tensor> {
     let (_, hq, _, d) = q.dims4()?;
     let hkv = k.dim(1)?;
     if hq % hkv != 0 {

@@ -2,7 +2,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor,
+};
 
 /// Computes the gradient of the input from the gradient of the output.
 pub type BackwardFn = Arc<dyn Fn(&Tensor) -> Result<Tensor> + Send + Sync>;
@@ -47,6 +49,77 @@ pub fn with_backward2(
         bwd: Box::new(move |g| bwd(g, need_a, need_b)),
     };
     a.apply_op2_arc(b, Arc::new(Box::new(op)))
+}
+
+/// Three-input form of [`with_backward`]: `bwd` gets the output's gradient and which of
+/// `(a, b, c)` need one, and returns their gradients (e.g. attention's q, k and v; a LoRA
+/// projection's input and its two adapter matrices).
+pub fn with_backward3(
+    (a, b, c): (&Tensor, &Tensor, &Tensor),
+    value: Tensor,
+    bwd: impl Fn(&Tensor, [bool; 3]) -> Result<Grads3> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    let need = [a.track_op(), b.track_op(), c.track_op()];
+    if need == [false; 3] {
+        return Ok(value);
+    }
+    let op = Precomputed3 {
+        value: Mutex::new(Some(value.contiguous()?)),
+        bwd: Box::new(move |g| bwd(g, need)),
+    };
+    a.apply_op3_arc(b, c, Arc::new(Box::new(op)))
+}
+
+/// The gradients of a three-input op; `None` for an input that needs none.
+pub type Grads3 = (Option<Tensor>, Option<Tensor>, Option<Tensor>);
+
+type Backward3Fn = Box<dyn Fn(&Tensor) -> Result<Grads3> + Send + Sync>;
+
+struct Precomputed3 {
+    value: PrecomputedValue,
+    bwd: Backward3Fn,
+}
+
+impl CustomOp3 for Precomputed3 {
+    fn name(&self) -> &'static str {
+        "helix-precomputed3"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _s1: &CpuStorage,
+        _l1: &Layout,
+        _s2: &CpuStorage,
+        _l2: &Layout,
+        _s3: &CpuStorage,
+        _l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_copy(&self.value)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _s1: &candle_core::CudaStorage,
+        _l1: &Layout,
+        _s2: &candle_core::CudaStorage,
+        _l2: &Layout,
+        _s3: &candle_core::CudaStorage,
+        _l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda_copy(&self.value)
+    }
+
+    fn bwd(
+        &self,
+        _a: &Tensor,
+        _b: &Tensor,
+        _c: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<Grads3> {
+        (self.bwd)(grad_res)
+    }
 }
 
 type Backward2Fn = Box<dyn Fn(&Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> + Send + Sync>;

@@ -15,12 +15,14 @@ mod loss;
 mod norm;
 mod rope;
 
-pub use attention::{attention_bias, causal_attention, repeat_kv, MaskSpec};
-pub use backward::{with_backward, with_backward2, BackwardFn};
+pub use attention::{
+    attention_bias, causal_attention, plain_causal_attention, repeat_kv, MaskSpec,
+};
+pub use backward::{with_backward, with_backward2, with_backward3, BackwardFn, Grads3};
 pub use collective::{
     copy_to_parallel_region, reduce_from_parallel_region, Collective, SharedCollective,
 };
-pub use linear::linear;
+pub use linear::{linear, lora_linear};
 pub use loss::{
     count_targets, linear_cross_entropy, vocab_parallel_cross_entropy, VocabShard, IGNORE_INDEX,
 };
@@ -32,8 +34,12 @@ pub use helix_kernels::check as kernel_check;
 
 use candle_core::{Result, Tensor};
 
-/// SwiGLU activation of the Llama MLP: `silu(gate) * up`.
+/// SwiGLU activation of the Llama MLP: `silu(gate) * up`; on a GPU the fused kernel
+/// (`helix_kernels::swiglu`), which keeps only gate and up, as for [`rms_norm`].
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if gate.device().is_cuda() {
+        return helix_kernels::swiglu(gate, up);
+    }
     gate.silu()? * up
 }
 

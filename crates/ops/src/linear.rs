@@ -1,8 +1,8 @@
 //! The projection `x Wᵀ` (W [out, in] as Hugging Face stores it).
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
-use crate::backward::with_backward;
+use crate::backward::{with_backward, with_backward3};
 
 /// `x Wᵀ` for x [..., in] and W [out, in].
 ///
@@ -24,4 +24,47 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let mut out = dims;
     *out.last_mut().expect("checked above") = w.dim(0)?;
     y.reshape(out)
+}
+
+/// A LoRA projection, `x Wᵀ + s · (x Aᵀ) Bᵀ`, for x [..., in], a frozen W [out, in] and the
+/// trainable A [r, in], B [out, r] (f32, as PEFT keeps adapters; the low-rank path runs in f32
+/// and is added in x's dtype).
+///
+/// One op with its own backward, so the graph keeps only x and the [rows, r] low-rank
+/// activation, where the composed ops would keep x in f32, the update, its scaled copy and the
+/// sum: four projection-sized tensors per adapted projection. W gets no gradient.
+pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scaling: f64) -> Result<Tensor> {
+    let in_dims = x.dims().to_vec();
+    let inner = *in_dims.last().expect("linear input has a last dimension");
+    let rows = x.elem_count() / inner.max(1);
+    let x2 = x.detach().reshape((rows, inner))?;
+    let (a_, b_, w_) = (a.detach(), b.detach(), w.detach());
+    let low = x2.to_dtype(DType::F32)?.matmul(&a_.t()?)?;
+    let update = (low.matmul(&b_.t()?)? * scaling)?;
+    let y = (x2.matmul(&w_.t()?)? + update.to_dtype(x.dtype())?)?;
+    let mut out = in_dims.clone();
+    *out.last_mut().expect("checked above") = w.dim(0)?;
+    let y = y.reshape(out)?;
+    with_backward3((x, a, b), y, move |dy, [need_x, need_a, need_b]| {
+        let dy = dy.reshape((rows, w_.dim(0)?))?;
+        let dy32 = dy.to_dtype(DType::F32)?;
+        // d(low) = s · dy B; dB = s · dyᵀ low; dA = d(low)ᵀ x; dx = dy W + d(low) A.
+        let dlow = (dy32.matmul(&b_)? * scaling)?;
+        let db = match need_b {
+            true => Some((dy32.t()?.matmul(&low)? * scaling)?),
+            false => None,
+        };
+        let da = match need_a {
+            true => Some(dlow.t()?.matmul(&x2.to_dtype(DType::F32)?)?),
+            false => None,
+        };
+        let dx = match need_x {
+            true => {
+                let dx = (dy.matmul(&w_)? + dlow.matmul(&a_)?.to_dtype(dy.dtype())?)?;
+                Some(dx.reshape(in_dims.as_slice())?)
+            }
+            false => None,
+        };
+        Ok((dx, da, db))
+    })
 }

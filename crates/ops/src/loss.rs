@@ -197,7 +197,9 @@ impl Chunk {
         let (mut here, mut valid) = (Vec::with_capacity(len), Vec::with_capacity(len));
         for &l in &lab {
             if l == IGNORE_INDEX {
-                (local.push(0i64), here.push(0f32), valid.push(0f32));
+                local.push(0i64);
+                here.push(0f32);
+                valid.push(0f32);
                 continue;
             }
             if l < 0 || l as usize >= total_vocab {

@@ -38,7 +38,11 @@ impl RopeTable {
 }
 
 /// `x * cos + rotate_half(x) * sin` for x [B, H, S, D]; cos/sin from [`RopeTable::cos_sin`].
-/// The unfused definition (`helix_kernels::unfused::rope`), which `helix_kernels::rope` fuses.
+/// On a GPU the fused kernel (`helix_kernels::rope`), which keeps no intermediate; on the CPU
+/// the unfused definition (`helix_kernels::unfused::rope`), as for [`crate::rms_norm`].
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if x.device().is_cuda() {
+        return helix_kernels::rope(x, cos, sin);
+    }
     helix_kernels::unfused::rope(x, cos, sin)
 }

@@ -162,3 +162,85 @@ fn linear_with_a_frozen_weight_matches_matmul_and_skips_the_weight_gradient() ->
     assert!(max_abs_diff(gw, &want) < 1e-5);
     Ok(())
 }
+
+/// The chunked attention against its plain autograd definition: GQA (4 query heads over 2 KV
+/// heads), a packed row with two documents, a padded row, chunks of 5 query rows (the last one
+/// short), then queries that see earlier keys (a KV cache). Output and dq, dk, dv.
+#[test]
+fn chunked_attention_matches_the_plain_definition_forward_and_backward() -> Result<()> {
+    let dev = Device::Cpu;
+    for (q_len, kv_len) in [(13usize, 13usize), (4, 11)] {
+        let (b, hq, hkv, d) = (2, 4, 2, 8);
+        let var = |shape: (usize, usize, usize, usize)| {
+            Var::from_tensor(&Tensor::randn(0f32, 1.0, shape, &dev).unwrap())
+        };
+        let (q, k, v) = (
+            var((b, hq, q_len, d))?,
+            var((b, hkv, kv_len, d))?,
+            var((b, hkv, kv_len, d))?,
+        );
+        let mut segments = vec![0u32; b * kv_len];
+        for s in &mut segments[6..kv_len] {
+            *s = 1;
+        }
+        let mut valid = vec![1u8; b * kv_len];
+        for f in &mut valid[2 * kv_len - 3..] {
+            *f = 0;
+        }
+        let spec = MaskSpec {
+            batch: b,
+            q_len,
+            kv_len,
+            q_offset: kv_len - q_len,
+            key_valid: Some(valid),
+            segment_ids: Some(segments),
+        };
+        let bias = attention_bias(&spec, DType::F32, &dev)?;
+        let mix = Tensor::randn(0f32, 1.0, (b, hq, q_len, d), &dev)?;
+        let plain = plain_causal_attention(&q, &k, &v, &bias)?;
+        let gp = (&plain * &mix)?.sum_all()?.backward()?;
+        for rows in [5, q_len] {
+            let y = crate::attention::causal_attention_in_chunks(&q, &k, &v, &bias, rows)?;
+            assert!(
+                max_abs_diff(&y, &plain) < 1e-5,
+                "out, {rows} rows per chunk"
+            );
+            let g = (&y * &mix)?.sum_all()?.backward()?;
+            for (name, x) in [("dq", &q), ("dk", &k), ("dv", &v)] {
+                let diff = max_abs_diff(g.get(x).unwrap(), gp.get(x).unwrap());
+                assert!(
+                    diff < 1e-5,
+                    "{name}: {diff:e} with {rows} rows per chunk, {q_len} queries"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The one-op LoRA projection against the composed ops (candle differentiates those): the
+/// output and the gradients of x, A and B; W, frozen, gets none.
+#[test]
+fn lora_linear_matches_the_composed_ops() -> Result<()> {
+    let dev = Device::Cpu;
+    let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 8), &dev)?)?;
+    let w = Tensor::randn(0f32, 1.0, (5, 8), &dev)?;
+    let a = Var::from_tensor(&Tensor::randn(0f32, 0.3, (4, 8), &dev)?)?;
+    let b = Var::from_tensor(&Tensor::randn(0f32, 0.3, (5, 4), &dev)?)?;
+    let mix = Tensor::randn(0f32, 1.0, (2, 3, 5), &dev)?;
+    let s = 0.5;
+    let y = lora_linear(&x, &w, &a, &b, s)?;
+    let composed = (x.broadcast_matmul(&w.t()?)?
+        + (x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)? * s)?)?;
+    assert!(max_abs_diff(&y, &composed) < 1e-5);
+    let g = (y * &mix)?.sum_all()?.backward()?;
+    let gc = (composed * &mix)?.sum_all()?.backward()?;
+    for (name, v) in [("x", &x), ("A", &a), ("B", &b)] {
+        let diff = max_abs_diff(g.get(v).unwrap(), gc.get(v).unwrap());
+        assert!(diff < 1e-5, "d{name}: {diff:e}");
+    }
+    assert!(!g
+        .get_ids()
+        .any(|id| g.get_id(*id).unwrap().dims() == [5, 8]));
+    Ok(())
+}

@@ -51,9 +51,14 @@ impl SeededDropout {
         self.calls.store(n, Ordering::Relaxed);
     }
 
+    /// Whether [`Self::apply`] returns its input unchanged (p = 0, or eval mode).
+    pub fn is_identity(&self) -> bool {
+        self.p == 0.0 || !self.training.load(Ordering::Relaxed)
+    }
+
     /// `x · mask / (1 − p)` with a fresh Bernoulli(1 − p) mask, in train mode with p > 0.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        if self.p == 0.0 || !self.training.load(Ordering::Relaxed) {
+        if self.is_identity() {
             return Ok(x.clone());
         }
         let call = self.calls.fetch_add(1, Ordering::Relaxed);

@@ -164,14 +164,18 @@ impl Linear for LoraLinear {
         if let Some(w) = self.merged.read().unwrap().as_ref() {
             return self.placement.forward(x, w);
         }
-        let y = self.placement.forward(x, &self.base)?;
-        let xf = self.dropout.apply(&x.to_dtype(DType::F32)?)?;
         // In eval mode the adapters are constants: no graph is recorded, so activations are
         // freed as the forward goes (validation, generation).
         let (a, b) = match self.dropout.is_training() {
             true => (self.a.as_tensor().clone(), self.b.as_tensor().clone()),
             false => (self.a.as_tensor().detach(), self.b.as_tensor().detach()),
         };
+        if matches!(self.placement, Placement::Whole) && self.dropout.is_identity() {
+            // One op with its own backward: the graph keeps x and the low-rank activation only.
+            return helix_ops::lora_linear(x, &self.base, &a, &b, self.scaling);
+        }
+        let y = self.placement.forward(x, &self.base)?;
+        let xf = self.dropout.apply(&x.to_dtype(DType::F32)?)?;
         // Under tensor parallelism (NeMo's LoRA on Megatron layers):
         // - column-parallel: A is replicated, B holds this rank's output rows; the low-rank
         //   activation x·Aᵀ enters B through `copy_to`, so A's gradient is summed over the group.

@@ -39,7 +39,15 @@ pub fn device(local_rank: usize) -> anyhow::Result<Device> {
                  (start at most {n} ranks per node)"
             ),
         };
-        return Device::new_cuda(ordinal).with_context(|| format!("opening GPU {ordinal}"));
+        let device = Device::new_cuda(ordinal).with_context(|| format!("opening GPU {ordinal}"))?;
+        if let Device::Cuda(cuda) = &device {
+            // Every kernel, copy and NCCL call of a run goes on the device's one stream, so
+            // cudarc's cross-stream events (two created per allocation, recorded and waited on
+            // for every argument of every launch) order nothing and only cost host time.
+            // SAFETY: no other stream exists in this process.
+            unsafe { cuda.disable_event_tracking() };
+        }
+        return Ok(device);
     }
     #[allow(unreachable_code)]
     {

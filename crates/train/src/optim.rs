@@ -245,19 +245,18 @@ pub fn clip_grad_norm(grads: &mut Grads, max_norm: f64) -> Result<f64> {
 }
 
 /// The sum of squares of the gradients `which` selects (in name order, so every process sums
-/// alike).
+/// alike). Each tensor's sum is taken on its device and all of them come to the host together:
+/// one synchronisation per step, not one per parameter.
 pub fn squared_norm(grads: &Grads, which: impl Fn(&str) -> bool) -> Result<f64> {
-    let mut sq = 0f64;
-    for (name, g) in grads {
-        if which(name) {
-            sq += g
-                .sqr()?
-                .sum_all()?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?;
-        }
+    let sums = grads
+        .iter()
+        .filter(|(name, _)| which(name))
+        .map(|(_, g)| g.sqr()?.sum_all()?.to_dtype(DType::F64))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    if sums.is_empty() {
+        return Ok(0.0);
     }
-    Ok(sq)
+    Ok(Tensor::stack(&sums, 0)?.to_vec1::<f64>()?.iter().sum())
 }
 
 /// Scales `grads` by max_norm / (norm + 1e-6) when that is below 1.

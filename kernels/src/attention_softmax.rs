@@ -1,0 +1,344 @@
+//! The softmax of causal attention as three kernels, for `helix_ops::causal_attention`, which
+//! runs the FlashAttention-2 algorithm one chunk of query rows at a time with the matmuls on
+//! cuBLAS (or candle's CPU gemm): per chunk, [`row_lse`] and [`probs`] replace a dozen f32
+//! element-wise ops over the scores in the forward, and [`probs`] and [`softmax_grad`] in the
+//! backward. One pass each, in the scores' dtype, arithmetic in f32 (kernels/cuda/
+//! attention_softmax.cu on the GPU, the loops here on the CPU). They are forward-only ops: the
+//! attention's own backward calls them on detached tensors.
+//!
+//! Shapes: scores, probabilities and their gradients [B, H, R, K] (R query rows, K keys); the
+//! additive mask `bias` [B, 1, R, K], shared by the heads; log-sum-exps and the rowsum(dO ∘ O)
+//! term [B, H, R, 1] in f32.
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::elem::{dispatch_cpu, packed, Elem};
+
+/// lse = log Σ_k exp(scores · scale + bias) for each row: [B, H, R, 1] in f32.
+pub fn row_lse(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    let dims = Dims::of(scores, bias)?;
+    scores.contiguous()?.apply_op2_no_bwd(
+        &bias.to_dtype(scores.dtype())?.contiguous()?,
+        &RowLse {
+            dims,
+            scale: scale as f32,
+        },
+    )
+}
+
+/// p = exp(scores · scale + bias − lse) in the scores' dtype: the attention probabilities.
+pub fn probs(scores: &Tensor, bias: &Tensor, lse: &Tensor, scale: f64) -> Result<Tensor> {
+    let dims = Dims::of(scores, bias)?;
+    check_rows(lse, &dims, "lse")?;
+    scores.contiguous()?.apply_op3_no_bwd(
+        &bias.to_dtype(scores.dtype())?.contiguous()?,
+        &lse.contiguous()?,
+        &Probs {
+            dims,
+            scale: scale as f32,
+        },
+    )
+}
+
+/// ds = p · (dp − d) · scale: the scores' gradient from the probabilities' (softmax's backward,
+/// with d = rowsum(dO ∘ O) [B, H, R, 1] in f32, and the scale of the scores folded in).
+pub fn softmax_grad(p: &Tensor, dp: &Tensor, d: &Tensor, scale: f64) -> Result<Tensor> {
+    if p.dims() != dp.dims() || p.dtype() != dp.dtype() {
+        candle_core::bail!("softmax_grad: p {:?} but dp {:?}", p.shape(), dp.shape());
+    }
+    let (b, h, r, k) = p.dims4()?;
+    let dims = Dims {
+        heads: h,
+        rows: r,
+        keys: k,
+        batch: b,
+    };
+    check_rows(d, &dims, "d")?;
+    p.contiguous()?.apply_op3_no_bwd(
+        &dp.contiguous()?,
+        &d.contiguous()?,
+        &SoftmaxGrad {
+            keys: k,
+            scale: scale as f32,
+        },
+    )
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Dims {
+    batch: usize,
+    heads: usize,
+    rows: usize,
+    keys: usize,
+}
+
+impl Dims {
+    fn of(scores: &Tensor, bias: &Tensor) -> Result<Self> {
+        let (batch, heads, rows, keys) = scores.dims4()?;
+        if bias.dims() != [batch, 1, rows, keys] {
+            candle_core::bail!(
+                "attention softmax: bias {:?} for scores {:?}",
+                bias.dims(),
+                scores.dims()
+            );
+        }
+        Ok(Self {
+            batch,
+            heads,
+            rows,
+            keys,
+        })
+    }
+
+    /// The bias row of score row `r` (rows run over batch, head, query row).
+    fn bias_row(&self, r: usize) -> usize {
+        (r / (self.heads * self.rows)) * self.rows + r % self.rows
+    }
+}
+
+fn check_rows(t: &Tensor, dims: &Dims, what: &str) -> Result<()> {
+    if t.dims() != [dims.batch, dims.heads, dims.rows, 1] || t.dtype() != DType::F32 {
+        candle_core::bail!(
+            "attention softmax: {what} is {:?} {:?}, expected f32 {:?}",
+            t.dtype(),
+            t.dims(),
+            [dims.batch, dims.heads, dims.rows, 1]
+        );
+    }
+    Ok(())
+}
+
+struct RowLse {
+    dims: Dims,
+    scale: f32,
+}
+
+fn row_lse_cpu<T: Elem>(s: &[T], bias: &[T], d: &Dims, scale: f32) -> Vec<f32> {
+    let k = d.keys;
+    let mut lse = vec![0f32; s.len() / k.max(1)];
+    lse.par_iter_mut().enumerate().for_each(|(r, out)| {
+        let (sr, br) = (&s[r * k..(r + 1) * k], &bias[d.bias_row(r) * k..][..k]);
+        let v = |j: usize| sr[j].to_f32() * scale + br[j].to_f32();
+        let m = (0..k).map(v).fold(f32::NEG_INFINITY, f32::max);
+        let sum: f32 = (0..k).map(|j| (v(j) - m).exp()).sum();
+        *out = m + sum.ln();
+    });
+    lse
+}
+
+impl CustomOp2 for RowLse {
+    fn name(&self) -> &'static str {
+        "helix-attention-row-lse"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = self.dims;
+        let lse = match (s1, s2) {
+            (CpuStorage::F32(s), CpuStorage::F32(b)) => row_lse_cpu(
+                packed(s, l1, "scores")?,
+                packed(b, l2, "bias")?,
+                &d,
+                self.scale,
+            ),
+            (CpuStorage::BF16(s), CpuStorage::BF16(b)) => row_lse_cpu(
+                packed(s, l1, "scores")?,
+                packed(b, l2, "bias")?,
+                &d,
+                self.scale,
+            ),
+            (CpuStorage::F16(s), CpuStorage::F16(b)) => row_lse_cpu(
+                packed(s, l1, "scores")?,
+                packed(b, l2, "bias")?,
+                &d,
+                self.scale,
+            ),
+            _ => candle_core::bail!("row_lse: scores and bias must share a float dtype"),
+        };
+        Ok((
+            CpuStorage::F32(lse),
+            Shape::from((d.batch, d.heads, d.rows, 1)),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let d = self.dims;
+        let out = crate::cuda::attention(
+            "attn_row_lse",
+            crate::cuda::AttentionArgs {
+                typed: vec![(s1, l1), (s2, l2)],
+                f32s: vec![],
+                out_f32: true,
+                rows: d.batch * d.heads * d.rows,
+                keys: d.keys,
+                heads: d.heads,
+                q_rows: d.rows,
+                scale: self.scale,
+            },
+        )?;
+        Ok((out, Shape::from((d.batch, d.heads, d.rows, 1))))
+    }
+}
+
+struct Probs {
+    dims: Dims,
+    scale: f32,
+}
+
+fn probs_cpu<T: Elem>(s: &[T], bias: &[T], lse: &[f32], d: &Dims, scale: f32) -> Vec<T> {
+    let k = d.keys;
+    let mut p = vec![T::from_f32(0.0); s.len()];
+    p.par_chunks_mut(k.max(1)).enumerate().for_each(|(r, pr)| {
+        let (sr, br) = (&s[r * k..(r + 1) * k], &bias[d.bias_row(r) * k..][..k]);
+        for j in 0..k {
+            pr[j] = T::from_f32((sr[j].to_f32() * scale + br[j].to_f32() - lse[r]).exp());
+        }
+    });
+    p
+}
+
+impl CustomOp3 for Probs {
+    fn name(&self) -> &'static str {
+        "helix-attention-probs"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = self.dims;
+        let CpuStorage::F32(lse) = s3 else {
+            candle_core::bail!("probs: lse must be f32")
+        };
+        let lse = packed(lse, l3, "lse")?;
+        let p = dispatch_cpu!("probs", (s1, s2), |T, (s, b)| Ok::<_, candle_core::Error>(
+            probs_cpu::<T>(
+                packed(s, l1, "scores")?,
+                packed(b, l2, "bias")?,
+                lse,
+                &d,
+                self.scale
+            )
+        ))?;
+        Ok((p, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let d = self.dims;
+        let out = crate::cuda::attention(
+            "attn_probs",
+            crate::cuda::AttentionArgs {
+                typed: vec![(s1, l1), (s2, l2)],
+                f32s: vec![(s3, l3)],
+                out_f32: false,
+                rows: d.batch * d.heads * d.rows,
+                keys: d.keys,
+                heads: d.heads,
+                q_rows: d.rows,
+                scale: self.scale,
+            },
+        )?;
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+struct SoftmaxGrad {
+    keys: usize,
+    scale: f32,
+}
+
+fn softmax_grad_cpu<T: Elem>(p: &[T], dp: &[T], d: &[f32], k: usize, scale: f32) -> Vec<T> {
+    let mut ds = vec![T::from_f32(0.0); p.len()];
+    ds.par_chunks_mut(k.max(1))
+        .enumerate()
+        .for_each(|(r, out)| {
+            for (j, o) in out.iter_mut().enumerate() {
+                let i = r * k + j;
+                *o = T::from_f32(p[i].to_f32() * (dp[i].to_f32() - d[r]) * scale);
+            }
+        });
+    ds
+}
+
+impl CustomOp3 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "helix-attention-softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(d) = s3 else {
+            candle_core::bail!("softmax_grad: d must be f32")
+        };
+        let d = packed(d, l3, "d")?;
+        let (k, scale) = (self.keys, self.scale);
+        let ds = dispatch_cpu!("softmax_grad", (s1, s2), |T, (p, dp)| Ok::<
+            _,
+            candle_core::Error,
+        >(
+            softmax_grad_cpu::<T>(packed(p, l1, "p")?, packed(dp, l2, "dp")?, d, k, scale)
+        ))?;
+        Ok((ds, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let rows = l1.shape().elem_count() / self.keys.max(1);
+        let out = crate::cuda::attention(
+            "attn_softmax_grad",
+            crate::cuda::AttentionArgs {
+                typed: vec![(s1, l1), (s2, l2)],
+                f32s: vec![(s3, l3)],
+                out_f32: false,
+                rows,
+                keys: self.keys,
+                heads: 0,
+                q_rows: 0,
+                scale: self.scale,
+            },
+        )?;
+        Ok((out, l1.shape().clone()))
+    }
+}
