@@ -5,18 +5,10 @@
 // is f32. The CPU reference is kernels/src/attention_softmax.rs.
 #include "common.cuh"
 
-// Block-wide max, as block_sum.
-__device__ __forceinline__ float block_max(float v) {
-  __shared__ float partial[32];
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  __syncthreads();
-  if (lane == 0) partial[warp] = v;
-  __syncthreads();
-  const int warps = blockDim.x / 32;
-  v = lane < warps ? partial[lane] : -INFINITY;
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
-  return v;
+// One warp per row of keys (blockDim.x = 256: eight rows per block): no block-wide
+// synchronisation and no per-element division to find a row.
+__device__ __forceinline__ int64_t warp_row() {
+  return (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
 }
 
 // Row r of the scores covers query row r % q_rows of batch r / (heads * q_rows).
@@ -24,61 +16,77 @@ __device__ __forceinline__ int64_t bias_row(int64_t r, int heads, int q_rows) {
   return (r / ((int64_t)heads * q_rows)) * q_rows + r % q_rows;
 }
 
-// lse[r] = log sum_j exp(s[r, j] * scale + bias[r, j]), one block per row.
+// lse[r] = log sum_j exp(s[r, j] * scale + bias[r, j]): one pass, each lane keeping a running
+// maximum and a sum rescaled to it (the online softmax), then merged across the warp.
 template <typename T>
-__device__ void row_lse(const T *s, const T *bias, float *lse, int keys, int heads, int q_rows,
-                        float scale) {
-  const int64_t r = blockIdx.x;
+__device__ void row_lse(const T *s, const T *bias, float *lse, int64_t rows, int keys, int heads,
+                        int q_rows, float scale) {
+  const int64_t r = warp_row();
+  if (r >= rows) return;
+  const int lane = threadIdx.x % 32;
   const T *sr = s + r * keys;
   const T *br = bias + bias_row(r, heads, q_rows) * keys;
-  float m = -INFINITY;
-  for (int j = threadIdx.x; j < keys; j += blockDim.x)
-    m = fmaxf(m, to_f32(sr[j]) * scale + to_f32(br[j]));
-  m = block_max(m);
-  float sum = 0.0f;
-  for (int j = threadIdx.x; j < keys; j += blockDim.x)
-    sum += expf(to_f32(sr[j]) * scale + to_f32(br[j]) - m);
-  sum = block_sum(sum);
-  if (threadIdx.x == 0) lse[r] = m + logf(sum);
+  float m = -INFINITY, sum = 0.0f;
+  for (int j = lane; j < keys; j += 32) {
+    const float v = to_f32(sr[j]) * scale + to_f32(br[j]);
+    if (v > m) {
+      sum = sum * expf(m - v) + 1.0f;
+      m = v;
+    } else {
+      sum += expf(v - m);
+    }
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    const float m2 = __shfl_xor_sync(0xffffffff, m, o);
+    const float s2 = __shfl_xor_sync(0xffffffff, sum, o);
+    const float mm = fmaxf(m, m2);
+    // A lane that saw no key (m = -inf) adds nothing.
+    sum = (m == -INFINITY ? 0.0f : sum * expf(m - mm)) + (m2 == -INFINITY ? 0.0f : s2 * expf(m2 - mm));
+    m = mm;
+  }
+  if (lane == 0) lse[r] = m + logf(sum);
 }
 
-// p = exp(s * scale + bias - lse), element-wise over [rows, keys].
+// p = exp(s * scale + bias - lse), a warp per row.
 template <typename T>
-__device__ void probs(const T *s, const T *bias, const float *lse, T *p, int64_t n, int keys,
+__device__ void probs(const T *s, const T *bias, const float *lse, T *p, int64_t rows, int keys,
                       int heads, int q_rows, float scale) {
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
-       i += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t r = i / keys;
-    const int j = i % keys;
-    const float v = to_f32(s[i]) * scale + to_f32(bias[bias_row(r, heads, q_rows) * keys + j]);
-    p[i] = from_f32<T>(expf(v - lse[r]));
-  }
+  const int64_t r = warp_row();
+  if (r >= rows) return;
+  const T *sr = s + r * keys;
+  const T *br = bias + bias_row(r, heads, q_rows) * keys;
+  T *pr = p + r * keys;
+  const float l = lse[r];
+  for (int j = threadIdx.x % 32; j < keys; j += 32)
+    pr[j] = from_f32<T>(expf(to_f32(sr[j]) * scale + to_f32(br[j]) - l));
 }
 
-// ds = p * (dp - d[r]) * scale: softmax's backward with d[r] = rowsum(dO * O).
+// ds = p * (dp - d[r]) * scale: softmax's backward with d[r] = rowsum(dO * O), a warp per row.
 template <typename T>
-__device__ void softmax_grad(const T *p, const T *dp, const float *d, T *ds, int64_t n, int keys,
-                             float scale) {
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
-       i += (int64_t)gridDim.x * blockDim.x) {
-    ds[i] = from_f32<T>(to_f32(p[i]) * (to_f32(dp[i]) - d[i / keys]) * scale);
-  }
+__device__ void softmax_grad(const T *p, const T *dp, const float *d, T *ds, int64_t rows,
+                             int keys, float scale) {
+  const int64_t r = warp_row();
+  if (r >= rows) return;
+  const int64_t base = r * keys;
+  const float dr = d[r];
+  for (int j = threadIdx.x % 32; j < keys; j += 32)
+    ds[base + j] = from_f32<T>(to_f32(p[base + j]) * (to_f32(dp[base + j]) - dr) * scale);
 }
 
 #define ENTRY(T, NAME)                                                                         \
   extern "C" __global__ void attn_row_lse_##NAME(const T *s, const T *bias, float *lse,       \
-                                                 int keys, int heads, int q_rows,              \
-                                                 float scale) {                                \
-    row_lse<T>(s, bias, lse, keys, heads, q_rows, scale);                                      \
+                                                 int64_t rows, int keys, int heads,            \
+                                                 int q_rows, float scale) {                    \
+    row_lse<T>(s, bias, lse, rows, keys, heads, q_rows, scale);                                \
   }                                                                                            \
   extern "C" __global__ void attn_probs_##NAME(const T *s, const T *bias, const float *lse,   \
-                                               T *p, int64_t n, int keys, int heads,           \
+                                               T *p, int64_t rows, int keys, int heads,        \
                                                int q_rows, float scale) {                      \
-    probs<T>(s, bias, lse, p, n, keys, heads, q_rows, scale);                                  \
+    probs<T>(s, bias, lse, p, rows, keys, heads, q_rows, scale);                               \
   }                                                                                            \
   extern "C" __global__ void attn_softmax_grad_##NAME(const T *p, const T *dp, const float *d, \
-                                                      T *ds, int64_t n, int keys,              \
+                                                      T *ds, int64_t rows, int keys,           \
                                                       float scale) {                           \
-    softmax_grad<T>(p, dp, d, ds, n, keys, scale);                                             \
+    softmax_grad<T>(p, dp, d, ds, rows, keys, scale);                                          \
   }
 FOR_EACH_DTYPE(ENTRY)

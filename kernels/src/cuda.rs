@@ -79,7 +79,12 @@ fn attention_typed<T: CudaDType + DeviceRepr>(
     let typed = views::<T>(function, &a.typed)?;
     let f32s = views::<f32>(function, &a.f32s)?;
     let n = a.rows * a.keys;
-    let (keys, heads, q_rows, n64) = (a.keys as i32, a.heads as i32, a.q_rows as i32, n as i64);
+    let (rows, keys, heads, q_rows) = (
+        a.rows as i64,
+        a.keys as i32,
+        a.heads as i32,
+        a.q_rows as i32,
+    );
     // SAFETY: each kernel writes every element of its output.
     let (out_f32, out_t) = match a.out_f32 {
         true => (Some(unsafe { dev.alloc::<f32>(a.rows)? }), None),
@@ -98,28 +103,16 @@ fn attention_typed<T: CudaDType + DeviceRepr>(
     if let Some(o) = &out_t {
         b.arg(o);
     }
-    let elements = LaunchConfig {
-        grid_dim: (n.div_ceil(256).clamp(1, 1 << 16) as u32, 1, 1),
+    b.arg(&rows).arg(&keys);
+    if !function.starts_with("attn_softmax_grad") {
+        b.arg(&heads).arg(&q_rows);
+    }
+    b.arg(&a.scale);
+    // A warp per row, eight rows per block.
+    let cfg = LaunchConfig {
+        grid_dim: (a.rows.div_ceil(8) as u32, 1, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
-    };
-    let cfg = if function.starts_with("attn_row_lse") {
-        b.arg(&keys).arg(&heads).arg(&q_rows).arg(&a.scale);
-        LaunchConfig {
-            grid_dim: (a.rows as u32, 1, 1),
-            block_dim: (a.keys.div_ceil(32).clamp(1, 32) as u32 * 32, 1, 1),
-            shared_mem_bytes: 0,
-        }
-    } else if function.starts_with("attn_probs") {
-        b.arg(&n64)
-            .arg(&keys)
-            .arg(&heads)
-            .arg(&q_rows)
-            .arg(&a.scale);
-        elements
-    } else {
-        b.arg(&n64).arg(&keys).arg(&a.scale);
-        elements
     };
     if n > 0 {
         // SAFETY: the argument list matches the kernel's signature (attention_softmax.cu).
