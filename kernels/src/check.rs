@@ -45,6 +45,14 @@ pub fn cases() -> Vec<Case> {
             out.push(Case { op, dtype, dims });
         }
     }
+    // AdamW keeps f32 state and masters whatever the parameters' dtype.
+    for dims in [vec![1001], vec![4096, 4096]] {
+        out.push(Case {
+            op: "adamw",
+            dtype: DType::F32,
+            dims,
+        });
+    }
     out
 }
 
@@ -101,6 +109,7 @@ pub fn run(case: &Case, implementation: Implementation, device: &Device) -> Resu
             (y, vec![x], vec!["dx"])
         }
         "attention_softmax" => return attention_softmax(case, implementation, &input),
+        "adamw" => return adamw(case, implementation, &input),
         other => candle_core::bail!("no op {other}"),
     };
     let r = input(7, y.dims(), 1.0)?.to_dtype(DType::F32)?;
@@ -164,6 +173,35 @@ fn attention_softmax(
     let cpu = |t: Tensor| t.to_dtype(DType::F32)?.to_device(&Device::Cpu);
     Ok(Outputs {
         tensors: vec![("lse", cpu(lse)?), ("p", cpu(p)?), ("ds", cpu(ds)?)],
+    })
+}
+
+/// Three AdamW steps (the second with weight decay) of an f32 tensor: w, m and v after them.
+fn adamw(case: &Case, implementation: Implementation, input: &SeededInput<'_>) -> Result<Outputs> {
+    let dims = &case.dims[..];
+    let mut w = input(11, dims, 1.0)?;
+    let mut m = w.zeros_like()?;
+    let mut v = w.zeros_like()?;
+    for t in 1..=3 {
+        let g = input(11 + t as u64, dims, 0.1)?;
+        let (b1, b2, lr): (f64, f64, f64) = (0.9, 0.95, 1e-3);
+        let st = crate::AdamWStep {
+            decay: if t == 2 { 1.0 - lr * 0.1 } else { 1.0 },
+            c1: 1.0 - b1,
+            b2,
+            c2: 1.0 - b2,
+            inv_bias2: 1.0 / (1.0 - b2.powi(t)).sqrt(),
+            eps: 1e-8,
+            step_size: lr / (1.0 - b1.powi(t)),
+        };
+        (w, m, v) = match implementation {
+            Implementation::Fused => crate::adamw_update(&w, &m, &v, &g, st)?,
+            Implementation::Unfused => crate::unfused::adamw_update(&w, &m, &v, &g, &st)?,
+        };
+    }
+    let cpu = |t: Tensor| t.to_device(&Device::Cpu);
+    Ok(Outputs {
+        tensors: vec![("w", cpu(w)?), ("m", cpu(m)?), ("v", cpu(v)?)],
     })
 }
 

@@ -12,6 +12,7 @@
 //! The CPU path trains with the references; on the GPU `helix-train kernel-check` compares the
 //! CUDA kernels with them (scripts/gpu-check.sh).
 
+mod adamw;
 pub mod attention_softmax;
 pub mod check;
 mod elem;
@@ -24,6 +25,7 @@ pub mod unfused;
 #[cfg(feature = "cuda")]
 mod cuda;
 
+pub use adamw::{adamw_update, AdamWStep};
 pub use rms_norm::rms_norm;
 pub use rope::rope;
 pub use swiglu::swiglu;

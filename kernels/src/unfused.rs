@@ -11,3 +11,25 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
     x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
 }
+
+/// AdamW's update of one f32 tensor in candle ops, in torch's order:
+/// `exp_avg.lerp_(g, 1 − β₁)`, `exp_avg_sq.mul_(β₂).addcmul_(g, g, 1 − β₂)`, then
+/// `w −= step_size · m / (√v / √(1 − β₂ᵗ) + eps)` after the decoupled decay. Returns (w, m, v).
+/// The CPU optimizer's update; `crate::adamw_update` fuses it.
+pub fn adamw_update(
+    w: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    g: &Tensor,
+    st: &crate::AdamWStep,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let w = match st.decay == 1.0 {
+        true => w.clone(),
+        false => (w * st.decay)?,
+    };
+    let m = (m + ((g - m)? * st.c1)?)?;
+    let v = ((v * st.b2)? + (g.sqr()? * st.c2)?)?;
+    let denom = ((v.sqrt()? * st.inv_bias2)? + st.eps)?;
+    let w = (w - ((&m * st.step_size)? / denom)?)?;
+    Ok((w, m, v))
+}
