@@ -5,7 +5,9 @@
         scripts/make_reference.py, on their committed batch (reference.safetensors)
     $(scripts/setup-python.sh) scripts/peft_reference.py model --model DIR --alpaca FILE --out DIR
         the same for a real model (SmolLM2 imported by helix), on a batch of real Alpaca rows
-        that it writes to DIR/batch.safetensors
+        that it writes to DIR/batch.safetensors; computed in f64 (--dtype float32 for PyTorch's
+        f32 run), so helix's f32 gradients are held to the exact values rather than to another
+        f32 rounding of them (PEFT f32 is itself 6.4e-5 from them on SmolLM2's adapter gradients)
 
 Each method directory holds
   adapter_config.json, adapter_model.safetensors   PEFT's own save_pretrained output
@@ -19,7 +21,8 @@ Each method directory holds
 LoRA: r=8, lora_alpha=16, dropout 0, all seven projections (rsLoRA on one tiny model); every
 lora_A / lora_B is set to seeded N(0, 0.1^2) so that B is non-zero and every adapter weight gets
 a gradient. P-tuning: 10 virtual tokens, MLP encoder (and a 2-layer LSTM on one tiny model),
-PyTorch's own initialisation. Forward in train mode (dropout is 0), f32, eager attention.
+PyTorch's own initialisation. Forward in train mode (dropout is 0), eager attention; f32 for the
+tiny fixtures, f64 for a real model (gradients saved as f32).
 """
 
 import argparse
@@ -49,8 +52,11 @@ def versions() -> str:
             f"peft={peft.__version__}")
 
 
+DTYPE = torch.float32
+
+
 def load_base(model_dir: str) -> LlamaForCausalLM:
-    return LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    return LlamaForCausalLM.from_pretrained(model_dir, dtype=DTYPE, attn_implementation="eager")
 
 
 def run(model, batch: dict, out_dir: str, base_name: str, grad_key) -> dict:
@@ -65,7 +71,7 @@ def run(model, batch: dict, out_dir: str, base_name: str, grad_key) -> dict:
     n = 0
     for pname, p in model.named_parameters():
         if p.requires_grad:
-            tensors["grad." + grad_key(pname)] = p.grad.detach().contiguous()
+            tensors["grad." + grad_key(pname)] = p.grad.detach().float().contiguous()
             n += 1
         elif p.grad is not None:
             raise RuntimeError(f"frozen {pname} has a gradient")
@@ -156,6 +162,7 @@ def main() -> None:
     m.add_argument("--out", required=True)
     m.add_argument("--name", default="smollm2")
     m.add_argument("--encoder-hidden", type=int, default=128)
+    m.add_argument("--dtype", choices=["float64", "float32"], default="float64")
     args = ap.parse_args()
     torch.use_deterministic_algorithms(True)
     torch.set_num_threads(1)
@@ -166,6 +173,8 @@ def main() -> None:
             batch = {k: ref[k] for k in ("input_ids", "attention_mask", "position_ids", "labels")}
             all_methods(base, batch, base, name, o["rslora"], o["lstm"], o["encoder_hidden"])
     else:
+        global DTYPE
+        DTYPE = getattr(torch, args.dtype)
         os.makedirs(args.out, exist_ok=True)
         batch = alpaca_batch(args.model, args.alpaca)
         save_file({k: v.contiguous() for k, v in batch.items()}, os.path.join(args.out, "batch.safetensors"))

@@ -16,11 +16,12 @@ __device__ __forceinline__ int64_t bias_row(int64_t r, int heads, int q_rows) {
   return (r / ((int64_t)heads * q_rows)) * q_rows + r % q_rows;
 }
 
-// lse[r] = log sum_j exp(s[r, j] * scale + bias[r, j]): one pass, each lane keeping a running
-// maximum and a sum rescaled to it (the online softmax), then merged across the warp.
+// stats[r] = (m, sum_j exp(v_j - m)) with v = s[r, :] * scale + bias[r, :] and m its maximum:
+// one pass, each lane keeping a running maximum and a sum rescaled to it (the online softmax),
+// then merged across the warp.
 template <typename T>
-__device__ void row_lse(const T *s, const T *bias, float *lse, int64_t rows, int keys, int heads,
-                        int q_rows, float scale) {
+__device__ void row_stats(const T *s, const T *bias, float *stats, int64_t rows, int keys,
+                          int heads, int q_rows, float scale) {
   const int64_t r = warp_row();
   if (r >= rows) return;
   const int lane = threadIdx.x % 32;
@@ -44,21 +45,24 @@ __device__ void row_lse(const T *s, const T *bias, float *lse, int64_t rows, int
     sum = (m == -INFINITY ? 0.0f : sum * expf(m - mm)) + (m2 == -INFINITY ? 0.0f : s2 * expf(m2 - mm));
     m = mm;
   }
-  if (lane == 0) lse[r] = m + logf(sum);
+  if (lane == 0) {
+    stats[2 * r] = m;
+    stats[2 * r + 1] = sum;
+  }
 }
 
-// p = exp(s * scale + bias - lse), a warp per row.
+// p = exp(v - m) / sum with (m, sum) from row_stats, a warp per row.
 template <typename T>
-__device__ void probs(const T *s, const T *bias, const float *lse, T *p, int64_t rows, int keys,
+__device__ void probs(const T *s, const T *bias, const float *stats, T *p, int64_t rows, int keys,
                       int heads, int q_rows, float scale) {
   const int64_t r = warp_row();
   if (r >= rows) return;
   const T *sr = s + r * keys;
   const T *br = bias + bias_row(r, heads, q_rows) * keys;
   T *pr = p + r * keys;
-  const float l = lse[r];
+  const float m = stats[2 * r], sum = stats[2 * r + 1];
   for (int j = threadIdx.x % 32; j < keys; j += 32)
-    pr[j] = from_f32<T>(expf(to_f32(sr[j]) * scale + to_f32(br[j]) - l));
+    pr[j] = from_f32<T>(expf(to_f32(sr[j]) * scale + to_f32(br[j]) - m) / sum);
 }
 
 // ds = p * (dp - d[r]) * scale: softmax's backward with d[r] = rowsum(dO * O), a warp per row.
@@ -74,15 +78,15 @@ __device__ void softmax_grad(const T *p, const T *dp, const float *d, T *ds, int
 }
 
 #define ENTRY(T, NAME)                                                                         \
-  extern "C" __global__ void attn_row_lse_##NAME(const T *s, const T *bias, float *lse,       \
-                                                 int64_t rows, int keys, int heads,            \
-                                                 int q_rows, float scale) {                    \
-    row_lse<T>(s, bias, lse, rows, keys, heads, q_rows, scale);                                \
+  extern "C" __global__ void attn_row_stats_##NAME(const T *s, const T *bias, float *stats,   \
+                                                   int64_t rows, int keys, int heads,          \
+                                                   int q_rows, float scale) {                  \
+    row_stats<T>(s, bias, stats, rows, keys, heads, q_rows, scale);                            \
   }                                                                                            \
-  extern "C" __global__ void attn_probs_##NAME(const T *s, const T *bias, const float *lse,   \
+  extern "C" __global__ void attn_probs_##NAME(const T *s, const T *bias, const float *stats, \
                                                T *p, int64_t rows, int keys, int heads,        \
                                                int q_rows, float scale) {                      \
-    probs<T>(s, bias, lse, p, rows, keys, heads, q_rows, scale);                               \
+    probs<T>(s, bias, stats, p, rows, keys, heads, q_rows, scale);                               \
   }                                                                                            \
   extern "C" __global__ void attn_softmax_grad_##NAME(const T *p, const T *dp, const float *d, \
                                                       T *ds, int64_t rows, int keys,           \

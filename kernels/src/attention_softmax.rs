@@ -1,39 +1,44 @@
 //! The softmax of causal attention as three kernels, for `helix_ops::causal_attention`, which
 //! runs the FlashAttention-2 algorithm one chunk of query rows at a time with the matmuls on
-//! cuBLAS (or candle's CPU gemm): per chunk, [`row_lse`] and [`probs`] replace a dozen f32
+//! cuBLAS (or candle's CPU gemm): per chunk, [`row_stats`] and [`probs`] replace a dozen f32
 //! element-wise ops over the scores in the forward, and [`probs`] and [`softmax_grad`] in the
 //! backward. One pass each, in the scores' dtype, arithmetic in f32 (kernels/cuda/
 //! attention_softmax.cu on the GPU, the loops here on the CPU). They are forward-only ops: the
 //! attention's own backward calls them on detached tensors.
 //!
 //! Shapes: scores, probabilities and their gradients [B, H, R, K] (R query rows, K keys); the
-//! additive mask `bias` [B, 1, R, K], shared by the heads; log-sum-exps and the rowsum(dO ∘ O)
-//! term [B, H, R, 1] in f32.
+//! additive mask `bias` [B, 1, R, K], shared by the heads; row statistics (max, Σ exp) [B, H, R, 2]
+//! and the rowsum(dO ∘ O) term [B, H, R, 1] in f32.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::elem::{dispatch_cpu, packed, Elem};
 
-/// lse = log Σ_k exp(scores · scale + bias) for each row: [B, H, R, 1] in f32.
-pub fn row_lse(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+/// Each row's softmax statistics over v = scores · scale + bias: its maximum m and
+/// Σ_k exp(v − m), [B, H, R, 2] in f32. Kept as the pair rather than their log-sum-exp, so the
+/// probabilities [`probs`] rebuilds are exp(v − m) / Σ, rounded as a plain softmax rounds them
+/// (exp(v − lse) would carry the rounding of lse: twice PyTorch's distance from f64 in the
+/// SmolLM2 adapter gradients).
+pub fn row_stats(scores: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
     let dims = Dims::of(scores, bias)?;
     scores.contiguous()?.apply_op2_no_bwd(
         &bias.to_dtype(scores.dtype())?.contiguous()?,
-        &RowLse {
+        &RowStats {
             dims,
             scale: scale as f32,
         },
     )
 }
 
-/// p = exp(scores · scale + bias − lse) in the scores' dtype: the attention probabilities.
-pub fn probs(scores: &Tensor, bias: &Tensor, lse: &Tensor, scale: f64) -> Result<Tensor> {
+/// p = exp(v − m) / Σ in the scores' dtype, v = scores · scale + bias and (m, Σ) from
+/// [`row_stats`]: the attention probabilities.
+pub fn probs(scores: &Tensor, bias: &Tensor, stats: &Tensor, scale: f64) -> Result<Tensor> {
     let dims = Dims::of(scores, bias)?;
-    check_rows(lse, &dims, "lse")?;
+    check_rows(stats, &dims, 2, "stats")?;
     scores.contiguous()?.apply_op3_no_bwd(
         &bias.to_dtype(scores.dtype())?.contiguous()?,
-        &lse.contiguous()?,
+        &stats.contiguous()?,
         &Probs {
             dims,
             scale: scale as f32,
@@ -54,7 +59,7 @@ pub fn softmax_grad(p: &Tensor, dp: &Tensor, d: &Tensor, scale: f64) -> Result<T
         keys: k,
         batch: b,
     };
-    check_rows(d, &dims, "d")?;
+    check_rows(d, &dims, 1, "d")?;
     p.contiguous()?.apply_op3_no_bwd(
         &dp.contiguous()?,
         &d.contiguous()?,
@@ -97,39 +102,39 @@ impl Dims {
     }
 }
 
-fn check_rows(t: &Tensor, dims: &Dims, what: &str) -> Result<()> {
-    if t.dims() != [dims.batch, dims.heads, dims.rows, 1] || t.dtype() != DType::F32 {
+fn check_rows(t: &Tensor, dims: &Dims, per_row: usize, what: &str) -> Result<()> {
+    let want = [dims.batch, dims.heads, dims.rows, per_row];
+    if t.dims() != want || t.dtype() != DType::F32 {
         candle_core::bail!(
-            "attention softmax: {what} is {:?} {:?}, expected f32 {:?}",
+            "attention softmax: {what} is {:?} {:?}, expected f32 {want:?}",
             t.dtype(),
-            t.dims(),
-            [dims.batch, dims.heads, dims.rows, 1]
+            t.dims()
         );
     }
     Ok(())
 }
 
-struct RowLse {
+struct RowStats {
     dims: Dims,
     scale: f32,
 }
 
-fn row_lse_cpu<T: Elem>(s: &[T], bias: &[T], d: &Dims, scale: f32) -> Vec<f32> {
+fn row_stats_cpu<T: Elem>(s: &[T], bias: &[T], d: &Dims, scale: f32) -> Vec<f32> {
     let k = d.keys;
-    let mut lse = vec![0f32; s.len() / k.max(1)];
-    lse.par_iter_mut().enumerate().for_each(|(r, out)| {
+    let mut stats = vec![0f32; 2 * (s.len() / k.max(1))];
+    stats.par_chunks_mut(2).enumerate().for_each(|(r, out)| {
         let (sr, br) = (&s[r * k..(r + 1) * k], &bias[d.bias_row(r) * k..][..k]);
         let v = |j: usize| sr[j].to_f32() * scale + br[j].to_f32();
         let m = (0..k).map(v).fold(f32::NEG_INFINITY, f32::max);
-        let sum: f32 = (0..k).map(|j| (v(j) - m).exp()).sum();
-        *out = m + sum.ln();
+        out[0] = m;
+        out[1] = (0..k).map(|j| (v(j) - m).exp()).sum();
     });
-    lse
+    stats
 }
 
-impl CustomOp2 for RowLse {
+impl CustomOp2 for RowStats {
     fn name(&self) -> &'static str {
-        "helix-attention-row-lse"
+        "helix-attention-row-stats"
     }
 
     fn cpu_fwd(
@@ -140,30 +145,30 @@ impl CustomOp2 for RowLse {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let d = self.dims;
-        let lse = match (s1, s2) {
-            (CpuStorage::F32(s), CpuStorage::F32(b)) => row_lse_cpu(
+        let stats = match (s1, s2) {
+            (CpuStorage::F32(s), CpuStorage::F32(b)) => row_stats_cpu(
                 packed(s, l1, "scores")?,
                 packed(b, l2, "bias")?,
                 &d,
                 self.scale,
             ),
-            (CpuStorage::BF16(s), CpuStorage::BF16(b)) => row_lse_cpu(
+            (CpuStorage::BF16(s), CpuStorage::BF16(b)) => row_stats_cpu(
                 packed(s, l1, "scores")?,
                 packed(b, l2, "bias")?,
                 &d,
                 self.scale,
             ),
-            (CpuStorage::F16(s), CpuStorage::F16(b)) => row_lse_cpu(
+            (CpuStorage::F16(s), CpuStorage::F16(b)) => row_stats_cpu(
                 packed(s, l1, "scores")?,
                 packed(b, l2, "bias")?,
                 &d,
                 self.scale,
             ),
-            _ => candle_core::bail!("row_lse: scores and bias must share a float dtype"),
+            _ => candle_core::bail!("row_stats: scores and bias must share a float dtype"),
         };
         Ok((
-            CpuStorage::F32(lse),
-            Shape::from((d.batch, d.heads, d.rows, 1)),
+            CpuStorage::F32(stats),
+            Shape::from((d.batch, d.heads, d.rows, 2)),
         ))
     }
 
@@ -177,7 +182,7 @@ impl CustomOp2 for RowLse {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let d = self.dims;
         let out = crate::cuda::attention(
-            "attn_row_lse",
+            "attn_row_stats",
             crate::cuda::AttentionArgs {
                 typed: vec![(s1, l1), (s2, l2)],
                 f32s: vec![],
@@ -189,7 +194,7 @@ impl CustomOp2 for RowLse {
                 scale: self.scale,
             },
         )?;
-        Ok((out, Shape::from((d.batch, d.heads, d.rows, 1))))
+        Ok((out, Shape::from((d.batch, d.heads, d.rows, 2))))
     }
 }
 
@@ -198,13 +203,14 @@ struct Probs {
     scale: f32,
 }
 
-fn probs_cpu<T: Elem>(s: &[T], bias: &[T], lse: &[f32], d: &Dims, scale: f32) -> Vec<T> {
+fn probs_cpu<T: Elem>(s: &[T], bias: &[T], stats: &[f32], d: &Dims, scale: f32) -> Vec<T> {
     let k = d.keys;
     let mut p = vec![T::from_f32(0.0); s.len()];
     p.par_chunks_mut(k.max(1)).enumerate().for_each(|(r, pr)| {
         let (sr, br) = (&s[r * k..(r + 1) * k], &bias[d.bias_row(r) * k..][..k]);
         for j in 0..k {
-            pr[j] = T::from_f32((sr[j].to_f32() * scale + br[j].to_f32() - lse[r]).exp());
+            let v = sr[j].to_f32() * scale + br[j].to_f32();
+            pr[j] = T::from_f32((v - stats[2 * r]).exp() / stats[2 * r + 1]);
         }
     });
     p
@@ -225,15 +231,15 @@ impl CustomOp3 for Probs {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let d = self.dims;
-        let CpuStorage::F32(lse) = s3 else {
-            candle_core::bail!("probs: lse must be f32")
+        let CpuStorage::F32(stats) = s3 else {
+            candle_core::bail!("probs: stats must be f32")
         };
-        let lse = packed(lse, l3, "lse")?;
+        let stats = packed(stats, l3, "stats")?;
         let p = dispatch_cpu!("probs", (s1, s2), |T, (s, b)| Ok::<_, candle_core::Error>(
             probs_cpu::<T>(
                 packed(s, l1, "scores")?,
                 packed(b, l2, "bias")?,
-                lse,
+                stats,
                 &d,
                 self.scale
             )

@@ -84,7 +84,7 @@ pub(crate) fn adamw(
 pub(crate) struct AttentionArgs<'a> {
     pub typed: Vec<(&'a CudaStorage, &'a Layout)>,
     pub f32s: Vec<(&'a CudaStorage, &'a Layout)>,
-    /// One f32 per row (`attn_row_lse`) rather than rows × keys in the storage type.
+    /// Two f32 per row (`attn_row_stats`) rather than rows × keys in the storage type.
     pub out_f32: bool,
     pub rows: usize,
     pub keys: usize,
@@ -93,7 +93,7 @@ pub(crate) struct AttentionArgs<'a> {
     pub scale: f32,
 }
 
-/// Runs `attn_row_lse`, `attn_probs` or `attn_softmax_grad` (their dtype suffix added).
+/// Runs `attn_row_stats`, `attn_probs` or `attn_softmax_grad` (their dtype suffix added).
 pub(crate) fn attention(function: &str, args: AttentionArgs) -> Result<CudaStorage> {
     match args.typed[0].0.dtype() {
         DType::F32 => attention_typed::<f32>(&format!("{function}_f32"), args),
@@ -134,7 +134,7 @@ fn attention_typed<T: CudaDType + DeviceRepr>(
     );
     // SAFETY: each kernel writes every element of its output.
     let (out_f32, out_t) = match a.out_f32 {
-        true => (Some(unsafe { dev.alloc::<f32>(a.rows)? }), None),
+        true => (Some(unsafe { dev.alloc::<f32>(2 * a.rows)? }), None),
         false => (None, Some(unsafe { dev.alloc::<T>(n)? })),
     };
     let mut b = func.builder();

@@ -86,7 +86,8 @@ pub fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
 ///
 /// Computed the FlashAttention-2 way at the level of whole matmuls: query rows go in chunks, so
 /// the S × S scores are never held for more than one chunk, and only the output and each row's
-/// log-sum-exp are kept for the backward, which recomputes the chunk's probabilities from them.
+/// softmax statistics (max, Σ exp) are kept for the backward, which recomputes the chunk's
+/// probabilities from them.
 /// A chunk reads only the keys its last query can see, and grouped-query heads share their KV
 /// head without copies. So the graph keeps q, k, v and the output per layer instead of several
 /// S × S tensors. [`plain_causal_attention`] is the same function written with candle's
@@ -120,20 +121,68 @@ fn chunked_attention(
     let k_ = k.detach().contiguous()?;
     let v_ = v.detach().contiguous()?;
     let bias = bias.detach();
-    let (mut outs, mut lses) = (Vec::new(), Vec::new());
-    for (r0, rows) in dims.chunks() {
-        let c = dims.chunk((&q_, &k_, &v_), &bias, r0, rows)?;
-        let scores = c.scores()?;
-        let lse = softmax::row_lse(&scores, &c.bias, dims.scale())?;
-        let probs = softmax::probs(&scores, &c.bias, &lse, dims.scale())?;
-        outs.push(c.times_values(&probs)?);
-        lses.push(lse);
-    }
-    let out = Tensor::cat(&outs, 2)?;
-    let lse = Tensor::cat(&lses, 2)?;
+    let (out, stats) = dims.forward((&q_, &k_, &v_), &bias)?;
     let saved = out.clone();
     with_backward3((q, k, v), out, move |dout, _| {
-        dims.backward((&q_, &k_, &v_), &bias, &saved, &lse, dout)
+        dims.backward((&q_, &k_, &v_), &bias, &saved, &stats, dout)
+    })
+}
+
+/// The attention of a decoder layer as one op, from the projections to the input of the
+/// output projection: q [B, S, Hq·D], k and v [B, S, Hkv·D] as the projections return them are
+/// split into heads, q and k rotated ([`crate::apply_rope`] with cos / sin [B, 1, S, D]),
+/// attended ([`causal_attention`]) and the heads merged: [B, S, Hq·D].
+///
+/// The same values as those steps one by one, but candle's graph holds one node instead of
+/// about fourteen (reshapes, transposes, copies, two rotations), and its backward adds every
+/// node's gradient into a fresh zero tensor: a full pass over an activation per node. The
+/// backward rotates dq and dk back with −sin (RoPE's transpose: cos and sin repeat over the two
+/// halves), which gives the step-by-step gradients to the bit on SmolLM2.
+pub fn rope_attention(
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    (cos, sin): (&Tensor, &Tensor),
+    bias: &Tensor,
+    (q_heads, kv_heads): (usize, usize),
+) -> Result<Tensor> {
+    let (b, s, width) = q.dims3()?;
+    if q_heads == 0 || width % q_heads != 0 {
+        candle_core::bail!("attention: width {width} is not a multiple of {q_heads} heads");
+    }
+    let d = width / q_heads;
+    let split = |t: &Tensor, n: usize| {
+        t.detach()
+            .reshape((b, s, n, d))?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    let merge = move |t: &Tensor| {
+        let n = t.dim(1)?;
+        t.transpose(1, 2)?.reshape((b, s, n * d))
+    };
+    let (cos, sin) = (cos.detach(), sin.detach());
+    let q_ = crate::apply_rope(&split(q, q_heads)?, &cos, &sin)?;
+    let k_ = crate::apply_rope(&split(k, kv_heads)?, &cos, &sin)?;
+    let v_ = split(v, kv_heads)?;
+    let bias = bias.detach();
+    let dims = Chunking::of(&q_, &k_, &bias, None)?;
+    let (out, stats) = dims.forward((&q_, &k_, &v_), &bias)?;
+    let y = merge(&out)?;
+    with_backward3((q, k, v), y, move |dy, _| {
+        let dout = dy
+            .reshape((b, s, q_heads, d))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let (dq, dk, dv) = dims.backward((&q_, &k_, &v_), &bias, &out, &stats, &dout)?;
+        let neg_sin = sin.neg()?;
+        let unrotate = |g: Option<Tensor>| -> Result<Option<Tensor>> {
+            g.map(|g| merge(&crate::apply_rope(&g, &cos, &neg_sin)?))
+                .transpose()
+        };
+        Ok((
+            unrotate(dq)?,
+            unrotate(dk)?,
+            dv.map(|g| merge(&g)).transpose()?,
+        ))
     })
 }
 
@@ -242,14 +291,29 @@ impl Chunking {
         1.0 / (self.head_dim as f64).sqrt()
     }
 
+    /// The output [B, Hq, S, D] and each row's softmax statistics (max, Σ exp) [B, Hq, S, 2]
+    /// (f32), chunk by chunk.
+    fn forward(&self, qkv: (&Tensor, &Tensor, &Tensor), bias: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (mut outs, mut all_stats) = (Vec::new(), Vec::new());
+        for (r0, rows) in self.chunks() {
+            let c = self.chunk(qkv, bias, r0, rows)?;
+            let scores = c.scores()?;
+            let stats = softmax::row_stats(&scores, &c.bias, self.scale())?;
+            let probs = softmax::probs(&scores, &c.bias, &stats, self.scale())?;
+            outs.push(c.times_values(&probs)?);
+            all_stats.push(stats);
+        }
+        Ok((Tensor::cat(&outs, 2)?, Tensor::cat(&all_stats, 2)?))
+    }
+
     /// dq, dk, dv from the output's gradient, chunk by chunk: the probabilities are rebuilt
-    /// from the saved log-sum-exp, and dk, dv are summed over chunks in f32.
+    /// from the saved row statistics, and dk, dv are summed over chunks in f32.
     fn backward(
         &self,
         qkv: (&Tensor, &Tensor, &Tensor),
         bias: &Tensor,
         out: &Tensor,
-        lse: &Tensor,
+        stats: &Tensor,
         dout: &Tensor,
     ) -> Result<Grads3> {
         let dtype = qkv.0.dtype();
@@ -263,7 +327,7 @@ impl Chunking {
             let p = softmax::probs(
                 &c.scores()?,
                 &c.bias,
-                &lse.narrow(2, r0, rows)?,
+                &stats.narrow(2, r0, rows)?,
                 self.scale(),
             )?;
             let do_ = dout.narrow(2, r0, rows)?;

@@ -16,7 +16,7 @@ mod norm;
 mod rope;
 
 pub use attention::{
-    attention_bias, causal_attention, plain_causal_attention, repeat_kv, MaskSpec,
+    attention_bias, causal_attention, plain_causal_attention, repeat_kv, rope_attention, MaskSpec,
 };
 pub use backward::{with_backward, with_backward2, with_backward3, BackwardFn, Grads3};
 pub use collective::{

@@ -244,3 +244,46 @@ fn lora_linear_matches_the_composed_ops() -> Result<()> {
         .any(|id| g.get_id(*id).unwrap().dims() == [5, 8]));
     Ok(())
 }
+
+/// The one-op attention block against the same steps one by one with candle's autograd: heads
+/// split, RoPE, the plain attention, heads merged; GQA, a packed row with padding; output and
+/// the gradients of the three projections' outputs.
+#[test]
+fn rope_attention_matches_the_steps_one_by_one() -> Result<()> {
+    let dev = Device::Cpu;
+    let (b, s, hq, hkv, d) = (2, 9, 4, 2, 8);
+    let var = |w: usize| Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, s, w), &dev).unwrap());
+    let (q, k, v) = (var(hq * d)?, var(hkv * d)?, var(hkv * d)?);
+    let positions = Tensor::arange(0i64, s as i64, &dev)?
+        .unsqueeze(0)?
+        .repeat((b, 1))?;
+    let (cos, sin) = RopeTable::new(d, 10000.0, 1.0, &dev)?.cos_sin(&positions, DType::F32)?;
+    let spec = MaskSpec {
+        batch: b,
+        q_len: s,
+        kv_len: s,
+        q_offset: 0,
+        key_valid: Some([vec![1u8; s], [vec![1u8; s - 2], vec![0; 2]].concat()].concat()),
+        segment_ids: Some([vec![0u32; 4], vec![1; s - 4], vec![0; s]].concat()),
+    };
+    let bias = attention_bias(&spec, DType::F32, &dev)?;
+    let heads = |t: &Tensor, n: usize| t.reshape((b, s, n, d))?.transpose(1, 2);
+    let steps = plain_causal_attention(
+        &apply_rope(&heads(&q, hq)?, &cos, &sin)?,
+        &apply_rope(&heads(&k, hkv)?, &cos, &sin)?,
+        &heads(&v, hkv)?,
+        &bias,
+    )?
+    .transpose(1, 2)?
+    .reshape((b, s, hq * d))?;
+    let block = rope_attention((&q, &k, &v), (&cos, &sin), &bias, (hq, hkv))?;
+    assert!(max_abs_diff(&block, &steps) < 1e-5);
+    let mix = Tensor::randn(0f32, 1.0, (b, s, hq * d), &dev)?;
+    let g = (&block * &mix)?.sum_all()?.backward()?;
+    let gs = (&steps * &mix)?.sum_all()?.backward()?;
+    for (name, x) in [("dq", &q), ("dk", &k), ("dv", &v)] {
+        let diff = max_abs_diff(g.get(x).unwrap(), gs.get(x).unwrap());
+        assert!(diff < 1e-5, "{name}: {diff:e}");
+    }
+    Ok(())
+}
