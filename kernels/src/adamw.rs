@@ -26,6 +26,22 @@ pub struct AdamWStep {
     pub step_size: f64,
 }
 
+impl AdamWStep {
+    /// The constants of step `t` (from 1) at learning rate `lr`, as torch.optim.AdamW derives
+    /// them; `weight_decay` 0 for a parameter that takes none.
+    pub fn new(t: u64, lr: f64, [b1, b2]: [f64; 2], eps: f64, weight_decay: f64) -> Self {
+        Self {
+            decay: 1.0 - lr * weight_decay,
+            c1: 1.0 - b1,
+            b2,
+            c2: 1.0 - b2,
+            inv_bias2: 1.0 / (1.0 - b2.powi(t as i32)).sqrt(),
+            eps,
+            step_size: lr / (1.0 - b1.powi(t as i32)),
+        }
+    }
+}
+
 /// `(w', m', v')` from the f32 tensors w, m, v and the gradient g (all one shape).
 pub fn adamw_update(
     w: &Tensor,

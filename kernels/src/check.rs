@@ -183,17 +183,9 @@ fn adamw(case: &Case, implementation: Implementation, input: &SeededInput<'_>) -
     let mut m = w.zeros_like()?;
     let mut v = w.zeros_like()?;
     for t in 1..=3 {
-        let g = input(11 + t as u64, dims, 0.1)?;
-        let (b1, b2, lr): (f64, f64, f64) = (0.9, 0.95, 1e-3);
-        let st = crate::AdamWStep {
-            decay: if t == 2 { 1.0 - lr * 0.1 } else { 1.0 },
-            c1: 1.0 - b1,
-            b2,
-            c2: 1.0 - b2,
-            inv_bias2: 1.0 / (1.0 - b2.powi(t)).sqrt(),
-            eps: 1e-8,
-            step_size: lr / (1.0 - b1.powi(t)),
-        };
+        let g = input(11 + t, dims, 0.1)?;
+        let decay = if t == 2 { 0.1 } else { 0.0 };
+        let st = crate::AdamWStep::new(t, 1e-3, [0.9, 0.95], 1e-8, decay);
         (w, m, v) = match implementation {
             Implementation::Fused => crate::adamw_update(&w, &m, &v, &g, st)?,
             Implementation::Unfused => crate::unfused::adamw_update(&w, &m, &v, &g, &st)?,

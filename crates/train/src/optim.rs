@@ -164,10 +164,6 @@ impl AdamW {
     /// One update with `grads` (f32, by parameter name) at learning rate `lr`.
     pub fn step(&mut self, grads: &Grads, lr: f64) -> Result<()> {
         self.step += 1;
-        let [b1, b2] = self.cfg.betas;
-        let bias1 = 1.0 - b1.powi(self.step as i32);
-        let bias2_sqrt = (1.0 - b2.powi(self.step as i32)).sqrt();
-        let step_size = lr / bias1;
         for p in self.params.iter_mut().filter(|p| p.owner == self.me) {
             let g = grads
                 .get(&p.name)
@@ -176,18 +172,8 @@ impl AdamW {
                 Some(m) => m.clone(),
                 None => p.var.as_tensor().clone(),
             };
-            let st = AdamWStep {
-                decay: match p.decay && self.cfg.weight_decay != 0.0 {
-                    true => 1.0 - lr * self.cfg.weight_decay,
-                    false => 1.0,
-                },
-                c1: 1.0 - b1,
-                b2,
-                c2: 1.0 - b2,
-                inv_bias2: 1.0 / bias2_sqrt,
-                eps: self.cfg.eps,
-                step_size,
-            };
+            let decay = if p.decay { self.cfg.weight_decay } else { 0.0 };
+            let st = AdamWStep::new(self.step, lr, self.cfg.betas, self.cfg.eps, decay);
             // On a GPU the one-pass kernel (checked against the CPU loop by kernel-check); on
             // the CPU the candle ops, which the loop equals bit for bit (tested below).
             let (w, m, v) = match w.device().is_cuda() {
@@ -317,16 +303,8 @@ mod tests {
         let (mut w2, mut m2, mut v2) = (w.clone(), m.clone(), v.clone());
         for t in 1..=4 {
             let g = Tensor::randn(0f32, 0.1, n, &dev)?;
-            let (b1, b2, lr): (f64, f64, f64) = (0.9, 0.95, 1e-3);
-            let st = AdamWStep {
-                decay: if t % 2 == 0 { 1.0 - lr * 0.1 } else { 1.0 },
-                c1: 1.0 - b1,
-                b2,
-                c2: 1.0 - b2,
-                inv_bias2: 1.0 / (1.0 - b2.powi(t)).sqrt(),
-                eps: 1e-8,
-                step_size: lr / (1.0 - b1.powi(t)),
-            };
+            let decay = if t % 2 == 0 { 0.1 } else { 0.0 };
+            let st = AdamWStep::new(t, 1e-3, [0.9, 0.95], 1e-8, decay);
             (w, m, v) = unfused_update(&w, &m, &v, &g, &st)?;
             (w2, m2, v2) = adamw_update(&w2, &m2, &v2, &g, st)?;
             for (what, a, b) in [("w", &w, &w2), ("m", &m, &m2), ("v", &v, &v2)] {
