@@ -182,15 +182,15 @@ impl CustomOp2 for RowStats {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let d = self.dims;
         let out = crate::cuda::attention(
-            "attn_row_stats",
+            crate::cuda::AttentionKernel::RowStats {
+                heads: d.heads,
+                q_rows: d.rows,
+            },
             crate::cuda::AttentionArgs {
                 typed: vec![(s1, l1), (s2, l2)],
                 f32s: vec![],
-                out_f32: true,
                 rows: d.batch * d.heads * d.rows,
                 keys: d.keys,
-                heads: d.heads,
-                q_rows: d.rows,
                 scale: self.scale,
             },
         )?;
@@ -259,15 +259,15 @@ impl CustomOp3 for Probs {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let d = self.dims;
         let out = crate::cuda::attention(
-            "attn_probs",
+            crate::cuda::AttentionKernel::Probs {
+                heads: d.heads,
+                q_rows: d.rows,
+            },
             crate::cuda::AttentionArgs {
                 typed: vec![(s1, l1), (s2, l2)],
                 f32s: vec![(s3, l3)],
-                out_f32: false,
                 rows: d.batch * d.heads * d.rows,
                 keys: d.keys,
-                heads: d.heads,
-                q_rows: d.rows,
                 scale: self.scale,
             },
         )?;
@@ -333,15 +333,12 @@ impl CustomOp3 for SoftmaxGrad {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let rows = l1.shape().elem_count() / self.keys.max(1);
         let out = crate::cuda::attention(
-            "attn_softmax_grad",
+            crate::cuda::AttentionKernel::SoftmaxGrad,
             crate::cuda::AttentionArgs {
                 typed: vec![(s1, l1), (s2, l2)],
                 f32s: vec![(s3, l3)],
-                out_f32: false,
                 rows,
                 keys: self.keys,
-                heads: 0,
-                q_rows: 0,
                 scale: self.scale,
             },
         )?;

@@ -67,38 +67,56 @@ pub(crate) fn adamw(
     for c in &consts {
         b.arg(c);
     }
-    let cfg = LaunchConfig {
-        grid_dim: (n.div_ceil(256).clamp(1, 1 << 16) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
     if n > 0 {
         // SAFETY: the argument list matches adamw_f32's signature.
-        unsafe { b.launch(cfg) }.w()?;
+        unsafe { b.launch(elementwise(n)) }.w()?;
     }
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }
 
-/// The arguments of the attention-softmax kernels (kernels/cuda/attention_softmax.cu): inputs
-/// in the storage type, then f32 inputs, then the output, then the sizes.
+/// One of the attention-softmax kernels (kernels/cuda/attention_softmax.cu), with the sizes
+/// that only it takes.
+#[derive(Clone, Copy)]
+pub(crate) enum AttentionKernel {
+    /// Two f32 per row (max, Σ exp) rather than rows × keys in the storage type.
+    RowStats {
+        heads: usize,
+        q_rows: usize,
+    },
+    Probs {
+        heads: usize,
+        q_rows: usize,
+    },
+    SoftmaxGrad,
+}
+
+impl AttentionKernel {
+    fn name(self) -> &'static str {
+        match self {
+            Self::RowStats { .. } => "attn_row_stats",
+            Self::Probs { .. } => "attn_probs",
+            Self::SoftmaxGrad => "attn_softmax_grad",
+        }
+    }
+}
+
+/// The arguments every attention-softmax kernel takes: inputs in the storage type, then f32
+/// inputs (then the output), then rows × keys and the scale.
 pub(crate) struct AttentionArgs<'a> {
     pub typed: Vec<(&'a CudaStorage, &'a Layout)>,
     pub f32s: Vec<(&'a CudaStorage, &'a Layout)>,
-    /// Two f32 per row (`attn_row_stats`) rather than rows × keys in the storage type.
-    pub out_f32: bool,
     pub rows: usize,
     pub keys: usize,
-    pub heads: usize,
-    pub q_rows: usize,
     pub scale: f32,
 }
 
-/// Runs `attn_row_stats`, `attn_probs` or `attn_softmax_grad` (their dtype suffix added).
-pub(crate) fn attention(function: &str, args: AttentionArgs) -> Result<CudaStorage> {
+/// Runs `kernel` (its dtype suffix added) on `args`.
+pub(crate) fn attention(kernel: AttentionKernel, args: AttentionArgs) -> Result<CudaStorage> {
+    let function = kernel.name();
     match args.typed[0].0.dtype() {
-        DType::F32 => attention_typed::<f32>(&format!("{function}_f32"), args),
-        DType::BF16 => attention_typed::<half::bf16>(&format!("{function}_bf16"), args),
-        DType::F16 => attention_typed::<half::f16>(&format!("{function}_f16"), args),
+        DType::F32 => attention_typed::<f32>(kernel, &format!("{function}_f32"), args),
+        DType::BF16 => attention_typed::<half::bf16>(kernel, &format!("{function}_bf16"), args),
+        DType::F16 => attention_typed::<half::f16>(kernel, &format!("{function}_f16"), args),
         other => candle_core::bail!("{function}: no kernel for {other:?}"),
     }
 }
@@ -117,6 +135,7 @@ fn views<'a, T: CudaDType + DeviceRepr>(
 }
 
 fn attention_typed<T: CudaDType + DeviceRepr>(
+    kernel: AttentionKernel,
     function: &str,
     a: AttentionArgs,
 ) -> Result<CudaStorage> {
@@ -126,16 +145,11 @@ fn attention_typed<T: CudaDType + DeviceRepr>(
     let typed = views::<T>(function, &a.typed)?;
     let f32s = views::<f32>(function, &a.f32s)?;
     let n = a.rows * a.keys;
-    let (rows, keys, heads, q_rows) = (
-        a.rows as i64,
-        a.keys as i32,
-        a.heads as i32,
-        a.q_rows as i32,
-    );
+    let (rows, keys) = (a.rows as i64, a.keys as i32);
     // SAFETY: each kernel writes every element of its output.
-    let (out_f32, out_t) = match a.out_f32 {
-        true => (Some(unsafe { dev.alloc::<f32>(2 * a.rows)? }), None),
-        false => (None, Some(unsafe { dev.alloc::<T>(n)? })),
+    let (out_f32, out_t) = match kernel {
+        AttentionKernel::RowStats { .. } => (Some(unsafe { dev.alloc::<f32>(2 * a.rows)? }), None),
+        _ => (None, Some(unsafe { dev.alloc::<T>(n)? })),
     };
     let mut b = func.builder();
     for v in &typed {
@@ -151,8 +165,14 @@ fn attention_typed<T: CudaDType + DeviceRepr>(
         b.arg(o);
     }
     b.arg(&rows).arg(&keys);
-    if !function.starts_with("attn_softmax_grad") {
-        b.arg(&heads).arg(&q_rows);
+    let grid = match kernel {
+        AttentionKernel::RowStats { heads, q_rows } | AttentionKernel::Probs { heads, q_rows } => {
+            Some((heads as i32, q_rows as i32))
+        }
+        AttentionKernel::SoftmaxGrad => None,
+    };
+    if let Some((heads, q_rows)) = &grid {
+        b.arg(heads).arg(q_rows);
     }
     b.arg(&a.scale);
     // A warp per row, eight rows per block.
@@ -170,6 +190,15 @@ fn attention_typed<T: CudaDType + DeviceRepr>(
         (_, Some(o)) => CudaStorage::wrap_cuda_slice(o, dev),
         _ => unreachable!("one output is allocated"),
     })
+}
+
+/// A grid-stride loop over `n` elements: 256 threads a block, at most 65,536 blocks.
+fn elementwise(n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(256).clamp(1, 1 << 16) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// How a kernel covers its output.
@@ -231,15 +260,7 @@ fn typed<T: CudaDType + DeviceRepr>(
             };
             (cfg, Some(cols as i32), Some(eps), None, Vec::new())
         }
-        Grid::Elements { n, extra } => {
-            let blocks = n.div_ceil(256).clamp(1, 1 << 16) as u32;
-            let cfg = LaunchConfig {
-                grid_dim: (blocks, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            (cfg, None, None, Some(n as i64), extra)
-        }
+        Grid::Elements { n, extra } => (elementwise(n), None, None, Some(n as i64), extra),
     };
     if let (Some(cols), Some(eps)) = (&cols, &eps) {
         args.arg(cols);
