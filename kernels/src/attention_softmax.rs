@@ -145,31 +145,13 @@ impl CustomOp2 for RowStats {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let d = self.dims;
-        let stats = match (s1, s2) {
-            (CpuStorage::F32(s), CpuStorage::F32(b)) => row_stats_cpu(
-                packed(s, l1, "scores")?,
-                packed(b, l2, "bias")?,
-                &d,
-                self.scale,
-            ),
-            (CpuStorage::BF16(s), CpuStorage::BF16(b)) => row_stats_cpu(
-                packed(s, l1, "scores")?,
-                packed(b, l2, "bias")?,
-                &d,
-                self.scale,
-            ),
-            (CpuStorage::F16(s), CpuStorage::F16(b)) => row_stats_cpu(
-                packed(s, l1, "scores")?,
-                packed(b, l2, "bias")?,
-                &d,
-                self.scale,
-            ),
-            _ => candle_core::bail!("row_stats: scores and bias must share a float dtype"),
-        };
-        Ok((
-            CpuStorage::F32(stats),
-            Shape::from((d.batch, d.heads, d.rows, 2)),
-        ))
+        let stats = dispatch_cpu!("row_stats", (s1, s2), |T, (s, b)| -> f32 Ok::<
+            _,
+            candle_core::Error,
+        >(
+            row_stats_cpu::<T>(packed(s, l1, "scores")?, packed(b, l2, "bias")?, &d, self.scale)
+        ))?;
+        Ok((stats, Shape::from((d.batch, d.heads, d.rows, 2))))
     }
 
     #[cfg(feature = "cuda")]

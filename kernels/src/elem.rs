@@ -49,14 +49,25 @@ pub(crate) fn packed<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Resul
     }
 }
 
-/// Runs `$body` with `$t` bound to the element type of the CPU storages, which must agree.
+/// Runs `$body` with `$t` bound to the element type of the CPU storages, which must agree; its
+/// `Vec<$t>` becomes the output storage. With `-> f32` the body returns a `Vec<f32>` whatever
+/// the inputs' type (per-row statistics).
 macro_rules! dispatch_cpu {
-    ($what:expr, ($($s:ident),+), |$t:ident, ($($v:ident),+)| $body:expr) => {{
+    ($what:expr, ($($s:ident),+), |$t:ident, ($($v:ident),+)| -> f32 $body:expr) => {
+        $crate::elem::dispatch_cpu!(@wrap $what, ($($s),+), |$t, ($($v),+)| $body,
+            (F32, F32, F32))
+    };
+    ($what:expr, ($($s:ident),+), |$t:ident, ($($v:ident),+)| $body:expr) => {
+        $crate::elem::dispatch_cpu!(@wrap $what, ($($s),+), |$t, ($($v),+)| $body,
+            (F32, BF16, F16))
+    };
+    (@wrap $what:expr, ($($s:ident),+), |$t:ident, ($($v:ident),+)| $body:expr,
+        ($w32:ident, $wbf16:ident, $wf16:ident)) => {{
         use candle_core::CpuStorage as S;
         match ($($s),+) {
-            ($(S::F32($v)),+) => { type $t = f32; $body.map(S::F32) }
-            ($(S::BF16($v)),+) => { type $t = half::bf16; $body.map(S::BF16) }
-            ($(S::F16($v)),+) => { type $t = half::f16; $body.map(S::F16) }
+            ($(S::F32($v)),+) => { type $t = f32; $body.map(S::$w32) }
+            ($(S::BF16($v)),+) => { type $t = half::bf16; $body.map(S::$wbf16) }
+            ($(S::F16($v)),+) => { type $t = half::f16; $body.map(S::$wf16) }
             _ => candle_core::bail!("{}: inputs must share one float dtype (f32, bf16, f16)", $what),
         }
     }};
