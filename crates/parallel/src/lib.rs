@@ -97,14 +97,12 @@ impl Job {
         let heartbeat = store.start_heartbeat(&env.token)?;
         // The heartbeat names a silent rank after `timeout`; the rings' own timeout is a
         // backstop that must not fire first with a vaguer message.
-        let (tp_index, dp_index) = (env.rank % tp, env.rank / tp);
-        let dp_size = env.world_size / tp;
-        let tp_ranks: Vec<usize> = (0..tp).map(|i| dp_index * tp + i).collect();
-        let dp_ranks: Vec<usize> = (0..dp_size).map(|d| d * tp + tp_index).collect();
-        let join = |name: String, ranks: &[usize]| {
+        let [(tp_name, tp_ranks), (dp_name, dp_ranks)] =
+            grid_groups(env.rank, tp, env.world_size / tp);
+        let join = |name: &str, ranks: &[usize]| {
             TcpRing::join(
                 &store,
-                &name,
+                name,
                 ranks,
                 env.rank,
                 &env.token,
@@ -112,8 +110,8 @@ impl Job {
                 2 * timeout,
             )
         };
-        let tp_ring = join(format!("tp{dp_index}"), &tp_ranks)?;
-        let dp = join(format!("dp{tp_index}"), &dp_ranks)?;
+        let tp_ring = join(&tp_name, &tp_ranks)?;
+        let dp = join(&dp_name, &dp_ranks)?;
         store.barrier("joined", env.world_size)?;
         Ok(Self {
             rank: env.rank,
@@ -138,14 +136,12 @@ impl Job {
     pub fn use_device(&mut self, device: &Device) -> Result<()> {
         #[cfg(feature = "nccl")]
         if let (true, Some(store)) = (device.is_cuda(), &self.store) {
-            let (tp, dp) = (self.tp.size, self.dp.size);
-            let (tp_index, dp_index) = (self.tp.index, self.dp.index);
-            let tp_ranks: Vec<usize> = (0..tp).map(|i| dp_index * tp + i).collect();
-            let dp_ranks: Vec<usize> = (0..dp).map(|d| d * tp + tp_index).collect();
+            let [(tp_name, tp_ranks), (dp_name, dp_ranks)] =
+                grid_groups(self.rank, self.tp.size, self.dp.size);
             let groups = nccl::NcclGroups::join(
                 store,
-                (&format!("tp{dp_index}"), &tp_ranks),
-                (&format!("dp{tp_index}"), &dp_ranks),
+                (&tp_name, &tp_ranks),
+                (&dp_name, &dp_ranks),
                 self.rank,
                 device,
             )
@@ -272,12 +268,7 @@ impl Job {
                     BucketOp::ReduceScatter(_) => g.dp.reduce_scatter_parts(&flat, &parts)?,
                     BucketOp::AllGather(_) => g.dp.all_gather_parts(&flat, &parts)?,
                 };
-                let mut at = 0;
-                for t in bucket.iter_mut() {
-                    let n = t.elem_count();
-                    *t = out.narrow(0, at, n)?.reshape(t.shape())?;
-                    at += n;
-                }
+                unflatten(&out, bucket)?;
                 continue;
             }
             let mut flat = Vec::with_capacity(counts.iter().sum());
@@ -289,13 +280,10 @@ impl Job {
                 BucketOp::ReduceScatter(_) => self.dp.reduce_scatter_sum(&mut flat, &parts)?,
                 BucketOp::AllGather(_) => self.dp.all_gather_parts(&mut flat, &parts)?,
             }
-            let mut at = 0;
-            for t in bucket.iter_mut() {
-                let n = t.elem_count();
-                let dev: Device = t.device().clone();
-                *t = Tensor::from_slice(&flat[at..at + n], t.shape(), &dev)?;
-                at += n;
-            }
+            unflatten(
+                &Tensor::from_vec(flat, counts.iter().sum::<usize>(), bucket[0].device())?,
+                bucket,
+            )?;
         }
         Ok(())
     }
@@ -345,6 +333,34 @@ enum BucketOp<'a> {
     AllReduce,
     ReduceScatter(&'a [usize]),
     AllGather(&'a [usize]),
+}
+
+/// The rank lists and names of `rank`'s tensor-parallel and data-parallel groups on a grid of
+/// `tp` × `dp` ranks (tensor-parallel ranks adjacent): what the TCP rings and the NCCL groups
+/// both join.
+fn grid_groups(rank: usize, tp: usize, dp: usize) -> [(String, Vec<usize>); 2] {
+    let (tp_index, dp_index) = (rank % tp, rank / tp);
+    [
+        (
+            format!("tp{dp_index}"),
+            (0..tp).map(|i| dp_index * tp + i).collect(),
+        ),
+        (
+            format!("dp{tp_index}"),
+            (0..dp).map(|d| d * tp + tp_index).collect(),
+        ),
+    ]
+}
+
+/// Puts a bucket's collective result `flat` back into its tensors, each its own shape.
+fn unflatten(flat: &Tensor, bucket: &mut [Tensor]) -> Result<()> {
+    let mut at = 0;
+    for t in bucket.iter_mut() {
+        let n = t.elem_count();
+        *t = flat.narrow(0, at, n)?.reshape(t.shape())?;
+        at += n;
+    }
+    Ok(())
 }
 
 /// Consecutive runs of `tensors` of at most `bucket_elems` elements (a larger tensor alone).
