@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use helix_ops::Collective;
 use helix_parallel::Job;
@@ -228,6 +228,6 @@ fn time_all_reduce(
         device.synchronize()?;
         times.push(t.elapsed().as_secs_f64());
     }
-    times.sort_by(f64::total_cmp);
-    Ok((times[times.len() / 2], (elems * 4) as f64))
+    let median = crate::progress::median(times).context("no timed all-reduce")?;
+    Ok((median, (elems * 4) as f64))
 }

@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::Device;
 use helix_ops::kernel_check::{cases, compare, run, tolerance, Case, Implementation};
 
@@ -61,6 +61,5 @@ fn median_ms(case: &Case, imp: Implementation, device: &Device, repeats: usize) 
         device.synchronize()?;
         times.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
+    crate::progress::median(times).context("no timed repeat")
 }

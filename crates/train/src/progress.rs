@@ -242,6 +242,14 @@ fn format_secs(s: f64) -> String {
     format!("{}:{:02}:{:02}", s / 3600, s / 60 % 60, s % 60)
 }
 
+/// The middle value of `xs` (the upper one of the two middles for an even count), as the step
+/// times, collective timings and throughputs this crate reports are summarised; `None` when
+/// empty.
+pub fn median(mut xs: Vec<f64>) -> Option<f64> {
+    xs.sort_by(f64::total_cmp);
+    xs.get(xs.len() / 2).copied()
+}
+
 /// The most resident memory this process has held (Linux's VmHWM), in bytes; `None` where the
 /// kernel does not report it.
 pub fn peak_host_memory() -> Option<u64> {

@@ -295,7 +295,6 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
     }
     let rank = job.rank;
     job.finish();
-    rates.sort_by(f64::total_cmp);
     Ok(RunSummary {
         rank,
         resumed_from,
@@ -304,7 +303,7 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
         preempted,
         val_loss_before,
         val_loss_after,
-        median_tokens_per_s: rates.get(rates.len() / 2).copied().unwrap_or(0.0),
+        median_tokens_per_s: crate::progress::median(rates).unwrap_or(0.0),
         peak_host_bytes: peak_host_memory(),
         outputs,
     })

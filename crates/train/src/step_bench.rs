@@ -201,9 +201,7 @@ pub fn bench(cfg: &ConfigFile, opts: &BenchOptions) -> Result<()> {
     }
     let peak_device = memory.finish();
     let peak_host = crate::progress::peak_host_memory();
-    let mut sorted = times.clone();
-    sorted.sort_by(f64::total_cmp);
-    let median = sorted[sorted.len() / 2];
+    let median = crate::progress::median(times.clone()).expect("--steps is at least 1");
     let tokens = bench.tokens() as f64;
     let per_token = model_flops_per_token(&shape, &method, seq, true);
     let tflops = per_token * tokens / median / 1e12;
