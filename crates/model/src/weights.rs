@@ -87,7 +87,7 @@ impl SafetensorsWeights {
             let n: usize = s.shape.iter().product();
             let values = match s.shape.len() {
                 1 => vec![1f32; n],
-                _ => uniform_parallel(n, 0.02 * 3f32.sqrt(), seed ^ fnv(&s.name)),
+                _ => uniform_parallel(n, 0.02 * 3f32.sqrt(), seed ^ fnv1a(&s.name)),
             };
             Ok(Tensor::from_vec(values, s.shape.as_slice(), &Device::Cpu)?.to_dtype(s.dtype)?)
         })?;
@@ -426,8 +426,9 @@ fn uniform_parallel(n: usize, bound: f32, seed: u64) -> Vec<f32> {
     out
 }
 
-/// FNV-1a of a name: each tensor its own stream.
-fn fnv(name: &str) -> u64 {
+/// FNV-1a of a name: a seed of its own for each tensor or layer, whatever order they are made
+/// in (random benchmark weights here, adapter initialisation in helix-peft).
+pub fn fnv1a(name: &str) -> u64 {
     name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
         (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
     })

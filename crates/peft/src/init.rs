@@ -11,11 +11,7 @@ pub fn rng_for(seed: u64, name: &str) -> StdRng {
     StdRng::seed_from_u64(seed ^ fnv1a(name))
 }
 
-pub fn fnv1a(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-    })
-}
+pub use helix_model::weights::fnv1a;
 
 /// U(−bound, bound): `nn.Linear` weights and biases use bound = 1/√fan_in (Kaiming-uniform with
 /// a = √5), `nn.LSTM` uses 1/√hidden, PEFT's `lora_A` 1/√in.

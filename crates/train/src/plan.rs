@@ -267,7 +267,6 @@ fn nic_per_gpu(hw: &Hardware) -> f64 {
     hw.nic_gbit_s * 1e9 / 8.0 * hw.nics_per_node as f64 / 8.0
 }
 
-/// The plan as a person reads it, with the comparison and what explains it.
 /// The weights that multiply: all but the norms and the embedding lookup (a tied embedding is
 /// also the head, which does multiply).
 pub fn matmul_parameters(m: &LlamaConfig) -> f64 {
@@ -296,6 +295,7 @@ pub fn model_flops_per_token(m: &LlamaConfig, method: &Method, seq: usize, causa
     weights + if causal { attention / 2.0 } else { attention }
 }
 
+/// The plan as a person reads it, with the comparison and what explains it.
 pub fn render(job: &Job, hw: &Hardware, p: &Plan) -> String {
     let gib = |b: f64| b / (1u64 << 30) as f64;
     let mut s = String::new();
