@@ -54,6 +54,8 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scaling: f64)
             true => Some((dy32.t()?.matmul(&low)? * scaling)?),
             false => None,
         };
+        // x in f32 again rather than kept from the forward: a projection-sized copy per
+        // adapted projection for the whole step is what this op exists to avoid.
         let da = match need_a {
             true => Some(dlow.t()?.matmul(&x2.to_dtype(DType::F32)?)?),
             false => None,
