@@ -41,6 +41,8 @@ pub fn cases() -> Vec<Case> {
             ("rope", vec![2, 32, 256, 128]),
             ("attention_softmax", vec![2, 3, 5, 37]),
             ("attention_softmax", vec![1, 32, 128, 2048]),
+            ("cross_entropy", vec![5, 37]),
+            ("cross_entropy", vec![256, 32000]),
         ] {
             out.push(Case { op, dtype, dims });
         }
@@ -109,6 +111,7 @@ pub fn run(case: &Case, implementation: Implementation, device: &Device) -> Resu
             (y, vec![x], vec!["dx"])
         }
         "attention_softmax" => return attention_softmax(case, implementation, &input),
+        "cross_entropy" => return cross_entropy(case, implementation, &input),
         "adamw" => return adamw(case, implementation, &input),
         other => candle_core::bail!("no op {other}"),
     };
@@ -173,6 +176,66 @@ fn attention_softmax(
     let cpu = |t: Tensor| t.to_dtype(DType::F32)?.to_device(&Device::Cpu);
     Ok(Outputs {
         tensors: vec![("stats", cpu(stats)?), ("p", cpu(p)?), ("ds", cpu(ds)?)],
+    })
+}
+
+/// The two forward-only kernels of `cross_entropy` on logits [N, V]: the row statistics (max,
+/// Σ exp, target logit) and the logits' gradient, with every third row's target held elsewhere
+/// (−1) and every fifth row ignored (weight 0), against the same written with candle ops in f32.
+fn cross_entropy(
+    case: &Case,
+    implementation: Implementation,
+    input: &SeededInput<'_>,
+) -> Result<Outputs> {
+    let (n, v) = (case.dims[0], case.dims[1]);
+    // Logits within ±12: a peaked softmax, as a trained LM head's is.
+    let x = input(15, &case.dims, 12.0)?;
+    let dev = x.device().clone();
+    let targets: Vec<i64> = (0..n)
+        .map(|r| match r % 3 {
+            2 => -1,
+            _ => ((r * 7919) % v) as i64,
+        })
+        .collect();
+    let weights: Vec<f32> = (0..n).map(|r| f32::from(u8::from(r % 5 != 4))).collect();
+    let t = Tensor::new(targets.as_slice(), &dev)?;
+    let w = Tensor::new(weights.as_slice(), &dev)?;
+    let (stats, grad) = match implementation {
+        Implementation::Fused => {
+            use crate::cross_entropy::{logit_grad, logit_stats};
+            let stats = logit_stats(&x, &t)?;
+            let lse = (stats.narrow(1, 1, 1)?.log()? + stats.narrow(1, 0, 1)?)?;
+            let terms = Tensor::cat(&[&lse, &w.unsqueeze(1)?], 1)?;
+            let grad = logit_grad(&x, &t, &terms)?;
+            (stats, grad)
+        }
+        Implementation::Unfused => {
+            let x32 = x.to_dtype(DType::F32)?;
+            let max = x32.max_keepdim(D::Minus1)?;
+            let sum = x32.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?;
+            let here = t.ge(0i64)?.to_dtype(DType::F32)?.unsqueeze(1)?;
+            let picked = (x32.gather(&t.clamp(0i64, v as i64)?.unsqueeze(1)?, 1)? * &here)?;
+            let lse = (sum.log()? + &max)?;
+            let classes = Tensor::arange(0i64, v as i64, &dev)?.unsqueeze(0)?;
+            let onehot = classes
+                .broadcast_eq(&t.unsqueeze(1)?)?
+                .to_dtype(DType::F32)?;
+            let grad = (x32.broadcast_sub(&lse)?.exp()? - onehot)?
+                .broadcast_mul(&w.unsqueeze(1)?)?
+                .to_dtype(case.dtype)?;
+            (Tensor::cat(&[&max, &sum, &picked], 1)?, grad)
+        }
+    };
+    let cpu = |t: Tensor| t.to_dtype(DType::F32)?.to_device(&Device::Cpu);
+    // Each statistic on its own: Σ exp is two orders above the logits.
+    let stat = |i: usize| cpu(stats.narrow(1, i, 1)?);
+    Ok(Outputs {
+        tensors: vec![
+            ("row max", stat(0)?),
+            ("Σ exp", stat(1)?),
+            ("target logit", stat(2)?),
+            ("dlogits", cpu(grad)?),
+        ],
     })
 }
 

@@ -32,6 +32,11 @@ pub(crate) const ATTENTION_SOFTMAX: Module = Module {
     ptx: include_str!(concat!(env!("OUT_DIR"), "/attention_softmax.ptx")),
 };
 
+pub(crate) const CROSS_ENTROPY: Module = Module {
+    name: "helix_cross_entropy",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/cross_entropy.ptx")),
+};
+
 pub(crate) const ADAMW: Module = Module {
     name: "helix_adamw",
     ptx: include_str!(concat!(env!("OUT_DIR"), "/adamw.ptx")),
@@ -72,6 +77,101 @@ pub(crate) fn adamw(
         unsafe { b.launch(elementwise(n)) }.w()?;
     }
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}
+
+/// The two kernels of kernels/cuda/cross_entropy.cu.
+#[derive(Clone, Copy)]
+pub(crate) enum CrossEntropyKernel {
+    /// [rows, 3] f32: (max, Σ exp, target logit).
+    Stats,
+    /// The logits' gradient, [rows, vocab] in their dtype; takes the rows' (lse, weight).
+    Grad,
+}
+
+/// What both cross-entropy kernels take: logits [rows, vocab] and targets [rows] i64, and for
+/// the gradient the row terms [rows, 2] f32.
+pub(crate) struct CrossEntropyArgs<'a> {
+    pub logits: (&'a CudaStorage, &'a Layout),
+    pub targets: (&'a CudaStorage, &'a Layout),
+    pub terms: Option<(&'a CudaStorage, &'a Layout)>,
+    pub rows: usize,
+    pub vocab: usize,
+}
+
+/// Runs `kernel` (its dtype suffix added), a block of 256 threads per row.
+pub(crate) fn cross_entropy(
+    kernel: CrossEntropyKernel,
+    args: CrossEntropyArgs,
+) -> Result<CudaStorage> {
+    match args.logits.0.dtype() {
+        DType::F32 => cross_entropy_typed::<f32>(kernel, args),
+        DType::BF16 => cross_entropy_typed::<half::bf16>(kernel, args),
+        DType::F16 => cross_entropy_typed::<half::f16>(kernel, args),
+        other => candle_core::bail!("cross-entropy: no kernel for {other:?}"),
+    }
+}
+
+fn cross_entropy_typed<T: CudaDType + DeviceRepr>(
+    kernel: CrossEntropyKernel,
+    a: CrossEntropyArgs,
+) -> Result<CudaStorage> {
+    let CrossEntropyArgs {
+        logits,
+        targets,
+        terms,
+        rows,
+        vocab,
+    } = a;
+    let stem = match kernel {
+        CrossEntropyKernel::Stats => "logit_stats",
+        CrossEntropyKernel::Grad => "logit_grad",
+    };
+    let function = format!("{stem}_{}", dtype_suffix(logits.0.dtype()));
+    let dev: CudaDevice = logits.0.device.clone();
+    let func = dev.get_or_load_custom_func(&function, CROSS_ENTROPY.name, CROSS_ENTROPY.ptx)?;
+    let x = views::<T>(&function, &[logits])?;
+    let t = views::<i64>(&function, &[targets])?;
+    let vocab32 = vocab as i32;
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = func.builder();
+    b.arg(&x[0]).arg(&t[0]);
+    let out = match (kernel, terms) {
+        (CrossEntropyKernel::Stats, None) => {
+            // SAFETY: the kernel writes all three statistics of every row.
+            let out = unsafe { dev.alloc::<f32>(3 * rows)? };
+            b.arg(&out).arg(&vocab32);
+            if rows > 0 {
+                // SAFETY: the argument list matches logit_stats' signature.
+                unsafe { b.launch(cfg) }.w()?;
+            }
+            CudaStorage::wrap_cuda_slice(out, dev)
+        }
+        (CrossEntropyKernel::Grad, Some(terms)) => {
+            let terms = views::<f32>(&function, &[terms])?;
+            // SAFETY: the kernel writes every element of every row.
+            let out = unsafe { dev.alloc::<T>(rows * vocab)? };
+            b.arg(&terms[0]).arg(&out).arg(&vocab32);
+            if rows * vocab > 0 {
+                // SAFETY: the argument list matches logit_grad's signature.
+                unsafe { b.launch(cfg) }.w()?;
+            }
+            CudaStorage::wrap_cuda_slice(out, dev)
+        }
+        _ => candle_core::bail!("{function}: the row terms go with the gradient only"),
+    };
+    Ok(out)
+}
+
+fn dtype_suffix(dtype: DType) -> &'static str {
+    match dtype {
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        _ => "f32",
+    }
 }
 
 /// One of the attention-softmax kernels (kernels/cuda/attention_softmax.cu), with the sizes

@@ -64,10 +64,11 @@ macro_rules! dispatch_cpu {
     (@wrap $what:expr, ($($s:ident),+), |$t:ident, ($($v:ident),+)| $body:expr,
         ($w32:ident, $wbf16:ident, $wf16:ident)) => {{
         use candle_core::CpuStorage as S;
-        match ($($s),+) {
-            ($(S::F32($v)),+) => { type $t = f32; $body.map(S::$w32) }
-            ($(S::BF16($v)),+) => { type $t = half::bf16; $body.map(S::$wbf16) }
-            ($(S::F16($v)),+) => { type $t = half::f16; $body.map(S::$wf16) }
+        // Tuples with a trailing comma, so one storage is a 1-tuple rather than parentheses.
+        match ($($s,)+) {
+            ($(S::F32($v),)+) => { type $t = f32; $body.map(S::$w32) }
+            ($(S::BF16($v),)+) => { type $t = half::bf16; $body.map(S::$wbf16) }
+            ($(S::F16($v),)+) => { type $t = half::f16; $body.map(S::$wf16) }
             _ => candle_core::bail!("{}: inputs must share one float dtype (f32, bf16, f16)", $what),
         }
     }};

@@ -5,7 +5,9 @@
 //! Causal attention runs the FlashAttention-2 algorithm a chunk of query rows at a time in
 //! `helix_ops::causal_attention`, its matmuls on cuBLAS and its softmax, forward and backward,
 //! in the kernels of [`attention_softmax`]; [`flash_attention`] is the tile-by-tile CPU
-//! reference of the whole algorithm, checked against the full score matrix in f64.
+//! reference of the whole algorithm, checked against the full score matrix in f64. The LM
+//! head's cross-entropy takes each row's softmax statistics and the logits' gradient from the
+//! kernels of [`cross_entropy`].
 //!
 //! Storage is f32, bf16 or f16; arithmetic is f32, rounding intermediates to the storage type
 //! exactly where PyTorch's unfused ops store them, so bf16 runs stay close to transformers'.
@@ -15,6 +17,7 @@
 mod adamw;
 pub mod attention_softmax;
 pub mod check;
+pub mod cross_entropy;
 mod elem;
 pub mod flash_attention;
 mod rms_norm;

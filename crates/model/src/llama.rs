@@ -403,10 +403,33 @@ impl Llama {
 
     /// Summed next-token loss of hidden [B, S, H] against labels [B, S] (aligned with the
     /// inputs, -100 = ignore; the shift happens here, as in transformers) and the number of
-    /// target tokens. The caller divides by the target count of the whole step.
+    /// target tokens. The caller divides by the target count of the whole step. The LM head's
+    /// gradients are taken here, while its logits are at hand (see
+    /// [`helix_ops::linear_cross_entropy`]); [`Self::eval_loss_sum`] skips them.
     pub fn loss_sum(
         &self,
         hidden: &Tensor,
+        labels: &Tensor,
+        chunk_rows: usize,
+    ) -> Result<(Tensor, usize)> {
+        self.head_loss_sum(hidden, self.lm_head_weight(), labels, chunk_rows)
+    }
+
+    /// [`Self::loss_sum`] for evaluation: no gradient reaches the hidden states or the head.
+    pub fn eval_loss_sum(
+        &self,
+        hidden: &Tensor,
+        labels: &Tensor,
+        chunk_rows: usize,
+    ) -> Result<(Tensor, usize)> {
+        let head = self.lm_head_weight().detach();
+        self.head_loss_sum(&hidden.detach(), &head, labels, chunk_rows)
+    }
+
+    fn head_loss_sum(
+        &self,
+        hidden: &Tensor,
+        head: &Tensor,
         labels: &Tensor,
         chunk_rows: usize,
     ) -> Result<(Tensor, usize)> {
@@ -421,14 +444,14 @@ impl Llama {
         let lab = labels.narrow(1, 1, s - 1)?.reshape(b * (s - 1))?;
         let n = count_targets(&lab)?;
         let sum = match &self.tp {
-            None => linear_cross_entropy(&hid, self.lm_head_weight(), &lab, chunk_rows)?,
+            None => linear_cross_entropy(&hid, head, &lab, chunk_rows)?,
             Some(g) => {
                 let shard = VocabShard {
-                    start: g.rank() * self.lm_head_weight().dim(0)?,
+                    start: g.rank() * head.dim(0)?,
                     group: g.clone(),
                 };
                 let hid = copy_to_parallel_region(&hid, g)?;
-                vocab_parallel_cross_entropy(&hid, self.lm_head_weight(), &lab, chunk_rows, &shard)?
+                vocab_parallel_cross_entropy(&hid, head, &lab, chunk_rows, &shard)?
             }
         };
         Ok((sum, n))

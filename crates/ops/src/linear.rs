@@ -39,8 +39,10 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scaling: f64)
     let rows = x.elem_count() / inner.max(1);
     let x2 = x.detach().reshape((rows, inner))?;
     let (a_, b_, w_) = (a.detach(), b.detach(), w.detach());
-    let low = x2.to_dtype(DType::F32)?.matmul(&a_.t()?)?;
-    let update = (low.matmul(&b_.t()?)? * scaling)?;
+    // The scale goes on the rank-r activation, not on the projection-sized update: one pass
+    // over [rows, r] instead of [rows, out].
+    let low = (x2.to_dtype(DType::F32)?.matmul(&a_.t()?)? * scaling)?;
+    let update = low.matmul(&b_.t()?)?;
     let y = (x2.matmul(&w_.t()?)? + update.to_dtype(x.dtype())?)?;
     let mut out = in_dims.clone();
     *out.last_mut().expect("checked above") = w.dim(0)?;
@@ -48,10 +50,11 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scaling: f64)
     with_backward3((x, a, b), y, move |dy, [need_x, need_a, need_b]| {
         let dy = dy.reshape((rows, w_.dim(0)?))?;
         let dy32 = dy.to_dtype(DType::F32)?;
-        // d(low) = s · dy B; dB = s · dyᵀ low; dA = d(low)ᵀ x; dx = dy W + d(low) A.
+        // With low = s · x Aᵀ: dB = dyᵀ low; d(x Aᵀ) = s · dy B; dA = d(x Aᵀ)ᵀ x;
+        // dx = dy W + d(x Aᵀ) A.
         let dlow = (dy32.matmul(&b_)? * scaling)?;
         let db = match need_b {
-            true => Some((dy32.t()?.matmul(&low)? * scaling)?),
+            true => Some(dy32.t()?.matmul(&low)?),
             false => None,
         };
         // x in f32 again rather than kept from the forward: a projection-sized copy per

@@ -274,6 +274,16 @@ impl Customized {
         self.model.loss_sum(&hidden, &labels, chunk_rows)
     }
 
+    /// [`Self::loss_sum`] for evaluation: the loss only, with none of the LM head's gradient
+    /// work (call it in eval mode, [`Self::set_training`] off).
+    pub fn eval_loss_sum(&self, batch: &ModelBatch, chunk_rows: usize) -> Result<(Tensor, usize)> {
+        let (hidden, labels) = self.forward(batch)?;
+        let Some(labels) = labels else {
+            bail!("eval_loss_sum needs labels");
+        };
+        self.model.eval_loss_sum(&hidden, &labels, chunk_rows)
+    }
+
     /// Generates after `prompt` (see [`helix_model::generate`]) in eval mode, with the
     /// virtual tokens in front when P-tuning.
     pub fn generate(

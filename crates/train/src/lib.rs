@@ -6,6 +6,7 @@
 pub mod comm_check;
 pub mod config;
 pub mod gradients;
+pub mod host_memory;
 pub mod kernel_check;
 pub mod optim;
 pub mod plan;
@@ -22,7 +23,7 @@ use candle_core::Device;
 
 /// The device a rank computes on: with `cuda`, GPU `local_rank` — or the only GPU it sees,
 /// when the launcher gives each rank one (srun --gpus-per-task=1, CUDA_VISIBLE_DEVICES);
-/// otherwise the CPU.
+/// otherwise the CPU (whose allocator then keeps freed memory: [`host_memory`]).
 pub fn device(local_rank: usize) -> anyhow::Result<Device> {
     #[cfg(feature = "cuda")]
     {
@@ -52,6 +53,7 @@ pub fn device(local_rank: usize) -> anyhow::Result<Device> {
     #[allow(unreachable_code)]
     {
         let _ = local_rank;
+        host_memory::keep_freed_memory();
         Ok(Device::Cpu)
     }
 }

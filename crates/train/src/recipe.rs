@@ -484,7 +484,7 @@ fn validate(model: &Customized, batches: &[Batch], chunk: usize, job: &Job) -> R
         let mut sums = [0f64, 0f64];
         for b in batches.iter().skip(job.dp.index).step_by(job.dp.size) {
             let t = DeviceBatch::new(b, &dev)?;
-            let (s, k) = model.loss_sum(&t.model_batch(), chunk)?;
+            let (s, k) = model.eval_loss_sum(&t.model_batch(), chunk)?;
             sums[0] += s.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
             sums[1] += k as f64;
         }
