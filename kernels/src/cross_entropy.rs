@@ -16,6 +16,8 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape
 use rayon::prelude::*;
 
 use crate::elem::{dispatch_cpu, packed, Elem};
+use crate::exp::{exp, max_of, sum_exp};
+use crate::simd::with_avx2;
 
 /// Each row's (max m, Σ_j exp(x_j − m), x[target]) over this part of the vocabulary, [N, 3] f32;
 /// the target logit is 0 where the target is −1. Combined over tensor-parallel ranks, the
@@ -66,34 +68,16 @@ fn i64s<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [i64]> {
     }
 }
 
-/// Σ exp(x_j − m) over a row, in eight running sums (the order a vectorised loop adds in).
-fn sum_exp<T: Elem>(row: &[T], m: f32) -> f32 {
-    let mut acc = [0f32; 8];
-    let mut chunks = row.chunks_exact(8);
-    for c in &mut chunks {
-        for (a, x) in acc.iter_mut().zip(c) {
-            *a += (x.to_f32() - m).exp();
-        }
-    }
-    let tail: f32 = chunks
-        .remainder()
-        .iter()
-        .map(|x| (x.to_f32() - m).exp())
-        .sum();
-    acc.iter().sum::<f32>() + tail
-}
-
 fn logit_stats_cpu<T: Elem>(x: &[T], targets: &[i64], vocab: usize) -> Vec<f32> {
     let mut stats = vec![0f32; 3 * targets.len()];
     stats.par_chunks_mut(3).enumerate().for_each(|(r, out)| {
-        let row = &x[r * vocab..(r + 1) * vocab];
-        let m = row
-            .iter()
-            .map(|v| v.to_f32())
-            .fold(f32::NEG_INFINITY, f32::max);
-        out[0] = m;
-        out[1] = sum_exp(row, m);
-        out[2] = usize::try_from(targets[r]).map_or(0.0, |t| row[t].to_f32());
+        with_avx2(|| {
+            let row = &x[r * vocab..(r + 1) * vocab];
+            let m = max_of(vocab, |j| row[j].to_f32());
+            out[0] = m;
+            out[1] = sum_exp(vocab, m, |j| row[j].to_f32());
+            out[2] = usize::try_from(targets[r]).map_or(0.0, |t| row[t].to_f32());
+        })
     });
     stats
 }
@@ -108,11 +92,13 @@ fn logit_grad_cpu<T: Elem>(x: &[T], targets: &[i64], terms: &[f32], vocab: usize
                 return; // already zero
             }
             let row = &x[r * vocab..(r + 1) * vocab];
-            for (o, v) in out.iter_mut().zip(row) {
-                *o = T::from_f32((v.to_f32() - lse).exp() * weight);
-            }
+            with_avx2(|| {
+                for (o, v) in out.iter_mut().zip(row) {
+                    *o = T::from_f32(exp(v.to_f32() - lse) * weight);
+                }
+            });
             if let Ok(t) = usize::try_from(targets[r]) {
-                out[t] = T::from_f32(((row[t].to_f32() - lse).exp() - 1.0) * weight);
+                out[t] = T::from_f32((exp(row[t].to_f32() - lse) - 1.0) * weight);
             }
         });
     grad

@@ -19,9 +19,11 @@ pub mod attention_softmax;
 pub mod check;
 pub mod cross_entropy;
 mod elem;
+mod exp;
 pub mod flash_attention;
 mod rms_norm;
 mod rope;
+mod simd;
 mod swiglu;
 pub mod unfused;
 
