@@ -5,6 +5,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape
 use rayon::prelude::*;
 
 use crate::elem::{dispatch_cpu, packed, Elem};
+use crate::simd::with_avx2;
 
 /// `weight * (x / sqrt(mean(x^2) + eps))` over the last dimension of x, the normalised value
 /// rounded to x's dtype before the weight multiplies it (Hugging Face's LlamaRMSNorm).
@@ -25,6 +26,7 @@ struct RmsNorm {
 }
 
 /// The forward of one row.
+#[inline(always)]
 pub(crate) fn forward_row<T: Elem>(x: &[T], w: &[T], y: &mut [T], eps: f32) {
     // Summed in f64: closer to PyTorch's pairwise f32 sum than a running f32 sum over 4096.
     let sq: f64 = x.iter().map(|v| (v.to_f32() * v.to_f32()) as f64).sum();
@@ -35,6 +37,7 @@ pub(crate) fn forward_row<T: Elem>(x: &[T], w: &[T], y: &mut [T], eps: f32) {
 }
 
 /// The input gradient of one row: rstd · (g − n · mean(g · n)), g = dy · w rounded to T.
+#[inline(always)]
 pub(crate) fn backward_row<T: Elem>(x: &[T], w: &[T], dy: &[T], dx: &mut [T], eps: f32) {
     let g = |i: usize| T::round(dy[i].to_f32() * w[i].to_f32());
     let (mut sq, mut dot) = (0f64, 0f64);
@@ -57,7 +60,7 @@ fn forward_cpu<T: Elem>(x: &[T], w: &[T], eps: f32) -> Result<Vec<T>> {
     let mut y = vec![T::from_f32(0.0); x.len()];
     y.par_chunks_mut(cols)
         .zip(x.par_chunks(cols))
-        .for_each(|(y, x)| forward_row(x, w, y, eps));
+        .for_each(|(y, x)| with_avx2(|| forward_row(x, w, y, eps)));
     Ok(y)
 }
 
@@ -66,7 +69,7 @@ fn backward_cpu<T: Elem>(x: &[T], w: &[T], dy: &[T], eps: f32) -> Result<Vec<T>>
     let mut dx = vec![T::from_f32(0.0); x.len()];
     dx.par_chunks_mut(cols)
         .zip(x.par_chunks(cols).zip(dy.par_chunks(cols)))
-        .for_each(|(dx, (x, dy))| backward_row(x, w, dy, dx, eps));
+        .for_each(|(dx, (x, dy))| with_avx2(|| backward_row(x, w, dy, dx, eps)));
     Ok(dx)
 }
 

@@ -7,6 +7,7 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::elem::{dispatch_cpu, packed, Elem};
+use crate::simd::with_avx2;
 
 /// `x * cos + rotate_half(x) * sin` for x [B, H, S, D] and cos / sin [B, 1, S, D] (the same
 /// for every head), each product rounded to the dtype as PyTorch's separate ops store it.
@@ -37,6 +38,7 @@ struct Rope {
 }
 
 /// One [S, D] slab of one head: `x` and `y` rows of `d`, `cos` / `sin` of the slab's batch row.
+#[inline(always)]
 fn slab<T: Elem>(x: &[T], cos: &[T], sin: &[T], y: &mut [T], d: usize, backward: bool) {
     let half = d / 2;
     for ((x, y), (c, s)) in x
@@ -83,7 +85,7 @@ fn rope_cpu<T: Elem>(
         .for_each(|(slab_index, (y, x))| {
             let b = slab_index / h;
             let table = b * s * d..(b + 1) * s * d;
-            slab(x, &cos[table.clone()], &sin[table], y, d, backward);
+            with_avx2(|| slab(x, &cos[table.clone()], &sin[table], y, d, backward));
         });
     Ok(y)
 }

@@ -7,6 +7,8 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tenso
 use rayon::prelude::*;
 
 use crate::elem::{dispatch_cpu, packed, Elem};
+use crate::exp::exp;
+use crate::simd::with_avx2;
 
 /// `silu(gate) * up`, silu's value rounded to the dtype before the product (as PyTorch's two
 /// ops store it).
@@ -27,8 +29,9 @@ struct Swiglu;
 /// Elements per parallel task on the CPU.
 const CHUNK: usize = 1 << 14;
 
+#[inline(always)]
 fn sigmoid(g: f32) -> f32 {
-    1.0 / (1.0 + (-g).exp())
+    1.0 / (1.0 + exp(-g))
 }
 
 fn forward_cpu<T: Elem>(gate: &[T], up: &[T]) -> Result<Vec<T>> {
@@ -36,10 +39,12 @@ fn forward_cpu<T: Elem>(gate: &[T], up: &[T]) -> Result<Vec<T>> {
     y.par_chunks_mut(CHUNK)
         .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
         .for_each(|(y, (gate, up))| {
-            for ((y, g), u) in y.iter_mut().zip(gate).zip(up) {
-                let g = g.to_f32();
-                *y = T::from_f32(T::round(g * sigmoid(g)) * u.to_f32());
-            }
+            with_avx2(|| {
+                for ((y, g), u) in y.iter_mut().zip(gate).zip(up) {
+                    let g = g.to_f32();
+                    *y = T::from_f32(T::round(g * sigmoid(g)) * u.to_f32());
+                }
+            })
         });
     Ok(y)
 }
@@ -57,15 +62,17 @@ fn backward_cpu<T: Elem>(gate: &[T], up: &[T], dy: &[T]) -> Result<Vec<T>> {
                 .zip(dy.par_chunks(CHUNK)),
         )
         .for_each(|((dg, du), ((gate, up), dy))| {
-            for i in 0..gate.len() {
-                let g = gate[i].to_f32();
-                let sg = sigmoid(g);
-                let s = T::round(g * sg);
-                let dyi = dy[i].to_f32();
-                let ds = T::round(dyi * up[i].to_f32());
-                dg[i] = T::from_f32(ds * sg * (1.0 + g * (1.0 - sg)));
-                du[i] = T::from_f32(dyi * s);
-            }
+            with_avx2(|| {
+                for i in 0..gate.len() {
+                    let g = gate[i].to_f32();
+                    let sg = sigmoid(g);
+                    let s = T::round(g * sg);
+                    let dyi = dy[i].to_f32();
+                    let ds = T::round(dyi * up[i].to_f32());
+                    dg[i] = T::from_f32(ds * sg * (1.0 + g * (1.0 - sg)));
+                    du[i] = T::from_f32(dyi * s);
+                }
+            })
         });
     Ok(d)
 }

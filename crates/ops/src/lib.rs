@@ -34,13 +34,10 @@ pub use helix_kernels::check as kernel_check;
 
 use candle_core::{Result, Tensor};
 
-/// SwiGLU activation of the Llama MLP: `silu(gate) * up`; on a GPU the fused kernel
-/// (`helix_kernels::swiglu`), which keeps only gate and up, as for [`rms_norm`].
+/// SwiGLU activation of the Llama MLP: `silu(gate) * up`, the fused op of
+/// `helix_kernels::swiglu` (one pass each way, keeping only gate and up), as for [`rms_norm`].
 pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if gate.device().is_cuda() {
-        return helix_kernels::swiglu(gate, up);
-    }
-    gate.silu()? * up
+    helix_kernels::swiglu(gate, up)
 }
 
 /// Softmax over the last dimension, computed in f32 and returned in the input's dtype.

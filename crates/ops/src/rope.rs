@@ -38,11 +38,8 @@ impl RopeTable {
 }
 
 /// `x * cos + rotate_half(x) * sin` for x [B, H, S, D]; cos/sin from [`RopeTable::cos_sin`].
-/// On a GPU the fused kernel (`helix_kernels::rope`), which keeps no intermediate; on the CPU
-/// the unfused definition (`helix_kernels::unfused::rope`), as for [`crate::rms_norm`].
+/// The fused op of `helix_kernels::rope`, which keeps no intermediate, as for [`crate::rms_norm`];
+/// `helix_kernels::unfused::rope` is its definition in plain candle ops.
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    if x.device().is_cuda() {
-        return helix_kernels::rope(x, cos, sin);
-    }
-    helix_kernels::unfused::rope(x, cos, sin)
+    helix_kernels::rope(x, cos, sin)
 }
