@@ -47,6 +47,14 @@ pub fn cases() -> Vec<Case> {
             out.push(Case { op, dtype, dims });
         }
     }
+    // LoRA's rank-r path is f32 whatever the base dtype: [rows, in, out, r].
+    for dims in [vec![7, 13, 11, 3], vec![1024, 576, 1536, 8]] {
+        out.push(Case {
+            op: "low_rank",
+            dtype: DType::F32,
+            dims,
+        });
+    }
     // AdamW keeps f32 state and masters whatever the parameters' dtype.
     for dims in [vec![1001], vec![4096, 4096]] {
         out.push(Case {
@@ -113,6 +121,7 @@ pub fn run(case: &Case, implementation: Implementation, device: &Device) -> Resu
         "attention_softmax" => return attention_softmax(case, implementation, &input),
         "cross_entropy" => return cross_entropy(case, implementation, &input),
         "adamw" => return adamw(case, implementation, &input),
+        "low_rank" => return low_rank(case, implementation, &input),
         other => candle_core::bail!("no op {other}"),
     };
     let r = input(7, y.dims(), 1.0)?.to_dtype(DType::F32)?;
@@ -235,6 +244,45 @@ fn cross_entropy(
             ("Σ exp", stat(1)?),
             ("target logit", stat(2)?),
             ("dlogits", cpu(grad)?),
+        ],
+    })
+}
+
+/// LoRA's three rank-r products on x [n, k], A [r, k], B [c, r] and dy [n, c]: x Aᵀ, y + l Bᵀ and
+/// the adapter gradient lᵀ x, against the same as candle matmuls.
+fn low_rank(
+    case: &Case,
+    implementation: Implementation,
+    input: &SeededInput<'_>,
+) -> Result<Outputs> {
+    let (n, k, c, r) = (case.dims[0], case.dims[1], case.dims[2], case.dims[3]);
+    let x = input(21, &[n, k], 1.0)?;
+    let a = input(22, &[r, k], 0.1)?;
+    let bt = input(23, &[r, c], 0.1)?;
+    let y = input(24, &[n, c], 1.0)?;
+    let (low, sum, grad) = match implementation {
+        Implementation::Fused => {
+            use crate::low_rank::{add_product, outer_sum, project};
+            let low = project(&x, &a)?;
+            (
+                low.clone(),
+                add_product(&y, &low, &bt)?,
+                outer_sum(&low, &x)?,
+            )
+        }
+        Implementation::Unfused => {
+            let low = x.matmul(&a.t()?)?;
+            let sum = (&y + low.matmul(&bt)?)?;
+            let grad = low.t()?.matmul(&x)?;
+            (low, sum, grad)
+        }
+    };
+    let cpu = |t: Tensor| t.to_device(&Device::Cpu);
+    Ok(Outputs {
+        tensors: vec![
+            ("x Aᵀ", cpu(low)?),
+            ("y + l Bᵀ", cpu(sum)?),
+            ("lᵀ x", cpu(grad)?),
         ],
     })
 }

@@ -21,6 +21,7 @@ pub mod cross_entropy;
 mod elem;
 mod exp;
 pub mod flash_attention;
+pub mod low_rank;
 mod rms_norm;
 mod rope;
 mod simd;

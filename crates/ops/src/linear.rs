@@ -2,6 +2,8 @@
 
 use candle_core::{DType, Result, Tensor};
 
+use helix_kernels::low_rank;
+
 use crate::backward::{with_backward, with_backward3};
 
 /// `x Wᵀ` for x [..., in] and W [out, in].
@@ -41,9 +43,9 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scaling: f64)
     let (a_, b_, w_) = (a.detach(), b.detach(), w.detach());
     // The scale goes on the rank-r activation, not on the projection-sized update: one pass
     // over [rows, r] instead of [rows, out].
-    let low = (x2.to_dtype(DType::F32)?.matmul(&a_.t()?)? * scaling)?;
-    let update = low.matmul(&b_.t()?)?;
-    let y = (x2.matmul(&w_.t()?)? + update.to_dtype(x.dtype())?)?;
+    let low = (low_rank::project(&x2.to_dtype(DType::F32)?, &a_)? * scaling)?;
+    let b_t = b_.t()?.contiguous()?;
+    let y = add_update(&x2.matmul(&w_.t()?)?, &low, &b_t)?;
     let mut out = in_dims.clone();
     *out.last_mut().expect("checked above") = w.dim(0)?;
     let y = y.reshape(out)?;
@@ -52,24 +54,31 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scaling: f64)
         let dy32 = dy.to_dtype(DType::F32)?;
         // With low = s · x Aᵀ: dB = dyᵀ low; d(x Aᵀ) = s · dy B; dA = d(x Aᵀ)ᵀ x;
         // dx = dy W + d(x Aᵀ) A.
-        let dlow = (dy32.matmul(&b_)? * scaling)?;
+        let dlow = (low_rank::project(&dy32, &b_t)? * scaling)?;
         let db = match need_b {
-            true => Some(dy32.t()?.matmul(&low)?),
+            true => Some(low_rank::outer_sum(&low, &dy32)?.t()?.contiguous()?),
             false => None,
         };
         // x in f32 again rather than kept from the forward: a projection-sized copy per
         // adapted projection for the whole step is what this op exists to avoid.
         let da = match need_a {
-            true => Some(dlow.t()?.matmul(&x2.to_dtype(DType::F32)?)?),
+            true => Some(low_rank::outer_sum(&dlow, &x2.to_dtype(DType::F32)?)?),
             false => None,
         };
         let dx = match need_x {
-            true => {
-                let dx = (dy.matmul(&w_)? + dlow.matmul(&a_)?.to_dtype(dy.dtype())?)?;
-                Some(dx.reshape(in_dims.as_slice())?)
-            }
+            true => Some(add_update(&dy.matmul(&w_)?, &dlow, &a_)?.reshape(in_dims.as_slice())?),
             false => None,
         };
         Ok((dx, da, db))
     })
+}
+
+/// base + l M for the f32 rank-r factors l [rows, r] and M [r, out]: in f32 as one pass over
+/// the rows ([`low_rank::add_product`]) when base is f32, else the update cast to base's dtype
+/// and added, as PEFT adds its f32 update to a bf16 base.
+fn add_update(base: &Tensor, l: &Tensor, m: &Tensor) -> Result<Tensor> {
+    match base.dtype() {
+        DType::F32 => low_rank::add_product(base, l, m),
+        dtype => base + l.matmul(m)?.to_dtype(dtype)?,
+    }
 }
