@@ -14,14 +14,8 @@ cd "$(dirname "$0")/.."
 seq=${1:-2048}
 sft_layers=${2:-8}
 steps=${3:-5}
-bin=dist/helix-train
-if [ ! -x "$bin" ]; then
-  gzip -dc "$bin.gz" > "$bin"
-  chmod +x "$bin"
-fi
-site=$(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))')
-libs=$(find "$site/nvidia" -maxdepth 3 -type d -name lib | tr '\n' ':')
-export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:-}"
+source scripts/gpu-env.sh
+bin=$BIN
 out=${OUT:-/tmp}/gpu-bench
 mkdir -p "$out"
 torch_lora() { python3 scripts/gpu_step_pytorch.py --method lora --seq "$seq" --steps "$steps"; }

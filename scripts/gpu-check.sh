@@ -12,14 +12,9 @@
 # Usage: scripts/gpu-check.sh [BINARY=dist/helix-train]
 set -uo pipefail
 cd "$(dirname "$0")/.."
-bin=${1:-dist/helix-train}
-if [ ! -x "$bin" ] && [ -f "$bin.gz" ]; then
-  gzip -dc "$bin.gz" > "$bin"
-  chmod +x "$bin"
-fi
-site=$(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__path__[0]))')
-libs=$(find "$site/nvidia" -maxdepth 3 -type d -name lib | tr '\n' ':')
-export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:-}"
+BIN=${1:-dist/helix-train}
+source scripts/gpu-env.sh
+bin=$BIN
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 failed=()
 part() { # part NAME COMMAND...: runs one part, remembers it when it fails

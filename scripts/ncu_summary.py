@@ -1,6 +1,7 @@
 """Sums an Nsight Compute per-kernel CSV by kernel name: where a helix step spends GPU time.
 
-On the GPU machine (dist/helix-train unpacked, LD_LIBRARY_PATH as in scripts/gpu-check.sh):
+scripts/gpu-profile.sh runs it on helix's and PyTorch's step side by side. By hand, on the GPU
+machine (dist/helix-train unpacked, LD_LIBRARY_PATH as scripts/gpu-env.sh sets it):
   ncu --metrics gpu__time_duration.sum --cache-control none --clock-control none \
       --print-summary per-kernel --csv dist/helix-train bench --config configs/bench/lora7b.toml \
       --random-weights --layers 2 --warmup 0 --steps 1 > ncu.csv
