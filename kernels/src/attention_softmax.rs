@@ -13,7 +13,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::elem::{dispatch_cpu, packed, Elem};
+use crate::elem::{dispatch_cpu, packed, packed_as, Elem};
 use crate::exp::{exp, max_of, sum_exp};
 use crate::simd::with_avx2;
 
@@ -219,10 +219,7 @@ impl CustomOp3 for Probs {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let d = self.dims;
-        let CpuStorage::F32(stats) = s3 else {
-            candle_core::bail!("probs: stats must be f32")
-        };
-        let stats = packed(stats, l3, "stats")?;
+        let stats = packed_as::<f32>(s3, l3, "probs: stats")?;
         let p = dispatch_cpu!("probs", (s1, s2), |T, (s, b)| Ok::<_, candle_core::Error>(
             probs_cpu::<T>(
                 packed(s, l1, "scores")?,
@@ -297,10 +294,7 @@ impl CustomOp3 for SoftmaxGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(d) = s3 else {
-            candle_core::bail!("softmax_grad: d must be f32")
-        };
-        let d = packed(d, l3, "d")?;
+        let d = packed_as::<f32>(s3, l3, "softmax_grad: d")?;
         let (k, scale) = (self.keys, self.scale);
         let ds = dispatch_cpu!("softmax_grad", (s1, s2), |T, (p, dp)| Ok::<
             _,

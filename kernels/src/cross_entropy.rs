@@ -15,7 +15,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::elem::{dispatch_cpu, packed, Elem};
+use crate::elem::{dispatch_cpu, packed, packed_as, Elem};
 use crate::exp::{exp, max_of, sum_exp};
 use crate::simd::with_avx2;
 
@@ -59,13 +59,6 @@ fn check_targets(targets: &Tensor, rows: usize) -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn i64s<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [i64]> {
-    match s {
-        CpuStorage::I64(t) => packed(t, l, "targets"),
-        _ => candle_core::bail!("cross-entropy: targets must be i64"),
-    }
 }
 
 fn logit_stats_cpu<T: Elem>(x: &[T], targets: &[i64], vocab: usize) -> Vec<f32> {
@@ -121,7 +114,7 @@ impl CustomOp2 for LogitStats {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let targets = i64s(s2, l2)?;
+        let targets = packed_as::<i64>(s2, l2, "logit_stats: targets")?;
         let stats = dispatch_cpu!("logit_stats", (s1), |T, (x)| -> f32 Ok::<
             _,
             candle_core::Error,
@@ -173,11 +166,8 @@ impl CustomOp3 for LogitGrad {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let targets = i64s(s2, l2)?;
-        let CpuStorage::F32(terms) = s3 else {
-            candle_core::bail!("logit_grad: row terms must be f32")
-        };
-        let terms = packed(terms, l3, "row terms")?;
+        let targets = packed_as::<i64>(s2, l2, "logit_grad: targets")?;
+        let terms = packed_as::<f32>(s3, l3, "logit_grad: row terms")?;
         let grad = dispatch_cpu!("logit_grad", (s1), |T, (x)| Ok::<_, candle_core::Error>(
             logit_grad_cpu::<T>(packed(x, l1, "logits")?, targets, terms, self.vocab)
         ))?;

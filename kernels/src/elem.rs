@@ -49,6 +49,24 @@ pub(crate) fn packed<'a, T>(data: &'a [T], layout: &Layout, what: &str) -> Resul
     }
 }
 
+/// The packed elements of a storage that must hold `T` whatever the op's float type (f32 row
+/// statistics, i64 targets), named `what` in the error otherwise.
+pub(crate) fn packed_as<'a, T: candle_core::WithDType>(
+    storage: &'a candle_core::CpuStorage,
+    layout: &Layout,
+    what: &str,
+) -> Result<&'a [T]> {
+    use candle_core::backend::BackendStorage;
+    let data = storage.as_slice::<T>().map_err(|_| {
+        candle_core::Error::Msg(format!(
+            "{what} must be {:?}, not {:?}",
+            T::DTYPE,
+            storage.dtype()
+        ))
+    })?;
+    packed(data, layout, what)
+}
+
 /// Runs `$body` with `$t` bound to the element type of the CPU storages, which must agree; its
 /// `Vec<$t>` becomes the output storage. With `-> f32` the body returns a `Vec<f32>` whatever
 /// the inputs' type (per-row statistics).

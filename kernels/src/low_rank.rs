@@ -11,7 +11,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::elem::packed;
+use crate::elem::packed_as;
 use crate::simd::with_avx2;
 
 /// Rows per block of the row sums in [`outer_sum`].
@@ -89,13 +89,6 @@ fn axpy(y: &mut [f32], s: f32, x: &[f32]) {
     }
 }
 
-fn f32s<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    match s {
-        CpuStorage::F32(v) => packed(v, l, what),
-        _ => candle_core::bail!("low_rank: {what} must be f32"),
-    }
-}
-
 struct Project {
     n: usize,
     k: usize,
@@ -114,7 +107,10 @@ impl CustomOp2 for Project {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, m) = (f32s(s1, l1, "x")?, f32s(s2, l2, "M")?);
+        let (x, m) = (
+            packed_as::<f32>(s1, l1, "low_rank: x")?,
+            packed_as::<f32>(s2, l2, "low_rank: M")?,
+        );
         let (k, r) = (self.k, self.r);
         let mut out = vec![0f32; self.n * r];
         out.par_chunks_mut(r.max(1))
@@ -149,7 +145,11 @@ impl CustomOp3 for AddProduct {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (y, l, m) = (f32s(s1, l1, "y")?, f32s(s2, l2, "l")?, f32s(s3, l3, "M")?);
+        let (y, l, m) = (
+            packed_as::<f32>(s1, l1, "low_rank: y")?,
+            packed_as::<f32>(s2, l2, "low_rank: l")?,
+            packed_as::<f32>(s3, l3, "low_rank: M")?,
+        );
         let (c, r) = (self.c, self.r);
         let mut out = vec![0f32; y.len()];
         out.par_chunks_mut(c.max(1))
@@ -187,7 +187,10 @@ impl CustomOp2 for OuterSum {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (l, x) = (f32s(s1, l1, "l")?, f32s(s2, l2, "x")?);
+        let (l, x) = (
+            packed_as::<f32>(s1, l1, "low_rank: l")?,
+            packed_as::<f32>(s2, l2, "low_rank: x")?,
+        );
         let (r, k) = (self.r, self.k);
         let blocks = self.n.div_ceil(BLOCK_ROWS);
         // Each block of rows sums into its own [r, k]; the blocks are then added in order.

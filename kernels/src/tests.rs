@@ -21,3 +21,14 @@ fn cpu_references_match_the_unfused_ops() {
         }
     }
 }
+
+#[test]
+fn a_storage_of_the_wrong_type_is_named_in_the_error() {
+    use candle_core::{CpuStorage, Layout};
+    let storage = CpuStorage::BF16(vec![half::bf16::ONE; 4]);
+    let layout = Layout::contiguous(4);
+    let err = crate::elem::packed_as::<f32>(&storage, &layout, "probs: stats").unwrap_err();
+    assert_eq!(err.to_string(), "probs: stats must be F32, not BF16");
+    let ok = crate::elem::packed_as::<half::bf16>(&storage, &layout, "x").unwrap();
+    assert_eq!(ok.len(), 4);
+}
