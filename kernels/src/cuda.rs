@@ -103,16 +103,21 @@ pub(crate) fn cross_entropy(
     kernel: CrossEntropyKernel,
     args: CrossEntropyArgs,
 ) -> Result<CudaStorage> {
+    let stem = match kernel {
+        CrossEntropyKernel::Stats => "logit_stats",
+        CrossEntropyKernel::Grad => "logit_grad",
+    };
     match args.logits.0.dtype() {
-        DType::F32 => cross_entropy_typed::<f32>(kernel, args),
-        DType::BF16 => cross_entropy_typed::<half::bf16>(kernel, args),
-        DType::F16 => cross_entropy_typed::<half::f16>(kernel, args),
-        other => candle_core::bail!("cross-entropy: no kernel for {other:?}"),
+        DType::F32 => cross_entropy_typed::<f32>(kernel, &format!("{stem}_f32"), args),
+        DType::BF16 => cross_entropy_typed::<half::bf16>(kernel, &format!("{stem}_bf16"), args),
+        DType::F16 => cross_entropy_typed::<half::f16>(kernel, &format!("{stem}_f16"), args),
+        other => candle_core::bail!("{stem}: no kernel for {other:?}"),
     }
 }
 
 fn cross_entropy_typed<T: CudaDType + DeviceRepr>(
     kernel: CrossEntropyKernel,
+    function: &str,
     a: CrossEntropyArgs,
 ) -> Result<CudaStorage> {
     let CrossEntropyArgs {
@@ -122,15 +127,10 @@ fn cross_entropy_typed<T: CudaDType + DeviceRepr>(
         rows,
         vocab,
     } = a;
-    let stem = match kernel {
-        CrossEntropyKernel::Stats => "logit_stats",
-        CrossEntropyKernel::Grad => "logit_grad",
-    };
-    let function = format!("{stem}_{}", dtype_suffix(logits.0.dtype()));
     let dev: CudaDevice = logits.0.device.clone();
-    let func = dev.get_or_load_custom_func(&function, CROSS_ENTROPY.name, CROSS_ENTROPY.ptx)?;
-    let x = views::<T>(&function, &[logits])?;
-    let t = views::<i64>(&function, &[targets])?;
+    let func = dev.get_or_load_custom_func(function, CROSS_ENTROPY.name, CROSS_ENTROPY.ptx)?;
+    let x = views::<T>(function, &[logits])?;
+    let t = views::<i64>(function, &[targets])?;
     let vocab32 = vocab as i32;
     let cfg = LaunchConfig {
         grid_dim: (rows as u32, 1, 1),
@@ -151,7 +151,7 @@ fn cross_entropy_typed<T: CudaDType + DeviceRepr>(
             CudaStorage::wrap_cuda_slice(out, dev)
         }
         (CrossEntropyKernel::Grad, Some(terms)) => {
-            let terms = views::<f32>(&function, &[terms])?;
+            let terms = views::<f32>(function, &[terms])?;
             // SAFETY: the kernel writes every element of every row.
             let out = unsafe { dev.alloc::<T>(rows * vocab)? };
             b.arg(&terms[0]).arg(&out).arg(&vocab32);
@@ -164,14 +164,6 @@ fn cross_entropy_typed<T: CudaDType + DeviceRepr>(
         _ => candle_core::bail!("{function}: the row terms go with the gradient only"),
     };
     Ok(out)
-}
-
-fn dtype_suffix(dtype: DType) -> &'static str {
-    match dtype {
-        DType::BF16 => "bf16",
-        DType::F16 => "f16",
-        _ => "f32",
-    }
 }
 
 /// One of the attention-softmax kernels (kernels/cuda/attention_softmax.cu), with the sizes
