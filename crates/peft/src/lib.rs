@@ -267,21 +267,23 @@ impl Customized {
     /// Summed next-token loss of the batch and its number of target tokens (see
     /// [`Llama::loss_sum`]).
     pub fn loss_sum(&self, batch: &ModelBatch, chunk_rows: usize) -> Result<(Tensor, usize)> {
-        let (hidden, labels) = self.forward(batch)?;
-        let Some(labels) = labels else {
-            bail!("loss_sum needs labels");
-        };
+        let (hidden, labels) = self.forward_with_labels(batch, "loss_sum")?;
         self.model.loss_sum(&hidden, &labels, chunk_rows)
     }
 
     /// [`Self::loss_sum`] for evaluation: the loss only, with none of the LM head's gradient
     /// work (call it in eval mode, [`Self::set_training`] off).
     pub fn eval_loss_sum(&self, batch: &ModelBatch, chunk_rows: usize) -> Result<(Tensor, usize)> {
-        let (hidden, labels) = self.forward(batch)?;
-        let Some(labels) = labels else {
-            bail!("eval_loss_sum needs labels");
-        };
+        let (hidden, labels) = self.forward_with_labels(batch, "eval_loss_sum")?;
         self.model.eval_loss_sum(&hidden, &labels, chunk_rows)
+    }
+
+    /// [`Self::forward`] of a batch that must carry labels (`caller` names who needs them).
+    fn forward_with_labels(&self, batch: &ModelBatch, caller: &str) -> Result<(Tensor, Tensor)> {
+        match self.forward(batch)? {
+            (hidden, Some(labels)) => Ok((hidden, labels)),
+            (_, None) => bail!("{caller} needs labels"),
+        }
     }
 
     /// Generates after `prompt` (see [`helix_model::generate`]) in eval mode, with the
