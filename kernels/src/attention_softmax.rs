@@ -125,13 +125,16 @@ fn row_stats_cpu<T: Elem>(s: &[T], bias: &[T], d: &Dims, scale: f32) -> Vec<f32>
     let k = d.keys;
     let mut stats = vec![0f32; 2 * (s.len() / k.max(1))];
     stats.par_chunks_mut(2).enumerate().for_each(|(r, out)| {
-        with_avx2(|| {
-            let (sr, br) = (&s[r * k..(r + 1) * k], &bias[d.bias_row(r) * k..][..k]);
-            let v = |j: usize| sr[j].to_f32() * scale + br[j].to_f32();
-            let m = max_of(k, v);
-            out[0] = m;
-            out[1] = sum_exp(k, m, v);
-        })
+        with_avx2(
+            #[inline(always)]
+            || {
+                let (sr, br) = (&s[r * k..(r + 1) * k], &bias[d.bias_row(r) * k..][..k]);
+                let v = |j: usize| sr[j].to_f32() * scale + br[j].to_f32();
+                let m = max_of(k, v);
+                out[0] = m;
+                out[1] = sum_exp(k, m, v);
+            },
+        )
     });
     stats
 }
@@ -193,13 +196,16 @@ fn probs_cpu<T: Elem>(s: &[T], bias: &[T], stats: &[f32], d: &Dims, scale: f32) 
     let k = d.keys;
     let mut p = vec![T::from_f32(0.0); s.len()];
     p.par_chunks_mut(k.max(1)).enumerate().for_each(|(r, pr)| {
-        with_avx2(|| {
-            let (sr, br) = (&s[r * k..(r + 1) * k], &bias[d.bias_row(r) * k..][..k]);
-            let (m, sum) = (stats[2 * r], stats[2 * r + 1]);
-            for ((p, s), b) in pr.iter_mut().zip(sr).zip(br) {
-                *p = T::from_f32(exp(s.to_f32() * scale + b.to_f32() - m) / sum);
-            }
-        })
+        with_avx2(
+            #[inline(always)]
+            || {
+                let (sr, br) = (&s[r * k..(r + 1) * k], &bias[d.bias_row(r) * k..][..k]);
+                let (m, sum) = (stats[2 * r], stats[2 * r + 1]);
+                for ((p, s), b) in pr.iter_mut().zip(sr).zip(br) {
+                    *p = T::from_f32(exp(s.to_f32() * scale + b.to_f32() - m) / sum);
+                }
+            },
+        )
     });
     p
 }
@@ -270,12 +276,15 @@ fn softmax_grad_cpu<T: Elem>(p: &[T], dp: &[T], d: &[f32], k: usize, scale: f32)
     ds.par_chunks_mut(k.max(1))
         .enumerate()
         .for_each(|(r, out)| {
-            with_avx2(|| {
-                let (pr, dpr) = (&p[r * k..(r + 1) * k], &dp[r * k..(r + 1) * k]);
-                for ((o, p), dp) in out.iter_mut().zip(pr).zip(dpr) {
-                    *o = T::from_f32(p.to_f32() * (dp.to_f32() - d[r]) * scale);
-                }
-            })
+            with_avx2(
+                #[inline(always)]
+                || {
+                    let (pr, dpr) = (&p[r * k..(r + 1) * k], &dp[r * k..(r + 1) * k]);
+                    for ((o, p), dp) in out.iter_mut().zip(pr).zip(dpr) {
+                        *o = T::from_f32(p.to_f32() * (dp.to_f32() - d[r]) * scale);
+                    }
+                },
+            )
         });
     ds
 }

@@ -64,13 +64,16 @@ fn check_targets(targets: &Tensor, rows: usize) -> Result<()> {
 fn logit_stats_cpu<T: Elem>(x: &[T], targets: &[i64], vocab: usize) -> Vec<f32> {
     let mut stats = vec![0f32; 3 * targets.len()];
     stats.par_chunks_mut(3).enumerate().for_each(|(r, out)| {
-        with_avx2(|| {
-            let row = &x[r * vocab..(r + 1) * vocab];
-            let m = max_of(vocab, |j| row[j].to_f32());
-            out[0] = m;
-            out[1] = sum_exp(vocab, m, |j| row[j].to_f32());
-            out[2] = usize::try_from(targets[r]).map_or(0.0, |t| row[t].to_f32());
-        })
+        with_avx2(
+            #[inline(always)]
+            || {
+                let row = &x[r * vocab..(r + 1) * vocab];
+                let m = max_of(vocab, |j| row[j].to_f32());
+                out[0] = m;
+                out[1] = sum_exp(vocab, m, |j| row[j].to_f32());
+                out[2] = usize::try_from(targets[r]).map_or(0.0, |t| row[t].to_f32());
+            },
+        )
     });
     stats
 }
@@ -85,11 +88,14 @@ fn logit_grad_cpu<T: Elem>(x: &[T], targets: &[i64], terms: &[f32], vocab: usize
                 return; // already zero
             }
             let row = &x[r * vocab..(r + 1) * vocab];
-            with_avx2(|| {
-                for (o, v) in out.iter_mut().zip(row) {
-                    *o = T::from_f32(exp(v.to_f32() - lse) * weight);
-                }
-            });
+            with_avx2(
+                #[inline(always)]
+                || {
+                    for (o, v) in out.iter_mut().zip(row) {
+                        *o = T::from_f32(exp(v.to_f32() - lse) * weight);
+                    }
+                },
+            );
             if let Ok(t) = usize::try_from(targets[r]) {
                 out[t] = T::from_f32((exp(row[t].to_f32() - lse) - 1.0) * weight);
             }

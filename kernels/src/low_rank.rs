@@ -116,11 +116,14 @@ impl CustomOp2 for Project {
         out.par_chunks_mut(r.max(1))
             .zip(x.par_chunks(k.max(1)))
             .for_each(|(o, xi)| {
-                with_avx2(|| {
-                    for (o, mj) in o.iter_mut().zip(m.chunks(k.max(1))) {
-                        *o = dot(xi, mj);
-                    }
-                })
+                with_avx2(
+                    #[inline(always)]
+                    || {
+                        for (o, mj) in o.iter_mut().zip(m.chunks(k.max(1))) {
+                            *o = dot(xi, mj);
+                        }
+                    },
+                )
             });
         Ok((CpuStorage::F32(out), Shape::from((self.n, r))))
     }
@@ -155,15 +158,18 @@ impl CustomOp3 for AddProduct {
         out.par_chunks_mut(c.max(1))
             .zip(y.par_chunks(c.max(1)).zip(l.par_chunks(r.max(1))))
             .for_each(|(o, (yi, li))| {
-                with_avx2(|| {
-                    // o = Σ_j l_ij M_j, then o += y_i.
-                    for (&s, mj) in li.iter().zip(m.chunks(c.max(1))) {
-                        axpy(o, s, mj);
-                    }
-                    for (o, y) in o.iter_mut().zip(yi) {
-                        *o = y + *o;
-                    }
-                })
+                with_avx2(
+                    #[inline(always)]
+                    || {
+                        // o = Σ_j l_ij M_j, then o += y_i.
+                        for (&s, mj) in li.iter().zip(m.chunks(c.max(1))) {
+                            axpy(o, s, mj);
+                        }
+                        for (o, y) in o.iter_mut().zip(yi) {
+                            *o = y + *o;
+                        }
+                    },
+                )
             });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
@@ -199,19 +205,25 @@ impl CustomOp2 for OuterSum {
             .par_chunks_mut((r * k).max(1))
             .enumerate()
             .for_each(|(b, acc)| {
-                with_avx2(|| {
-                    let rows = b * BLOCK_ROWS..((b + 1) * BLOCK_ROWS).min(self.n);
-                    for i in rows {
-                        let xi = &x[i * k..(i + 1) * k];
-                        for (j, accj) in acc.chunks_mut(k.max(1)).enumerate() {
-                            axpy(accj, l[i * r + j], xi);
+                with_avx2(
+                    #[inline(always)]
+                    || {
+                        let rows = b * BLOCK_ROWS..((b + 1) * BLOCK_ROWS).min(self.n);
+                        for i in rows {
+                            let xi = &x[i * k..(i + 1) * k];
+                            for (j, accj) in acc.chunks_mut(k.max(1)).enumerate() {
+                                axpy(accj, l[i * r + j], xi);
+                            }
                         }
-                    }
-                })
+                    },
+                )
             });
         let mut out = vec![0f32; r * k];
         for p in partial.chunks((r * k).max(1)) {
-            with_avx2(|| axpy(&mut out, 1.0, p));
+            with_avx2(
+                #[inline(always)]
+                || axpy(&mut out, 1.0, p),
+            );
         }
         Ok((CpuStorage::F32(out), Shape::from((r, k))))
     }

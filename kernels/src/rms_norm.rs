@@ -60,7 +60,12 @@ fn forward_cpu<T: Elem>(x: &[T], w: &[T], eps: f32) -> Result<Vec<T>> {
     let mut y = vec![T::from_f32(0.0); x.len()];
     y.par_chunks_mut(cols)
         .zip(x.par_chunks(cols))
-        .for_each(|(y, x)| with_avx2(|| forward_row(x, w, y, eps)));
+        .for_each(|(y, x)| {
+            with_avx2(
+                #[inline(always)]
+                || forward_row(x, w, y, eps),
+            )
+        });
     Ok(y)
 }
 
@@ -69,7 +74,12 @@ fn backward_cpu<T: Elem>(x: &[T], w: &[T], dy: &[T], eps: f32) -> Result<Vec<T>>
     let mut dx = vec![T::from_f32(0.0); x.len()];
     dx.par_chunks_mut(cols)
         .zip(x.par_chunks(cols).zip(dy.par_chunks(cols)))
-        .for_each(|(dx, (x, dy))| with_avx2(|| backward_row(x, w, dy, dx, eps)));
+        .for_each(|(dx, (x, dy))| {
+            with_avx2(
+                #[inline(always)]
+                || backward_row(x, w, dy, dx, eps),
+            )
+        });
     Ok(dx)
 }
 

@@ -85,7 +85,10 @@ fn rope_cpu<T: Elem>(
         .for_each(|(slab_index, (y, x))| {
             let b = slab_index / h;
             let table = b * s * d..(b + 1) * s * d;
-            with_avx2(|| slab(x, &cos[table.clone()], &sin[table], y, d, backward));
+            with_avx2(
+                #[inline(always)]
+                || slab(x, &cos[table.clone()], &sin[table], y, d, backward),
+            );
         });
     Ok(y)
 }

@@ -6,7 +6,9 @@
 //! matmul kernels). Results do not depend on the choice: Rust never contracts a · b + c into
 //! an FMA, and the reductions keep their lane order either way.
 
-/// `f()`, compiled with AVX2 and FMA enabled when this CPU has both.
+/// `f()`, compiled with AVX2 and FMA enabled when this CPU has both. Only code inlined into
+/// the AVX2 function gets the features: mark `f` `#[inline(always)]` (a closure that is not
+/// inlined is compiled for SSE2, as a row loop of `low_rank` was).
 #[inline(always)]
 pub(crate) fn with_avx2<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]

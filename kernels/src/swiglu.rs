@@ -39,12 +39,15 @@ fn forward_cpu<T: Elem>(gate: &[T], up: &[T]) -> Result<Vec<T>> {
     y.par_chunks_mut(CHUNK)
         .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
         .for_each(|(y, (gate, up))| {
-            with_avx2(|| {
-                for ((y, g), u) in y.iter_mut().zip(gate).zip(up) {
-                    let g = g.to_f32();
-                    *y = T::from_f32(T::round(g * sigmoid(g)) * u.to_f32());
-                }
-            })
+            with_avx2(
+                #[inline(always)]
+                || {
+                    for ((y, g), u) in y.iter_mut().zip(gate).zip(up) {
+                        let g = g.to_f32();
+                        *y = T::from_f32(T::round(g * sigmoid(g)) * u.to_f32());
+                    }
+                },
+            )
         });
     Ok(y)
 }
@@ -62,17 +65,20 @@ fn backward_cpu<T: Elem>(gate: &[T], up: &[T], dy: &[T]) -> Result<Vec<T>> {
                 .zip(dy.par_chunks(CHUNK)),
         )
         .for_each(|((dg, du), ((gate, up), dy))| {
-            with_avx2(|| {
-                for i in 0..gate.len() {
-                    let g = gate[i].to_f32();
-                    let sg = sigmoid(g);
-                    let s = T::round(g * sg);
-                    let dyi = dy[i].to_f32();
-                    let ds = T::round(dyi * up[i].to_f32());
-                    dg[i] = T::from_f32(ds * sg * (1.0 + g * (1.0 - sg)));
-                    du[i] = T::from_f32(dyi * s);
-                }
-            })
+            with_avx2(
+                #[inline(always)]
+                || {
+                    for i in 0..gate.len() {
+                        let g = gate[i].to_f32();
+                        let sg = sigmoid(g);
+                        let s = T::round(g * sg);
+                        let dyi = dy[i].to_f32();
+                        let ds = T::round(dyi * up[i].to_f32());
+                        dg[i] = T::from_f32(ds * sg * (1.0 + g * (1.0 - sg)));
+                        du[i] = T::from_f32(dyi * s);
+                    }
+                },
+            )
         });
     Ok(d)
 }
