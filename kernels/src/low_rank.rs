@@ -166,7 +166,7 @@ impl CustomOp3 for AddProduct {
                             axpy(o, s, mj);
                         }
                         for (o, y) in o.iter_mut().zip(yi) {
-                            *o = y + *o;
+                            *o += y;
                         }
                     },
                 )
