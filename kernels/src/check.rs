@@ -47,13 +47,21 @@ pub fn cases() -> Vec<Case> {
             out.push(Case { op, dtype, dims });
         }
     }
-    // LoRA's rank-r path is f32 whatever the base dtype: [rows, in, out, r].
-    for dims in [vec![7, 13, 11, 3], vec![1024, 576, 1536, 8]] {
-        out.push(Case {
-            op: "low_rank",
-            dtype: DType::F32,
-            dims,
-        });
+    // LoRA's rank-r path: activations in the model's dtype, adapters in f32; [rows, in, out,
+    // r], the last shape a 7B projection's at rank 16 (ranks past 16 take a second pass of
+    // the CUDA outer sum).
+    for dtype in [DType::F32, DType::BF16] {
+        for dims in [
+            vec![7, 13, 11, 3],
+            vec![1024, 576, 1536, 8],
+            vec![600, 4096, 11008, 20],
+        ] {
+            out.push(Case {
+                op: "low_rank",
+                dtype,
+                dims,
+            });
+        }
     }
     // AdamW keeps f32 state and masters whatever the parameters' dtype.
     for dims in [vec![1001], vec![4096, 4096]] {
@@ -248,17 +256,19 @@ fn cross_entropy(
     })
 }
 
-/// LoRA's three rank-r products on x [n, k], A [r, k], B [c, r] and dy [n, c]: x Aᵀ, y + l Bᵀ and
-/// the adapter gradient lᵀ x, against the same as candle matmuls.
+/// LoRA's three rank-r products on x [n, k] and y [n, c] in the case's dtype, f32 A [r, k] and
+/// Bᵀ [r, c]: x Aᵀ, y + l Bᵀ and the adapter gradient lᵀ x, against the same as f32 candle
+/// matmuls.
 fn low_rank(
     case: &Case,
     implementation: Implementation,
     input: &SeededInput<'_>,
 ) -> Result<Outputs> {
     let (n, k, c, r) = (case.dims[0], case.dims[1], case.dims[2], case.dims[3]);
+    // x and y in the case's dtype, the adapters in f32 (as LoRA keeps them).
     let x = input(21, &[n, k], 1.0)?;
-    let a = input(22, &[r, k], 0.1)?;
-    let bt = input(23, &[r, c], 0.1)?;
+    let a = input(22, &[r, k], 0.1)?.to_dtype(DType::F32)?;
+    let bt = input(23, &[r, c], 0.1)?.to_dtype(DType::F32)?;
     let y = input(24, &[n, c], 1.0)?;
     let (low, sum, grad) = match implementation {
         Implementation::Fused => {
@@ -271,13 +281,14 @@ fn low_rank(
             )
         }
         Implementation::Unfused => {
-            let low = x.matmul(&a.t()?)?;
-            let sum = (&y + low.matmul(&bt)?)?;
-            let grad = low.t()?.matmul(&x)?;
+            let x32 = x.to_dtype(DType::F32)?;
+            let low = x32.matmul(&a.t()?)?;
+            let sum = (y.to_dtype(DType::F32)? + low.matmul(&bt)?)?.to_dtype(y.dtype())?;
+            let grad = low.t()?.matmul(&x32)?;
             (low, sum, grad)
         }
     };
-    let cpu = |t: Tensor| t.to_device(&Device::Cpu);
+    let cpu = |t: Tensor| t.to_dtype(DType::F32)?.to_device(&Device::Cpu);
     Ok(Outputs {
         tensors: vec![
             ("x Aᵀ", cpu(low)?),

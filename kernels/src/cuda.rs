@@ -37,6 +37,11 @@ pub(crate) const CROSS_ENTROPY: Module = Module {
     ptx: include_str!(concat!(env!("OUT_DIR"), "/cross_entropy.ptx")),
 };
 
+pub(crate) const LOW_RANK: Module = Module {
+    name: "helix_low_rank",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/low_rank.ptx")),
+};
+
 pub(crate) const ADAMW: Module = Module {
     name: "helix_adamw",
     ptx: include_str!(concat!(env!("OUT_DIR"), "/adamw.ptx")),
@@ -77,6 +82,149 @@ pub(crate) fn adamw(
         unsafe { b.launch(elementwise(n)) }.w()?;
     }
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}
+
+/// The kernels of kernels/cuda/low_rank.cu (src/low_rank.rs says what each computes).
+#[derive(Clone, Copy)]
+pub(crate) enum LowRankKernel {
+    /// (x [n, k] T, M [r, k] f32) → [n, r] f32; sizes [n, k, r].
+    Project,
+    /// (y [n, c] T, l [n, r] f32, M [r, c] f32) → [n, c] T; sizes [n, c, r].
+    AddProduct,
+    /// (l [n, r] f32, x [n, k] T) → [r, k] f32; sizes [n, r, k].
+    OuterSum,
+}
+
+/// Runs a low-rank kernel on `inputs`, whose large operand (x or y) sets the dtype.
+pub(crate) fn low_rank(
+    kernel: LowRankKernel,
+    inputs: &[(&CudaStorage, &Layout)],
+    sizes: [usize; 3],
+) -> Result<CudaStorage> {
+    let large = match kernel {
+        LowRankKernel::OuterSum => inputs[1].0,
+        _ => inputs[0].0,
+    };
+    match large.dtype() {
+        DType::F32 => low_rank_typed::<f32>(kernel, "f32", inputs, sizes),
+        DType::BF16 => low_rank_typed::<half::bf16>(kernel, "bf16", inputs, sizes),
+        DType::F16 => low_rank_typed::<half::f16>(kernel, "f16", inputs, sizes),
+        other => candle_core::bail!("low_rank: no kernel for {other:?}"),
+    }
+}
+
+fn low_rank_typed<T: CudaDType + DeviceRepr>(
+    kernel: LowRankKernel,
+    suffix: &str,
+    inputs: &[(&CudaStorage, &Layout)],
+    [n, a, b]: [usize; 3],
+) -> Result<CudaStorage> {
+    let dev: CudaDevice = inputs[0].0.device.clone();
+    let load = |stem: &str| {
+        let name = format!("{stem}_{suffix}");
+        dev.get_or_load_custom_func(&name, LOW_RANK.name, LOW_RANK.ptx)
+            .map(|f| (f, name))
+    };
+    let i32_of = |v: usize, what: &str| {
+        i32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("low_rank: {what} {v}")))
+    };
+    match kernel {
+        LowRankKernel::Project => {
+            let (k, r) = (a, b);
+            let (func, name) = load("low_rank_project")?;
+            let x = views::<T>(&name, &inputs[..1])?;
+            let m = views::<f32>(&name, &inputs[1..2])?;
+            // SAFETY: the kernel writes all n · r outputs.
+            let out = unsafe { dev.alloc::<f32>(n * r)? };
+            let (n32, k32, r32) = (
+                i32_of(n, "rows")?,
+                i32_of(k, "columns")?,
+                i32_of(r, "rank")?,
+            );
+            let mut args = func.builder();
+            args.arg(&x[0])
+                .arg(&m[0])
+                .arg(&out)
+                .arg(&n32)
+                .arg(&k32)
+                .arg(&r32);
+            // 32 rows of x a block (PROJECT_ROWS in low_rank.cu).
+            let cfg = LaunchConfig {
+                grid_dim: (n.div_ceil(32) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            if n * r > 0 {
+                // SAFETY: the argument list matches low_rank_project's signature.
+                unsafe { args.launch(cfg) }.w()?;
+            }
+            Ok(CudaStorage::wrap_cuda_slice(out, dev))
+        }
+        LowRankKernel::AddProduct => {
+            let (c, r) = (a, b);
+            let (func, name) = load("low_rank_add_product")?;
+            let y = views::<T>(&name, &inputs[..1])?;
+            let lm = views::<f32>(&name, &inputs[1..3])?;
+            let total = n * c;
+            // SAFETY: the kernel writes all n · c outputs.
+            let out = unsafe { dev.alloc::<T>(total)? };
+            let (total64, c32, r32) = (total as i64, i32_of(c, "columns")?, i32_of(r, "rank")?);
+            let mut args = func.builder();
+            args.arg(&y[0]).arg(&lm[0]).arg(&lm[1]).arg(&out);
+            args.arg(&total64).arg(&c32).arg(&r32);
+            if total > 0 {
+                // SAFETY: the argument list matches low_rank_add_product's signature.
+                unsafe { args.launch(elementwise(total)) }.w()?;
+            }
+            Ok(CudaStorage::wrap_cuda_slice(out, dev))
+        }
+        LowRankKernel::OuterSum => {
+            let (r, k) = (a, b);
+            let (func, name) = load("low_rank_outer_partial")?;
+            let l = views::<f32>(&name, &inputs[..1])?;
+            let x = views::<T>(&name, &inputs[1..2])?;
+            // 256 rows per partial sum (OUTER_ROWS in low_rank.cu), a thread per column.
+            let blocks = n.div_ceil(256).max(1);
+            // SAFETY: each block writes its r · k partial sums (zero rows write zeros).
+            let partial = unsafe { dev.alloc::<f32>(blocks * r * k)? };
+            let (n32, r32, k32) = (
+                i32_of(n, "rows")?,
+                i32_of(r, "rank")?,
+                i32_of(k, "columns")?,
+            );
+            let mut args = func.builder();
+            args.arg(&l[0])
+                .arg(&x[0])
+                .arg(&partial)
+                .arg(&n32)
+                .arg(&r32)
+                .arg(&k32);
+            let cfg = LaunchConfig {
+                grid_dim: (k.div_ceil(256) as u32, blocks as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            if r * k > 0 {
+                // SAFETY: the argument list matches low_rank_outer_partial's signature.
+                unsafe { args.launch(cfg) }.w()?;
+            }
+            let reduce = dev.get_or_load_custom_func(
+                "low_rank_outer_reduce_f32",
+                LOW_RANK.name,
+                LOW_RANK.ptx,
+            )?;
+            // SAFETY: the reduction writes all r · k outputs.
+            let out = unsafe { dev.alloc::<f32>(r * k)? };
+            let (blocks32, rk) = (blocks as i32, (r * k) as i64);
+            let mut args = reduce.builder();
+            args.arg(&partial).arg(&out).arg(&blocks32).arg(&rk);
+            if r * k > 0 {
+                // SAFETY: the argument list matches low_rank_outer_reduce_f32's signature.
+                unsafe { args.launch(elementwise(r * k)) }.w()?;
+            }
+            Ok(CudaStorage::wrap_cuda_slice(out, dev))
+        }
+    }
 }
 
 /// The two kernels of kernels/cuda/cross_entropy.cu.

@@ -32,9 +32,9 @@ pub mod unfused;
 mod cuda;
 
 pub use adamw::{adamw_update, AdamWStep};
-pub use rms_norm::rms_norm;
+pub use rms_norm::{rms_norm, rms_norm_backward};
 pub use rope::rope;
-pub use swiglu::swiglu;
+pub use swiglu::{swiglu, swiglu_backward};
 
 #[cfg(test)]
 mod tests;

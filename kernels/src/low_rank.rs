@@ -1,65 +1,92 @@
 //! The rank-r products of a LoRA projection (`helix_ops::lora_linear`), r a handful of rows:
-//! x Aᵀ, y + l Bᵀ, and the adapters' gradients lᵀ x. A matmul library tiles for large inner
-//! and outer sizes; with one of them 8 it runs these at a third of its speed and adds the
-//! update in a separate pass. On the CPU they are loops over rows that read the large operand
-//! once and keep the small one in cache (compiled for AVX2 + FMA where the CPU has it); on a GPU
-//! and for other dtypes, cuBLAS / candle matmuls.
+//! x Aᵀ, y + l Bᵀ, and the adapters' gradients lᵀ x. The large operand (x or y) is in the
+//! storage type (f32, bf16, f16) and read as f32 exactly; the small ones (A, B, the rank-r
+//! activation l) and the results other than y + l Bᵀ are f32, as PEFT keeps its adapters. So a
+//! bf16 model's LoRA path reads its activations once, without an f32 copy of each.
 //!
-//! All in f32 (LoRA's path is f32 whatever the base dtype). Sums over rows go in fixed blocks
-//! added in order, so results do not depend on the number of threads.
+//! A matmul library tiles for large inner and outer sizes; with one of them 8 it runs these at
+//! a third of its speed and adds the update in a separate pass. On the CPU they are loops over
+//! rows that read the large operand once and keep the small one in cache (compiled for AVX2 +
+//! FMA where the CPU has it); on a GPU the kernels of kernels/cuda/low_rank.cu (ranks up to
+//! 64; above that, f32 matmuls). Sums over rows go in fixed blocks added in order, so results
+//! do not depend on the number of threads.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
+};
 use rayon::prelude::*;
 
-use crate::elem::packed_as;
+use crate::elem::{on_float_slice, packed_as, Elem};
 use crate::simd::with_avx2;
 
-/// Rows per block of the row sums in [`outer_sum`].
+/// Rows per block of the row sums in [`outer_sum`] on the CPU.
 const BLOCK_ROWS: usize = 64;
 
-fn cpu_f32(ts: &[&Tensor]) -> bool {
-    ts.iter()
-        .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+/// The largest rank the CUDA kernels take.
+pub const MAX_GPU_RANK: usize = 64;
+
+/// Whether the ops below run here, or fall back to f32 matmuls: a GPU kernel above its rank.
+fn fused(x: &Tensor, r: usize) -> bool {
+    x.device().is_cpu() || r <= MAX_GPU_RANK
 }
 
-/// x Mᵀ for x [n, k] and M [r, k]: [n, r].
+/// The small operand, f32 (a no-op for LoRA's f32 adapters).
+fn small(t: &Tensor) -> Result<Tensor> {
+    t.to_dtype(DType::F32)?.contiguous()
+}
+
+/// x Mᵀ for x [n, k] and M [r, k]: [n, r] in f32.
 pub fn project(x: &Tensor, m: &Tensor) -> Result<Tensor> {
-    if !cpu_f32(&[x, m]) {
-        return x.matmul(&m.t()?);
-    }
     let ((n, k), (r, km)) = (x.dims2()?, m.dims2()?);
     if k != km {
         candle_core::bail!("low_rank::project: x [{n}, {k}] but M [{r}, {km}]");
     }
-    x.contiguous()?
-        .apply_op2_no_bwd(&m.contiguous()?, &Project { n, k, r })
+    let m = small(m)?;
+    if !fused(x, r) {
+        return x.to_dtype(DType::F32)?.matmul(&m.t()?);
+    }
+    x.contiguous()?.apply_op2_no_bwd(&m, &Project { n, k, r })
 }
 
-/// y + l M for y [n, c], l [n, r] and M [r, c]: [n, c], the product summed first and then
-/// added, as a matmul followed by an add rounds it.
+/// y + l M for y [n, c], l [n, r] and M [r, c]: [n, c] in y's dtype, the product summed first,
+/// then y added in f32 and the sum rounded once.
 pub fn add_product(y: &Tensor, l: &Tensor, m: &Tensor) -> Result<Tensor> {
-    if !cpu_f32(&[y, l, m]) {
-        return y + l.matmul(m)?;
-    }
     let ((n, c), (nl, r), (rm, cm)) = (y.dims2()?, l.dims2()?, m.dims2()?);
     if nl != n || rm != r || cm != c {
         candle_core::bail!("low_rank::add_product: y [{n}, {c}], l [{nl}, {r}], M [{rm}, {cm}]");
     }
+    let (l, m) = (small(l)?, small(m)?);
+    if !fused(y, r) {
+        return (y.to_dtype(DType::F32)? + l.matmul(&m)?)?.to_dtype(y.dtype());
+    }
     y.contiguous()?
-        .apply_op3_no_bwd(&l.contiguous()?, &m.contiguous()?, &AddProduct { c, r })
+        .apply_op3_no_bwd(&l, &m, &AddProduct { c, r })
 }
 
-/// lᵀ x for l [n, r] and x [n, k]: [r, k], the sum over the n rows.
+/// lᵀ x for l [n, r] and x [n, k]: [r, k] in f32, the sum over the n rows.
 pub fn outer_sum(l: &Tensor, x: &Tensor) -> Result<Tensor> {
-    if !cpu_f32(&[l, x]) {
-        return l.t()?.matmul(x);
-    }
     let ((n, r), (nx, k)) = (l.dims2()?, x.dims2()?);
     if nx != n {
         candle_core::bail!("low_rank::outer_sum: l [{n}, {r}] but x [{nx}, {k}]");
     }
-    l.contiguous()?
-        .apply_op2_no_bwd(&x.contiguous()?, &OuterSum { n, r, k })
+    let l = small(l)?;
+    if !fused(x, r) {
+        return l.t()?.matmul(&x.to_dtype(DType::F32)?);
+    }
+    l.apply_op2_no_bwd(&x.contiguous()?, &OuterSum { n, r, k })
+}
+
+/// A row in f32: the row itself when it is f32, else converted into `buf`.
+#[inline(always)]
+fn row_f32<'a, T: Elem>(row: &'a [T], buf: &'a mut Vec<f32>) -> &'a [f32] {
+    match T::as_f32_slice(row) {
+        Some(r) => r,
+        None => {
+            buf.clear();
+            buf.extend(row.iter().map(|v| v.to_f32()));
+            buf
+        }
+    }
 }
 
 /// Σ a_i b_i in eight running sums.
@@ -95,6 +122,27 @@ struct Project {
     r: usize,
 }
 
+impl Project {
+    fn cpu<T: Elem>(&self, x: &[T], m: &[f32]) -> Vec<f32> {
+        let (k, r) = (self.k, self.r);
+        let mut out = vec![0f32; self.n * r];
+        out.par_chunks_mut(r.max(1))
+            .zip(x.par_chunks(k.max(1)))
+            .for_each_init(Vec::new, |buf, (o, xi)| {
+                let xi = row_f32(xi, buf);
+                with_avx2(
+                    #[inline(always)]
+                    || {
+                        for (o, mj) in o.iter_mut().zip(m.chunks(k.max(1))) {
+                            *o = dot(xi, mj);
+                        }
+                    },
+                )
+            });
+        out
+    }
+}
+
 impl CustomOp2 for Project {
     fn name(&self) -> &'static str {
         "helix-low-rank-project"
@@ -107,31 +155,57 @@ impl CustomOp2 for Project {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, m) = (
-            packed_as::<f32>(s1, l1, "low_rank: x")?,
-            packed_as::<f32>(s2, l2, "low_rank: M")?,
-        );
-        let (k, r) = (self.k, self.r);
-        let mut out = vec![0f32; self.n * r];
-        out.par_chunks_mut(r.max(1))
-            .zip(x.par_chunks(k.max(1)))
-            .for_each(|(o, xi)| {
-                with_avx2(
-                    #[inline(always)]
-                    || {
-                        for (o, mj) in o.iter_mut().zip(m.chunks(k.max(1))) {
-                            *o = dot(xi, mj);
-                        }
-                    },
-                )
-            });
-        Ok((CpuStorage::F32(out), Shape::from((self.n, r))))
+        let m = packed_as::<f32>(s2, l2, "low_rank: M")?;
+        let out = on_float_slice!(s1, l1, "low_rank: x", |x| self.cpu(x, m));
+        Ok((CpuStorage::F32(out), Shape::from((self.n, self.r))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = crate::cuda::low_rank(
+            crate::cuda::LowRankKernel::Project,
+            &[(s1, l1), (s2, l2)],
+            [self.n, self.k, self.r],
+        )?;
+        Ok((out, Shape::from((self.n, self.r))))
     }
 }
 
 struct AddProduct {
     c: usize,
     r: usize,
+}
+
+impl AddProduct {
+    fn cpu<T: Elem>(&self, y: &[T], l: &[f32], m: &[f32]) -> Vec<T> {
+        let (c, r) = (self.c, self.r);
+        let mut out = vec![T::from_f32(0.0); y.len()];
+        out.par_chunks_mut(c.max(1))
+            .zip(y.par_chunks(c.max(1)).zip(l.par_chunks(r.max(1))))
+            .for_each_init(Vec::new, |sum: &mut Vec<f32>, (o, (yi, li))| {
+                sum.clear();
+                sum.resize(c, 0.0);
+                with_avx2(
+                    #[inline(always)]
+                    || {
+                        // Σ_j l_ij M_j, then + y_i, rounded once.
+                        for (&s, mj) in li.iter().zip(m.chunks(c.max(1))) {
+                            axpy(sum, s, mj);
+                        }
+                        for ((o, y), s) in o.iter_mut().zip(yi).zip(sum.iter()) {
+                            *o = T::from_f32(s + y.to_f32());
+                        }
+                    },
+                )
+            });
+        out
+    }
 }
 
 impl CustomOp3 for AddProduct {
@@ -148,30 +222,33 @@ impl CustomOp3 for AddProduct {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (y, l, m) = (
-            packed_as::<f32>(s1, l1, "low_rank: y")?,
+        let (l, m) = (
             packed_as::<f32>(s2, l2, "low_rank: l")?,
             packed_as::<f32>(s3, l3, "low_rank: M")?,
         );
-        let (c, r) = (self.c, self.r);
-        let mut out = vec![0f32; y.len()];
-        out.par_chunks_mut(c.max(1))
-            .zip(y.par_chunks(c.max(1)).zip(l.par_chunks(r.max(1))))
-            .for_each(|(o, (yi, li))| {
-                with_avx2(
-                    #[inline(always)]
-                    || {
-                        // o = Σ_j l_ij M_j, then o += y_i.
-                        for (&s, mj) in li.iter().zip(m.chunks(c.max(1))) {
-                            axpy(o, s, mj);
-                        }
-                        for (o, y) in o.iter_mut().zip(yi) {
-                            *o += y;
-                        }
-                    },
-                )
-            });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        let out = on_float_slice!(s1, l1, "low_rank: y", |y| {
+            WithDType::to_cpu_storage_owned(self.cpu(y, l, m))
+        });
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let n = l1.shape().elem_count() / self.c.max(1);
+        let out = crate::cuda::low_rank(
+            crate::cuda::LowRankKernel::AddProduct,
+            &[(s1, l1), (s2, l2), (s3, l3)],
+            [n, self.c, self.r],
+        )?;
+        Ok((out, l1.shape().clone()))
     }
 }
 
@@ -179,6 +256,40 @@ struct OuterSum {
     n: usize,
     r: usize,
     k: usize,
+}
+
+impl OuterSum {
+    fn cpu<T: Elem>(&self, l: &[f32], x: &[T]) -> Vec<f32> {
+        let (r, k) = (self.r, self.k);
+        let blocks = self.n.div_ceil(BLOCK_ROWS);
+        // Each block of rows sums into its own [r, k]; the blocks are then added in order.
+        let mut partial = vec![0f32; blocks * r * k];
+        partial
+            .par_chunks_mut((r * k).max(1))
+            .enumerate()
+            .for_each_init(Vec::new, |buf, (b, acc)| {
+                let rows = b * BLOCK_ROWS..((b + 1) * BLOCK_ROWS).min(self.n);
+                for i in rows {
+                    let xi = row_f32(&x[i * k..(i + 1) * k], buf);
+                    with_avx2(
+                        #[inline(always)]
+                        || {
+                            for (j, accj) in acc.chunks_mut(k.max(1)).enumerate() {
+                                axpy(accj, l[i * r + j], xi);
+                            }
+                        },
+                    )
+                }
+            });
+        let mut out = vec![0f32; r * k];
+        for p in partial.chunks((r * k).max(1)) {
+            with_avx2(
+                #[inline(always)]
+                || axpy(&mut out, 1.0, p),
+            );
+        }
+        out
+    }
 }
 
 impl CustomOp2 for OuterSum {
@@ -193,38 +304,24 @@ impl CustomOp2 for OuterSum {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (l, x) = (
-            packed_as::<f32>(s1, l1, "low_rank: l")?,
-            packed_as::<f32>(s2, l2, "low_rank: x")?,
-        );
-        let (r, k) = (self.r, self.k);
-        let blocks = self.n.div_ceil(BLOCK_ROWS);
-        // Each block of rows sums into its own [r, k]; the blocks are then added in order.
-        let mut partial = vec![0f32; blocks * r * k];
-        partial
-            .par_chunks_mut((r * k).max(1))
-            .enumerate()
-            .for_each(|(b, acc)| {
-                with_avx2(
-                    #[inline(always)]
-                    || {
-                        let rows = b * BLOCK_ROWS..((b + 1) * BLOCK_ROWS).min(self.n);
-                        for i in rows {
-                            let xi = &x[i * k..(i + 1) * k];
-                            for (j, accj) in acc.chunks_mut(k.max(1)).enumerate() {
-                                axpy(accj, l[i * r + j], xi);
-                            }
-                        }
-                    },
-                )
-            });
-        let mut out = vec![0f32; r * k];
-        for p in partial.chunks((r * k).max(1)) {
-            with_avx2(
-                #[inline(always)]
-                || axpy(&mut out, 1.0, p),
-            );
-        }
-        Ok((CpuStorage::F32(out), Shape::from((r, k))))
+        let l = packed_as::<f32>(s1, l1, "low_rank: l")?;
+        let out = on_float_slice!(s2, l2, "low_rank: x", |x| self.cpu(l, x));
+        Ok((CpuStorage::F32(out), Shape::from((self.r, self.k))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = crate::cuda::low_rank(
+            crate::cuda::LowRankKernel::OuterSum,
+            &[(s1, l1), (s2, l2)],
+            [self.n, self.r, self.k],
+        )?;
+        Ok((out, Shape::from((self.r, self.k))))
     }
 }

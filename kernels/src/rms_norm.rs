@@ -25,6 +25,46 @@ struct RmsNorm {
     eps: f32,
 }
 
+/// The gradients of [`rms_norm`] for the output gradient `dy`: the input's, and the weight's
+/// (in the weight's dtype) when `weight_grad` asks for it (full SFT trains the norms). For a
+/// caller that differentiates a whole layer by hand (`helix_ops::decoder_layer`).
+pub fn rms_norm_backward(
+    x: &Tensor,
+    weight: &Tensor,
+    dy: &Tensor,
+    eps: f64,
+    weight_grad: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let w = weight.to_dtype(x.dtype())?.contiguous()?;
+    let (dx, dw) = backward(&x.contiguous()?, &w, dy, eps as f32, weight_grad)?;
+    Ok((dx, dw.map(|g| g.to_dtype(weight.dtype())).transpose()?))
+}
+
+fn backward(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    eps: f32,
+    weight_grad: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let dy = dy.contiguous()?;
+    let dx = x.apply_op3_no_bwd(w, &dy, &RmsNormBackward { eps })?;
+    // The weight's gradient: Σ over rows of dy · n.
+    let dw = match weight_grad {
+        false => None,
+        true => {
+            let ones = w.ones_like()?;
+            let n = x
+                .apply_op2_no_bwd(&ones, &RmsNorm { eps })?
+                .to_dtype(DType::F32)?;
+            let cols = w.dim(0)?;
+            let rows = (dy.to_dtype(DType::F32)? * n)?.reshape(((), cols))?;
+            Some(rows.sum(0)?.to_dtype(w.dtype())?)
+        }
+    };
+    Ok((dx, dw))
+}
+
 /// The forward of one row.
 #[inline(always)]
 pub(crate) fn forward_row<T: Elem>(x: &[T], w: &[T], y: &mut [T], eps: f32) {
@@ -121,19 +161,7 @@ impl CustomOp2 for RmsNorm {
         _res: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dy = dy.contiguous()?;
-        let dx = x.apply_op3_no_bwd(w, &dy, &RmsNormBackward { eps: self.eps })?;
-        // The weight's gradient only when it trains (full SFT): Σ over rows of dy · n.
-        let dw = match w.track_op() {
-            false => None,
-            true => {
-                let ones = w.ones_like()?;
-                let n = x.apply_op2_no_bwd(&ones, self)?.to_dtype(DType::F32)?;
-                let cols = w.dim(0)?;
-                let rows = (dy.to_dtype(DType::F32)? * n)?.reshape(((), cols))?;
-                Some(rows.sum(0)?.to_dtype(w.dtype())?)
-            }
-        };
+        let (dx, dw) = backward(x, w, dy, self.eps, w.track_op())?;
         Ok((Some(dx), dw))
     }
 }

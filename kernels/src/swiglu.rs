@@ -26,6 +26,16 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 
 struct Swiglu;
 
+/// The gradients of [`swiglu`] for the output gradient `dy`: (d gate, d up), from one pass.
+pub fn swiglu_backward(gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    let d = gate.contiguous()?.apply_op3_no_bwd(
+        &up.contiguous()?,
+        &dy.contiguous()?,
+        &SwigluBackward,
+    )?;
+    Ok((d.get(0)?, d.get(1)?))
+}
+
 /// Elements per parallel task on the CPU.
 const CHUNK: usize = 1 << 14;
 
@@ -120,8 +130,7 @@ impl CustomOp2 for Swiglu {
         _res: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let d = gate.apply_op3_no_bwd(up, &dy.contiguous()?, &SwigluBackward)?;
-        let (dg, du) = (d.get(0)?, d.get(1)?);
+        let (dg, du) = swiglu_backward(gate, up, dy)?;
         Ok((Some(dg), Some(du)))
     }
 }

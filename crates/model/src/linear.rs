@@ -2,7 +2,9 @@
 //! take a dense layer's place by name without changing the model.
 
 use candle_core::{Result, Tensor};
-use helix_ops::{copy_to_parallel_region, reduce_from_parallel_region, SharedCollective};
+use helix_ops::{
+    copy_to_parallel_region, reduce_from_parallel_region, Projection, SharedCollective,
+};
 
 /// `y = f(x)` for x [..., in] → y [..., out].
 pub trait Linear: Send + Sync {
@@ -10,6 +12,12 @@ pub trait Linear: Send + Sync {
     /// The layer's frozen full-rank weight [out, in], as the checkpoint holds it (this rank's
     /// shard under tensor parallelism).
     fn weight(&self) -> Tensor;
+    /// The layer as a [`Projection`] that a decoder layer differentiated by hand
+    /// ([`helix_ops::decoder_layer`]) can run; `None` keeps the whole layer on the op graph
+    /// (tensor-parallel placements, LoRA dropout).
+    fn projection(&self) -> Option<Projection> {
+        None
+    }
 }
 
 /// `x Wᵀ` for x [..., in] and W [out, in] (see [`helix_ops::linear`]).
@@ -36,6 +44,12 @@ impl Linear for Dense {
 
     fn weight(&self) -> Tensor {
         self.weight.clone()
+    }
+
+    fn projection(&self) -> Option<Projection> {
+        Some(Projection::Dense {
+            weight: self.weight.clone(),
+        })
     }
 }
 

@@ -11,8 +11,9 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 use helix_ops::{
     apply_rope, attention_bias, causal_attention, copy_to_parallel_region, count_targets,
-    linear_cross_entropy, reduce_from_parallel_region, rms_norm, rope_attention, swiglu,
-    vocab_parallel_cross_entropy, MaskSpec, RopeTable, SharedCollective, VocabShard,
+    decoder_layer, linear_cross_entropy, reduce_from_parallel_region, rms_norm, rope_attention,
+    swiglu, vocab_parallel_cross_entropy, DecoderWeights, MaskSpec, RopeTable, SharedCollective,
+    VocabShard,
 };
 
 use crate::config::LlamaConfig;
@@ -510,6 +511,11 @@ impl DecoderLayer {
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         eps: f64,
     ) -> candle_core::Result<Tensor> {
+        if cache.is_none() {
+            if let Some(weights) = self.hand_differentiated(eps) {
+                return decoder_layer(x, &weights, (cos, sin), bias);
+            }
+        }
         let h = self.self_attn.forward(
             &rms_norm(x, &self.input_layernorm, eps)?,
             cos,
@@ -522,6 +528,28 @@ impl DecoderLayer {
             .mlp
             .forward(&rms_norm(&x, &self.post_attention_layernorm, eps)?)?;
         x + h
+    }
+}
+
+impl DecoderLayer {
+    /// The layer's weights for [`decoder_layer`], which runs the whole layer as one op with a
+    /// hand-written backward, when every projection can be differentiated by hand (not under
+    /// tensor parallelism, nor with LoRA dropout).
+    fn hand_differentiated(&self, eps: f64) -> Option<DecoderWeights> {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        Some(DecoderWeights {
+            input_layernorm: self.input_layernorm.clone(),
+            post_attention_layernorm: self.post_attention_layernorm.clone(),
+            q_proj: a.q_proj.projection()?,
+            k_proj: a.k_proj.projection()?,
+            v_proj: a.v_proj.projection()?,
+            o_proj: a.o_proj.projection()?,
+            gate_proj: m.gate_proj.projection()?,
+            up_proj: m.up_proj.projection()?,
+            down_proj: m.down_proj.projection()?,
+            heads: (a.n_heads, a.n_kv_heads),
+            rms_norm_eps: eps,
+        })
     }
 }
 

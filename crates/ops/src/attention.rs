@@ -4,7 +4,7 @@ use candle_core::{DType, Device, Result, Tensor, D};
 
 use helix_kernels::attention_softmax as softmax;
 
-use crate::backward::{with_backward3, Grads3};
+use crate::backward::with_backward3;
 use crate::softmax_last_dim;
 
 /// What a query may see, described on the host: causal order, key padding and document
@@ -124,7 +124,8 @@ fn chunked_attention(
     let (out, stats) = dims.forward((&q_, &k_, &v_), &bias)?;
     let saved = out.clone();
     with_backward3((q, k, v), out, move |dout, _| {
-        dims.backward((&q_, &k_, &v_), &bias, &saved, &stats, dout)
+        let (dq, dk, dv) = dims.backward((&q_, &k_, &v_), &bias, &saved, &stats, dout)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
     })
 }
 
@@ -142,48 +143,102 @@ pub fn rope_attention(
     (q, k, v): (&Tensor, &Tensor, &Tensor),
     (cos, sin): (&Tensor, &Tensor),
     bias: &Tensor,
-    (q_heads, kv_heads): (usize, usize),
+    heads: (usize, usize),
 ) -> Result<Tensor> {
-    let (b, s, width) = q.dims3()?;
-    if q_heads == 0 || width % q_heads != 0 {
-        candle_core::bail!("attention: width {width} is not a multiple of {q_heads} heads");
-    }
-    let d = width / q_heads;
-    let split = |t: &Tensor, n: usize| {
-        t.detach()
-            .reshape((b, s, n, d))?
-            .transpose(1, 2)?
-            .contiguous()
-    };
-    let merge = move |t: &Tensor| {
-        let n = t.dim(1)?;
-        t.transpose(1, 2)?.reshape((b, s, n * d))
-    };
-    let (cos, sin) = (cos.detach(), sin.detach());
-    let q_ = crate::apply_rope(&split(q, q_heads)?, &cos, &sin)?;
-    let k_ = crate::apply_rope(&split(k, kv_heads)?, &cos, &sin)?;
-    let v_ = split(v, kv_heads)?;
-    let bias = bias.detach();
-    let dims = Chunking::of(&q_, &k_, &bias, None)?;
-    let (out, stats) = dims.forward((&q_, &k_, &v_), &bias)?;
-    let y = merge(&out)?;
+    let (y, saved) = RopeAttention::forward((q, k, v), (cos, sin), bias, heads)?;
     with_backward3((q, k, v), y, move |dy, _| {
-        let dout = dy
-            .reshape((b, s, q_heads, d))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let (dq, dk, dv) = dims.backward((&q_, &k_, &v_), &bias, &out, &stats, &dout)?;
-        let neg_sin = sin.neg()?;
-        let unrotate = |g: Option<Tensor>| -> Result<Option<Tensor>> {
-            g.map(|g| merge(&crate::apply_rope(&g, &cos, &neg_sin)?))
-                .transpose()
-        };
-        Ok((
-            unrotate(dq)?,
-            unrotate(dk)?,
-            dv.map(|g| merge(&g)).transpose()?,
-        ))
+        let (dq, dk, dv) = saved.backward(dy)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
     })
+}
+
+/// What [`rope_attention`]'s backward keeps from its forward: the rotated q and k and v split
+/// into heads, the merged output and each row's softmax statistics. A layer differentiated by
+/// hand (`crate::decoder_layer`) holds one of these per layer.
+pub(crate) struct RopeAttention {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    /// [B, S, Hq·D], as the output projection reads it; the backward views it as heads.
+    y: Tensor,
+    stats: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    bias: Tensor,
+    dims: Chunking,
+}
+
+impl RopeAttention {
+    /// The merged output [B, S, Hq·D] of q [B, S, Hq·D], k and v [B, S, Hkv·D] (tracked or
+    /// not: nothing is recorded), and what the backward needs.
+    pub(crate) fn forward(
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        (cos, sin): (&Tensor, &Tensor),
+        bias: &Tensor,
+        (q_heads, kv_heads): (usize, usize),
+    ) -> Result<(Tensor, Self)> {
+        let (b, s, width) = q.dims3()?;
+        if q_heads == 0 || width % q_heads != 0 {
+            candle_core::bail!("attention: width {width} is not a multiple of {q_heads} heads");
+        }
+        let d = width / q_heads;
+        let split = |t: &Tensor, n: usize| {
+            t.detach()
+                .reshape((b, s, n, d))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let (cos, sin) = (cos.detach(), sin.detach());
+        let q = crate::apply_rope(&split(q, q_heads)?, &cos, &sin)?;
+        let k = crate::apply_rope(&split(k, kv_heads)?, &cos, &sin)?;
+        let v = split(v, kv_heads)?;
+        let bias = bias.detach();
+        let dims = Chunking::of(&q, &k, &bias, None)?;
+        let (out, stats) = dims.forward((&q, &k, &v), &bias)?;
+        let y = out.transpose(1, 2)?.reshape((b, s, q_heads * d))?;
+        let saved = Self {
+            q,
+            k,
+            v,
+            y: y.clone(),
+            stats,
+            cos,
+            sin,
+            bias,
+            dims,
+        };
+        Ok((y, saved))
+    }
+
+    /// The merged output [B, S, Hq·D] the forward returned.
+    pub(crate) fn output(&self) -> &Tensor {
+        &self.y
+    }
+
+    /// dq, dk, dv ([B, S, H·D] each, as the forward's inputs) from the merged output's
+    /// gradient. dq and dk are rotated back with −sin (RoPE's transpose: cos and sin repeat
+    /// over the two halves).
+    pub(crate) fn backward(&self, dy: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let dims = &self.dims;
+        let (b, s, d) = (dims.batch, dims.q_len, dims.head_dim);
+        let heads = |t: &Tensor, n: usize| t.reshape((b, s, n, d))?.transpose(1, 2);
+        let merge = |t: &Tensor| {
+            let n = t.dim(1)?;
+            t.transpose(1, 2)?.reshape((b, s, n * d))
+        };
+        let dout = heads(dy, dims.q_heads)?.contiguous()?;
+        let out = heads(&self.y, dims.q_heads)?;
+        let (dq, dk, dv) = dims.backward(
+            (&self.q, &self.k, &self.v),
+            &self.bias,
+            &out,
+            &self.stats,
+            &dout,
+        )?;
+        let neg_sin = self.sin.neg()?;
+        let unrotate = |g: Tensor| merge(&crate::apply_rope(&g, &self.cos, &neg_sin)?);
+        Ok((unrotate(dq)?, unrotate(dk)?, merge(&dv)?))
+    }
 }
 
 /// How [`causal_attention`] cuts one call into query chunks.
@@ -315,7 +370,7 @@ impl Chunking {
         out: &Tensor,
         stats: &Tensor,
         dout: &Tensor,
-    ) -> Result<Grads3> {
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let dtype = qkv.0.dtype();
         let dout = dout.contiguous()?;
         let kv_shape = (self.batch, self.kv_heads, self.kv_len, self.head_dim);
@@ -347,9 +402,9 @@ impl Chunking {
             dv = (dv + dv_c.to_dtype(DType::F32)?.pad_with_zeros(2, 0, pad)?)?;
         }
         Ok((
-            Some(Tensor::cat(&dq, 2)?),
-            Some(dk.to_dtype(dtype)?),
-            Some(dv.to_dtype(dtype)?),
+            Tensor::cat(&dq, 2)?,
+            dk.to_dtype(dtype)?,
+            dv.to_dtype(dtype)?,
         ))
     }
 }

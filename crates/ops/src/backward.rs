@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex};
 
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Storage, Tensor,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor,
 };
 
 /// Computes the gradient of the input from the gradient of the output.
@@ -68,6 +68,101 @@ pub fn with_backward3(
         bwd: Box::new(move |g| bwd(g, need)),
     };
     a.apply_op3_arc(b, c, Arc::new(Box::new(op)))
+}
+
+/// The n-input form of [`with_backward`], for an op with more inputs than candle's custom ops
+/// take (a decoder layer differentiated by hand: its input and every trainable tensor in it).
+/// `bwd` gets the output's gradient and which inputs need one, and returns one entry per input.
+///
+/// The graph gets one node per input past the first tracked one, beside the op's own: each
+/// such node joins up to three tracked inputs into a scalar that the op takes as its second
+/// input, and its backward hands its inputs the gradients the op's backward left for them.
+/// candle differentiates a node before its inputs, so the op's backward always runs first.
+pub fn with_backward_n(
+    inputs: &[Tensor],
+    value: Tensor,
+    bwd: impl Fn(&Tensor, &[bool]) -> Result<Vec<Option<Tensor>>> + Send + Sync + 'static,
+) -> Result<Tensor> {
+    let need: Vec<bool> = inputs.iter().map(|t| t.track_op()).collect();
+    let tracked: Vec<usize> = (0..inputs.len()).filter(|&i| need[i]).collect();
+    let Some((&carrier, rest)) = tracked.split_first() else {
+        return Ok(value);
+    };
+    let slots: Slots = Arc::new((0..inputs.len()).map(|_| Mutex::new(None)).collect());
+    let run = {
+        let slots = slots.clone();
+        move |g: &Tensor| -> Result<Tensor> {
+            let mut grads = bwd(g, &need)?;
+            if grads.len() != need.len() {
+                candle_core::bail!("{} gradients for {} inputs", grads.len(), need.len());
+            }
+            for (i, slot) in slots.iter().enumerate() {
+                if i != carrier {
+                    *slot.lock().expect("not poisoned") = grads[i].take();
+                }
+            }
+            grads[carrier]
+                .take()
+                .ok_or_else(|| candle_core::Error::Msg("no gradient for a tracked input".into()))
+        }
+    };
+    if rest.is_empty() {
+        return with_backward(&inputs[carrier], value, run);
+    }
+    let device = value.device().clone();
+    let zero = move || Tensor::zeros((), DType::F32, &device);
+    // Join the other tracked inputs: the first node takes three, each next one the node
+    // before it and two more.
+    let mut joined: Option<Tensor> = None;
+    let mut pending = rest.iter().copied().peekable();
+    while pending.peek().is_some() {
+        let take = if joined.is_none() { 3 } else { 2 };
+        let members: Vec<usize> = pending.by_ref().take(take).collect();
+        joined = Some(join(joined.take(), &members, inputs, &slots, zero()?)?);
+    }
+    let joined = joined.expect("rest is not empty");
+    let z = zero()?;
+    with_backward2(&inputs[carrier], &joined, value, move |g, _, _| {
+        Ok((Some(run(g)?), Some(z.clone())))
+    })
+}
+
+/// The gradients [`with_backward_n`]'s op leaves for the inputs it does not carry.
+type Slots = Arc<Vec<Mutex<Option<Tensor>>>>;
+
+/// A scalar node over `previous` (the node before, if any) and the inputs `members`, whose
+/// backward gives each member its gradient from `slots`.
+fn join(
+    previous: Option<Tensor>,
+    members: &[usize],
+    inputs: &[Tensor],
+    slots: &Slots,
+    zero: Tensor,
+) -> Result<Tensor> {
+    // Each operand, with where its gradient comes from (`None`: the node before, whose
+    // gradient is a zero scalar).
+    let mut operands: Vec<(Tensor, Option<usize>)> =
+        previous.into_iter().map(|p| (p, None)).collect();
+    operands.extend(members.iter().map(|&m| (inputs[m].clone(), Some(m))));
+    let sources: Vec<Option<usize>> = operands.iter().map(|(_, s)| *s).collect();
+    let slots = slots.clone();
+    let value = zero.zeros_like()?;
+    let grad = move |k: usize| -> Option<Tensor> {
+        match sources[k] {
+            None => Some(zero.clone()),
+            Some(m) => slots[m].lock().expect("not poisoned").take(),
+        }
+    };
+    match operands.as_slice() {
+        [(a, _)] => with_backward(a, value, move |_| {
+            grad(0).ok_or_else(|| candle_core::Error::Msg("no gradient for a tracked input".into()))
+        }),
+        [(a, _), (b, _)] => with_backward2(a, b, value, move |_, _, _| Ok((grad(0), grad(1)))),
+        [(a, _), (b, _), (c, _)] => with_backward3((a, b, c), value, move |_, _| {
+            Ok((grad(0), grad(1), grad(2)))
+        }),
+        _ => candle_core::bail!("a join takes one to three operands"),
+    }
 }
 
 /// The gradients of a three-input op; `None` for an input that needs none.

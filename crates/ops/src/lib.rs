@@ -10,6 +10,7 @@
 mod attention;
 mod backward;
 mod collective;
+mod layer;
 mod linear;
 mod loss;
 mod norm;
@@ -18,10 +19,13 @@ mod rope;
 pub use attention::{
     attention_bias, causal_attention, plain_causal_attention, repeat_kv, rope_attention, MaskSpec,
 };
-pub use backward::{with_backward, with_backward2, with_backward3, BackwardFn, Grads3};
+pub use backward::{
+    with_backward, with_backward2, with_backward3, with_backward_n, BackwardFn, Grads3,
+};
 pub use collective::{
     copy_to_parallel_region, reduce_from_parallel_region, Collective, SharedCollective,
 };
+pub use layer::{decoder_layer, DecoderWeights, Projection};
 pub use linear::{linear, lora_linear};
 pub use loss::{
     count_targets, linear_cross_entropy, vocab_parallel_cross_entropy, VocabShard, IGNORE_INDEX,
@@ -57,5 +61,7 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     Ok(y)
 }
 
+#[cfg(test)]
+mod layer_tests;
 #[cfg(test)]
 mod tests;

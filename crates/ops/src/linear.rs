@@ -1,6 +1,6 @@
 //! The projection `x Wᵀ` (W [out, in] as Hugging Face stores it).
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{Result, Tensor};
 
 use helix_kernels::low_rank;
 
@@ -29,8 +29,8 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 }
 
 /// A LoRA projection, `x Wᵀ + s · (x Aᵀ) Bᵀ`, for x [..., in], a frozen W [out, in] and the
-/// trainable A [r, in], B [out, r] (f32, as PEFT keeps adapters; the low-rank path runs in f32
-/// and is added in x's dtype).
+/// trainable A [r, in], B [out, r] (f32, as PEFT keeps adapters; the low-rank path runs in f32,
+/// its update added to x Wᵀ in f32 and the sum rounded to x's dtype once, as PEFT does).
 ///
 /// One op with its own backward, so the graph keeps only x and the [rows, r] low-rank
 /// activation, where the composed ops would keep x in f32, the update, its scaled copy and the
@@ -40,45 +40,91 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scaling: f64)
     let inner = *in_dims.last().expect("linear input has a last dimension");
     let rows = x.elem_count() / inner.max(1);
     let x2 = x.detach().reshape((rows, inner))?;
-    let (a_, b_, w_) = (a.detach(), b.detach(), w.detach());
-    // The scale goes on the rank-r activation, not on the projection-sized update: one pass
-    // over [rows, r] instead of [rows, out].
-    let low = (low_rank::project(&x2.to_dtype(DType::F32)?, &a_)? * scaling)?;
-    let b_t = b_.t()?.contiguous()?;
-    let y = add_update(&x2.matmul(&w_.t()?)?, &low, &b_t)?;
+    let w_ = w.detach();
+    let adapter = LowRank::new(a, b, scaling)?;
+    let low = adapter.low(&x2)?;
+    let y = adapter.add_to(&x2.matmul(&w_.t()?)?, &low)?;
     let mut out = in_dims.clone();
     *out.last_mut().expect("checked above") = w.dim(0)?;
     let y = y.reshape(out)?;
     with_backward3((x, a, b), y, move |dy, [need_x, need_a, need_b]| {
         let dy = dy.reshape((rows, w_.dim(0)?))?;
-        let dy32 = dy.to_dtype(DType::F32)?;
-        // With low = s · x Aᵀ: dB = dyᵀ low; d(x Aᵀ) = s · dy B; dA = d(x Aᵀ)ᵀ x;
-        // dx = dy W + d(x Aᵀ) A.
-        let dlow = (low_rank::project(&dy32, &b_t)? * scaling)?;
-        let db = match need_b {
-            true => Some(low_rank::outer_sum(&low, &dy32)?.t()?.contiguous()?),
-            false => None,
-        };
-        // x in f32 again rather than kept from the forward: a projection-sized copy per
-        // adapted projection for the whole step is what this op exists to avoid.
-        let da = match need_a {
-            true => Some(low_rank::outer_sum(&dlow, &x2.to_dtype(DType::F32)?)?),
-            false => None,
-        };
+        let g = adapter.backward(&dy, &low, need_a.then_some(&x2), need_b)?;
         let dx = match need_x {
-            true => Some(add_update(&dy.matmul(&w_)?, &dlow, &a_)?.reshape(in_dims.as_slice())?),
+            true => Some(
+                adapter
+                    .add_input_grad(&dy.matmul(&w_)?, &g.dlow)?
+                    .reshape(in_dims.as_slice())?,
+            ),
             false => None,
         };
-        Ok((dx, da, db))
+        Ok((dx, g.da, g.db))
     })
 }
 
-/// base + l M for the f32 rank-r factors l [rows, r] and M [r, out]: in f32 as one pass over
-/// the rows ([`low_rank::add_product`]) when base is f32, else the update cast to base's dtype
-/// and added, as PEFT adds its f32 update to a bf16 base.
-fn add_update(base: &Tensor, l: &Tensor, m: &Tensor) -> Result<Tensor> {
-    match base.dtype() {
-        DType::F32 => low_rank::add_product(base, l, m),
-        dtype => base + l.matmul(m)?.to_dtype(dtype)?,
+/// LoRA's low-rank path `s · (x Aᵀ) Bᵀ` and its backward, in f32 (A [r, in] and B [out, r]
+/// as PEFT keeps them) on x and dy as they are (bf16 read as f32 by the kernels of
+/// `helix_kernels::low_rank`, not copied to f32), for [`lora_linear`] and the
+/// hand-differentiated decoder layer.
+#[derive(Clone)]
+pub(crate) struct LowRank {
+    a: Tensor,
+    /// Bᵀ [r, out], contiguous.
+    b_t: Tensor,
+    scaling: f64,
+}
+
+/// The gradients of one [`LowRank`] path.
+pub(crate) struct LowRankGrads {
+    /// The gradient of x Aᵀ [rows, r], the scale applied.
+    pub dlow: Tensor,
+    pub da: Option<Tensor>,
+    pub db: Option<Tensor>,
+}
+
+impl LowRank {
+    /// Detached copies of the adapters (the caller's op carries their gradients).
+    pub(crate) fn new(a: &Tensor, b: &Tensor, scaling: f64) -> Result<Self> {
+        Ok(Self {
+            a: a.detach(),
+            b_t: b.detach().t()?.contiguous()?,
+            scaling,
+        })
+    }
+
+    /// The scaled rank-r activation `s · x Aᵀ` [rows, r], f32. The scale goes on it, not on
+    /// the projection-sized update: one pass over [rows, r] instead of [rows, out].
+    pub(crate) fn low(&self, x: &Tensor) -> Result<Tensor> {
+        low_rank::project(x, &self.a)? * self.scaling
+    }
+
+    /// base + low Bᵀ: the projection's output, summed in f32 and rounded once to base's dtype
+    /// (PEFT adds its f32 update to a bf16 output in f32, then casts).
+    pub(crate) fn add_to(&self, base: &Tensor, low: &Tensor) -> Result<Tensor> {
+        low_rank::add_product(base, low, &self.b_t)
+    }
+
+    /// base + dlow A: the low-rank path's part of the input's gradient added to the base's.
+    pub(crate) fn add_input_grad(&self, base: &Tensor, dlow: &Tensor) -> Result<Tensor> {
+        low_rank::add_product(base, dlow, &self.a)
+    }
+
+    /// From the output's gradient dy [rows, out] (x's dtype) and the forward's `low`:
+    /// with low = s · x Aᵀ, dB = dyᵀ low; d(x Aᵀ) = s · dy B; dA = d(x Aᵀ)ᵀ x (x given when
+    /// A needs its gradient).
+    pub(crate) fn backward(
+        &self,
+        dy: &Tensor,
+        low: &Tensor,
+        x: Option<&Tensor>,
+        need_b: bool,
+    ) -> Result<LowRankGrads> {
+        let dlow = (low_rank::project(dy, &self.b_t)? * self.scaling)?;
+        let db = match need_b {
+            true => Some(low_rank::outer_sum(low, dy)?.t()?.contiguous()?),
+            false => None,
+        };
+        let da = x.map(|x| low_rank::outer_sum(&dlow, x)).transpose()?;
+        Ok(LowRankGrads { dlow, da, db })
     }
 }

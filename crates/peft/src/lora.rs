@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, Var};
 use helix_model::linear::{keep_dense, matmul_t, Dense, Linear, Placement};
-use helix_ops::{copy_to_parallel_region, reduce_from_parallel_region};
+use helix_ops::{copy_to_parallel_region, reduce_from_parallel_region, Projection};
 use serde::{Deserialize, Serialize};
 
 use crate::dropout::SeededDropout;
@@ -139,6 +139,15 @@ impl LoraLinear {
         &self.b
     }
 
+    /// A and B as the forward uses them. In eval mode the adapters are constants: no graph is
+    /// recorded, so activations are freed as the forward goes (validation, generation).
+    fn adapters(&self) -> (Tensor, Tensor) {
+        match self.dropout.is_training() {
+            true => (self.a.as_tensor().clone(), self.b.as_tensor().clone()),
+            false => (self.a.as_tensor().detach(), self.b.as_tensor().detach()),
+        }
+    }
+
     /// The frozen base weight, as loaded.
     pub fn base_weight(&self) -> Tensor {
         self.base.clone()
@@ -164,12 +173,7 @@ impl Linear for LoraLinear {
         if let Some(w) = self.merged.read().unwrap().as_ref() {
             return self.placement.forward(x, w);
         }
-        // In eval mode the adapters are constants: no graph is recorded, so activations are
-        // freed as the forward goes (validation, generation).
-        let (a, b) = match self.dropout.is_training() {
-            true => (self.a.as_tensor().clone(), self.b.as_tensor().clone()),
-            false => (self.a.as_tensor().detach(), self.b.as_tensor().detach()),
-        };
+        let (a, b) = self.adapters();
         if matches!(self.placement, Placement::Whole) && self.dropout.is_identity() {
             // One op with its own backward: the graph keeps x and the low-rank activation only.
             return helix_ops::lora_linear(x, &self.base, &a, &b, self.scaling);
@@ -196,6 +200,23 @@ impl Linear for LoraLinear {
     fn weight(&self) -> Tensor {
         self.base_weight()
     }
+
+    fn projection(&self) -> Option<Projection> {
+        if let Some(w) = self.merged.read().unwrap().as_ref() {
+            return matches!(self.placement, Placement::Whole)
+                .then(|| Projection::Dense { weight: w.clone() });
+        }
+        if !matches!(self.placement, Placement::Whole) || !self.dropout.is_identity() {
+            return None;
+        }
+        let (a, b) = self.adapters();
+        Some(Projection::Lora {
+            weight: self.base.clone(),
+            a,
+            b,
+            scaling: self.scaling,
+        })
+    }
 }
 
 /// The model's projection → LoRA hook, and the adapters it created.
@@ -214,6 +235,9 @@ impl Linear for SharedLora {
     }
     fn weight(&self) -> Tensor {
         self.0.weight()
+    }
+    fn projection(&self) -> Option<Projection> {
+        self.0.projection()
     }
 }
 

@@ -1,0 +1,284 @@
+//! A Llama decoder layer as one op with a hand-written backward.
+//!
+//! Built from the same functions as the layer written op by op (RMSNorm, the projections,
+//! [`crate::rope_attention`], SwiGLU), but candle's graph holds one node for the whole layer.
+//! candle's backward adds every edge's gradient into a fresh zero tensor: a zero fill and an
+//! add over an activation per edge, about twenty per layer. Here the gradients of projections
+//! that share an input are summed as they are made, the norms and SwiGLU are recomputed from
+//! the layer's input, the residual and the gate/up outputs instead of kept.
+
+use candle_core::{Result, Tensor};
+use helix_kernels::{rms_norm_backward, swiglu_backward};
+
+use crate::attention::RopeAttention;
+use crate::backward::with_backward_n;
+use crate::linear::LowRank;
+use crate::{rms_norm, swiglu};
+
+/// One projection of a [`decoder_layer`].
+#[derive(Clone)]
+pub enum Projection {
+    /// `x Wᵀ`, W [out, in]; W trains when its tensor is tracked (full SFT).
+    Dense { weight: Tensor },
+    /// `x Wᵀ + s · (x Aᵀ) Bᵀ` with W frozen and f32 adapters A [r, in], B [out, r], as
+    /// [`crate::lora_linear`] computes it.
+    Lora {
+        weight: Tensor,
+        a: Tensor,
+        b: Tensor,
+        scaling: f64,
+    },
+}
+
+/// The weights of one decoder layer, by their Hugging Face names.
+pub struct DecoderWeights {
+    pub input_layernorm: Tensor,
+    pub post_attention_layernorm: Tensor,
+    pub q_proj: Projection,
+    pub k_proj: Projection,
+    pub v_proj: Projection,
+    pub o_proj: Projection,
+    pub gate_proj: Projection,
+    pub up_proj: Projection,
+    pub down_proj: Projection,
+    /// (query heads, key/value heads) of this rank.
+    pub heads: (usize, usize),
+    pub rms_norm_eps: f64,
+}
+
+/// `x + attn(norm(x))`, then `h + mlp(norm(h))`, for hidden states x [B, S, H], the rotary
+/// tables cos / sin [B, 1, S, D] and the attention bias of [`crate::attention_bias`].
+///
+/// The gradients equal those of the layer composed op by op, as candle's autograd takes them
+/// (tests in tests.rs), for the layer's input and for every tracked tensor among the weights:
+/// the adapters under LoRA, every weight under full SFT.
+pub fn decoder_layer(
+    x: &Tensor,
+    w: &DecoderWeights,
+    (cos, sin): (&Tensor, &Tensor),
+    bias: &Tensor,
+) -> Result<Tensor> {
+    let (b, s, h) = x.dims3()?;
+    let rows = b * s;
+    let eps = w.rms_norm_eps;
+    // The op's inputs: x, the two norms, then each projection's trainable tensors.
+    let mut inputs = vec![
+        x.clone(),
+        w.input_layernorm.clone(),
+        w.post_attention_layernorm.clone(),
+    ];
+    let [q, k, v, o, gate, up, down] = [
+        &w.q_proj,
+        &w.k_proj,
+        &w.v_proj,
+        &w.o_proj,
+        &w.gate_proj,
+        &w.up_proj,
+        &w.down_proj,
+    ]
+    .map(|p| Proj::new(p, &mut inputs));
+    let (q, k, v, o, gate, up, down) = (q?, k?, v?, o?, gate?, up?, down?);
+    let x = x.detach();
+    let norm1 = w.input_layernorm.detach();
+    let norm2 = w.post_attention_layernorm.detach();
+
+    // Attention.
+    let xn1 = rms_norm(&x, &norm1, eps)?.reshape((rows, h))?;
+    let mut qkv = forward_group(&[&q, &k, &v], &xn1)?.into_iter();
+    drop(xn1);
+    let (qy, low_q) = qkv.next().expect("three outputs");
+    let (ky, low_k) = qkv.next().expect("three outputs");
+    let (vy, low_v) = qkv.next().expect("three outputs");
+    let width = |t: &Tensor| t.dim(1);
+    let (q_w, kv_w) = (width(&qy)?, width(&ky)?);
+    let (attn_y, attention) = RopeAttention::forward(
+        (
+            &qy.reshape((b, s, q_w))?,
+            &ky.reshape((b, s, kv_w))?,
+            &vy.reshape((b, s, kv_w))?,
+        ),
+        (cos, sin),
+        bias,
+        w.heads,
+    )?;
+    drop((qy, ky, vy));
+    let (oy, low_o) = forward_one(&o, &attn_y.reshape((rows, q_w))?)?;
+    let x1 = (&x + oy.reshape((b, s, h))?)?;
+    drop(oy);
+
+    // MLP.
+    let xn2 = rms_norm(&x1, &norm2, eps)?.reshape((rows, h))?;
+    let mut gu = forward_group(&[&gate, &up], &xn2)?.into_iter();
+    drop(xn2);
+    let (gate_y, low_gate) = gu.next().expect("two outputs");
+    let (up_y, low_up) = gu.next().expect("two outputs");
+    let (down_y, low_down) = forward_one(&down, &swiglu(&gate_y, &up_y)?)?;
+    let y = (&x1 + down_y.reshape((b, s, h))?)?;
+    drop(down_y);
+
+    with_backward_n(&inputs, y, move |dy, need| {
+        let mut grads: Vec<Option<Tensor>> = vec![None; need.len()];
+        let dy = dy.contiguous()?;
+
+        // MLP: down, SwiGLU (its output recomputed), gate and up, the second norm.
+        let act = swiglu(&gate_y, &up_y)?;
+        let d_act = backward_group(
+            &[(&down, &dy.reshape((rows, h))?, &low_down)],
+            &act,
+            true,
+            need,
+            &mut grads,
+        )?;
+        drop(act);
+        let (d_gate, d_up) = swiglu_backward(&gate_y, &up_y, &d_act.expect("asked for"))?;
+        let xn2 = rms_norm(&x1, &norm2, eps)?.reshape((rows, h))?;
+        let d_xn2 = backward_group(
+            &[(&gate, &d_gate, &low_gate), (&up, &d_up, &low_up)],
+            &xn2,
+            true,
+            need,
+            &mut grads,
+        )?
+        .expect("asked for");
+        drop((xn2, d_gate, d_up));
+        let (d_x1, d_norm2) =
+            rms_norm_backward(&x1, &norm2, &d_xn2.reshape((b, s, h))?, eps, need[2])?;
+        grads[2] = d_norm2;
+        let d_x1 = (dy + d_x1)?;
+
+        // Attention: o, attention itself, q / k / v, the first norm.
+        let d_attn = backward_group(
+            &[(&o, &d_x1.reshape((rows, h))?, &low_o)],
+            &attention.output().reshape((rows, q_w))?,
+            true,
+            need,
+            &mut grads,
+        )?
+        .expect("asked for");
+        let (dq, dk, dv) = attention.backward(&d_attn.reshape((b, s, q_w))?)?;
+        drop(d_attn);
+        let need_xn1 = need[0] || need[1];
+        let xn1 = rms_norm(&x, &norm1, eps)?.reshape((rows, h))?;
+        let d_xn1 = backward_group(
+            &[
+                (&q, &dq.reshape((rows, q_w))?, &low_q),
+                (&k, &dk.reshape((rows, kv_w))?, &low_k),
+                (&v, &dv.reshape((rows, kv_w))?, &low_v),
+            ],
+            &xn1,
+            need_xn1,
+            need,
+            &mut grads,
+        )?;
+        drop(xn1);
+        if let Some(d_xn1) = d_xn1 {
+            let (d_x, d_norm1) =
+                rms_norm_backward(&x, &norm1, &d_xn1.reshape((b, s, h))?, eps, need[1])?;
+            grads[1] = d_norm1;
+            if need[0] {
+                grads[0] = Some((d_x1 + d_x)?);
+            }
+        }
+        Ok(grads)
+    })
+}
+
+/// A projection of the layer, detached, with where its trainable tensors sit among the op's
+/// inputs.
+struct Proj {
+    weight: Tensor,
+    /// The index of W (Dense) among the op's inputs.
+    weight_at: Option<usize>,
+    lora: Option<(LowRank, usize, usize)>,
+}
+
+impl Proj {
+    fn new(p: &Projection, inputs: &mut Vec<Tensor>) -> Result<Self> {
+        let mut push = |t: &Tensor| {
+            inputs.push(t.clone());
+            inputs.len() - 1
+        };
+        Ok(match p {
+            Projection::Dense { weight } => Proj {
+                weight: weight.detach(),
+                weight_at: Some(push(weight)),
+                lora: None,
+            },
+            Projection::Lora {
+                weight,
+                a,
+                b,
+                scaling,
+            } => {
+                let (a_at, b_at) = (push(a), push(b));
+                Proj {
+                    weight: weight.detach(),
+                    weight_at: None,
+                    lora: Some((LowRank::new(a, b, *scaling)?, a_at, b_at)),
+                }
+            }
+        })
+    }
+}
+
+/// The outputs [rows, out] of projections that read the same x [rows, in], with each LoRA
+/// path's scaled rank-r activation.
+fn forward_group(projs: &[&Proj], x: &Tensor) -> Result<Vec<(Tensor, Option<Tensor>)>> {
+    projs
+        .iter()
+        .map(|p| {
+            let y = x.matmul(&p.weight.t()?)?;
+            match &p.lora {
+                Some((adapter, ..)) => {
+                    let low = adapter.low(x)?;
+                    Ok((adapter.add_to(&y, &low)?, Some(low)))
+                }
+                None => Ok((y, None)),
+            }
+        })
+        .collect()
+}
+
+fn forward_one(p: &Proj, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+    Ok(forward_group(&[p], x)?.pop().expect("one output"))
+}
+
+/// The backward of projections that read the same x [rows, in], given each one's output
+/// gradient [rows, out] and forward rank-r activation: their trainable tensors' gradients go
+/// into `grads` where `need` asks, and the gradient of x, summed over the group, is returned
+/// when `need_x`.
+fn backward_group(
+    group: &[(&Proj, &Tensor, &Option<Tensor>)],
+    x: &Tensor,
+    need_x: bool,
+    need: &[bool],
+    grads: &mut [Option<Tensor>],
+) -> Result<Option<Tensor>> {
+    let mut dx: Option<Tensor> = None;
+    for &(p, dy, low) in group {
+        if let Some(at) = p.weight_at.filter(|&at| need[at]) {
+            // W [out, in] gets dyᵀ x.
+            grads[at] = Some(dy.t()?.matmul(x)?);
+        }
+        let low_rank = match (&p.lora, low) {
+            (Some((adapter, a_at, b_at)), Some(low)) => {
+                let g = adapter.backward(dy, low, need[*a_at].then_some(x), need[*b_at])?;
+                grads[*a_at] = g.da;
+                grads[*b_at] = g.db;
+                Some((adapter, g.dlow))
+            }
+            _ => None,
+        };
+        if need_x {
+            let mut d = dy.matmul(&p.weight)?;
+            if let Some((adapter, dlow)) = low_rank {
+                d = adapter.add_input_grad(&d, &dlow)?;
+            }
+            dx = Some(match dx {
+                Some(acc) => (acc + d)?,
+                None => d,
+            });
+        }
+    }
+    Ok(dx)
+}

@@ -1,0 +1,263 @@
+//! The hand-differentiated decoder layer against the same layer composed op by op, which
+//! candle's autograd differentiates; and the n-input backward seam it rests on.
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+
+use super::*;
+
+fn max_abs(t: &Tensor) -> Result<f32> {
+    t.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+}
+
+/// |a − b| at its largest, over the largest |b|: both gradients' scales vary by orders.
+fn rel_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    Ok(max_abs(&(a - b)?)? / max_abs(b)?.max(1e-12))
+}
+
+#[test]
+fn n_input_backward_hands_every_tracked_input_its_gradient() -> Result<()> {
+    let dev = Device::Cpu;
+    // y = Σ c_i x_i over eight inputs, three of them frozen.
+    let xs: Vec<Tensor> = (0..8)
+        .map(|i| {
+            let t = Tensor::randn(0f32, 1.0, (3, 4), &dev)?;
+            match i % 3 == 1 {
+                true => Ok(t),
+                false => Ok(Var::from_tensor(&t)?.as_tensor().clone()),
+            }
+        })
+        .collect::<Result<_>>()?;
+    let c: Vec<f64> = (0..8).map(|i| 0.5 + i as f64).collect();
+    let mut value = xs[0].zeros_like()?;
+    for (x, c) in xs.iter().zip(&c) {
+        value = (value + (x.detach() * *c)?)?;
+    }
+    let coefficients = c.clone();
+    let y = with_backward_n(&xs, value, move |g, need| {
+        assert_eq!(need, [true, false, true, true, false, true, true, false]);
+        need.iter()
+            .zip(&coefficients)
+            .map(|(&n, &c)| n.then(|| g * c).transpose())
+            .collect()
+    })?;
+    let mix = Tensor::randn(0f32, 1.0, (3, 4), &dev)?;
+    let grads = (y * &mix)?.sum_all()?.backward()?;
+    for (i, (x, c)) in xs.iter().zip(&c).enumerate() {
+        match grads.get(x) {
+            Some(g) => assert!(max_abs(&(g - (&mix * *c)?)?)? < 1e-6, "input {i}"),
+            None => assert_eq!(i % 3, 1, "input {i} has no gradient"),
+        }
+    }
+    // Nothing tracked: the value itself, no graph.
+    let frozen: Vec<Tensor> = xs.iter().map(|x| x.detach()).collect();
+    let y = with_backward_n(&frozen, mix.clone(), |_, _| unreachable!())?;
+    assert!(!y.track_op());
+    Ok(())
+}
+
+/// How each projection of a test layer is made.
+#[derive(Clone, Copy)]
+enum Kind {
+    /// A frozen weight.
+    Frozen,
+    /// A trainable weight (SFT).
+    Trained,
+    /// A frozen weight with trainable adapters.
+    Lora,
+}
+
+struct TestLayer {
+    weights: DecoderWeights,
+    /// Every tracked tensor, named.
+    tracked: Vec<(String, Tensor)>,
+}
+
+const H: usize = 16;
+const I: usize = 24;
+const HEADS: (usize, usize) = (4, 2);
+const D: usize = 4;
+
+fn test_layer(kinds: [Kind; 7], train_norms: bool, dev: &Device) -> Result<TestLayer> {
+    let mut tracked = Vec::new();
+    let mut param = |name: &str, t: Tensor, trains: bool| -> Result<Tensor> {
+        if !trains {
+            return Ok(t);
+        }
+        let t = Var::from_tensor(&t)?.as_tensor().clone();
+        tracked.push((name.to_string(), t.clone()));
+        Ok(t)
+    };
+    let (q, kv) = (HEADS.0 * D, HEADS.1 * D);
+    let shapes = [
+        ("q", q, H),
+        ("k", kv, H),
+        ("v", kv, H),
+        ("o", H, q),
+        ("gate", I, H),
+        ("up", I, H),
+        ("down", H, I),
+    ];
+    let mut projections = Vec::new();
+    for ((name, out, inp), kind) in shapes.into_iter().zip(kinds) {
+        let w = (Tensor::randn(0f32, 1.0, (out, inp), dev)? / (inp as f64).sqrt())?;
+        projections.push(match kind {
+            Kind::Frozen => Projection::Dense { weight: w },
+            Kind::Trained => Projection::Dense {
+                weight: param(name, w, true)?,
+            },
+            Kind::Lora => {
+                let r = 3;
+                let a = (Tensor::randn(0f32, 1.0, (r, inp), dev)? / (inp as f64).sqrt())?;
+                // B non-zero (PEFT starts it at zero) so that every gradient path carries.
+                let b = (Tensor::randn(0f32, 1.0, (out, r), dev)? * 0.3)?;
+                Projection::Lora {
+                    weight: w,
+                    a: param(&format!("{name}.lora_A"), a, true)?,
+                    b: param(&format!("{name}.lora_B"), b, true)?,
+                    scaling: 1.7,
+                }
+            }
+        });
+    }
+    let norm = |dev: &Device| Tensor::randn(0f32, 0.2, H, dev)? + 1.0;
+    let input_layernorm = param("input_layernorm", norm(dev)?, train_norms)?;
+    let post_attention_layernorm = param("post_attention_layernorm", norm(dev)?, train_norms)?;
+    let [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]: [Projection; 7] =
+        projections
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("seven".into()))?;
+    Ok(TestLayer {
+        weights: DecoderWeights {
+            input_layernorm,
+            post_attention_layernorm,
+            q_proj,
+            k_proj,
+            v_proj,
+            o_proj,
+            gate_proj,
+            up_proj,
+            down_proj,
+            heads: HEADS,
+            rms_norm_eps: 1e-5,
+        },
+        tracked,
+    })
+}
+
+/// The layer as the model composes it op by op (crates/model/src/llama.rs).
+fn composed(
+    x: &Tensor,
+    w: &DecoderWeights,
+    cos: &Tensor,
+    sin: &Tensor,
+    bias: &Tensor,
+) -> Result<Tensor> {
+    let proj = |p: &Projection, x: &Tensor| match p {
+        Projection::Dense { weight } => linear(x, weight),
+        Projection::Lora {
+            weight,
+            a,
+            b,
+            scaling,
+        } => lora_linear(x, weight, a, b, *scaling),
+    };
+    let xn = rms_norm(x, &w.input_layernorm, w.rms_norm_eps)?;
+    let attn = rope_attention(
+        (
+            &proj(&w.q_proj, &xn)?,
+            &proj(&w.k_proj, &xn)?,
+            &proj(&w.v_proj, &xn)?,
+        ),
+        (cos, sin),
+        bias,
+        w.heads,
+    )?;
+    let x1 = (x + proj(&w.o_proj, &attn)?)?;
+    let xn2 = rms_norm(&x1, &w.post_attention_layernorm, w.rms_norm_eps)?;
+    let act = swiglu(&proj(&w.gate_proj, &xn2)?, &proj(&w.up_proj, &xn2)?)?;
+    x1 + proj(&w.down_proj, &act)?
+}
+
+/// Runs both on a packed batch (two rows, the second holding two documents and padding) and
+/// compares the outputs and the gradients of the input (when `train_input`) and of every
+/// tracked weight.
+fn compare(kinds: [Kind; 7], train_norms: bool, train_input: bool) -> Result<()> {
+    let dev = Device::Cpu;
+    let (b, s) = (2, 7);
+    let layer = test_layer(kinds, train_norms, &dev)?;
+    let x0 = Tensor::randn(0f32, 1.0, (b, s, H), &dev)?;
+    let x = match train_input {
+        true => Var::from_tensor(&x0)?.as_tensor().clone(),
+        false => x0,
+    };
+    let spec = MaskSpec {
+        batch: b,
+        q_len: s,
+        kv_len: s,
+        q_offset: 0,
+        key_valid: Some(vec![1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0]),
+        segment_ids: Some(vec![0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1]),
+    };
+    let bias = attention_bias(&spec, DType::F32, &dev)?;
+    let positions = Tensor::new(&[[0i64, 1, 2, 3, 4, 5, 6], [0, 1, 2, 0, 1, 0, 0]], &dev)?;
+    let (cos, sin) = RopeTable::new(D, 10000.0, 1.0, &dev)?.cos_sin(&positions, DType::F32)?;
+
+    let fused = decoder_layer(&x, &layer.weights, (&cos, &sin), &bias)?;
+    let plain = composed(&x, &layer.weights, &cos, &sin, &bias)?;
+    let d = rel_diff(&fused, &plain)?;
+    assert!(d < 1e-6, "output differs by {d}");
+
+    let mix = Tensor::randn(0f32, 1.0, (b, s, H), &dev)?;
+    let gf = (&fused * &mix)?.sum_all()?.backward()?;
+    let gp = (&plain * &mix)?.sum_all()?.backward()?;
+    let mut named = layer.tracked.clone();
+    if train_input {
+        named.push(("x".to_string(), x.clone()));
+    }
+    assert!(!named.is_empty());
+    for (name, t) in &named {
+        let (f, p) = (gf.get(t), gp.get(t));
+        let (Some(f), Some(p)) = (f, p) else {
+            panic!("{name}: gradient {} / {}", f.is_some(), p.is_some());
+        };
+        assert_eq!(f.dims(), t.dims(), "{name}");
+        let d = rel_diff(f, p)?;
+        assert!(d < 2e-5, "{name}: gradients differ by {d} of their largest");
+    }
+    if !train_input {
+        assert!(gf.get(&x).is_none());
+    }
+    Ok(())
+}
+
+const LORA: [Kind; 7] = [Kind::Lora; 7];
+
+#[test]
+fn lora_layer_equals_the_composed_ops_in_value_and_gradients() -> Result<()> {
+    compare(LORA, false, true)
+}
+
+#[test]
+fn first_lora_layer_takes_no_input_gradient() -> Result<()> {
+    compare(LORA, false, false)
+}
+
+#[test]
+fn sft_layer_equals_the_composed_ops_with_every_weight_trained() -> Result<()> {
+    compare([Kind::Trained; 7], true, true)
+}
+
+#[test]
+fn lora_on_some_projections_beside_frozen_ones() -> Result<()> {
+    use Kind::{Frozen, Lora};
+    compare(
+        [Lora, Frozen, Lora, Frozen, Frozen, Lora, Frozen],
+        false,
+        false,
+    )
+}
+
+#[test]
+fn frozen_layer_passes_the_input_gradient_through() -> Result<()> {
+    compare([Kind::Frozen; 7], false, true)
+}
