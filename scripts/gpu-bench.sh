@@ -4,7 +4,9 @@
 # in the machine shows. The Llama-2-7B shape with random bf16 weights, one row of SEQ tokens:
 #   1. LoRA (configs/bench/lora7b.toml: r 8, alpha 16, the seven projections): tokens/s, MFU and
 #      peak GPU memory of both, and the helix / PyTorch ratios;
-#   2. full SFT cut to SFT_LAYERS decoder layers (configs/bench/sft7b.toml): helix's MFU, and
+#   2. helix's LoRA step again with its decoder layers run op by op (model.fused_layers =
+#      false): what the hand-differentiated layer buys, as a ratio;
+#   3. full SFT cut to SFT_LAYERS decoder layers (configs/bench/sft7b.toml): helix's MFU, and
 #      PyTorch's for reference.
 # MFU counts model FLOPs per token 4N (LoRA) or 6N (SFT) + 6·L·h·s (causal attention) against
 # 989 TFLOP/s; both sides print the same JSON keys (helix-train bench --json).
@@ -25,6 +27,10 @@ torch_lora | tee "$out/torch-lora-1.json" || echo "PyTorch LoRA failed"
 "$bin" bench --config configs/bench/lora7b.toml --random-weights --seq "$seq" --steps "$steps" \
   --json | tee "$out/helix-lora.json" || echo "helix LoRA failed"
 torch_lora | tee "$out/torch-lora-2.json" || echo "PyTorch LoRA failed"
+echo "== helix LoRA with its layers op by op (model.fused_layers = false), for comparison"
+"$bin" bench --config configs/bench/lora7b.toml --set model.fused_layers=false --random-weights \
+  --seq "$seq" --steps "$steps" --json | tee "$out/helix-lora-op-by-op.json" \
+  || echo "helix LoRA op by op failed"
 
 echo "== full SFT, the first $sft_layers layers of the Llama-2-7B shape, 1 x $seq tokens"
 "$bin" bench --config configs/bench/sft7b.toml --random-weights --layers "$sft_layers" \
@@ -55,6 +61,12 @@ else:
     print(f"LoRA 7B: helix / PyTorch tokens/s = {h['tokens_per_s']/tps:.2f} (goal >= 1.3); "
           f"peak memory helix / PyTorch = {h['peak_device_bytes']/mem:.2f} (goal <= 1.0); "
           f"MFU {100*h['mfu']:.1f} % (goal >= 45 %)")
+o = load("helix-lora-op-by-op.json")
+if h and o:
+    print(f"LoRA 7B, helix layers op by op: {o['tokens_per_s']:.0f} tokens/s, peak GPU "
+          f"{gib(o['peak_device_bytes']):.1f} GiB; fused / op by op tokens/s = "
+          f"{h['tokens_per_s']/o['tokens_per_s']:.2f}, peak memory = "
+          f"{h['peak_device_bytes']/o['peak_device_bytes']:.2f}")
 s, ts = load("helix-sft.json"), load("torch-sft.json")
 if s:
     line = (f"SFT 7B shape, {s['layers']} layers: helix {s['tokens_per_s']:.0f} tokens/s, MFU "

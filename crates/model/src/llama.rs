@@ -120,6 +120,9 @@ pub struct Llama {
     device: Device,
     /// The tensor-parallel group; `embed_tokens` and the LM head are this rank's vocabulary rows.
     tp: Option<SharedCollective>,
+    /// Whether decoder layers run as one op where their projections allow
+    /// ([`Llama::set_fused_layers`]).
+    fused_layers: bool,
 }
 
 impl Llama {
@@ -206,7 +209,15 @@ impl Llama {
             dtype: opts.dtype,
             device: opts.device.clone(),
             tp,
+            fused_layers: true,
         })
+    }
+
+    /// Whether each decoder layer runs as one op with a hand-written backward
+    /// ([`helix_ops::decoder_layer`]) where its projections allow: the default. Off, every layer
+    /// runs op by op on candle's autograd (`model.fused_layers = false`), for comparison.
+    pub fn set_fused_layers(&mut self, on: bool) {
+        self.fused_layers = on;
     }
 
     /// The tensor-parallel group, if the model is split over one.
@@ -363,14 +374,21 @@ impl Llama {
         let layer = self.layers.get(i).with_context(|| {
             format!("no decoder layer {i} (the model has {})", self.layers.len())
         })?;
-        Ok(layer.forward(
-            x,
-            &ctx.cos,
-            &ctx.sin,
-            &ctx.bias,
-            None,
-            self.cfg.rms_norm_eps,
-        )?)
+        let fused = self
+            .fused_layers
+            .then(|| layer.hand_differentiated(self.cfg.rms_norm_eps))
+            .flatten();
+        Ok(match fused {
+            Some(weights) => decoder_layer(x, &weights, (&ctx.cos, &ctx.sin), &ctx.bias)?,
+            None => layer.forward(
+                x,
+                &ctx.cos,
+                &ctx.sin,
+                &ctx.bias,
+                None,
+                self.cfg.rms_norm_eps,
+            )?,
+        })
     }
 
     /// The RMSNorm after the last decoder layer.
@@ -511,11 +529,6 @@ impl DecoderLayer {
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         eps: f64,
     ) -> candle_core::Result<Tensor> {
-        if cache.is_none() {
-            if let Some(weights) = self.hand_differentiated(eps) {
-                return decoder_layer(x, &weights, (cos, sin), bias);
-            }
-        }
         let h = self.self_attn.forward(
             &rms_norm(x, &self.input_layernorm, eps)?,
             cos,

@@ -53,6 +53,11 @@ pub struct ModelSection {
     /// weights when this is not f32.
     #[serde(default = "default_dtype")]
     pub dtype: String,
+    /// Each decoder layer as one op with a hand-written backward (`helix_ops::decoder_layer`)
+    /// wherever its projections allow (not under tensor parallelism or LoRA dropout); false
+    /// runs every layer op by op on candle's autograd, for comparison (NeMo's fusion flags).
+    #[serde(default = "yes")]
+    pub fused_layers: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -298,8 +303,9 @@ impl Default for OutputSection {
 
 /// Keys that change how a run is operated, not the numbers it computes: a resumed run may
 /// change them.
-const OPERATIONAL_KEYS: [&str; 17] = [
+const OPERATIONAL_KEYS: [&str; 18] = [
     "parallel.zero1",
+    "model.fused_layers",
     "trainer.activation_checkpointing",
     "parallel.timeout_s",
     "parallel.bucket_mb",
@@ -400,6 +406,11 @@ impl ConfigFile {
     pub fn model_dtype(&self) -> Result<DType> {
         let d = self.model.as_ref().map_or("f32", |m| m.dtype.as_str());
         parse_dtype(d).with_context(|| "model.dtype".to_string())
+    }
+
+    /// `model.fused_layers` (true unless set false).
+    pub fn fused_layers(&self) -> bool {
+        self.model.as_ref().is_none_or(|m| m.fused_layers)
     }
 
     /// The method with its options, checked against the sections present.
@@ -753,6 +764,17 @@ max_steps = 20
             .unwrap_err()
             .to_string();
         assert!(err.contains("unknown field `alpha`"), "{err}");
+    }
+
+    #[test]
+    fn fused_layers_are_on_unless_set_off() {
+        assert!(load(BASE, &[]).unwrap().fused_layers());
+        let off = load(BASE, &["model.fused_layers=false"]).unwrap();
+        assert!(!off.fused_layers());
+        let err = load(BASE, &["model.fused_layers=3"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("fused_layers"), "{err}");
     }
 
     #[test]

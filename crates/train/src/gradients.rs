@@ -355,14 +355,11 @@ mod tests {
         ])
     }
 
-    /// Recomputing each decoder layer in backward gives the gradients of the backward that kept
-    /// every activation, bit for bit (the same operations in the same order), for every method,
-    /// with dropout on (the recomputed layer draws its first forward's masks) over two steps.
-    #[test]
-    fn full_activation_checkpointing_gives_the_plain_backwards_gradients() -> Result<()> {
+    /// One fixture per method, with LoRA's dropout, and whether the method takes packed rows.
+    fn method_cases(lora_dropout: f64) -> [(&'static str, Method, bool); 3] {
         let mut lora = LoraConfig::new(4, 8.0, &LLAMA_TARGETS);
-        lora.lora_dropout = 0.1;
-        let cases = [
+        lora.lora_dropout = lora_dropout;
+        [
             ("tiny-gqa-untied-b3", Method::Lora(lora), true),
             ("tiny-gqa-tied", Method::FullSft, true),
             (
@@ -370,7 +367,27 @@ mod tests {
                 Method::Ptuning(PtuningConfig::mlp(3, 16)),
                 false,
             ),
-        ];
+        ]
+    }
+
+    /// The largest |a − b| over two gradients and the largest |a|.
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<(f32, f32)> {
+        let a = a.flatten_all()?.to_vec1::<f32>()?;
+        let b = b.flatten_all()?.to_vec1::<f32>()?;
+        let max = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = a
+            .iter()
+            .zip(&b)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        Ok((diff, max))
+    }
+
+    /// Recomputing each decoder layer in backward gives the gradients of the backward that kept
+    /// every activation, bit for bit (the same operations in the same order), for every method,
+    /// with dropout on (the recomputed layer draws its first forward's masks) over two steps.
+    #[test]
+    fn full_activation_checkpointing_gives_the_plain_backwards_gradients() -> Result<()> {
+        let cases = method_cases(0.1);
         let job = Job::single(std::time::Duration::from_secs(1));
         for (fixture, method, packed) in cases {
             let batches = batches()?;
@@ -409,14 +426,8 @@ mod tests {
                 assert_eq!(p.len(), f.len(), "{name}: tensors with gradients");
                 assert!(!p.is_empty());
                 for (key, g) in p {
-                    let a = g.flatten_all()?.to_vec1::<f32>()?;
-                    let b = f[key].flatten_all()?.to_vec1::<f32>()?;
-                    let max = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    let (diff, max) = max_diff(g, &f[key])?;
                     assert!(max > 0.0, "{name} {key}: no gradient");
-                    let diff = a
-                        .iter()
-                        .zip(&b)
-                        .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
                     // A tied embedding's two uses (lookup and LM head) are summed in another
                     // order when the head is differentiated in a backward of its own.
                     let tol = match key.as_str() {
@@ -428,6 +439,49 @@ mod tests {
                         "{name} step {step} {key}: differs by {diff} of {max}"
                     );
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// The whole model's step with each decoder layer as one hand-differentiated op gives the
+    /// losses and gradients of the layers run op by op on candle's autograd, for every method
+    /// (LoRA without dropout, so its layers fuse), on packed and padded batches.
+    #[test]
+    fn fused_layers_give_the_op_by_op_gradients() -> Result<()> {
+        let job = Job::single(std::time::Duration::from_secs(1));
+        for (fixture, method, packed) in method_cases(0.0) {
+            let batches = batches()?;
+            let batches = if packed { &batches[..] } else { &batches[..1] };
+            let mut runs = Vec::new();
+            for fused in [false, true] {
+                let mut model = load(fixture, &method)?;
+                model.model.set_fused_layers(fused);
+                for (name, v) in model.trainable() {
+                    if name.contains("lora_B") {
+                        v.set(&(v.as_tensor().ones_like()? * 0.05)?)?;
+                    }
+                }
+                let opts = GradientOptions {
+                    loss_chunk_rows: 5,
+                    ..Default::default()
+                };
+                runs.push(forward_backward(&model, batches, &opts, &job, None)?);
+            }
+            let name = method.name();
+            let ((plain_loss, _, plain), (fused_loss, _, fused)) = (&runs[0], &runs[1]);
+            assert!(
+                (plain_loss - fused_loss).abs() <= 1e-6 * plain_loss.abs(),
+                "{name}: loss {plain_loss} op by op, {fused_loss} fused"
+            );
+            assert_eq!(plain.len(), fused.len(), "{name}: tensors with gradients");
+            for (key, g) in plain {
+                let (diff, max) = max_diff(g, &fused[key])?;
+                assert!(max > 0.0, "{name} {key}: no gradient");
+                assert!(
+                    diff <= 2e-5 * max,
+                    "{name} {key}: differs by {diff} of {max}"
+                );
             }
         }
         Ok(())

@@ -354,7 +354,7 @@ fn load_model(
     job: &Job,
 ) -> Result<Customized> {
     let dtype = cfg.model_dtype()?;
-    let c = load_for_method_split(
+    let mut c = load_for_method_split(
         &dir.config,
         &dir.weights,
         method,
@@ -363,6 +363,7 @@ fn load_model(
         device,
         job.tensor_parallel(),
     )?;
+    c.model.set_fused_layers(cfg.fused_layers());
     let Some(from) = cfg.method.as_ref().and_then(|m| m.init_from.as_deref()) else {
         return Ok(c);
     };

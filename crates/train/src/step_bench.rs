@@ -150,7 +150,8 @@ pub fn bench(cfg: &ConfigFile, opts: &BenchOptions) -> Result<()> {
         Some(w) => w,
         None => SafetensorsWeights::random(&shape, dtype, seed)?,
     };
-    let model = load_for_method(&shape, &weights, &method, seed, dtype, &device)?;
+    let mut model = load_for_method(&shape, &weights, &method, seed, dtype, &device)?;
+    model.model.set_fused_layers(cfg.fused_layers());
     drop(weights);
     let load_s = t0.elapsed().as_secs_f64();
     let rows = opts.rows.unwrap_or(cfg.batch.micro_batch_size);
