@@ -99,30 +99,3 @@ macro_rules! dispatch_cpu {
     }};
 }
 pub(crate) use dispatch_cpu;
-
-/// Runs `$body` with `$x` bound to the packed elements of one float CPU storage, whichever of
-/// f32, bf16 and f16 it holds (an op whose other operands have a fixed type: LoRA's f32
-/// adapters beside a bf16 activation).
-macro_rules! on_float_slice {
-    ($storage:expr, $layout:expr, $what:expr, |$x:ident| $body:expr) => {
-        match $storage {
-            candle_core::CpuStorage::F32(v) => {
-                let $x = $crate::elem::packed(v, $layout, $what)?;
-                $body
-            }
-            candle_core::CpuStorage::BF16(v) => {
-                let $x = $crate::elem::packed(v, $layout, $what)?;
-                $body
-            }
-            candle_core::CpuStorage::F16(v) => {
-                let $x = $crate::elem::packed(v, $layout, $what)?;
-                $body
-            }
-            other => {
-                use candle_core::backend::BackendStorage;
-                candle_core::bail!("{} is {:?}, not a float type", $what, other.dtype())
-            }
-        }
-    };
-}
-pub(crate) use on_float_slice;

@@ -11,12 +11,10 @@
 //! 64; above that, f32 matmuls). Sums over rows go in fixed blocks added in order, so results
 //! do not depend on the number of threads.
 
-use candle_core::{
-    CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType,
-};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::elem::{on_float_slice, packed_as, Elem};
+use crate::elem::{dispatch_cpu, packed, packed_as, Elem};
 use crate::simd::with_avx2;
 
 /// Rows per block of the row sums in [`outer_sum`] on the CPU.
@@ -156,8 +154,13 @@ impl CustomOp2 for Project {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let m = packed_as::<f32>(s2, l2, "low_rank: M")?;
-        let out = on_float_slice!(s1, l1, "low_rank: x", |x| self.cpu(x, m));
-        Ok((CpuStorage::F32(out), Shape::from((self.n, self.r))))
+        let out = dispatch_cpu!("low_rank: x", (s1), |T, (x)| -> f32 Ok::<
+            _,
+            candle_core::Error,
+        >(
+            self.cpu::<T>(packed(x, l1, "low_rank: x")?, m)
+        ))?;
+        Ok((out, Shape::from((self.n, self.r))))
     }
 
     #[cfg(feature = "cuda")]
@@ -226,9 +229,9 @@ impl CustomOp3 for AddProduct {
             packed_as::<f32>(s2, l2, "low_rank: l")?,
             packed_as::<f32>(s3, l3, "low_rank: M")?,
         );
-        let out = on_float_slice!(s1, l1, "low_rank: y", |y| {
-            WithDType::to_cpu_storage_owned(self.cpu(y, l, m))
-        });
+        let out = dispatch_cpu!("low_rank: y", (s1), |T, (y)| Ok::<_, candle_core::Error>(
+            self.cpu::<T>(packed(y, l1, "low_rank: y")?, l, m)
+        ))?;
         Ok((out, l1.shape().clone()))
     }
 
@@ -305,8 +308,13 @@ impl CustomOp2 for OuterSum {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let l = packed_as::<f32>(s1, l1, "low_rank: l")?;
-        let out = on_float_slice!(s2, l2, "low_rank: x", |x| self.cpu(l, x));
-        Ok((CpuStorage::F32(out), Shape::from((self.r, self.k))))
+        let out = dispatch_cpu!("low_rank: x", (s2), |T, (x)| -> f32 Ok::<
+            _,
+            candle_core::Error,
+        >(
+            self.cpu::<T>(l, packed(x, l2, "low_rank: x")?)
+        ))?;
+        Ok((out, Shape::from((self.r, self.k))))
     }
 
     #[cfg(feature = "cuda")]
