@@ -542,9 +542,7 @@ impl DecoderLayer {
             .forward(&rms_norm(&x, &self.post_attention_layernorm, eps)?)?;
         x + h
     }
-}
 
-impl DecoderLayer {
     /// The layer's weights for [`decoder_layer`], which runs the whole layer as one op with a
     /// hand-written backward, when every projection can be differentiated by hand (not under
     /// tensor parallelism, nor with LoRA dropout).

@@ -50,7 +50,7 @@ pub struct DecoderWeights {
 /// tables cos / sin [B, 1, S, D] and the attention bias of [`crate::attention_bias`].
 ///
 /// The gradients equal those of the layer composed op by op, as candle's autograd takes them
-/// (tests in tests.rs), for the layer's input and for every tracked tensor among the weights:
+/// (tests in layer_tests.rs), for the layer's input and for every tracked tensor among the weights:
 /// the adapters under LoRA, every weight under full SFT.
 pub fn decoder_layer(
     x: &Tensor,

@@ -148,6 +148,12 @@ impl LoraLinear {
         }
     }
 
+    /// Whether the layer runs as one LoRA op ([`helix_ops::lora_linear`], or a projection of
+    /// [`helix_ops::decoder_layer`]): the whole weight on this rank and no dropout.
+    fn is_one_op(&self) -> bool {
+        matches!(self.placement, Placement::Whole) && self.dropout.is_identity()
+    }
+
     /// The frozen base weight, as loaded.
     pub fn base_weight(&self) -> Tensor {
         self.base.clone()
@@ -174,7 +180,7 @@ impl Linear for LoraLinear {
             return self.placement.forward(x, w);
         }
         let (a, b) = self.adapters();
-        if matches!(self.placement, Placement::Whole) && self.dropout.is_identity() {
+        if self.is_one_op() {
             // One op with its own backward: the graph keeps x and the low-rank activation only.
             return helix_ops::lora_linear(x, &self.base, &a, &b, self.scaling);
         }
@@ -206,7 +212,7 @@ impl Linear for LoraLinear {
             return matches!(self.placement, Placement::Whole)
                 .then(|| Projection::Dense { weight: w.clone() });
         }
-        if !matches!(self.placement, Placement::Whole) || !self.dropout.is_identity() {
+        if !self.is_one_op() {
             return None;
         }
         let (a, b) = self.adapters();
