@@ -5,17 +5,21 @@
 #   1. LoRA (configs/bench/lora7b.toml: r 8, alpha 16, the seven projections): tokens/s, MFU and
 #      peak GPU memory of both, and the helix / PyTorch ratios;
 #   2. helix's LoRA step again with its decoder layers run op by op (model.fused_layers =
-#      false): what the hand-differentiated layer buys, as a ratio;
-#   3. full SFT cut to SFT_LAYERS decoder layers (configs/bench/sft7b.toml): helix's MFU, and
-#      PyTorch's for reference.
+#      false), and again with the chunked attention (model.attention = chunked): what the
+#      hand-differentiated layer and the FlashAttention kernels buy, as ratios;
+#   3. full SFT cut to SFT_LAYERS decoder layers (configs/bench/sft7b.toml), SFT_ROWS rows of
+#      SEQ tokens a step (the optimizer's pass over every weight, f32 masters and moments, is
+#      paid once per step: at one row it is a quarter of the step): helix's MFU, and PyTorch's
+#      for reference.
 # MFU counts model FLOPs per token 4N (LoRA) or 6N (SFT) + 6·L·h·s (causal attention) against
 # 989 TFLOP/s; both sides print the same JSON keys (helix-train bench --json).
-# Usage: scripts/gpu-bench.sh [SEQ=2048] [SFT_LAYERS=8] [STEPS=5]
+# Usage: scripts/gpu-bench.sh [SEQ=2048] [SFT_LAYERS=8] [STEPS=5] [SFT_ROWS=4]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seq=${1:-2048}
 sft_layers=${2:-8}
 steps=${3:-5}
+sft_rows=${4:-4}
 source scripts/gpu-env.sh
 bin=$BIN
 out=${OUT:-/tmp}/gpu-bench
@@ -31,12 +35,17 @@ echo "== helix LoRA with its layers op by op (model.fused_layers = false), for c
 "$bin" bench --config configs/bench/lora7b.toml --set model.fused_layers=false --random-weights \
   --seq "$seq" --steps "$steps" --json | tee "$out/helix-lora-op-by-op.json" \
   || echo "helix LoRA op by op failed"
+echo "== helix LoRA with the chunked attention (model.attention = chunked), for comparison"
+"$bin" bench --config configs/bench/lora7b.toml --set model.attention=chunked --random-weights \
+  --seq "$seq" --steps "$steps" --json | tee "$out/helix-lora-chunked.json" \
+  || echo "helix LoRA chunked attention failed"
 
-echo "== full SFT, the first $sft_layers layers of the Llama-2-7B shape, 1 x $seq tokens"
+echo "== full SFT, the first $sft_layers layers of the Llama-2-7B shape, $sft_rows x $seq tokens"
 "$bin" bench --config configs/bench/sft7b.toml --random-weights --layers "$sft_layers" \
-  --seq "$seq" --steps "$steps" --json | tee "$out/helix-sft.json" || echo "helix SFT failed"
-python3 scripts/gpu_step_pytorch.py --method sft --layers "$sft_layers" --seq "$seq" \
-  --steps "$steps" | tee "$out/torch-sft.json" || echo "PyTorch SFT failed"
+  --rows "$sft_rows" --seq "$seq" --steps "$steps" --json | tee "$out/helix-sft.json" \
+  || echo "helix SFT failed"
+python3 scripts/gpu_step_pytorch.py --method sft --layers "$sft_layers" --rows "$sft_rows" \
+  --seq "$seq" --steps "$steps" | tee "$out/torch-sft.json" || echo "PyTorch SFT failed"
 
 python3 - "$out" <<'PY'
 import json, os, sys
@@ -67,9 +76,15 @@ if h and o:
           f"{gib(o['peak_device_bytes']):.1f} GiB; fused / op by op tokens/s = "
           f"{h['tokens_per_s']/o['tokens_per_s']:.2f}, peak memory = "
           f"{h['peak_device_bytes']/o['peak_device_bytes']:.2f}")
+c = load("helix-lora-chunked.json")
+if h and c:
+    print(f"LoRA 7B, helix with the chunked attention: {c['tokens_per_s']:.0f} tokens/s, peak GPU "
+          f"{gib(c['peak_device_bytes']):.1f} GiB; {h.get('attention', '?')} / chunked tokens/s = "
+          f"{h['tokens_per_s']/c['tokens_per_s']:.2f}, peak memory = "
+          f"{h['peak_device_bytes']/c['peak_device_bytes']:.2f}")
 s, ts = load("helix-sft.json"), load("torch-sft.json")
 if s:
-    line = (f"SFT 7B shape, {s['layers']} layers: helix {s['tokens_per_s']:.0f} tokens/s, MFU "
+    line = (f"SFT 7B shape, {s['layers']} layers, {s['rows']} x {s['seq']} tokens: helix {s['tokens_per_s']:.0f} tokens/s, MFU "
             f"{100*s['mfu']:.1f} % (goal >= 45 %), peak GPU {gib(s['peak_device_bytes']):.1f} GiB")
     if ts:
         line += (f" | PyTorch {ts['tokens_per_s']:.0f} tokens/s, MFU {100*ts['mfu']:.1f} %, "

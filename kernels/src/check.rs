@@ -63,6 +63,17 @@ pub fn cases() -> Vec<Case> {
             });
         }
     }
+    // Whole-attention FlashAttention: [batch, query heads, kv heads, seq, head_dim]; the CUDA
+    // kernels take bf16 and f16 at head_dim 64 and 128. Sequences end mid-tile.
+    for dtype in [DType::BF16, DType::F16] {
+        for dims in [vec![2, 4, 2, 150, 64], vec![1, 8, 2, 600, 128]] {
+            out.push(Case {
+                op: "flash_attention",
+                dtype,
+                dims,
+            });
+        }
+    }
     // AdamW keeps f32 state and masters whatever the parameters' dtype.
     for dims in [vec![1001], vec![4096, 4096]] {
         out.push(Case {
@@ -130,6 +141,7 @@ pub fn run(case: &Case, implementation: Implementation, device: &Device) -> Resu
         "cross_entropy" => return cross_entropy(case, implementation, &input),
         "adamw" => return adamw(case, implementation, &input),
         "low_rank" => return low_rank(case, implementation, &input),
+        "flash_attention" => return flash_attention(case, implementation, &input),
         other => candle_core::bail!("no op {other}"),
     };
     let r = input(7, y.dims(), 1.0)?.to_dtype(DType::F32)?;
@@ -294,6 +306,104 @@ fn low_rank(
             ("x Aᵀ", cpu(low)?),
             ("y + l Bᵀ", cpu(sum)?),
             ("lᵀ x", cpu(grad)?),
+        ],
+    })
+}
+
+/// Causal attention over packed rows with `crate::flash` (CUDA kernels or the tile-by-tile CPU
+/// reference) against the whole score matrix written with candle ops in f32 and differentiated
+/// by candle's autograd: output, log-sum-exp and the gradients of q, k and v for a seeded
+/// output gradient. Row b holds b + 2 documents; the last row ends in padding (a segment of its
+/// own).
+fn flash_attention(
+    case: &Case,
+    implementation: Implementation,
+    input: &SeededInput<'_>,
+) -> Result<Outputs> {
+    let [b, hq, hkv, s, d] = case.dims[..] else {
+        candle_core::bail!("flash_attention: dims {:?}", case.dims);
+    };
+    // Scores of a few units: a softmax far from uniform.
+    let q = input(31, &[b, hq, s, d], 2.0)?;
+    let k = input(32, &[b, hkv, s, d], 2.0)?;
+    let v = input(33, &[b, hkv, s, d], 1.0)?;
+    let dout = input(34, &[b, s, hq, d], 1.0)?;
+    let dev = q.device().clone();
+    let segments: Vec<u32> = (0..b)
+        .flat_map(|row| {
+            (0..s).map(move |i| match row + 1 == b && i >= s - s / 5 {
+                true => u32::MAX,
+                false => (i * (row + 2) / s) as u32,
+            })
+        })
+        .collect();
+    // Non-decreasing ids: the CUDA kernels skip the key tiles of earlier documents.
+    let seg = crate::flash::Segments::new(segments.clone(), b, &dev)?;
+    let (out, lse, dq, dk, dv) = match implementation {
+        Implementation::Fused => {
+            let (out, lse) = crate::flash::attention(&q, &k, &v, &seg)?;
+            let (dq, dk, dv) =
+                crate::flash::attention_backward((&q, &k, &v), &seg, (&out, &lse), &dout)?;
+            (out, lse, dq, dk, dv)
+        }
+        Implementation::Unfused => {
+            let (qv, kv, vv) = (
+                Var::from_tensor(&q)?,
+                Var::from_tensor(&k)?,
+                Var::from_tensor(&v)?,
+            );
+            let repeat = |t: &Tensor| {
+                t.to_dtype(DType::F32)?
+                    .unsqueeze(2)?
+                    .broadcast_as((b, hkv, hq / hkv, s, d))?
+                    .reshape((b, hq, s, d))
+            };
+            let bias: Vec<f32> = (0..b * s * s)
+                .map(|x| {
+                    let (row, i, j) = (x / (s * s), x / s % s, x % s);
+                    let same = segments[row * s + i] == segments[row * s + j];
+                    match j <= i && same {
+                        true => 0.0,
+                        false => -1e30,
+                    }
+                })
+                .collect();
+            let bias = Tensor::from_vec(bias, (b, 1, s, s), &dev)?;
+            let scores = (qv
+                .as_tensor()
+                .to_dtype(DType::F32)?
+                .matmul(&repeat(&kv)?.t()?)?
+                / (d as f64).sqrt())?
+            .broadcast_add(&bias)?;
+            let max = scores.max_keepdim(D::Minus1)?;
+            let exp = scores.broadcast_sub(&max)?.exp()?;
+            let sum = exp.sum_keepdim(D::Minus1)?;
+            let lse = (sum.log()? + &max)?.squeeze(D::Minus1)?;
+            let p = exp.broadcast_div(&sum)?;
+            let out = p
+                .matmul(&repeat(&vv)?)?
+                .transpose(1, 2)?
+                .to_dtype(case.dtype)?;
+            let grads = (out.to_dtype(DType::F32)? * dout.to_dtype(DType::F32)?)?
+                .sum_all()?
+                .backward()?;
+            let grad = |v: &Var| {
+                grads
+                    .get(v)
+                    .cloned()
+                    .ok_or_else(|| candle_core::Error::Msg("flash_attention: no gradient".into()))
+            };
+            (out, lse.detach(), grad(&qv)?, grad(&kv)?, grad(&vv)?)
+        }
+    };
+    let cpu = |t: Tensor| t.to_dtype(DType::F32)?.to_device(&Device::Cpu);
+    Ok(Outputs {
+        tensors: vec![
+            ("out", cpu(out)?),
+            ("lse", cpu(lse)?),
+            ("dq", cpu(dq)?),
+            ("dk", cpu(dk)?),
+            ("dv", cpu(dv)?),
         ],
     })
 }

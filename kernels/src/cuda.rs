@@ -10,8 +10,8 @@ use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result};
 /// One .cu file's PTX and the module name candle caches it under.
 #[derive(Clone, Copy)]
 pub(crate) struct Module {
-    name: &'static str,
-    ptx: &'static str,
+    pub(crate) name: &'static str,
+    pub(crate) ptx: &'static str,
 }
 
 pub(crate) const RMS_NORM: Module = Module {
@@ -40,6 +40,11 @@ pub(crate) const CROSS_ENTROPY: Module = Module {
 pub(crate) const LOW_RANK: Module = Module {
     name: "helix_low_rank",
     ptx: include_str!(concat!(env!("OUT_DIR"), "/low_rank.ptx")),
+};
+
+pub(crate) const FLASH_ATTENTION: Module = Module {
+    name: "helix_flash_attention",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/flash_attention.ptx")),
 };
 
 pub(crate) const ADAMW: Module = Module {
@@ -415,21 +420,24 @@ fn attention_typed<T: CudaDType + DeviceRepr>(
         b.arg(heads).arg(q_rows);
     }
     b.arg(&a.scale);
-    // A warp per row, eight rows per block.
-    let cfg = LaunchConfig {
-        grid_dim: (a.rows.div_ceil(8) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
     if n > 0 {
         // SAFETY: the argument list matches the kernel's signature (attention_softmax.cu).
-        unsafe { b.launch(cfg) }.w()?;
+        unsafe { b.launch(warp_per_row(a.rows)) }.w()?;
     }
     Ok(match (out_f32, out_t) {
         (Some(o), _) => CudaStorage::wrap_cuda_slice(o, dev),
         (_, Some(o)) => CudaStorage::wrap_cuda_slice(o, dev),
         _ => unreachable!("one output is allocated"),
     })
+}
+
+/// A warp per row of `rows`, eight rows (256 threads) a block.
+pub(crate) fn warp_per_row(rows: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.div_ceil(8) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
 }
 
 /// A grid-stride loop over `n` elements: 256 threads a block, at most 65,536 blocks.

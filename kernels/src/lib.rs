@@ -2,10 +2,12 @@
 //! plain CPU reference written as loops over rows (src/*.rs): RMSNorm ([`rms_norm`]), SwiGLU
 //! ([`swiglu`]) and rotary embeddings ([`rope`]). Each is a candle custom op whose backward is
 //! another custom op of the same kernel file, so candle's autograd sees one node per fused op.
-//! Causal attention runs the FlashAttention-2 algorithm a chunk of query rows at a time in
-//! `helix_ops::causal_attention`, its matmuls on cuBLAS and its softmax, forward and backward,
-//! in the kernels of [`attention_softmax`]; [`flash_attention`] is the tile-by-tile CPU
-//! reference of the whole algorithm, checked against the full score matrix in f64. The LM
+//! Causal attention runs FlashAttention-2 whole on a GPU ([`flash`]: tensor-core kernels,
+//! forward and backward, bf16 / f16) beside its tile-by-tile CPU reference
+//! ([`flash_attention`], checked against the full score matrix in f64); elsewhere
+//! `helix_ops::causal_attention` runs the same algorithm a chunk of query rows at a time, its
+//! matmuls on cuBLAS or the CPU's gemm and its softmax in the kernels of
+//! [`attention_softmax`]. The LM
 //! head's cross-entropy takes each row's softmax statistics and the logits' gradient from the
 //! kernels of [`cross_entropy`].
 //!
@@ -20,6 +22,7 @@ pub mod check;
 pub mod cross_entropy;
 mod elem;
 mod exp;
+pub mod flash;
 pub mod flash_attention;
 pub mod low_rank;
 mod rms_norm;
@@ -30,6 +33,8 @@ pub mod unfused;
 
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(feature = "cuda")]
+mod flash_cuda;
 
 pub use adamw::{adamw_update, AdamWStep};
 pub use rms_norm::{rms_norm, rms_norm_backward};

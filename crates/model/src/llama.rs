@@ -12,8 +12,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use helix_ops::{
     apply_rope, attention_bias, causal_attention, copy_to_parallel_region, count_targets,
     decoder_layer, linear_cross_entropy, reduce_from_parallel_region, rms_norm, rope_attention,
-    swiglu, vocab_parallel_cross_entropy, DecoderWeights, MaskSpec, RopeTable, SharedCollective,
-    VocabShard,
+    swiglu, vocab_parallel_cross_entropy, AttentionKernel, AttentionMask, DecoderWeights, MaskSpec,
+    RopeTable, SharedCollective, VocabShard,
 };
 
 use crate::config::LlamaConfig;
@@ -104,7 +104,7 @@ pub struct ForwardMask {
 pub struct LayerContext {
     cos: Tensor,
     sin: Tensor,
-    bias: Tensor,
+    mask: AttentionMask,
 }
 
 pub struct Llama {
@@ -123,6 +123,10 @@ pub struct Llama {
     /// Whether decoder layers run as one op where their projections allow
     /// ([`Llama::set_fused_layers`]).
     fused_layers: bool,
+    /// Whether the layers attend over whole sequences with FlashAttention (segment masks) or
+    /// the chunked matmuls (bias masks): `model.attention` resolved for this device, dtype and
+    /// head dimension ([`Llama::set_attention`]).
+    flash_attention: bool,
 }
 
 impl Llama {
@@ -210,6 +214,11 @@ impl Llama {
             device: opts.device.clone(),
             tp,
             fused_layers: true,
+            flash_attention: AttentionKernel::Auto.uses_flash(
+                &opts.device,
+                opts.dtype,
+                cfg.head_dim,
+            )?,
         })
     }
 
@@ -218,6 +227,23 @@ impl Llama {
     /// runs op by op on candle's autograd (`model.fused_layers = false`), for comparison.
     pub fn set_fused_layers(&mut self, on: bool) {
         self.fused_layers = on;
+    }
+
+    /// Which attention the decoder layers run over whole sequences (`model.attention`):
+    /// FlashAttention where its CUDA kernels run unless told otherwise. An error when
+    /// FlashAttention is asked for where its kernels cannot run (an f32 model on a GPU, a head
+    /// dimension they are not built for).
+    pub fn set_attention(&mut self, kernel: AttentionKernel) -> Result<()> {
+        self.flash_attention = kernel.uses_flash(&self.device, self.dtype, self.cfg.head_dim)?;
+        Ok(())
+    }
+
+    /// The attention the layers run over whole sequences: `flash` or `chunked`.
+    pub fn attention_name(&self) -> &'static str {
+        match self.flash_attention {
+            true => "flash",
+            false => "chunked",
+        }
     }
 
     /// The tensor-parallel group, if the model is split over one.
@@ -364,9 +390,9 @@ impl Llama {
             key_valid: mask.key_valid.clone(),
             segment_ids: mask.segment_ids.clone(),
         };
-        let bias = attention_bias(&spec, self.dtype, &self.device)?;
+        let mask = AttentionMask::new(&spec, self.dtype, &self.device, self.flash_attention)?;
         let (cos, sin) = self.rope.cos_sin(position_ids, self.dtype)?;
-        Ok(LayerContext { cos, sin, bias })
+        Ok(LayerContext { cos, sin, mask })
     }
 
     /// Decoder layer `i` on hidden states x [B, S, H].
@@ -379,12 +405,12 @@ impl Llama {
             .then(|| layer.hand_differentiated(self.cfg.rms_norm_eps))
             .flatten();
         Ok(match fused {
-            Some(weights) => decoder_layer(x, &weights, (&ctx.cos, &ctx.sin), &ctx.bias)?,
+            Some(weights) => decoder_layer(x, &weights, (&ctx.cos, &ctx.sin), &ctx.mask)?,
             None => layer.forward(
                 x,
                 &ctx.cos,
                 &ctx.sin,
-                &ctx.bias,
+                &ctx.mask,
                 None,
                 self.cfg.rms_norm_eps,
             )?,
@@ -508,11 +534,11 @@ impl Llama {
             q_offset: past,
             ..Default::default()
         };
-        let bias = attention_bias(&spec, self.dtype, &self.device)?;
+        let mask = AttentionMask::Bias(attention_bias(&spec, self.dtype, &self.device)?);
         let (cos, sin) = self.rope.cos_sin(&position_ids, self.dtype)?;
         let mut x = embeds.clone();
         for (layer, slot) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward(&x, &cos, &sin, &bias, Some(slot), self.cfg.rms_norm_eps)?;
+            x = layer.forward(&x, &cos, &sin, &mask, Some(slot), self.cfg.rms_norm_eps)?;
         }
         let x = rms_norm(&x.narrow(1, s - 1, 1)?, &self.norm, self.cfg.rms_norm_eps)?;
         Ok(self.logits(&x)?.squeeze(1)?)
@@ -525,7 +551,7 @@ impl DecoderLayer {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        bias: &Tensor,
+        mask: &AttentionMask,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
         eps: f64,
     ) -> candle_core::Result<Tensor> {
@@ -533,7 +559,7 @@ impl DecoderLayer {
             &rms_norm(x, &self.input_layernorm, eps)?,
             cos,
             sin,
-            bias,
+            mask,
             cache,
         )?;
         let x = (x + h)?;
@@ -570,7 +596,7 @@ impl Attention {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        bias: &Tensor,
+        mask: &AttentionMask,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
     ) -> candle_core::Result<Tensor> {
         let (b, s, _) = x.dims3()?;
@@ -583,7 +609,7 @@ impl Attention {
                     &self.v_proj.forward(x)?,
                 ),
                 (cos, sin),
-                bias,
+                mask,
                 (self.n_heads, self.n_kv_heads),
             )?;
             return self.o_proj.forward(&y);
@@ -600,6 +626,9 @@ impl Attention {
             v = Tensor::cat(&[pv, &v], 2)?;
         }
         *cache = Some((k.clone(), v.clone()));
+        let Some(bias) = mask.bias() else {
+            candle_core::bail!("attention with a KV cache takes a bias mask, not segment ids");
+        };
         let y = causal_attention(&q, &k, &v, bias)?;
         let y = y
             .transpose(1, 2)?

@@ -3,6 +3,7 @@
 use candle_core::{DType, Device, Result, Tensor, D};
 
 use helix_kernels::attention_softmax as softmax;
+use helix_kernels::flash::Segments;
 
 use crate::backward::with_backward3;
 use crate::softmax_last_dim;
@@ -22,27 +23,29 @@ pub struct MaskSpec {
     pub segment_ids: Option<Vec<u32>>,
 }
 
+impl MaskSpec {
+    /// An error naming `key_valid` or `segment_ids` when either does not hold one entry per
+    /// key of every row.
+    fn check_lengths(&self) -> Result<()> {
+        let want = self.batch * self.kv_len;
+        for (what, n) in [
+            ("key_valid", self.key_valid.as_ref().map(|v| v.len())),
+            ("segment_ids", self.segment_ids.as_ref().map(|v| v.len())),
+        ] {
+            if let Some(n) = n.filter(|&n| n != want) {
+                candle_core::bail!("attention mask: {what} has {n} entries, expected {want}");
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Additive attention bias [B, 1, q_len, kv_len] in `dtype`: 0 where attention is allowed, the
 /// dtype's most negative finite value where not (finite, as transformers does, so that a fully
 /// masked padding row gives a uniform softmax rather than NaN).
 pub fn attention_bias(spec: &MaskSpec, dtype: DType, device: &Device) -> Result<Tensor> {
     let (b, q, k) = (spec.batch, spec.q_len, spec.kv_len);
-    for (what, v) in [("key_valid", spec.key_valid.as_ref().map(|v| v.len()))] {
-        if let Some(n) = v {
-            if n != b * k {
-                candle_core::bail!("attention mask: {what} has {n} entries, expected {}", b * k);
-            }
-        }
-    }
-    if let Some(seg) = &spec.segment_ids {
-        if seg.len() != b * k {
-            candle_core::bail!(
-                "attention mask: segment_ids has {} entries, expected {}",
-                seg.len(),
-                b * k
-            );
-        }
-    }
+    spec.check_lengths()?;
     let blocked = match dtype {
         DType::BF16 => half::bf16::MIN.to_f32(),
         DType::F16 => half::f16::MIN.to_f32(),
@@ -129,10 +132,108 @@ fn chunked_attention(
     })
 }
 
+/// Which attention a self-attention over whole sequences runs (`model.attention`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum AttentionKernel {
+    /// FlashAttention where its CUDA kernels run (a GPU, bf16 or f16, head_dim 64 or 128),
+    /// else the chunked matmuls.
+    #[default]
+    Auto,
+    /// The FlashAttention kernels always; on the CPU their tile-by-tile reference, which is
+    /// slower than the chunked matmuls (for checks).
+    Flash,
+    /// The chunked matmuls always ([`causal_attention`]).
+    Chunked,
+}
+
+impl AttentionKernel {
+    /// The kernel named `auto`, `flash` or `chunked`.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "auto" => Some(Self::Auto),
+            "flash" => Some(Self::Flash),
+            "chunked" => Some(Self::Chunked),
+            _ => None,
+        }
+    }
+
+    /// Whether a model on `device` in `dtype` with `head_dim` attends with FlashAttention (its
+    /// masks are then segment ids); an error when `Flash` is asked where its kernels cannot run.
+    pub fn uses_flash(self, device: &Device, dtype: DType, head_dim: usize) -> Result<bool> {
+        let on_gpu = helix_kernels::flash::runs_on_gpu(device, dtype, head_dim);
+        match self {
+            Self::Auto => Ok(on_gpu),
+            Self::Chunked => Ok(false),
+            Self::Flash if on_gpu || device.is_cpu() => Ok(true),
+            Self::Flash => candle_core::bail!(
+                "FlashAttention on {device:?} takes bf16 or f16 with head_dim in {:?} (this \
+                 model: {dtype:?}, head_dim {head_dim}{})",
+                helix_kernels::flash::GPU_HEAD_DIMS,
+                match cfg!(feature = "cuda") {
+                    true => "",
+                    false => "; this build has no CUDA kernels",
+                }
+            ),
+        }
+    }
+}
+
+/// The mask of a self-attention over whole sequences (training, scoring), in the form the
+/// attention that reads it takes.
+#[derive(Clone, Debug)]
+pub enum AttentionMask {
+    /// The additive bias [B, 1, S, S] of [`attention_bias`]: what the chunked attention
+    /// ([`causal_attention`]) adds to its scores.
+    Bias(Tensor),
+    /// Each token's document id [B, S] (u32), padding a document of its own (`u32::MAX`): what
+    /// the FlashAttention kernels read (`helix_kernels::flash`), which build the mask tile by
+    /// tile. A padding query then sees the padding before it rather than the real keys; no real
+    /// query sees padding either way, so the loss and every gradient are the same.
+    Segments(Segments),
+}
+
+impl AttentionMask {
+    /// The additive bias, when the mask is one.
+    pub fn bias(&self) -> Option<&Tensor> {
+        match self {
+            Self::Bias(b) => Some(b),
+            Self::Segments(_) => None,
+        }
+    }
+
+    /// The mask of `spec`, which must describe self-attention (no KV cache), as segment ids
+    /// when `flash`, else as a bias in `dtype`.
+    pub fn new(spec: &MaskSpec, dtype: DType, device: &Device, flash: bool) -> Result<Self> {
+        if !flash {
+            return Ok(Self::Bias(attention_bias(spec, dtype, device)?));
+        }
+        let (b, s) = (spec.batch, spec.q_len);
+        if spec.q_offset != 0 || spec.kv_len != s {
+            candle_core::bail!(
+                "attention mask: segments describe self-attention only (q_len {s}, kv_len {}, \
+                 q_offset {})",
+                spec.kv_len,
+                spec.q_offset
+            );
+        }
+        spec.check_lengths()?;
+        let ids: Vec<u32> = (0..b * s)
+            .map(
+                |i| match spec.key_valid.as_ref().is_some_and(|v| v[i] == 0) {
+                    true => u32::MAX,
+                    false => spec.segment_ids.as_ref().map_or(0, |seg| seg[i]),
+                },
+            )
+            .collect();
+        Ok(Self::Segments(Segments::new(ids, b, device)?))
+    }
+}
+
 /// The attention of a decoder layer as one op, from the projections to the input of the
 /// output projection: q [B, S, Hq·D], k and v [B, S, Hkv·D] as the projections return them are
 /// split into heads, q and k rotated ([`crate::apply_rope`] with cos / sin [B, 1, S, D]),
-/// attended ([`causal_attention`]) and the heads merged: [B, S, Hq·D].
+/// attended (chunked, [`causal_attention`], under a bias mask; FlashAttention,
+/// `helix_kernels::flash`, under a segment mask) and the heads merged: [B, S, Hq·D].
 ///
 /// The same values as those steps one by one, but candle's graph holds one node instead of
 /// about fourteen (reshapes, transposes, copies, two rotations), and its backward adds every
@@ -142,10 +243,10 @@ fn chunked_attention(
 pub fn rope_attention(
     (q, k, v): (&Tensor, &Tensor, &Tensor),
     (cos, sin): (&Tensor, &Tensor),
-    bias: &Tensor,
+    mask: &AttentionMask,
     heads: (usize, usize),
 ) -> Result<Tensor> {
-    let (y, saved) = RopeAttention::forward((q, k, v), (cos, sin), bias, heads)?;
+    let (y, saved) = RopeAttention::forward((q, k, v), (cos, sin), mask, heads)?;
     with_backward3((q, k, v), y, move |dy, _| {
         let (dq, dk, dv) = saved.backward(dy)?;
         Ok((Some(dq), Some(dk), Some(dv)))
@@ -153,19 +254,29 @@ pub fn rope_attention(
 }
 
 /// What [`rope_attention`]'s backward keeps from its forward: the rotated q and k and v split
-/// into heads, the merged output and each row's softmax statistics. A layer differentiated by
-/// hand (`crate::decoder_layer`) holds one of these per layer.
+/// into heads, the merged output and what the attention's own backward needs. A layer
+/// differentiated by hand (`crate::decoder_layer`) holds one of these per layer.
 pub(crate) struct RopeAttention {
     q: Tensor,
     k: Tensor,
     v: Tensor,
     /// [B, S, Hq·D], as the output projection reads it; the backward views it as heads.
     y: Tensor,
-    stats: Tensor,
     cos: Tensor,
     sin: Tensor,
-    bias: Tensor,
-    dims: Chunking,
+    kernel: Saved,
+}
+
+/// The attention's own saved state, by the form it ran in.
+enum Saved {
+    /// Each row's softmax statistics (max, Σ exp) [B, Hq, S, 2] and the bias.
+    Chunked {
+        stats: Tensor,
+        bias: Tensor,
+        dims: Chunking,
+    },
+    /// Each row's log-sum-exp [B, Hq, S] and the segment ids.
+    Flash { lse: Tensor, segments: Segments },
 }
 
 impl RopeAttention {
@@ -174,7 +285,7 @@ impl RopeAttention {
     pub(crate) fn forward(
         (q, k, v): (&Tensor, &Tensor, &Tensor),
         (cos, sin): (&Tensor, &Tensor),
-        bias: &Tensor,
+        mask: &AttentionMask,
         (q_heads, kv_heads): (usize, usize),
     ) -> Result<(Tensor, Self)> {
         let (b, s, width) = q.dims3()?;
@@ -182,30 +293,36 @@ impl RopeAttention {
             candle_core::bail!("attention: width {width} is not a multiple of {q_heads} heads");
         }
         let d = width / q_heads;
-        let split = |t: &Tensor, n: usize| {
-            t.detach()
-                .reshape((b, s, n, d))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
+        let heads = |t: &Tensor, n: usize| t.detach().reshape((b, s, n, d))?.transpose(1, 2);
         let (cos, sin) = (cos.detach(), sin.detach());
-        let q = crate::apply_rope(&split(q, q_heads)?, &cos, &sin)?;
-        let k = crate::apply_rope(&split(k, kv_heads)?, &cos, &sin)?;
-        let v = split(v, kv_heads)?;
-        let bias = bias.detach();
-        let dims = Chunking::of(&q, &k, &bias, None)?;
-        let (out, stats) = dims.forward((&q, &k, &v), &bias)?;
-        let y = out.transpose(1, 2)?.reshape((b, s, q_heads * d))?;
+        let q = crate::apply_rope(&heads(q, q_heads)?.contiguous()?, &cos, &sin)?;
+        let k = crate::apply_rope(&heads(k, kv_heads)?.contiguous()?, &cos, &sin)?;
+        let (y, v, kernel) = match mask {
+            AttentionMask::Segments(segments) => {
+                // The kernels read v as a view of the projection; the output comes merged.
+                let v = heads(v, kv_heads)?;
+                let (out, lse) = helix_kernels::flash::attention(&q, &k, &v, segments)?;
+                let y = out.reshape((b, s, q_heads * d))?;
+                let segments = segments.clone();
+                (y, v, Saved::Flash { lse, segments })
+            }
+            AttentionMask::Bias(bias) => {
+                let v = heads(v, kv_heads)?.contiguous()?;
+                let bias = bias.detach();
+                let dims = Chunking::of(&q, &k, &bias, None)?;
+                let (out, stats) = dims.forward((&q, &k, &v), &bias)?;
+                let y = out.transpose(1, 2)?.reshape((b, s, q_heads * d))?;
+                (y, v, Saved::Chunked { stats, bias, dims })
+            }
+        };
         let saved = Self {
             q,
             k,
             v,
             y: y.clone(),
-            stats,
             cos,
             sin,
-            bias,
-            dims,
+            kernel,
         };
         Ok((y, saved))
     }
@@ -219,22 +336,32 @@ impl RopeAttention {
     /// gradient. dq and dk are rotated back with −sin (RoPE's transpose: cos and sin repeat
     /// over the two halves).
     pub(crate) fn backward(&self, dy: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let dims = &self.dims;
-        let (b, s, d) = (dims.batch, dims.q_len, dims.head_dim);
-        let heads = |t: &Tensor, n: usize| t.reshape((b, s, n, d))?.transpose(1, 2);
+        let (b, q_heads, s, d) = self.q.dims4()?;
         let merge = |t: &Tensor| {
             let n = t.dim(1)?;
             t.transpose(1, 2)?.reshape((b, s, n * d))
         };
-        let dout = heads(dy, dims.q_heads)?.contiguous()?;
-        let out = heads(&self.y, dims.q_heads)?;
-        let (dq, dk, dv) = dims.backward(
-            (&self.q, &self.k, &self.v),
-            &self.bias,
-            &out,
-            &self.stats,
-            &dout,
-        )?;
+        let (dq, dk, dv) = match &self.kernel {
+            Saved::Flash { lse, segments } => {
+                let merged = |t: &Tensor| t.reshape((b, s, q_heads, d));
+                helix_kernels::flash::attention_backward(
+                    (&self.q, &self.k, &self.v),
+                    segments,
+                    (&merged(&self.y)?, lse),
+                    &merged(dy)?,
+                )?
+            }
+            Saved::Chunked { stats, bias, dims } => {
+                let heads = |t: &Tensor| t.reshape((b, s, q_heads, d))?.transpose(1, 2);
+                dims.backward(
+                    (&self.q, &self.k, &self.v),
+                    bias,
+                    &heads(&self.y)?,
+                    stats,
+                    &heads(dy)?.contiguous()?,
+                )?
+            }
+        };
         let neg_sin = self.sin.neg()?;
         let unrotate = |g: Tensor| merge(&crate::apply_rope(&g, &self.cos, &neg_sin)?);
         Ok((unrotate(dq)?, unrotate(dk)?, merge(&dv)?))

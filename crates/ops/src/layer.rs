@@ -10,7 +10,7 @@
 use candle_core::{Result, Tensor};
 use helix_kernels::{rms_norm_backward, swiglu_backward};
 
-use crate::attention::RopeAttention;
+use crate::attention::{AttentionMask, RopeAttention};
 use crate::backward::with_backward_n;
 use crate::linear::LowRank;
 use crate::{rms_norm, swiglu};
@@ -47,7 +47,7 @@ pub struct DecoderWeights {
 }
 
 /// `x + attn(norm(x))`, then `h + mlp(norm(h))`, for hidden states x [B, S, H], the rotary
-/// tables cos / sin [B, 1, S, D] and the attention bias of [`crate::attention_bias`].
+/// tables cos / sin [B, 1, S, D] and the attention's mask ([`crate::AttentionMask`]).
 ///
 /// The gradients equal those of the layer composed op by op, as candle's autograd takes them
 /// (tests in layer_tests.rs), for the layer's input and for every tracked tensor among the weights:
@@ -56,7 +56,7 @@ pub fn decoder_layer(
     x: &Tensor,
     w: &DecoderWeights,
     (cos, sin): (&Tensor, &Tensor),
-    bias: &Tensor,
+    mask: &AttentionMask,
 ) -> Result<Tensor> {
     let (b, s, h) = x.dims3()?;
     let rows = b * s;
@@ -98,7 +98,7 @@ pub fn decoder_layer(
             &vy.reshape((b, s, kv_w))?,
         ),
         (cos, sin),
-        bias,
+        mask,
         w.heads,
     )?;
     drop((qy, ky, vy));

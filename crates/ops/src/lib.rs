@@ -17,7 +17,8 @@ mod norm;
 mod rope;
 
 pub use attention::{
-    attention_bias, causal_attention, plain_causal_attention, repeat_kv, rope_attention, MaskSpec,
+    attention_bias, causal_attention, plain_causal_attention, repeat_kv, rope_attention,
+    AttentionKernel, AttentionMask, MaskSpec,
 };
 pub use backward::{
     with_backward, with_backward2, with_backward3, with_backward_n, BackwardFn, Grads3,

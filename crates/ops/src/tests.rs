@@ -252,7 +252,9 @@ fn lora_linear_matches_the_composed_ops() -> Result<()> {
 
 /// The one-op attention block against the same steps one by one with candle's autograd: heads
 /// split, RoPE, the plain attention, heads merged; GQA, a packed row with padding; output and
-/// the gradients of the three projections' outputs.
+/// the gradients of the three projections' outputs; under both masks (the chunked attention's
+/// bias, the FlashAttention reference's segments). Padding rows do not count: a padding query
+/// sees other keys under the two masks, and no real query sees it.
 #[test]
 fn rope_attention_matches_the_steps_one_by_one() -> Result<()> {
     let dev = Device::Cpu;
@@ -263,14 +265,20 @@ fn rope_attention_matches_the_steps_one_by_one() -> Result<()> {
         .unsqueeze(0)?
         .repeat((b, 1))?;
     let (cos, sin) = RopeTable::new(d, 10000.0, 1.0, &dev)?.cos_sin(&positions, DType::F32)?;
+    let valid = [vec![1u8; s], [vec![1u8; s - 2], vec![0; 2]].concat()].concat();
     let spec = MaskSpec {
         batch: b,
         q_len: s,
         kv_len: s,
         q_offset: 0,
-        key_valid: Some([vec![1u8; s], [vec![1u8; s - 2], vec![0; 2]].concat()].concat()),
+        key_valid: Some(valid.clone()),
         segment_ids: Some([vec![0u32; 4], vec![1; s - 4], vec![0; s]].concat()),
     };
+    let real = Tensor::from_vec(
+        valid.iter().map(|&v| f32::from(v)).collect::<Vec<_>>(),
+        (b, s, 1),
+        &dev,
+    )?;
     let bias = attention_bias(&spec, DType::F32, &dev)?;
     let heads = |t: &Tensor, n: usize| t.reshape((b, s, n, d))?.transpose(1, 2);
     let steps = plain_causal_attention(
@@ -281,14 +289,95 @@ fn rope_attention_matches_the_steps_one_by_one() -> Result<()> {
     )?
     .transpose(1, 2)?
     .reshape((b, s, hq * d))?;
-    let block = rope_attention((&q, &k, &v), (&cos, &sin), &bias, (hq, hkv))?;
-    assert!(max_abs_diff(&block, &steps) < 1e-5);
-    let mix = Tensor::randn(0f32, 1.0, (b, s, hq * d), &dev)?;
-    let g = (&block * &mix)?.sum_all()?.backward()?;
+    let mix = Tensor::randn(0f32, 1.0, (b, s, hq * d), &dev)?.broadcast_mul(&real)?;
     let gs = (&steps * &mix)?.sum_all()?.backward()?;
-    for (name, x) in [("dq", &q), ("dk", &k), ("dv", &v)] {
-        let diff = max_abs_diff(g.get(x).unwrap(), gs.get(x).unwrap());
-        assert!(diff < 1e-5, "{name}: {diff:e}");
+    for flash in [false, true] {
+        let mask = AttentionMask::new(&spec, DType::F32, &dev, flash)?;
+        assert_eq!(matches!(mask, AttentionMask::Segments(_)), flash);
+        let block = rope_attention((&q, &k, &v), (&cos, &sin), &mask, (hq, hkv))?;
+        let diff = max_abs_diff(&block.broadcast_mul(&real)?, &steps.broadcast_mul(&real)?);
+        assert!(diff < 1e-5, "flash {flash}: out {diff:e}");
+        let g = (&block * &mix)?.sum_all()?.backward()?;
+        for (name, x) in [("dq", &q), ("dk", &k), ("dv", &v)] {
+            let diff = max_abs_diff(g.get(x).unwrap(), gs.get(x).unwrap());
+            assert!(diff < 1e-5, "flash {flash}: {name}: {diff:e}");
+        }
+    }
+    Ok(())
+}
+
+/// Segment ids say what the bias says: the document of each token, padding its own; a mask
+/// with a KV cache has no segment form.
+#[test]
+fn segment_mask_gives_padding_a_document_of_its_own() -> Result<()> {
+    let dev = Device::Cpu;
+    let spec = MaskSpec {
+        batch: 2,
+        q_len: 3,
+        kv_len: 3,
+        q_offset: 0,
+        key_valid: Some(vec![1, 1, 1, 1, 1, 0]),
+        segment_ids: Some(vec![0, 1, 1, 4, 4, 4]),
+    };
+    let AttentionMask::Segments(seg) = AttentionMask::new(&spec, DType::F32, &dev, true)? else {
+        panic!("asked for segments");
+    };
+    assert_eq!(
+        seg.ids.to_vec2::<u32>()?,
+        [[0, 1, 1], [4, 4, u32::MAX]],
+        "ids by row"
+    );
+    assert!(seg.ordered, "documents in order, padding last");
+    let left_padded = MaskSpec {
+        key_valid: Some(vec![0, 1, 1, 1, 1, 1]),
+        ..spec.clone()
+    };
+    let AttentionMask::Segments(seg) = AttentionMask::new(&left_padded, DType::F32, &dev, true)?
+    else {
+        panic!("asked for segments");
+    };
+    assert!(!seg.ordered, "padding first: ids fall after it");
+    let cached = MaskSpec {
+        q_offset: 2,
+        kv_len: 5,
+        ..spec
+    };
+    let err = AttentionMask::new(&cached, DType::F32, &dev, true).unwrap_err();
+    assert!(err.to_string().contains("self-attention"), "{err}");
+    Ok(())
+}
+
+/// Padding flags or document ids of the wrong length are an error naming them, in both mask
+/// forms.
+#[test]
+fn a_mask_of_the_wrong_length_names_its_field() -> Result<()> {
+    let dev = Device::Cpu;
+    let spec = MaskSpec {
+        batch: 2,
+        q_len: 3,
+        kv_len: 3,
+        q_offset: 0,
+        key_valid: Some(vec![1; 5]),
+        segment_ids: None,
+    };
+    let short_ids = MaskSpec {
+        key_valid: None,
+        segment_ids: Some(vec![0; 7]),
+        ..spec.clone()
+    };
+    for flash in [false, true] {
+        let err = AttentionMask::new(&spec, DType::F32, &dev, flash).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("key_valid has 5 entries, expected 6"),
+            "{err}"
+        );
+        let err = AttentionMask::new(&short_ids, DType::F32, &dev, flash).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("segment_ids has 7 entries, expected 6"),
+            "{err}"
+        );
     }
     Ok(())
 }

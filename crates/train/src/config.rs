@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::DType;
 use helix_data::DataConfig;
+use helix_model::Llama;
+use helix_ops::AttentionKernel;
 use helix_peft::{LoraConfig, Method, PtuningConfig};
 
 use crate::gradients::ActivationCheckpointing;
@@ -58,6 +60,12 @@ pub struct ModelSection {
     /// runs every layer op by op on candle's autograd, for comparison (NeMo's fusion flags).
     #[serde(default = "yes")]
     pub fused_layers: bool,
+    /// Which attention the decoder layers run over whole sequences: `auto` (FlashAttention's
+    /// CUDA kernels where they run: a GPU, bf16 or f16, head_dim 64 or 128; else the chunked
+    /// matmuls), `flash` (always; on the CPU its tile-by-tile reference, slow) or `chunked`
+    /// (transformers' `attn_implementation`).
+    #[serde(default = "default_attention")]
+    pub attention: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -200,6 +208,9 @@ fn default_bucket() -> f64 {
 fn default_dtype() -> String {
     "f32".into()
 }
+fn default_attention() -> String {
+    "auto".into()
+}
 fn one() -> usize {
     1
 }
@@ -303,9 +314,10 @@ impl Default for OutputSection {
 
 /// Keys that change how a run is operated, not the numbers it computes: a resumed run may
 /// change them.
-const OPERATIONAL_KEYS: [&str; 18] = [
+const OPERATIONAL_KEYS: [&str; 19] = [
     "parallel.zero1",
     "model.fused_layers",
+    "model.attention",
     "trainer.activation_checkpointing",
     "parallel.timeout_s",
     "parallel.bucket_mb",
@@ -413,6 +425,24 @@ impl ConfigFile {
         self.model.as_ref().is_none_or(|m| m.fused_layers)
     }
 
+    /// Sets the `[model]` options that choose how a loaded model computes, not what:
+    /// `fused_layers` and `attention` (an error naming `model.attention` where FlashAttention
+    /// cannot run).
+    pub fn configure_model(&self, model: &mut Llama) -> Result<()> {
+        model.set_fused_layers(self.fused_layers());
+        model
+            .set_attention(self.attention()?)
+            .context("model.attention")
+    }
+
+    /// `model.attention`: auto (the default), flash or chunked.
+    pub fn attention(&self) -> Result<AttentionKernel> {
+        let name = self.model.as_ref().map_or("auto", |m| m.attention.as_str());
+        AttentionKernel::parse(name).with_context(|| {
+            format!("model.attention = {name:?}: expected \"auto\", \"flash\" or \"chunked\"")
+        })
+    }
+
     /// The method with its options, checked against the sections present.
     pub fn method(&self) -> Result<Method> {
         let name = self
@@ -494,6 +524,7 @@ impl ConfigFile {
             );
         }
         self.model_dtype()?;
+        self.attention()?;
         self.method()?;
         let data = self.data.as_ref().context("[data] is missing")?;
         data.validate()?;
@@ -775,6 +806,22 @@ max_steps = 20
             .unwrap_err()
             .to_string();
         assert!(err.contains("fused_layers"), "{err}");
+    }
+
+    #[test]
+    fn attention_is_auto_unless_named() {
+        assert_eq!(
+            load(BASE, &[]).unwrap().attention().unwrap(),
+            AttentionKernel::Auto
+        );
+        let flash = load(BASE, &["model.attention=flash"]).unwrap();
+        assert_eq!(flash.attention().unwrap(), AttentionKernel::Flash);
+        let err = load(BASE, &["model.attention=sdpa"])
+            .unwrap()
+            .attention()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("model.attention = \"sdpa\""), "{err}");
     }
 
     #[test]

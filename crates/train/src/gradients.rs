@@ -444,19 +444,22 @@ mod tests {
         Ok(())
     }
 
-    /// The whole model's step with each decoder layer as one hand-differentiated op gives the
-    /// losses and gradients of the layers run op by op on candle's autograd, for every method
-    /// (LoRA without dropout, so its layers fuse), on packed and padded batches.
-    #[test]
-    fn fused_layers_give_the_op_by_op_gradients() -> Result<()> {
+    /// One step's loss and gradients for every method (LoRA without dropout, so its layers
+    /// fuse), on packed and padded batches, with the model set up by `configure(model, false)`
+    /// and by `configure(model, true)`: the two must agree within 2e-5 of each gradient's
+    /// largest value.
+    fn both_setups_agree(
+        what: &str,
+        configure: impl Fn(&mut Customized, bool) -> Result<()>,
+    ) -> Result<()> {
         let job = Job::single(std::time::Duration::from_secs(1));
         for (fixture, method, packed) in method_cases(0.0) {
             let batches = batches()?;
             let batches = if packed { &batches[..] } else { &batches[..1] };
             let mut runs = Vec::new();
-            for fused in [false, true] {
+            for on in [false, true] {
                 let mut model = load(fixture, &method)?;
-                model.model.set_fused_layers(fused);
+                configure(&mut model, on)?;
                 for (name, v) in model.trainable() {
                     if name.contains("lora_B") {
                         v.set(&(v.as_tensor().ones_like()? * 0.05)?)?;
@@ -469,21 +472,44 @@ mod tests {
                 runs.push(forward_backward(&model, batches, &opts, &job, None)?);
             }
             let name = method.name();
-            let ((plain_loss, _, plain), (fused_loss, _, fused)) = (&runs[0], &runs[1]);
+            let ((off_loss, _, off), (on_loss, _, on)) = (&runs[0], &runs[1]);
             assert!(
-                (plain_loss - fused_loss).abs() <= 1e-6 * plain_loss.abs(),
-                "{name}: loss {plain_loss} op by op, {fused_loss} fused"
+                (off_loss - on_loss).abs() <= 1e-6 * off_loss.abs(),
+                "{name}: loss {off_loss} without {what}, {on_loss} with"
             );
-            assert_eq!(plain.len(), fused.len(), "{name}: tensors with gradients");
-            for (key, g) in plain {
-                let (diff, max) = max_diff(g, &fused[key])?;
+            assert_eq!(off.len(), on.len(), "{name}: tensors with gradients");
+            for (key, g) in off {
+                let (diff, max) = max_diff(g, &on[key])?;
                 assert!(max > 0.0, "{name} {key}: no gradient");
                 assert!(
                     diff <= 2e-5 * max,
-                    "{name} {key}: differs by {diff} of {max}"
+                    "{name} {key}: {what} differs by {diff} of {max}"
                 );
             }
         }
         Ok(())
+    }
+
+    /// The whole model's step with each decoder layer as one hand-differentiated op gives the
+    /// losses and gradients of the layers run op by op on candle's autograd.
+    #[test]
+    fn fused_layers_give_the_op_by_op_gradients() -> Result<()> {
+        both_setups_agree("fused layers", |model, on| {
+            model.model.set_fused_layers(on);
+            Ok(())
+        })
+    }
+
+    /// The whole model's step attending the FlashAttention way (segment masks, the kernels' CPU
+    /// reference) gives the losses and gradients of the chunked attention under bias masks.
+    #[test]
+    fn flash_attention_gives_the_chunked_gradients() -> Result<()> {
+        use helix_ops::AttentionKernel::{Chunked, Flash};
+        both_setups_agree("flash attention", |model, on| {
+            model
+                .model
+                .set_attention(if on { Flash } else { Chunked })?;
+            Ok(())
+        })
     }
 }

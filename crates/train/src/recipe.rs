@@ -363,7 +363,7 @@ fn load_model(
         device,
         job.tensor_parallel(),
     )?;
-    c.model.set_fused_layers(cfg.fused_layers());
+    cfg.configure_model(&mut c.model)?;
     let Some(from) = cfg.method.as_ref().and_then(|m| m.init_from.as_deref()) else {
         return Ok(c);
     };

@@ -151,7 +151,7 @@ pub fn bench(cfg: &ConfigFile, opts: &BenchOptions) -> Result<()> {
         None => SafetensorsWeights::random(&shape, dtype, seed)?,
     };
     let mut model = load_for_method(&shape, &weights, &method, seed, dtype, &device)?;
-    model.model.set_fused_layers(cfg.fused_layers());
+    cfg.configure_model(&mut model.model)?;
     drop(weights);
     let load_s = t0.elapsed().as_secs_f64();
     let rows = opts.rows.unwrap_or(cfg.batch.micro_batch_size);
@@ -166,12 +166,13 @@ pub fn bench(cfg: &ConfigFile, opts: &BenchOptions) -> Result<()> {
         activation_checkpointing: cfg.trainer.activation_checkpointing,
     };
     let summary = model.summary();
+    let attention = model.model.attention_name();
     let memory = MemoryPeak::start(&device);
     let mut bench = StepBench::new(model, rows, seq, grad_opts)?;
     if !opts.json {
         println!(
-            "{} on {} ({} layers, {dtype:?}), {rows} × {seq} tokens per step, activation \
-             checkpointing {}: {summary}; built in {load_s:.1} s",
+            "{} on {} ({} layers, {dtype:?}, {attention} attention), {rows} × {seq} tokens per \
+             step, activation checkpointing {}: {summary}; built in {load_s:.1} s",
             method.name(),
             device_name(&device),
             shape.num_hidden_layers,
@@ -215,6 +216,7 @@ pub fn bench(cfg: &ConfigFile, opts: &BenchOptions) -> Result<()> {
         "rows": rows,
         "seq": seq,
         "activation_checkpointing": recompute,
+        "attention": attention,
         "median_step_s": median,
         "step_s": times,
         "tokens_per_s": tokens / median,

@@ -1,0 +1,510 @@
+// Causal attention in the FlashAttention-2 manner (Dao 2023) for training: grouped-query heads,
+// packed-sequence (segment) masks, forward and backward, on tensor cores (mma.sync m16n8k16,
+// bf16 or f16 in, f32 accumulate). No S × S matrix exists: the forward keeps a 64 × 64 tile of
+// scores per block in registers with an online softmax and saves each row's log-sum-exp; the
+// backward rebuilds the probabilities tile by tile from it. The CPU reference is
+// kernels/src/flash_attention.rs; the launchers are kernels/src/flash_cuda.rs.
+//
+// Tensors are [batch, heads, rows, head_dim] with any strides whose last dimension is 1 and
+// whose rows start 16-byte aligned (the launcher checks), so q, k, v and the output can be
+// views of the projections' [batch, rows, heads · head_dim] layout. Segments are [batch, rows]
+// u32: query i sees key j when j <= i and both share a segment (padding has one of its own).
+//
+// Each block has four warps; a warp owns 16 rows of a 64-row tile. Fragments follow the PTX
+// layouts of mma.m16n8k16: lane = 4 · g + t holds accumulator rows g and g + 8, columns 2t and
+// 2t + 1 of each 8-column tile, which is also its A-operand layout, so a tile of scores turns
+// into the next matmul's operand in registers.
+#include "common.cuh"
+
+// Element strides of a [batch, heads, rows, head_dim] tensor (head_dim's stride is 1); passed by
+// value, as the launcher's #[repr(C)] struct of three i64.
+struct Strides {
+  int64_t b, h, s;
+};
+
+namespace {
+
+constexpr int kTile = 64;       // query rows per tile and keys per tile
+constexpr int kThreads = 128;   // four warps of 16 rows
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Rows of a shared-memory tile are padded by 8 elements (16 bytes): the 8 rows one ldmatrix
+// phase reads then start in 8 different groups of 4 banks.
+template <int D> __host__ __device__ constexpr int pitch() { return D + 8; }
+
+__device__ __forceinline__ uint32_t shared_address(const void *p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Four 8 × 8 matrices of 16-bit elements from shared memory; lane i gives the address of row
+// i % 8 of matrix i / 8 and receives, of matrix m, row lane / 4, columns 2 (lane % 4) and + 1 in
+// register m (with .trans: the transposed matrix, i.e. column lane / 4, rows 2 (lane % 4), + 1).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void *p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_address(p))
+               : "memory");
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void *p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(shared_address(p))
+               : "memory");
+}
+
+// Where this lane points ldmatrix for a 16 × 16 block at (row0, col0) of a row-major tile whose
+// four 8 × 8 quarters are wanted in the order (top left, bottom left, top right, bottom right):
+// an A operand (rows = M, columns = K), or with .trans a pair of B operands from a [K][N] tile
+// (registers 0, 1 for columns col0..+8 and 2, 3 for col0 + 8..+16).
+template <typename T, int D>
+__device__ __forceinline__ const T *quarters_down_first(const T *tile, int row0, int col0) {
+  const int lane = threadIdx.x % 32;
+  return tile + (row0 + (lane & 7) + ((lane >> 3) & 1) * 8) * pitch<D>() + col0 + (lane >> 4) * 8;
+}
+
+// The same for a pair of B operands from an [N][K] tile (B = the tile transposed, as for
+// q kᵀ): quarters in the order (top left, top right, bottom left, bottom right), registers 0, 1
+// for rows row0..+8 (N) and 2, 3 for row0 + 8..+16.
+template <typename T, int D>
+__device__ __forceinline__ const T *quarters_across_first(const T *tile, int row0, int col0) {
+  const int lane = threadIdx.x % 32;
+  return tile + (row0 + (lane & 7) + (lane >> 4) * 8) * pitch<D>() + col0 + ((lane >> 3) & 1) * 8;
+}
+
+// d += a · b for a 16 × 16 A fragment and a 16 × 8 B fragment, f32 accumulators.
+template <typename T>
+__device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+template <>
+__device__ __forceinline__ void mma<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
+                                                   uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <>
+__device__ __forceinline__ void mma<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
+                                            uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two values rounded to T and packed into one register, the first in the low half.
+template <typename T> __device__ __forceinline__ uint32_t pack(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t pack<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t *>(&v);
+}
+template <> __device__ __forceinline__ uint32_t pack<__half>(float lo, float hi) {
+  __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<uint32_t *>(&v);
+}
+
+// The A fragment of a 16 × 16 block from its two 16 × 8 accumulator tiles (columns 0–7 in c0,
+// 8–15 in c1): the layouts agree, so this is rounding and packing only.
+template <typename T>
+__device__ __forceinline__ void as_operand(uint32_t (&a)[4], const float (&c0)[4],
+                                           const float (&c1)[4]) {
+  a[0] = pack<T>(c0[0], c0[1]);
+  a[1] = pack<T>(c0[2], c0[3]);
+  a[2] = pack<T>(c1[0], c1[1]);
+  a[3] = pack<T>(c1[2], c1[3]);
+}
+
+// acc[n] (+)= A · Bᵀ over the head dimension, for A = 16 rows at a_row of tile `a` and B = the
+// 64 rows of tile `b` ([N][K] tiles, both [64][D]): a warp's 16 × 64 block of q kᵀ.
+template <typename T, int D>
+__device__ __forceinline__ void rows_times_tile_t(float (&acc)[kTile / 8][4], const T *a,
+                                                  int a_row, const T *b) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t af[4];
+    ldmatrix_x4(af, quarters_down_first<T, D>(a, a_row, kk * 16));
+#pragma unroll
+    for (int n = 0; n < kTile / 16; ++n) {
+      uint32_t bf[4];
+      ldmatrix_x4(bf, quarters_across_first<T, D>(b, n * 16, kk * 16));
+      mma<T>(acc[2 * n], af, bf[0], bf[1]);
+      mma<T>(acc[2 * n + 1], af, bf[2], bf[3]);
+    }
+  }
+}
+
+// acc (+)= P · B for a warp's 16 × 64 block P (accumulator tiles, rounded to T here) and a
+// [64][D] tile B: the 16 × D result of probabilities (or score gradients) times values.
+template <typename T, int D>
+__device__ __forceinline__ void block_times_tile(float (&acc)[D / 8][4],
+                                                 const float (&p)[kTile / 8][4], const T *b) {
+#pragma unroll
+  for (int kk = 0; kk < kTile / 16; ++kk) {
+    uint32_t pf[4];
+    as_operand<T>(pf, p[2 * kk], p[2 * kk + 1]);
+#pragma unroll
+    for (int n = 0; n < D / 16; ++n) {
+      uint32_t bf[4];
+      ldmatrix_x4_trans(bf, quarters_down_first<T, D>(b, kk * 16, n * 16));
+      mma<T>(acc[2 * n], pf, bf[0], bf[1]);
+      mma<T>(acc[2 * n + 1], pf, bf[2], bf[3]);
+    }
+  }
+}
+
+// Rows [row0, row0 + 64) of one head (`head` points at its row 0) into a [64][pitch] tile;
+// rows at or past `rows` are zeros. 16-byte loads and stores.
+template <typename T, int D>
+__device__ __forceinline__ void load_tile(T *tile, const T *head, int64_t row_stride, int row0,
+                                          int rows) {
+  constexpr int kPerRow = D / 8;
+  for (int i = threadIdx.x; i < kTile * kPerRow; i += kThreads) {
+    const int r = i / kPerRow, c = (i % kPerRow) * 8;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (row0 + r < rows)
+      v = *reinterpret_cast<const uint4 *>(head + (int64_t)(row0 + r) * row_stride + c);
+    *reinterpret_cast<uint4 *>(tile + r * pitch<D>() + c) = v;
+  }
+}
+
+// A warp's 16 × D accumulator rows (rows this lane holds: row[0], row[1]) to memory, each
+// multiplied by scale[r]; rows at or past `rows` are not written.
+template <typename T, int D>
+__device__ __forceinline__ void store_rows(T *head, int64_t row_stride, const int (&row)[2],
+                                           int rows, const float (&acc)[D / 8][4],
+                                           const float (&scale)[2]) {
+  const int t = threadIdx.x % 4;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (row[r] >= rows) continue;
+    T *out = head + (int64_t)row[r] * row_stride + 2 * t;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n)
+      *reinterpret_cast<uint32_t *>(out + n * 8) =
+          pack<T>(acc[n][2 * r] * scale[r], acc[n][2 * r + 1] * scale[r]);
+  }
+}
+
+__device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffff, v, 2));
+}
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffff, v, 1);
+  return v + __shfl_xor_sync(0xffffffff, v, 2);
+}
+
+// Column c (0..63) of accumulator element e of 8-column tile n, for this lane.
+__device__ __forceinline__ int column(int n, int e) { return n * 8 + 2 * (threadIdx.x % 4) + (e & 1); }
+
+// With `ordered` (every row's segment ids non-decreasing: packed documents in order, padding
+// last), a key tile whose last id is below a query tile's first id holds only earlier
+// documents: no query of the tile sees any of its keys. The test reads the same two ids in
+// every thread, so a skipped tile skips its barriers in the whole block.
+__device__ __forceinline__ bool earlier_documents(const uint32_t *segb, int ordered, int k0,
+                                                  int q0, int S) {
+  return ordered && segb[min(k0 + kTile, S) - 1] < segb[q0];
+}
+
+// Forward: a block per (64 query rows, batch · query head); the last tiles (most keys) first.
+// out [B, Hq, S, D] by `os`; lse [B, Hq, S] f32 (natural log of Σ exp(score · scale)).
+template <typename T, int D>
+__device__ void forward(const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__ v,
+                        const uint32_t *__restrict__ seg, int ordered, T *__restrict__ out,
+                        float *__restrict__ lse, int S, int Hq, int Hkv, float scale, Strides qs,
+                        Strides ks, Strides vs, Strides os) {
+  __shared__ __align__(16) T sk[kTile * pitch<D>()];
+  __shared__ __align__(16) T sv[kTile * pitch<D>()];
+  __shared__ uint32_t sseg[kTile];
+  const int q0 = (gridDim.x - 1 - blockIdx.x) * kTile;
+  const int bh = blockIdx.y, b = bh / Hq, h = bh % Hq, kvh = h / (Hq / Hkv);
+  const int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4;
+  const uint32_t *segb = seg + (int64_t)b * S;
+  const int row[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
+  uint32_t rseg[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) rseg[r] = row[r] < S ? segb[row[r]] : 0;
+  const float scale2 = scale * kLog2e;  // scores in base 2: exp2 is one instruction
+
+  // The warp's 16 query rows as A fragments, through the key tile's buffer.
+  load_tile<T, D>(sk, q + b * qs.b + h * qs.h, qs.s, q0, S);
+  __syncthreads();
+  uint32_t qf[D / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk)
+    ldmatrix_x4(qf[kk], quarters_down_first<T, D>(sk, warp * 16, kk * 16));
+  __syncthreads();
+
+  float o[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  const T *kh = k + b * ks.b + kvh * ks.h, *vh = v + b * vs.b + kvh * vs.h;
+  const int keys = min(S, q0 + kTile);  // causal: none past the tile's last row
+  for (int k0 = 0; k0 < keys; k0 += kTile) {
+    if (earlier_documents(segb, ordered, k0, q0, S)) continue;
+    load_tile<T, D>(sk, kh, ks.s, k0, S);
+    load_tile<T, D>(sv, vh, vs.s, k0, S);
+    if (threadIdx.x < kTile) sseg[threadIdx.x] = k0 + threadIdx.x < S ? segb[k0 + threadIdx.x] : 0;
+    __syncthreads();
+
+    float s[kTile / 8][4];
+#pragma unroll
+    for (int n = 0; n < kTile / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+      for (int n = 0; n < kTile / 16; ++n) {
+        uint32_t bf[4];
+        ldmatrix_x4(bf, quarters_across_first<T, D>(sk, n * 16, kk * 16));
+        mma<T>(s[2 * n], qf[kk], bf[0], bf[1]);
+        mma<T>(s[2 * n + 1], qf[kk], bf[2], bf[3]);
+      }
+    }
+    // Mask, scale, and the online softmax: the new row maximum rescales what came before.
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int n = 0; n < kTile / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1, j = k0 + column(n, e);
+        const bool seen = j <= row[r] && row[r] < S && sseg[j - k0] == rseg[r];
+        s[n][e] = seen ? s[n][e] * scale2 : -INFINITY;
+        tile_max[r] = fmaxf(tile_max[r], s[n][e]);
+      }
+    float base[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float m_new = fmaxf(m[r], quad_max(tile_max[r]));
+      // A row that has seen nothing yet keeps zeros (exp2(-inf - 0) = 0), never NaN.
+      base[r] = m_new == -INFINITY ? 0.0f : m_new;
+      const float rescale = exp2f(m[r] - base[r]);
+      m[r] = m_new;
+      l[r] *= rescale;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        o[n][2 * r] *= rescale;
+        o[n][2 * r + 1] *= rescale;
+      }
+    }
+#pragma unroll
+    for (int n = 0; n < kTile / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[n][e] = exp2f(s[n][e] - base[e >> 1]);
+        l[e >> 1] += s[n][e];
+      }
+    block_times_tile<T, D>(o, s, sv);
+    __syncthreads();
+  }
+  float inv[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] = quad_sum(l[r]);
+    inv[r] = 1.0f / l[r];
+  }
+  store_rows<T, D>(out + b * os.b + h * os.h, os.s, row, S, o, inv);
+  if (threadIdx.x % 4 == 0)
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+      if (row[r] < S) lse[(int64_t)bh * S + row[r]] = (m[r] + log2f(l[r])) / kLog2e;
+}
+
+// delta[b, h, i] = Σ_d dO · O (f32): the row term of softmax's backward, a warp per row.
+template <typename T>
+__device__ void row_delta(const T *__restrict__ out, const T *__restrict__ dout,
+                          float *__restrict__ delta, int64_t rows, int S, int Hq, int D, Strides os,
+                          Strides dos) {
+  const int64_t r = (int64_t)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  if (r >= rows) return;
+  const int64_t i = r % S, bh = r / S, h = bh % Hq, b = bh / Hq;
+  const T *o = out + b * os.b + h * os.h + i * os.s;
+  const T *d = dout + b * dos.b + h * dos.h + i * dos.s;
+  float sum = 0.0f;
+  for (int c = threadIdx.x % 32; c < D; c += 32) sum += to_f32(o[c]) * to_f32(d[c]);
+  for (int w = 16; w > 0; w >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, w);
+  if (threadIdx.x % 32 == 0) delta[r] = sum;
+}
+
+// dq: a block per (64 query rows, batch · query head), over the key tiles its rows see:
+// P = exp(q kᵀ · scale − lse), dP = dO vᵀ, dS = P ∘ (dP − delta) · scale, dq = dS k.
+// Shared memory (dynamic): q, dO, k, v tiles and the keys' segments.
+template <typename T, int D>
+__device__ void backward_dq(const T *__restrict__ q, const T *__restrict__ k,
+                            const T *__restrict__ v, const uint32_t *__restrict__ seg,
+                            int ordered, const T *__restrict__ dout, const float *__restrict__ lse,
+                            const float *__restrict__ delta, T *__restrict__ dq, int S, int Hq,
+                            int Hkv, float scale, Strides qs, Strides ks, Strides vs,
+                            Strides dos, Strides dqs) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  T *sq = reinterpret_cast<T *>(smem);
+  T *sdo = sq + kTile * pitch<D>(), *sk = sdo + kTile * pitch<D>(), *sv = sk + kTile * pitch<D>();
+  uint32_t *sseg = reinterpret_cast<uint32_t *>(sv + kTile * pitch<D>());
+  const int q0 = (gridDim.x - 1 - blockIdx.x) * kTile;
+  const int bh = blockIdx.y, b = bh / Hq, h = bh % Hq, kvh = h / (Hq / Hkv);
+  const int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4;
+  const uint32_t *segb = seg + (int64_t)b * S;
+  const int row[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
+  uint32_t rseg[2];
+  float lse2[2], drow[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const bool in = row[r] < S;
+    rseg[r] = in ? segb[row[r]] : 0;
+    lse2[r] = in ? lse[(int64_t)bh * S + row[r]] * kLog2e : 0.0f;
+    drow[r] = in ? delta[(int64_t)bh * S + row[r]] : 0.0f;
+  }
+  const float scale2 = scale * kLog2e;
+  load_tile<T, D>(sq, q + b * qs.b + h * qs.h, qs.s, q0, S);
+  load_tile<T, D>(sdo, dout + b * dos.b + h * dos.h, dos.s, q0, S);
+
+  float acc[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+  const T *kh = k + b * ks.b + kvh * ks.h, *vh = v + b * vs.b + kvh * vs.h;
+  const int keys = min(S, q0 + kTile);
+  for (int k0 = 0; k0 < keys; k0 += kTile) {
+    if (earlier_documents(segb, ordered, k0, q0, S)) continue;
+    load_tile<T, D>(sk, kh, ks.s, k0, S);
+    load_tile<T, D>(sv, vh, vs.s, k0, S);
+    if (threadIdx.x < kTile) sseg[threadIdx.x] = k0 + threadIdx.x < S ? segb[k0 + threadIdx.x] : 0;
+    __syncthreads();
+    float s[kTile / 8][4], dp[kTile / 8][4];
+#pragma unroll
+    for (int n = 0; n < kTile / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.0f;
+    rows_times_tile_t<T, D>(s, sq, warp * 16, sk);
+    rows_times_tile_t<T, D>(dp, sdo, warp * 16, sv);
+#pragma unroll
+    for (int n = 0; n < kTile / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1, j = k0 + column(n, e);
+        const bool seen = j <= row[r] && row[r] < S && sseg[j - k0] == rseg[r];
+        const float p = seen ? exp2f(s[n][e] * scale2 - lse2[r]) : 0.0f;
+        s[n][e] = p * (dp[n][e] - drow[r]) * scale;
+      }
+    block_times_tile<T, D>(acc, s, sk);
+    __syncthreads();
+  }
+  const float one[2] = {1.0f, 1.0f};
+  store_rows<T, D>(dq + b * dqs.b + h * dqs.h, dqs.s, row, S, acc, one);
+}
+
+// dk and dv: a block per (64 keys, batch · key/value head), over every query head of its group
+// and the query tiles that see its keys. With the keys as rows: Pᵀ = exp(k qᵀ · scale − lse),
+// dv += Pᵀ dO, dPᵀ = v dOᵀ, dSᵀ = Pᵀ ∘ (dPᵀ − delta) · scale, dk += dSᵀ q.
+// Shared memory (dynamic): k, v, q, dO tiles, then the queries' segments, lse and delta (the
+// keys' segments stay in registers).
+template <typename T, int D>
+__device__ void backward_dkdv(const T *__restrict__ q, const T *__restrict__ k,
+                              const T *__restrict__ v, const uint32_t *__restrict__ seg,
+                              int ordered, const T *__restrict__ dout, const float *__restrict__ lse,
+                              const float *__restrict__ delta, T *__restrict__ dk,
+                              T *__restrict__ dv, int S, int Hq, int Hkv, float scale, Strides qs,
+                              Strides ks, Strides vs, Strides dos, Strides dks, Strides dvs) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  T *sk = reinterpret_cast<T *>(smem);
+  T *sv = sk + kTile * pitch<D>(), *sq = sv + kTile * pitch<D>(), *sdo = sq + kTile * pitch<D>();
+  uint32_t *qseg = reinterpret_cast<uint32_t *>(sdo + kTile * pitch<D>());
+  float *slse = reinterpret_cast<float *>(qseg + kTile), *sdelta = slse + kTile;
+  const int k0 = blockIdx.x * kTile;  // the first tiles see the most queries: launched first
+  const int bkv = blockIdx.y, b = bkv / Hkv, kvh = bkv % Hkv, group = Hq / Hkv;
+  const int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4;
+  const uint32_t *segb = seg + (int64_t)b * S;
+  const int key[2] = {k0 + warp * 16 + g, k0 + warp * 16 + g + 8};
+  uint32_t kseg[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) kseg[r] = key[r] < S ? segb[key[r]] : 0;
+  const float scale2 = scale * kLog2e;
+  load_tile<T, D>(sk, k + b * ks.b + kvh * ks.h, ks.s, k0, S);
+  load_tile<T, D>(sv, v + b * vs.b + kvh * vs.h, vs.s, k0, S);
+
+  float dka[D / 8][4], dva[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dka[n][e] = dva[n][e] = 0.0f;
+  for (int hg = 0; hg < group; ++hg) {
+    const int h = kvh * group + hg;
+    const int64_t bh = (int64_t)b * Hq + h;
+    for (int q0 = k0; q0 < S; q0 += kTile) {  // causal: queries from the block's first key on
+      // Later query tiles hold later documents only: none sees these keys.
+      if (earlier_documents(segb, ordered, k0, q0, S)) break;
+      __syncthreads();  // the previous tile's reads are done
+      load_tile<T, D>(sq, q + b * qs.b + h * qs.h, qs.s, q0, S);
+      load_tile<T, D>(sdo, dout + b * dos.b + h * dos.h, dos.s, q0, S);
+      if (threadIdx.x < kTile) {
+        const int i = q0 + threadIdx.x;
+        const bool in = i < S;
+        qseg[threadIdx.x] = in ? segb[i] : 0;
+        slse[threadIdx.x] = in ? lse[bh * S + i] * kLog2e : 0.0f;
+        sdelta[threadIdx.x] = in ? delta[bh * S + i] : 0.0f;
+      }
+      __syncthreads();
+      float st[kTile / 8][4], dpt[kTile / 8][4];
+#pragma unroll
+      for (int n = 0; n < kTile / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) st[n][e] = dpt[n][e] = 0.0f;
+      rows_times_tile_t<T, D>(st, sk, warp * 16, sq);
+#pragma unroll
+      for (int n = 0; n < kTile / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = e >> 1, c = column(n, e), i = q0 + c;
+          const bool seen = key[r] <= i && i < S && qseg[c] == kseg[r];
+          st[n][e] = seen ? exp2f(st[n][e] * scale2 - slse[c]) : 0.0f;
+        }
+      block_times_tile<T, D>(dva, st, sdo);
+      rows_times_tile_t<T, D>(dpt, sv, warp * 16, sdo);
+#pragma unroll
+      for (int n = 0; n < kTile / 8; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) st[n][e] *= (dpt[n][e] - sdelta[column(n, e)]) * scale;
+      block_times_tile<T, D>(dka, st, sq);
+    }
+  }
+  const float one[2] = {1.0f, 1.0f};
+  store_rows<T, D>(dk + b * dks.b + kvh * dks.h, dks.s, key, S, dka, one);
+  store_rows<T, D>(dv + b * dvs.b + kvh * dvs.h, dvs.s, key, S, dva, one);
+}
+
+}  // namespace
+
+#define FLASH_ENTRIES(T, NAME, D)                                                               \
+  extern "C" __global__ void __launch_bounds__(kThreads)                                        \
+      flash_forward_##NAME##_d##D(const T *q, const T *k, const T *v, const uint32_t *seg,      \
+                                  int ordered, T *out, float *lse, int S, int Hq, int Hkv,     \
+                                  float scale, Strides qs, Strides ks, Strides vs,             \
+                                  Strides os) {                                                \
+    forward<T, D>(q, k, v, seg, ordered, out, lse, S, Hq, Hkv, scale, qs, ks, vs, os);         \
+  }                                                                                             \
+  extern "C" __global__ void __launch_bounds__(kThreads) flash_backward_dq_##NAME##_d##D(      \
+      const T *q, const T *k, const T *v, const uint32_t *seg, int ordered, const T *dout,     \
+      const float *lse, const float *delta, T *dq, int S, int Hq, int Hkv, float scale,        \
+      Strides qs, Strides ks, Strides vs, Strides dos, Strides dqs) {                           \
+    backward_dq<T, D>(q, k, v, seg, ordered, dout, lse, delta, dq, S, Hq, Hkv, scale, qs, ks,  \
+                      vs, dos, dqs);                                                            \
+  }                                                                                             \
+  extern "C" __global__ void __launch_bounds__(kThreads) flash_backward_dkdv_##NAME##_d##D(    \
+      const T *q, const T *k, const T *v, const uint32_t *seg, int ordered, const T *dout,     \
+      const float *lse, const float *delta, T *dk, T *dv, int S, int Hq, int Hkv, float scale, \
+      Strides qs, Strides ks, Strides vs, Strides dos, Strides dks, Strides dvs) {              \
+    backward_dkdv<T, D>(q, k, v, seg, ordered, dout, lse, delta, dk, dv, S, Hq, Hkv, scale,    \
+                        qs, ks, vs, dos, dks, dvs);                                             \
+  }
+
+#define FLASH_DTYPE(T, NAME)                                                                    \
+  FLASH_ENTRIES(T, NAME, 64)                                                                    \
+  FLASH_ENTRIES(T, NAME, 128)                                                                   \
+  extern "C" __global__ void flash_delta_##NAME(const T *out, const T *dout, float *delta,      \
+                                                int64_t rows, int S, int Hq, int D, Strides os, \
+                                                Strides dos) {                                  \
+    row_delta<T>(out, dout, delta, rows, S, Hq, D, os, dos);                                    \
+  }
+
+FLASH_DTYPE(__nv_bfloat16, bf16)
+FLASH_DTYPE(__half, f16)

@@ -1,0 +1,361 @@
+//! Launching the FlashAttention-2 kernels of kernels/cuda/flash_attention.cu on candle's CUDA
+//! storage: the forward (output and log-sum-exp in one pass, so two tensors come back, which a
+//! candle custom op cannot return), then for the backward the row terms delta = Σ dO · O, dq,
+//! and dk with dv.
+
+use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
+};
+use candle_core::cuda_backend::{CudaDType, WrapErr};
+use candle_core::op::BackpropOp;
+use candle_core::{CudaDevice, CudaStorage, DType, Result, Shape, Storage, Tensor};
+
+use crate::cuda::FLASH_ATTENTION;
+use crate::flash_attention::AttentionShape;
+
+/// Query rows and keys per tile, and threads per block (kTile, kThreads in the .cu file).
+const TILE: usize = 64;
+const THREADS: u32 = 128;
+
+/// Element strides of a [batch, heads, rows, head_dim] tensor, as the kernels' `Strides`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct Strides {
+    b: i64,
+    h: i64,
+    s: i64,
+}
+
+// SAFETY: three i64 in C layout, the kernels' `struct Strides { int64_t b, h, s; }`.
+unsafe impl DeviceRepr for Strides {}
+
+impl Strides {
+    /// A [B, heads, S, D] tensor.
+    fn of(t: &Tensor) -> Self {
+        let st = t.stride();
+        Self {
+            b: st[0] as i64,
+            h: st[1] as i64,
+            s: st[2] as i64,
+        }
+    }
+
+    /// A [B, S, heads, D] tensor (the output and its gradient), read as [B, heads, S, D].
+    fn of_merged(t: &Tensor) -> Self {
+        let st = t.stride();
+        Self {
+            b: st[0] as i64,
+            h: st[2] as i64,
+            s: st[1] as i64,
+        }
+    }
+
+    /// A packed [B, heads, S, D] tensor.
+    fn packed(heads: usize, s: usize, d: usize) -> Self {
+        Self {
+            b: (heads * s * d) as i64,
+            h: (s * d) as i64,
+            s: d as i64,
+        }
+    }
+
+    /// A packed [B, S, heads, D] tensor read as [B, heads, S, D].
+    fn merged(heads: usize, s: usize, d: usize) -> Self {
+        Self {
+            b: (s * heads * d) as i64,
+            h: d as i64,
+            s: (heads * d) as i64,
+        }
+    }
+}
+
+/// A tensor's elements from its first one, on the GPU.
+fn view<'a, T: CudaDType + DeviceRepr>(
+    storage: &'a Storage,
+    t: &Tensor,
+    what: &str,
+) -> Result<CudaView<'a, T>> {
+    match storage {
+        Storage::Cuda(s) => Ok(s.as_cuda_slice::<T>()?.slice(t.layout().start_offset()..)),
+        _ => candle_core::bail!("flash attention: {what} is not on the GPU"),
+    }
+}
+
+fn device_of(storage: &Storage) -> Result<CudaDevice> {
+    match storage {
+        Storage::Cuda(s) => Ok(s.device.clone()),
+        _ => candle_core::bail!("flash attention: q is not on the GPU"),
+    }
+}
+
+fn tensor<T: CudaDType + DeviceRepr>(
+    slice: CudaSlice<T>,
+    dev: &CudaDevice,
+    shape: impl Into<Shape>,
+) -> Tensor {
+    let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, dev.clone()));
+    Tensor::from_storage(storage, shape, BackpropOp::none(), false)
+}
+
+/// A block of four warps per 64-row tile of `s` rows (x) and per head of each batch row (y),
+/// with `shared` bytes of dynamic shared memory.
+fn tile_blocks(s: usize, heads: usize, shared: usize) -> Result<LaunchConfig> {
+    // CUDA's grid is at most 65,535 blocks high.
+    if heads > 65_535 {
+        candle_core::bail!(
+            "flash attention: batch × heads = {heads} is over the 65,535 the kernels' grid takes"
+        );
+    }
+    Ok(LaunchConfig {
+        grid_dim: (s.div_ceil(TILE) as u32, heads as u32, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: shared as u32,
+    })
+}
+
+/// The dtype suffix of the kernels' names, once the kernels are known to take this dtype and
+/// head dimension.
+fn suffix(dtype: DType, head_dim: usize) -> Result<&'static str> {
+    if !crate::flash::gpu_supports(dtype, head_dim) {
+        candle_core::bail!(
+            "flash attention: no CUDA kernel for {dtype:?} at head_dim {head_dim} (bf16 or f16, \
+             head_dim in {:?})",
+            crate::flash::GPU_HEAD_DIMS
+        );
+    }
+    Ok(match dtype {
+        DType::BF16 => "bf16",
+        _ => "f16",
+    })
+}
+
+/// (output [B, S, Hq, D], lse [B, Hq, S] f32).
+pub(crate) fn forward(
+    sh: AttentionShape,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    segments: (&Tensor, bool),
+) -> Result<(Tensor, Tensor)> {
+    let name = suffix(q.dtype(), sh.head_dim)?;
+    match q.dtype() {
+        DType::BF16 => forward_typed::<half::bf16>(name, sh, q, k, v, segments),
+        _ => forward_typed::<half::f16>(name, sh, q, k, v, segments),
+    }
+}
+
+fn forward_typed<T: CudaDType + DeviceRepr>(
+    suffix: &str,
+    sh: AttentionShape,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    (segments, ordered): (&Tensor, bool),
+) -> Result<(Tensor, Tensor)> {
+    let AttentionShape {
+        batch: b,
+        q_heads: hq,
+        kv_heads: hkv,
+        seq: s,
+        head_dim: d,
+    } = sh;
+    let (qs, ks, vs, ss) = (
+        q.storage_and_layout().0,
+        k.storage_and_layout().0,
+        v.storage_and_layout().0,
+        segments.storage_and_layout().0,
+    );
+    let dev = device_of(&qs)?;
+    let name = format!("flash_forward_{suffix}_d{d}");
+    let func = dev.get_or_load_custom_func(&name, FLASH_ATTENTION.name, FLASH_ATTENTION.ptx)?;
+    let (qv, kv, vv) = (
+        view::<T>(&qs, q, "q")?,
+        view::<T>(&ks, k, "k")?,
+        view::<T>(&vs, v, "v")?,
+    );
+    let sv = view::<u32>(&ss, segments, "segments")?;
+    // SAFETY: the kernel writes every row of the output and of the log-sum-exp.
+    let out = unsafe { dev.alloc::<T>(b * s * hq * d)? };
+    let lse = unsafe { dev.alloc::<f32>(b * hq * s)? };
+    let (s32, hq32, hkv32, ordered) = (s as i32, hq as i32, hkv as i32, i32::from(ordered));
+    let scale = 1.0 / (d as f32).sqrt();
+    let strides = [
+        Strides::of(q),
+        Strides::of(k),
+        Strides::of(v),
+        Strides::merged(hq, s, d),
+    ];
+    let mut args = func.builder();
+    args.arg(&qv).arg(&kv).arg(&vv).arg(&sv).arg(&ordered);
+    args.arg(&out).arg(&lse);
+    args.arg(&s32).arg(&hq32).arg(&hkv32).arg(&scale);
+    for st in &strides {
+        args.arg(st);
+    }
+    if b * hq * s > 0 {
+        // SAFETY: the argument list matches flash_forward_*'s signature.
+        unsafe { args.launch(tile_blocks(s, b * hq, 0)?) }.w()?;
+    }
+    Ok((
+        tensor(out, &dev, (b, s, hq, d)),
+        tensor(lse, &dev, (b, hq, s)),
+    ))
+}
+
+/// What the dq and the dk / dv kernels both take first, in their order.
+struct GradientInputs<'a, T> {
+    q: &'a CudaView<'a, T>,
+    k: &'a CudaView<'a, T>,
+    v: &'a CudaView<'a, T>,
+    segments: &'a CudaView<'a, u32>,
+    ordered: &'a i32,
+    dout: &'a CudaView<'a, T>,
+    lse: &'a CudaView<'a, f32>,
+    delta: &'a CudaSlice<f32>,
+}
+
+impl<'a, T: DeviceRepr> GradientInputs<'a, T> {
+    fn push(&self, args: &mut LaunchArgs<'a>) {
+        args.arg(self.q).arg(self.k).arg(self.v).arg(self.segments);
+        args.arg(self.ordered)
+            .arg(self.dout)
+            .arg(self.lse)
+            .arg(self.delta);
+    }
+}
+
+/// (dq [B, Hq, S, D], dk, dv [B, Hkv, S, D]).
+pub(crate) fn backward(
+    sh: AttentionShape,
+    qkv: (&Tensor, &Tensor, &Tensor),
+    segments: (&Tensor, bool),
+    out_lse: (&Tensor, &Tensor),
+    dout: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let name = suffix(qkv.0.dtype(), sh.head_dim)?;
+    match qkv.0.dtype() {
+        DType::BF16 => backward_typed::<half::bf16>(name, sh, qkv, segments, out_lse, dout),
+        _ => backward_typed::<half::f16>(name, sh, qkv, segments, out_lse, dout),
+    }
+}
+
+fn backward_typed<T: CudaDType + DeviceRepr>(
+    suffix: &str,
+    sh: AttentionShape,
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    (segments, ordered): (&Tensor, bool),
+    (out, lse): (&Tensor, &Tensor),
+    dout: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let AttentionShape {
+        batch: b,
+        q_heads: hq,
+        kv_heads: hkv,
+        seq: s,
+        head_dim: d,
+    } = sh;
+    let storages = [q, k, v, out, dout].map(|t| t.storage_and_layout().0);
+    let (ss, ls) = (segments.storage_and_layout().0, lse.storage_and_layout().0);
+    let dev = device_of(&storages[0])?;
+    let load = |name: String| {
+        dev.get_or_load_custom_func(&name, FLASH_ATTENTION.name, FLASH_ATTENTION.ptx)
+    };
+    let [qv, kv, vv, ov, dov] = [
+        view::<T>(&storages[0], q, "q")?,
+        view::<T>(&storages[1], k, "k")?,
+        view::<T>(&storages[2], v, "v")?,
+        view::<T>(&storages[3], out, "out")?,
+        view::<T>(&storages[4], dout, "dout")?,
+    ];
+    let sv = view::<u32>(&ss, segments, "segments")?;
+    let lv = view::<f32>(&ls, lse, "lse")?;
+    let (s32, hq32, hkv32, d32) = (s as i32, hq as i32, hkv as i32, d as i32);
+    let ordered = i32::from(ordered);
+    let scale = 1.0 / (d as f32).sqrt();
+    let (qst, kst, vst, ost, dost) = (
+        Strides::of(q),
+        Strides::of(k),
+        Strides::of(v),
+        Strides::of_merged(out),
+        Strides::of_merged(dout),
+    );
+    let rows = b * hq * s;
+    if rows == 0 {
+        let z = |heads| Tensor::zeros((b, heads, s, d), q.dtype(), q.device());
+        return Ok((z(hq)?, z(hkv)?, z(hkv)?));
+    }
+
+    // delta = Σ_d dO · O per query row: a warp per row, eight a block.
+    let delta_fn = load(format!("flash_delta_{suffix}"))?;
+    // SAFETY: the kernel writes every row's delta.
+    let delta = unsafe { dev.alloc::<f32>(rows)? };
+    let rows64 = rows as i64;
+    let mut args = delta_fn.builder();
+    args.arg(&ov).arg(&dov).arg(&delta).arg(&rows64);
+    args.arg(&s32).arg(&hq32).arg(&d32).arg(&ost).arg(&dost);
+    // SAFETY: the argument list matches flash_delta_*'s signature.
+    unsafe { args.launch(crate::cuda::warp_per_row(rows)) }.w()?;
+
+    let tile_bytes = TILE * (d + 8) * std::mem::size_of::<T>();
+    // Above 48 KiB of shared memory a kernel must ask for it.
+    let dynamic = |func: &CudaFunction, bytes: usize| {
+        func.set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as i32,
+        )
+        .w()
+    };
+
+    // dq: q, dO, k, v tiles and the keys' segments.
+    let dq_fn = load(format!("flash_backward_dq_{suffix}_d{d}"))?;
+    // SAFETY: the kernel writes every row of dq.
+    let dq = unsafe { dev.alloc::<T>(rows * d)? };
+    let bytes = 4 * tile_bytes + TILE * 4;
+    dynamic(&dq_fn, bytes)?;
+    let inputs = GradientInputs {
+        q: &qv,
+        k: &kv,
+        v: &vv,
+        segments: &sv,
+        ordered: &ordered,
+        dout: &dov,
+        lse: &lv,
+        delta: &delta,
+    };
+    let mut args = dq_fn.builder();
+    inputs.push(&mut args);
+    args.arg(&dq);
+    args.arg(&s32).arg(&hq32).arg(&hkv32).arg(&scale);
+    let dqst = Strides::packed(hq, s, d);
+    for st in [&qst, &kst, &vst, &dost, &dqst] {
+        args.arg(st);
+    }
+    // SAFETY: the argument list matches flash_backward_dq_*'s signature.
+    unsafe { args.launch(tile_blocks(s, b * hq, bytes)?) }.w()?;
+
+    // dk, dv: k, v, q, dO tiles, then the queries' segments, lse and delta.
+    let kv_fn = load(format!("flash_backward_dkdv_{suffix}_d{d}"))?;
+    let kv_len = b * hkv * s * d;
+    // SAFETY: the kernel writes every row of dk and dv.
+    let dk = unsafe { dev.alloc::<T>(kv_len)? };
+    let dv = unsafe { dev.alloc::<T>(kv_len)? };
+    let bytes = 4 * tile_bytes + 3 * TILE * 4;
+    dynamic(&kv_fn, bytes)?;
+    let mut args = kv_fn.builder();
+    inputs.push(&mut args);
+    args.arg(&dk).arg(&dv);
+    args.arg(&s32).arg(&hq32).arg(&hkv32).arg(&scale);
+    let kvst = Strides::packed(hkv, s, d);
+    for st in [&qst, &kst, &vst, &dost, &kvst, &kvst] {
+        args.arg(st);
+    }
+    // SAFETY: the argument list matches flash_backward_dkdv_*'s signature.
+    unsafe { args.launch(tile_blocks(s, b * hkv, bytes)?) }.w()?;
+
+    Ok((
+        tensor(dq, &dev, (b, hq, s, d)),
+        tensor(dk, &dev, (b, hkv, s, d)),
+        tensor(dv, &dev, (b, hkv, s, d)),
+    ))
+}
