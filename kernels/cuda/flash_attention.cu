@@ -115,8 +115,23 @@ __device__ __forceinline__ void as_operand(uint32_t (&a)[4], const float (&c0)[4
   a[3] = pack<T>(c1[2], c1[3]);
 }
 
-// acc[n] (+)= A · Bᵀ over the head dimension, for A = 16 rows at a_row of tile `a` and B = the
-// 64 rows of tile `b` ([N][K] tiles, both [64][D]): a warp's 16 × 64 block of q kᵀ.
+// acc[n] (+)= A · Bᵀ over one 16-column slice kk of the head dimension: A = a warp's 16 × 16
+// fragment of that slice, B = the same slice of all 64 rows of the [64][D] tile `b`.
+template <typename T, int D>
+__device__ __forceinline__ void fragment_times_tile_t(float (&acc)[kTile / 8][4],
+                                                      const uint32_t (&af)[4], const T *b,
+                                                      int kk) {
+#pragma unroll
+  for (int n = 0; n < kTile / 16; ++n) {
+    uint32_t bf[4];
+    ldmatrix_x4(bf, quarters_across_first<T, D>(b, n * 16, kk * 16));
+    mma<T>(acc[2 * n], af, bf[0], bf[1]);
+    mma<T>(acc[2 * n + 1], af, bf[2], bf[3]);
+  }
+}
+
+// acc[n] (+)= A · Bᵀ over the whole head dimension, for A = 16 rows at a_row of tile `a` and
+// B = the 64 rows of tile `b` (both [64][D]): a warp's 16 × 64 block of q kᵀ.
 template <typename T, int D>
 __device__ __forceinline__ void rows_times_tile_t(float (&acc)[kTile / 8][4], const T *a,
                                                   int a_row, const T *b) {
@@ -124,13 +139,7 @@ __device__ __forceinline__ void rows_times_tile_t(float (&acc)[kTile / 8][4], co
   for (int kk = 0; kk < D / 16; ++kk) {
     uint32_t af[4];
     ldmatrix_x4(af, quarters_down_first<T, D>(a, a_row, kk * 16));
-#pragma unroll
-    for (int n = 0; n < kTile / 16; ++n) {
-      uint32_t bf[4];
-      ldmatrix_x4(bf, quarters_across_first<T, D>(b, n * 16, kk * 16));
-      mma<T>(acc[2 * n], af, bf[0], bf[1]);
-      mma<T>(acc[2 * n + 1], af, bf[2], bf[3]);
-    }
+    fragment_times_tile_t<T, D>(acc, af, b, kk);
   }
 }
 
@@ -252,16 +261,9 @@ __device__ void forward(const T *__restrict__ q, const T *__restrict__ k, const 
     float s[kTile / 8][4];
 #pragma unroll
     for (int n = 0; n < kTile / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+    // q kᵀ with the warp's q fragments already in registers.
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-#pragma unroll
-      for (int n = 0; n < kTile / 16; ++n) {
-        uint32_t bf[4];
-        ldmatrix_x4(bf, quarters_across_first<T, D>(sk, n * 16, kk * 16));
-        mma<T>(s[2 * n], qf[kk], bf[0], bf[1]);
-        mma<T>(s[2 * n + 1], qf[kk], bf[2], bf[3]);
-      }
-    }
+    for (int kk = 0; kk < D / 16; ++kk) fragment_times_tile_t<T, D>(s, qf[kk], sk, kk);
     // Mask, scale, and the online softmax: the new row maximum rescales what came before.
     float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
