@@ -1,0 +1,213 @@
+use super::*;
+
+fn load(text: &str, sets: &[&str]) -> Result<ConfigFile> {
+    let tmp = tempfile::tempdir()?;
+    let p = tmp.path().join("run.toml");
+    std::fs::write(&p, text)?;
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    ConfigFile::load_with(&p, &sets)
+}
+
+const BASE: &str = r#"
+[model]
+path = "m"
+
+[method]
+name = "lora"
+
+[lora]
+r = 8
+lora_alpha = 16
+
+[data]
+train = "rows.jsonl"
+format = "alpaca"
+
+[batch]
+micro_batch_size = 2
+global_batch_size = 8
+
+[trainer]
+max_steps = 20
+"#;
+
+#[test]
+fn unknown_keys_name_the_line_and_the_closest_valid_key() {
+    let err = load(&BASE.replace("max_steps", "max_step"), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("line 21"), "{err}");
+    assert!(err.contains("unknown field `max_step`"), "{err}");
+    assert!(err.contains("did you mean `max_steps`?"), "{err}");
+    let err = load(&BASE.replace("[batch]", "[bach]"), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("did you mean `batch`?"), "{err}");
+    let err = load(&BASE.replace("lora_alpha", "alpha"), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("unknown field `alpha`"), "{err}");
+}
+
+#[test]
+fn fused_layers_are_on_unless_set_off() {
+    assert!(load(BASE, &[]).unwrap().fused_layers());
+    let off = load(BASE, &["model.fused_layers=false"]).unwrap();
+    assert!(!off.fused_layers());
+    let err = load(BASE, &["model.fused_layers=3"])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("fused_layers"), "{err}");
+}
+
+#[test]
+fn attention_is_auto_unless_named() {
+    assert_eq!(
+        load(BASE, &[]).unwrap().attention().unwrap(),
+        AttentionKernel::Auto
+    );
+    let flash = load(BASE, &["model.attention=flash"]).unwrap();
+    assert_eq!(flash.attention().unwrap(), AttentionKernel::Flash);
+    let err = load(BASE, &["model.attention=sdpa"])
+        .unwrap()
+        .attention()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("model.attention = \"sdpa\""), "{err}");
+}
+
+#[test]
+fn wrong_types_and_bad_values_name_the_key() {
+    let err = load(
+        &BASE.replace("max_steps = 20", "max_steps = \"twenty\""),
+        &[],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("line 21") && err.contains("max_steps"),
+        "{err}"
+    );
+    let c = load(BASE, &["batch.global_batch_size=9"]).unwrap();
+    let err = c.accumulation(1).unwrap_err().to_string();
+    assert!(
+        err.contains("batch.global_batch_size (9)") && err.contains("batch.micro_batch_size (2)"),
+        "{err}"
+    );
+    assert_eq!(load(BASE, &[]).unwrap().accumulation(2).unwrap(), 2);
+    let err = load(BASE, &["optimizer.lr=-1"])
+        .unwrap()
+        .validate_training(1)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("optimizer.lr"), "{err}");
+    let err = load(BASE, &["method.name=lorra"])
+        .unwrap()
+        .method()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("did you mean `lora`?"), "{err}");
+    let err = load(BASE, &["schedule.name=cosin"])
+        .unwrap()
+        .validate_training(1)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("schedule.name") && err.contains("`cosine`"),
+        "{err}"
+    );
+}
+
+/// Found by review and replayed through fuzz/fuzz_targets/config.rs: micro × ranks wrapped
+/// (2^61 × 8 = 0) and `global % 0` panicked.
+#[test]
+fn a_micro_batch_too_large_for_the_ranks_is_an_error() {
+    let text = "[batch]\nmicro_batch_size = 2305843009213693952\nglobal_batch_size = 5\n";
+    let c = ConfigFile::from_str_with(Path::new("big.toml"), text, &[]).unwrap();
+    let err = c.accumulation(8).unwrap_err().to_string();
+    assert!(
+        err.contains("batch.micro_batch_size (2305843009213693952) × data-parallel size (8)"),
+        "{err}"
+    );
+    assert!(c.accumulation(1).is_err(), "5 is not a multiple of 2^61");
+}
+
+#[test]
+fn set_overrides_any_key_with_a_toml_value() -> Result<()> {
+    let c = load(
+        BASE,
+        &[
+            "optimizer.lr=3e-4",
+            "optimizer.betas=[0.9, 0.95]",
+            "trainer.output_dir=runs/x",
+            "data.fields.instruction=question",
+            "lora.target_modules=[\"q_proj\", \"k_proj\"]",
+        ],
+    )?;
+    assert_eq!(c.optimizer.lr, 3e-4);
+    assert_eq!(c.optimizer.betas, [0.9, 0.95]);
+    assert_eq!(c.trainer.output_dir, PathBuf::from("runs/x"));
+    assert_eq!(
+        c.data.as_ref().unwrap().fields.instruction.as_deref(),
+        Some("question")
+    );
+    assert_eq!(
+        c.lora.as_ref().unwrap().target_modules,
+        ["q_proj", "k_proj"]
+    );
+    let err = load(BASE, &["trainer.max_steps=abc"])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("--set trainer.max_steps=abc"), "{err}");
+    let err = load(BASE, &["lr=1"]).unwrap_err().to_string();
+    assert!(err.contains("section.key"), "{err}");
+    // Bare values that parse as numbers, floats or booleans stay text where text is wanted.
+    let c = load(BASE, &["trainer.output_dir=nan", "trainer.resume=true"])?;
+    assert_eq!(c.trainer.output_dir, PathBuf::from("nan"));
+    assert_eq!(c.trainer.resume, "true");
+    let err = format!("{:#}", load(BASE, &["trainer.max_steps.x=1"]).unwrap_err());
+    assert!(err.contains("max_steps is not a section"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn the_numerics_ignore_operational_keys() -> Result<()> {
+    let a = load(BASE, &[])?;
+    let b = load(
+        BASE,
+        &[
+            "trainer.output_dir=elsewhere",
+            "trainer.save_interval=5",
+            "parallel.timeout_s=9",
+        ],
+    )?;
+    let c = load(BASE, &["optimizer.lr=1e-3"])?;
+    assert_eq!(a.numerics(), b.numerics());
+    assert_ne!(a.numerics(), c.numerics());
+    Ok(())
+}
+
+#[test]
+fn method_sections_must_agree() {
+    let err = load(&BASE.replace("name = \"lora\"", "name = \"sft\""), &[])
+        .unwrap()
+        .method()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("[lora] is set but method.name = \"sft\""),
+        "{err}"
+    );
+    let text = BASE
+        .replace("name = \"lora\"", "name = \"ptuning\"")
+        .replace(
+            "[lora]\nr = 8\nlora_alpha = 16",
+            "[ptuning]\nnum_virtual_tokens = 10",
+        );
+    let err = load(&text, &["data.packing=true"])
+        .unwrap()
+        .method()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("data.packing"), "{err}");
+}
