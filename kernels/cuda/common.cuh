@@ -35,5 +35,14 @@ __device__ __forceinline__ float block_sum(float v) {
   return v;
 }
 
+// The block's dynamic shared memory (the launch's shared_mem_bytes). The CPU emulator
+// (kernels/emu) defines its own.
+#ifndef HELIX_CUDA_EMU
+__device__ __forceinline__ unsigned char *dynamic_shared_memory() {
+  extern __shared__ __align__(16) unsigned char smem[];
+  return smem;
+}
+#endif
+
 // extern "C" entry points for each storage type: NAME_f32, NAME_bf16, NAME_f16.
 #define FOR_EACH_DTYPE(M) M(float, f32) M(__nv_bfloat16, bf16) M(__half, f16)

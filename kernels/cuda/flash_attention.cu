@@ -15,6 +15,7 @@
 // 2t + 1 of each 8-column tile, which is also its A-operand layout, so a tile of scores turns
 // into the next matmul's operand in registers.
 #include "common.cuh"
+#include "tensor_core.cuh"
 
 // Element strides of a [batch, heads, rows, head_dim] tensor (head_dim's stride is 1); passed by
 // value, as the launcher's #[repr(C)] struct of three i64.
@@ -31,26 +32,6 @@ constexpr float kLog2e = 1.4426950408889634f;
 // Rows of a shared-memory tile are padded by 8 elements (16 bytes): the 8 rows one ldmatrix
 // phase reads then start in 8 different groups of 4 banks.
 template <int D> __host__ __device__ constexpr int pitch() { return D + 8; }
-
-__device__ __forceinline__ uint32_t shared_address(const void *p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// Four 8 × 8 matrices of 16-bit elements from shared memory; lane i gives the address of row
-// i % 8 of matrix i / 8 and receives, of matrix m, row lane / 4, columns 2 (lane % 4) and + 1 in
-// register m (with .trans: the transposed matrix, i.e. column lane / 4, rows 2 (lane % 4), + 1).
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void *p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(shared_address(p))
-               : "memory");
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void *p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(shared_address(p))
-               : "memory");
-}
 
 // Where this lane points ldmatrix for a 16 × 16 block at (row0, col0) of a row-major tile whose
 // four 8 × 8 quarters are wanted in the order (top left, bottom left, top right, bottom right):
@@ -69,28 +50,6 @@ template <typename T, int D>
 __device__ __forceinline__ const T *quarters_across_first(const T *tile, int row0, int col0) {
   const int lane = threadIdx.x % 32;
   return tile + (row0 + (lane & 7) + (lane >> 4) * 8) * pitch<D>() + col0 + ((lane >> 3) & 1) * 8;
-}
-
-// d += a · b for a 16 × 16 A fragment and a 16 × 8 B fragment, f32 accumulators.
-template <typename T>
-__device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
-template <>
-__device__ __forceinline__ void mma<__nv_bfloat16>(float (&d)[4], const uint32_t (&a)[4],
-                                                   uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <>
-__device__ __forceinline__ void mma<__half>(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                            uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
-      "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 // Two values rounded to T and packed into one register, the first in the low half.
@@ -339,7 +298,7 @@ __device__ void backward_dq(const T *__restrict__ q, const T *__restrict__ k,
                             const float *__restrict__ delta, T *__restrict__ dq, int S, int Hq,
                             int Hkv, float scale, Strides qs, Strides ks, Strides vs,
                             Strides dos, Strides dqs) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char *smem = dynamic_shared_memory();
   T *sq = reinterpret_cast<T *>(smem);
   T *sdo = sq + kTile * pitch<D>(), *sk = sdo + kTile * pitch<D>(), *sv = sk + kTile * pitch<D>();
   uint32_t *sseg = reinterpret_cast<uint32_t *>(sv + kTile * pitch<D>());
@@ -407,7 +366,7 @@ __device__ void backward_dkdv(const T *__restrict__ q, const T *__restrict__ k,
                               const float *__restrict__ delta, T *__restrict__ dk,
                               T *__restrict__ dv, int S, int Hq, int Hkv, float scale, Strides qs,
                               Strides ks, Strides vs, Strides dos, Strides dks, Strides dvs) {
-  extern __shared__ __align__(16) unsigned char smem[];
+  unsigned char *smem = dynamic_shared_memory();
   T *sk = reinterpret_cast<T *>(smem);
   T *sv = sk + kTile * pitch<D>(), *sq = sv + kTile * pitch<D>(), *sdo = sq + kTile * pitch<D>();
   uint32_t *qseg = reinterpret_cast<uint32_t *>(sdo + kTile * pitch<D>());

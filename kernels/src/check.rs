@@ -220,13 +220,7 @@ fn cross_entropy(
     // Logits within ±12: a peaked softmax, as a trained LM head's is.
     let x = input(15, &case.dims, 12.0)?;
     let dev = x.device().clone();
-    let targets: Vec<i64> = (0..n)
-        .map(|r| match r % 3 {
-            2 => -1,
-            _ => ((r * 7919) % v) as i64,
-        })
-        .collect();
-    let weights: Vec<f32> = (0..n).map(|r| f32::from(u8::from(r % 5 != 4))).collect();
+    let (targets, weights) = cross_entropy_targets(n, v);
     let t = Tensor::new(targets.as_slice(), &dev)?;
     let w = Tensor::new(weights.as_slice(), &dev)?;
     let (stats, grad) = match implementation {
@@ -266,6 +260,19 @@ fn cross_entropy(
             ("dlogits", cpu(grad)?),
         ],
     })
+}
+
+/// The cross-entropy case's targets and row weights for `n` rows over `v` classes: every
+/// third row's target held elsewhere (−1), every fifth row ignored (weight 0).
+pub fn cross_entropy_targets(n: usize, v: usize) -> (Vec<i64>, Vec<f32>) {
+    let targets = (0..n)
+        .map(|r| match r % 3 {
+            2 => -1,
+            _ => ((r * 7919) % v) as i64,
+        })
+        .collect();
+    let weights = (0..n).map(|r| f32::from(u8::from(r % 5 != 4))).collect();
+    (targets, weights)
 }
 
 /// LoRA's three rank-r products on x [n, k] and y [n, c] in the case's dtype, f32 A [r, k] and

@@ -7,6 +7,18 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result};
 
+use crate::launch::{self, Geometry};
+
+impl From<Geometry> for LaunchConfig {
+    fn from(g: Geometry) -> Self {
+        LaunchConfig {
+            grid_dim: g.grid,
+            block_dim: g.block,
+            shared_mem_bytes: g.shared_bytes,
+        }
+    }
+}
+
 /// One .cu file's PTX and the module name candle caches it under.
 #[derive(Clone, Copy)]
 pub(crate) struct Module {
@@ -84,7 +96,7 @@ pub(crate) fn adamw(
     }
     if n > 0 {
         // SAFETY: the argument list matches adamw_f32's signature.
-        unsafe { b.launch(elementwise(n)) }.w()?;
+        unsafe { b.launch(launch::elementwise(n).into()) }.w()?;
     }
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }
@@ -153,15 +165,9 @@ fn low_rank_typed<T: CudaDType + DeviceRepr>(
                 .arg(&n32)
                 .arg(&k32)
                 .arg(&r32);
-            // 32 rows of x a block (PROJECT_ROWS in low_rank.cu).
-            let cfg = LaunchConfig {
-                grid_dim: (n.div_ceil(32) as u32, 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
             if n * r > 0 {
                 // SAFETY: the argument list matches low_rank_project's signature.
-                unsafe { args.launch(cfg) }.w()?;
+                unsafe { args.launch(launch::low_rank_project(n).into()) }.w()?;
             }
             Ok(CudaStorage::wrap_cuda_slice(out, dev))
         }
@@ -179,7 +185,7 @@ fn low_rank_typed<T: CudaDType + DeviceRepr>(
             args.arg(&total64).arg(&c32).arg(&r32);
             if total > 0 {
                 // SAFETY: the argument list matches low_rank_add_product's signature.
-                unsafe { args.launch(elementwise(total)) }.w()?;
+                unsafe { args.launch(launch::elementwise(total).into()) }.w()?;
             }
             Ok(CudaStorage::wrap_cuda_slice(out, dev))
         }
@@ -188,8 +194,7 @@ fn low_rank_typed<T: CudaDType + DeviceRepr>(
             let (func, name) = load("low_rank_outer_partial")?;
             let l = views::<f32>(&name, &inputs[..1])?;
             let x = views::<T>(&name, &inputs[1..2])?;
-            // 256 rows per partial sum (OUTER_ROWS in low_rank.cu), a thread per column.
-            let blocks = n.div_ceil(256).max(1);
+            let (geometry, blocks) = launch::low_rank_outer_partial(n, k);
             // SAFETY: each block writes its r · k partial sums (zero rows write zeros).
             let partial = unsafe { dev.alloc::<f32>(blocks * r * k)? };
             let (n32, r32, k32) = (
@@ -204,14 +209,9 @@ fn low_rank_typed<T: CudaDType + DeviceRepr>(
                 .arg(&n32)
                 .arg(&r32)
                 .arg(&k32);
-            let cfg = LaunchConfig {
-                grid_dim: (k.div_ceil(256) as u32, blocks as u32, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
             if r * k > 0 {
                 // SAFETY: the argument list matches low_rank_outer_partial's signature.
-                unsafe { args.launch(cfg) }.w()?;
+                unsafe { args.launch(geometry.into()) }.w()?;
             }
             let reduce = dev.get_or_load_custom_func(
                 "low_rank_outer_reduce_f32",
@@ -225,7 +225,7 @@ fn low_rank_typed<T: CudaDType + DeviceRepr>(
             args.arg(&partial).arg(&out).arg(&blocks32).arg(&rk);
             if r * k > 0 {
                 // SAFETY: the argument list matches low_rank_outer_reduce_f32's signature.
-                unsafe { args.launch(elementwise(r * k)) }.w()?;
+                unsafe { args.launch(launch::elementwise(r * k).into()) }.w()?;
             }
             Ok(CudaStorage::wrap_cuda_slice(out, dev))
         }
@@ -285,11 +285,7 @@ fn cross_entropy_typed<T: CudaDType + DeviceRepr>(
     let x = views::<T>(function, &[logits])?;
     let t = views::<i64>(function, &[targets])?;
     let vocab32 = vocab as i32;
-    let cfg = LaunchConfig {
-        grid_dim: (rows as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg: LaunchConfig = launch::wide_block_per_row(rows).into();
     let mut b = func.builder();
     b.arg(&x[0]).arg(&t[0]);
     let out = match (kernel, terms) {
@@ -422,31 +418,13 @@ fn attention_typed<T: CudaDType + DeviceRepr>(
     b.arg(&a.scale);
     if n > 0 {
         // SAFETY: the argument list matches the kernel's signature (attention_softmax.cu).
-        unsafe { b.launch(warp_per_row(a.rows)) }.w()?;
+        unsafe { b.launch(launch::warp_per_row(a.rows).into()) }.w()?;
     }
     Ok(match (out_f32, out_t) {
         (Some(o), _) => CudaStorage::wrap_cuda_slice(o, dev),
         (_, Some(o)) => CudaStorage::wrap_cuda_slice(o, dev),
         _ => unreachable!("one output is allocated"),
     })
-}
-
-/// A warp per row of `rows`, eight rows (256 threads) a block.
-pub(crate) fn warp_per_row(rows: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (rows.div_ceil(8) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
-/// A grid-stride loop over `n` elements: 256 threads a block, at most 65,536 blocks.
-fn elementwise(n: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (n.div_ceil(256).clamp(1, 1 << 16) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    }
 }
 
 /// How a kernel covers its output.
@@ -498,17 +476,14 @@ fn typed<T: CudaDType + DeviceRepr>(
     }
     args.arg(&out);
     let (cfg, cols, eps, n, extra) = match grid {
-        Grid::Rows { rows, cols, eps } => {
-            // A warp per 32 columns up to 1024 threads; the kernels loop over the rest.
-            let threads = cols.div_ceil(32).clamp(1, 32) as u32 * 32;
-            let cfg = LaunchConfig {
-                grid_dim: (rows as u32, 1, 1),
-                block_dim: (threads, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            (cfg, Some(cols as i32), Some(eps), None, Vec::new())
-        }
-        Grid::Elements { n, extra } => (elementwise(n), None, None, Some(n as i64), extra),
+        Grid::Rows { rows, cols, eps } => (
+            launch::block_per_row(rows, cols),
+            Some(cols as i32),
+            Some(eps),
+            None,
+            Vec::new(),
+        ),
+        Grid::Elements { n, extra } => (launch::elementwise(n), None, None, Some(n as i64), extra),
     };
     if let (Some(cols), Some(eps)) = (&cols, &eps) {
         args.arg(cols);
@@ -522,7 +497,7 @@ fn typed<T: CudaDType + DeviceRepr>(
     }
     if out_len > 0 {
         // SAFETY: the argument list matches the kernel's signature (see Grid).
-        unsafe { args.launch(cfg) }.w()?;
+        unsafe { args.launch(cfg.into()) }.w()?;
     }
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }

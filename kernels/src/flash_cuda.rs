@@ -13,62 +13,10 @@ use candle_core::{CudaDevice, CudaStorage, DType, Result, Shape, Storage, Tensor
 
 use crate::cuda::FLASH_ATTENTION;
 use crate::flash_attention::AttentionShape;
-
-/// Query rows and keys per tile, and threads per block (kTile, kThreads in the .cu file).
-const TILE: usize = 64;
-const THREADS: u32 = 128;
-
-/// Element strides of a [batch, heads, rows, head_dim] tensor, as the kernels' `Strides`.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-struct Strides {
-    b: i64,
-    h: i64,
-    s: i64,
-}
+use crate::launch::{flash_tiles, warp_per_row, FlashKernel, Strides};
 
 // SAFETY: three i64 in C layout, the kernels' `struct Strides { int64_t b, h, s; }`.
 unsafe impl DeviceRepr for Strides {}
-
-impl Strides {
-    /// A [B, heads, S, D] tensor.
-    fn of(t: &Tensor) -> Self {
-        let st = t.stride();
-        Self {
-            b: st[0] as i64,
-            h: st[1] as i64,
-            s: st[2] as i64,
-        }
-    }
-
-    /// A [B, S, heads, D] tensor (the output and its gradient), read as [B, heads, S, D].
-    fn of_merged(t: &Tensor) -> Self {
-        let st = t.stride();
-        Self {
-            b: st[0] as i64,
-            h: st[2] as i64,
-            s: st[1] as i64,
-        }
-    }
-
-    /// A packed [B, heads, S, D] tensor.
-    fn packed(heads: usize, s: usize, d: usize) -> Self {
-        Self {
-            b: (heads * s * d) as i64,
-            h: (s * d) as i64,
-            s: d as i64,
-        }
-    }
-
-    /// A packed [B, S, heads, D] tensor read as [B, heads, S, D].
-    fn merged(heads: usize, s: usize, d: usize) -> Self {
-        Self {
-            b: (s * heads * d) as i64,
-            h: d as i64,
-            s: (heads * d) as i64,
-        }
-    }
-}
 
 /// A tensor's elements from its first one, on the GPU.
 fn view<'a, T: CudaDType + DeviceRepr>(
@@ -96,22 +44,6 @@ fn tensor<T: CudaDType + DeviceRepr>(
 ) -> Tensor {
     let storage = Storage::Cuda(CudaStorage::wrap_cuda_slice(slice, dev.clone()));
     Tensor::from_storage(storage, shape, BackpropOp::none(), false)
-}
-
-/// A block of four warps per 64-row tile of `s` rows (x) and per head of each batch row (y),
-/// with `shared` bytes of dynamic shared memory.
-fn tile_blocks(s: usize, heads: usize, shared: usize) -> Result<LaunchConfig> {
-    // CUDA's grid is at most 65,535 blocks high.
-    if heads > 65_535 {
-        candle_core::bail!(
-            "flash attention: batch × heads = {heads} is over the 65,535 the kernels' grid takes"
-        );
-    }
-    Ok(LaunchConfig {
-        grid_dim: (s.div_ceil(TILE) as u32, heads as u32, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: shared as u32,
-    })
 }
 
 /// The dtype suffix of the kernels' names, once the kernels are known to take this dtype and
@@ -180,6 +112,7 @@ fn forward_typed<T: CudaDType + DeviceRepr>(
     let lse = unsafe { dev.alloc::<f32>(b * hq * s)? };
     let (s32, hq32, hkv32, ordered) = (s as i32, hq as i32, hkv as i32, i32::from(ordered));
     let scale = 1.0 / (d as f32).sqrt();
+    let elem = std::mem::size_of::<T>();
     let strides = [
         Strides::of(q),
         Strides::of(k),
@@ -195,7 +128,8 @@ fn forward_typed<T: CudaDType + DeviceRepr>(
     }
     if b * hq * s > 0 {
         // SAFETY: the argument list matches flash_forward_*'s signature.
-        unsafe { args.launch(tile_blocks(s, b * hq, 0)?) }.w()?;
+        unsafe { args.launch(flash_tiles(FlashKernel::Forward, s, b * hq, d, elem)?.into()) }
+            .w()?;
     }
     Ok((
         tensor(out, &dev, (b, s, hq, d)),
@@ -273,6 +207,7 @@ fn backward_typed<T: CudaDType + DeviceRepr>(
     let (s32, hq32, hkv32, d32) = (s as i32, hq as i32, hkv as i32, d as i32);
     let ordered = i32::from(ordered);
     let scale = 1.0 / (d as f32).sqrt();
+    let elem = std::mem::size_of::<T>();
     let (qst, kst, vst, ost, dost) = (
         Strides::of(q),
         Strides::of(k),
@@ -295,11 +230,10 @@ fn backward_typed<T: CudaDType + DeviceRepr>(
     args.arg(&ov).arg(&dov).arg(&delta).arg(&rows64);
     args.arg(&s32).arg(&hq32).arg(&d32).arg(&ost).arg(&dost);
     // SAFETY: the argument list matches flash_delta_*'s signature.
-    unsafe { args.launch(crate::cuda::warp_per_row(rows)) }.w()?;
+    unsafe { args.launch(warp_per_row(rows).into()) }.w()?;
 
-    let tile_bytes = TILE * (d + 8) * std::mem::size_of::<T>();
     // Above 48 KiB of shared memory a kernel must ask for it.
-    let dynamic = |func: &CudaFunction, bytes: usize| {
+    let dynamic = |func: &CudaFunction, bytes: u32| {
         func.set_attribute(
             CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             bytes as i32,
@@ -311,8 +245,8 @@ fn backward_typed<T: CudaDType + DeviceRepr>(
     let dq_fn = load(format!("flash_backward_dq_{suffix}_d{d}"))?;
     // SAFETY: the kernel writes every row of dq.
     let dq = unsafe { dev.alloc::<T>(rows * d)? };
-    let bytes = 4 * tile_bytes + TILE * 4;
-    dynamic(&dq_fn, bytes)?;
+    let geometry = flash_tiles(FlashKernel::BackwardDq, s, b * hq, d, elem)?;
+    dynamic(&dq_fn, geometry.shared_bytes)?;
     let inputs = GradientInputs {
         q: &qv,
         k: &kv,
@@ -332,7 +266,7 @@ fn backward_typed<T: CudaDType + DeviceRepr>(
         args.arg(st);
     }
     // SAFETY: the argument list matches flash_backward_dq_*'s signature.
-    unsafe { args.launch(tile_blocks(s, b * hq, bytes)?) }.w()?;
+    unsafe { args.launch(geometry.into()) }.w()?;
 
     // dk, dv: k, v, q, dO tiles, then the queries' segments, lse and delta.
     let kv_fn = load(format!("flash_backward_dkdv_{suffix}_d{d}"))?;
@@ -340,8 +274,8 @@ fn backward_typed<T: CudaDType + DeviceRepr>(
     // SAFETY: the kernel writes every row of dk and dv.
     let dk = unsafe { dev.alloc::<T>(kv_len)? };
     let dv = unsafe { dev.alloc::<T>(kv_len)? };
-    let bytes = 4 * tile_bytes + 3 * TILE * 4;
-    dynamic(&kv_fn, bytes)?;
+    let geometry = flash_tiles(FlashKernel::BackwardDkDv, s, b * hkv, d, elem)?;
+    dynamic(&kv_fn, geometry.shared_bytes)?;
     let mut args = kv_fn.builder();
     inputs.push(&mut args);
     args.arg(&dk).arg(&dv);
@@ -351,7 +285,7 @@ fn backward_typed<T: CudaDType + DeviceRepr>(
         args.arg(st);
     }
     // SAFETY: the argument list matches flash_backward_dkdv_*'s signature.
-    unsafe { args.launch(tile_blocks(s, b * hkv, bytes)?) }.w()?;
+    unsafe { args.launch(geometry.into()) }.w()?;
 
     Ok((
         tensor(dq, &dev, (b, hq, s, d)),

@@ -24,6 +24,7 @@ mod elem;
 mod exp;
 pub mod flash;
 pub mod flash_attention;
+pub mod launch;
 pub mod low_rank;
 mod rms_norm;
 mod rope;

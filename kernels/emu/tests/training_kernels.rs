@@ -1,0 +1,384 @@
+//! The kernels of kernels/cuda other than FlashAttention run by the emulator with the CUDA
+//! launchers' grids (helix_kernels::launch), against the CPU references the CPU path trains
+//! with: LoRA's rank-r products, the LM head's cross-entropy statistics and gradient, the fused
+//! AdamW (bit for bit: both sides round the same f32 operations), and RMSNorm, SwiGLU and RoPE,
+//! which a device run has checked too (so they also check the emulator). Shapes end mid-block
+//! and mid-tile, and ranks pass the kernels' 16-rank steps.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::{assert_close, seeded, stored, tolerance, widen, Element};
+use half::bf16;
+use helix_kernels::launch;
+use helix_kernels_emu::kernels::*;
+use helix_kernels_emu::Ptr;
+
+fn cpu<T: candle_core::WithDType>(v: &[T], dims: &[usize]) -> Tensor {
+    Tensor::from_slice(v, dims, &Device::Cpu).unwrap()
+}
+
+fn values(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// (x [n, k] T, A [r, k] f32) → x Aᵀ; (y [n, c] T, l [n, r], Bᵀ [r, c]) → y + l Bᵀ;
+/// (l, x) → lᵀ x: the emulated kernels against src/low_rank.rs.
+fn low_rank_case<T: Element + candle_core::WithDType>(
+    [n, k, c, r]: [usize; 4],
+    project: unsafe extern "C" fn(*const T, *const f32, *mut f32, i32, i32, i32),
+    add_product: unsafe extern "C" fn(*const T, *const f32, *const f32, *mut T, i64, i32, i32),
+    outer_partial: unsafe extern "C" fn(*const f32, *const T, *mut f32, i32, i32, i32),
+) {
+    let label = format!("low_rank {} [{n}, {k}, {c}, {r}]", T::NAME);
+    let (x, _) = stored::<T>(&seeded(21, n * k, 1.0));
+    let a = seeded(22, r * k, 0.1);
+    let bt = seeded(23, r * c, 0.1);
+    let (y, _) = stored::<T>(&seeded(24, n * c, 1.0));
+    let (xt, at, btt, yt) = (
+        cpu(&x, &[n, k]),
+        cpu(&a, &[r, k]),
+        cpu(&bt, &[r, c]),
+        cpu(&y, &[n, c]),
+    );
+    let want_low = helix_kernels::low_rank::project(&xt, &at).unwrap();
+    let want_sum = helix_kernels::low_rank::add_product(&yt, &want_low, &btt).unwrap();
+    let want_grad = helix_kernels::low_rank::outer_sum(&want_low, &xt).unwrap();
+
+    let (xp, ap, btp, yp) = (Ptr::read(&x), Ptr::read(&a), Ptr::read(&bt), Ptr::read(&y));
+    let mut low = vec![0f32; n * r];
+    let lowp = Ptr::of(&mut low);
+    helix_kernels_emu::launch(launch::low_rank_project(n), || unsafe {
+        project(xp.get(), ap.get(), lowp.get(), n as i32, k as i32, r as i32)
+    });
+    // f32 sums in another order: kernel-check's f32 tolerance scaled by the depth k.
+    assert_close(
+        &format!("{label} x Aᵀ"),
+        &low,
+        &values(&want_low),
+        1e-5 * (k as f32).sqrt(),
+    );
+
+    // The next two take the reference's l, so each kernel is checked on its own.
+    let want_l = values(&want_low);
+    let lp = Ptr::read(&want_l);
+    let mut sum = vec![T::default(); n * c];
+    let sump = Ptr::of(&mut sum);
+    helix_kernels_emu::launch(launch::elementwise(n * c), || unsafe {
+        add_product(
+            yp.get(),
+            lp.get(),
+            btp.get(),
+            sump.get(),
+            (n * c) as i64,
+            c as i32,
+            r as i32,
+        )
+    });
+    assert_close(
+        &format!("{label} y + l Bᵀ"),
+        &widen(&sum),
+        &values(&want_sum),
+        tolerance::<T>(),
+    );
+
+    let (geometry, blocks) = launch::low_rank_outer_partial(n, k);
+    let mut partial = vec![0f32; blocks * r * k];
+    let pp = Ptr::of(&mut partial);
+    helix_kernels_emu::launch(geometry, || unsafe {
+        outer_partial(lp.get(), xp.get(), pp.get(), n as i32, r as i32, k as i32)
+    });
+    let mut grad = vec![0f32; r * k];
+    let gp = Ptr::of(&mut grad);
+    helix_kernels_emu::launch(launch::elementwise(r * k), || unsafe {
+        low_rank_outer_reduce_f32(pp.get(), gp.get(), blocks as i32, (r * k) as i64)
+    });
+    assert_close(
+        &format!("{label} lᵀ x"),
+        &grad,
+        &values(&want_grad),
+        1e-5 * (n as f32).sqrt(),
+    );
+}
+
+#[test]
+fn low_rank_products_match_the_reference() {
+    // Odd sizes; rows past a 32-row block and past a 256-row partial sum; rank 20 takes the
+    // outer sum's second 16-rank pass and the projection's second group of 16.
+    for dims in [[7, 13, 11, 3], [300, 130, 70, 20], [40, 200, 33, 64]] {
+        low_rank_case::<f32>(
+            dims,
+            low_rank_project_f32,
+            low_rank_add_product_f32,
+            low_rank_outer_partial_f32,
+        );
+        low_rank_case::<bf16>(
+            dims,
+            low_rank_project_bf16,
+            low_rank_add_product_bf16,
+            low_rank_outer_partial_bf16,
+        );
+    }
+}
+
+fn cross_entropy_case<T: Element + candle_core::WithDType>(
+    n: usize,
+    v: usize,
+    stats_kernel: unsafe extern "C" fn(*const T, *const i64, *mut f32, i32),
+    grad_kernel: unsafe extern "C" fn(*const T, *const i64, *const f32, *mut T, i32),
+) {
+    let label = format!("cross_entropy {} [{n}, {v}]", T::NAME);
+    // Logits within ±12 (a peaked softmax), and kernel-check's targets: some elsewhere (−1),
+    // some rows ignored (weight 0).
+    let (x, _) = stored::<T>(&seeded(15, n * v, 12.0));
+    let (targets, weights) = helix_kernels::check::cross_entropy_targets(n, v);
+    let (xt, tt) = (cpu(&x, &[n, v]), cpu(&targets, &[n]));
+    let want_stats = helix_kernels::cross_entropy::logit_stats(&xt, &tt).unwrap();
+    let lse = (want_stats.narrow(1, 1, 1).unwrap().log().unwrap()
+        + want_stats.narrow(1, 0, 1).unwrap())
+    .unwrap();
+    let terms = Tensor::cat(&[&lse, &cpu(&weights, &[n, 1])], 1).unwrap();
+    let want_grad = helix_kernels::cross_entropy::logit_grad(&xt, &tt, &terms).unwrap();
+
+    let (xp, tp) = (Ptr::read(&x), Ptr::read(&targets));
+    let mut stats = vec![0f32; 3 * n];
+    let sp = Ptr::of(&mut stats);
+    helix_kernels_emu::launch(launch::wide_block_per_row(n), || unsafe {
+        stats_kernel(xp.get(), tp.get(), sp.get(), v as i32)
+    });
+    let want = values(&want_stats);
+    for (i, what) in ["row max", "Σ exp", "target logit"].iter().enumerate() {
+        let pick = |s: &[f32]| s.iter().skip(i).step_by(3).copied().collect::<Vec<_>>();
+        assert_close(
+            &format!("{label} {what}"),
+            &pick(&stats),
+            &pick(&want),
+            2e-5,
+        );
+    }
+    let terms = values(&terms);
+    let termsp = Ptr::read(&terms);
+    let mut grad = vec![T::default(); n * v];
+    let gp = Ptr::of(&mut grad);
+    helix_kernels_emu::launch(launch::wide_block_per_row(n), || unsafe {
+        grad_kernel(xp.get(), tp.get(), termsp.get(), gp.get(), v as i32)
+    });
+    assert_close(
+        &format!("{label} dlogits"),
+        &widen(&grad),
+        &values(&want_grad),
+        tolerance::<T>(),
+    );
+}
+
+#[test]
+fn cross_entropy_kernels_match_the_reference() {
+    for (n, v) in [(5, 37), (31, 1000), (6, 4099)] {
+        cross_entropy_case::<f32>(n, v, logit_stats_f32, logit_grad_f32);
+        cross_entropy_case::<bf16>(n, v, logit_stats_bf16, logit_grad_bf16);
+    }
+}
+
+#[test]
+fn adamw_matches_the_reference_bit_for_bit() {
+    let n = 1001;
+    let mut w = seeded(11, n, 1.0);
+    let mut m = vec![0f32; n];
+    let mut v = vec![0f32; n];
+    for t in 1..=3u64 {
+        let g = seeded(11 + t, n, 0.1);
+        let decay = if t == 2 { 0.1 } else { 0.0 };
+        let st = helix_kernels::AdamWStep::new(t, 1e-3, [0.9, 0.95], 1e-8, decay);
+        let f = |x: f64| x as f32;
+        let (want_w, want_m, want_v) = helix_kernels::adamw_update(
+            &cpu(&w, &[n]),
+            &cpu(&m, &[n]),
+            &cpu(&v, &[n]),
+            &cpu(&g, &[n]),
+            st,
+        )
+        .unwrap();
+        let mut out = vec![0f32; 3 * n];
+        let (wp, mp, vp, gp, op) = (
+            Ptr::read(&w),
+            Ptr::read(&m),
+            Ptr::read(&v),
+            Ptr::read(&g),
+            Ptr::of(&mut out),
+        );
+        helix_kernels_emu::launch(launch::elementwise(n), || unsafe {
+            adamw_f32(
+                wp.get(),
+                mp.get(),
+                vp.get(),
+                gp.get(),
+                op.get(),
+                n as i64,
+                f(st.decay),
+                f(st.c1),
+                f(st.b2),
+                f(st.c2),
+                f(st.inv_bias2),
+                f(st.eps),
+                f(st.step_size),
+            )
+        });
+        assert_eq!(out[..n], values(&want_w)[..], "w after step {t}");
+        assert_eq!(out[n..2 * n], values(&want_m)[..], "m after step {t}");
+        assert_eq!(out[2 * n..], values(&want_v)[..], "v after step {t}");
+        w = out[..n].to_vec();
+        m = out[n..2 * n].to_vec();
+        v = out[2 * n..].to_vec();
+    }
+}
+
+#[test]
+fn rms_norm_swiglu_and_rope_match_the_reference() {
+    // RMSNorm, bf16 and f32: 3 rows of 67 (a block of 96 threads) and 2 rows of 1,500 (1,024
+    // threads looping).
+    for (rows, cols) in [(3, 67), (2, 1500)] {
+        let (x, _) = stored::<bf16>(&seeded(1, rows * cols, 2.0));
+        let (w, _) = stored::<bf16>(&seeded(2, cols, 1.0));
+        let (dy, _) = stored::<bf16>(&seeded(7, rows * cols, 1.0));
+        let (xt, wt, dyt) = (
+            cpu(&x, &[rows, cols]),
+            cpu(&w, &[cols]),
+            cpu(&dy, &[rows, cols]),
+        );
+        let want = helix_kernels::rms_norm(&xt, &wt, 1e-5).unwrap();
+        let (want_dx, _) = helix_kernels::rms_norm_backward(&xt, &wt, &dyt, 1e-5, false).unwrap();
+        let (xp, wp, dyp) = (Ptr::read(&x), Ptr::read(&w), Ptr::read(&dy));
+        let mut y = vec![bf16::ZERO; rows * cols];
+        let mut dx = vec![bf16::ZERO; rows * cols];
+        let (yp, dxp) = (Ptr::of(&mut y), Ptr::of(&mut dx));
+        let g = launch::block_per_row(rows, cols);
+        helix_kernels_emu::launch(g, || unsafe {
+            rms_norm_fwd_bf16(xp.get(), wp.get(), yp.get(), cols as i32, 1e-5)
+        });
+        helix_kernels_emu::launch(g, || unsafe {
+            rms_norm_bwd_dx_bf16(xp.get(), wp.get(), dyp.get(), dxp.get(), cols as i32, 1e-5)
+        });
+        let tol = tolerance::<bf16>();
+        assert_close(
+            &format!("rms_norm bf16 [{rows}, {cols}] y"),
+            &widen(&y),
+            &values(&want),
+            tol,
+        );
+        assert_close(
+            &format!("rms_norm bf16 [{rows}, {cols}] dx"),
+            &widen(&dx),
+            &values(&want_dx),
+            tol,
+        );
+
+        let xf = seeded(1, rows * cols, 2.0);
+        let wf = seeded(2, cols, 1.0);
+        let want =
+            helix_kernels::rms_norm(&cpu(&xf, &[rows, cols]), &cpu(&wf, &[cols]), 1e-5).unwrap();
+        let (xp, wp) = (Ptr::read(&xf), Ptr::read(&wf));
+        let mut y = vec![0f32; rows * cols];
+        let yp = Ptr::of(&mut y);
+        helix_kernels_emu::launch(g, || unsafe {
+            rms_norm_fwd_f32(xp.get(), wp.get(), yp.get(), cols as i32, 1e-5)
+        });
+        assert_close(
+            &format!("rms_norm f32 [{rows}, {cols}] y"),
+            &y,
+            &values(&want),
+            2e-5,
+        );
+    }
+
+    // SwiGLU over 3 × 7 × 33 elements (one block, a ragged tail).
+    let n = 3 * 7 * 33;
+    let (gate, _) = stored::<bf16>(&seeded(3, n, 3.0));
+    let (up, _) = stored::<bf16>(&seeded(4, n, 1.0));
+    let (dy, _) = stored::<bf16>(&seeded(7, n, 1.0));
+    let (gt, ut, dyt) = (cpu(&gate, &[n]), cpu(&up, &[n]), cpu(&dy, &[n]));
+    let want = helix_kernels::swiglu(&gt, &ut).unwrap();
+    let (want_dg, want_du) = helix_kernels::swiglu_backward(&gt, &ut, &dyt).unwrap();
+    let (gp, up_, dyp) = (Ptr::read(&gate), Ptr::read(&up), Ptr::read(&dy));
+    let mut y = vec![bf16::ZERO; n];
+    let mut d = vec![bf16::ZERO; 2 * n];
+    let (yp, dp) = (Ptr::of(&mut y), Ptr::of(&mut d));
+    helix_kernels_emu::launch(launch::elementwise(n), || unsafe {
+        swiglu_fwd_bf16(gp.get(), up_.get(), yp.get(), n as i64)
+    });
+    helix_kernels_emu::launch(launch::elementwise(n), || unsafe {
+        swiglu_bwd_bf16(gp.get(), up_.get(), dyp.get(), dp.get(), n as i64)
+    });
+    let tol = tolerance::<bf16>();
+    assert_close("swiglu bf16 y", &widen(&y), &values(&want), tol);
+    assert_close(
+        "swiglu bf16 d gate",
+        &widen(&d[..n]),
+        &values(&want_dg),
+        tol,
+    );
+    assert_close("swiglu bf16 d up", &widen(&d[n..]), &values(&want_du), tol);
+
+    // RoPE on [2, 3, 5, 8] with per-position angles, forward and backward (the inverse turn).
+    let (b, h, s, dim) = (2, 3, 5, 8);
+    let n = b * h * s * dim;
+    let (x, _) = stored::<bf16>(&seeded(5, n, 1.0));
+    let angles = seeded(6, b * s * dim / 2, 3.0);
+    let full: Vec<f32> = (0..b * s)
+        .flat_map(|p| {
+            let half = &angles[p * dim / 2..(p + 1) * dim / 2];
+            half.iter().chain(half).copied().collect::<Vec<_>>()
+        })
+        .collect();
+    let (cos, _) = stored::<bf16>(&full.iter().map(|a| a.cos()).collect::<Vec<_>>());
+    let (sin, _) = stored::<bf16>(&full.iter().map(|a| a.sin()).collect::<Vec<_>>());
+    let (xt, ct, st) = (
+        cpu(&x, &[b, h, s, dim]),
+        cpu(&cos, &[b, 1, s, dim]),
+        cpu(&sin, &[b, 1, s, dim]),
+    );
+    let want = helix_kernels::rope(&xt, &ct, &st).unwrap();
+    let (xp, cp, sp) = (Ptr::read(&x), Ptr::read(&cos), Ptr::read(&sin));
+    let mut y = vec![bf16::ZERO; n];
+    let mut back = vec![bf16::ZERO; n];
+    let (yp, bp) = (Ptr::of(&mut y), Ptr::of(&mut back));
+    helix_kernels_emu::launch(launch::elementwise(n), || unsafe {
+        rope_bf16(
+            xp.get(),
+            cp.get(),
+            sp.get(),
+            yp.get(),
+            n as i64,
+            h as i32,
+            s as i32,
+            dim as i32,
+            0,
+        )
+    });
+    assert_close("rope bf16 y", &widen(&y), &values(&want), tol);
+    // Turning y back by the same angles gives x again, to bf16 rounding.
+    let yr = Ptr::read(&y);
+    helix_kernels_emu::launch(launch::elementwise(n), || unsafe {
+        rope_bf16(
+            yr.get(),
+            cp.get(),
+            sp.get(),
+            bp.get(),
+            n as i64,
+            h as i32,
+            s as i32,
+            dim as i32,
+            1,
+        )
+    });
+    assert_close(
+        "rope bf16 backward of y",
+        &widen(&back),
+        &widen(&x),
+        2.0 * tol,
+    );
+}

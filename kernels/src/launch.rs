@@ -1,0 +1,168 @@
+//! How each kernel of kernels/cuda is launched: blocks, threads and dynamic shared memory, and
+//! the strides the FlashAttention kernels take. Plain data with no CUDA in it, so the CUDA
+//! launchers (src/cuda.rs, src/flash_cuda.rs) and the CPU emulator's tests (kernels/emu) launch
+//! the same grids.
+
+use candle_core::{Result, Tensor};
+
+/// A launch's shape as CUDA takes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    pub grid: (u32, u32, u32),
+    pub block: (u32, u32, u32),
+    pub shared_bytes: u32,
+}
+
+impl Geometry {
+    fn linear(blocks: usize, threads: u32) -> Self {
+        Self {
+            grid: (blocks as u32, 1, 1),
+            block: (threads, 1, 1),
+            shared_bytes: 0,
+        }
+    }
+}
+
+/// A grid-stride loop over `n` elements: 256 threads a block, at most 65,536 blocks.
+pub fn elementwise(n: usize) -> Geometry {
+    Geometry::linear(n.div_ceil(256).clamp(1, 1 << 16), 256)
+}
+
+/// A warp per row of `rows`, eight rows (256 threads) a block.
+pub fn warp_per_row(rows: usize) -> Geometry {
+    Geometry::linear(rows.div_ceil(8), 256)
+}
+
+/// A block per row of `cols` (RMSNorm): a warp per 32 columns up to 1,024 threads; the kernels
+/// loop over the rest.
+pub fn block_per_row(rows: usize, cols: usize) -> Geometry {
+    Geometry::linear(rows, cols.div_ceil(32).clamp(1, 32) as u32 * 32)
+}
+
+/// A block of 256 threads per row (the cross-entropy kernels, over the vocabulary).
+pub fn wide_block_per_row(rows: usize) -> Geometry {
+    Geometry::linear(rows, 256)
+}
+
+/// Rows of x per block of `low_rank_project` (PROJECT_ROWS in low_rank.cu).
+const PROJECT_ROWS: usize = 32;
+/// Rows per partial sum of `low_rank_outer_partial` (OUTER_ROWS in low_rank.cu).
+const OUTER_ROWS: usize = 256;
+
+/// `low_rank_project` over `n` rows: 256 threads per 32 rows.
+pub fn low_rank_project(n: usize) -> Geometry {
+    Geometry::linear(n.div_ceil(PROJECT_ROWS), 256)
+}
+
+/// `low_rank_outer_partial` over `n` rows and `k` columns: a thread per column (x) and a block
+/// row per 256 rows (y), whose count is the partial sums' (returned with it).
+pub fn low_rank_outer_partial(n: usize, k: usize) -> (Geometry, usize) {
+    let blocks = n.div_ceil(OUTER_ROWS).max(1);
+    let g = Geometry {
+        grid: (k.div_ceil(256) as u32, blocks as u32, 1),
+        block: (256, 1, 1),
+        shared_bytes: 0,
+    };
+    (g, blocks)
+}
+
+/// Query rows (or keys) per FlashAttention tile, and threads per block (kTile, kThreads in
+/// flash_attention.cu).
+pub const FLASH_TILE: usize = 64;
+const FLASH_THREADS: u32 = 128;
+
+/// Which FlashAttention kernel a tile grid is for; the backward ones keep their tiles in
+/// dynamic shared memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FlashKernel {
+    Forward,
+    /// q, dO, k, v tiles and the keys' segment ids.
+    BackwardDq,
+    /// k, v, q, dO tiles, then the queries' segment ids, lse and delta.
+    BackwardDkDv,
+}
+
+impl FlashKernel {
+    /// Dynamic shared memory for head_dim `d` and `elem_bytes`-byte elements.
+    pub fn shared_bytes(self, d: usize, elem_bytes: usize) -> usize {
+        // Rows padded by 8 elements (pitch<D> in flash_attention.cu).
+        let tile = FLASH_TILE * (d + 8) * elem_bytes;
+        match self {
+            Self::Forward => 0,
+            Self::BackwardDq => 4 * tile + FLASH_TILE * 4,
+            Self::BackwardDkDv => 4 * tile + 3 * FLASH_TILE * 4,
+        }
+    }
+}
+
+/// A block of four warps per 64-row tile of `s` rows (x) and per head of each batch row (y),
+/// with `kernel`'s shared memory.
+pub fn flash_tiles(
+    kernel: FlashKernel,
+    s: usize,
+    heads: usize,
+    d: usize,
+    elem_bytes: usize,
+) -> Result<Geometry> {
+    // CUDA's grid is at most 65,535 blocks high.
+    if heads > 65_535 {
+        candle_core::bail!(
+            "flash attention: batch × heads = {heads} is over the 65,535 the kernels' grid takes"
+        );
+    }
+    Ok(Geometry {
+        grid: (s.div_ceil(FLASH_TILE) as u32, heads as u32, 1),
+        block: (FLASH_THREADS, 1, 1),
+        shared_bytes: kernel.shared_bytes(d, elem_bytes) as u32,
+    })
+}
+
+/// Element strides of a [batch, heads, rows, head_dim] tensor, as the FlashAttention kernels'
+/// `Strides` (three int64_t, passed by value).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Strides {
+    pub b: i64,
+    pub h: i64,
+    pub s: i64,
+}
+
+impl Strides {
+    /// A [B, heads, S, D] tensor.
+    pub fn of(t: &Tensor) -> Self {
+        let st = t.stride();
+        Self {
+            b: st[0] as i64,
+            h: st[1] as i64,
+            s: st[2] as i64,
+        }
+    }
+
+    /// A [B, S, heads, D] tensor (the output and its gradient), read as [B, heads, S, D].
+    pub fn of_merged(t: &Tensor) -> Self {
+        let st = t.stride();
+        Self {
+            b: st[0] as i64,
+            h: st[2] as i64,
+            s: st[1] as i64,
+        }
+    }
+
+    /// A packed [B, heads, S, D] tensor.
+    pub fn packed(heads: usize, s: usize, d: usize) -> Self {
+        Self {
+            b: (heads * s * d) as i64,
+            h: (s * d) as i64,
+            s: d as i64,
+        }
+    }
+
+    /// A packed [B, S, heads, D] tensor read as [B, heads, S, D].
+    pub fn merged(heads: usize, s: usize, d: usize) -> Self {
+        Self {
+            b: (s * heads * d) as i64,
+            h: d as i64,
+            s: (heads * d) as i64,
+        }
+    }
+}
