@@ -47,6 +47,39 @@ extern "C" {
         backward: i32,
     );
 
+    #[allow(clippy::too_many_arguments)]
+    pub fn attn_row_stats_bf16(
+        s: *const bf16,
+        bias: *const bf16,
+        stats: *mut f32,
+        rows: i64,
+        keys: i32,
+        heads: i32,
+        q_rows: i32,
+        scale: f32,
+    );
+    #[allow(clippy::too_many_arguments)]
+    pub fn attn_probs_bf16(
+        s: *const bf16,
+        bias: *const bf16,
+        stats: *const f32,
+        p: *mut bf16,
+        rows: i64,
+        keys: i32,
+        heads: i32,
+        q_rows: i32,
+        scale: f32,
+    );
+    pub fn attn_softmax_grad_bf16(
+        p: *const bf16,
+        dp: *const bf16,
+        d: *const f32,
+        ds: *mut bf16,
+        rows: i64,
+        keys: i32,
+        scale: f32,
+    );
+
     pub fn logit_stats_f32(x: *const f32, targets: *const i64, stats: *mut f32, vocab: i32);
     pub fn logit_stats_bf16(x: *const bf16, targets: *const i64, stats: *mut f32, vocab: i32);
     pub fn logit_grad_f32(

@@ -1,8 +1,9 @@
 //! The kernels of kernels/cuda other than FlashAttention run by the emulator with the CUDA
 //! launchers' grids (helix_kernels::launch), against the CPU references the CPU path trains
 //! with: LoRA's rank-r products, the LM head's cross-entropy statistics and gradient, the fused
-//! AdamW (bit for bit: both sides round the same f32 operations), and RMSNorm, SwiGLU and RoPE,
-//! which a device run has checked too (so they also check the emulator). Shapes end mid-block
+//! AdamW (bit for bit: both sides round the same f32 operations), and RMSNorm, SwiGLU, RoPE and
+//! the chunked attention's softmax, which a device run has checked too (so they also check the
+//! emulator). Shapes end mid-block
 //! and mid-tile, and ranks pass the kernels' 16-rank steps.
 
 mod common;
@@ -381,4 +382,101 @@ fn rms_norm_swiglu_and_rope_match_the_reference() {
         &widen(&x),
         2.0 * tol,
     );
+}
+
+#[test]
+fn attention_softmax_kernels_match_the_reference() {
+    // Scores [b, h, r, k] under a causal mask (query i sees keys up to k − r + i), as
+    // kernel-check's case; a warp per row, rows past the last block's eighth.
+    for [b, h, r, k] in [[2, 3, 5, 37], [1, 4, 16, 300]] {
+        let label = format!("attention_softmax bf16 [{b}, {h}, {r}, {k}]");
+        let n = b * h * r * k;
+        let (s, _) = stored::<bf16>(&seeded(8, n, 40.0));
+        let (dp, _) = stored::<bf16>(&seeded(9, n, 1.0));
+        let d = seeded(10, b * h * r, 0.5);
+        let blocked: Vec<f32> = (0..b * r * k)
+            .map(|i| match (i % k) <= k - r + (i / k) % r {
+                true => 0.0,
+                false => -1e30,
+            })
+            .collect();
+        let (bias, _) = stored::<bf16>(&blocked);
+        let scale = 1.0 / 128f64.sqrt();
+        let (st, bt, dpt, dt) = (
+            cpu(&s, &[b, h, r, k]),
+            cpu(&bias, &[b, 1, r, k]),
+            cpu(&dp, &[b, h, r, k]),
+            cpu(&d, &[b, h, r, 1]),
+        );
+        use helix_kernels::attention_softmax as reference;
+        let want_stats = reference::row_stats(&st, &bt, scale).unwrap();
+        let want_p = reference::probs(&st, &bt, &want_stats, scale).unwrap();
+        let want_ds = reference::softmax_grad(&want_p, &dpt, &dt, scale).unwrap();
+
+        let rows = b * h * r;
+        let g = launch::warp_per_row(rows);
+        let (sp, bp, dpp, dptr) = (
+            Ptr::read(&s),
+            Ptr::read(&bias),
+            Ptr::read(&dp),
+            Ptr::read(&d),
+        );
+        let mut stats = vec![0f32; 2 * rows];
+        let statsp = Ptr::of(&mut stats);
+        let args = (rows as i64, k as i32, h as i32, r as i32, scale as f32);
+        helix_kernels_emu::launch(g, || unsafe {
+            attn_row_stats_bf16(
+                sp.get(),
+                bp.get(),
+                statsp.get(),
+                args.0,
+                args.1,
+                args.2,
+                args.3,
+                args.4,
+            )
+        });
+        assert_close(
+            &format!("{label} stats"),
+            &stats,
+            &values(&want_stats),
+            2e-5,
+        );
+        // The reference's statistics and probabilities in, so each kernel is checked alone.
+        let want_stats = values(&want_stats);
+        let wsp = Ptr::read(&want_stats);
+        let mut p = vec![bf16::ZERO; n];
+        let pp = Ptr::of(&mut p);
+        helix_kernels_emu::launch(g, || unsafe {
+            attn_probs_bf16(
+                sp.get(),
+                bp.get(),
+                wsp.get(),
+                pp.get(),
+                args.0,
+                args.1,
+                args.2,
+                args.3,
+                args.4,
+            )
+        });
+        let tol = tolerance::<bf16>();
+        assert_close(&format!("{label} p"), &widen(&p), &values(&want_p), tol);
+        let want_pv: Vec<bf16> = values(&want_p).iter().map(|&x| bf16::from_f32(x)).collect();
+        let wpp = Ptr::read(&want_pv);
+        let mut ds = vec![bf16::ZERO; n];
+        let dsp = Ptr::of(&mut ds);
+        helix_kernels_emu::launch(g, || unsafe {
+            attn_softmax_grad_bf16(
+                wpp.get(),
+                dpp.get(),
+                dptr.get(),
+                dsp.get(),
+                args.0,
+                args.1,
+                args.4,
+            )
+        });
+        assert_close(&format!("{label} ds"), &widen(&ds), &values(&want_ds), tol);
+    }
 }
