@@ -230,3 +230,13 @@ fn interleaved_documents_are_masked_without_skipping() {
     let sh = shape(1, 2, 2, 90, 64);
     check::<bf16>(sh, interleaved(1, 90), false);
 }
+
+/// kernel-check's larger shape: 600 rows (ten tiles, the last ending mid-tile), 8 query heads
+/// over 2 KV heads (groups of 4), head_dim 128. Minutes in the emulator, so run on request:
+/// `cargo test -p helix-kernels-emu --test flash_attention -- --ignored`.
+#[test]
+#[ignore]
+fn kernel_check_shape_matches_the_reference() {
+    let sh = shape(1, 8, 2, 600, 128);
+    check::<bf16>(sh, documents(1, 600), true);
+}

@@ -1,0 +1,249 @@
+//! The command line of `helix-train`: the launcher's options, the global `--config` and
+//! `--set`, and each subcommand with its flags (clap derives the parser and `--help` from
+//! these declarations; main.rs runs them).
+
+use std::path::PathBuf;
+
+use candle_core::DType;
+use clap::{Parser, Subcommand, ValueEnum};
+use helix_data::{Format, LengthPolicy};
+
+#[derive(Parser)]
+#[command(
+    name = "helix-train",
+    version,
+    about = "Fine-tune Llama-family models: SFT, LoRA, P-tuning"
+)]
+pub(crate) struct Cli {
+    /// A helix TOML config: fine-tune as it says (see configs/).
+    #[arg(long, global = true)]
+    pub(crate) config: Option<PathBuf>,
+    /// Override a config key: --set optimizer.lr=3e-4 (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE", global = true)]
+    pub(crate) set: Vec<String>,
+    /// Start this many ranks on this node, as torchrun does (data parallelism).
+    #[arg(long)]
+    pub(crate) nproc_per_node: Option<usize>,
+    /// Nodes in the job (with --nproc-per-node).
+    #[arg(long, default_value_t = 1, requires = "nproc_per_node")]
+    pub(crate) nnodes: usize,
+    /// This node's index (0 serves the rendezvous).
+    #[arg(long, default_value_t = 0, requires = "nproc_per_node")]
+    pub(crate) node_rank: usize,
+    /// Host of node 0.
+    #[arg(long, default_value = "127.0.0.1", requires = "nproc_per_node")]
+    pub(crate) master_addr: String,
+    /// Rendezvous port on node 0.
+    #[arg(long, default_value_t = helix_parallel::env::DEFAULT_PORT, requires = "nproc_per_node")]
+    pub(crate) master_port: u16,
+    #[command(subcommand)]
+    pub(crate) command: Option<Command>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum DTypeArg {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl From<DTypeArg> for DType {
+    fn from(d: DTypeArg) -> Self {
+        match d {
+            DTypeArg::F32 => DType::F32,
+            DTypeArg::Bf16 => DType::BF16,
+            DTypeArg::F16 => DType::F16,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub(crate) enum Command {
+    /// Fine-tune as the config says (the same as `helix-train --config FILE`).
+    Train,
+    /// Print the validation loss as JSON: of the configured model, or with the trainable
+    /// tensors of a checkpoint.
+    Eval {
+        /// A checkpoint directory (output_dir/checkpoints/step-NNNNNN).
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+    },
+    /// Convert a llama-architecture GGUF file into a Hugging Face directory (config.json,
+    /// model.safetensors, tokenizer.json, tokenizer_config.json with the chat template).
+    Import {
+        #[arg(long)]
+        gguf: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// dtype of the de-quantized weights
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: DTypeArg,
+    },
+    /// Generate text from a Hugging Face model directory, optionally with an adapter.
+    Generate {
+        #[arg(long)]
+        model: PathBuf,
+        /// A LoRA or P-tuning adapter directory (adapter_config.json, adapter_model.safetensors),
+        /// saved by helix or by PEFT.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long)]
+        prompt: String,
+        /// Wrap the prompt as a user message in the model's chat template.
+        #[arg(long)]
+        chat: bool,
+        /// System message for --chat (the template's default when absent).
+        #[arg(long)]
+        system: Option<String>,
+        #[arg(long, default_value_t = 128)]
+        max_new_tokens: usize,
+        /// 0 = greedy decoding.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: DTypeArg,
+        /// Print the generated token ids as JSON after the text.
+        #[arg(long)]
+        print_ids: bool,
+    },
+    /// Write a Hugging Face model directory (config.json, safetensors sharded with an index,
+    /// tokenizer files): the model with a LoRA adapter merged in, or converted to another dtype.
+    Export {
+        #[arg(long)]
+        model: PathBuf,
+        /// A LoRA adapter to merge (P-tuning adapters cannot be merged).
+        #[arg(long)]
+        adapter: Option<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+        /// dtype of the written weights (default: the model's own torch_dtype, else f32)
+        #[arg(long, value_enum)]
+        dtype: Option<DTypeArg>,
+        /// Largest shard, as transformers writes it (5GB, 500MB, 2GiB)
+        #[arg(long, default_value = "5GB")]
+        max_shard_size: String,
+    },
+    /// With --config: an analytic model of one step per GPU on an H100 cluster — memory,
+    /// FLOPs, communication, step time — beside the seed's measured NeMo times.
+    Plan {
+        #[arg(long, default_value_t = 1)]
+        nodes: usize,
+        #[arg(long, default_value_t = 8)]
+        gpus_per_node: usize,
+        /// Tokens in each sample (default: data.max_seq_length, what packing fills).
+        #[arg(long)]
+        tokens_per_sample: Option<usize>,
+        /// Fraction of peak FLOP/s a step reaches (default 0.45).
+        #[arg(long)]
+        mfu: Option<f64>,
+        /// Print the numbers as JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Compare the fused kernels on this build's device (the GPU with `cuda`) with their CPU
+    /// references, forward and gradients, f32 and bf16; exits 1 if any differs beyond its
+    /// tolerance. On a GPU also times each op fused and unfused.
+    KernelCheck {
+        /// Timed repetitions per op on a GPU (0: no timing).
+        #[arg(long, default_value_t = 20)]
+        repeats: usize,
+    },
+    /// Time one optimizer step (forward, backward, clipping, AdamW) of the configured model
+    /// and method on random tokens: tokens/s, model TFLOP/s, MFU, peak GPU and host memory.
+    Bench {
+        /// Draw the weights for the model's shape (model.preset, else model.path's
+        /// config.json) instead of reading them.
+        #[arg(long)]
+        random_weights: bool,
+        /// Keep only the first N decoder layers.
+        #[arg(long)]
+        layers: Option<usize>,
+        /// Rows per step (default: batch.micro_batch_size).
+        #[arg(long)]
+        rows: Option<usize>,
+        /// Tokens per row (default: data.max_seq_length).
+        #[arg(long)]
+        seq: Option<usize>,
+        #[arg(long, default_value_t = 2)]
+        warmup: usize,
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// The peak MFU is taken against, TFLOP/s (H100 SXM dense bf16).
+        #[arg(long, default_value_t = 989.0)]
+        peak_tflops: f64,
+        /// Print one JSON object instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check every collective of the job (NCCL on GPUs, TCP otherwise) against values each
+    /// rank works out alone, then time an all-reduce per group. Start it like training:
+    /// `helix-train --nproc-per-node N comm-check`, or under srun.
+    CommCheck {
+        /// Tensor-parallel group size; the other ranks form the data-parallel groups.
+        #[arg(long, default_value_t = 1)]
+        tp: usize,
+        /// Size of the timed all-reduce, MiB of f32.
+        #[arg(long, default_value_t = 64.0)]
+        megabytes: f64,
+        /// Timed all-reduces per group (0: no timing).
+        #[arg(long, default_value_t = 20)]
+        repeats: usize,
+        /// Seconds any rank may wait for another.
+        #[arg(long, default_value_t = 60.0)]
+        timeout_s: f64,
+    },
+    /// Read, template and tokenize instruction data; print statistics as JSON. Takes the
+    /// `[data]` section of a config (and model.path for the tokenizer), or the flags below.
+    DataStats {
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// dolly, alpaca (JSON array or JSONL) or nemo
+        #[arg(long)]
+        format: Option<Format>,
+        /// A directory with tokenizer.json (and tokenizer_config.json for EOS / chat template).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// alpaca, dolly, chat (the model's template), or a string with {instruction} and
+        /// {input}/{context}
+        #[arg(long, default_value = "alpaca")]
+        template: String,
+        #[arg(long, default_value_t = 2048)]
+        max_seq_length: usize,
+        /// truncate_prompt, truncate_response or drop
+        #[arg(long, default_value = "truncate_response")]
+        length_policy: LengthPolicy,
+        /// Train on the whole sequence instead of the response only.
+        #[arg(long)]
+        whole_sequence_loss: bool,
+        /// Skip (and count) invalid rows instead of stopping at the first.
+        #[arg(long)]
+        skip_invalid: bool,
+        /// Field-name overrides, e.g. --instruction-field question.
+        #[arg(long)]
+        instruction_field: Option<String>,
+        #[arg(long)]
+        context_field: Option<String>,
+        #[arg(long)]
+        response_field: Option<String>,
+        #[arg(long)]
+        category_field: Option<String>,
+        /// Tokenizer threads (0 = one per core).
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        /// Tokenize even when a cached result exists (and do not write one).
+        #[arg(long)]
+        no_cache: bool,
+        /// Data-parallel ranks, for the epoch plan (micro-steps per epoch).
+        #[arg(long, default_value_t = 1)]
+        world_size: usize,
+        /// Rows per micro-batch on each rank, for the epoch plan.
+        #[arg(long, default_value_t = 1)]
+        micro_batch_size: usize,
+    },
+}
