@@ -1,6 +1,6 @@
 // What kernels/cuda/*.cu use of CUDA, defined for the host so the same sources compile as C++
 // and run on the CPU (build.rs force-includes this file and puts include/ before the system
-// headers). A block's threads are OS threads (runtime.cpp): __syncthreads is a barrier of the
+// headers). A block's threads are fibers (runtime.cpp): __syncthreads is a barrier of the
 // block; warp-synchronous operations (__shfl_xor_sync, ldmatrix, mma.sync) are a barrier of the
 // warp's 32 lanes around an exchange of values, computed lane by lane as the PTX ISA lays out
 // the fragments. Blocks run one after another, so a __shared__ array is a static one.

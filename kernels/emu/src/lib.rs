@@ -1,7 +1,7 @@
 //! The CUDA kernels of kernels/cuda run on the CPU: build.rs compiles the .cu sources as host
 //! C++ against the emulator's stand-ins for CUDA (cuda_emu.h: threads, __syncthreads, warp
 //! shuffles, ldmatrix and mma.sync lane by lane as the PTX ISA lays out their fragments), and
-//! [`launch`] runs a kernel over a grid as CUDA would, each block's threads as OS threads. The
+//! [`launch`] runs a kernel over a grid as CUDA would, each block's threads as fibers. The
 //! tests (tests/*.rs) launch every kernel with the grids of [`helix_kernels::launch`], the ones
 //! the CUDA launchers use, and compare what it writes with the CPU references. Under
 //! AddressSanitizer (when the compiler has it) a read or write past a buffer, a shared array

@@ -232,8 +232,9 @@ fn interleaved_documents_are_masked_without_skipping() {
 }
 
 /// kernel-check's larger shape: 600 rows (ten tiles, the last ending mid-tile), 8 query heads
-/// over 2 KV heads (groups of 4), head_dim 128. Minutes in the emulator, so run on request:
-/// `cargo test -p helix-kernels-emu --test flash_attention -- --ignored`.
+/// over 2 KV heads (groups of 4), head_dim 128. About a minute in the emulator, so .ci/run runs
+/// it rather than every `cargo test`: `cargo test -p helix-kernels-emu --test flash_attention
+/// -- --ignored`.
 #[test]
 #[ignore]
 fn kernel_check_shape_matches_the_reference() {
