@@ -52,7 +52,6 @@ fn main() {
         for lib in ["stdc++", "pthread", "dl", "rt", "m"] {
             println!("cargo:rustc-link-arg=-l{lib}");
         }
-        println!("cargo:rustc-cfg=helix_emu_asan");
     } else {
         println!(
             "cargo:warning=helix-kernels-emu: the C++ compiler cannot link AddressSanitizer; \
@@ -65,7 +64,6 @@ fn main() {
         build.file(src);
     }
     build.compile("helix_cuda_emu");
-    println!("cargo:rustc-check-cfg=cfg(helix_emu_asan)");
 }
 
 /// AddressSanitizer's static runtime.

@@ -336,14 +336,7 @@ fn flash_attention(
     let v = input(33, &[b, hkv, s, d], 1.0)?;
     let dout = input(34, &[b, s, hq, d], 1.0)?;
     let dev = q.device().clone();
-    let segments: Vec<u32> = (0..b)
-        .flat_map(|row| {
-            (0..s).map(move |i| match row + 1 == b && i >= s - s / 5 {
-                true => u32::MAX,
-                false => (i * (row + 2) / s) as u32,
-            })
-        })
-        .collect();
+    let segments = flash_segments(b, s);
     // Non-decreasing ids: the CUDA kernels skip the key tiles of earlier documents.
     let seg = crate::flash::Segments::new(segments.clone(), b, &dev)?;
     let (out, lse, dq, dk, dv) = match implementation {
@@ -415,6 +408,19 @@ fn flash_attention(
     })
 }
 
+/// The FlashAttention case's segment ids, [b, s]: row r holds r + 2 documents and the last
+/// row ends in padding (an id of its own); non-decreasing in every row.
+pub fn flash_segments(b: usize, s: usize) -> Vec<u32> {
+    (0..b)
+        .flat_map(|row| {
+            (0..s).map(move |i| match row + 1 == b && i >= s - s / 5 {
+                true => u32::MAX,
+                false => (i * (row + 2) / s) as u32,
+            })
+        })
+        .collect()
+}
+
 /// Three AdamW steps (the second with weight decay) of an f32 tensor: w, m and v after them.
 fn adamw(case: &Case, implementation: Implementation, input: &SeededInput<'_>) -> Result<Outputs> {
     let dims = &case.dims[..];
@@ -460,7 +466,7 @@ pub fn tolerance(dtype: DType) -> f32 {
 }
 
 /// Deterministic values in [-1, 1) (xorshift), the same on every machine.
-pub(crate) fn seeded(seed: u64, n: usize) -> Vec<f64> {
+pub fn seeded(seed: u64, n: usize) -> Vec<f64> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..n)
         .map(|_| {

@@ -194,7 +194,8 @@ fn low_rank_typed<T: CudaDType + DeviceRepr>(
             let (func, name) = load("low_rank_outer_partial")?;
             let l = views::<f32>(&name, &inputs[..1])?;
             let x = views::<T>(&name, &inputs[1..2])?;
-            let (geometry, blocks) = launch::low_rank_outer_partial(n, k);
+            let geometry = launch::low_rank_outer_partial(n, k);
+            let blocks = geometry.grid.1 as usize;
             // SAFETY: each block writes its r · k partial sums (zero rows write zeros).
             let partial = unsafe { dev.alloc::<f32>(blocks * r * k)? };
             let (n32, r32, k32) = (

@@ -55,15 +55,17 @@ pub fn low_rank_project(n: usize) -> Geometry {
 }
 
 /// `low_rank_outer_partial` over `n` rows and `k` columns: a thread per column (x) and a block
-/// row per 256 rows (y), whose count is the partial sums' (returned with it).
-pub fn low_rank_outer_partial(n: usize, k: usize) -> (Geometry, usize) {
-    let blocks = n.div_ceil(OUTER_ROWS).max(1);
-    let g = Geometry {
-        grid: (k.div_ceil(256) as u32, blocks as u32, 1),
+/// row per 256 rows (y): `grid.1` is the number of partial sums.
+pub fn low_rank_outer_partial(n: usize, k: usize) -> Geometry {
+    Geometry {
+        grid: (
+            k.div_ceil(256) as u32,
+            n.div_ceil(OUTER_ROWS).max(1) as u32,
+            1,
+        ),
         block: (256, 1, 1),
         shared_bytes: 0,
-    };
-    (g, blocks)
+    }
 }
 
 /// Query rows (or keys) per FlashAttention tile, and threads per block (kTile, kThreads in

@@ -9,14 +9,6 @@ use helix_kernels::launch::Strides;
 extern "C" {
     pub fn rms_norm_fwd_f32(x: *const f32, w: *const f32, y: *mut f32, cols: i32, eps: f32);
     pub fn rms_norm_fwd_bf16(x: *const bf16, w: *const bf16, y: *mut bf16, cols: i32, eps: f32);
-    pub fn rms_norm_bwd_dx_f32(
-        x: *const f32,
-        w: *const f32,
-        dy: *const f32,
-        dx: *mut f32,
-        cols: i32,
-        eps: f32,
-    );
     pub fn rms_norm_bwd_dx_bf16(
         x: *const bf16,
         w: *const bf16,

@@ -26,9 +26,6 @@ extern "C" {
     ) -> i32;
 }
 
-/// Whether the emulated kernels were built with AddressSanitizer.
-pub const SANITIZED: bool = cfg!(helix_emu_asan);
-
 extern "C" fn trampoline<F: Fn() + Sync>(ctx: *mut c_void) {
     // SAFETY: ctx is the &F that `launch` passed and keeps alive until every thread is joined.
     let body = unsafe { &*(ctx as *const F) };

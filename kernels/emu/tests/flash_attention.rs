@@ -8,6 +8,7 @@ mod common;
 
 use common::{assert_close, seeded, stored, tolerance, widen, Element};
 use half::{bf16, f16};
+use helix_kernels::check::flash_segments;
 use helix_kernels::flash_attention::{self as reference, AttentionShape};
 use helix_kernels::launch::{flash_tiles, warp_per_row, FlashKernel, Strides};
 use helix_kernels_emu::kernels::FlashElement;
@@ -26,19 +27,6 @@ fn heads_first(v: &[f32], b: usize, s: usize, h: usize, d: usize) -> Vec<f32> {
         }
     }
     out
-}
-
-/// Segment ids of kernel-check's case: row r holds r + 2 documents, the last row ends in
-/// padding (an id of its own); non-decreasing, so tiles of earlier documents are skipped.
-fn documents(b: usize, s: usize) -> Vec<u32> {
-    (0..b)
-        .flat_map(|row| {
-            (0..s).map(move |i| match row + 1 == b && i >= s - s / 5 {
-                true => u32::MAX,
-                false => (i * (row + 2) / s) as u32,
-            })
-        })
-        .collect()
 }
 
 /// Ids that alternate in runs of 5 (documents interleaved): nothing may be skipped.
@@ -216,13 +204,13 @@ fn shape(
 #[test]
 fn bf16_head_dim_64_matches_the_reference() {
     let sh = shape(2, 4, 2, 150, 64);
-    check::<bf16>(sh, documents(2, 150), true);
+    check::<bf16>(sh, flash_segments(2, 150), true);
 }
 
 #[test]
 fn f16_head_dim_128_matches_the_reference() {
     let sh = shape(1, 2, 1, 100, 128);
-    check::<f16>(sh, documents(1, 100), true);
+    check::<f16>(sh, flash_segments(1, 100), true);
 }
 
 #[test]
@@ -239,5 +227,5 @@ fn interleaved_documents_are_masked_without_skipping() {
 #[ignore]
 fn kernel_check_shape_matches_the_reference() {
     let sh = shape(1, 8, 2, 600, 128);
-    check::<bf16>(sh, documents(1, 600), true);
+    check::<bf16>(sh, flash_segments(1, 600), true);
 }

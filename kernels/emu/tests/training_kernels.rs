@@ -88,7 +88,8 @@ fn low_rank_case<T: Element + candle_core::WithDType>(
         tolerance::<T>(),
     );
 
-    let (geometry, blocks) = launch::low_rank_outer_partial(n, k);
+    let geometry = launch::low_rank_outer_partial(n, k);
+    let blocks = geometry.grid.1 as usize;
     let mut partial = vec![0f32; blocks * r * k];
     let pp = Ptr::of(&mut partial);
     helix_kernels_emu::launch(geometry, || unsafe {

@@ -2,26 +2,28 @@
 
 #![allow(dead_code)]
 
+use candle_core::DType;
 use half::{bf16, f16};
-use rand::{rngs::StdRng, Rng, SeedableRng};
 
-/// Seeded values uniform in [-scale, scale).
+/// Seeded values in [-scale, scale): kernel-check's generator (helix_kernels::check::seeded).
 pub fn seeded(seed: u64, n: usize, scale: f32) -> Vec<f32> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    (0..n)
-        .map(|_| rng.random_range(-1.0f32..1.0) * scale)
+    helix_kernels::check::seeded(seed, n)
+        .into_iter()
+        .map(|x| (x * f64::from(scale)) as f32)
         .collect()
 }
 
 /// A storage type of the kernels, to and from f32.
 pub trait Element: Copy + Default + Send + Sync + 'static {
     const NAME: &'static str;
+    const DTYPE: DType;
     fn from_f32(v: f32) -> Self;
     fn to_f32(self) -> f32;
 }
 
 impl Element for f32 {
     const NAME: &'static str = "f32";
+    const DTYPE: DType = DType::F32;
     fn from_f32(v: f32) -> Self {
         v
     }
@@ -32,6 +34,7 @@ impl Element for f32 {
 
 impl Element for bf16 {
     const NAME: &'static str = "bf16";
+    const DTYPE: DType = DType::BF16;
     fn from_f32(v: f32) -> Self {
         bf16::from_f32(v)
     }
@@ -42,6 +45,7 @@ impl Element for bf16 {
 
 impl Element for f16 {
     const NAME: &'static str = "f16";
+    const DTYPE: DType = DType::F16;
     fn from_f32(v: f32) -> Self {
         f16::from_f32(v)
     }
@@ -89,8 +93,5 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tolerance: f32) -> f3
 /// kernel-check's tolerance for a storage type: f32 sums in another order, or two units in
 /// the last place of a 16-bit result.
 pub fn tolerance<T: Element>() -> f32 {
-    helix_kernels::check::tolerance(match T::NAME {
-        "f32" => candle_core::DType::F32,
-        _ => candle_core::DType::BF16,
-    })
+    helix_kernels::check::tolerance(T::DTYPE)
 }
