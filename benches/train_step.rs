@@ -33,7 +33,7 @@ use helix::train::step_bench::StepBench;
 /// A step of `method` on the model in `dir` (f32, CPU), `rows` rows of `seq` random tokens.
 fn case(dir: &Path, method: Method, rows: usize, seq: usize) -> StepBench {
     // What helix-train does on the CPU (helix_train::device).
-    helix::train::host_memory::keep_freed_memory();
+    helix::train::freed_memory::keep_freed_host_memory();
     let cfg = LlamaConfig::from_file(&dir.join("config.json")).expect("config.json");
     let weights = SafetensorsWeights::open_dir(dir).expect("weights");
     let model =

@@ -46,3 +46,19 @@ __device__ __forceinline__ unsigned char *dynamic_shared_memory() {
 
 // extern "C" entry points for each storage type: NAME_f32, NAME_bf16, NAME_f16.
 #define FOR_EACH_DTYPE(M) M(float, f32) M(__nv_bfloat16, bf16) M(__half, f16)
+
+// Multi-tensor launches (adamw.cu, sum_squares.cu): one launch over a list of tensors, each
+// given consecutive blocks of kTensorListBlockElems elements from its `first_block`; a block
+// finds its tensor by binary search over the list (sorted by first_block, none empty).
+constexpr int64_t kTensorListBlockElems = 4096;
+
+template <typename Entry>
+__device__ __forceinline__ const Entry &entry_of_block(const Entry *list, int count) {
+  int lo = 0, hi = count - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (list[mid].first_block <= (int64_t)blockIdx.x) lo = mid;
+    else hi = mid - 1;
+  }
+  return list[lo];
+}

@@ -74,10 +74,21 @@ pub fn cases() -> Vec<Case> {
             });
         }
     }
-    // AdamW keeps f32 state and masters whatever the parameters' dtype.
-    for dims in [vec![1001], vec![4096, 4096]] {
+    // AdamW over a list of parameters in one launch (the case's shape, a vector without
+    // decay, a small matrix): f32 parameters, and bf16 ones with f32 masters.
+    for dtype in [DType::F32, DType::BF16] {
+        for dims in [vec![1001], vec![4096, 4096]] {
+            out.push(Case {
+                op: "adamw",
+                dtype,
+                dims,
+            });
+        }
+    }
+    // The gradients' sums of squares, over the case's shape and two smaller tensors.
+    for dims in [vec![3, 1001], vec![4096, 4096]] {
         out.push(Case {
-            op: "adamw",
+            op: "sum_squares",
             dtype: DType::F32,
             dims,
         });
@@ -140,6 +151,7 @@ pub fn run(case: &Case, implementation: Implementation, device: &Device) -> Resu
         "attention_softmax" => return attention_softmax(case, implementation, &input),
         "cross_entropy" => return cross_entropy(case, implementation, &input),
         "adamw" => return adamw(case, implementation, &input),
+        "sum_squares" => return sum_squares(case, implementation, &input),
         "low_rank" => return low_rank(case, implementation, &input),
         "flash_attention" => return flash_attention(case, implementation, &input),
         other => candle_core::bail!("no op {other}"),
@@ -421,24 +433,123 @@ pub fn flash_segments(b: usize, s: usize) -> Vec<u32> {
         .collect()
 }
 
-/// Three AdamW steps (the second with weight decay) of an f32 tensor: w, m and v after them.
+/// Three AdamW steps of three parameters in the case's dtype (the case's shape, a vector that
+/// takes no decay, a 3 × 5 matrix), the second step with weight decay and the third on
+/// gradients scaled by 0.5 (clipping): every parameter, master and moment after them.
 fn adamw(case: &Case, implementation: Implementation, input: &SeededInput<'_>) -> Result<Outputs> {
-    let dims = &case.dims[..];
-    let mut w = input(11, dims, 1.0)?;
-    let mut m = w.zeros_like()?;
-    let mut v = w.zeros_like()?;
-    for t in 1..=3 {
-        let g = input(11 + t, dims, 0.1)?;
-        let decay = if t == 2 { 0.1 } else { 0.0 };
-        let st = crate::AdamWStep::new(t, 1e-3, [0.9, 0.95], 1e-8, decay);
-        (w, m, v) = match implementation {
-            Implementation::Fused => crate::adamw_update(&w, &m, &v, &g, st)?,
-            Implementation::Unfused => crate::unfused::adamw_update(&w, &m, &v, &g, &st)?,
-        };
+    let shapes = [case.dims.clone(), vec![37], vec![3, 5]];
+    let names = [
+        ["w", "m", "v", "master"],
+        ["vector w", "vector m", "vector v", "vector master"],
+        ["small w", "small m", "small v", "small master"],
+    ];
+    struct State {
+        param: Var,
+        master: Option<Tensor>,
+        m: Tensor,
+        v: Tensor,
     }
-    let cpu = |t: Tensor| t.to_device(&Device::Cpu);
+    let mut states = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, dims)| {
+            let w = input(11 + 10 * i as u64, dims, 1.0)?;
+            let master = match case.dtype {
+                DType::F32 => None,
+                _ => Some(w.to_dtype(DType::F32)?),
+            };
+            let zeros = || Tensor::zeros(dims.as_slice(), DType::F32, w.device());
+            Ok(State {
+                param: Var::from_tensor(&w)?,
+                master,
+                m: zeros()?,
+                v: zeros()?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    for t in 1..=3u64 {
+        let decay = if t == 2 { 0.1 } else { 0.0 };
+        let scale = if t == 3 { 0.5 } else { 1.0 };
+        let st = crate::AdamWStep::new(t, 1e-3, [0.9, 0.95], 1e-8, decay).with_grad_scale(scale);
+        let grads = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, dims)| input(11 + 10 * i as u64 + t, dims, 0.1)?.to_dtype(DType::F32))
+            .collect::<Result<Vec<_>>>()?;
+        match implementation {
+            Implementation::Fused => {
+                let mut params: Vec<crate::AdamWParam> = states
+                    .iter_mut()
+                    .zip(&grads)
+                    .enumerate()
+                    .map(|(i, (s, g))| crate::AdamWParam {
+                        param: &s.param,
+                        master: s.master.as_mut(),
+                        exp_avg: &mut s.m,
+                        exp_avg_sq: &mut s.v,
+                        grad: g,
+                        decays: i != 1,
+                    })
+                    .collect();
+                crate::adamw_step(&mut params, &st)?;
+            }
+            Implementation::Unfused => {
+                for (i, (s, g)) in states.iter_mut().zip(&grads).enumerate() {
+                    let st = if i == 1 { st.without_decay() } else { st };
+                    let w = match &s.master {
+                        Some(m) => m.clone(),
+                        None => s.param.as_tensor().clone(),
+                    };
+                    let (w, m, v) = crate::unfused::adamw_update(&w, &s.m, &s.v, g, &st)?;
+                    s.param.set(&w.to_dtype(case.dtype)?)?;
+                    if s.master.is_some() {
+                        s.master = Some(w);
+                    }
+                    (s.m, s.v) = (m, v);
+                }
+            }
+        }
+    }
+    let cpu = |t: &Tensor| t.to_dtype(DType::F32)?.to_device(&Device::Cpu);
+    let mut tensors = Vec::new();
+    for (s, [w, m, v, master]) in states.iter().zip(names) {
+        tensors.push((w, cpu(s.param.as_tensor())?));
+        tensors.push((m, cpu(&s.m)?));
+        tensors.push((v, cpu(&s.v)?));
+        if let Some(t) = &s.master {
+            tensors.push((master, cpu(t)?));
+        }
+    }
+    Ok(Outputs { tensors })
+}
+
+/// Σ x² of three f32 tensors (the case's shape, 4,097 elements: one past a block, and 5):
+/// [`crate::sums_of_squares`] against candle's square and sum in f64.
+fn sum_squares(
+    case: &Case,
+    implementation: Implementation,
+    input: &SeededInput<'_>,
+) -> Result<Outputs> {
+    let tensors = [
+        input(41, &case.dims, 1.0)?,
+        input(42, &[4097], 3.0)?,
+        input(43, &[5], 0.5)?,
+    ];
+    let sums = match implementation {
+        Implementation::Fused => crate::sums_of_squares(&tensors.iter().collect::<Vec<_>>())?,
+        Implementation::Unfused => tensors
+            .iter()
+            .map(|t| t.to_dtype(DType::F64)?.sqr()?.sum_all()?.to_scalar::<f64>())
+            .collect::<Result<_>>()?,
+    };
+    let sums: Vec<f32> = sums.into_iter().map(|s| s as f32).collect();
+    let one = |i: usize| Tensor::new(&sums[i..=i], &Device::Cpu);
     Ok(Outputs {
-        tensors: vec![("w", cpu(w)?), ("m", cpu(m)?), ("v", cpu(v)?)],
+        tensors: vec![
+            ("Σ x²", one(0)?),
+            ("Σ x², 4097", one(1)?),
+            ("Σ x², 5", one(2)?),
+        ],
     })
 }
 

@@ -59,48 +59,6 @@ pub(crate) const FLASH_ATTENTION: Module = Module {
     ptx: include_str!(concat!(env!("OUT_DIR"), "/flash_attention.ptx")),
 };
 
-pub(crate) const ADAMW: Module = Module {
-    name: "helix_adamw",
-    ptx: include_str!(concat!(env!("OUT_DIR"), "/adamw.ptx")),
-};
-
-/// `adamw_f32` (kernels/cuda/adamw.cu) on w, m, v and g: a new [3, n] buffer of w', m', v'.
-pub(crate) fn adamw(
-    inputs: [(&CudaStorage, &Layout); 4],
-    n: usize,
-    s: &crate::adamw::AdamWStep,
-) -> Result<CudaStorage> {
-    let dev: CudaDevice = inputs[0].0.device.clone();
-    let func = dev.get_or_load_custom_func("adamw_f32", ADAMW.name, ADAMW.ptx)?;
-    let views = views::<f32>("adamw_f32", &inputs)?;
-    // SAFETY: the kernel writes all 3 n elements.
-    let out = unsafe { dev.alloc::<f32>(3 * n)? };
-    let f = |x: f64| x as f32;
-    let consts = [
-        f(s.decay),
-        f(s.c1),
-        f(s.b2),
-        f(s.c2),
-        f(s.inv_bias2),
-        f(s.eps),
-        f(s.step_size),
-    ];
-    let n64 = n as i64;
-    let mut b = func.builder();
-    for v in &views {
-        b.arg(v);
-    }
-    b.arg(&out).arg(&n64);
-    for c in &consts {
-        b.arg(c);
-    }
-    if n > 0 {
-        // SAFETY: the argument list matches adamw_f32's signature.
-        unsafe { b.launch(launch::elementwise(n).into()) }.w()?;
-    }
-    Ok(CudaStorage::wrap_cuda_slice(out, dev))
-}
-
 /// The kernels of kernels/cuda/low_rank.cu (src/low_rank.rs says what each computes).
 #[derive(Clone, Copy)]
 pub(crate) enum LowRankKernel {

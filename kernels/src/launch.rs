@@ -168,3 +168,69 @@ impl Strides {
         }
     }
 }
+
+/// Elements per block of the multi-tensor kernels (kTensorListBlockElems in common.cuh).
+pub const TENSOR_LIST_BLOCK_ELEMS: usize = 4096;
+
+/// One launch over a list of tensors of `lens` elements (none empty): each tensor's first
+/// block, and the grid, 256 threads per block of [`TENSOR_LIST_BLOCK_ELEMS`].
+pub fn tensor_list(lens: &[usize]) -> Result<(Vec<i64>, Geometry)> {
+    let mut first = Vec::with_capacity(lens.len());
+    let mut blocks = 0usize;
+    for &n in lens {
+        if n == 0 {
+            candle_core::bail!("a multi-tensor launch takes no empty tensor");
+        }
+        first.push(blocks as i64);
+        blocks += n.div_ceil(TENSOR_LIST_BLOCK_ELEMS);
+    }
+    // CUDA's grid is at most 2³¹ − 1 blocks wide.
+    if blocks > i32::MAX as usize {
+        candle_core::bail!("a multi-tensor launch of {blocks} blocks is over CUDA's grid");
+    }
+    Ok((first, Geometry::linear(blocks, 256)))
+}
+
+/// One parameter of `adamw_*` (kernels/cuda/adamw.cu's AdamWTensor): device addresses and
+/// sizes. `master` is 0 for an f32 parameter updated directly.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct AdamWTensor {
+    pub param: u64,
+    pub master: u64,
+    pub m: u64,
+    pub v: u64,
+    pub g: u64,
+    pub n: i64,
+    pub first_block: i64,
+    /// 1 − lr · weight_decay, or 1.
+    pub decay: f32,
+    pub unused: u32,
+}
+
+/// The step's constants of `adamw_*` (adamw.cu's AdamWConstants, passed by value).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct AdamWConstants {
+    /// 1 − β₁
+    pub c1: f32,
+    pub b2: f32,
+    /// 1 − β₂
+    pub c2: f32,
+    /// 1 / √(1 − β₂ᵗ)
+    pub inv_bias2: f32,
+    pub eps: f32,
+    /// lr / (1 − β₁ᵗ)
+    pub step_size: f32,
+    /// The clipping coefficient, or 1.
+    pub grad_scale: f32,
+}
+
+/// One tensor of `sum_squares_f32` (kernels/cuda/sum_squares.cu's SquaresTensor).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SquaresTensor {
+    pub x: u64,
+    pub n: i64,
+    pub first_block: i64,
+}

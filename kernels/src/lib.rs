@@ -9,7 +9,8 @@
 //! matmuls on cuBLAS or the CPU's gemm and its softmax in the kernels of
 //! [`attention_softmax`]. The LM
 //! head's cross-entropy takes each row's softmax statistics and the logits' gradient from the
-//! kernels of [`cross_entropy`].
+//! kernels of [`cross_entropy`]. The optimizer's work runs over all parameters in one launch:
+//! AdamW in place ([`adamw_step`]) and the gradients' sums of squares ([`sums_of_squares`]).
 //!
 //! Storage is f32, bf16 or f16; arithmetic is f32, rounding intermediates to the storage type
 //! exactly where PyTorch's unfused ops store them, so bf16 runs stay close to transformers'.
@@ -29,6 +30,7 @@ pub mod low_rank;
 mod rms_norm;
 mod rope;
 mod simd;
+mod sum_squares;
 mod swiglu;
 pub mod unfused;
 
@@ -36,10 +38,13 @@ pub mod unfused;
 mod cuda;
 #[cfg(feature = "cuda")]
 mod flash_cuda;
+#[cfg(feature = "cuda")]
+mod tensor_list_cuda;
 
-pub use adamw::{adamw_update, AdamWStep};
+pub use adamw::{adamw_step, AdamWParam, AdamWStep};
 pub use rms_norm::{rms_norm, rms_norm_backward};
 pub use rope::rope;
+pub use sum_squares::sums_of_squares;
 pub use swiglu::{swiglu, swiglu_backward};
 
 #[cfg(test)]

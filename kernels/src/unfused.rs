@@ -14,8 +14,8 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 
 /// AdamW's update of one f32 tensor in candle ops, in torch's order:
 /// `exp_avg.lerp_(g, 1 − β₁)`, `exp_avg_sq.mul_(β₂).addcmul_(g, g, 1 − β₂)`, then
-/// `w −= step_size · m / (√v / √(1 − β₂ᵗ) + eps)` after the decoupled decay. Returns (w, m, v).
-/// The CPU optimizer's update; `crate::adamw_update` fuses it.
+/// `w −= step_size · m / (√v / √(1 − β₂ᵗ) + eps)` after the decoupled decay, the gradient
+/// first scaled by `st.grad_scale` (clipping). Returns (w, m, v); [`crate::adamw_step`] fuses it.
 pub fn adamw_update(
     w: &Tensor,
     m: &Tensor,
@@ -23,6 +23,11 @@ pub fn adamw_update(
     g: &Tensor,
     st: &crate::AdamWStep,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    let g = match st.grad_scale == 1.0 {
+        true => g.clone(),
+        false => (g * st.grad_scale)?,
+    };
+    let g = &g;
     let w = match st.decay == 1.0 {
         true => w.clone(),
         false => (w * st.decay)?,

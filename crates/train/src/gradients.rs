@@ -14,7 +14,9 @@ use helix_parallel::Job;
 use helix_peft::{Customized, ModelBatch};
 use serde::Deserialize;
 
-use crate::optim::{squared_norm, Grads};
+use helix_kernels::sums_of_squares;
+
+use crate::optim::Grads;
 
 /// What the backward pass may keep of the forward's activations (`trainer.activation_checkpointing`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -260,10 +262,17 @@ pub(crate) fn global_grad_norm(
     job: &Job,
     owned_only: bool,
 ) -> Result<f64> {
-    let replicated = |n: &str| model.split_of(n) == Split::Replicated;
-    let mut sharded = [squared_norm(grads, |n| !replicated(n))?];
+    // Every gradient's sum of squares in one pass (one copy from a GPU), added in name order.
+    let sums = sums_of_squares(&grads.values().collect::<Vec<_>>())?;
+    let (mut sharded, mut replicated) = ([0f64], 0f64);
+    for (name, sum) in grads.keys().zip(sums) {
+        match model.split_of(name) {
+            Split::Replicated => replicated += sum,
+            Split::Dim(_) => sharded[0] += sum,
+        }
+    }
     job.tp.all_reduce_sum(&mut sharded)?;
-    let mut total = [sharded[0] + squared_norm(grads, replicated)?];
+    let mut total = [sharded[0] + replicated];
     if owned_only {
         job.dp.all_reduce_sum(&mut total)?;
     }

@@ -5,8 +5,8 @@
 
 pub mod comm_check;
 pub mod config;
+pub mod freed_memory;
 pub mod gradients;
-pub mod host_memory;
 pub mod kernel_check;
 pub mod optim;
 pub mod plan;
@@ -23,7 +23,7 @@ use candle_core::Device;
 
 /// The device a rank computes on: with `cuda`, GPU `local_rank` — or the only GPU it sees,
 /// when the launcher gives each rank one (srun --gpus-per-task=1, CUDA_VISIBLE_DEVICES);
-/// otherwise the CPU (whose allocator then keeps freed memory: [`host_memory`]).
+/// otherwise the CPU. Either way the allocator then keeps freed memory ([`freed_memory`]).
 pub fn device(local_rank: usize) -> anyhow::Result<Device> {
     #[cfg(feature = "cuda")]
     {
@@ -47,13 +47,15 @@ pub fn device(local_rank: usize) -> anyhow::Result<Device> {
             // for every argument of every launch) order nothing and only cost host time.
             // SAFETY: no other stream exists in this process.
             unsafe { cuda.disable_event_tracking() };
+            freed_memory::keep_freed_gpu_memory(cuda)
+                .with_context(|| format!("configuring GPU {ordinal}'s allocator"))?;
         }
         return Ok(device);
     }
     #[allow(unreachable_code)]
     {
         let _ = local_rank;
-        host_memory::keep_freed_memory();
+        freed_memory::keep_freed_host_memory();
         Ok(Device::Cpu)
     }
 }

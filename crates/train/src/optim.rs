@@ -15,8 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
-use helix_kernels::unfused::adamw_update as unfused_update;
-use helix_kernels::{adamw_update, AdamWStep};
+use helix_kernels::{adamw_step, sums_of_squares, AdamWParam, AdamWStep};
 
 /// Gradients by parameter name, in f32. Ordered, so sums over them (the global norm) are the
 /// same in every process: bit-exact resume depends on it.
@@ -56,7 +55,8 @@ impl AdamW {
         let params = params
             .into_iter()
             .map(|(name, var)| {
-                let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
+                // Each state tensor owns its storage: on a GPU the update writes them in place.
+                let zeros = || Tensor::zeros(var.shape(), DType::F32, var.device());
                 let master = match var.dtype() {
                     DType::F32 => None,
                     _ => Some(var.as_tensor().to_dtype(DType::F32)?),
@@ -65,10 +65,10 @@ impl AdamW {
                     decay: var.rank() >= 2,
                     owner: 0,
                     name,
-                    var,
                     master,
-                    exp_avg: zeros.clone(),
-                    exp_avg_sq: zeros,
+                    exp_avg: zeros()?,
+                    exp_avg_sq: zeros()?,
+                    var,
                 })
             })
             .collect::<Result<_>>()?;
@@ -161,42 +161,47 @@ impl AdamW {
             .any(|p| p.name == name && p.owner == self.me)
     }
 
-    /// One update with `grads` (f32, by parameter name) at learning rate `lr`.
-    pub fn step(&mut self, grads: &Grads, lr: f64) -> Result<()> {
+    /// One update with `grads` (f32, by parameter name) at learning rate `lr`, each gradient
+    /// first multiplied by `grad_scale` (the clipping coefficient from [`clip_scale`], or 1).
+    /// Every parameter this rank owns is updated in one pass over its tensors: on a GPU one
+    /// launch per parameter dtype ([`helix_kernels::adamw_step`]).
+    pub fn step(&mut self, grads: &Grads, lr: f64, grad_scale: f64) -> Result<()> {
         self.step += 1;
-        for p in self.params.iter_mut().filter(|p| p.owner == self.me) {
-            let g = grads
-                .get(&p.name)
-                .with_context(|| format!("no gradient for {}", p.name))?;
-            let w = match &p.master {
-                Some(m) => m.clone(),
-                None => p.var.as_tensor().clone(),
-            };
-            let decay = if p.decay { self.cfg.weight_decay } else { 0.0 };
-            let st = AdamWStep::new(self.step, lr, self.cfg.betas, self.cfg.eps, decay);
-            // On a GPU the one-pass kernel (checked against the CPU loop by kernel-check); on
-            // the CPU the candle ops, which the loop equals bit for bit (tested below).
-            let (w, m, v) = match w.device().is_cuda() {
-                true => adamw_update(&w, &p.exp_avg, &p.exp_avg_sq, g, st)?,
-                false => unfused_update(&w, &p.exp_avg, &p.exp_avg_sq, g, &st)?,
-            };
-            p.exp_avg = m;
-            p.exp_avg_sq = v;
-            match &mut p.master {
-                Some(m) => {
-                    p.var.set(&w.to_dtype(p.var.dtype())?)?;
-                    *m = w;
-                }
-                None => p.var.set(&w)?,
-            }
-        }
+        let st = AdamWStep::new(
+            self.step,
+            lr,
+            self.cfg.betas,
+            self.cfg.eps,
+            self.cfg.weight_decay,
+        )
+        .with_grad_scale(grad_scale);
+        let me = self.me;
+        let mut params = self
+            .params
+            .iter_mut()
+            .filter(|p| p.owner == me)
+            .map(|p| {
+                let grad = grads
+                    .get(&p.name)
+                    .with_context(|| format!("no gradient for {}", p.name))?;
+                Ok(AdamWParam {
+                    param: &p.var,
+                    master: p.master.as_mut(),
+                    exp_avg: &mut p.exp_avg,
+                    exp_avg_sq: &mut p.exp_avg_sq,
+                    grad,
+                    decays: p.decay,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        adamw_step(&mut params, &st).context("AdamW step")?;
         Ok(())
     }
 
     /// The state a checkpoint saves: `exp_avg.<name>`, `exp_avg_sq.<name>` and, for parameters
     /// not held in f32, `master.<name>` — of the parameters this rank owns (all of them without
-    /// ZeRO-1). The tensors are never modified in place (each step makes new ones), so these
-    /// handles are a consistent snapshot.
+    /// ZeRO-1). On a GPU the next step updates them in place: copy what must outlive it
+    /// (the checkpoint's snapshot does, before training goes on).
     pub fn state_tensors(&self) -> Vec<(String, Tensor)> {
         let mut out = Vec::new();
         for p in self.params.iter().filter(|p| p.owner == self.me) {
@@ -222,7 +227,8 @@ impl AdamW {
                     like.dims()
                 );
             }
-            Ok(t.to_dtype(DType::F32)?.to_device(like.device())?)
+            // A copy of its own: on a GPU the step updates it in place.
+            Ok(t.to_dtype(DType::F32)?.to_device(like.device())?.copy()?)
         };
         for p in self.params.iter_mut().filter(|p| p.owner == self.me) {
             p.exp_avg = get(format!("exp_avg.{}", p.name), &p.var)?;
@@ -236,40 +242,31 @@ impl AdamW {
     }
 }
 
-/// Scales `grads` so their global L2 norm is at most `max_norm` (0 = no clipping) and returns
-/// the norm before clipping, as `clip_grad_norm_` does (coefficient max_norm / (norm + 1e-6)).
-pub fn clip_grad_norm(grads: &mut Grads, max_norm: f64) -> Result<f64> {
+/// The global L2 norm of `grads` and the coefficient that clips it to `max_norm` (0 = no
+/// clipping), as `clip_grad_norm_` computes them; [`AdamW::step`] applies the coefficient.
+pub fn clip_grad_norm(grads: &Grads, max_norm: f64) -> Result<(f64, f64)> {
     let norm = squared_norm(grads, |_| true)?.sqrt();
-    clip_to(grads, norm, max_norm)?;
-    Ok(norm)
+    Ok((norm, clip_scale(norm, max_norm)))
 }
 
-/// The sum of squares of the gradients `which` selects (in name order, so every process sums
-/// alike). Each tensor's sum is taken on its device and all of them come to the host together:
-/// one synchronisation per step, not one per parameter.
+/// The sum of squares of the gradients `which` selects, in name order so every process sums
+/// alike: all of them in one pass and one copy to the host ([`helix_kernels::sums_of_squares`]).
 pub fn squared_norm(grads: &Grads, which: impl Fn(&str) -> bool) -> Result<f64> {
-    let sums = grads
+    let chosen: Vec<&Tensor> = grads
         .iter()
         .filter(|(name, _)| which(name))
-        .map(|(_, g)| g.sqr()?.sum_all()?.to_dtype(DType::F64))
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    if sums.is_empty() {
-        return Ok(0.0);
-    }
-    Ok(Tensor::stack(&sums, 0)?.to_vec1::<f64>()?.iter().sum())
+        .map(|(_, g)| g)
+        .collect();
+    Ok(sums_of_squares(&chosen)?.iter().sum())
 }
 
-/// Scales `grads` by max_norm / (norm + 1e-6) when that is below 1.
-pub fn clip_to(grads: &mut Grads, norm: f64, max_norm: f64) -> Result<()> {
-    if max_norm > 0.0 {
-        let coef = max_norm / (norm + 1e-6);
-        if coef < 1.0 {
-            for g in grads.values_mut() {
-                *g = (&*g * coef)?;
-            }
-        }
+/// What the gradients are multiplied by so their norm `norm` is at most `max_norm`:
+/// max_norm / (norm + 1e-6) when that is below 1, else 1 (and 1 when `max_norm` is 0).
+pub fn clip_scale(norm: f64, max_norm: f64) -> f64 {
+    match max_norm > 0.0 {
+        true => (max_norm / (norm + 1e-6)).min(1.0),
+        false => 1.0,
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -290,9 +287,10 @@ mod tests {
         d.to_scalar::<f32>().unwrap() / m.to_scalar::<f32>().unwrap()
     }
 
-    /// The one-pass update (helix_kernels::adamw_update, its CPU loop; the GPU uses the CUDA
-    /// kernel, which kernel-check compares with that loop) equals the candle-op update to the
-    /// last bit, with and without weight decay, over several steps.
+    /// The one-pass update (helix_kernels::adamw_step, its CPU loop; the GPU's kernel is
+    /// compared with that loop by kernel-check and in the emulator) equals the candle-op update
+    /// to the last bit, with and without weight decay and with a clipping scale, over several
+    /// steps.
     #[test]
     fn one_pass_adamw_equals_the_candle_op_update_bit_for_bit() -> Result<()> {
         let dev = Device::Cpu;
@@ -300,14 +298,25 @@ mod tests {
         let mut w = Tensor::randn(0f32, 1.0, n, &dev)?;
         let mut m = Tensor::zeros(n, DType::F32, &dev)?;
         let mut v = m.clone();
-        let (mut w2, mut m2, mut v2) = (w.clone(), m.clone(), v.clone());
+        let param = Var::from_tensor(&w)?;
+        let (mut m2, mut v2) = (m.clone(), v.clone());
         for t in 1..=4 {
             let g = Tensor::randn(0f32, 0.1, n, &dev)?;
             let decay = if t % 2 == 0 { 0.1 } else { 0.0 };
-            let st = AdamWStep::new(t, 1e-3, [0.9, 0.95], 1e-8, decay);
-            (w, m, v) = unfused_update(&w, &m, &v, &g, &st)?;
-            (w2, m2, v2) = adamw_update(&w2, &m2, &v2, &g, st)?;
-            for (what, a, b) in [("w", &w, &w2), ("m", &m, &m2), ("v", &v, &v2)] {
+            let scale = if t == 3 { 0.25 } else { 1.0 };
+            let st = AdamWStep::new(t, 1e-3, [0.9, 0.95], 1e-8, decay).with_grad_scale(scale);
+            (w, m, v) = helix_kernels::unfused::adamw_update(&w, &m, &v, &g, &st)?;
+            let mut one = [AdamWParam {
+                param: &param,
+                master: None,
+                exp_avg: &mut m2,
+                exp_avg_sq: &mut v2,
+                grad: &g,
+                decays: true,
+            }];
+            adamw_step(&mut one, &st)?;
+            let w2 = param.as_tensor();
+            for (what, a, b) in [("w", &w, w2), ("m", &m, &m2), ("v", &v, &v2)] {
                 let (a, b) = (a.to_vec1::<f32>()?, b.to_vec1::<f32>()?);
                 let differ = a
                     .iter()
@@ -350,17 +359,17 @@ mod tests {
                 let lr = sched.lr(k);
                 let want_lr = r[&format!("lr.{k}")].to_scalar::<f64>()?;
                 assert!((lr - want_lr).abs() <= 1e-15 * want_lr.max(1.0), "lr {k}");
-                let mut grads: Grads = names
+                let grads: Grads = names
                     .iter()
                     .map(|n| (n.to_string(), r[&format!("grad.{k}.{n}")].clone()))
                     .collect();
-                let norm = clip_grad_norm(&mut grads, 1.0)?;
+                let (norm, scale) = clip_grad_norm(&grads, 1.0)?;
                 let want = r[&format!("norm.{k}")].to_scalar::<f64>()?;
                 assert!(
                     (norm - want).abs() < 1e-6 * want,
                     "norm {k}: {norm} vs {want}"
                 );
-                opt.step(&grads, lr)?;
+                opt.step(&grads, lr, scale)?;
                 for (n, v) in &vars {
                     let want = &r[&format!("param.{k}.{n}")];
                     let got = match opt
@@ -435,7 +444,7 @@ mod tests {
             ("b".to_string(), Tensor::zeros(2, DType::F32, &dev)?),
         ]
         .into();
-        opt.step(&zero, 0.1)?;
+        opt.step(&zero, 0.1, 1.0)?;
         // Zero gradient: only decay moves w (by lr · wd); b is a vector and stays.
         assert_eq!(w.as_tensor().to_vec2::<f32>()?, vec![vec![0.95f32; 2]; 2]);
         assert_eq!(b.as_tensor().to_vec1::<f32>()?, vec![1.0f32; 2]);

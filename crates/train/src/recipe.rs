@@ -23,7 +23,7 @@ use helix_peft::{
 
 use crate::config::ConfigFile;
 use crate::gradients::{forward_backward, global_grad_norm, DeviceBatch, GradientOptions};
-use crate::optim::{clip_to, AdamW, AdamWConfig};
+use crate::optim::{clip_scale, AdamW, AdamWConfig};
 use crate::progress::{
     peak_host_memory, read_metrics, write_plots, MetricsLog, Progress, StepMetrics,
 };
@@ -204,10 +204,9 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
         let batches = (0..accumulation)
             .map(|_| stream.next_batch())
             .collect::<Result<Vec<_>>>()?;
-        let (loss, tokens, mut grads) =
+        let (loss, tokens, grads) =
             forward_backward(&model, &batches, &grad_opts, &job, zero1.as_deref())?;
         let grad_norm = global_grad_norm(&grads, &model, &job, zero1.is_some())?;
-        clip_to(&mut grads, grad_norm, t.gradient_clip_val)?;
         if !loss.is_finite() || !grad_norm.is_finite() {
             writer.wait()?;
             let last = store.list_complete()?.first().map_or_else(
@@ -221,7 +220,8 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
             );
         }
         let lr = schedule.lr(step);
-        optimizer.step(&grads, lr)?;
+        // Clipping scales the gradients inside the update.
+        optimizer.step(&grads, lr, clip_scale(grad_norm, t.gradient_clip_val))?;
         if optimizer.is_sharded() {
             optimizer.sync_params(&job, bucket)?;
         }

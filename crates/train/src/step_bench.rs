@@ -56,10 +56,9 @@ impl StepBench {
     /// One optimizer step, finished on the device; its loss.
     pub fn step(&mut self) -> Result<f64> {
         let batches = std::slice::from_ref(&self.batch);
-        let (loss, _, mut grads) =
-            forward_backward(&self.model, batches, &self.opts, &self.job, None)?;
-        clip_grad_norm(&mut grads, 1.0)?;
-        self.optimizer.step(&grads, 1e-4)?;
+        let (loss, _, grads) = forward_backward(&self.model, batches, &self.opts, &self.job, None)?;
+        let (_, scale) = clip_grad_norm(&grads, 1.0)?;
+        self.optimizer.step(&grads, 1e-4, scale)?;
         self.model.model.device().synchronize()?;
         Ok(loss)
     }

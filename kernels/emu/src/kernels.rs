@@ -4,7 +4,7 @@
 //! kernel's entry point by element type. Call them only inside [`crate::launch`].
 
 use half::{bf16, f16};
-use helix_kernels::launch::Strides;
+use helix_kernels::launch::{AdamWConstants, AdamWTensor, SquaresTensor, Strides};
 
 extern "C" {
     pub fn rms_norm_fwd_f32(x: *const f32, w: *const f32, y: *mut f32, cols: i32, eps: f32);
@@ -141,22 +141,12 @@ extern "C" {
     );
     pub fn low_rank_outer_reduce_f32(partial: *const f32, out: *mut f32, blocks: i32, rk: i64);
 
-    #[allow(clippy::too_many_arguments)]
-    pub fn adamw_f32(
-        w: *const f32,
-        m: *const f32,
-        v: *const f32,
-        g: *const f32,
-        out: *mut f32,
-        n: i64,
-        decay: f32,
-        c1: f32,
-        b2: f32,
-        c2: f32,
-        inv_bias2: f32,
-        eps: f32,
-        step_size: f32,
-    );
+    // The multi-tensor kernels take a table of helix_kernels::launch::AdamWTensor or
+    // SquaresTensor entries (host addresses here).
+    pub fn adamw_f32(list: *const AdamWTensor, count: i32, k: AdamWConstants);
+    pub fn adamw_bf16(list: *const AdamWTensor, count: i32, k: AdamWConstants);
+
+    pub fn sum_squares_f32(list: *const SquaresTensor, count: i32, partial: *mut f32);
 }
 
 /// The FlashAttention entry points of one storage type and head dimension.

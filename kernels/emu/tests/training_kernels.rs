@@ -1,7 +1,8 @@
 //! The kernels of kernels/cuda other than FlashAttention run by the emulator with the CUDA
 //! launchers' grids (helix_kernels::launch), against the CPU references the CPU path trains
-//! with: LoRA's rank-r products, the LM head's cross-entropy statistics and gradient, the fused
-//! AdamW (bit for bit: both sides round the same f32 operations), and RMSNorm, SwiGLU, RoPE and
+//! with: LoRA's rank-r products, the LM head's cross-entropy statistics and gradient, the
+//! multi-tensor AdamW (bit for bit: both sides round the same f32 operations) and sums of
+//! squares, and RMSNorm, SwiGLU, RoPE and
 //! the chunked attention's softmax, which a device run has checked too (so they also check the
 //! emulator). Shapes end mid-block
 //! and mid-tile, and ranks pass the kernels' 16-rank steps.
@@ -186,56 +187,168 @@ fn cross_entropy_kernels_match_the_reference() {
     }
 }
 
+/// One parameter's host buffers for the emulated AdamW: the parameter as f32 values (rounded
+/// to bf16 when it has a master), the master, the moments.
+struct HostParam {
+    param: Vec<f32>,
+    master: Option<Vec<f32>>,
+    m: Vec<f32>,
+    v: Vec<f32>,
+}
+
+/// Three AdamW steps (the second with weight decay, the third on gradients scaled by 0.5) of
+/// three parameters in one launch each, f32 and bf16 with f32 masters: the emulated kernel's
+/// parameters, masters and moments against helix_kernels::adamw_step's CPU loop after every
+/// step, bit for bit. 9,000 elements take three blocks, the last one partly.
 #[test]
 fn adamw_matches_the_reference_bit_for_bit() {
-    let n = 1001;
-    let mut w = seeded(11, n, 1.0);
-    let mut m = vec![0f32; n];
-    let mut v = vec![0f32; n];
-    for t in 1..=3u64 {
-        let g = seeded(11 + t, n, 0.1);
-        let decay = if t == 2 { 0.1 } else { 0.0 };
-        let st = helix_kernels::AdamWStep::new(t, 1e-3, [0.9, 0.95], 1e-8, decay);
-        let f = |x: f64| x as f32;
-        let (want_w, want_m, want_v) = helix_kernels::adamw_update(
-            &cpu(&w, &[n]),
-            &cpu(&m, &[n]),
-            &cpu(&v, &[n]),
-            &cpu(&g, &[n]),
-            st,
-        )
-        .unwrap();
-        let mut out = vec![0f32; 3 * n];
-        let (wp, mp, vp, gp, op) = (
-            Ptr::read(&w),
-            Ptr::read(&m),
-            Ptr::read(&v),
-            Ptr::read(&g),
-            Ptr::of(&mut out),
+    let lens = [1001, 37, 9000];
+    for with_master in [false, true] {
+        let dtype = if with_master { DType::BF16 } else { DType::F32 };
+        let start = |i: usize| {
+            let w = seeded(11 + 10 * i as u64, lens[i], 1.0);
+            let rounded: Vec<f32> = match with_master {
+                true => w.iter().map(|&x| bf16::from_f32(x).to_f32()).collect(),
+                false => w.clone(),
+            };
+            HostParam {
+                master: with_master.then(|| rounded.clone()),
+                param: rounded,
+                m: vec![0.0; lens[i]],
+                v: vec![0.0; lens[i]],
+            }
+        };
+        let mut emulated: Vec<HostParam> = (0..3).map(start).collect();
+        let reference: Vec<HostParam> = (0..3).map(start).collect();
+        let vars: Vec<candle_core::Var> = reference
+            .iter()
+            .map(|p| {
+                candle_core::Var::from_tensor(
+                    &cpu(&p.param, &[p.param.len()]).to_dtype(dtype).unwrap(),
+                )
+                .unwrap()
+            })
+            .collect();
+        let mut masters: Vec<Option<Tensor>> = reference
+            .iter()
+            .map(|p| p.master.as_ref().map(|w| cpu(w, &[w.len()])))
+            .collect();
+        let mut moments: Vec<(Tensor, Tensor)> = reference
+            .iter()
+            .map(|p| (cpu(&p.m, &[p.m.len()]), cpu(&p.v, &[p.v.len()])))
+            .collect();
+        for t in 1..=3u64 {
+            let decay = if t == 2 { 0.1 } else { 0.0 };
+            let scale = if t == 3 { 0.5 } else { 1.0 };
+            let st = helix_kernels::AdamWStep::new(t, 1e-3, [0.9, 0.95], 1e-8, decay)
+                .with_grad_scale(scale);
+            let grads: Vec<Vec<f32>> = (0..3)
+                .map(|i| seeded(11 + 10 * i as u64 + t, lens[i], 0.1))
+                .collect();
+            let grad_tensors: Vec<Tensor> = grads.iter().map(|g| cpu(g, &[g.len()])).collect();
+            let mut params: Vec<helix_kernels::AdamWParam> = vars
+                .iter()
+                .zip(masters.iter_mut())
+                .zip(moments.iter_mut())
+                .zip(&grad_tensors)
+                .enumerate()
+                .map(
+                    |(i, (((param, master), (m, v)), grad))| helix_kernels::AdamWParam {
+                        param,
+                        master: master.as_mut(),
+                        exp_avg: m,
+                        exp_avg_sq: v,
+                        grad,
+                        decays: i != 1,
+                    },
+                )
+                .collect();
+            helix_kernels::adamw_step(&mut params, &st).unwrap();
+
+            // The kernel's parameters in their storage type.
+            let mut stored_params: Vec<Vec<bf16>> = emulated
+                .iter()
+                .map(|p| p.param.iter().map(|&x| bf16::from_f32(x)).collect())
+                .collect();
+            let (first_blocks, geometry) = launch::tensor_list(&lens).unwrap();
+            let table: Vec<launch::AdamWTensor> = (0..3)
+                .map(|i| {
+                    let p = &mut emulated[i];
+                    launch::AdamWTensor {
+                        param: match with_master {
+                            true => stored_params[i].as_mut_ptr() as u64,
+                            false => p.param.as_mut_ptr() as u64,
+                        },
+                        master: p.master.as_mut().map_or(0, |w| w.as_mut_ptr() as u64),
+                        m: p.m.as_mut_ptr() as u64,
+                        v: p.v.as_mut_ptr() as u64,
+                        g: grads[i].as_ptr() as u64,
+                        n: lens[i] as i64,
+                        first_block: first_blocks[i],
+                        decay: if i == 1 { 1.0 } else { st.decay as f32 },
+                        unused: 0,
+                    }
+                })
+                .collect();
+            let kernel = if with_master { adamw_bf16 } else { adamw_f32 };
+            let (tp, constants) = (Ptr::read(&table), st.kernel_constants());
+            helix_kernels_emu::launch(geometry, || unsafe { kernel(tp.get(), 3, constants) });
+            for i in 0..3 {
+                let p = &mut emulated[i];
+                if with_master {
+                    p.param = stored_params[i].iter().map(|x| x.to_f32()).collect();
+                }
+                let label = format!("{dtype:?} parameter {i} after step {t}");
+                assert_eq!(p.param, values(vars[i].as_tensor()), "{label}: w");
+                assert_eq!(p.m, values(&moments[i].0), "{label}: m");
+                assert_eq!(p.v, values(&moments[i].1), "{label}: v");
+                if let (Some(got), Some(want)) = (&p.master, &masters[i]) {
+                    assert_eq!(*got, values(want), "{label}: master");
+                }
+            }
+        }
+    }
+}
+
+/// Σ x² of four tensors in one launch (one and a half blocks, five elements, one past a
+/// block, three blocks) against helix_kernels::sums_of_squares on the CPU, which sums each
+/// block in element order where the kernel sums thread by thread and then across the block.
+#[test]
+fn sums_of_squares_match_the_reference() {
+    let lens = [6000, 5, 4097, 12288];
+    let xs: Vec<Vec<f32>> = lens
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| seeded(41 + i as u64, n, 1.0 + i as f32))
+        .collect();
+    let tensors: Vec<Tensor> = xs.iter().map(|x| cpu(x, &[x.len()])).collect();
+    let want = helix_kernels::sums_of_squares(&tensors.iter().collect::<Vec<_>>()).unwrap();
+    let (first_blocks, geometry) = launch::tensor_list(&lens).unwrap();
+    let table: Vec<launch::SquaresTensor> = (0..lens.len())
+        .map(|i| launch::SquaresTensor {
+            x: xs[i].as_ptr() as u64,
+            n: lens[i] as i64,
+            first_block: first_blocks[i],
+        })
+        .collect();
+    let blocks = geometry.grid.0 as usize;
+    let mut partial = vec![f32::NAN; blocks];
+    let (tp, pp) = (Ptr::read(&table), Ptr::of(&mut partial));
+    helix_kernels_emu::launch(geometry, || unsafe {
+        sum_squares_f32(tp.get(), lens.len() as i32, pp.get())
+    });
+    for i in 0..lens.len() {
+        let end = first_blocks.get(i + 1).map_or(blocks, |&b| b as usize);
+        let got: f64 = partial[first_blocks[i] as usize..end]
+            .iter()
+            .map(|&p| p as f64)
+            .sum();
+        let rel = (got - want[i]).abs() / want[i];
+        assert!(
+            rel < 1e-6,
+            "tensor {i}: {got} against {}, relative {rel:e}",
+            want[i]
         );
-        helix_kernels_emu::launch(launch::elementwise(n), || unsafe {
-            adamw_f32(
-                wp.get(),
-                mp.get(),
-                vp.get(),
-                gp.get(),
-                op.get(),
-                n as i64,
-                f(st.decay),
-                f(st.c1),
-                f(st.b2),
-                f(st.c2),
-                f(st.inv_bias2),
-                f(st.eps),
-                f(st.step_size),
-            )
-        });
-        assert_eq!(out[..n], values(&want_w)[..], "w after step {t}");
-        assert_eq!(out[n..2 * n], values(&want_m)[..], "m after step {t}");
-        assert_eq!(out[2 * n..], values(&want_v)[..], "v after step {t}");
-        w = out[..n].to_vec();
-        m = out[n..2 * n].to_vec();
-        v = out[2 * n..].to_vec();
     }
 }
 
