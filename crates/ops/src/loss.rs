@@ -27,7 +27,8 @@ pub struct VocabShard {
 }
 
 /// Sum over rows of `-log softmax(hidden · weightᵀ)[label]` for hidden [N, H], weight [V, H]
-/// (the LM head) and labels [N] (any integer dtype; [`IGNORE_INDEX`] rows count nothing).
+/// (the LM head) and labels [N] (any integer dtype; [`IGNORE_INDEX`] rows count nothing and
+/// skip the head: under answer-only loss the prompt's rows cost no vocabulary-wide matmul).
 ///
 /// Rows are processed `chunk_rows` at a time, so memory holds at most `chunk_rows × V` logits
 /// (and their gradient): a 2,048-token row with a 32,000-token vocabulary never takes the 262 MB
@@ -81,14 +82,18 @@ fn cross_entropy(
     };
     let rows = RowTargets::new(labels, n, start, v, total_vocab, hidden.device())?;
     let (need_h, need_w) = (hidden.track_op(), weight.track_op());
-    let hidden_d = hidden.detach();
+    // The rows that count, gathered when some do not: ignored rows cost the head nothing.
+    let hidden_d = match &rows.kept {
+        Some(kept) => hidden.detach().index_select(kept, 0)?,
+        None => hidden.detach(),
+    };
     let weight_d = weight.detach();
     let chunk_rows = chunk_rows.max(1);
     let mut total = Tensor::zeros((), DType::F32, hidden.device())?;
     let mut grad_h = Vec::new();
     let mut grad_w: Option<Tensor> = None;
-    for first in (0..n).step_by(chunk_rows) {
-        let len = chunk_rows.min(n - first);
+    for first in (0..rows.len).step_by(chunk_rows) {
+        let len = chunk_rows.min(rows.len - first);
         let h_chunk = hidden_d.narrow(0, first, len)?;
         // The LM head runs in the model dtype; the softmax reads its logits in f32, as
         // transformers upcasts them.
@@ -135,10 +140,16 @@ fn cross_entropy(
     if !(need_h || need_w) {
         return Ok(total);
     }
-    let grad_h = if need_h {
-        Some(Tensor::cat(&grad_h, 0)?)
-    } else {
-        None
+    // The kept rows' gradients back in their places; the ignored rows' are zero.
+    let grad_h = match (need_h, &rows.kept) {
+        (false, _) => None,
+        (true, None) => Some(Tensor::cat(&grad_h, 0)?),
+        (true, Some(_)) if grad_h.is_empty() => Some(hidden.zeros_like()?),
+        (true, Some(kept)) => Some(hidden.zeros_like()?.index_add(
+            kept,
+            &Tensor::cat(&grad_h, 0)?,
+            0,
+        )?),
     };
     let (h_dtype, w_dtype) = (hidden.dtype(), weight.dtype());
     with_backward2(hidden, weight, total, move |grad, _, _| {
@@ -154,12 +165,18 @@ fn cross_entropy(
     })
 }
 
-/// Every row's label as an index into this rank's part of the vocabulary (−1 where it is
-/// ignored or held by another rank) and its weight in the loss (0 for ignored rows): read from
-/// the labels once, on the host, for all chunks.
+/// The rows that count in the loss (label not [`IGNORE_INDEX`]), each one's label as an index
+/// into this rank's part of the vocabulary (−1 where another rank holds it) and its weight in
+/// the loss: read from the labels once, on the host, for all chunks. Ignored rows (prompt
+/// tokens under answer-only loss, padding) are left out of the LM head altogether.
 struct RowTargets {
+    /// Indices of the rows that count, when some do not (`None`: every row counts).
+    kept: Option<Tensor>,
+    /// Kept rows only.
     targets: Tensor,
     weights: Tensor,
+    /// The number of kept rows.
+    len: usize,
 }
 
 impl RowTargets {
@@ -178,12 +195,10 @@ impl RowTargets {
         if labels.len() != n {
             candle_core::bail!("cross-entropy: {n} hidden rows but {} labels", labels.len());
         }
+        let mut kept = Vec::with_capacity(n);
         let mut targets = Vec::with_capacity(n);
-        let mut weights = Vec::with_capacity(n);
-        for &l in &labels {
+        for (row, &l) in labels.iter().enumerate() {
             if l == IGNORE_INDEX {
-                targets.push(-1i64);
-                weights.push(0f32);
                 continue;
             }
             if l < 0 || l as usize >= total_vocab {
@@ -191,12 +206,18 @@ impl RowTargets {
             }
             let i = l as usize;
             let inside = i >= vocab_start && i < vocab_start + local_vocab;
+            kept.push(row as u32);
             targets.push(if inside { (i - vocab_start) as i64 } else { -1 });
-            weights.push(1.0);
         }
+        let len = kept.len();
         Ok(Self {
-            targets: Tensor::from_vec(targets, n, device)?,
-            weights: Tensor::from_vec(weights, n, device)?,
+            kept: match len == n {
+                true => None,
+                false => Some(Tensor::from_vec(kept, len, device)?),
+            },
+            targets: Tensor::from_vec(targets, len, device)?,
+            weights: Tensor::ones(len, DType::F32, device)?,
+            len,
         })
     }
 }

@@ -69,6 +69,35 @@ fn chunked_cross_entropy_matches_plain_graph_in_value_and_gradients() -> Result<
     Ok(())
 }
 
+/// Ignored rows skip the head: with the first and last rows ignored, or all of them, the loss
+/// and both gradients are the plain graph's (zero for ignored rows of the hidden states).
+#[test]
+fn ignored_rows_skip_the_head_and_get_zero_gradient() -> Result<()> {
+    let dev = Device::Cpu;
+    let h = Var::from_tensor(&Tensor::randn(0f32, 1.0, (6, 5), &dev)?)?;
+    let w = Var::from_tensor(&Tensor::randn(0f32, 1.0, (7, 5), &dev)?)?;
+    for labels in [vec![-100i64, 2, 6, -100, 0, -100], vec![-100; 6]] {
+        let lt = Tensor::new(labels.as_slice(), &dev)?;
+        let fused = linear_cross_entropy(h.as_tensor(), w.as_tensor(), &lt, 2)?;
+        let plain = plain_cross_entropy(h.as_tensor(), w.as_tensor(), &labels)?;
+        assert!(max_abs_diff(&fused, &plain) < 1e-5, "{labels:?}");
+        let gf = fused.backward()?;
+        let dh = gf.get(&h).expect("a gradient for the hidden states");
+        let want = match labels.iter().all(|&l| l == IGNORE_INDEX) {
+            true => h.as_tensor().zeros_like()?,
+            false => plain.backward()?.get(&h).unwrap().clone(),
+        };
+        assert!(max_abs_diff(dh, &want) < 1e-5, "{labels:?}");
+        for (row, &l) in labels.iter().enumerate() {
+            if l == IGNORE_INDEX {
+                let zero = dh.get(row)?.abs()?.sum_all()?.to_scalar::<f32>()?;
+                assert_eq!(zero, 0.0, "row {row} of {labels:?}");
+            }
+        }
+    }
+    Ok(())
+}
+
 #[test]
 fn frozen_lm_head_gets_no_gradient() -> Result<()> {
     let dev = Device::Cpu;
