@@ -75,9 +75,15 @@ pub(crate) fn adamw(params: &[AdamWParam<'_>], st: &AdamWStep) -> Result<()> {
         }
         let lens: Vec<usize> = group.iter().map(|p| p.param.elem_count()).collect();
         let (first_blocks, geometry) = launch::tensor_list(&lens)?;
+        // Gradients as the kernel reads them (a no-op for the contiguous ones backward makes),
+        // alive until the launch is queued.
+        let grads = group
+            .iter()
+            .map(|p| p.grad.contiguous())
+            .collect::<Result<Vec<_>>>()?;
         let mut entries = Vec::with_capacity(group.len());
         let mut dev = None;
-        for (p, first_block) in group.iter().zip(first_blocks) {
+        for ((p, grad), first_block) in group.iter().zip(&grads).zip(first_blocks) {
             let (param, d) = address(p.param.as_tensor(), "an AdamW parameter")?;
             let master = match &p.master {
                 Some(m) => address(m, "an AdamW master")?.0,
@@ -88,7 +94,7 @@ pub(crate) fn adamw(params: &[AdamWParam<'_>], st: &AdamWStep) -> Result<()> {
                 master,
                 m: address(p.exp_avg, "an AdamW exp_avg")?.0,
                 v: address(p.exp_avg_sq, "an AdamW exp_avg_sq")?.0,
-                g: address(p.grad, "an AdamW gradient")?.0,
+                g: address(grad, "an AdamW gradient")?.0,
                 n: p.param.elem_count() as i64,
                 first_block,
                 decay: match p.decays {
@@ -116,12 +122,12 @@ pub(crate) fn adamw(params: &[AdamWParam<'_>], st: &AdamWStep) -> Result<()> {
 
 /// `sum_squares_f32` over `tensors`; see [`crate::sums_of_squares`].
 pub(crate) fn sums_of_squares(tensors: &[&Tensor]) -> Result<Vec<f64>> {
-    let nonempty: Vec<(usize, &Tensor)> = tensors
+    let nonempty: Vec<(usize, Tensor)> = tensors
         .iter()
         .enumerate()
         .filter(|(_, t)| t.elem_count() > 0)
-        .map(|(i, t)| (i, *t))
-        .collect();
+        .map(|(i, t)| Ok((i, t.contiguous()?)))
+        .collect::<Result<_>>()?;
     let mut sums = vec![0f64; tensors.len()];
     if nonempty.is_empty() {
         return Ok(sums);
