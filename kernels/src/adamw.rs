@@ -153,14 +153,11 @@ fn step_on_cpu(p: &mut AdamWParam<'_>, st: &AdamWStep) -> Result<()> {
         true => *st,
         false => st.without_decay(),
     };
-    let values = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
-    let (w, m, v) = update_cpu(
-        &values(p.weights())?,
-        &values(p.exp_avg)?,
-        &values(p.exp_avg_sq)?,
-        &values(p.grad)?,
-        &st,
-    );
+    let (w, m, v) = crate::elem::with_cpu_f32(
+        [p.weights(), p.exp_avg, p.exp_avg_sq, p.grad],
+        "adamw",
+        |[w, m, v, g]| update_cpu(w, m, v, g, &st),
+    )?;
     let shape = p.param.shape().clone();
     let tensor = |x: Vec<f32>| Tensor::from_vec(x, shape.clone(), &Device::Cpu);
     let w = tensor(w)?;

@@ -99,3 +99,21 @@ macro_rules! dispatch_cpu {
     }};
 }
 pub(crate) use dispatch_cpu;
+
+/// Runs `f` on the packed f32 elements of CPU tensors, read in place (no copy out of candle's
+/// storage); `what` names them in errors.
+pub(crate) fn with_cpu_f32<R, const N: usize>(
+    tensors: [&candle_core::Tensor; N],
+    what: &str,
+    f: impl FnOnce([&[f32]; N]) -> R,
+) -> Result<R> {
+    let guards = tensors.map(|t| t.storage_and_layout());
+    let mut slices = [&[][..]; N];
+    for (slice, (storage, layout)) in slices.iter_mut().zip(&guards) {
+        let candle_core::Storage::Cpu(s) = &**storage else {
+            candle_core::bail!("{what}: a tensor is not on the CPU");
+        };
+        *slice = packed_as::<f32>(s, layout, what)?;
+    }
+    Ok(f(slices))
+}

@@ -34,10 +34,11 @@ pub fn sums_of_squares(tensors: &[&Tensor]) -> Result<Vec<f64>> {
 
 /// Σ x² in f64, block by block as the GPU's blocks split it (so parallel and deterministic).
 fn sum_on_cpu(t: &Tensor) -> Result<f64> {
-    let x = t.flatten_all()?.to_vec1::<f32>()?;
-    let partials: Vec<f64> = x
-        .par_chunks(TENSOR_LIST_BLOCK_ELEMS)
-        .map(|block| block.iter().map(|&v| v as f64 * v as f64).sum())
-        .collect();
-    Ok(partials.iter().sum())
+    crate::elem::with_cpu_f32([t], "sum of squares", |[x]| {
+        let partials: Vec<f64> = x
+            .par_chunks(TENSOR_LIST_BLOCK_ELEMS)
+            .map(|block| block.iter().map(|&v| v as f64 * v as f64).sum())
+            .collect();
+        partials.iter().sum()
+    })
 }

@@ -5,7 +5,7 @@
 
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
-use candle_core::{CudaDevice, DType, Result, Storage, Tensor};
+use candle_core::{CudaDevice, DType, Device, Result, Storage, Tensor};
 
 use crate::adamw::{AdamWParam, AdamWStep};
 use crate::cuda::Module;
@@ -24,9 +24,17 @@ const SUM_SQUARES: Module = Module {
     ptx: include_str!(concat!(env!("OUT_DIR"), "/sum_squares.ptx")),
 };
 
+/// The GPU `t` lives on.
+fn gpu_of(t: &Tensor) -> Result<CudaDevice> {
+    match t.device() {
+        Device::Cuda(d) => Ok(d.clone()),
+        other => candle_core::bail!("a multi-tensor launch on {other:?}"),
+    }
+}
+
 /// The device address of `t`'s first element; `t` must be contiguous. The address stays valid
 /// while `t` lives; work queued on candle's one stream before `t` is freed sees it.
-fn address(t: &Tensor, what: &str) -> Result<(u64, CudaDevice)> {
+fn address(t: &Tensor, what: &str) -> Result<u64> {
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cuda(s) = &*storage else {
         candle_core::bail!("{what} is not on the GPU");
@@ -41,8 +49,7 @@ fn address(t: &Tensor, what: &str) -> Result<(u64, CudaDevice)> {
         DType::F16 => s.as_cuda_slice::<half::f16>()?.device_ptr(&stream).0,
         other => candle_core::bail!("{what}: no multi-tensor kernel for {other:?}"),
     };
-    let offset = (layout.start_offset() * t.dtype().size_in_bytes()) as u64;
-    Ok((base + offset, s.device.clone()))
+    Ok(base + (layout.start_offset() * t.dtype().size_in_bytes()) as u64)
 }
 
 /// A table of #[repr(C)] entries on the device.
@@ -81,20 +88,18 @@ pub(crate) fn adamw(params: &[AdamWParam<'_>], st: &AdamWStep) -> Result<()> {
             .iter()
             .map(|p| p.grad.contiguous())
             .collect::<Result<Vec<_>>>()?;
+        let dev = gpu_of(group[0].param.as_tensor())?;
         let mut entries = Vec::with_capacity(group.len());
-        let mut dev = None;
         for ((p, grad), first_block) in group.iter().zip(&grads).zip(first_blocks) {
-            let (param, d) = address(p.param.as_tensor(), "an AdamW parameter")?;
-            let master = match &p.master {
-                Some(m) => address(m, "an AdamW master")?.0,
-                None => 0,
-            };
             entries.push(AdamWTensor {
-                param,
-                master,
-                m: address(p.exp_avg, "an AdamW exp_avg")?.0,
-                v: address(p.exp_avg_sq, "an AdamW exp_avg_sq")?.0,
-                g: address(grad, "an AdamW gradient")?.0,
+                param: address(p.param.as_tensor(), "an AdamW parameter")?,
+                master: match &p.master {
+                    Some(m) => address(m, "an AdamW master")?,
+                    None => 0,
+                },
+                m: address(p.exp_avg, "an AdamW exp_avg")?,
+                v: address(p.exp_avg_sq, "an AdamW exp_avg_sq")?,
+                g: address(grad, "an AdamW gradient")?,
                 n: p.param.elem_count() as i64,
                 first_block,
                 decay: match p.decays {
@@ -103,9 +108,7 @@ pub(crate) fn adamw(params: &[AdamWParam<'_>], st: &AdamWStep) -> Result<()> {
                 },
                 unused: 0,
             });
-            dev = Some(d);
         }
-        let dev = dev.expect("the group is not empty");
         let table = upload(&dev, &entries)?;
         let func =
             dev.get_or_load_custom_func(&format!("adamw_{suffix}"), ADAMW.name, ADAMW.ptx)?;
@@ -134,18 +137,18 @@ pub(crate) fn sums_of_squares(tensors: &[&Tensor]) -> Result<Vec<f64>> {
     }
     let lens: Vec<usize> = nonempty.iter().map(|(_, t)| t.elem_count()).collect();
     let (first_blocks, geometry) = launch::tensor_list(&lens)?;
-    let mut entries = Vec::with_capacity(nonempty.len());
-    let mut dev = None;
-    for ((_, t), &first_block) in nonempty.iter().zip(&first_blocks) {
-        let (x, d) = address(t, "a tensor to sum the squares of")?;
-        entries.push(SquaresTensor {
-            x,
-            n: t.elem_count() as i64,
-            first_block,
-        });
-        dev = Some(d);
-    }
-    let dev = dev.expect("not empty");
+    let dev = gpu_of(&nonempty[0].1)?;
+    let entries = nonempty
+        .iter()
+        .zip(&first_blocks)
+        .map(|((_, t), &first_block)| {
+            Ok(SquaresTensor {
+                x: address(t, "a tensor to sum the squares of")?,
+                n: t.elem_count() as i64,
+                first_block,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
     let table = upload(&dev, &entries)?;
     let blocks = geometry.grid.0 as usize;
     // SAFETY: the kernel writes one partial per block.

@@ -92,14 +92,14 @@ fn cross_entropy(
     let mut total = Tensor::zeros((), DType::F32, hidden.device())?;
     let mut grad_h = Vec::new();
     let mut grad_w: Option<Tensor> = None;
-    for first in (0..rows.len).step_by(chunk_rows) {
-        let len = chunk_rows.min(rows.len - first);
+    let kept_rows = rows.targets.dim(0)?;
+    for first in (0..kept_rows).step_by(chunk_rows) {
+        let len = chunk_rows.min(kept_rows - first);
         let h_chunk = hidden_d.narrow(0, first, len)?;
         // The LM head runs in the model dtype; the softmax reads its logits in f32, as
         // transformers upcasts them.
         let logits = h_chunk.matmul(&weight_d.t()?)?;
         let targets = rows.targets.narrow(0, first, len)?;
-        let weights = rows.weights.narrow(0, first, len)?.unsqueeze(1)?;
         let stats = logit_stats(&logits, &targets)?;
         let (max, sum, picked) = (
             stats.narrow(1, 0, 1)?,
@@ -119,11 +119,12 @@ fn cross_entropy(
             None => (max, sum, picked),
         };
         let lse = (sum.log()? + max)?;
-        total = (total + ((&lse - picked)? * &weights)?.sum_all()?)?;
+        total = (total + (&lse - picked)?.sum_all()?)?;
         if !(need_h || need_w) {
             continue;
         }
-        // d (loss sum) / d logits = (softmax − onehot(label)) · weight.
+        // d (loss sum) / d logits = softmax − onehot(label); every kept row weighs 1.
+        let weights = Tensor::ones((len, 1), DType::F32, hidden.device())?;
         let dlogits = logit_grad(&logits, &targets, &Tensor::cat(&[&lse, &weights], 1)?)?;
         drop(logits);
         if need_h {
@@ -165,18 +166,15 @@ fn cross_entropy(
     })
 }
 
-/// The rows that count in the loss (label not [`IGNORE_INDEX`]), each one's label as an index
-/// into this rank's part of the vocabulary (−1 where another rank holds it) and its weight in
-/// the loss: read from the labels once, on the host, for all chunks. Ignored rows (prompt
+/// The rows that count in the loss (label not [`IGNORE_INDEX`]) and each one's label as an
+/// index into this rank's part of the vocabulary (−1 where another rank holds it): read from
+/// the labels once, on the host, for all chunks. Ignored rows (prompt
 /// tokens under answer-only loss, padding) are left out of the LM head altogether.
 struct RowTargets {
     /// Indices of the rows that count, when some do not (`None`: every row counts).
     kept: Option<Tensor>,
     /// Kept rows only.
     targets: Tensor,
-    weights: Tensor,
-    /// The number of kept rows.
-    len: usize,
 }
 
 impl RowTargets {
@@ -216,8 +214,6 @@ impl RowTargets {
                 false => Some(Tensor::from_vec(kept, len, device)?),
             },
             targets: Tensor::from_vec(targets, len, device)?,
-            weights: Tensor::ones(len, DType::F32, device)?,
-            len,
         })
     }
 }

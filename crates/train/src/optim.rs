@@ -244,20 +244,14 @@ impl AdamW {
 
 /// The global L2 norm of `grads` and the coefficient that clips it to `max_norm` (0 = no
 /// clipping), as `clip_grad_norm_` computes them; [`AdamW::step`] applies the coefficient.
+/// The squares are taken in one pass and added in name order, so every process sums alike
+/// ([`helix_kernels::sums_of_squares`]).
 pub fn clip_grad_norm(grads: &Grads, max_norm: f64) -> Result<(f64, f64)> {
-    let norm = squared_norm(grads, |_| true)?.sqrt();
-    Ok((norm, clip_scale(norm, max_norm)))
-}
-
-/// The sum of squares of the gradients `which` selects, in name order so every process sums
-/// alike: all of them in one pass and one copy to the host ([`helix_kernels::sums_of_squares`]).
-pub fn squared_norm(grads: &Grads, which: impl Fn(&str) -> bool) -> Result<f64> {
-    let chosen: Vec<&Tensor> = grads
+    let squares: f64 = sums_of_squares(&grads.values().collect::<Vec<_>>())?
         .iter()
-        .filter(|(name, _)| which(name))
-        .map(|(_, g)| g)
-        .collect();
-    Ok(sums_of_squares(&chosen)?.iter().sum())
+        .sum();
+    let norm = squares.sqrt();
+    Ok((norm, clip_scale(norm, max_norm)))
 }
 
 /// What the gradients are multiplied by so their norm `norm` is at most `max_norm`:
