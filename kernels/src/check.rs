@@ -48,13 +48,14 @@ pub fn cases() -> Vec<Case> {
         }
     }
     // LoRA's rank-r path: activations in the model's dtype, adapters in f32; [rows, in, out,
-    // r], the last shape a 7B projection's at rank 16 (ranks past 16 take a second pass of
-    // the CUDA outer sum).
+    // r]: the last two a 7B projection's, at rank 20 (ranks past 16 take a second block or
+    // pass of each CUDA kernel) and as the 7B LoRA bench runs it (2,048 rows, rank 8).
     for dtype in [DType::F32, DType::BF16] {
         for dims in [
             vec![7, 13, 11, 3],
             vec![1024, 576, 1536, 8],
             vec![600, 4096, 11008, 20],
+            vec![2048, 4096, 11008, 8],
         ] {
             out.push(Case {
                 op: "low_rank",

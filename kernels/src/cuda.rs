@@ -2,7 +2,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result};
@@ -109,8 +109,10 @@ fn low_rank_typed<T: CudaDType + DeviceRepr>(
             let (func, name) = load("low_rank_project")?;
             let x = views::<T>(&name, &inputs[..1])?;
             let m = views::<f32>(&name, &inputs[1..2])?;
-            // SAFETY: the kernel writes all n · r outputs.
-            let out = unsafe { dev.alloc::<f32>(n * r)? };
+            let geometry = launch::low_rank_project(n, k, r);
+            let splits = geometry.grid.1 as usize;
+            // SAFETY: the kernel writes all splits · n · r partial sums.
+            let partial = unsafe { dev.alloc::<f32>(splits * n * r)? };
             let (n32, k32, r32) = (
                 i32_of(n, "rows")?,
                 i32_of(k, "columns")?,
@@ -119,14 +121,15 @@ fn low_rank_typed<T: CudaDType + DeviceRepr>(
             let mut args = func.builder();
             args.arg(&x[0])
                 .arg(&m[0])
-                .arg(&out)
+                .arg(&partial)
                 .arg(&n32)
                 .arg(&k32)
                 .arg(&r32);
             if n * r > 0 {
                 // SAFETY: the argument list matches low_rank_project's signature.
-                unsafe { args.launch(launch::low_rank_project(n).into()) }.w()?;
+                unsafe { args.launch(geometry.into()) }.w()?;
             }
+            let out = sum_parts(&dev, partial, splits, n * r)?;
             Ok(CudaStorage::wrap_cuda_slice(out, dev))
         }
         LowRankKernel::AddProduct => {
@@ -134,16 +137,19 @@ fn low_rank_typed<T: CudaDType + DeviceRepr>(
             let (func, name) = load("low_rank_add_product")?;
             let y = views::<T>(&name, &inputs[..1])?;
             let lm = views::<f32>(&name, &inputs[1..3])?;
-            let total = n * c;
             // SAFETY: the kernel writes all n · c outputs.
-            let out = unsafe { dev.alloc::<T>(total)? };
-            let (total64, c32, r32) = (total as i64, i32_of(c, "columns")?, i32_of(r, "rank")?);
+            let out = unsafe { dev.alloc::<T>(n * c)? };
+            let (n32, c32, r32) = (
+                i32_of(n, "rows")?,
+                i32_of(c, "columns")?,
+                i32_of(r, "rank")?,
+            );
             let mut args = func.builder();
             args.arg(&y[0]).arg(&lm[0]).arg(&lm[1]).arg(&out);
-            args.arg(&total64).arg(&c32).arg(&r32);
-            if total > 0 {
+            args.arg(&n32).arg(&c32).arg(&r32);
+            if n * c > 0 {
                 // SAFETY: the argument list matches low_rank_add_product's signature.
-                unsafe { args.launch(launch::elementwise(total).into()) }.w()?;
+                unsafe { args.launch(launch::low_rank_add_product(n, c).into()) }.w()?;
             }
             Ok(CudaStorage::wrap_cuda_slice(out, dev))
         }
@@ -153,13 +159,14 @@ fn low_rank_typed<T: CudaDType + DeviceRepr>(
             let l = views::<f32>(&name, &inputs[..1])?;
             let x = views::<T>(&name, &inputs[1..2])?;
             let geometry = launch::low_rank_outer_partial(n, k);
-            let blocks = geometry.grid.1 as usize;
-            // SAFETY: each block writes its r · k partial sums (zero rows write zeros).
-            let partial = unsafe { dev.alloc::<f32>(blocks * r * k)? };
-            let (n32, r32, k32) = (
+            let parts = geometry.grid.1 as usize;
+            // SAFETY: each part writes its r · k partial sums (zero rows write zeros).
+            let partial = unsafe { dev.alloc::<f32>(parts * r * k)? };
+            let (n32, r32, k32, rows32) = (
                 i32_of(n, "rows")?,
                 i32_of(r, "rank")?,
                 i32_of(k, "columns")?,
+                i32_of(launch::low_rank_outer_rows_per_part(n), "rows per part")?,
             );
             let mut args = func.builder();
             args.arg(&l[0])
@@ -167,28 +174,41 @@ fn low_rank_typed<T: CudaDType + DeviceRepr>(
                 .arg(&partial)
                 .arg(&n32)
                 .arg(&r32)
-                .arg(&k32);
+                .arg(&k32)
+                .arg(&rows32);
             if r * k > 0 {
                 // SAFETY: the argument list matches low_rank_outer_partial's signature.
                 unsafe { args.launch(geometry.into()) }.w()?;
             }
-            let reduce = dev.get_or_load_custom_func(
-                "low_rank_outer_reduce_f32",
-                LOW_RANK.name,
-                LOW_RANK.ptx,
-            )?;
-            // SAFETY: the reduction writes all r · k outputs.
-            let out = unsafe { dev.alloc::<f32>(r * k)? };
-            let (blocks32, rk) = (blocks as i32, (r * k) as i64);
-            let mut args = reduce.builder();
-            args.arg(&partial).arg(&out).arg(&blocks32).arg(&rk);
-            if r * k > 0 {
-                // SAFETY: the argument list matches low_rank_outer_reduce_f32's signature.
-                unsafe { args.launch(launch::elementwise(r * k).into()) }.w()?;
-            }
+            let out = sum_parts(&dev, partial, parts, r * k)?;
             Ok(CudaStorage::wrap_cuda_slice(out, dev))
         }
     }
+}
+
+/// The sum, in order, of `parts` partial sums of `len` values each (`low_rank_sum_parts_f32`);
+/// the one part itself when there is one.
+fn sum_parts(
+    dev: &CudaDevice,
+    partial: CudaSlice<f32>,
+    parts: usize,
+    len: usize,
+) -> Result<CudaSlice<f32>> {
+    if parts == 1 {
+        return Ok(partial);
+    }
+    let func =
+        dev.get_or_load_custom_func("low_rank_sum_parts_f32", LOW_RANK.name, LOW_RANK.ptx)?;
+    // SAFETY: the kernel writes all `len` sums.
+    let out = unsafe { dev.alloc::<f32>(len)? };
+    let (parts32, len64) = (parts as i32, len as i64);
+    let mut args = func.builder();
+    args.arg(&partial).arg(&out).arg(&parts32).arg(&len64);
+    if len > 0 {
+        // SAFETY: the argument list matches low_rank_sum_parts_f32's signature.
+        unsafe { args.launch(launch::elementwise(len).into()) }.w()?;
+    }
+    Ok(out)
 }
 
 /// The two kernels of kernels/cuda/cross_entropy.cu.

@@ -46,21 +46,60 @@ pub fn wide_block_per_row(rows: usize) -> Geometry {
 
 /// Rows of x per block of `low_rank_project` (PROJECT_ROWS in low_rank.cu).
 const PROJECT_ROWS: usize = 32;
-/// Rows per partial sum of `low_rank_outer_partial` (OUTER_ROWS in low_rank.cu).
-const OUTER_ROWS: usize = 256;
+/// Columns of x per block of `low_rank_project` (PROJECT_SPAN in low_rank.cu).
+const PROJECT_SPAN: usize = 512;
+/// Ranks a block of the low-rank kernels accumulates at once (RANK_GROUP in low_rank.cu).
+const RANK_GROUP: usize = 16;
+/// Rows per block of `low_rank_add_product` (ADD_ROWS in low_rank.cu).
+const ADD_ROWS: usize = 32;
+/// Rows of l `low_rank_outer_partial` stages at a time (OUTER_ROWS in low_rank.cu).
+const OUTER_ROWS: usize = 64;
+/// The most partial sums `low_rank_outer_partial` writes: enough blocks to fill a GPU at
+/// 2,048 rows, and a partial buffer at most 32 times the result however many rows there are.
+const OUTER_MAX_PARTS: usize = 32;
 
-/// `low_rank_project` over `n` rows: 256 threads per 32 rows.
-pub fn low_rank_project(n: usize) -> Geometry {
-    Geometry::linear(n.div_ceil(PROJECT_ROWS), 256)
+/// `low_rank_project` over x [n, k] and rank r: 32 rows (x) × 512 columns (y) × 16 ranks (z)
+/// a block of 256 threads. `grid.1` is the number of partial sums of each output, which
+/// `low_rank_sum_parts_f32` adds when there is more than one.
+pub fn low_rank_project(n: usize, k: usize, r: usize) -> Geometry {
+    Geometry {
+        grid: (
+            n.div_ceil(PROJECT_ROWS).max(1) as u32,
+            k.div_ceil(PROJECT_SPAN).max(1) as u32,
+            r.div_ceil(RANK_GROUP).max(1) as u32,
+        ),
+        block: (256, 1, 1),
+        shared_bytes: 0,
+    }
+}
+
+/// `low_rank_add_product` over y [n, c]: a thread per column (x, 256 a block) and 32 rows a
+/// block row (y).
+pub fn low_rank_add_product(n: usize, c: usize) -> Geometry {
+    Geometry {
+        grid: (
+            c.div_ceil(256).max(1) as u32,
+            n.div_ceil(ADD_ROWS).max(1) as u32,
+            1,
+        ),
+        block: (256, 1, 1),
+        shared_bytes: 0,
+    }
+}
+
+/// Rows of x per partial sum of `low_rank_outer_partial` over `n` rows: a multiple of 64,
+/// the fewest that keep the parts at [`OUTER_MAX_PARTS`] or fewer.
+pub fn low_rank_outer_rows_per_part(n: usize) -> usize {
+    OUTER_ROWS * n.div_ceil(OUTER_ROWS).div_ceil(OUTER_MAX_PARTS).max(1)
 }
 
 /// `low_rank_outer_partial` over `n` rows and `k` columns: a thread per column (x) and a block
-/// row per 256 rows (y): `grid.1` is the number of partial sums.
+/// row per [`low_rank_outer_rows_per_part`] rows (y): `grid.1` is the number of partial sums.
 pub fn low_rank_outer_partial(n: usize, k: usize) -> Geometry {
     Geometry {
         grid: (
-            k.div_ceil(256) as u32,
-            n.div_ceil(OUTER_ROWS).max(1) as u32,
+            k.div_ceil(256).max(1) as u32,
+            n.div_ceil(low_rank_outer_rows_per_part(n)).max(1) as u32,
             1,
         ),
         block: (256, 1, 1),

@@ -7,8 +7,9 @@
 //! A matmul library tiles for large inner and outer sizes; with one of them 8 it runs these at
 //! a third of its speed and adds the update in a separate pass. On the CPU they are loops over
 //! rows that read the large operand once and keep the small one in cache (compiled for AVX2 +
-//! FMA where the CPU has it); on a GPU the kernels of kernels/cuda/low_rank.cu (ranks up to
-//! 64; above that, f32 matmuls). Sums over rows go in fixed blocks added in order, so results
+//! FMA where the CPU has it); on a GPU the kernels of kernels/cuda/low_rank.cu, up to rank 64
+//! (they take any rank, but re-read the large operand for every 16 ranks past the first; from
+//! rank 64 up the products are wide enough for f32 matmuls). Sums over rows go in fixed blocks added in order, so results
 //! do not depend on the number of threads.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
@@ -20,7 +21,7 @@ use crate::simd::with_avx2;
 /// Rows per block of the row sums in [`outer_sum`] on the CPU.
 const BLOCK_ROWS: usize = 64;
 
-/// The largest rank the CUDA kernels take.
+/// The largest rank the CUDA kernels run; above it, f32 matmuls.
 pub const MAX_GPU_RANK: usize = 64;
 
 /// Whether the ops below run here, or fall back to f32 matmuls: a GPU kernel above its rank.

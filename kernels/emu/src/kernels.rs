@@ -92,7 +92,7 @@ extern "C" {
     pub fn low_rank_project_f32(
         x: *const f32,
         m: *const f32,
-        out: *mut f32,
+        partial: *mut f32,
         n: i32,
         k: i32,
         r: i32,
@@ -100,7 +100,7 @@ extern "C" {
     pub fn low_rank_project_bf16(
         x: *const bf16,
         m: *const f32,
-        out: *mut f32,
+        partial: *mut f32,
         n: i32,
         k: i32,
         r: i32,
@@ -110,7 +110,7 @@ extern "C" {
         l: *const f32,
         m: *const f32,
         out: *mut f32,
-        total: i64,
+        n: i32,
         c: i32,
         r: i32,
     );
@@ -119,7 +119,7 @@ extern "C" {
         l: *const f32,
         m: *const f32,
         out: *mut bf16,
-        total: i64,
+        n: i32,
         c: i32,
         r: i32,
     );
@@ -130,6 +130,7 @@ extern "C" {
         n: i32,
         r: i32,
         k: i32,
+        rows_per_part: i32,
     );
     pub fn low_rank_outer_partial_bf16(
         l: *const f32,
@@ -138,8 +139,9 @@ extern "C" {
         n: i32,
         r: i32,
         k: i32,
+        rows_per_part: i32,
     );
-    pub fn low_rank_outer_reduce_f32(partial: *const f32, out: *mut f32, blocks: i32, rk: i64);
+    pub fn low_rank_sum_parts_f32(partial: *const f32, out: *mut f32, parts: i32, len: i64);
 
     // The multi-tensor kernels take a table of helix_kernels::launch::AdamWTensor or
     // SquaresTensor entries (host addresses here).

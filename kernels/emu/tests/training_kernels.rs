@@ -30,12 +30,13 @@ fn values(t: &Tensor) -> Vec<f32> {
 }
 
 /// (x [n, k] T, A [r, k] f32) → x Aᵀ; (y [n, c] T, l [n, r], Bᵀ [r, c]) → y + l Bᵀ;
-/// (l, x) → lᵀ x: the emulated kernels against src/low_rank.rs.
+/// (l, x) → lᵀ x: the emulated kernels against src/low_rank.rs, each sum's partial sums added
+/// by `low_rank_sum_parts_f32` as the CUDA launcher adds them.
 fn low_rank_case<T: Element + candle_core::WithDType>(
     [n, k, c, r]: [usize; 4],
     project: unsafe extern "C" fn(*const T, *const f32, *mut f32, i32, i32, i32),
-    add_product: unsafe extern "C" fn(*const T, *const f32, *const f32, *mut T, i64, i32, i32),
-    outer_partial: unsafe extern "C" fn(*const f32, *const T, *mut f32, i32, i32, i32),
+    add_product: unsafe extern "C" fn(*const T, *const f32, *const f32, *mut T, i32, i32, i32),
+    outer_partial: unsafe extern "C" fn(*const f32, *const T, *mut f32, i32, i32, i32, i32),
 ) {
     let label = format!("low_rank {} [{n}, {k}, {c}, {r}]", T::NAME);
     let (x, _) = stored::<T>(&seeded(21, n * k, 1.0));
@@ -53,11 +54,14 @@ fn low_rank_case<T: Element + candle_core::WithDType>(
     let want_grad = helix_kernels::low_rank::outer_sum(&want_low, &xt).unwrap();
 
     let (xp, ap, btp, yp) = (Ptr::read(&x), Ptr::read(&a), Ptr::read(&bt), Ptr::read(&y));
-    let mut low = vec![0f32; n * r];
-    let lowp = Ptr::of(&mut low);
-    helix_kernels_emu::launch(launch::low_rank_project(n), || unsafe {
-        project(xp.get(), ap.get(), lowp.get(), n as i32, k as i32, r as i32)
+    let geometry = launch::low_rank_project(n, k, r);
+    let splits = geometry.grid.1 as usize;
+    let mut partial = vec![f32::NAN; splits * n * r];
+    let pp = Ptr::of(&mut partial);
+    helix_kernels_emu::launch(geometry, || unsafe {
+        project(xp.get(), ap.get(), pp.get(), n as i32, k as i32, r as i32)
     });
+    let low = sum_parts(&partial, splits, n * r);
     // f32 sums in another order: kernel-check's f32 tolerance scaled by the depth k.
     assert_close(
         &format!("{label} x Aᵀ"),
@@ -71,13 +75,13 @@ fn low_rank_case<T: Element + candle_core::WithDType>(
     let lp = Ptr::read(&want_l);
     let mut sum = vec![T::default(); n * c];
     let sump = Ptr::of(&mut sum);
-    helix_kernels_emu::launch(launch::elementwise(n * c), || unsafe {
+    helix_kernels_emu::launch(launch::low_rank_add_product(n, c), || unsafe {
         add_product(
             yp.get(),
             lp.get(),
             btp.get(),
             sump.get(),
-            (n * c) as i64,
+            n as i32,
             c as i32,
             r as i32,
         )
@@ -90,17 +94,22 @@ fn low_rank_case<T: Element + candle_core::WithDType>(
     );
 
     let geometry = launch::low_rank_outer_partial(n, k);
-    let blocks = geometry.grid.1 as usize;
-    let mut partial = vec![0f32; blocks * r * k];
+    let parts = geometry.grid.1 as usize;
+    let rows_per_part = launch::low_rank_outer_rows_per_part(n);
+    let mut partial = vec![f32::NAN; parts * r * k];
     let pp = Ptr::of(&mut partial);
     helix_kernels_emu::launch(geometry, || unsafe {
-        outer_partial(lp.get(), xp.get(), pp.get(), n as i32, r as i32, k as i32)
+        outer_partial(
+            lp.get(),
+            xp.get(),
+            pp.get(),
+            n as i32,
+            r as i32,
+            k as i32,
+            rows_per_part as i32,
+        )
     });
-    let mut grad = vec![0f32; r * k];
-    let gp = Ptr::of(&mut grad);
-    helix_kernels_emu::launch(launch::elementwise(r * k), || unsafe {
-        low_rank_outer_reduce_f32(pp.get(), gp.get(), blocks as i32, (r * k) as i64)
-    });
+    let grad = sum_parts(&partial, parts, r * k);
     assert_close(
         &format!("{label} lᵀ x"),
         &grad,
@@ -109,11 +118,28 @@ fn low_rank_case<T: Element + candle_core::WithDType>(
     );
 }
 
+/// `low_rank_sum_parts_f32` over `parts` partial sums of `len` values each.
+fn sum_parts(partial: &[f32], parts: usize, len: usize) -> Vec<f32> {
+    let mut out = vec![f32::NAN; len];
+    let (pp, op) = (Ptr::read(partial), Ptr::of(&mut out));
+    helix_kernels_emu::launch(launch::elementwise(len), || unsafe {
+        low_rank_sum_parts_f32(pp.get(), op.get(), parts as i32, len as i64)
+    });
+    out
+}
+
 #[test]
 fn low_rank_products_match_the_reference() {
-    // Odd sizes; rows past a 32-row block and past a 256-row partial sum; rank 20 takes the
-    // outer sum's second 16-rank pass and the projection's second group of 16.
-    for dims in [[7, 13, 11, 3], [300, 130, 70, 20], [40, 200, 33, 64]] {
+    // Odd sizes. Rows past a 32-row block; columns past a 64-column tile and a 512-column
+    // span (three partial sums of x Aᵀ, the last cut mid-tile); rank 20 takes a second
+    // 16-rank block of x Aᵀ and second passes of the other two; 2,500 rows make partial sums
+    // of lᵀ x of 128 rows, each staged in two halves, the last part short.
+    for dims in [
+        [7, 13, 11, 3],
+        [300, 1100, 70, 20],
+        [40, 200, 600, 64],
+        [2500, 9, 5, 2],
+    ] {
         low_rank_case::<f32>(
             dims,
             low_rank_project_f32,
