@@ -39,6 +39,8 @@ pub fn cases() -> Vec<Case> {
             ("swiglu", vec![2, 256, 11008]),
             ("rope", vec![2, 3, 5, 8]),
             ("rope", vec![2, 32, 256, 128]),
+            ("rope_merged", vec![2, 3, 5, 8]),
+            ("rope_merged", vec![2, 32, 256, 128]),
             ("attention_softmax", vec![2, 3, 5, 37]),
             ("attention_softmax", vec![1, 32, 128, 2048]),
             ("cross_entropy", vec![5, 37]),
@@ -136,18 +138,35 @@ pub fn run(case: &Case, implementation: Implementation, device: &Device) -> Resu
             };
             (y, vec![g, u], vec!["d gate", "d up"])
         }
-        "rope" => {
-            let x = var(input(5, dims, 1.0)?)?;
-            let (b, _, s, d) = (dims[0], dims[1], dims[2], dims[3]);
+        "rope" | "rope_merged" => {
+            let (b, h, s, d) = (dims[0], dims[1], dims[2], dims[3]);
             let angles = input(6, &[b, 1, s, d / 2], 3.0)?.to_dtype(DType::F32)?;
             let angles = Tensor::cat(&[&angles, &angles], D::Minus1)?;
             let cos = angles.cos()?.to_dtype(case.dtype)?;
             let sin = angles.sin()?.to_dtype(case.dtype)?;
-            let y = match implementation {
-                Implementation::Fused => crate::rope(x.as_tensor(), &cos, &sin)?,
-                Implementation::Unfused => crate::unfused::rope(x.as_tensor(), &cos, &sin)?,
-            };
-            (y, vec![x], vec!["dx"])
+            match case.op {
+                "rope" => {
+                    let x = var(input(5, dims, 1.0)?)?;
+                    let y = match implementation {
+                        Implementation::Fused => crate::rope(x.as_tensor(), &cos, &sin)?,
+                        Implementation::Unfused => crate::unfused::rope(x.as_tensor(), &cos, &sin)?,
+                    };
+                    (y, vec![x], vec!["dx"])
+                }
+                // As attention runs it: x the heads of a projection's [B, S, H · D] output
+                // (a strided view), rotated into heads merged [B, S, H, D].
+                _ => {
+                    let x = var(input(5, &[b, s, h, d], 1.0)?)?;
+                    let heads = x.as_tensor().transpose(1, 2)?;
+                    let y = match implementation {
+                        Implementation::Fused => crate::rope_merging_heads(&heads, &cos, &sin)?,
+                        Implementation::Unfused => crate::unfused::rope(&heads, &cos, &sin)?
+                            .transpose(1, 2)?
+                            .contiguous()?,
+                    };
+                    (y, vec![x], vec!["dx"])
+                }
+            }
         }
         "attention_softmax" => return attention_softmax(case, implementation, &input),
         "cross_entropy" => return cross_entropy(case, implementation, &input),

@@ -406,6 +406,63 @@ fn attention_typed<T: CudaDType + DeviceRepr>(
     })
 }
 
+/// Rotary embeddings (kernels/cuda/rope.cu) of x [B, H, S, D], read through its strides (the
+/// last one 1), with the packed cos / sin [B, 1, S, D]; written packed, heads first or merged.
+pub(crate) fn rope(
+    (x, xl): (&CudaStorage, &Layout),
+    tables: [(&CudaStorage, &Layout); 2],
+    backward: bool,
+    merged: bool,
+) -> Result<CudaStorage> {
+    match x.dtype() {
+        DType::F32 => rope_typed::<f32>("rope_f32", (x, xl), tables, backward, merged),
+        DType::BF16 => rope_typed::<half::bf16>("rope_bf16", (x, xl), tables, backward, merged),
+        DType::F16 => rope_typed::<half::f16>("rope_f16", (x, xl), tables, backward, merged),
+        other => candle_core::bail!("rope: no kernel for {other:?}"),
+    }
+}
+
+fn rope_typed<T: CudaDType + DeviceRepr>(
+    function: &str,
+    (x, xl): (&CudaStorage, &Layout),
+    tables: [(&CudaStorage, &Layout); 2],
+    backward: bool,
+    merged: bool,
+) -> Result<CudaStorage> {
+    let dev: CudaDevice = x.device.clone();
+    let dims = xl.shape().dims();
+    let stride = xl.stride();
+    if dims.len() != 4 || stride[3] != 1 {
+        candle_core::bail!("rope: x {dims:?} with strides {stride:?}, expected a unit last stride");
+    }
+    if tables.iter().any(|(s, _)| s.dtype() != x.dtype()) {
+        candle_core::bail!("rope: cos and sin must have x's dtype");
+    }
+    let func = dev.get_or_load_custom_func(function, ROPE.name, ROPE.ptx)?;
+    let cos_sin = views::<T>(function, &tables)?;
+    // The view from x's first element; the kernel reaches the rest through the strides.
+    let xv = x.as_cuda_slice::<T>()?.slice(xl.start_offset()..);
+    let n = xl.shape().elem_count();
+    // SAFETY: the kernel writes every one of the n elements.
+    let out = unsafe { dev.alloc::<T>(n)? };
+    let strides = launch::Strides {
+        b: stride[0] as i64,
+        h: stride[1] as i64,
+        s: stride[2] as i64,
+    };
+    let (n64, heads, seq, dim) = (n as i64, dims[1] as i32, dims[2] as i32, dims[3] as i32);
+    let (backward, merged) = (i32::from(backward), i32::from(merged));
+    let mut args = func.builder();
+    args.arg(&xv).arg(&cos_sin[0]).arg(&cos_sin[1]).arg(&out);
+    args.arg(&n64).arg(&heads).arg(&seq).arg(&dim);
+    args.arg(&backward).arg(&strides).arg(&merged);
+    if n > 0 {
+        // SAFETY: the argument list matches rope_*'s signature.
+        unsafe { args.launch(launch::elementwise(n).into()) }.w()?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}
+
 /// How a kernel covers its output.
 pub(crate) enum Grid {
     /// One block per row of `cols` (RMSNorm); the kernel takes `(inputs…, out, cols: i32, eps: f32)`.

@@ -80,7 +80,9 @@ pub fn attention(
 }
 
 /// dq [B, Hq, S, D], dk and dv [B, Hkv, S, D] (q's dtype) from [`attention`]'s inputs, its
-/// output and log-sum-exp, and the output's gradient dout [B, S, Hq, D].
+/// output and log-sum-exp, and the output's gradient dout [B, S, Hq, D]. On a GPU they are
+/// views of storage laid out heads merged, [B, S, H, D], as the projections' backward reads
+/// them; on the CPU they are packed.
 pub fn attention_backward(
     (q, k, v): (&Tensor, &Tensor, &Tensor),
     segments: &Segments,

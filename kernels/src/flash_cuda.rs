@@ -261,7 +261,9 @@ fn backward_typed<T: CudaDType + DeviceRepr>(
     inputs.push(&mut args);
     args.arg(&dq);
     args.arg(&s32).arg(&hq32).arg(&hkv32).arg(&scale);
-    let dqst = Strides::packed(hq, s, d);
+    // The gradients are written heads merged [B, S, H, D], as the projections' backward
+    // reads them, and returned as [B, H, S, D] views.
+    let dqst = Strides::merged(hq, s, d);
     for st in [&qst, &kst, &vst, &dost, &dqst] {
         args.arg(st);
     }
@@ -280,7 +282,7 @@ fn backward_typed<T: CudaDType + DeviceRepr>(
     inputs.push(&mut args);
     args.arg(&dk).arg(&dv);
     args.arg(&s32).arg(&hq32).arg(&hkv32).arg(&scale);
-    let kvst = Strides::packed(hkv, s, d);
+    let kvst = Strides::merged(hkv, s, d);
     for st in [&qst, &kst, &vst, &dost, &kvst, &kvst] {
         args.arg(st);
     }
@@ -288,8 +290,8 @@ fn backward_typed<T: CudaDType + DeviceRepr>(
     unsafe { args.launch(geometry.into()) }.w()?;
 
     Ok((
-        tensor(dq, &dev, (b, hq, s, d)),
-        tensor(dk, &dev, (b, hkv, s, d)),
-        tensor(dv, &dev, (b, hkv, s, d)),
+        tensor(dq, &dev, (b, s, hq, d)).transpose(1, 2)?,
+        tensor(dk, &dev, (b, s, hkv, d)).transpose(1, 2)?,
+        tensor(dv, &dev, (b, s, hkv, d)).transpose(1, 2)?,
     ))
 }

@@ -43,7 +43,7 @@ mod tensor_list_cuda;
 
 pub use adamw::{adamw_step, AdamWParam, AdamWStep};
 pub use rms_norm::{rms_norm, rms_norm_backward};
-pub use rope::rope;
+pub use rope::{rope, rope_merging_heads};
 pub use sum_squares::sums_of_squares;
 pub use swiglu::{swiglu, swiglu_backward};
 

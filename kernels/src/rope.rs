@@ -11,8 +11,20 @@ use crate::simd::with_avx2;
 
 /// `x * cos + rotate_half(x) * sin` for x [B, H, S, D] and cos / sin [B, 1, S, D] (the same
 /// for every head), each product rounded to the dtype as PyTorch's separate ops store it.
-/// cos and sin are constants: no gradient flows to them.
+/// cos and sin are constants: no gradient flows to them. On a GPU x may be a view (unit last
+/// stride), read in place: the heads of a projection's [B, S, H · D] output need no copy.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    apply(x, cos, sin, Rope::forward(false))
+}
+
+/// [`rope`] written with the heads merged, [B, S, H, D], as the projections' outputs are laid
+/// out: rotating a gradient back with −sin ([`rope`]'s transpose) gives it in the layout the
+/// projection's backward reads, with no transposing copy.
+pub fn rope_merging_heads(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    apply(x, cos, sin, Rope::forward(true))
+}
+
+fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor, op: Rope) -> Result<Tensor> {
     let (b, _, s, d) = x.dims4()?;
     for (name, t) in [("cos", cos), ("sin", sin)] {
         if t.dims() != [b, 1, s, d] {
@@ -23,18 +35,37 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         candle_core::bail!("rope: head dim {d} is odd");
     }
     let (cos, sin) = (cos.to_dtype(x.dtype())?, sin.to_dtype(x.dtype())?);
-    let op = Rope { backward: false };
-    x.contiguous()?.apply_op3_arc(
+    readable(x)?.apply_op3_arc(
         &cos.detach().contiguous()?,
         &sin.detach().contiguous()?,
         Arc::new(Box::new(op)),
     )
 }
 
-/// The forward, or with `backward` its transpose applied to the output gradient.
+/// The forward, or with `backward` its transpose applied to the output gradient; the result
+/// heads first [B, H, S, D], or with `merged` [B, S, H, D].
 #[derive(Clone, Copy)]
 struct Rope {
     backward: bool,
+    merged: bool,
+}
+
+impl Rope {
+    fn forward(merged: bool) -> Self {
+        Self {
+            backward: false,
+            merged,
+        }
+    }
+
+    /// The output's shape for x [B, H, S, D].
+    fn out_shape(&self, x: &Layout) -> Shape {
+        let d = x.shape().dims();
+        match self.merged {
+            true => Shape::from((d[0], d[2], d[1], d[3])),
+            false => x.shape().clone(),
+        }
+    }
 }
 
 /// One [S, D] slab of one head: `x` and `y` rows of `d`, `cos` / `sin` of the slab's batch row.
@@ -70,13 +101,9 @@ fn slab<T: Elem>(x: &[T], cos: &[T], sin: &[T], y: &mut [T], d: usize, backward:
     }
 }
 
-fn rope_cpu<T: Elem>(
-    x: &[T],
-    cos: &[T],
-    sin: &[T],
-    dims: &[usize],
-    backward: bool,
-) -> Result<Vec<T>> {
+/// [B, H, S, D] from x (its elements in [B, H, S, D] order, packed); with `merged`, permuted
+/// to [B, S, H, D].
+fn rope_cpu<T: Elem>(x: &[T], cos: &[T], sin: &[T], dims: &[usize], op: Rope) -> Result<Vec<T>> {
     let (h, s, d) = (dims[1], dims[2], dims[3]);
     let mut y = vec![T::from_f32(0.0); x.len()];
     y.par_chunks_mut(s * d)
@@ -87,10 +114,21 @@ fn rope_cpu<T: Elem>(
             let table = b * s * d..(b + 1) * s * d;
             with_avx2(
                 #[inline(always)]
-                || slab(x, &cos[table.clone()], &sin[table], y, d, backward),
+                || slab(x, &cos[table.clone()], &sin[table], y, d, op.backward),
             );
         });
-    Ok(y)
+    if !op.merged {
+        return Ok(y);
+    }
+    // [B, H, S, D] → [B, S, H, D], a row of D at a time.
+    let mut merged = vec![T::from_f32(0.0); y.len()];
+    for (i, row) in y.chunks(d.max(1)).enumerate() {
+        let (bh, si) = (i / s, i % s);
+        let (bi, hi) = (bh / h, bh % h);
+        let at = ((bi * s + si) * h + hi) * d;
+        merged[at..at + d].copy_from_slice(row);
+    }
+    Ok(merged)
 }
 
 impl CustomOp3 for Rope {
@@ -116,9 +154,9 @@ impl CustomOp3 for Rope {
             packed(c, l2, "rope cos")?,
             packed(s, l3, "rope sin")?,
             dims,
-            self.backward
+            *self
         ))?;
-        Ok((out, l1.shape().clone()))
+        Ok((out, self.out_shape(l1)))
     }
 
     #[cfg(feature = "cuda")]
@@ -131,22 +169,8 @@ impl CustomOp3 for Rope {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let dims = l1.shape().dims();
-        let n = l1.shape().elem_count();
-        let extra = vec![
-            dims[1] as i32,
-            dims[2] as i32,
-            dims[3] as i32,
-            self.backward as i32,
-        ];
-        let out = crate::cuda::launch(
-            crate::cuda::ROPE,
-            "rope",
-            &[(s1, l1), (s2, l2), (s3, l3)],
-            n,
-            crate::cuda::Grid::Elements { n, extra },
-        )?;
-        Ok((out, l1.shape().clone()))
+        let out = crate::cuda::rope((s1, l1), [(s2, l2), (s3, l3)], self.backward, self.merged)?;
+        Ok((out, self.out_shape(l1)))
     }
 
     fn bwd(
@@ -157,9 +181,24 @@ impl CustomOp3 for Rope {
         _res: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let dx = dy
-            .contiguous()?
-            .apply_op3_no_bwd(cos, sin, &Rope { backward: true })?;
+        // dy is laid out as the output was: merged, it is read back as [B, H, S, D].
+        let dy = match self.merged {
+            true => dy.transpose(1, 2)?,
+            false => dy.clone(),
+        };
+        let back = Rope {
+            backward: true,
+            merged: false,
+        };
+        let dx = readable(&dy)?.apply_op3_no_bwd(cos, sin, &back)?;
         Ok((Some(dx), None, None))
+    }
+}
+
+/// x as the op reads it: packed on the CPU; on a GPU any view whose last stride is 1.
+fn readable(x: &Tensor) -> Result<Tensor> {
+    match x.device().is_cpu() || x.stride().last() != Some(&1) {
+        true => x.contiguous(),
+        false => Ok(x.clone()),
     }
 }

@@ -295,8 +295,9 @@ impl RopeAttention {
         let d = width / q_heads;
         let heads = |t: &Tensor, n: usize| t.detach().reshape((b, s, n, d))?.transpose(1, 2);
         let (cos, sin) = (cos.detach(), sin.detach());
-        let q = crate::apply_rope(&heads(q, q_heads)?.contiguous()?, &cos, &sin)?;
-        let k = crate::apply_rope(&heads(k, kv_heads)?.contiguous()?, &cos, &sin)?;
+        // RoPE reads the projections' heads in place and writes them heads first.
+        let q = crate::apply_rope(&heads(q, q_heads)?, &cos, &sin)?;
+        let k = crate::apply_rope(&heads(k, kv_heads)?, &cos, &sin)?;
         let (y, v, kernel) = match mask {
             AttentionMask::Segments(segments) => {
                 // The kernels read v as a view of the projection; the output comes merged.
@@ -362,8 +363,12 @@ impl RopeAttention {
                 )?
             }
         };
+        // Rotated back and written heads merged, as the projections' backward reads them.
         let neg_sin = self.sin.neg()?;
-        let unrotate = |g: Tensor| merge(&crate::apply_rope(&g, &self.cos, &neg_sin)?);
+        let unrotate = |g: Tensor| {
+            let n = g.dim(1)?;
+            helix_kernels::rope_merging_heads(&g, &self.cos, &neg_sin)?.reshape((b, s, n * d))
+        };
         Ok((unrotate(dq)?, unrotate(dk)?, merge(&dv)?))
     }
 }

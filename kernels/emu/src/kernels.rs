@@ -37,6 +37,8 @@ extern "C" {
         seq: i32,
         dim: i32,
         backward: i32,
+        xs: Strides,
+        merged: i32,
     );
 
     #[allow(clippy::too_many_arguments)]

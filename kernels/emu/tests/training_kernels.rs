@@ -12,7 +12,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::{assert_close, seeded, stored, tolerance, widen, Element};
 use half::bf16;
-use helix_kernels::launch;
+use helix_kernels::launch::{self, Strides};
 use helix_kernels_emu::kernels::*;
 use helix_kernels_emu::Ptr;
 
@@ -464,7 +464,9 @@ fn rms_norm_swiglu_and_rope_match_the_reference() {
     );
     assert_close("swiglu bf16 d up", &widen(&d[n..]), &values(&want_du), tol);
 
-    // RoPE on [2, 3, 5, 8] with per-position angles, forward and backward (the inverse turn).
+    // RoPE on [2, 3, 5, 8] with per-position angles, forward and backward (the inverse turn),
+    // and from x laid out heads merged [B, S, H, D] (read through strides) into heads first
+    // and into heads merged.
     let (b, h, s, dim) = (2, 3, 5, 8);
     let n = b * h * s * dim;
     let (x, _) = stored::<bf16>(&seeded(5, n, 1.0));
@@ -483,44 +485,59 @@ fn rms_norm_swiglu_and_rope_match_the_reference() {
         cpu(&sin, &[b, 1, s, dim]),
     );
     let want = helix_kernels::rope(&xt, &ct, &st).unwrap();
-    let (xp, cp, sp) = (Ptr::read(&x), Ptr::read(&cos), Ptr::read(&sin));
-    let mut y = vec![bf16::ZERO; n];
-    let mut back = vec![bf16::ZERO; n];
-    let (yp, bp) = (Ptr::of(&mut y), Ptr::of(&mut back));
-    helix_kernels_emu::launch(launch::elementwise(n), || unsafe {
-        rope_bf16(
-            xp.get(),
-            cp.get(),
-            sp.get(),
-            yp.get(),
-            n as i64,
-            h as i32,
-            s as i32,
-            dim as i32,
-            0,
-        )
-    });
+    let (cp, sp) = (Ptr::read(&cos), Ptr::read(&sin));
+    let rope = |x: &[bf16], xs: Strides, backward: bool, merged: bool| {
+        let mut y = vec![bf16::ZERO; n];
+        let (xp, yp) = (Ptr::read(x), Ptr::of(&mut y));
+        helix_kernels_emu::launch(launch::elementwise(n), || unsafe {
+            rope_bf16(
+                xp.get(),
+                cp.get(),
+                sp.get(),
+                yp.get(),
+                n as i64,
+                h as i32,
+                s as i32,
+                dim as i32,
+                backward as i32,
+                xs,
+                merged as i32,
+            )
+        });
+        y
+    };
+    let heads_first = Strides::packed(h, s, dim);
+    let y = rope(&x, heads_first, false, false);
     assert_close("rope bf16 y", &widen(&y), &values(&want), tol);
     // Turning y back by the same angles gives x again, to bf16 rounding.
-    let yr = Ptr::read(&y);
-    helix_kernels_emu::launch(launch::elementwise(n), || unsafe {
-        rope_bf16(
-            yr.get(),
-            cp.get(),
-            sp.get(),
-            bp.get(),
-            n as i64,
-            h as i32,
-            s as i32,
-            dim as i32,
-            1,
-        )
-    });
+    let back = rope(&y, heads_first, true, false);
     assert_close(
         "rope bf16 backward of y",
         &widen(&back),
         &widen(&x),
         2.0 * tol,
+    );
+    // x stored heads merged, read as [B, H, S, D]: the same rotation, heads first or merged.
+    let x_merged = values(&xt.transpose(1, 2).unwrap().contiguous().unwrap());
+    let (x_merged, _) = stored::<bf16>(&x_merged);
+    let merged_in = Strides::merged(h, s, dim);
+    let y = rope(&x_merged, merged_in, false, false);
+    assert_close("rope bf16 y of a merged x", &widen(&y), &values(&want), tol);
+    let y = rope(&x_merged, merged_in, false, true);
+    let want_merged = helix_kernels::rope_merging_heads(&xt, &ct, &st).unwrap();
+    assert_eq!(want_merged.dims(), [b, s, h, dim]);
+    let want_moved = want.transpose(1, 2).unwrap().contiguous().unwrap();
+    assert_close(
+        "rope reference merging heads",
+        &values(&want_merged),
+        &values(&want_moved),
+        0.0,
+    );
+    assert_close(
+        "rope bf16 y merged of a merged x",
+        &widen(&y),
+        &values(&want_merged),
+        tol,
     );
 }
 
