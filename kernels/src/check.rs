@@ -37,6 +37,8 @@ pub fn cases() -> Vec<Case> {
             ("rms_norm", vec![2, 256, 4096]),
             ("swiglu", vec![3, 7, 33]),
             ("swiglu", vec![2, 256, 11008]),
+            ("swiglu_backward_and_output", vec![3, 7, 33]),
+            ("swiglu_backward_and_output", vec![2, 256, 11008]),
             ("rope", vec![2, 3, 5, 8]),
             ("rope", vec![2, 32, 256, 128]),
             ("rope_merged", vec![2, 3, 5, 8]),
@@ -173,6 +175,9 @@ pub fn run(case: &Case, implementation: Implementation, device: &Device) -> Resu
         "adamw" => return adamw(case, implementation, &input),
         "sum_squares" => return sum_squares(case, implementation, &input),
         "low_rank" => return low_rank(case, implementation, &input),
+        "swiglu_backward_and_output" => {
+            return swiglu_backward_and_output(case, implementation, &input)
+        }
         "flash_attention" => return flash_attention(case, implementation, &input),
         other => candle_core::bail!("no op {other}"),
     };
@@ -307,6 +312,56 @@ pub fn cross_entropy_targets(n: usize, v: usize) -> (Vec<i64>, Vec<f32>) {
     (targets, weights)
 }
 
+/// The gradients of `vars` under candle's autograd for the output gradient `dy` of `y` (the
+/// backward of Σ y · dy in f32).
+fn gradients_of<const N: usize>(
+    y: &Tensor,
+    dy: &Tensor,
+    vars: [&Var; N],
+    op: &str,
+) -> Result<[Tensor; N]> {
+    let grads = (y.to_dtype(DType::F32)? * dy.to_dtype(DType::F32)?)?
+        .sum_all()?
+        .backward()?;
+    let mut out = Vec::with_capacity(N);
+    for v in vars {
+        let g = grads
+            .get(v)
+            .cloned()
+            .ok_or_else(|| candle_core::Error::Msg(format!("{op}: no gradient")))?;
+        out.push(g);
+    }
+    Ok(out.try_into().expect("one gradient per var"))
+}
+
+/// SwiGLU's backward with the forward's output from the same pass (what the decoder layer's
+/// backward calls) against candle's autograd of silu(gate) · up and that product itself.
+fn swiglu_backward_and_output(
+    case: &Case,
+    implementation: Implementation,
+    input: &SeededInput<'_>,
+) -> Result<Outputs> {
+    let dims = &case.dims[..];
+    let (g, u, dy) = (
+        input(3, dims, 3.0)?,
+        input(4, dims, 1.0)?,
+        input(7, dims, 1.0)?,
+    );
+    let (dg, du, y) = match implementation {
+        Implementation::Fused => crate::swiglu_backward_and_output(&g, &u, &dy)?,
+        Implementation::Unfused => {
+            let (gv, uv) = (Var::from_tensor(&g)?, Var::from_tensor(&u)?);
+            let y = (gv.as_tensor().silu()? * uv.as_tensor())?;
+            let [dg, du] = gradients_of(&y, &dy, [&gv, &uv], "swiglu")?;
+            (dg, du, y)
+        }
+    };
+    let cpu = |t: Tensor| t.to_dtype(DType::F32)?.to_device(&Device::Cpu);
+    Ok(Outputs {
+        tensors: vec![("d gate", cpu(dg)?), ("d up", cpu(du)?), ("y", cpu(y)?)],
+    })
+}
+
 /// LoRA's three rank-r products on x [n, k] and y [n, c] in the case's dtype, f32 A [r, k] and
 /// Bᵀ [r, c]: x Aᵀ, y + l Bᵀ and the adapter gradient lᵀ x, against the same as f32 candle
 /// matmuls.
@@ -416,16 +471,8 @@ fn flash_attention(
                 .matmul(&repeat(&vv)?)?
                 .transpose(1, 2)?
                 .to_dtype(case.dtype)?;
-            let grads = (out.to_dtype(DType::F32)? * dout.to_dtype(DType::F32)?)?
-                .sum_all()?
-                .backward()?;
-            let grad = |v: &Var| {
-                grads
-                    .get(v)
-                    .cloned()
-                    .ok_or_else(|| candle_core::Error::Msg("flash_attention: no gradient".into()))
-            };
-            (out, lse.detach(), grad(&qv)?, grad(&kv)?, grad(&vv)?)
+            let [dq, dk, dv] = gradients_of(&out, &dout, [&qv, &kv, &vv], "flash_attention")?;
+            (out, lse.detach(), dq, dk, dv)
         }
     };
     let cpu = |t: Tensor| t.to_dtype(DType::F32)?.to_device(&Device::Cpu);

@@ -45,7 +45,7 @@ pub use adamw::{adamw_step, AdamWParam, AdamWStep};
 pub use rms_norm::{rms_norm, rms_norm_backward};
 pub use rope::{rope, rope_merging_heads};
 pub use sum_squares::sums_of_squares;
-pub use swiglu::{swiglu, swiglu_backward};
+pub use swiglu::{swiglu, swiglu_backward, swiglu_backward_and_output};
 
 #[cfg(test)]
 mod tests;

@@ -28,12 +28,38 @@ struct Swiglu;
 
 /// The gradients of [`swiglu`] for the output gradient `dy`: (d gate, d up), from one pass.
 pub fn swiglu_backward(gate: &Tensor, up: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
-    let d = gate.contiguous()?.apply_op3_no_bwd(
+    let d = backward(gate, up, dy, false)?;
+    Ok((d.get(0)?, d.get(1)?))
+}
+
+/// [`swiglu_backward`] and, from the same pass, [`swiglu`]'s output itself: (d gate, d up, y).
+/// A layer that recomputes y in its backward (for the down projection's weight or adapter
+/// gradients, which the input gradient does not need first) gets it for one more write
+/// instead of another pass over gate and up.
+pub fn swiglu_backward_and_output(
+    gate: &Tensor,
+    up: &Tensor,
+    dy: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let d = backward(gate, up, dy, true)?;
+    Ok((d.get(0)?, d.get(1)?, d.get(2)?))
+}
+
+fn backward(gate: &Tensor, up: &Tensor, dy: &Tensor, with_output: bool) -> Result<Tensor> {
+    for (what, t) in [("up", up), ("the gradient", dy)] {
+        if t.shape() != gate.shape() {
+            candle_core::bail!(
+                "swiglu backward: gate {:?} but {what} {:?}",
+                gate.dims(),
+                t.dims()
+            );
+        }
+    }
+    gate.contiguous()?.apply_op3_no_bwd(
         &up.contiguous()?,
         &dy.contiguous()?,
-        &SwigluBackward,
-    )?;
-    Ok((d.get(0)?, d.get(1)?))
+        &SwigluBackward { with_output },
+    )
 }
 
 /// Elements per parallel task on the CPU.
@@ -62,19 +88,25 @@ fn forward_cpu<T: Elem>(gate: &[T], up: &[T]) -> Result<Vec<T>> {
     Ok(y)
 }
 
-/// d gate and d up, stacked as [2, n].
-fn backward_cpu<T: Elem>(gate: &[T], up: &[T], dy: &[T]) -> Result<Vec<T>> {
+/// d gate and d up, and with `with_output` the forward's y, stacked as [2 or 3, n].
+fn backward_cpu<T: Elem>(gate: &[T], up: &[T], dy: &[T], with_output: bool) -> Result<Vec<T>> {
     let n = gate.len();
-    let mut d = vec![T::from_f32(0.0); 2 * n];
-    let (dg, du) = d.split_at_mut(n);
+    let parts = 2 + usize::from(with_output);
+    let mut d = vec![T::from_f32(0.0); parts * n];
+    let (dg, rest) = d.split_at_mut(n);
+    let (du, y) = rest.split_at_mut(n);
+    // Without the output, y is empty: its chunks run out first, so give it chunks of its own.
+    let mut y_chunks: Vec<&mut [T]> = y.chunks_mut(CHUNK).collect();
+    y_chunks.resize_with(n.div_ceil(CHUNK), Default::default);
     dg.par_chunks_mut(CHUNK)
         .zip(du.par_chunks_mut(CHUNK))
+        .zip(y_chunks.into_par_iter())
         .zip(
             gate.par_chunks(CHUNK)
                 .zip(up.par_chunks(CHUNK))
                 .zip(dy.par_chunks(CHUNK)),
         )
-        .for_each(|((dg, du), ((gate, up), dy))| {
+        .for_each(|(((dg, du), y), ((gate, up), dy))| {
             with_avx2(
                 #[inline(always)]
                 || {
@@ -86,6 +118,9 @@ fn backward_cpu<T: Elem>(gate: &[T], up: &[T], dy: &[T]) -> Result<Vec<T>> {
                         let ds = T::round(dyi * up[i].to_f32());
                         dg[i] = T::from_f32(ds * sg * (1.0 + g * (1.0 - sg)));
                         du[i] = T::from_f32(dyi * s);
+                        if with_output {
+                            y[i] = T::from_f32(s * up[i].to_f32());
+                        }
                     }
                 },
             )
@@ -120,7 +155,12 @@ impl CustomOp2 for Swiglu {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        on_gpu("swiglu_fwd", &[(s1, l1), (s2, l2)], l1.shape().clone())
+        on_gpu(
+            "swiglu_fwd",
+            &[(s1, l1), (s2, l2)],
+            l1.shape().clone(),
+            vec![],
+        )
     }
 
     fn bwd(
@@ -135,8 +175,11 @@ impl CustomOp2 for Swiglu {
     }
 }
 
-/// (gate, up, dy) → [d gate, d up] stacked on a new first dimension.
-struct SwigluBackward;
+/// (gate, up, dy) → [d gate, d up] (and with `with_output` the forward's y) stacked on a new
+/// first dimension.
+struct SwigluBackward {
+    with_output: bool,
+}
 
 impl CustomOp3 for SwigluBackward {
     fn name(&self) -> &'static str {
@@ -157,9 +200,10 @@ impl CustomOp3 for SwigluBackward {
                 packed(g, l1, "swiglu gate")?,
                 packed(u, l2, "swiglu up")?,
                 packed(dy, l3, "swiglu gradient")?,
+                self.with_output,
             )
         })?;
-        Ok((out, stacked(l1.shape())))
+        Ok((out, self.stacked(l1.shape())))
     }
 
     #[cfg(feature = "cuda")]
@@ -175,15 +219,18 @@ impl CustomOp3 for SwigluBackward {
         on_gpu(
             "swiglu_bwd",
             &[(s1, l1), (s2, l2), (s3, l3)],
-            stacked(l1.shape()),
+            self.stacked(l1.shape()),
+            vec![i32::from(self.with_output)],
         )
     }
 }
 
-fn stacked(shape: &Shape) -> Shape {
-    let mut dims = vec![2];
-    dims.extend_from_slice(shape.dims());
-    Shape::from(dims)
+impl SwigluBackward {
+    fn stacked(&self, shape: &Shape) -> Shape {
+        let mut dims = vec![2 + usize::from(self.with_output)];
+        dims.extend_from_slice(shape.dims());
+        Shape::from(dims)
+    }
 }
 
 /// Runs `function` of kernels/cuda/swiglu.cu over the elements of inputs[0] into `out`.
@@ -192,9 +239,10 @@ fn on_gpu(
     function: &str,
     inputs: &[(&candle_core::CudaStorage, &Layout)],
     out: Shape,
+    extra: Vec<i32>,
 ) -> Result<(candle_core::CudaStorage, Shape)> {
     let n = inputs[0].1.shape().elem_count();
-    let grid = crate::cuda::Grid::Elements { n, extra: vec![] };
+    let grid = crate::cuda::Grid::Elements { n, extra };
     let storage = crate::cuda::launch(
         crate::cuda::SWIGLU,
         function,

@@ -5,10 +5,12 @@
 //! candle's backward adds every edge's gradient into a fresh zero tensor: a zero fill and an
 //! add over an activation per edge, about twenty per layer. Here the gradients of projections
 //! that share an input are summed as they are made, the norms and SwiGLU are recomputed from
-//! the layer's input, the residual and the gate/up outputs instead of kept.
+//! the layer's input, the residual and the gate/up outputs instead of kept (SwiGLU's output in
+//! the same pass as its backward, which comes first: the down projection's input gradient does
+//! not read it).
 
 use candle_core::{Result, Tensor};
-use helix_kernels::{rms_norm_backward, swiglu_backward};
+use helix_kernels::{rms_norm_backward, swiglu_backward, swiglu_backward_and_output};
 
 use crate::attention::{AttentionMask, RopeAttention};
 use crate::backward::with_backward_n;
@@ -120,17 +122,21 @@ pub fn decoder_layer(
         let mut grads: Vec<Option<Tensor>> = vec![None; need.len()];
         let dy = dy.contiguous()?;
 
-        // MLP: down, SwiGLU (its output recomputed), gate and up, the second norm.
-        let act = swiglu(&gate_y, &up_y)?;
-        let d_act = backward_group(
-            &[(&down, &dy.reshape((rows, h))?, &low_down)],
-            &act,
-            true,
-            need,
-            &mut grads,
-        )?;
-        drop(act);
-        let (d_gate, d_up) = swiglu_backward(&gate_y, &up_y, &d_act.expect("asked for"))?;
+        // MLP: down's input gradient, SwiGLU's backward (its output recomputed in the same
+        // pass when down's weight or adapters want it), down's own gradients, then gate and
+        // up, the second norm.
+        let down_group = [(&down, &dy.reshape((rows, h))?, &low_down)];
+        let (d_act, down_dlow) = input_grads(&down_group, true)?;
+        let d_act = d_act.expect("asked for");
+        let (d_gate, d_up) = match down.trains(need) {
+            true => {
+                let (d_gate, d_up, act) = swiglu_backward_and_output(&gate_y, &up_y, &d_act)?;
+                param_grads(&down_group, &down_dlow, &act, need, &mut grads)?;
+                (d_gate, d_up)
+            }
+            false => swiglu_backward(&gate_y, &up_y, &d_act)?,
+        };
+        drop((d_act, down_dlow));
         let xn2 = rms_norm(&x1, &norm2, eps)?.reshape((rows, h))?;
         let d_xn2 = backward_group(
             &[(&gate, &d_gate, &low_gate), (&up, &d_up, &low_up)],
@@ -221,6 +227,18 @@ impl Proj {
     }
 }
 
+impl Proj {
+    /// Whether any of this projection's tensors wants a gradient.
+    fn trains(&self, need: &[bool]) -> bool {
+        let at = |i: &usize| need[*i];
+        self.weight_at.iter().any(at)
+            || self
+                .lora
+                .as_ref()
+                .is_some_and(|(_, a_at, b_at)| need[*a_at] || need[*b_at])
+    }
+}
+
 /// The outputs [rows, out] of projections that read the same x [rows, in], with each LoRA
 /// path's scaled rank-r activation.
 fn forward_group(projs: &[&Proj], x: &Tensor) -> Result<Vec<(Tensor, Option<Tensor>)>> {
@@ -248,37 +266,68 @@ fn forward_one(p: &Proj, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
 /// into `grads` where `need` asks, and the gradient of x, summed over the group, is returned
 /// when `need_x`.
 fn backward_group(
-    group: &[(&Proj, &Tensor, &Option<Tensor>)],
+    group: &[Member<'_>],
     x: &Tensor,
     need_x: bool,
     need: &[bool],
     grads: &mut [Option<Tensor>],
 ) -> Result<Option<Tensor>> {
+    let (dx, dlows) = input_grads(group, need_x)?;
+    param_grads(group, &dlows, x, need, grads)?;
+    Ok(dx)
+}
+
+/// A projection in a backward group, its output gradient and its forward rank-r activation.
+type Member<'a> = (&'a Proj, &'a Tensor, &'a Option<Tensor>);
+
+/// The half of [`backward_group`] that does not read x: each LoRA member's d(x Aᵀ) (`None`
+/// for a dense one), and x's gradient summed over the group when `need_x`.
+fn input_grads(
+    group: &[Member<'_>],
+    need_x: bool,
+) -> Result<(Option<Tensor>, Vec<Option<Tensor>>)> {
     let mut dx: Option<Tensor> = None;
-    for &(p, dy, low) in group {
-        if let Some(at) = p.weight_at.filter(|&at| need[at]) {
-            // W [out, in] gets dyᵀ x.
-            grads[at] = Some(dy.t()?.matmul(x)?);
-        }
-        let low_rank = match (&p.lora, low) {
-            (Some((adapter, a_at, b_at)), Some(low)) => {
-                let g = adapter.backward(dy, low, need[*a_at].then_some(x), need[*b_at])?;
-                grads[*a_at] = g.da;
-                grads[*b_at] = g.db;
-                Some((adapter, g.dlow))
-            }
-            _ => None,
+    let mut dlows = Vec::with_capacity(group.len());
+    for &(p, dy, _) in group {
+        let dlow = match &p.lora {
+            Some((adapter, ..)) => Some(adapter.dlow(dy)?),
+            None => None,
         };
         if need_x {
             let mut d = dy.matmul(&p.weight)?;
-            if let Some((adapter, dlow)) = low_rank {
-                d = adapter.add_input_grad(&d, &dlow)?;
+            if let (Some((adapter, ..)), Some(dlow)) = (&p.lora, &dlow) {
+                d = adapter.add_input_grad(&d, dlow)?;
             }
             dx = Some(match dx {
                 Some(acc) => (acc + d)?,
                 None => d,
             });
         }
+        dlows.push(dlow);
     }
-    Ok(dx)
+    Ok((dx, dlows))
+}
+
+/// The half of [`backward_group`] that reads x: the trainable tensors' gradients, W's dyᵀ x
+/// and the adapters', from [`input_grads`]' d(x Aᵀ).
+fn param_grads(
+    group: &[Member<'_>],
+    dlows: &[Option<Tensor>],
+    x: &Tensor,
+    need: &[bool],
+    grads: &mut [Option<Tensor>],
+) -> Result<()> {
+    for (&(p, dy, low), dlow) in group.iter().zip(dlows) {
+        if let Some(at) = p.weight_at.filter(|&at| need[at]) {
+            // W [out, in] gets dyᵀ x.
+            grads[at] = Some(dy.t()?.matmul(x)?);
+        }
+        if let (Some((adapter, a_at, b_at)), Some(low), Some(dlow)) = (&p.lora, low, dlow) {
+            let (da, db) =
+                adapter.adapter_grads(dy, low, dlow, need[*a_at].then_some(x), need[*b_at])?;
+            grads[*a_at] = da;
+            grads[*b_at] = db;
+        }
+    }
+    Ok(())
 }

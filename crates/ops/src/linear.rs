@@ -119,12 +119,31 @@ impl LowRank {
         x: Option<&Tensor>,
         need_b: bool,
     ) -> Result<LowRankGrads> {
-        let dlow = (low_rank::project(dy, &self.b_t)? * self.scaling)?;
+        let dlow = self.dlow(dy)?;
+        let (da, db) = self.adapter_grads(dy, low, &dlow, x, need_b)?;
+        Ok(LowRankGrads { dlow, da, db })
+    }
+
+    /// d(x Aᵀ) = s · dy B [rows, r], the scale applied: what x's gradient and A's need.
+    pub(crate) fn dlow(&self, dy: &Tensor) -> Result<Tensor> {
+        low_rank::project(dy, &self.b_t)? * self.scaling
+    }
+
+    /// (dA, dB) from dy, the forward's `low` and [`Self::dlow`]: dB = dyᵀ low when `need_b`,
+    /// dA = dlowᵀ x when x is given.
+    pub(crate) fn adapter_grads(
+        &self,
+        dy: &Tensor,
+        low: &Tensor,
+        dlow: &Tensor,
+        x: Option<&Tensor>,
+        need_b: bool,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let db = match need_b {
             true => Some(low_rank::outer_sum(low, dy)?.t()?.contiguous()?),
             false => None,
         };
-        let da = x.map(|x| low_rank::outer_sum(&dlow, x)).transpose()?;
-        Ok(LowRankGrads { dlow, da, db })
+        let da = x.map(|x| low_rank::outer_sum(dlow, x)).transpose()?;
+        Ok((da, db))
     }
 }

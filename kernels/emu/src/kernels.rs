@@ -25,6 +25,7 @@ extern "C" {
         dy: *const bf16,
         d: *mut bf16,
         n: i64,
+        with_output: i32,
     );
 
     pub fn rope_bf16(

@@ -447,13 +447,32 @@ fn rms_norm_swiglu_and_rope_match_the_reference() {
     let (gp, up_, dyp) = (Ptr::read(&gate), Ptr::read(&up), Ptr::read(&dy));
     let mut y = vec![bf16::ZERO; n];
     let mut d = vec![bf16::ZERO; 2 * n];
-    let (yp, dp) = (Ptr::of(&mut y), Ptr::of(&mut d));
+    let mut d3 = vec![bf16::ZERO; 3 * n];
+    let (yp, dp, d3p) = (Ptr::of(&mut y), Ptr::of(&mut d), Ptr::of(&mut d3));
     helix_kernels_emu::launch(launch::elementwise(n), || unsafe {
         swiglu_fwd_bf16(gp.get(), up_.get(), yp.get(), n as i64)
     });
     helix_kernels_emu::launch(launch::elementwise(n), || unsafe {
-        swiglu_bwd_bf16(gp.get(), up_.get(), dyp.get(), dp.get(), n as i64)
+        swiglu_bwd_bf16(gp.get(), up_.get(), dyp.get(), dp.get(), n as i64, 0)
     });
+    // With the output: the same gradients, and the forward's y after them.
+    helix_kernels_emu::launch(launch::elementwise(n), || unsafe {
+        swiglu_bwd_bf16(gp.get(), up_.get(), dyp.get(), d3p.get(), n as i64, 1)
+    });
+    let (_, _, want_y3) = helix_kernels::swiglu_backward_and_output(&gt, &ut, &dyt).unwrap();
+    assert_close(
+        "swiglu reference: y from the backward",
+        &values(&want_y3),
+        &values(&want),
+        0.0,
+    );
+    assert_eq!(d3[..2 * n], d[..], "swiglu bf16: gradients with the output");
+    assert_close(
+        "swiglu bf16 y from the backward",
+        &widen(&d3[2 * n..]),
+        &values(&want),
+        tolerance::<bf16>(),
+    );
     let tol = tolerance::<bf16>();
     assert_close("swiglu bf16 y", &widen(&y), &values(&want), tol);
     assert_close(
