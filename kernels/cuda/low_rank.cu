@@ -120,13 +120,16 @@ __device__ __forceinline__ void stage_l(float (&ls)[ROWS][RANK_GROUP], const flo
 
 // out [n, c] = y + l · m for y [n, c] (T), l [n, r], m [r, c]: the product summed over j in
 // order, then y added, in f32, rounded to T once (PEFT adds its f32 update to a bf16 output in
-// f32 and rounds the sum). A thread per column (blockIdx.x · 256 + threadIdx.x) and ADD_ROWS
-// rows (blockIdx.y): its column of m is read once for all of them, 16 ranks at a time into
-// registers, and the rows' l is staged in shared memory, read by every thread alike.
-template <typename T>
+// f32 and rounds the sum). With kAcc, that sum is added to acc [n, c] (T) and rounded again:
+// what adding it to acc afterwards gives (a residual, or the input gradient of the projections
+// before it in a group), without writing the sum and reading it back. A thread per column
+// (blockIdx.x · 256 + threadIdx.x) and ADD_ROWS rows (blockIdx.y): its column of m is read
+// once for all of them, 16 ranks at a time, and the rows' l is staged in shared memory, read
+// by every thread alike.
+template <typename T, bool kAcc>
 __device__ void low_rank_add_product(const T* __restrict__ y, const float* __restrict__ l,
-                                     const float* __restrict__ m, T* __restrict__ out, int n,
-                                     int c, int r) {
+                                     const float* __restrict__ m, const T* __restrict__ acc,
+                                     T* __restrict__ out, int n, int c, int r) {
   __shared__ float ls[ADD_ROWS][RANK_GROUP];
   const int col = blockIdx.x * LOW_RANK_THREADS + threadIdx.x;
   const int row0 = blockIdx.y * ADD_ROWS, rows = min(ADD_ROWS, n - row0);
@@ -152,7 +155,8 @@ __device__ void low_rank_add_product(const T* __restrict__ y, const float* __res
   for (int i = 0; i < ADD_ROWS; ++i) {
     if (i < rows) {
       const long long e = (long long)(row0 + i) * c + col;
-      out[e] = from_f32<T>(s[i] + to_f32(y[e]));
+      const float sum = s[i] + to_f32(y[e]);
+      out[e] = from_f32<T>(kAcc ? to_f32(acc[e]) + round_to<T>(sum) : sum);
     }
   }
 }
@@ -203,7 +207,12 @@ __device__ void low_rank_outer_partial(const float* __restrict__ l, const T* __r
   extern "C" __global__ void low_rank_add_product_##S(const T* y, const float* l,             \
                                                       const float* m, T* out, int n, int c,     \
                                                       int r) {                                  \
-    low_rank_add_product<T>(y, l, m, out, n, c, r);                                             \
+    low_rank_add_product<T, false>(y, l, m, nullptr, out, n, c, r);                             \
+  }                                                                                             \
+  extern "C" __global__ void low_rank_add_product_to_##S(const T* y, const float* l,          \
+                                                         const float* m, const T* acc, T* out,  \
+                                                         int n, int c, int r) {                 \
+    low_rank_add_product<T, true>(y, l, m, acc, out, n, c, r);                                  \
   }                                                                                             \
   extern "C" __global__ void low_rank_outer_partial_##S(const float* l, const T* x,           \
                                                         float* partial, int n, int r, int k,    \

@@ -363,8 +363,8 @@ fn swiglu_backward_and_output(
 }
 
 /// LoRA's three rank-r products on x [n, k] and y [n, c] in the case's dtype, f32 A [r, k] and
-/// Bᵀ [r, c]: x Aᵀ, y + l Bᵀ and the adapter gradient lᵀ x, against the same as f32 candle
-/// matmuls.
+/// Bᵀ [r, c]: x Aᵀ, y + l Bᵀ (also added to an acc [n, c] in the same pass) and the adapter
+/// gradient lᵀ x, against the same as f32 candle matmuls.
 fn low_rank(
     case: &Case,
     implementation: Implementation,
@@ -376,13 +376,15 @@ fn low_rank(
     let a = input(22, &[r, k], 0.1)?.to_dtype(DType::F32)?;
     let bt = input(23, &[r, c], 0.1)?.to_dtype(DType::F32)?;
     let y = input(24, &[n, c], 1.0)?;
-    let (low, sum, grad) = match implementation {
+    let acc = input(25, &[n, c], 1.0)?;
+    let (low, sum, sum_to, grad) = match implementation {
         Implementation::Fused => {
-            use crate::low_rank::{add_product, outer_sum, project};
+            use crate::low_rank::{add_product, add_product_to, outer_sum, project};
             let low = project(&x, &a)?;
             (
                 low.clone(),
                 add_product(&y, &low, &bt)?,
+                add_product_to(&acc, &y, &low, &bt)?,
                 outer_sum(&low, &x)?,
             )
         }
@@ -390,8 +392,9 @@ fn low_rank(
             let x32 = x.to_dtype(DType::F32)?;
             let low = x32.matmul(&a.t()?)?;
             let sum = (y.to_dtype(DType::F32)? + low.matmul(&bt)?)?.to_dtype(y.dtype())?;
+            let sum_to = (&acc + &sum)?;
             let grad = low.t()?.matmul(&x32)?;
-            (low, sum, grad)
+            (low, sum, sum_to, grad)
         }
     };
     let cpu = |t: Tensor| t.to_dtype(DType::F32)?.to_device(&Device::Cpu);
@@ -399,6 +402,7 @@ fn low_rank(
         tensors: vec![
             ("x Aᵀ", cpu(low)?),
             ("y + l Bᵀ", cpu(sum)?),
+            ("acc + (y + l Bᵀ)", cpu(sum_to)?),
             ("lᵀ x", cpu(grad)?),
         ],
     })

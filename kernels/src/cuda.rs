@@ -64,7 +64,7 @@ pub(crate) const FLASH_ATTENTION: Module = Module {
 pub(crate) enum LowRankKernel {
     /// (x [n, k] T, M [r, k] f32) → [n, r] f32; sizes [n, k, r].
     Project,
-    /// (y [n, c] T, l [n, r] f32, M [r, c] f32) → [n, c] T; sizes [n, c, r].
+    /// (y [n, c] T, l [n, r] f32, M [r, c] f32[, acc [n, c] T]) → [n, c] T; sizes [n, c, r].
     AddProduct,
     /// (l [n, r] f32, x [n, k] T) → [r, k] f32; sizes [n, r, k].
     OuterSum,
@@ -134,9 +134,14 @@ fn low_rank_typed<T: CudaDType + DeviceRepr>(
         }
         LowRankKernel::AddProduct => {
             let (c, r) = (a, b);
-            let (func, name) = load("low_rank_add_product")?;
+            // A fourth input is what the sum is added to.
+            let (func, name) = match inputs.len() {
+                4 => load("low_rank_add_product_to")?,
+                _ => load("low_rank_add_product")?,
+            };
             let y = views::<T>(&name, &inputs[..1])?;
             let lm = views::<f32>(&name, &inputs[1..3])?;
+            let acc = views::<T>(&name, &inputs[3..])?;
             // SAFETY: the kernel writes all n · c outputs.
             let out = unsafe { dev.alloc::<T>(n * c)? };
             let (n32, c32, r32) = (
@@ -145,7 +150,11 @@ fn low_rank_typed<T: CudaDType + DeviceRepr>(
                 i32_of(r, "rank")?,
             );
             let mut args = func.builder();
-            args.arg(&y[0]).arg(&lm[0]).arg(&lm[1]).arg(&out);
+            args.arg(&y[0]).arg(&lm[0]).arg(&lm[1]);
+            for a in &acc {
+                args.arg(a);
+            }
+            args.arg(&out);
             args.arg(&n32).arg(&c32).arg(&r32);
             if n * c > 0 {
                 // SAFETY: the argument list matches low_rank_add_product's signature.

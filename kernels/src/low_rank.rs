@@ -59,7 +59,35 @@ pub fn add_product(y: &Tensor, l: &Tensor, m: &Tensor) -> Result<Tensor> {
         return (y.to_dtype(DType::F32)? + l.matmul(&m)?)?.to_dtype(y.dtype());
     }
     y.contiguous()?
-        .apply_op3_no_bwd(&l, &m, &AddProduct { c, r })
+        .apply_op3_no_bwd(&l, &m, &AddProduct { c, r, acc: None })
+}
+
+/// acc + (y + l M): [`add_product`]'s sum, rounded to y's dtype, added to acc ([n, c], y's
+/// dtype) and rounded again. The values of `acc + add_product(y, l, m)` in one pass instead of
+/// two: for a residual (the output projection's, the down projection's), or for an input
+/// gradient summed over projections that read the same input.
+pub fn add_product_to(acc: &Tensor, y: &Tensor, l: &Tensor, m: &Tensor) -> Result<Tensor> {
+    if acc.shape() != y.shape() || acc.dtype() != y.dtype() {
+        candle_core::bail!(
+            "low_rank::add_product_to: acc {:?} {:?} but y {:?} {:?}",
+            acc.dims(),
+            acc.dtype(),
+            y.dims(),
+            y.dtype()
+        );
+    }
+    let r = l.dim(1)?;
+    if !fused(y, r) {
+        return acc + add_product(y, l, m)?;
+    }
+    let ((n, c), (nl, _), (rm, cm)) = (y.dims2()?, l.dims2()?, m.dims2()?);
+    if nl != n || rm != r || cm != c {
+        candle_core::bail!("low_rank::add_product_to: y [{n}, {c}], l [{nl}, {r}], M [{rm}, {cm}]");
+    }
+    let (l, m) = (small(l)?, small(m)?);
+    let acc = Some(acc.contiguous()?);
+    y.contiguous()?
+        .apply_op3_no_bwd(&l, &m, &AddProduct { c, r, acc })
 }
 
 /// lᵀ x for l [n, r] and x [n, k]: [r, k] in f32, the sum over the n rows.
@@ -184,26 +212,41 @@ impl CustomOp2 for Project {
 struct AddProduct {
     c: usize,
     r: usize,
+    /// What the sum is added to ([`add_product_to`]), packed, y's shape and dtype.
+    acc: Option<Tensor>,
 }
 
 impl AddProduct {
-    fn cpu<T: Elem>(&self, y: &[T], l: &[f32], m: &[f32]) -> Vec<T> {
+    fn cpu<T: Elem>(&self, y: &[T], l: &[f32], m: &[f32], acc: Option<&[T]>) -> Vec<T> {
         let (c, r) = (self.c, self.r);
         let mut out = vec![T::from_f32(0.0); y.len()];
         out.par_chunks_mut(c.max(1))
             .zip(y.par_chunks(c.max(1)).zip(l.par_chunks(r.max(1))))
-            .for_each_init(Vec::new, |sum: &mut Vec<f32>, (o, (yi, li))| {
+            .enumerate()
+            .for_each_init(Vec::new, |sum: &mut Vec<f32>, (i, (o, (yi, li)))| {
                 sum.clear();
                 sum.resize(c, 0.0);
+                let acc_i = acc.map(|a| &a[i * c..(i + 1) * c]);
                 with_avx2(
                     #[inline(always)]
                     || {
-                        // Σ_j l_ij M_j, then + y_i, rounded once.
+                        // Σ_j l_ij M_j, then + y_i, rounded once; then + acc_i, rounded again.
                         for (&s, mj) in li.iter().zip(m.chunks(c.max(1))) {
                             axpy(sum, s, mj);
                         }
-                        for ((o, y), s) in o.iter_mut().zip(yi).zip(sum.iter()) {
-                            *o = T::from_f32(s + y.to_f32());
+                        match acc_i {
+                            None => {
+                                for ((o, y), s) in o.iter_mut().zip(yi).zip(sum.iter()) {
+                                    *o = T::from_f32(s + y.to_f32());
+                                }
+                            }
+                            Some(acc_i) => {
+                                for (((o, y), s), a) in
+                                    o.iter_mut().zip(yi).zip(sum.iter()).zip(acc_i)
+                                {
+                                    *o = T::from_f32(a.to_f32() + T::round(s + y.to_f32()));
+                                }
+                            }
                         }
                     },
                 )
@@ -230,9 +273,20 @@ impl CustomOp3 for AddProduct {
             packed_as::<f32>(s2, l2, "low_rank: l")?,
             packed_as::<f32>(s3, l3, "low_rank: M")?,
         );
-        let out = dispatch_cpu!("low_rank: y", (s1), |T, (y)| Ok::<_, candle_core::Error>(
-            self.cpu::<T>(packed(y, l1, "low_rank: y")?, l, m)
-        ))?;
+        let acc = self.acc.as_ref().map(|a| a.storage_and_layout());
+        let acc = match &acc {
+            Some((storage, layout)) => match &**storage {
+                candle_core::Storage::Cpu(s) => Some((s, *layout)),
+                _ => candle_core::bail!("low_rank: acc is not on the CPU"),
+            },
+            None => None,
+        };
+        let out = dispatch_cpu!("low_rank: y", (s1), |T, (y)| {
+            let acc = acc
+                .map(|(s, l)| packed_as::<T>(s, l, "low_rank: acc"))
+                .transpose()?;
+            Ok::<_, candle_core::Error>(self.cpu::<T>(packed(y, l1, "low_rank: y")?, l, m, acc))
+        })?;
         Ok((out, l1.shape().clone()))
     }
 
@@ -247,9 +301,17 @@ impl CustomOp3 for AddProduct {
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let n = l1.shape().elem_count() / self.c.max(1);
+        let acc = self.acc.as_ref().map(|a| a.storage_and_layout());
+        let mut inputs = vec![(s1, l1), (s2, l2), (s3, l3)];
+        if let Some((storage, layout)) = &acc {
+            match &**storage {
+                candle_core::Storage::Cuda(s) => inputs.push((s, *layout)),
+                _ => candle_core::bail!("low_rank: acc is not on the GPU"),
+            }
+        }
         let out = crate::cuda::low_rank(
             crate::cuda::LowRankKernel::AddProduct,
-            &[(s1, l1), (s2, l2), (s3, l3)],
+            &inputs,
             [n, self.c, self.r],
         )?;
         Ok((out, l1.shape().clone()))

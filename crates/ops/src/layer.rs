@@ -104,9 +104,8 @@ pub fn decoder_layer(
         w.heads,
     )?;
     drop((qy, ky, vy));
-    let (oy, low_o) = forward_one(&o, &attn_y.reshape((rows, q_w))?)?;
-    let x1 = (&x + oy.reshape((b, s, h))?)?;
-    drop(oy);
+    let (x1, low_o) = forward_onto(&o, &attn_y.reshape((rows, q_w))?, &x.reshape((rows, h))?)?;
+    let x1 = x1.reshape((b, s, h))?;
 
     // MLP.
     let xn2 = rms_norm(&x1, &norm2, eps)?.reshape((rows, h))?;
@@ -114,9 +113,8 @@ pub fn decoder_layer(
     drop(xn2);
     let (gate_y, low_gate) = gu.next().expect("two outputs");
     let (up_y, low_up) = gu.next().expect("two outputs");
-    let (down_y, low_down) = forward_one(&down, &swiglu(&gate_y, &up_y)?)?;
-    let y = (&x1 + down_y.reshape((b, s, h))?)?;
-    drop(down_y);
+    let (y, low_down) = forward_onto(&down, &swiglu(&gate_y, &up_y)?, &x1.reshape((rows, h))?)?;
+    let y = y.reshape((b, s, h))?;
 
     with_backward_n(&inputs, y, move |dy, need| {
         let mut grads: Vec<Option<Tensor>> = vec![None; need.len()];
@@ -257,8 +255,17 @@ fn forward_group(projs: &[&Proj], x: &Tensor) -> Result<Vec<(Tensor, Option<Tens
         .collect()
 }
 
-fn forward_one(p: &Proj, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
-    Ok(forward_group(&[p], x)?.pop().expect("one output"))
+/// `residual + p(x)` [rows, out] for x [rows, in] and the residual [rows, out], the sum made
+/// with the LoRA update's (one pass, not two), and the LoRA path's scaled rank-r activation.
+fn forward_onto(p: &Proj, x: &Tensor, residual: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+    let y = x.matmul(&p.weight.t()?)?;
+    match &p.lora {
+        Some((adapter, ..)) => {
+            let low = adapter.low(x)?;
+            Ok((adapter.add_onto(residual, &y, &low)?, Some(low)))
+        }
+        None => Ok(((residual + y)?, None)),
+    }
 }
 
 /// The backward of projections that read the same x [rows, in], given each one's output
@@ -294,13 +301,15 @@ fn input_grads(
             None => None,
         };
         if need_x {
-            let mut d = dy.matmul(&p.weight)?;
-            if let (Some((adapter, ..)), Some(dlow)) = (&p.lora, &dlow) {
-                d = adapter.add_input_grad(&d, dlow)?;
-            }
-            dx = Some(match dx {
-                Some(acc) => (acc + d)?,
-                None => d,
+            // This projection's part, added to the group's sum so far in the same pass.
+            let base = dy.matmul(&p.weight)?;
+            dx = Some(match (&p.lora, &dlow, dx.take()) {
+                (Some((adapter, ..)), Some(dlow), Some(acc)) => {
+                    adapter.add_input_grad_onto(&acc, &base, dlow)?
+                }
+                (Some((adapter, ..)), Some(dlow), None) => adapter.add_input_grad(&base, dlow)?,
+                (_, _, Some(acc)) => (acc + base)?,
+                (_, _, None) => base,
             });
         }
         dlows.push(dlow);

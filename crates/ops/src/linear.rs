@@ -104,9 +104,25 @@ impl LowRank {
         low_rank::add_product(base, low, &self.b_t)
     }
 
+    /// acc + (base + low Bᵀ): [`Self::add_to`] added to acc (a residual) in the same pass.
+    pub(crate) fn add_onto(&self, acc: &Tensor, base: &Tensor, low: &Tensor) -> Result<Tensor> {
+        low_rank::add_product_to(acc, base, low, &self.b_t)
+    }
+
     /// base + dlow A: the low-rank path's part of the input's gradient added to the base's.
     pub(crate) fn add_input_grad(&self, base: &Tensor, dlow: &Tensor) -> Result<Tensor> {
         low_rank::add_product(base, dlow, &self.a)
+    }
+
+    /// acc + (base + dlow A): [`Self::add_input_grad`] added to acc (the input gradient of
+    /// the projections before it that read the same input) in the same pass.
+    pub(crate) fn add_input_grad_onto(
+        &self,
+        acc: &Tensor,
+        base: &Tensor,
+        dlow: &Tensor,
+    ) -> Result<Tensor> {
+        low_rank::add_product_to(acc, base, dlow, &self.a)
     }
 
     /// From the output's gradient dy [rows, out] (x's dtype) and the forward's `low`:

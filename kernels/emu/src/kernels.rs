@@ -126,6 +126,26 @@ extern "C" {
         c: i32,
         r: i32,
     );
+    pub fn low_rank_add_product_to_f32(
+        y: *const f32,
+        l: *const f32,
+        m: *const f32,
+        acc: *const f32,
+        out: *mut f32,
+        n: i32,
+        c: i32,
+        r: i32,
+    );
+    pub fn low_rank_add_product_to_bf16(
+        y: *const bf16,
+        l: *const f32,
+        m: *const f32,
+        acc: *const bf16,
+        out: *mut bf16,
+        n: i32,
+        c: i32,
+        r: i32,
+    );
     pub fn low_rank_outer_partial_f32(
         l: *const f32,
         x: *const f32,

@@ -36,6 +36,7 @@ fn low_rank_case<T: Element + candle_core::WithDType>(
     [n, k, c, r]: [usize; 4],
     project: unsafe extern "C" fn(*const T, *const f32, *mut f32, i32, i32, i32),
     add_product: unsafe extern "C" fn(*const T, *const f32, *const f32, *mut T, i32, i32, i32),
+    add_product_to: AddProductTo<T>,
     outer_partial: unsafe extern "C" fn(*const f32, *const T, *mut f32, i32, i32, i32, i32),
 ) {
     let label = format!("low_rank {} [{n}, {k}, {c}, {r}]", T::NAME);
@@ -93,6 +94,39 @@ fn low_rank_case<T: Element + candle_core::WithDType>(
         tolerance::<T>(),
     );
 
+    // The same sum added to acc: against the reference's acc + (y + l Bᵀ).
+    let (acc, _) = stored::<T>(&seeded(25, n * c, 1.0));
+    let want_to =
+        helix_kernels::low_rank::add_product_to(&cpu(&acc, &[n, c]), &yt, &want_low, &btt).unwrap();
+    let want_added = (cpu(&acc, &[n, c]) + &want_sum).unwrap();
+    assert_close(
+        &format!("{label} reference: acc + (y + l Bᵀ) in one pass"),
+        &values(&want_to),
+        &values(&want_added),
+        0.0,
+    );
+    let accp = Ptr::read(&acc);
+    let mut sum_to = vec![T::default(); n * c];
+    let sum_top = Ptr::of(&mut sum_to);
+    helix_kernels_emu::launch(launch::low_rank_add_product(n, c), || unsafe {
+        add_product_to(
+            yp.get(),
+            lp.get(),
+            btp.get(),
+            accp.get(),
+            sum_top.get(),
+            n as i32,
+            c as i32,
+            r as i32,
+        )
+    });
+    assert_close(
+        &format!("{label} acc + (y + l Bᵀ)"),
+        &widen(&sum_to),
+        &values(&want_to),
+        tolerance::<T>(),
+    );
+
     let geometry = launch::low_rank_outer_partial(n, k);
     let parts = geometry.grid.1 as usize;
     let rows_per_part = launch::low_rank_outer_rows_per_part(n);
@@ -117,6 +151,10 @@ fn low_rank_case<T: Element + candle_core::WithDType>(
         1e-5 * (n as f32).sqrt(),
     );
 }
+
+/// `low_rank_add_product_to_*`: (y, l, m, acc, out, n, c, r).
+type AddProductTo<T> =
+    unsafe extern "C" fn(*const T, *const f32, *const f32, *const T, *mut T, i32, i32, i32);
 
 /// `low_rank_sum_parts_f32` over `parts` partial sums of `len` values each.
 fn sum_parts(partial: &[f32], parts: usize, len: usize) -> Vec<f32> {
@@ -144,12 +182,14 @@ fn low_rank_products_match_the_reference() {
             dims,
             low_rank_project_f32,
             low_rank_add_product_f32,
+            low_rank_add_product_to_f32,
             low_rank_outer_partial_f32,
         );
         low_rank_case::<bf16>(
             dims,
             low_rank_project_bf16,
             low_rank_add_product_bf16,
+            low_rank_add_product_to_bf16,
             low_rank_outer_partial_bf16,
         );
     }
