@@ -9,8 +9,8 @@
 //! rows that read the large operand once and keep the small one in cache (compiled for AVX2 +
 //! FMA where the CPU has it); on a GPU the kernels of kernels/cuda/low_rank.cu, up to rank 64
 //! (they take any rank, but re-read the large operand for every 16 ranks past the first; from
-//! rank 64 up the products are wide enough for f32 matmuls). Sums over rows go in fixed blocks added in order, so results
-//! do not depend on the number of threads.
+//! rank 64 up the products are wide enough for f32 matmuls). Sums over rows go in fixed blocks
+//! added in order, so results do not depend on the number of threads.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -50,16 +50,7 @@ pub fn project(x: &Tensor, m: &Tensor) -> Result<Tensor> {
 /// y + l M for y [n, c], l [n, r] and M [r, c]: [n, c] in y's dtype, the product summed first,
 /// then y added in f32 and the sum rounded once.
 pub fn add_product(y: &Tensor, l: &Tensor, m: &Tensor) -> Result<Tensor> {
-    let ((n, c), (nl, r), (rm, cm)) = (y.dims2()?, l.dims2()?, m.dims2()?);
-    if nl != n || rm != r || cm != c {
-        candle_core::bail!("low_rank::add_product: y [{n}, {c}], l [{nl}, {r}], M [{rm}, {cm}]");
-    }
-    let (l, m) = (small(l)?, small(m)?);
-    if !fused(y, r) {
-        return (y.to_dtype(DType::F32)? + l.matmul(&m)?)?.to_dtype(y.dtype());
-    }
-    y.contiguous()?
-        .apply_op3_no_bwd(&l, &m, &AddProduct { c, r, acc: None })
+    sum_of_product("low_rank::add_product", y, l, m, None)
 }
 
 /// acc + (y + l M): [`add_product`]'s sum, rounded to y's dtype, added to acc ([n, c], y's
@@ -76,16 +67,30 @@ pub fn add_product_to(acc: &Tensor, y: &Tensor, l: &Tensor, m: &Tensor) -> Resul
             y.dtype()
         );
     }
-    let r = l.dim(1)?;
-    if !fused(y, r) {
-        return acc + add_product(y, l, m)?;
-    }
-    let ((n, c), (nl, _), (rm, cm)) = (y.dims2()?, l.dims2()?, m.dims2()?);
+    sum_of_product("low_rank::add_product_to", y, l, m, Some(acc))
+}
+
+/// y + l M, added to acc when given: [`add_product`] and [`add_product_to`].
+fn sum_of_product(
+    what: &str,
+    y: &Tensor,
+    l: &Tensor,
+    m: &Tensor,
+    acc: Option<&Tensor>,
+) -> Result<Tensor> {
+    let ((n, c), (nl, r), (rm, cm)) = (y.dims2()?, l.dims2()?, m.dims2()?);
     if nl != n || rm != r || cm != c {
-        candle_core::bail!("low_rank::add_product_to: y [{n}, {c}], l [{nl}, {r}], M [{rm}, {cm}]");
+        candle_core::bail!("{what}: y [{n}, {c}], l [{nl}, {r}], M [{rm}, {cm}]");
     }
     let (l, m) = (small(l)?, small(m)?);
-    let acc = Some(acc.contiguous()?);
+    if !fused(y, r) {
+        let sum = (y.to_dtype(DType::F32)? + l.matmul(&m)?)?.to_dtype(y.dtype())?;
+        return match acc {
+            Some(acc) => acc + sum,
+            None => Ok(sum),
+        };
+    }
+    let acc = acc.map(|a| a.contiguous()).transpose()?;
     y.contiguous()?
         .apply_op3_no_bwd(&l, &m, &AddProduct { c, r, acc })
 }

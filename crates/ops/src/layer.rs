@@ -223,13 +223,10 @@ impl Proj {
             }
         })
     }
-}
 
-impl Proj {
     /// Whether any of this projection's tensors wants a gradient.
     fn trains(&self, need: &[bool]) -> bool {
-        let at = |i: &usize| need[*i];
-        self.weight_at.iter().any(at)
+        self.weight_at.is_some_and(|at| need[at])
             || self
                 .lora
                 .as_ref()
