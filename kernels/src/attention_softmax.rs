@@ -124,18 +124,27 @@ struct RowStats {
 fn row_stats_cpu<T: Elem>(s: &[T], bias: &[T], d: &Dims, scale: f32) -> Vec<f32> {
     let k = d.keys;
     let mut stats = vec![0f32; 2 * (s.len() / k.max(1))];
-    stats.par_chunks_mut(2).enumerate().for_each(|(r, out)| {
-        with_avx2(
-            #[inline(always)]
-            || {
-                let (sr, br) = (&s[r * k..(r + 1) * k], &bias[d.bias_row(r) * k..][..k]);
-                let v = |j: usize| sr[j].to_f32() * scale + br[j].to_f32();
-                let m = max_of(k, v);
-                out[0] = m;
-                out[1] = sum_exp(k, m, v);
-            },
-        )
-    });
+    stats
+        .par_chunks_mut(2)
+        .enumerate()
+        .for_each_init(Vec::new, |v: &mut Vec<f32>, (r, out)| {
+            with_avx2(
+                #[inline(always)]
+                || {
+                    // v = scores · scale + bias once, then its max and Σ exp(v − max).
+                    let (sr, br) = (&s[r * k..][..k], &bias[d.bias_row(r) * k..][..k]);
+                    v.clear();
+                    v.extend(
+                        sr.iter()
+                            .zip(br)
+                            .map(|(s, b)| s.to_f32() * scale + b.to_f32()),
+                    );
+                    let m = max_of(v);
+                    out[0] = m;
+                    out[1] = sum_exp(v, m);
+                },
+            )
+        });
     stats
 }
 

@@ -63,18 +63,30 @@ fn check_targets(targets: &Tensor, rows: usize) -> Result<()> {
 
 fn logit_stats_cpu<T: Elem>(x: &[T], targets: &[i64], vocab: usize) -> Vec<f32> {
     let mut stats = vec![0f32; 3 * targets.len()];
-    stats.par_chunks_mut(3).enumerate().for_each(|(r, out)| {
-        with_avx2(
-            #[inline(always)]
-            || {
-                let row = &x[r * vocab..(r + 1) * vocab];
-                let m = max_of(vocab, |j| row[j].to_f32());
-                out[0] = m;
-                out[1] = sum_exp(vocab, m, |j| row[j].to_f32());
-                out[2] = usize::try_from(targets[r]).map_or(0.0, |t| row[t].to_f32());
-            },
-        )
-    });
+    stats
+        .par_chunks_mut(3)
+        .enumerate()
+        .for_each_init(Vec::new, |buf: &mut Vec<f32>, (r, out)| {
+            with_avx2(
+                #[inline(always)]
+                || {
+                    let row = &x[r * vocab..][..vocab];
+                    // The row in f32: itself, or converted once for both passes.
+                    let v = match T::as_f32_slice(row) {
+                        Some(v) => v,
+                        None => {
+                            buf.clear();
+                            buf.extend(row.iter().map(|x| x.to_f32()));
+                            buf
+                        }
+                    };
+                    let m = max_of(v);
+                    out[0] = m;
+                    out[1] = sum_exp(v, m);
+                    out[2] = usize::try_from(targets[r]).map_or(0.0, |t| v[t]);
+                },
+            )
+        });
     stats
 }
 

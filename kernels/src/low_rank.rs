@@ -121,24 +121,70 @@ fn row_f32<'a, T: Elem>(row: &'a [T], buf: &'a mut Vec<f32>) -> &'a [f32] {
     }
 }
 
-/// Σ a_i b_i in eight running sums.
+/// Σ_i x_i m_gi for the G rows of m (each x's length), each in eight running sums, then the
+/// tail. The G sums are independent, so they overlap, where one sum at a time waited on its
+/// own additions; and x is read once for them.
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for lane in 0..8 {
-            acc[lane] += x[lane] * y[lane];
+fn dots<const G: usize>(x: &[f32], m: &[f32]) -> [f32; G] {
+    let k = x.len();
+    let rows: [&[f32]; G] = std::array::from_fn(|g| &m[g * k..][..k]);
+    let mut acc = [[0f32; 8]; G];
+    let full = k / 8 * 8;
+    for base in (0..full).step_by(8) {
+        let xc = &x[base..][..8];
+        for (acc, row) in acc.iter_mut().zip(rows) {
+            let mc = &row[base..][..8];
+            for lane in 0..8 {
+                acc[lane] += xc[lane] * mc[lane];
+            }
         }
     }
-    acc.iter().sum::<f32>() + tail
+    std::array::from_fn(|g| {
+        let tail: f32 = x[full..]
+            .iter()
+            .zip(&rows[g][full..])
+            .map(|(a, b)| a * b)
+            .sum();
+        acc[g].iter().sum::<f32>() + tail
+    })
 }
+
+/// Σ_j l_j M_j[col..col + W] over the rows j of M [l.len(), c], from zero in j order: W
+/// columns of l M kept in registers across the ranks instead of a row of sums stored and
+/// reloaded once per rank.
+#[inline(always)]
+fn product_columns<const W: usize>(l: &[f32], m: &[f32], c: usize, col: usize) -> [f32; W] {
+    let mut sum = [0f32; W];
+    for (j, &lj) in l.iter().enumerate() {
+        let mj = &m[j * c + col..][..W];
+        for t in 0..W {
+            sum[t] += lj * mj[t];
+        }
+    }
+    sum
+}
+
+/// Σ_i l_i x_i[col..col + W] over the rows i of x [l.len(), k], from zero in row order.
+#[inline(always)]
+fn row_sum_columns<const W: usize>(
+    l: impl Iterator<Item = f32>,
+    x: &[f32],
+    k: usize,
+    col: usize,
+) -> [f32; W] {
+    let mut sum = [0f32; W];
+    for (i, li) in l.enumerate() {
+        let xi = &x[i * k + col..][..W];
+        for t in 0..W {
+            sum[t] += li * xi[t];
+        }
+    }
+    sum
+}
+
+/// Columns a pass of [`product_columns`] and [`row_sum_columns`] keeps in registers (four
+/// AVX2 vectors).
+const COLUMNS: usize = 32;
 
 /// y += s · x over a row.
 #[inline(always)]
@@ -165,8 +211,14 @@ impl Project {
                 with_avx2(
                     #[inline(always)]
                     || {
-                        for (o, mj) in o.iter_mut().zip(m.chunks(k.max(1))) {
-                            *o = dot(xi, mj);
+                        // Four ranks a pass, then one at a time.
+                        let mut j = 0;
+                        while j + 4 <= r {
+                            o[j..j + 4].copy_from_slice(&dots::<4>(xi, &m[j * k..]));
+                            j += 4;
+                        }
+                        for j in j..r {
+                            o[j] = dots::<1>(xi, &m[j * k..])[0];
                         }
                     },
                 )
@@ -236,8 +288,13 @@ impl AddProduct {
                     #[inline(always)]
                     || {
                         // Σ_j l_ij M_j, then + y_i, rounded once; then + acc_i, rounded again.
-                        for (&s, mj) in li.iter().zip(m.chunks(c.max(1))) {
-                            axpy(sum, s, mj);
+                        let full = c / COLUMNS * COLUMNS;
+                        for col in (0..full).step_by(COLUMNS) {
+                            sum[col..col + COLUMNS]
+                                .copy_from_slice(&product_columns::<COLUMNS>(li, m, c, col));
+                        }
+                        for (col, s) in sum.iter_mut().enumerate().skip(full) {
+                            *s = product_columns::<1>(li, m, c, col)[0];
                         }
                         match acc_i {
                             None => {
@@ -340,17 +397,32 @@ impl OuterSum {
             .enumerate()
             .for_each_init(Vec::new, |buf, (b, acc)| {
                 let rows = b * BLOCK_ROWS..((b + 1) * BLOCK_ROWS).min(self.n);
-                for i in rows {
-                    let xi = row_f32(&x[i * k..(i + 1) * k], buf);
-                    with_avx2(
-                        #[inline(always)]
-                        || {
-                            for (j, accj) in acc.chunks_mut(k.max(1)).enumerate() {
-                                axpy(accj, l[i * r + j], xi);
+                let xb = row_f32(&x[rows.start * k..rows.end * k], buf);
+                let lb = &l[rows.start * r..rows.end * r];
+                with_avx2(
+                    #[inline(always)]
+                    || {
+                        // A block of columns at a time over every rank, so the block's rows
+                        // of x stay in L1 while the ranks read them.
+                        let full = k / COLUMNS * COLUMNS;
+                        for col in (0..full).step_by(COLUMNS) {
+                            for j in 0..r {
+                                let lj = lb.iter().skip(j).step_by(r).copied();
+                                acc[j * k + col..][..COLUMNS].copy_from_slice(&row_sum_columns::<
+                                    COLUMNS,
+                                >(
+                                    lj, xb, k, col
+                                ));
                             }
-                        },
-                    )
-                }
+                        }
+                        for col in full..k {
+                            for j in 0..r {
+                                let lj = lb.iter().skip(j).step_by(r).copied();
+                                acc[j * k + col] = row_sum_columns::<1>(lj, xb, k, col)[0];
+                            }
+                        }
+                    },
+                )
             });
         let mut out = vec![0f32; r * k];
         for p in partial.chunks((r * k).max(1)) {

@@ -110,22 +110,45 @@ fn backward_cpu<T: Elem>(gate: &[T], up: &[T], dy: &[T], with_output: bool) -> R
             with_avx2(
                 #[inline(always)]
                 || {
-                    for i in 0..gate.len() {
-                        let g = gate[i].to_f32();
-                        let sg = sigmoid(g);
-                        let s = T::round(g * sg);
-                        let dyi = dy[i].to_f32();
-                        let ds = T::round(dyi * up[i].to_f32());
-                        dg[i] = T::from_f32(ds * sg * (1.0 + g * (1.0 - sg)));
-                        du[i] = T::from_f32(dyi * s);
-                        if with_output {
-                            y[i] = T::from_f32(s * up[i].to_f32());
+                    // Zipped slices, not indices: the loop vectorises only without bounds
+                    // checks (indexed, it ran 25 times slower than the forward).
+                    let grads = gate
+                        .iter()
+                        .zip(up)
+                        .zip(dy)
+                        .map(|((g, u), dy)| gradients_at(g.to_f32(), u.to_f32(), dy.to_f32()));
+                    if with_output {
+                        for (((dg, du), y), (g, u, out)) in dg
+                            .iter_mut()
+                            .zip(du.iter_mut())
+                            .zip(y.iter_mut())
+                            .zip(grads)
+                        {
+                            (*dg, *du, *y) = (g, u, out);
+                        }
+                    } else {
+                        for ((dg, du), (g, u, _)) in dg.iter_mut().zip(du.iter_mut()).zip(grads) {
+                            (*dg, *du) = (g, u);
                         }
                     }
                 },
             )
         });
     Ok(d)
+}
+
+/// (d gate, d up, y) at one element: silu's value s = g σ(g) rounded as the forward stores it,
+/// d up = dy · s, d gate = dy · u · σ(g) (1 + g (1 − σ(g))).
+#[inline(always)]
+fn gradients_at<T: Elem>(g: f32, u: f32, dy: f32) -> (T, T, T) {
+    let sg = sigmoid(g);
+    let s = T::round(g * sg);
+    let ds = T::round(dy * u);
+    (
+        T::from_f32(ds * sg * (1.0 + g * (1.0 - sg))),
+        T::from_f32(dy * s),
+        T::from_f32(s * u),
+    )
 }
 
 impl CustomOp2 for Swiglu {

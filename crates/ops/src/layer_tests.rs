@@ -197,8 +197,10 @@ fn compare(kinds: [Kind; 7], train_norms: bool, train_input: bool) -> Result<()>
 }
 
 /// [`compare`] in `dtype` (the adapters stay f32). In bf16 the two differ by the order in which
-/// the input's gradients are summed: by a unit in the last place (2⁻⁸) of the largest value
-/// (measured: 3.7e-3; the outputs and the adapters' gradients agree exactly).
+/// the input's gradients are summed, each partial sum rounded to bf16: by a few units in the
+/// last place (2⁻⁸) of the largest value. Over 200 runs of random inputs the largest was 2.9
+/// units (1.15e-2), so the bound is 5 (2e-2); the outputs and the adapters' gradients agree
+/// exactly.
 ///
 /// With `flash` the one-op layer attends under the segment mask (the FlashAttention
 /// reference) and the composed one under the bias (the chunked attention); the padding rows,
@@ -213,7 +215,7 @@ fn compare_in(
 ) -> Result<()> {
     let (out_tol, grad_tol) = match dtype {
         DType::F32 => (1e-6, 2e-5),
-        _ => (1e-2, 1e-2),
+        _ => (1e-2, 2e-2),
     };
     let dev = Device::Cpu;
     let (b, s) = (2, 7);
