@@ -3,6 +3,7 @@
 
 pub use helix_ckpt as ckpt;
 pub use helix_data as data;
+pub use helix_kernels as kernels;
 pub use helix_model as model;
 pub use helix_ops as ops;
 pub use helix_parallel as parallel;

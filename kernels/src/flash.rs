@@ -1,16 +1,17 @@
 //! Causal attention with grouped-query heads and segment masks on candle tensors, in the
 //! FlashAttention-2 manner: on a GPU the tensor-core kernels of kernels/cuda/flash_attention.cu
-//! (bf16 or f16, head_dim 64 or 128), on the CPU the tile-by-tile reference of
-//! [`crate::flash_attention`] (every dtype and head_dim; slower than `helix_ops`' chunked
-//! matmuls, so the CPU trains with those and uses this to check). Nothing here records a
-//! graph: `helix_ops::rope_attention` wraps the pair in its own backward.
+//! (bf16 or f16, head_dim 64 or 128), on the CPU the register-blocked tiles of
+//! [`crate::flash_cpu`] (every dtype and head_dim, computed in f32), both checked against the
+//! reference of [`crate::flash_attention`]. Nothing here records a graph:
+//! `helix_ops::rope_attention` wraps the pair in its own backward.
 //!
 //! Query i sees key j when j ≤ i and both carry the same segment id; padding is a segment of
 //! its own, so every query sees at least itself.
 
 use candle_core::{DType, Device, Result, Tensor};
 
-use crate::flash_attention::{self as reference, AttentionShape};
+use crate::flash_attention::AttentionShape;
+use crate::flash_cpu;
 
 /// Each token's segment (document) id, [B, S] u32, and whether every row's ids are
 /// non-decreasing (packed documents in order, padding last): then the CUDA kernels skip the
@@ -189,7 +190,7 @@ fn cpu_forward(
     segments: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
     let seg = segments.flatten_all()?.to_vec1::<u32>()?;
-    let (out, lse) = reference::forward(sh, &host_f32(q)?, &host_f32(k)?, &host_f32(v)?, &seg);
+    let (out, lse) = flash_cpu::forward(sh, &host_f32(q)?, &host_f32(k)?, &host_f32(v)?, &seg);
     let (b, hq, s, d) = (sh.batch, sh.q_heads, sh.seq, sh.head_dim);
     let out = Tensor::from_vec(out, (b, hq, s, d), q.device())?
         .transpose(1, 2)?
@@ -207,7 +208,7 @@ fn cpu_backward(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let seg = segments.flatten_all()?.to_vec1::<u32>()?;
     let heads_first = |t: &Tensor| host_f32(&t.transpose(1, 2)?);
-    let (dq, dk, dv) = reference::backward(
+    let (dq, dk, dv) = flash_cpu::backward(
         sh,
         &host_f32(q)?,
         &host_f32(k)?,

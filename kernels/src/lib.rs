@@ -25,6 +25,7 @@ mod elem;
 mod exp;
 pub mod flash;
 pub mod flash_attention;
+mod flash_cpu;
 pub mod launch;
 pub mod low_rank;
 mod rms_norm;

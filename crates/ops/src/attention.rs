@@ -135,12 +135,11 @@ fn chunked_attention(
 /// Which attention a self-attention over whole sequences runs (`model.attention`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum AttentionKernel {
-    /// FlashAttention where its CUDA kernels run (a GPU, bf16 or f16, head_dim 64 or 128),
-    /// else the chunked matmuls.
+    /// FlashAttention on the CPU and where its CUDA kernels run (a GPU, bf16 or f16, head_dim
+    /// 64 or 128), else (other GPU dtypes and head dims) the chunked matmuls.
     #[default]
     Auto,
-    /// The FlashAttention kernels always; on the CPU their tile-by-tile reference, which is
-    /// slower than the chunked matmuls (for checks).
+    /// The FlashAttention kernels always: an error on a GPU where they cannot run.
     Flash,
     /// The chunked matmuls always ([`causal_attention`]).
     Chunked,
@@ -162,7 +161,7 @@ impl AttentionKernel {
     pub fn uses_flash(self, device: &Device, dtype: DType, head_dim: usize) -> Result<bool> {
         let on_gpu = helix_kernels::flash::runs_on_gpu(device, dtype, head_dim);
         match self {
-            Self::Auto => Ok(on_gpu),
+            Self::Auto => Ok(on_gpu || device.is_cpu()),
             Self::Chunked => Ok(false),
             Self::Flash if on_gpu || device.is_cpu() => Ok(true),
             Self::Flash => candle_core::bail!(

@@ -509,8 +509,8 @@ mod tests {
         })
     }
 
-    /// The whole model's step attending the FlashAttention way (segment masks, the kernels' CPU
-    /// reference) gives the losses and gradients of the chunked attention under bias masks.
+    /// The whole model's step attending the FlashAttention way (segment masks, the CPU's tiled
+    /// kernels) gives the losses and gradients of the chunked attention under bias masks.
     #[test]
     fn flash_attention_gives_the_chunked_gradients() -> Result<()> {
         use helix_ops::AttentionKernel::{Chunked, Flash};
