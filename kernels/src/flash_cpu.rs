@@ -5,7 +5,9 @@
 //! Against the chunked matmuls (`helix_ops::causal_attention`) it skips the tiles above the
 //! causal diagonal, about half the work, and never writes a score matrix to memory: at a
 //! SmolLM2 layer's shape, forward and backward take 0.61 of the chunked matmuls' time
-//! (`cargo bench --bench cpu_attention`, figures in kernels/README.md).
+//! (`cargo bench --bench cpu_attention`, figures in kernels/README.md). `model.attention =
+//! "flash"` runs it; `auto` keeps the chunked matmuls on the CPU, whose f32 gradients are
+//! closer to f64 (kernels/README.md).
 //!
 //! The reference's layouts, and its results within 1e-5 (tests): q [b, hq, s, d], k and v [b, hkv, s, d], segment
 //! ids [b, s]; the forward returns the output heads first and each query row's log-sum-exp,
