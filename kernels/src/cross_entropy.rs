@@ -15,7 +15,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::elem::{dispatch_cpu, packed, packed_as, Elem};
+use crate::elem::{dispatch_cpu, packed, packed_as, row_f32, Elem};
 use crate::exp::{exp, max_of, sum_exp};
 use crate::simd::with_avx2;
 
@@ -71,15 +71,8 @@ fn logit_stats_cpu<T: Elem>(x: &[T], targets: &[i64], vocab: usize) -> Vec<f32> 
                 #[inline(always)]
                 || {
                     let row = &x[r * vocab..][..vocab];
-                    // The row in f32: itself, or converted once for both passes.
-                    let v = match T::as_f32_slice(row) {
-                        Some(v) => v,
-                        None => {
-                            buf.clear();
-                            buf.extend(row.iter().map(|x| x.to_f32()));
-                            buf
-                        }
-                    };
+                    // The row in f32, converted once for both passes.
+                    let v = row_f32(row, buf);
                     let m = max_of(v);
                     out[0] = m;
                     out[1] = sum_exp(v, m);

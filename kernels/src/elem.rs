@@ -4,6 +4,19 @@
 use candle_core::{Layout, Result};
 use half::{bf16, f16};
 
+/// A row in f32: the row itself when it is f32, else converted into `buf`.
+#[inline(always)]
+pub(crate) fn row_f32<'a, T: Elem>(row: &'a [T], buf: &'a mut Vec<f32>) -> &'a [f32] {
+    match T::as_f32_slice(row) {
+        Some(r) => r,
+        None => {
+            buf.clear();
+            buf.extend(row.iter().map(|v| v.to_f32()));
+            buf
+        }
+    }
+}
+
 /// A storage element, computed on in f32.
 pub(crate) trait Elem: Copy + Send + Sync + 'static {
     fn to_f32(self) -> f32;

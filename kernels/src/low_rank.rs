@@ -15,7 +15,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::elem::{dispatch_cpu, packed, packed_as, Elem};
+use crate::elem::{dispatch_cpu, packed, packed_as, row_f32, Elem};
 use crate::simd::with_avx2;
 
 /// Rows per block of the row sums in [`outer_sum`] on the CPU.
@@ -108,19 +108,6 @@ pub fn outer_sum(l: &Tensor, x: &Tensor) -> Result<Tensor> {
     l.apply_op2_no_bwd(&x.contiguous()?, &OuterSum { n, r, k })
 }
 
-/// A row in f32: the row itself when it is f32, else converted into `buf`.
-#[inline(always)]
-fn row_f32<'a, T: Elem>(row: &'a [T], buf: &'a mut Vec<f32>) -> &'a [f32] {
-    match T::as_f32_slice(row) {
-        Some(r) => r,
-        None => {
-            buf.clear();
-            buf.extend(row.iter().map(|v| v.to_f32()));
-            buf
-        }
-    }
-}
-
 /// Σ_i x_i m_gi for the G rows of m (each x's length), each in eight running sums, then the
 /// tail. The G sums are independent, so they overlap, where one sum at a time waited on its
 /// own additions; and x is read once for them.
@@ -149,40 +136,28 @@ fn dots<const G: usize>(x: &[f32], m: &[f32]) -> [f32; G] {
     })
 }
 
-/// Σ_j l_j M_j[col..col + W] over the rows j of M [l.len(), c], from zero in j order: W
-/// columns of l M kept in registers across the ranks instead of a row of sums stored and
-/// reloaded once per rank.
+/// Σ_j w_j M[j · stride + col..][..W] over the weights w_j in order, from zero: W columns of
+/// a weighted sum of rows kept in registers across the rows, instead of a row of sums stored
+/// and reloaded once per row. l M (the weights a row of l, M [r, c]) and lᵀ x (the weights a
+/// column of l, x a block of rows).
 #[inline(always)]
-fn product_columns<const W: usize>(l: &[f32], m: &[f32], c: usize, col: usize) -> [f32; W] {
-    let mut sum = [0f32; W];
-    for (j, &lj) in l.iter().enumerate() {
-        let mj = &m[j * c + col..][..W];
-        for t in 0..W {
-            sum[t] += lj * mj[t];
-        }
-    }
-    sum
-}
-
-/// Σ_i l_i x_i[col..col + W] over the rows i of x [l.len(), k], from zero in row order.
-#[inline(always)]
-fn row_sum_columns<const W: usize>(
-    l: impl Iterator<Item = f32>,
-    x: &[f32],
-    k: usize,
+fn weighted_columns<const W: usize>(
+    weights: impl Iterator<Item = f32>,
+    m: &[f32],
+    stride: usize,
     col: usize,
 ) -> [f32; W] {
     let mut sum = [0f32; W];
-    for (i, li) in l.enumerate() {
-        let xi = &x[i * k + col..][..W];
+    for (j, wj) in weights.enumerate() {
+        let mj = &m[j * stride + col..][..W];
         for t in 0..W {
-            sum[t] += li * xi[t];
+            sum[t] += wj * mj[t];
         }
     }
     sum
 }
 
-/// Columns a pass of [`product_columns`] and [`row_sum_columns`] keeps in registers (four
+/// Columns a pass of [`weighted_columns`] keeps in registers (four
 /// AVX2 vectors).
 const COLUMNS: usize = 32;
 
@@ -290,11 +265,15 @@ impl AddProduct {
                         // Σ_j l_ij M_j, then + y_i, rounded once; then + acc_i, rounded again.
                         let full = c / COLUMNS * COLUMNS;
                         for col in (0..full).step_by(COLUMNS) {
-                            sum[col..col + COLUMNS]
-                                .copy_from_slice(&product_columns::<COLUMNS>(li, m, c, col));
+                            sum[col..col + COLUMNS].copy_from_slice(&weighted_columns::<COLUMNS>(
+                                li.iter().copied(),
+                                m,
+                                c,
+                                col,
+                            ));
                         }
                         for (col, s) in sum.iter_mut().enumerate().skip(full) {
-                            *s = product_columns::<1>(li, m, c, col)[0];
+                            *s = weighted_columns::<1>(li.iter().copied(), m, c, col)[0];
                         }
                         match acc_i {
                             None => {
@@ -408,7 +387,7 @@ impl OuterSum {
                         for col in (0..full).step_by(COLUMNS) {
                             for j in 0..r {
                                 let lj = lb.iter().skip(j).step_by(r).copied();
-                                acc[j * k + col..][..COLUMNS].copy_from_slice(&row_sum_columns::<
+                                acc[j * k + col..][..COLUMNS].copy_from_slice(&weighted_columns::<
                                     COLUMNS,
                                 >(
                                     lj, xb, k, col
@@ -418,7 +397,7 @@ impl OuterSum {
                         for col in full..k {
                             for j in 0..r {
                                 let lj = lb.iter().skip(j).step_by(r).copied();
-                                acc[j * k + col] = row_sum_columns::<1>(lj, xb, k, col)[0];
+                                acc[j * k + col] = weighted_columns::<1>(lj, xb, k, col)[0];
                             }
                         }
                     },
