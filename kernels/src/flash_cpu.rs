@@ -19,6 +19,7 @@ use rayon::prelude::*;
 use crate::exp::{exp, max_of};
 use crate::flash_attention::AttentionShape;
 use crate::simd::with_avx2;
+use crate::tile_matmul::{matmul_acc, Layout};
 
 /// Queries and keys per tile.
 const TILE: usize = 64;
@@ -34,161 +35,6 @@ fn mask_row(row: &mut [f32], segments: &[u32], i: usize, j0: usize, f: impl Fn(f
             true => y,
             false => f32::NEG_INFINITY,
         };
-    }
-}
-
-/// The (rows, columns) of C [m × n] a [`matmul_acc`] call writes, and the inner size k.
-type Dims = (usize, usize, usize);
-
-/// How A is stored for [`matmul_acc`].
-#[derive(Clone, Copy)]
-enum Layout {
-    /// Row-major, row stride `lda`.
-    Rows,
-    /// Aᵀ [k × m] row-major, row stride `lda` (for Pᵀ dO and dSᵀ Q, without a transposed copy).
-    Transposed,
-}
-
-/// C += A B for A [m × k] (stored as `layout` says), row-major B [k × n] and C [m × n], with
-/// row strides lda, ldb, ldc: blocks of 4 rows × 16 columns summed in registers (eight
-/// vectors), then added to C.
-#[inline(always)]
-fn matmul_acc(
-    (c, ldc): (&mut [f32], usize),
-    (a, lda, layout): (&[f32], usize, Layout),
-    (b, ldb): (&[f32], usize),
-    (m, n, k): Dims,
-) {
-    let mut i = 0;
-    while i + 4 <= m {
-        rows_times::<4>((c, ldc), (a, lda, layout), (b, ldb), i, (n, k));
-        i += 4;
-    }
-    for i in i..m {
-        rows_times::<1>((c, ldc), (a, lda, layout), (b, ldb), i, (n, k));
-    }
-}
-
-/// Rows i..i + R of [`matmul_acc`].
-#[inline(always)]
-fn rows_times<const R: usize>(
-    (c, ldc): (&mut [f32], usize),
-    (a, lda, layout): (&[f32], usize, Layout),
-    (b, ldb): (&[f32], usize),
-    i: usize,
-    (n, k): (usize, usize),
-) {
-    // A's R rows interleaved, [k][R], so the inner loop reads them in fixed-size chunks: with
-    // an index into each row it kept bounds checks, its sums on the stack and ran scalar.
-    let mut at = vec![0f32; R * k];
-    match layout {
-        Layout::Rows => {
-            for r in 0..R {
-                for (p, x) in a[(i + r) * lda..][..k].iter().enumerate() {
-                    at[p * R + r] = *x;
-                }
-            }
-        }
-        Layout::Transposed => {
-            for (p, at) in at.chunks_exact_mut(R).enumerate() {
-                at.copy_from_slice(&a[p * lda + i..][..R]);
-            }
-        }
-    }
-    let mut j = 0;
-    #[cfg(target_arch = "x86_64")]
-    if R == 4 && std::is_x86_feature_detected!("avx") {
-        while j + 16 <= n {
-            // SAFETY: the CPU was just found to have AVX.
-            let acc = unsafe { block_4x16_avx(&at, (b, ldb), j) };
-            add_block((c, ldc), &acc, (i, j));
-            j += 16;
-        }
-    }
-    while j + 16 <= n {
-        block::<R, 16>((c, ldc), &at, (b, ldb), (i, j));
-        j += 16;
-    }
-    while j + 8 <= n {
-        block::<R, 8>((c, ldc), &at, (b, ldb), (i, j));
-        j += 8;
-    }
-    for j in j..n {
-        block::<R, 1>((c, ldc), &at, (b, ldb), (i, j));
-    }
-}
-
-/// C[i..i + R, j..j + W] += Σ_p A[i + r, p] B[p, j..j + W], with A's rows interleaved.
-#[inline(always)]
-fn block<const R: usize, const W: usize>(
-    (c, ldc): (&mut [f32], usize),
-    at: &[f32],
-    (b, ldb): (&[f32], usize),
-    (i, j): (usize, usize),
-) {
-    let mut acc = [[0f32; W]; R];
-    for (ap, bp) in at.chunks_exact(R).zip(b.chunks(ldb)) {
-        let bp: &[f32; W] = bp[j..j + W].try_into().expect("W columns");
-        for r in 0..R {
-            let x = ap[r];
-            for t in 0..W {
-                acc[r][t] += x * bp[t];
-            }
-        }
-    }
-    add_block((c, ldc), &acc, (i, j));
-}
-
-/// [`block`]'s sums for 4 rows × 16 columns in eight AVX registers: the compiler left the
-/// generic loop's sums on the stack, one scalar at a time. The same products and additions in
-/// the same order (no fused multiply-add), so the results equal the generic loop's.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx")]
-unsafe fn block_4x16_avx(at: &[f32], (b, ldb): (&[f32], usize), j: usize) -> [[f32; 16]; 4] {
-    use std::arch::x86_64::{
-        _mm256_add_ps, _mm256_loadu_ps, _mm256_mul_ps, _mm256_set1_ps, _mm256_setzero_ps,
-        _mm256_storeu_ps,
-    };
-    let mut acc = [_mm256_setzero_ps(); 8];
-    for (ap, bp) in at.chunks_exact(4).zip(b.chunks(ldb)) {
-        let bp = &bp[j..j + 16];
-        // SAFETY: bp holds 16 values, two unaligned loads of 8.
-        let (b0, b1) = unsafe {
-            (
-                _mm256_loadu_ps(bp.as_ptr()),
-                _mm256_loadu_ps(bp[8..].as_ptr()),
-            )
-        };
-        for r in 0..4 {
-            let x = _mm256_set1_ps(ap[r]);
-            acc[2 * r] = _mm256_add_ps(acc[2 * r], _mm256_mul_ps(x, b0));
-            acc[2 * r + 1] = _mm256_add_ps(acc[2 * r + 1], _mm256_mul_ps(x, b1));
-        }
-    }
-    let mut out = [[0f32; 16]; 4];
-    for (r, row) in out.iter_mut().enumerate() {
-        let (lo, hi) = row.split_at_mut(8);
-        // SAFETY: each half holds 8 values.
-        unsafe {
-            _mm256_storeu_ps(lo.as_mut_ptr(), acc[2 * r]);
-            _mm256_storeu_ps(hi.as_mut_ptr(), acc[2 * r + 1]);
-        }
-    }
-    out
-}
-
-/// C[i..i + R, j..j + W] += acc.
-#[inline(always)]
-fn add_block<const R: usize, const W: usize>(
-    (c, ldc): (&mut [f32], usize),
-    acc: &[[f32; W]; R],
-    (i, j): (usize, usize),
-) {
-    for (r, acc) in acc.iter().enumerate() {
-        let cr = &mut c[(i + r) * ldc + j..][..W];
-        for t in 0..W {
-            cr[t] += acc[t];
-        }
     }
 }
 
@@ -252,12 +98,14 @@ pub fn forward(
                 let kv = (b * hkv + h / group) * s * d;
                 let head = Head {
                     q: &q[bh * s * d..][..s * d],
-                    kt: &kt[kv..][..s * d],
                     v: &v[kv..][..s * d],
-                    segments: &segments[b * s..][..s],
-                    s,
-                    d,
-                    scale,
+                    keys: Keys {
+                        kt: &kt[kv..][..s * d],
+                        segments: &segments[b * s..][..s],
+                        s,
+                        d,
+                        scale,
+                    },
                 };
                 with_avx2(
                     #[inline(always)]
@@ -272,18 +120,54 @@ pub fn forward(
     (out, lse)
 }
 
-/// One query head's tensors for the forward.
-struct Head<'a> {
-    /// [s, d]
-    q: &'a [f32],
-    /// Its KV head's keys transposed, [d, s].
+/// What a tile's scores need beside the queries, forward and backward: one KV head's keys
+/// and its batch row's segment ids.
+struct Keys<'a> {
+    /// The keys transposed, [d, s].
     kt: &'a [f32],
-    /// [s, d]
-    v: &'a [f32],
     segments: &'a [u32],
     s: usize,
     d: usize,
     scale: f32,
+}
+
+impl Keys<'_> {
+    /// The tile of scores of queries i0.. (`q` from query i0 on) against keys j0..:
+    /// tile[r, c] = q_{i0+r} · k_{j0+c} · scale − shift(i0 + r) where that query sees that
+    /// key, −∞ where not; rows TILE apart, the tile mq × nk.
+    #[inline(always)]
+    fn scores(
+        &self,
+        tile: &mut [f32],
+        q: &[f32],
+        (i0, j0): (usize, usize),
+        (mq, nk): (usize, usize),
+        shift: impl Fn(usize) -> f32,
+    ) {
+        tile.fill(0.0);
+        matmul_acc(
+            (tile, TILE),
+            (q, self.d, Layout::Rows),
+            (&self.kt[j0..], self.s),
+            (mq, nk, self.d),
+        );
+        for (r, row) in tile.chunks_mut(TILE).take(mq).enumerate() {
+            let i = i0 + r;
+            let shift = shift(i);
+            mask_row(&mut row[..nk], self.segments, i, j0, |x| {
+                x * self.scale - shift
+            });
+        }
+    }
+}
+
+/// One query head's tensors for the forward.
+struct Head<'a> {
+    /// [s, d]
+    q: &'a [f32],
+    /// Its KV head's values, [s, d].
+    v: &'a [f32],
+    keys: Keys<'a>,
 }
 
 impl Head<'_> {
@@ -291,24 +175,17 @@ impl Head<'_> {
     /// the last of them, with the online softmax.
     #[inline(always)]
     fn forward_tile(&self, i0: usize, scores: &mut [f32], out: &mut [f32], lse: &mut [f32]) {
-        let (s, d) = (self.s, self.d);
+        let keys = &self.keys;
+        let (s, d) = (keys.s, keys.d);
         let mq = TILE.min(s - i0);
         let o = &mut out[i0 * d..][..mq * d];
         let mut max = [f32::NEG_INFINITY; TILE];
         let mut sum = [0f32; TILE];
         for j0 in (0..i0 + mq).step_by(TILE) {
             let nk = TILE.min(i0 + mq - j0);
-            scores.fill(0.0);
-            matmul_acc(
-                (scores, TILE),
-                (&self.q[i0 * d..], d, Layout::Rows),
-                (&self.kt[j0..], s),
-                (mq, nk, d),
-            );
+            keys.scores(scores, &self.q[i0 * d..], (i0, j0), (mq, nk), |_| 0.0);
             for r in 0..mq {
-                let i = i0 + r;
                 let row = &mut scores[r * TILE..][..nk];
-                mask_row(row, self.segments, i, j0, |x| x * self.scale);
                 let tile_max = max_of(row);
                 if tile_max == f32::NEG_INFINITY {
                     row.fill(0.0); // nothing this query sees in the tile
@@ -391,12 +268,14 @@ pub fn backward(
             let kv = bk * s * d;
             let kv_head = KvHead {
                 k: &k[kv..][..s * d],
-                kt: &kt[kv..][..s * d],
                 vt: &vt[kv..][..s * d],
-                segments: &segments[b * s..][..s],
-                s,
-                d,
-                scale,
+                keys: Keys {
+                    kt: &kt[kv..][..s * d],
+                    segments: &segments[b * s..][..s],
+                    s,
+                    d,
+                    scale,
+                },
             };
             with_avx2(
                 #[inline(always)]
@@ -432,14 +311,9 @@ pub fn backward(
 struct KvHead<'a> {
     /// [s, d]
     k: &'a [f32],
-    /// [d, s]
-    kt: &'a [f32],
-    /// [d, s]
+    /// The values transposed, [d, s].
     vt: &'a [f32],
-    segments: &'a [u32],
-    s: usize,
-    d: usize,
-    scale: f32,
+    keys: Keys<'a>,
 }
 
 /// One query head's tensors for the backward, each [s, d] or [s].
@@ -476,23 +350,14 @@ impl KvHead<'_> {
         t: &mut Tiles,
         (dq, dk, dv): (&mut [f32], &mut [f32], &mut [f32]),
     ) {
-        let (s, d) = (self.s, self.d);
+        let keys = &self.keys;
+        let (s, d) = (keys.s, keys.d);
         let (mq, nk) = (TILE.min(s - i0), TILE.min(s - j0));
         let (q, d_out) = (&qh.q[i0 * d..], &qh.d_out[i0 * d..]);
-        t.p.fill(0.0);
-        matmul_acc(
-            (&mut t.p, TILE),
-            (q, d, Layout::Rows),
-            (&self.kt[j0..], s),
-            (mq, nk, d),
-        );
-        for r in 0..mq {
-            let i = i0 + r;
-            let lse = qh.lse[i];
-            let row = &mut t.p[r * TILE..][..nk];
-            // exp on its own pass (exp(−∞) = 0): a branch around it kept the loop scalar.
-            mask_row(row, self.segments, i, j0, |x| x * self.scale - lse);
-            row.iter_mut().for_each(|x| *x = exp(*x));
+        keys.scores(&mut t.p, q, (i0, j0), (mq, nk), |i| qh.lse[i]);
+        // exp on its own pass (exp(−∞) = 0): a branch around it kept the loop scalar.
+        for row in t.p.chunks_mut(TILE).take(mq) {
+            row[..nk].iter_mut().for_each(|x| *x = exp(*x));
         }
         matmul_acc(
             (&mut dv[j0 * d..], d),
@@ -511,7 +376,7 @@ impl KvHead<'_> {
             let delta = qh.delta[i0 + r];
             let (ds, p) = (&mut t.ds[r * TILE..][..nk], &t.p[r * TILE..][..nk]);
             for (ds, p) in ds.iter_mut().zip(p) {
-                *ds = p * (*ds - delta) * self.scale;
+                *ds = p * (*ds - delta) * keys.scale;
             }
         }
         matmul_acc(

@@ -33,6 +33,7 @@ mod rope;
 mod simd;
 mod sum_squares;
 mod swiglu;
+mod tile_matmul;
 pub mod unfused;
 
 #[cfg(feature = "cuda")]
