@@ -24,11 +24,11 @@ pub struct AttentionShape {
 }
 
 impl AttentionShape {
-    fn group(&self) -> usize {
+    pub(crate) fn group(&self) -> usize {
         self.q_heads / self.kv_heads
     }
 
-    fn scale(&self) -> f32 {
+    pub(crate) fn scale(&self) -> f32 {
         1.0 / (self.head_dim as f32).sqrt()
     }
 

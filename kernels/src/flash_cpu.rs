@@ -83,7 +83,7 @@ pub fn forward(
         head_dim: d,
         ..
     } = shape;
-    let (scale, group) = (1.0 / (d as f32).sqrt(), hq / hkv.max(1));
+    let group = shape.group();
     let kt = transposed_heads(k, s, d);
     let mut out = vec![0f32; q.len()];
     let mut lse = vec![0f32; q.len() / d.max(1)];
@@ -95,17 +95,11 @@ pub fn forward(
             || vec![0f32; TILE * TILE],
             |scores, (bh, (out, lse))| {
                 let (b, h) = (bh / hq, bh % hq);
-                let kv = (b * hkv + h / group) * s * d;
+                let kv = b * hkv + h / group;
                 let head = Head {
                     q: &q[bh * s * d..][..s * d],
-                    v: &v[kv..][..s * d],
-                    keys: Keys {
-                        kt: &kt[kv..][..s * d],
-                        segments: &segments[b * s..][..s],
-                        s,
-                        d,
-                        scale,
-                    },
+                    v: &v[kv * s * d..][..s * d],
+                    keys: Keys::of(&kt, segments, shape, (b, kv)),
                 };
                 with_avx2(
                     #[inline(always)]
@@ -131,7 +125,25 @@ struct Keys<'a> {
     scale: f32,
 }
 
-impl Keys<'_> {
+impl<'a> Keys<'a> {
+    /// KV head `kv` (its index among all batch rows' KV heads) of the transposed keys `kt`
+    /// [b, hkv, d, s], with batch row `b`'s segment ids.
+    fn of(
+        kt: &'a [f32],
+        segments: &'a [u32],
+        shape: AttentionShape,
+        (b, kv): (usize, usize),
+    ) -> Self {
+        let (s, d) = (shape.seq, shape.head_dim);
+        Keys {
+            kt: &kt[kv * s * d..][..s * d],
+            segments: &segments[b * s..][..s],
+            s,
+            d,
+            scale: shape.scale(),
+        }
+    }
+
     /// The tile of scores of queries i0.. (`q` from query i0 on) against keys j0..:
     /// tile[r, c] = q_{i0+r} · k_{j0+c} · scale − shift(i0 + r) where that query sees that
     /// key, −∞ where not; rows TILE apart, the tile mq × nk.
@@ -234,7 +246,7 @@ pub fn backward(
         head_dim: d,
         ..
     } = shape;
-    let (scale, group) = (1.0 / (d as f32).sqrt(), hq / hkv.max(1));
+    let group = shape.group();
     // D_i = dO_i · O_i: the row sum of P ∘ dP that softmax's backward subtracts.
     let mut delta = vec![0f32; lse.len()];
     delta
@@ -265,17 +277,10 @@ pub fn backward(
         .enumerate()
         .for_each_init(Tiles::new, |tiles, (bk, ((dk, dv), dq))| {
             let (b, kvh) = (bk / hkv, bk % hkv);
-            let kv = bk * s * d;
             let kv_head = KvHead {
-                k: &k[kv..][..s * d],
-                vt: &vt[kv..][..s * d],
-                keys: Keys {
-                    kt: &kt[kv..][..s * d],
-                    segments: &segments[b * s..][..s],
-                    s,
-                    d,
-                    scale,
-                },
+                k: &k[bk * s * d..][..s * d],
+                vt: &vt[bk * s * d..][..s * d],
+                keys: Keys::of(&kt, segments, shape, (b, bk)),
             };
             with_avx2(
                 #[inline(always)]
