@@ -14,6 +14,15 @@
 // layouts of mma.m16n8k16: lane = 4 · g + t holds accumulator rows g and g + 8, columns 2t and
 // 2t + 1 of each 8-column tile, which is also its A-operand layout, so a tile of scores turns
 // into the next matmul's operand in registers.
+//
+// Tiles arrive by cp.async (async_copy.cuh) one step ahead of the matmuls that read them: the
+// forward loads the next keys during this tile's softmax and P v, and the next values during
+// the next q kᵀ; each backward kernel keeps two buffers of the tile it reads first and last
+// (keys for dq, queries for dk / dv) and loads the next of the other (values, dO) once its
+// last matmul on it is done. cp.async groups complete in order: a thread's wait<N> says how
+// many of its latest groups may still be in flight, and every loop commits the same groups
+// (some empty) each iteration, so the counts hold.
+#include "async_copy.cuh"
 #include "common.cuh"
 #include "tensor_core.cuh"
 
@@ -121,18 +130,28 @@ __device__ __forceinline__ void block_times_tile(float (&acc)[D / 8][4],
   }
 }
 
-// Rows [row0, row0 + 64) of one head (`head` points at its row 0) into a [64][pitch] tile;
-// rows at or past `rows` are zeros. 16-byte loads and stores.
+// Starts loading rows [row0, row0 + 64) of one head (`head` points at its row 0) into a
+// [64][pitch] tile; rows at or past `rows` become zeros. 16-byte copies, in flight until this
+// thread's cp_async_wait.
 template <typename T, int D>
 __device__ __forceinline__ void load_tile(T *tile, const T *head, int64_t row_stride, int row0,
                                           int rows) {
   constexpr int kPerRow = D / 8;
   for (int i = threadIdx.x; i < kTile * kPerRow; i += kThreads) {
     const int r = i / kPerRow, c = (i % kPerRow) * 8;
-    uint4 v = make_uint4(0, 0, 0, 0);
-    if (row0 + r < rows)
-      v = *reinterpret_cast<const uint4 *>(head + (int64_t)(row0 + r) * row_stride + c);
-    *reinterpret_cast<uint4 *>(tile + r * pitch<D>() + c) = v;
+    const bool in = row0 + r < rows;
+    cp_async_16(tile + r * pitch<D>() + c, head + (in ? (int64_t)(row0 + r) * row_stride + c : 0),
+                in);
+  }
+}
+
+// Starts loading 64 four-byte values from `from` (row0 onwards) into `to`; those at or past
+// `rows` become zeros.
+template <typename V>
+__device__ __forceinline__ void load_row_values(V *to, const V *from, int row0, int rows) {
+  if (threadIdx.x < kTile) {
+    const int i = row0 + threadIdx.x;
+    cp_async_4(to + threadIdx.x, from + (i < rows ? i : 0), i < rows);
   }
 }
 
@@ -169,10 +188,27 @@ __device__ __forceinline__ int column(int n, int e) { return n * 8 + 2 * (thread
 // With `ordered` (every row's segment ids non-decreasing: packed documents in order, padding
 // last), a key tile whose last id is below a query tile's first id holds only earlier
 // documents: no query of the tile sees any of its keys. The test reads the same two ids in
-// every thread, so a skipped tile skips its barriers in the whole block.
+// every thread, so every thread skips the same tiles.
 __device__ __forceinline__ bool earlier_documents(const uint32_t *segb, int ordered, int k0,
                                                   int q0, int S) {
   return ordered && segb[min(k0 + kTile, S) - 1] < segb[q0];
+}
+
+// The first key tile the query tile at q0 sees: the key tiles of earlier documents only are a
+// prefix (ids non-decreasing), and the query tile's own is never among them.
+__device__ __forceinline__ int first_key_tile(const uint32_t *segb, int ordered, int q0, int S) {
+  int k0 = 0;
+  while (earlier_documents(segb, ordered, k0, q0, S)) k0 += kTile;
+  return k0;
+}
+
+// How many query tiles from k0 on see the key tile at k0: those of later documents only are
+// a suffix, and the key tile's own query tile is never among them.
+__device__ __forceinline__ int query_tiles_seeing(const uint32_t *segb, int ordered, int k0,
+                                                  int S) {
+  int n = 0;
+  for (int q0 = k0; q0 < S && !earlier_documents(segb, ordered, k0, q0, S); q0 += kTile) ++n;
+  return n;
 }
 
 // Forward: a block per (64 query rows, batch · query head); the last tiles (most keys) first.
@@ -184,7 +220,7 @@ __device__ void forward(const T *__restrict__ q, const T *__restrict__ k, const 
                         Strides ks, Strides vs, Strides os) {
   __shared__ __align__(16) T sk[kTile * pitch<D>()];
   __shared__ __align__(16) T sv[kTile * pitch<D>()];
-  __shared__ uint32_t sseg[kTile];
+  __shared__ __align__(16) uint32_t sseg[2][kTile];  // by tile parity: the next is loading
   const int q0 = (gridDim.x - 1 - blockIdx.x) * kTile;
   const int bh = blockIdx.y, b = bh / Hq, h = bh % Hq, kvh = h / (Hq / Hkv);
   const int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4;
@@ -197,6 +233,8 @@ __device__ void forward(const T *__restrict__ q, const T *__restrict__ k, const 
 
   // The warp's 16 query rows as A fragments, through the key tile's buffer.
   load_tile<T, D>(sk, q + b * qs.b + h * qs.h, qs.s, q0, S);
+  cp_async_commit();
+  cp_async_wait<0>();
   __syncthreads();
   uint32_t qf[D / 16][4];
 #pragma unroll
@@ -210,11 +248,16 @@ __device__ void forward(const T *__restrict__ q, const T *__restrict__ k, const 
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
   const T *kh = k + b * ks.b + kvh * ks.h, *vh = v + b * vs.b + kvh * vs.h;
   const int keys = min(S, q0 + kTile);  // causal: none past the tile's last row
-  for (int k0 = 0; k0 < keys; k0 += kTile) {
-    if (earlier_documents(segb, ordered, k0, q0, S)) continue;
-    load_tile<T, D>(sk, kh, ks.s, k0, S);
-    load_tile<T, D>(sv, vh, vs.s, k0, S);
-    if (threadIdx.x < kTile) sseg[threadIdx.x] = k0 + threadIdx.x < S ? segb[k0 + threadIdx.x] : 0;
+  const int first = first_key_tile(segb, ordered, q0, S);
+  // The first tile's keys (with their ids) and values, as two groups.
+  load_tile<T, D>(sk, kh, ks.s, first, S);
+  load_row_values(sseg[0], segb, first, S);
+  cp_async_commit();
+  load_tile<T, D>(sv, vh, vs.s, first, S);
+  cp_async_commit();
+  for (int k0 = first, buf = 0; k0 < keys; k0 += kTile, buf ^= 1) {
+    const int next = k0 + kTile;  // a tile to load when below `keys`
+    cp_async_wait<1>();           // this tile's keys; its values may be in flight
     __syncthreads();
 
     float s[kTile / 8][4];
@@ -223,6 +266,13 @@ __device__ void forward(const T *__restrict__ q, const T *__restrict__ k, const 
     // q kᵀ with the warp's q fragments already in registers.
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) fragment_times_tile_t<T, D>(s, qf[kk], sk, kk);
+    __syncthreads();  // every warp has read the keys: the next ones may come in
+    if (next < keys) {
+      load_tile<T, D>(sk, kh, ks.s, next, S);
+      load_row_values(sseg[buf ^ 1], segb, next, S);
+    }
+    cp_async_commit();
+
     // Mask, scale, and the online softmax: the new row maximum rescales what came before.
     float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
@@ -230,7 +280,7 @@ __device__ void forward(const T *__restrict__ q, const T *__restrict__ k, const 
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1, j = k0 + column(n, e);
-        const bool seen = j <= row[r] && row[r] < S && sseg[j - k0] == rseg[r];
+        const bool seen = j <= row[r] && row[r] < S && sseg[buf][j - k0] == rseg[r];
         s[n][e] = seen ? s[n][e] * scale2 : -INFINITY;
         tile_max[r] = fmaxf(tile_max[r], s[n][e]);
       }
@@ -256,8 +306,12 @@ __device__ void forward(const T *__restrict__ q, const T *__restrict__ k, const 
         s[n][e] = exp2f(s[n][e] - base[e >> 1]);
         l[e >> 1] += s[n][e];
       }
-    block_times_tile<T, D>(o, s, sv);
+    cp_async_wait<1>();  // this tile's values; the next keys may be in flight
     __syncthreads();
+    block_times_tile<T, D>(o, s, sv);
+    __syncthreads();  // every warp has read the values
+    if (next < keys) load_tile<T, D>(sv, vh, vs.s, next, S);
+    cp_async_commit();
   }
   float inv[2];
 #pragma unroll
@@ -290,7 +344,7 @@ __device__ void row_delta(const T *__restrict__ out, const T *__restrict__ dout,
 
 // dq: a block per (64 query rows, batch · query head), over the key tiles its rows see:
 // P = exp(q kᵀ · scale − lse), dP = dO vᵀ, dS = P ∘ (dP − delta) · scale, dq = dS k.
-// Shared memory (dynamic): q, dO, k, v tiles and the keys' segments.
+// Shared memory (dynamic): q, dO, two key tiles, the value tile, and two tiles' key ids.
 template <typename T, int D>
 __device__ void backward_dq(const T *__restrict__ q, const T *__restrict__ k,
                             const T *__restrict__ v, const uint32_t *__restrict__ seg,
@@ -300,8 +354,10 @@ __device__ void backward_dq(const T *__restrict__ q, const T *__restrict__ k,
                             Strides dos, Strides dqs) {
   unsigned char *smem = dynamic_shared_memory();
   T *sq = reinterpret_cast<T *>(smem);
-  T *sdo = sq + kTile * pitch<D>(), *sk = sdo + kTile * pitch<D>(), *sv = sk + kTile * pitch<D>();
-  uint32_t *sseg = reinterpret_cast<uint32_t *>(sv + kTile * pitch<D>());
+  T *sdo = sq + kTile * pitch<D>(), *sv = sdo + kTile * pitch<D>();
+  T *sk0 = sv + kTile * pitch<D>();  // two key tiles: sk0 + buf · kTile · pitch
+  const auto sk = [&](int buf) { return sk0 + buf * kTile * pitch<D>(); };
+  uint32_t *sseg = reinterpret_cast<uint32_t *>(sv + 3 * kTile * pitch<D>());  // [2][kTile]
   const int q0 = (gridDim.x - 1 - blockIdx.x) * kTile;
   const int bh = blockIdx.y, b = bh / Hq, h = bh % Hq, kvh = h / (Hq / Hkv);
   const int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4;
@@ -317,38 +373,56 @@ __device__ void backward_dq(const T *__restrict__ q, const T *__restrict__ k,
     drow[r] = in ? delta[(int64_t)bh * S + row[r]] : 0.0f;
   }
   const float scale2 = scale * kLog2e;
+  const T *kh = k + b * ks.b + kvh * ks.h, *vh = v + b * vs.b + kvh * vs.h;
+  const int keys = min(S, q0 + kTile);
+  const int first = first_key_tile(segb, ordered, q0, S);
+  // q, dO and the first keys (with their ids) as one group, the first values as the next.
   load_tile<T, D>(sq, q + b * qs.b + h * qs.h, qs.s, q0, S);
   load_tile<T, D>(sdo, dout + b * dos.b + h * dos.h, dos.s, q0, S);
+  load_tile<T, D>(sk(0), kh, ks.s, first, S);
+  load_row_values(sseg, segb, first, S);
+  cp_async_commit();
+  load_tile<T, D>(sv, vh, vs.s, first, S);
+  cp_async_commit();
 
   float acc[D / 8][4];
 #pragma unroll
   for (int n = 0; n < D / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
-  const T *kh = k + b * ks.b + kvh * ks.h, *vh = v + b * vs.b + kvh * vs.h;
-  const int keys = min(S, q0 + kTile);
-  for (int k0 = 0; k0 < keys; k0 += kTile) {
-    if (earlier_documents(segb, ordered, k0, q0, S)) continue;
-    load_tile<T, D>(sk, kh, ks.s, k0, S);
-    load_tile<T, D>(sv, vh, vs.s, k0, S);
-    if (threadIdx.x < kTile) sseg[threadIdx.x] = k0 + threadIdx.x < S ? segb[k0 + threadIdx.x] : 0;
+  for (int k0 = first, buf = 0; k0 < keys; k0 += kTile, buf ^= 1) {
+    const int next = k0 + kTile;  // a tile to load when below `keys`
+    // The next keys into the other buffer, whose last reader (the previous tile's dS k) is
+    // behind the barrier that closed the previous iteration.
+    if (next < keys) {
+      load_tile<T, D>(sk(buf ^ 1), kh, ks.s, next, S);
+      load_row_values(sseg + (buf ^ 1) * kTile, segb, next, S);
+    }
+    cp_async_commit();
+    cp_async_wait<2>();  // this tile's keys; its values and the next keys may be in flight
     __syncthreads();
     float s[kTile / 8][4], dp[kTile / 8][4];
 #pragma unroll
     for (int n = 0; n < kTile / 8; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.0f;
-    rows_times_tile_t<T, D>(s, sq, warp * 16, sk);
+    rows_times_tile_t<T, D>(s, sq, warp * 16, sk(buf));
+    cp_async_wait<1>();  // this tile's values
+    __syncthreads();
     rows_times_tile_t<T, D>(dp, sdo, warp * 16, sv);
+    __syncthreads();  // every warp has read the values: the next ones may come in
+    if (next < keys) load_tile<T, D>(sv, vh, vs.s, next, S);
+    cp_async_commit();
+    const uint32_t *tseg = sseg + buf * kTile;
 #pragma unroll
     for (int n = 0; n < kTile / 8; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1, j = k0 + column(n, e);
-        const bool seen = j <= row[r] && row[r] < S && sseg[j - k0] == rseg[r];
+        const bool seen = j <= row[r] && row[r] < S && tseg[j - k0] == rseg[r];
         const float p = seen ? exp2f(s[n][e] * scale2 - lse2[r]) : 0.0f;
         s[n][e] = p * (dp[n][e] - drow[r]) * scale;
       }
-    block_times_tile<T, D>(acc, s, sk);
-    __syncthreads();
+    block_times_tile<T, D>(acc, s, sk(buf));
+    __syncthreads();  // every warp has read this tile's keys and ids
   }
   const float one[2] = {1.0f, 1.0f};
   store_rows<T, D>(dq + b * dqs.b + h * dqs.h, dqs.s, row, S, acc, one);
@@ -357,8 +431,8 @@ __device__ void backward_dq(const T *__restrict__ q, const T *__restrict__ k,
 // dk and dv: a block per (64 keys, batch · key/value head), over every query head of its group
 // and the query tiles that see its keys. With the keys as rows: Pᵀ = exp(k qᵀ · scale − lse),
 // dv += Pᵀ dO, dPᵀ = v dOᵀ, dSᵀ = Pᵀ ∘ (dPᵀ − delta) · scale, dk += dSᵀ q.
-// Shared memory (dynamic): k, v, q, dO tiles, then the queries' segments, lse and delta (the
-// keys' segments stay in registers).
+// Shared memory (dynamic): k, v, dO, two query tiles, then two tiles' query ids, lse and
+// delta (the keys' ids stay in registers).
 template <typename T, int D>
 __device__ void backward_dkdv(const T *__restrict__ q, const T *__restrict__ k,
                               const T *__restrict__ v, const uint32_t *__restrict__ seg,
@@ -368,9 +442,11 @@ __device__ void backward_dkdv(const T *__restrict__ q, const T *__restrict__ k,
                               Strides ks, Strides vs, Strides dos, Strides dks, Strides dvs) {
   unsigned char *smem = dynamic_shared_memory();
   T *sk = reinterpret_cast<T *>(smem);
-  T *sv = sk + kTile * pitch<D>(), *sq = sv + kTile * pitch<D>(), *sdo = sq + kTile * pitch<D>();
-  uint32_t *qseg = reinterpret_cast<uint32_t *>(sdo + kTile * pitch<D>());
-  float *slse = reinterpret_cast<float *>(qseg + kTile), *sdelta = slse + kTile;
+  T *sv = sk + kTile * pitch<D>(), *sdo = sv + kTile * pitch<D>();
+  T *sq0 = sdo + kTile * pitch<D>();  // two query tiles: sq0 + buf · kTile · pitch
+  const auto sq = [&](int buf) { return sq0 + buf * kTile * pitch<D>(); };
+  // Per query tile, by its parity: ids, lse and delta, kTile each.
+  uint32_t *rows_at = reinterpret_cast<uint32_t *>(sdo + 3 * kTile * pitch<D>());
   const int k0 = blockIdx.x * kTile;  // the first tiles see the most queries: launched first
   const int bkv = blockIdx.y, b = bkv / Hkv, kvh = bkv % Hkv, group = Hq / Hkv;
   const int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4;
@@ -380,53 +456,74 @@ __device__ void backward_dkdv(const T *__restrict__ q, const T *__restrict__ k,
 #pragma unroll
   for (int r = 0; r < 2; ++r) kseg[r] = key[r] < S ? segb[key[r]] : 0;
   const float scale2 = scale * kLog2e;
+
+  // The (head, query tile) pairs in order: every head of the group over the same tiles.
+  const int tiles = query_tiles_seeing(segb, ordered, k0, S), steps = group * tiles;
+  // Starts loading step t's queries and their ids, lse and delta into buffer `buf`.
+  const auto load_queries = [&](int t, int buf) {
+    const int h = kvh * group + t / tiles, q0 = k0 + (t % tiles) * kTile;
+    const int64_t bh = (int64_t)b * Hq + h;
+    load_tile<T, D>(sq(buf), q + b * qs.b + h * qs.h, qs.s, q0, S);
+    uint32_t *at = rows_at + buf * 3 * kTile;
+    load_row_values(at, segb, q0, S);
+    load_row_values(reinterpret_cast<float *>(at + kTile), lse + bh * S, q0, S);
+    load_row_values(reinterpret_cast<float *>(at + 2 * kTile), delta + bh * S, q0, S);
+  };
+  const auto load_dout = [&](int t) {
+    const int h = kvh * group + t / tiles, q0 = k0 + (t % tiles) * kTile;
+    load_tile<T, D>(sdo, dout + b * dos.b + h * dos.h, dos.s, q0, S);
+  };
+  // k, v and the first queries as one group, the first dO as the next.
   load_tile<T, D>(sk, k + b * ks.b + kvh * ks.h, ks.s, k0, S);
   load_tile<T, D>(sv, v + b * vs.b + kvh * vs.h, vs.s, k0, S);
+  load_queries(0, 0);
+  cp_async_commit();
+  load_dout(0);
+  cp_async_commit();
 
   float dka[D / 8][4], dva[D / 8][4];
 #pragma unroll
   for (int n = 0; n < D / 8; ++n)
 #pragma unroll
     for (int e = 0; e < 4; ++e) dka[n][e] = dva[n][e] = 0.0f;
-  for (int hg = 0; hg < group; ++hg) {
-    const int h = kvh * group + hg;
-    const int64_t bh = (int64_t)b * Hq + h;
-    for (int q0 = k0; q0 < S; q0 += kTile) {  // causal: queries from the block's first key on
-      // Later query tiles hold later documents only: none sees these keys.
-      if (earlier_documents(segb, ordered, k0, q0, S)) break;
-      __syncthreads();  // the previous tile's reads are done
-      load_tile<T, D>(sq, q + b * qs.b + h * qs.h, qs.s, q0, S);
-      load_tile<T, D>(sdo, dout + b * dos.b + h * dos.h, dos.s, q0, S);
-      if (threadIdx.x < kTile) {
-        const int i = q0 + threadIdx.x;
-        const bool in = i < S;
-        qseg[threadIdx.x] = in ? segb[i] : 0;
-        slse[threadIdx.x] = in ? lse[bh * S + i] * kLog2e : 0.0f;
-        sdelta[threadIdx.x] = in ? delta[bh * S + i] : 0.0f;
+  for (int t = 0, buf = 0; t < steps; ++t, buf ^= 1) {
+    const int q0 = k0 + (t % tiles) * kTile;
+    // The next queries into the other buffer, whose last reader (the previous step's dSᵀ q)
+    // is behind the barrier that closed the previous iteration.
+    if (t + 1 < steps) load_queries(t + 1, buf ^ 1);
+    cp_async_commit();
+    cp_async_wait<2>();  // this step's queries; its dO and the next queries may be in flight
+    __syncthreads();
+    const uint32_t *qseg = rows_at + buf * 3 * kTile;
+    const float *slse = reinterpret_cast<const float *>(qseg + kTile);
+    const float *sdelta = reinterpret_cast<const float *>(qseg + 2 * kTile);
+    float st[kTile / 8][4], dpt[kTile / 8][4];
+#pragma unroll
+    for (int n = 0; n < kTile / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) st[n][e] = dpt[n][e] = 0.0f;
+    rows_times_tile_t<T, D>(st, sk, warp * 16, sq(buf));
+#pragma unroll
+    for (int n = 0; n < kTile / 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1, c = column(n, e), i = q0 + c;
+        const bool seen = key[r] <= i && i < S && qseg[c] == kseg[r];
+        st[n][e] = seen ? exp2f(st[n][e] * scale2 - slse[c] * kLog2e) : 0.0f;
       }
-      __syncthreads();
-      float st[kTile / 8][4], dpt[kTile / 8][4];
+    cp_async_wait<1>();  // this step's dO
+    __syncthreads();
+    block_times_tile<T, D>(dva, st, sdo);
+    rows_times_tile_t<T, D>(dpt, sv, warp * 16, sdo);
+    __syncthreads();  // every warp has read dO: the next may come in
+    if (t + 1 < steps) load_dout(t + 1);
+    cp_async_commit();
 #pragma unroll
-      for (int n = 0; n < kTile / 8; ++n)
+    for (int n = 0; n < kTile / 8; ++n)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) st[n][e] = dpt[n][e] = 0.0f;
-      rows_times_tile_t<T, D>(st, sk, warp * 16, sq);
-#pragma unroll
-      for (int n = 0; n < kTile / 8; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = e >> 1, c = column(n, e), i = q0 + c;
-          const bool seen = key[r] <= i && i < S && qseg[c] == kseg[r];
-          st[n][e] = seen ? exp2f(st[n][e] * scale2 - slse[c]) : 0.0f;
-        }
-      block_times_tile<T, D>(dva, st, sdo);
-      rows_times_tile_t<T, D>(dpt, sv, warp * 16, sdo);
-#pragma unroll
-      for (int n = 0; n < kTile / 8; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) st[n][e] *= (dpt[n][e] - sdelta[column(n, e)]) * scale;
-      block_times_tile<T, D>(dka, st, sq);
-    }
+      for (int e = 0; e < 4; ++e) st[n][e] *= (dpt[n][e] - sdelta[column(n, e)]) * scale;
+    block_times_tile<T, D>(dka, st, sq(buf));
+    __syncthreads();  // every warp has read this step's queries and their row values
   }
   const float one[2] = {1.0f, 1.0f};
   store_rows<T, D>(dk + b * dks.b + kvh * dks.h, dks.s, key, S, dka, one);

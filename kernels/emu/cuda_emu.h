@@ -3,7 +3,8 @@
 // headers). A block's threads are fibers (runtime.cpp): __syncthreads is a barrier of the
 // block; warp-synchronous operations (__shfl_xor_sync, ldmatrix, mma.sync) are a barrier of the
 // warp's 32 lanes around an exchange of values, computed lane by lane as the PTX ISA lays out
-// the fragments. Blocks run one after another, so a __shared__ array is a static one.
+// the fragments; cp.async copies land at the thread's wait for their group. Blocks run one
+// after another, so a __shared__ array is a static one.
 //
 // Not emulated: timing, memory-model reordering, partial-warp masks (a mask other than all 32
 // lanes is an error), and anything the kernels do not use.
@@ -53,6 +54,13 @@ void sync_warp();
 unsigned char *warp_slots();
 // The block's dynamic shared memory.
 unsigned char *dynamic_shared();
+// cp.async (async_copy.cuh): a copy of `bytes` bytes is recorded when issued and its
+// destination filled with 0xff bytes (NaN: nothing defined yet); it lands (or zero-fills, with
+// !valid) only when this thread's async_wait lets its group complete, so a read before the
+// wait and a barrier sees the NaNs. A thread that returns with copies not waited for fails.
+void async_copy(void *dst, const void *src, int bytes, bool valid);
+void async_commit();
+void async_wait(int in_flight);
 
 inline int lane() { return threadIdx.x % 32; }
 
@@ -68,6 +76,15 @@ inline void full_mask(unsigned mask) {
 
 inline void __syncthreads() { helix_emu::sync_block(); }
 inline unsigned char *dynamic_shared_memory() { return helix_emu::dynamic_shared(); }
+
+inline void cp_async_16(void *dst, const void *src, bool valid) {
+  helix_emu::async_copy(dst, src, 16, valid);
+}
+inline void cp_async_4(void *dst, const void *src, bool valid) {
+  helix_emu::async_copy(dst, src, 4, valid);
+}
+inline void cp_async_commit() { helix_emu::async_commit(); }
+template <int N> inline void cp_async_wait() { helix_emu::async_wait(N); }
 
 template <typename V> V __shfl_xor_sync(unsigned mask, V v, int lane_mask) {
   helix_emu::full_mask(mask);

@@ -2,8 +2,10 @@
 // after another on the calling OS thread; a block's threads are fibers (ucontext) that the
 // scheduler below switches between, each running until it waits at a barrier or returns.
 // __syncthreads is a barrier of the block, a warp operation a barrier of its 32 lanes (a thread
-// whose kernel returned leaves both). A thread runs as far as it can before the others start,
-// so a missing __syncthreads shows as a read of what the others have not written yet. A pass
+// whose kernel returned leaves both). Between two __syncthreads a warp runs as far as it can
+// before the next warp starts (warps in order in even blocks, in reverse in odd ones), so a
+// missing __syncthreads shows as one warp reading what another has not written yet, or
+// overwriting what another has not read yet. A pass
 // over the block in which no thread arrives, leaves or returns is a deadlock (a barrier some
 // threads never reach) and stops the process naming the block. Under AddressSanitizer every
 // switch is announced to it (__sanitizer_start/finish_switch_fiber).
@@ -13,6 +15,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <deque>
 #include <memory>
 #include <mutex>
 #include <vector>
@@ -85,12 +88,24 @@ struct Warp {
   alignas(64) unsigned char slots[2][32 * 64];
 };
 
+// A cp.async copy in flight (cuda_emu.h).
+struct AsyncCopy {
+  void *dst;
+  const void *src;
+  int bytes;
+  bool valid;
+};
+
 struct Fiber {
   ucontext_t context;
   unsigned char *stack = nullptr;  // kStackBytes, a guard page below
   bool done = false;
   uint64_t warp_ops = 0;  // warp operations in this block: which exchange area is next
   void *fake_stack = nullptr;
+  bool at_block_barrier = false;  // in __syncthreads, arrived in block_generation
+  uint64_t block_generation = 0;
+  std::vector<AsyncCopy> open_group;              // issued since the last commit
+  std::deque<std::vector<AsyncCopy>> in_flight;  // committed groups, oldest first
 };
 
 struct Scheduler {
@@ -155,6 +170,10 @@ void thread_entry() {
   finish_switch(nullptr, &s.main_bottom, &s.main_size);
   s.body(s.ctx);
   const int t = s.current;
+  Fiber &me = s.fibers[t];
+  const auto pending = [](const std::vector<AsyncCopy> &g) { return !g.empty(); };
+  if (pending(me.open_group) || std::any_of(me.in_flight.begin(), me.in_flight.end(), pending))
+    fail("a thread returned with cp.async copies it never waited for");
   s.warps[t / 32]->barrier.leave();
   s.block_barrier.leave();
   s.fibers[t].done = true;
@@ -174,26 +193,48 @@ void run_block(Scheduler &s, const dim3 &block) {
   std::fill(s.dynamic.begin(), s.dynamic.end(), 0xff);
   for (auto &f : s.fibers) {
     f.done = false;
+    f.at_block_barrier = false;
     f.warp_ops = 0;
+    f.open_group.clear();
+    f.in_flight.clear();
     getcontext(&f.context);
     f.context.uc_stack.ss_sp = f.stack;
     f.context.uc_stack.ss_size = kStackBytes;
     f.context.uc_link = nullptr;
     makecontext(&f.context, thread_entry, 0);
   }
+  const auto resume = [&](size_t t) {
+    Fiber &f = s.fibers[t];
+    s.current = int(t);
+    threadIdx = {unsigned(t), 0, 0};
+    blockDim = block;
+    start_switch(&s.main_fake_stack, f.stack, kStackBytes);
+    swapcontext(&s.main, &f.context);
+    finish_switch(s.main_fake_stack, nullptr, nullptr);
+  };
+  const bool reversed = (blockIdx.x + blockIdx.y + blockIdx.z) % 2;
+  const size_t warps = s.warps.size();
   for (;;) {
     bool live = false;
     const uint64_t before = changes;
-    for (size_t t = 0; t < s.fibers.size(); ++t) {
-      Fiber &f = s.fibers[t];
-      if (f.done) continue;
-      live = true;
-      s.current = int(t);
-      threadIdx = {unsigned(t), 0, 0};
-      blockDim = block;
-      start_switch(&s.main_fake_stack, f.stack, kStackBytes);
-      swapcontext(&s.main, &f.context);
-      finish_switch(s.main_fake_stack, nullptr, nullptr);
+    for (size_t i = 0; i < warps; ++i) {
+      const size_t w = reversed ? warps - 1 - i : i;
+      const size_t end = std::min(s.fibers.size(), 32 * (w + 1));
+      // This warp's threads run until each has returned or waits at __syncthreads, or until a
+      // round moves nothing (a deadlock, if no other warp moves either).
+      for (;;) {
+        const uint64_t warp_before = changes;
+        bool ran = false;
+        for (size_t t = 32 * w; t < end; ++t) {
+          const Fiber &f = s.fibers[t];
+          if (f.done) continue;
+          live = true;
+          if (f.at_block_barrier && f.block_generation == s.block_barrier.generation) continue;
+          ran = true;
+          resume(t);
+        }
+        if (!ran || changes == warp_before) break;
+      }
     }
     if (!live) return;
     if (changes == before) {
@@ -215,7 +256,13 @@ void fail(const char *what) {
   std::abort();
 }
 
-void sync_block() { scheduler->block_barrier.arrive_and_wait(); }
+void sync_block() {
+  Fiber &f = scheduler->fibers[scheduler->current];
+  f.at_block_barrier = true;
+  f.block_generation = scheduler->block_barrier.generation;
+  scheduler->block_barrier.arrive_and_wait();
+  f.at_block_barrier = false;
+}
 
 void sync_warp() {
   Warp &w = my_warp();
@@ -228,6 +275,30 @@ unsigned char *warp_slots() {
 }
 
 unsigned char *dynamic_shared() { return scheduler->dynamic.data(); }
+
+void async_copy(void *dst, const void *src, int bytes, bool valid) {
+  if (reinterpret_cast<uintptr_t>(dst) % bytes || (valid && reinterpret_cast<uintptr_t>(src) % bytes))
+    fail("cp.async: an address not aligned to the copy's size");
+  std::memset(dst, 0xff, bytes);
+  scheduler->fibers[scheduler->current].open_group.push_back({dst, src, bytes, valid});
+}
+
+void async_commit() {
+  Fiber &f = scheduler->fibers[scheduler->current];
+  f.in_flight.push_back(std::move(f.open_group));
+  f.open_group.clear();
+}
+
+void async_wait(int in_flight) {
+  Fiber &f = scheduler->fibers[scheduler->current];
+  while (int(f.in_flight.size()) > in_flight) {
+    for (const AsyncCopy &c : f.in_flight.front()) {
+      if (c.valid) std::memcpy(c.dst, c.src, c.bytes);
+      else std::memset(c.dst, 0, c.bytes);
+    }
+    f.in_flight.pop_front();
+  }
+}
 
 }  // namespace helix_emu
 

@@ -117,9 +117,9 @@ const FLASH_THREADS: u32 = 128;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlashKernel {
     Forward,
-    /// q, dO, k, v tiles and the keys' segment ids.
+    /// q, dO, v and two k tiles, and two tiles' key segment ids.
     BackwardDq,
-    /// k, v, q, dO tiles, then the queries' segment ids, lse and delta.
+    /// k, v, dO and two q tiles, then two tiles' query segment ids, lse and delta.
     BackwardDkDv,
 }
 
@@ -130,8 +130,8 @@ impl FlashKernel {
         let tile = FLASH_TILE * (d + 8) * elem_bytes;
         match self {
             Self::Forward => 0,
-            Self::BackwardDq => 4 * tile + FLASH_TILE * 4,
-            Self::BackwardDkDv => 4 * tile + 3 * FLASH_TILE * 4,
+            Self::BackwardDq => 5 * tile + 2 * FLASH_TILE * 4,
+            Self::BackwardDkDv => 5 * tile + 2 * 3 * FLASH_TILE * 4,
         }
     }
 }
