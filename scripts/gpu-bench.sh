@@ -7,7 +7,11 @@
 #   2. helix's LoRA step again with its decoder layers run op by op (model.fused_layers =
 #      false), and again with the chunked attention (model.attention = chunked): what the
 #      hand-differentiated layer and the FlashAttention kernels buy, as ratios;
-#   3. full SFT cut to SFT_LAYERS decoder layers (configs/bench/sft7b.toml), SFT_ROWS rows of
+#   3. causal attention alone at a 7B layer's shape (32 heads of 128, 1 x SEQ, bf16), forward
+#      and backward apart: helix's FlashAttention kernels (helix-train attention-bench) beside
+#      PyTorch's scaled_dot_product_attention, its default backend and FlashAttention-2's
+#      (scripts/gpu_attention_pytorch.py), in TFLOP/s and as time ratios;
+#   4. full SFT cut to SFT_LAYERS decoder layers (configs/bench/sft7b.toml), SFT_ROWS rows of
 #      SEQ tokens a step (the optimizer's pass over every weight, f32 masters and moments, is
 #      paid once per step: at one row it is a quarter of the step): helix's MFU, and PyTorch's
 #      for reference.
@@ -39,6 +43,14 @@ echo "== helix LoRA with the chunked attention (model.attention = chunked), for 
 "$bin" bench --config configs/bench/lora7b.toml --set model.attention=chunked --random-weights \
   --seq "$seq" --steps "$steps" --json | tee "$out/helix-lora-chunked.json" \
   || echo "helix LoRA chunked attention failed"
+
+echo "== causal attention alone, a Llama-2-7B layer's shape, 1 x $seq tokens, bf16"
+"$bin" attention-bench --seq "$seq" --json | tee "$out/helix-attention.json" \
+  || echo "helix attention failed"
+for backend in default flash; do
+  python3 scripts/gpu_attention_pytorch.py --seq "$seq" --backend "$backend" \
+    | tee "$out/torch-attention-$backend.json" || echo "PyTorch attention ($backend) failed"
+done
 
 echo "== full SFT, the first $sft_layers layers of the Llama-2-7B shape, $sft_rows x $seq tokens"
 "$bin" bench --config configs/bench/sft7b.toml --random-weights --layers "$sft_layers" \
@@ -82,6 +94,16 @@ if h and c:
           f"{gib(c['peak_device_bytes']):.1f} GiB; {h.get('attention', '?')} / chunked tokens/s = "
           f"{h['tokens_per_s']/c['tokens_per_s']:.2f}, peak memory = "
           f"{h['peak_device_bytes']/c['peak_device_bytes']:.2f}")
+ha = load("helix-attention.json")
+for backend in ("default", "flash"):
+    ta = load(f"torch-attention-{backend}.json")
+    if ha and ta:
+        print(f"attention alone, 7B layer, {ha['seq']} tokens: helix forward {ha['forward_ms']:.3f} ms "
+              f"({ha['forward_tflops']:.0f} TFLOP/s), backward {ha['backward_ms']:.3f} ms "
+              f"({ha['backward_tflops']:.0f} TFLOP/s) | PyTorch sdpa {backend}: forward "
+              f"{ta['forward_ms']:.3f} ms ({ta['forward_tflops']:.0f}), backward {ta['backward_ms']:.3f} ms "
+              f"({ta['backward_tflops']:.0f}); PyTorch / helix time, forward + backward = "
+              f"{(ta['forward_ms'] + ta['backward_ms']) / (ha['forward_ms'] + ha['backward_ms']):.2f}")
 s, ts = load("helix-sft.json"), load("torch-sft.json")
 if s:
     line = (f"SFT 7B shape, {s['layers']} layers, {s['rows']} x {s['seq']} tokens: helix {s['tokens_per_s']:.0f} tokens/s, MFU "

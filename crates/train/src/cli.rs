@@ -154,6 +154,32 @@ pub(crate) enum Command {
         #[arg(long, default_value_t = 20)]
         repeats: usize,
     },
+    /// Time causal attention alone, forward and backward apart (the FlashAttention kernels on
+    /// a GPU, the CPU's tiles otherwise), on random inputs: milliseconds and TFLOP/s. The
+    /// defaults are a Llama-2-7B layer's shape in bf16.
+    AttentionBench {
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Query heads.
+        #[arg(long, default_value_t = 32)]
+        heads: usize,
+        /// Key/value heads (grouped-query attention when fewer than --heads; default: --heads).
+        #[arg(long)]
+        kv_heads: Option<usize>,
+        #[arg(long, default_value_t = 2048)]
+        seq: usize,
+        #[arg(long, default_value_t = 128)]
+        head_dim: usize,
+        #[arg(long, value_enum, default_value = "bf16")]
+        dtype: DTypeArg,
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        #[arg(long, default_value_t = 20)]
+        repeats: usize,
+        /// Print one JSON object instead of the line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Time one optimizer step (forward, backward, clipping, AdamW) of the configured model
     /// and method on random tokens: tokens/s, model TFLOP/s, MFU, peak GPU and host memory.
     Bench {

@@ -3,6 +3,7 @@
 //! ([`state`]), signal handling ([`signals`]), and what it shows and writes ([`progress`],
 //! [`plot`] over a small raster canvas). `main.rs` is only the command line over these.
 
+pub mod attention_bench;
 pub mod comm_check;
 pub mod config;
 pub mod freed_memory;

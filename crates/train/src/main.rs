@@ -313,6 +313,30 @@ fn run(cli: Cli) -> Result<()> {
             println!("every fused kernel matches its reference");
             Ok(())
         }
+        Command::AttentionBench {
+            batch,
+            heads,
+            kv_heads,
+            seq,
+            head_dim,
+            dtype,
+            warmup,
+            repeats,
+            json,
+        } => {
+            let device = helix_train::device(0)?;
+            let opts = helix_train::attention_bench::AttentionBenchOptions {
+                batch,
+                q_heads: heads,
+                kv_heads: kv_heads.unwrap_or(heads),
+                seq,
+                head_dim,
+                dtype: dtype.into(),
+                warmup,
+                repeats,
+            };
+            helix_train::attention_bench::print_attention_bench(&device, &opts, json)
+        }
         Command::Bench {
             random_weights,
             layers,
