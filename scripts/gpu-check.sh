@@ -6,9 +6,10 @@
 # launcher (one rank: the machine has one GPU; several ranks are proven on the CPU backend) and
 # times its all-reduce, trains 20 LoRA steps of a small random Llama on the GPU through the
 # launcher (configs/bench/gpu-smoke.toml), then runs the kernel comparison again under
-# compute-sanitizer: memcheck (out-of-bounds and misaligned accesses), racecheck (shared-memory
-# hazards between threads: a barrier missing around FlashAttention's cp.async buffers) and
-# synccheck (barriers used where not every thread reaches them).
+# compute-sanitizer: memcheck over every kernel (out-of-bounds and misaligned accesses), then
+# over the FlashAttention kernels alone (the slower tools) racecheck (shared-memory hazards
+# between threads: a barrier missing around the cp.async buffers) and synccheck (barriers used
+# where not every thread reaches them).
 # Every part runs even when an earlier one fails (device time is scarce: one call should say
 # everything); the exit status is non-zero when any part failed, and the last line names them.
 # Usage: scripts/gpu-check.sh [BINARY=dist/helix-train]
@@ -35,11 +36,12 @@ smoke() {
   grep -q "on cuda:0 (collectives: nccl)" /tmp/gpu-smoke.log \
     || { echo "the run did not train on cuda:0 over NCCL" >&2; return 4; }
 }
-sanitize() { # sanitize TOOL: kernel-check once under compute-sanitizer's TOOL
+sanitize() { # sanitize TOOL [KERNEL-CHECK FLAGS]: kernel-check once under compute-sanitizer's TOOL
   local sanitizer tool=$1
+  shift
   sanitizer=$(command -v compute-sanitizer || find / -name compute-sanitizer -type f -perm -u+x 2>/dev/null | head -n 1 || true)
   [ -n "$sanitizer" ] || { echo "compute-sanitizer: not found on this machine" >&2; return 3; }
-  "$sanitizer" --tool "$tool" --error-exitcode 9 "$bin" kernel-check --repeats 0 > "/tmp/$tool.log" 2>&1
+  "$sanitizer" --tool "$tool" --error-exitcode 9 "$bin" kernel-check --repeats 0 "$@" > "/tmp/$tool.log" 2>&1
   local rc=$?
   tail -n 3 "/tmp/$tool.log"
   return $rc
@@ -49,8 +51,8 @@ part "comm-check: NCCL, one rank through the launcher" \
   "$bin" --nproc-per-node 1 comm-check --megabytes 256 --repeats 20
 part "one GPU training run: LoRA, bf16, NCCL (configs/bench/gpu-smoke.toml)" smoke
 part "compute-sanitizer memcheck" sanitize memcheck
-part "compute-sanitizer racecheck" sanitize racecheck
-part "compute-sanitizer synccheck" sanitize synccheck
+part "compute-sanitizer racecheck, FlashAttention" sanitize racecheck --op flash_attention
+part "compute-sanitizer synccheck, FlashAttention" sanitize synccheck --op flash_attention
 if [ ${#failed[@]} -gt 0 ]; then
   echo "gpu-check: FAILED: ${failed[*]}"
   exit 1

@@ -5,12 +5,29 @@
 
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use helix_ops::kernel_check::{cases, compare, run, tolerance, Case, Implementation};
 
-/// Prints one line per compared tensor and returns whether every one is within tolerance.
-pub fn kernel_check(device: &Device, repeats: usize) -> Result<bool> {
+/// Prints one line per compared tensor and returns whether every one is within tolerance;
+/// with `only`, for that op's cases alone.
+pub fn kernel_check(device: &Device, repeats: usize, only: Option<&str>) -> Result<bool> {
+    let mut selected = cases();
+    if let Some(op) = only {
+        let mut ops: Vec<&str> = Vec::new();
+        for c in &selected {
+            if !ops.contains(&c.op) {
+                ops.push(c.op);
+            }
+        }
+        selected.retain(|c| c.op == op);
+        if selected.is_empty() {
+            bail!(
+                "kernel-check --op {op}: no such op (ops: {})",
+                ops.join(", ")
+            );
+        }
+    }
     let on_gpu = !device.is_cpu();
     println!(
         "{} against the CPU references (tolerance: max |Δ| ≤ t · max |reference|)",
@@ -20,7 +37,7 @@ pub fn kernel_check(device: &Device, repeats: usize) -> Result<bool> {
         }
     );
     let mut all_ok = true;
-    for case in cases() {
+    for case in selected {
         let want = match on_gpu {
             true => run(&case, Implementation::Fused, &Device::Cpu)?,
             false => run(&case, Implementation::Unfused, &Device::Cpu)?,
@@ -62,4 +79,21 @@ fn median_ms(case: &Case, imp: Implementation, device: &Device, repeats: usize) 
         times.push(t.elapsed().as_secs_f64() * 1e3);
     }
     crate::progress::median(times).context("no timed repeat")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn op_selects_its_cases_and_an_unknown_one_lists_them() {
+        assert!(kernel_check(&Device::Cpu, 0, Some("rope")).unwrap());
+        let err = kernel_check(&Device::Cpu, 0, Some("ropes"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--op ropes") && err.contains("flash_attention"),
+            "{err}"
+        );
+    }
 }

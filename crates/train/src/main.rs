@@ -305,9 +305,9 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::KernelCheck { repeats } => {
+        Command::KernelCheck { repeats, op } => {
             let device = helix_train::device(0)?;
-            if !helix_train::kernel_check::kernel_check(&device, repeats)? {
+            if !helix_train::kernel_check::kernel_check(&device, repeats, op.as_deref())? {
                 bail!("a fused kernel differs from its reference beyond the tolerance");
             }
             println!("every fused kernel matches its reference");
