@@ -195,19 +195,21 @@ __device__ __forceinline__ bool earlier_documents(const uint32_t *segb, int orde
 }
 
 // The first key tile the query tile at q0 sees: the key tiles of earlier documents only are a
-// prefix (ids non-decreasing), and the query tile's own is never among them.
+// prefix (ids non-decreasing), and the query tile's own is never among them (the bound keeps
+// that so even for ids the launcher wrongly called ordered).
 __device__ __forceinline__ int first_key_tile(const uint32_t *segb, int ordered, int q0, int S) {
   int k0 = 0;
-  while (earlier_documents(segb, ordered, k0, q0, S)) k0 += kTile;
+  while (k0 < q0 && earlier_documents(segb, ordered, k0, q0, S)) k0 += kTile;
   return k0;
 }
 
-// How many query tiles from k0 on see the key tile at k0: those of later documents only are
-// a suffix, and the key tile's own query tile is never among them.
+// How many query tiles from k0 on see the key tile at k0: its own, then those up to the first
+// of later documents only (a suffix).
 __device__ __forceinline__ int query_tiles_seeing(const uint32_t *segb, int ordered, int k0,
                                                   int S) {
-  int n = 0;
-  for (int q0 = k0; q0 < S && !earlier_documents(segb, ordered, k0, q0, S); q0 += kTile) ++n;
+  int n = 1;
+  for (int q0 = k0 + kTile; q0 < S && !earlier_documents(segb, ordered, k0, q0, S); q0 += kTile)
+    ++n;
   return n;
 }
 

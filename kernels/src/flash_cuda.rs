@@ -241,7 +241,7 @@ fn backward_typed<T: CudaDType + DeviceRepr>(
         .w()
     };
 
-    // dq: q, dO, k, v tiles and the keys' segments.
+    // dq: q, dO, v and two key tiles, and two tiles' key segments (FlashKernel::BackwardDq).
     let dq_fn = load(format!("flash_backward_dq_{suffix}_d{d}"))?;
     // SAFETY: the kernel writes every row of dq.
     let dq = unsafe { dev.alloc::<T>(rows * d)? };
@@ -270,7 +270,8 @@ fn backward_typed<T: CudaDType + DeviceRepr>(
     // SAFETY: the argument list matches flash_backward_dq_*'s signature.
     unsafe { args.launch(geometry.into()) }.w()?;
 
-    // dk, dv: k, v, q, dO tiles, then the queries' segments, lse and delta.
+    // dk, dv: k, v, dO and two query tiles, then two tiles' query segments, lse and delta
+    // (FlashKernel::BackwardDkDv).
     let kv_fn = load(format!("flash_backward_dkdv_{suffix}_d{d}"))?;
     let kv_len = b * hkv * s * d;
     // SAFETY: the kernel writes every row of dk and dv.
