@@ -117,6 +117,17 @@ pub struct Outputs {
     pub tensors: Vec<(&'static str, Tensor)>,
 }
 
+impl Outputs {
+    /// Named tensors from any device and dtype, as f32 on the CPU.
+    fn f32_on_cpu<const N: usize>(named: [(&'static str, Tensor); N]) -> Result<Self> {
+        let tensors = named
+            .into_iter()
+            .map(|(name, t)| Ok((name, t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?)))
+            .collect::<Result<_>>()?;
+        Ok(Self { tensors })
+    }
+}
+
 /// Runs `case` with `implementation` on `device`: seeded inputs (the same on every device),
 /// forward, and backward of Σ y · r for a seeded r.
 pub fn run(case: &Case, implementation: Implementation, device: &Device) -> Result<Outputs> {
@@ -251,10 +262,7 @@ fn swiglu_backward_and_output(
             (dg, du, y)
         }
     };
-    let cpu = |t: Tensor| t.to_dtype(DType::F32)?.to_device(&Device::Cpu);
-    Ok(Outputs {
-        tensors: vec![("d gate", cpu(dg)?), ("d up", cpu(du)?), ("y", cpu(y)?)],
-    })
+    Outputs::f32_on_cpu([("d gate", dg), ("d up", du), ("y", y)])
 }
 
 /// How far `got` is from `want`, tensor by tensor: (name, max |got − want|, max |want|).

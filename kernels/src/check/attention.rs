@@ -1,7 +1,7 @@
 //! The attention cases of [`super::run`]: the attention softmax's three kernels and the whole
 //! FlashAttention forward and backward, each against the same written with candle ops in f32.
 
-use candle_core::{DType, Device, Result, Tensor, Var, D};
+use candle_core::{DType, Result, Tensor, Var, D};
 
 use super::{gradients_of, Case, Implementation, Outputs, SeededInput};
 
@@ -48,10 +48,7 @@ pub(super) fn attention_softmax(
             (Tensor::cat(&[&max, &sum], D::Minus1)?, p, ds)
         }
     };
-    let cpu = |t: Tensor| t.to_dtype(DType::F32)?.to_device(&Device::Cpu);
-    Ok(Outputs {
-        tensors: vec![("stats", cpu(stats)?), ("p", cpu(p)?), ("ds", cpu(ds)?)],
-    })
+    Outputs::f32_on_cpu([("stats", stats), ("p", p), ("ds", ds)])
 }
 
 /// Causal attention over packed rows with `crate::flash` (CUDA kernels or the CPU's tiles,
@@ -125,16 +122,13 @@ pub(super) fn flash_attention(
             (out, lse.detach(), dq, dk, dv)
         }
     };
-    let cpu = |t: Tensor| t.to_dtype(DType::F32)?.to_device(&Device::Cpu);
-    Ok(Outputs {
-        tensors: vec![
-            ("out", cpu(out)?),
-            ("lse", cpu(lse)?),
-            ("dq", cpu(dq)?),
-            ("dk", cpu(dk)?),
-            ("dv", cpu(dv)?),
-        ],
-    })
+    Outputs::f32_on_cpu([
+        ("out", out),
+        ("lse", lse),
+        ("dq", dq),
+        ("dk", dk),
+        ("dv", dv),
+    ])
 }
 
 /// The FlashAttention case's segment ids, [b, s]: row r holds r + 2 documents and the last

@@ -47,17 +47,14 @@ pub(super) fn cross_entropy(
             (Tensor::cat(&[&max, &sum, &picked], 1)?, grad)
         }
     };
-    let cpu = |t: Tensor| t.to_dtype(DType::F32)?.to_device(&Device::Cpu);
     // Each statistic on its own: Σ exp is two orders above the logits.
-    let stat = |i: usize| cpu(stats.narrow(1, i, 1)?);
-    Ok(Outputs {
-        tensors: vec![
-            ("row max", stat(0)?),
-            ("Σ exp", stat(1)?),
-            ("target logit", stat(2)?),
-            ("dlogits", cpu(grad)?),
-        ],
-    })
+    let stat = |i: usize| stats.narrow(1, i, 1);
+    Outputs::f32_on_cpu([
+        ("row max", stat(0)?),
+        ("Σ exp", stat(1)?),
+        ("target logit", stat(2)?),
+        ("dlogits", grad),
+    ])
 }
 
 /// The cross-entropy case's targets and row weights for `n` rows over `v` classes: every
@@ -108,15 +105,12 @@ pub(super) fn low_rank(
             (low, sum, sum_to, grad)
         }
     };
-    let cpu = |t: Tensor| t.to_dtype(DType::F32)?.to_device(&Device::Cpu);
-    Ok(Outputs {
-        tensors: vec![
-            ("x Aᵀ", cpu(low)?),
-            ("y + l Bᵀ", cpu(sum)?),
-            ("acc + (y + l Bᵀ)", cpu(sum_to)?),
-            ("lᵀ x", cpu(grad)?),
-        ],
-    })
+    Outputs::f32_on_cpu([
+        ("x Aᵀ", low),
+        ("y + l Bᵀ", sum),
+        ("acc + (y + l Bᵀ)", sum_to),
+        ("lᵀ x", grad),
+    ])
 }
 
 /// Three AdamW steps of three parameters in the case's dtype (the case's shape, a vector that
