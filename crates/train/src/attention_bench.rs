@@ -74,14 +74,20 @@ pub fn attention_bench(device: &Device, o: &AttentionBenchOptions) -> Result<Att
             flash::GPU_HEAD_DIMS
         );
     }
-    // Projections' layout, [B, S, heads, D], read heads first through strides.
-    let input = |heads: usize| -> Result<Tensor> {
-        Ok(Tensor::randn(0f32, 1.0, (b, s, heads, d), device)?
+    // Drawn on the CPU (a GPU build need not load cuRAND) in the projections' layout,
+    // [B, S, heads, D].
+    let random = |heads: usize| -> Result<Tensor> {
+        Ok(Tensor::randn(0f32, 1.0, (b, s, heads, d), &Device::Cpu)?
             .to_dtype(dtype)?
-            .transpose(1, 2)?)
+            .to_device(device)?)
     };
-    let (q, k, v) = (input(hq)?, input(hkv)?, input(hkv)?);
-    let dout = Tensor::randn(0f32, 1.0, (b, s, hq, d), device)?.to_dtype(dtype)?;
+    // q, k, v read heads first through strides, as attention reads the projections.
+    let (q, k, v) = (
+        random(hq)?.transpose(1, 2)?,
+        random(hkv)?.transpose(1, 2)?,
+        random(hkv)?.transpose(1, 2)?,
+    );
+    let dout = random(hq)?;
     let segments = Segments::new(vec![0; b * s], b, device)?;
 
     let mut forward_ms = Vec::with_capacity(o.repeats);
