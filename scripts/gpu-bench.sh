@@ -8,7 +8,8 @@
 #      false), and again with the chunked attention (model.attention = chunked): what the
 #      hand-differentiated layer and the FlashAttention kernels buy, as ratios;
 #   3. causal attention alone at a 7B layer's shape (32 heads of 128, 1 x SEQ, bf16), forward
-#      and backward apart: helix's FlashAttention kernels (helix-train attention-bench) beside
+#      and backward apart: helix's FlashAttention kernels (helix-train attention-bench, its
+#      forward with 128 query rows a block, the default, and with 64) beside
 #      PyTorch's scaled_dot_product_attention, its default backend and FlashAttention-2's
 #      (scripts/gpu_attention_pytorch.py), in TFLOP/s and as time ratios;
 #   4. full SFT cut to SFT_LAYERS decoder layers (configs/bench/sft7b.toml), SFT_ROWS rows of
@@ -45,8 +46,10 @@ echo "== helix LoRA with the chunked attention (model.attention = chunked), for 
   || echo "helix LoRA chunked attention failed"
 
 echo "== causal attention alone, a Llama-2-7B layer's shape, 1 x $seq tokens, bf16"
-"$bin" attention-bench --seq "$seq" --json | tee "$out/helix-attention.json" \
-  || echo "helix attention failed"
+for rows in 128 64; do
+  "$bin" attention-bench --seq "$seq" --forward-rows "$rows" --json \
+    | tee "$out/helix-attention-$rows.json" || echo "helix attention ($rows rows) failed"
+done
 for backend in default flash; do
   python3 scripts/gpu_attention_pytorch.py --seq "$seq" --backend "$backend" \
     | tee "$out/torch-attention-$backend.json" || echo "PyTorch attention ($backend) failed"
@@ -94,7 +97,11 @@ if h and c:
           f"{gib(c['peak_device_bytes']):.1f} GiB; {h.get('attention', '?')} / chunked tokens/s = "
           f"{h['tokens_per_s']/c['tokens_per_s']:.2f}, peak memory = "
           f"{h['peak_device_bytes']/c['peak_device_bytes']:.2f}")
-ha = load("helix-attention.json")
+ha, h64 = load("helix-attention-128.json"), load("helix-attention-64.json")
+if ha and h64:
+    print(f"attention alone, helix forward: {ha['forward_ms']:.3f} ms with 128 query rows a block "
+          f"({ha['forward_tflops']:.0f} TFLOP/s), {h64['forward_ms']:.3f} ms with 64 "
+          f"({h64['forward_tflops']:.0f}); 64 / 128 time = {h64['forward_ms'] / ha['forward_ms']:.2f}")
 for backend in ("default", "flash"):
     ta = load(f"torch-attention-{backend}.json")
     if ha and ta:

@@ -83,18 +83,29 @@ __device__ __forceinline__ void as_operand(uint32_t (&a)[4], const float (&c0)[4
   a[3] = pack<T>(c1[2], c1[3]);
 }
 
-// acc[n] (+)= A · Bᵀ over one 16-column slice kk of the head dimension: A = a warp's 16 × 16
-// fragment of that slice, B = the same slice of all 64 rows of the [64][D] tile `b`.
-template <typename T, int D>
-__device__ __forceinline__ void fragment_times_tile_t(float (&acc)[kTile / 8][4],
-                                                      const uint32_t (&af)[4], const T *b,
-                                                      int kk) {
+// A warp's accumulator tiles for one block of 16 rows, seen as the first of a warp's row
+// blocks (the forward's warps may own two; the backward's own one).
+template <typename F, int N>
+__device__ __forceinline__ auto one_block(F (&acc)[N][4]) -> F (&)[1][N][4] {
+  return *reinterpret_cast<F(*)[1][N][4]>(&acc);
+}
+
+// acc[mb][n] (+)= A[mb] · Bᵀ over one 16-column slice kk of the head dimension, for MB row
+// blocks: A[mb] = a warp's 16 × 16 fragment of that slice, B = the same slice of the NK rows
+// of the [NK][D] tile `b`. Each B fragment is read from shared memory once for all MB blocks.
+template <typename T, int D, int MB, int NK = kTile>
+__device__ __forceinline__ void fragments_times_tile_t(float (&acc)[MB][NK / 8][4],
+                                                       const uint32_t (&af)[MB][4], const T *b,
+                                                       int kk) {
 #pragma unroll
-  for (int n = 0; n < kTile / 16; ++n) {
+  for (int n = 0; n < NK / 16; ++n) {
     uint32_t bf[4];
     ldmatrix_x4(bf, quarters_across_first<T, D>(b, n * 16, kk * 16));
-    mma<T>(acc[2 * n], af, bf[0], bf[1]);
-    mma<T>(acc[2 * n + 1], af, bf[2], bf[3]);
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb) {
+      mma<T>(acc[mb][2 * n], af[mb], bf[0], bf[1]);
+      mma<T>(acc[mb][2 * n + 1], af[mb], bf[2], bf[3]);
+    }
   }
 }
 
@@ -105,29 +116,42 @@ __device__ __forceinline__ void rows_times_tile_t(float (&acc)[kTile / 8][4], co
                                                   int a_row, const T *b) {
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
-    uint32_t af[4];
-    ldmatrix_x4(af, quarters_down_first<T, D>(a, a_row, kk * 16));
-    fragment_times_tile_t<T, D>(acc, af, b, kk);
+    uint32_t af[1][4];
+    ldmatrix_x4(af[0], quarters_down_first<T, D>(a, a_row, kk * 16));
+    fragments_times_tile_t<T, D, 1>(one_block(acc), af, b, kk);
   }
 }
 
-// acc (+)= P · B for a warp's 16 × 64 block P (accumulator tiles, rounded to T here) and a
-// [64][D] tile B: the 16 × D result of probabilities (or score gradients) times values.
-template <typename T, int D>
-__device__ __forceinline__ void block_times_tile(float (&acc)[D / 8][4],
-                                                 const float (&p)[kTile / 8][4], const T *b) {
+// acc[mb] (+)= P[mb] · B for MB of a warp's 16 × NK blocks P (accumulator tiles, rounded to
+// T here) and an [NK][D] tile B: 16 × D results of probabilities (or score gradients) times
+// values. Each B fragment is read from shared memory once for all MB blocks.
+template <typename T, int D, int MB, int NK = kTile>
+__device__ __forceinline__ void blocks_times_tile(float (&acc)[MB][D / 8][4],
+                                                  const float (&p)[MB][NK / 8][4],
+                                                  const T *b) {
 #pragma unroll
-  for (int kk = 0; kk < kTile / 16; ++kk) {
-    uint32_t pf[4];
-    as_operand<T>(pf, p[2 * kk], p[2 * kk + 1]);
+  for (int kk = 0; kk < NK / 16; ++kk) {
+    uint32_t pf[MB][4];
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb) as_operand<T>(pf[mb], p[mb][2 * kk], p[mb][2 * kk + 1]);
 #pragma unroll
     for (int n = 0; n < D / 16; ++n) {
       uint32_t bf[4];
       ldmatrix_x4_trans(bf, quarters_down_first<T, D>(b, kk * 16, n * 16));
-      mma<T>(acc[2 * n], pf, bf[0], bf[1]);
-      mma<T>(acc[2 * n + 1], pf, bf[2], bf[3]);
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb) {
+        mma<T>(acc[mb][2 * n], pf[mb], bf[0], bf[1]);
+        mma<T>(acc[mb][2 * n + 1], pf[mb], bf[2], bf[3]);
+      }
     }
   }
+}
+
+// The same for one block: acc (+)= P · B.
+template <typename T, int D>
+__device__ __forceinline__ void block_times_tile(float (&acc)[D / 8][4],
+                                                 const float (&p)[kTile / 8][4], const T *b) {
+  blocks_times_tile<T, D, 1>(one_block(acc), one_block(p), b);
 }
 
 // Starts loading rows [row0, row0 + 64) of one head (`head` points at its row 0) into a
@@ -213,119 +237,184 @@ __device__ __forceinline__ int query_tiles_seeing(const uint32_t *segb, int orde
   return n;
 }
 
-// Forward: a block per (64 query rows, batch · query head); the last tiles (most keys) first.
-// out [B, Hq, S, D] by `os`; lse [B, Hq, S] f32 (natural log of Σ exp(score · scale)).
-template <typename T, int D>
+// Forward: a block per (64 · MB query rows, batch · query head); the last tiles (most keys)
+// first. A warp owns MB blocks of 16 rows. With MB = 1 its q fragments stay in registers; with
+// MB = 2 q stays in shared memory and each k and v fragment a warp reads from shared memory
+// feeds both of its row blocks' matmuls: half the shared-memory reads per FLOP, for twice the
+// accumulators (and a block of 128 rows). out [B, Hq, S, D] by `os`; lse [B, Hq, S] f32
+// (natural log of Σ exp(score · scale)).
+// Shared memory (dynamic, FlashKernel::Forward): the k and v tiles (q passes through k's when
+// MB = 1), MB = 2: q's 128 rows, then two tiles' key ids.
+template <typename T, int D, int MB>
 __device__ void forward(const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__ v,
                         const uint32_t *__restrict__ seg, int ordered, T *__restrict__ out,
                         float *__restrict__ lse, int S, int Hq, int Hkv, float scale, Strides qs,
                         Strides ks, Strides vs, Strides os) {
-  __shared__ __align__(16) T sk[kTile * pitch<D>()];
-  __shared__ __align__(16) T sv[kTile * pitch<D>()];
-  __shared__ __align__(16) uint32_t sseg[2][kTile];  // by tile parity: the next is loading
-  const int q0 = (gridDim.x - 1 - blockIdx.x) * kTile;
+  constexpr int kRows = kTile * MB;  // query rows per block
+  // A key tile is worked in kParts parts of kKeys keys (scores, softmax, P v): with MB = 2,
+  // halves, so a part's scores take 32 registers, not 64.
+  constexpr int kParts = MB, kKeys = kTile / kParts;
+  constexpr int kTiles = MB == 1 ? 2 : 2 + MB;
+  unsigned char *smem = dynamic_shared_memory();
+  T *sk = reinterpret_cast<T *>(smem);
+  T *sv = sk + kTile * pitch<D>(), *sq = sv + kTile * pitch<D>();
+  // Two tiles' key ids [2][kTile], then the block's query ids [kRows].
+  uint32_t *sseg = reinterpret_cast<uint32_t *>(sk + kTiles * kTile * pitch<D>());
+  const int q0 = (gridDim.x - 1 - blockIdx.x) * kRows;
   const int bh = blockIdx.y, b = bh / Hq, h = bh % Hq, kvh = h / (Hq / Hkv);
   const int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4;
+  const int warp_row = warp * 16 * MB;  // the warp's first row within the block
   const uint32_t *segb = seg + (int64_t)b * S;
-  const int row[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
-  uint32_t rseg[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) rseg[r] = row[r] < S ? segb[row[r]] : 0;
+  // Rows this lane holds: r = 0, 1 of each row block (accumulator rows g and g + 8).
+  const auto row_of = [&](int mb, int r) { return q0 + warp_row + mb * 16 + g + 8 * r; };
+  // The query rows' segment ids, kept in shared memory rather than registers.
+  uint32_t *qseg = sseg + 2 * kTile;
+  for (int i = threadIdx.x; i < kRows; i += kThreads) qseg[i] = q0 + i < S ? segb[q0 + i] : 0;
   const float scale2 = scale * kLog2e;  // scores in base 2: exp2 is one instruction
+  const T *qh = q + b * qs.b + h * qs.h;
 
-  // The warp's 16 query rows as A fragments, through the key tile's buffer.
-  load_tile<T, D>(sk, q + b * qs.b + h * qs.h, qs.s, q0, S);
-  cp_async_commit();
-  cp_async_wait<0>();
-  __syncthreads();
-  uint32_t qf[D / 16][4];
+  // MB = 1: the warp's 16 query rows as A fragments in registers, through the key tile's buffer.
+  uint32_t qf[MB == 1 ? D / 16 : 1][4];
+  if constexpr (MB == 1) {
+    load_tile<T, D>(sk, qh, qs.s, q0, S);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk)
-    ldmatrix_x4(qf[kk], quarters_down_first<T, D>(sk, warp * 16, kk * 16));
-  __syncthreads();
+    for (int kk = 0; kk < D / 16; ++kk)
+      ldmatrix_x4(qf[kk], quarters_down_first<T, D>(sk, warp_row, kk * 16));
+    __syncthreads();
+  } else {
+#pragma unroll
+    for (int t = 0; t < MB; ++t)  // in the first keys' group
+      load_tile<T, D>(sq + t * kTile * pitch<D>(), qh, qs.s, q0 + t * kTile, S);
+  }
 
-  float o[D / 8][4];
+  float o[MB][D / 8][4];
+  float m[MB][2], l[MB][2];
 #pragma unroll
-  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  for (int mb = 0; mb < MB; ++mb) {
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) o[mb][n][0] = o[mb][n][1] = o[mb][n][2] = o[mb][n][3] = 0.0f;
+    m[mb][0] = m[mb][1] = -INFINITY;
+    l[mb][0] = l[mb][1] = 0.0f;
+  }
   const T *kh = k + b * ks.b + kvh * ks.h, *vh = v + b * vs.b + kvh * vs.h;
-  const int keys = min(S, q0 + kTile);  // causal: none past the tile's last row
+  const int keys = min(S, q0 + kRows);  // causal: none past the block's last row
   const int first = first_key_tile(segb, ordered, q0, S);
   // The first tile's keys (with their ids) and values, as two groups.
   load_tile<T, D>(sk, kh, ks.s, first, S);
-  load_row_values(sseg[0], segb, first, S);
+  load_row_values(sseg, segb, first, S);
   cp_async_commit();
   load_tile<T, D>(sv, vh, vs.s, first, S);
   cp_async_commit();
   for (int k0 = first, buf = 0; k0 < keys; k0 += kTile, buf ^= 1) {
     const int next = k0 + kTile;  // a tile to load when below `keys`
-    cp_async_wait<1>();           // this tile's keys; its values may be in flight
+    const uint32_t *tseg = sseg + buf * kTile;
+    cp_async_wait<1>();  // this tile's keys (and q); its values may be in flight
     __syncthreads();
+#pragma unroll
+    for (int part = 0; part < kParts; ++part) {
+      const int j0 = k0 + part * kKeys;  // the part's first key
+      // Whether any of the warp's rows sees a key of this part (the same in the whole warp;
+      // with MB = 1 always): a warp wholly above the causal diagonal skips the part's work.
+      const bool sees = q0 + warp_row + 16 * MB - 1 >= j0;
+      float s[MB][kKeys / 8][4];
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+        for (int n = 0; n < kKeys / 8; ++n)
+          s[mb][n][0] = s[mb][n][1] = s[mb][n][2] = s[mb][n][3] = 0.0f;
+      if (sees) {
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+          uint32_t af[MB][4];
+#pragma unroll
+          for (int mb = 0; mb < MB; ++mb) {
+            if constexpr (MB == 1) {
+#pragma unroll
+              for (int i = 0; i < 4; ++i) af[mb][i] = qf[kk][i];
+            } else {
+              ldmatrix_x4(af[mb], quarters_down_first<T, D>(sq, warp_row + mb * 16, kk * 16));
+            }
+          }
+          fragments_times_tile_t<T, D, MB, kKeys>(s, af, sk + part * kKeys * pitch<D>(), kk);
+        }
+      }
+      if (part == kParts - 1) {
+        __syncthreads();  // every warp has read the keys: the next ones may come in
+        if (next < keys) {
+          load_tile<T, D>(sk, kh, ks.s, next, S);
+          load_row_values(sseg + (buf ^ 1) * kTile, segb, next, S);
+        }
+        cp_async_commit();
+      }
 
-    float s[kTile / 8][4];
+      if (sees) {
+        // Mask, scale, and the online softmax: the new row maximum rescales what came before.
 #pragma unroll
-    for (int n = 0; n < kTile / 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
-    // q kᵀ with the warp's q fragments already in registers.
+        for (int mb = 0; mb < MB; ++mb) {
+          float part_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) fragment_times_tile_t<T, D>(s, qf[kk], sk, kk);
-    __syncthreads();  // every warp has read the keys: the next ones may come in
-    if (next < keys) {
-      load_tile<T, D>(sk, kh, ks.s, next, S);
-      load_row_values(sseg[buf ^ 1], segb, next, S);
+          for (int n = 0; n < kKeys / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int r = e >> 1, i = row_of(mb, r), j = j0 + column(n, e);
+              const bool seen = j <= i && i < S && tseg[j - k0] == qseg[i - q0];
+              s[mb][n][e] = seen ? s[mb][n][e] * scale2 : -INFINITY;
+              part_max[r] = fmaxf(part_max[r], s[mb][n][e]);
+            }
+          float base[2];
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const float m_new = fmaxf(m[mb][r], quad_max(part_max[r]));
+            // A row that has seen nothing yet keeps zeros (exp2(-inf - 0) = 0), never NaN.
+            base[r] = m_new == -INFINITY ? 0.0f : m_new;
+            const float rescale = exp2f(m[mb][r] - base[r]);
+            m[mb][r] = m_new;
+            l[mb][r] *= rescale;
+#pragma unroll
+            for (int n = 0; n < D / 8; ++n) {
+              o[mb][n][2 * r] *= rescale;
+              o[mb][n][2 * r + 1] *= rescale;
+            }
+          }
+#pragma unroll
+          for (int n = 0; n < kKeys / 8; ++n)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              s[mb][n][e] = exp2f(s[mb][n][e] - base[e >> 1]);
+              l[mb][e >> 1] += s[mb][n][e];
+            }
+        }
+      }
+      if (part == 0) {
+        // This tile's values; the next keys may be in flight once the last part has asked.
+        if constexpr (kParts == 1) cp_async_wait<1>();
+        else cp_async_wait<0>();
+        __syncthreads();
+      }
+      if (sees) blocks_times_tile<T, D, MB, kKeys>(o, s, sv + part * kKeys * pitch<D>());
     }
-    cp_async_commit();
-
-    // Mask, scale, and the online softmax: the new row maximum rescales what came before.
-    float tile_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int n = 0; n < kTile / 8; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e >> 1, j = k0 + column(n, e);
-        const bool seen = j <= row[r] && row[r] < S && sseg[buf][j - k0] == rseg[r];
-        s[n][e] = seen ? s[n][e] * scale2 : -INFINITY;
-        tile_max[r] = fmaxf(tile_max[r], s[n][e]);
-      }
-    float base[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const float m_new = fmaxf(m[r], quad_max(tile_max[r]));
-      // A row that has seen nothing yet keeps zeros (exp2(-inf - 0) = 0), never NaN.
-      base[r] = m_new == -INFINITY ? 0.0f : m_new;
-      const float rescale = exp2f(m[r] - base[r]);
-      m[r] = m_new;
-      l[r] *= rescale;
-#pragma unroll
-      for (int n = 0; n < D / 8; ++n) {
-        o[n][2 * r] *= rescale;
-        o[n][2 * r + 1] *= rescale;
-      }
-    }
-#pragma unroll
-    for (int n = 0; n < kTile / 8; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[n][e] = exp2f(s[n][e] - base[e >> 1]);
-        l[e >> 1] += s[n][e];
-      }
-    cp_async_wait<1>();  // this tile's values; the next keys may be in flight
-    __syncthreads();
-    block_times_tile<T, D>(o, s, sv);
     __syncthreads();  // every warp has read the values
     if (next < keys) load_tile<T, D>(sv, vh, vs.s, next, S);
     cp_async_commit();
   }
-  float inv[2];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] = quad_sum(l[r]);
-    inv[r] = 1.0f / l[r];
+  for (int mb = 0; mb < MB; ++mb) {
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      l[mb][r] = quad_sum(l[mb][r]);
+      inv[r] = 1.0f / l[mb][r];
+    }
+    const int rows[2] = {row_of(mb, 0), row_of(mb, 1)};
+    store_rows<T, D>(out + b * os.b + h * os.h, os.s, rows, S, o[mb], inv);
+    if (threadIdx.x % 4 == 0)
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        if (rows[r] < S) lse[(int64_t)bh * S + rows[r]] = (m[mb][r] + log2f(l[mb][r])) / kLog2e;
   }
-  store_rows<T, D>(out + b * os.b + h * os.h, os.s, row, S, o, inv);
-  if (threadIdx.x % 4 == 0)
-#pragma unroll
-    for (int r = 0; r < 2; ++r)
-      if (row[r] < S) lse[(int64_t)bh * S + row[r]] = (m[r] + log2f(l[r])) / kLog2e;
 }
 
 // delta[b, h, i] = Σ_d dO · O (f32): the row term of softmax's backward, a warp per row.
@@ -540,7 +629,12 @@ __device__ void backward_dkdv(const T *__restrict__ q, const T *__restrict__ k,
                                   int ordered, T *out, float *lse, int S, int Hq, int Hkv,     \
                                   float scale, Strides qs, Strides ks, Strides vs,             \
                                   Strides os) {                                                \
-    forward<T, D>(q, k, v, seg, ordered, out, lse, S, Hq, Hkv, scale, qs, ks, vs, os);         \
+    forward<T, D, 1>(q, k, v, seg, ordered, out, lse, S, Hq, Hkv, scale, qs, ks, vs, os);      \
+  }                                                                                             \
+  extern "C" __global__ void __launch_bounds__(kThreads) flash_forward_wide_##NAME##_d##D(     \
+      const T *q, const T *k, const T *v, const uint32_t *seg, int ordered, T *out, float *lse, \
+      int S, int Hq, int Hkv, float scale, Strides qs, Strides ks, Strides vs, Strides os) {    \
+    forward<T, D, 2>(q, k, v, seg, ordered, out, lse, S, Hq, Hkv, scale, qs, ks, vs, os);      \
   }                                                                                             \
   extern "C" __global__ void __launch_bounds__(kThreads) flash_backward_dq_##NAME##_d##D(      \
       const T *q, const T *k, const T *v, const uint32_t *seg, int ordered, const T *dout,     \

@@ -12,6 +12,7 @@ use candle_core::{DType, Device, Result, Tensor};
 
 use crate::flash_attention::AttentionShape;
 use crate::flash_cpu;
+pub use crate::launch::ForwardTile;
 
 /// Each token's segment (document) id, [B, S] u32, and whether every row's ids are
 /// non-decreasing (packed documents in order, padding last): then the CUDA kernels skip the
@@ -56,12 +57,24 @@ pub fn runs_on_gpu(device: &Device, dtype: DType, head_dim: usize) -> bool {
 /// The output [B, S, Hq, D] (heads merged, as the output projection reads them) and each
 /// query row's log-sum-exp of its scaled scores [B, Hq, S] (f32), for q [B, Hq, S, D], k and v
 /// [B, Hkv, S, D] (views with a unit last stride are read in place on the GPU) and the rows'
-/// segments.
+/// segments. On a GPU by the default forward kernel ([`ForwardTile::default`]).
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     segments: &Segments,
+) -> Result<(Tensor, Tensor)> {
+    attention_with(q, k, v, segments, ForwardTile::default())
+}
+
+/// [`attention`] with the GPU's forward kernel chosen by its query rows per block (the CPU's
+/// tiles ignore it): `helix-train attention-bench` times both.
+pub fn attention_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    segments: &Segments,
+    tile: ForwardTile,
 ) -> Result<(Tensor, Tensor)> {
     let shape = shape_of(q, k, v, &segments.ids)?;
     if q.device().is_cpu() {
@@ -71,13 +84,16 @@ pub fn attention(
     {
         let (q, k, v) = (aligned(q)?, aligned(k)?, aligned(v)?);
         let ids = segments.ids.contiguous()?;
-        crate::flash_cuda::forward(shape, &q, &k, &v, (&ids, segments.ordered))
+        crate::flash_cuda::forward(shape, &q, &k, &v, (&ids, segments.ordered), tile)
     }
     #[cfg(not(feature = "cuda"))]
-    candle_core::bail!(
-        "flash attention: no kernels for {:?} in this build",
-        q.device()
-    )
+    {
+        let _ = tile;
+        candle_core::bail!(
+            "flash attention: no kernels for {:?} in this build",
+            q.device()
+        )
+    }
 }
 
 /// dq [B, Hq, S, D], dk and dv [B, Hkv, S, D] (q's dtype) from [`attention`]'s inputs, its

@@ -13,7 +13,7 @@ use candle_core::{CudaDevice, CudaStorage, DType, Result, Shape, Storage, Tensor
 
 use crate::cuda::FLASH_ATTENTION;
 use crate::flash_attention::AttentionShape;
-use crate::launch::{flash_tiles, warp_per_row, FlashKernel, Strides};
+use crate::launch::{flash_tiles, warp_per_row, FlashKernel, ForwardTile, Strides};
 
 // SAFETY: three i64 in C layout, the kernels' `struct Strides { int64_t b, h, s; }`.
 unsafe impl DeviceRepr for Strides {}
@@ -62,18 +62,28 @@ fn suffix(dtype: DType, head_dim: usize) -> Result<&'static str> {
     })
 }
 
-/// (output [B, S, Hq, D], lse [B, Hq, S] f32).
+/// Lets `func` take `bytes` of dynamic shared memory: above 48 KiB a kernel must ask for it.
+fn allow_shared(func: &CudaFunction, bytes: u32) -> Result<()> {
+    func.set_attribute(
+        CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        bytes as i32,
+    )
+    .w()
+}
+
+/// (output [B, S, Hq, D], lse [B, Hq, S] f32), by the forward kernel for `tile`.
 pub(crate) fn forward(
     sh: AttentionShape,
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     segments: (&Tensor, bool),
+    tile: ForwardTile,
 ) -> Result<(Tensor, Tensor)> {
     let name = suffix(q.dtype(), sh.head_dim)?;
     match q.dtype() {
-        DType::BF16 => forward_typed::<half::bf16>(name, sh, q, k, v, segments),
-        _ => forward_typed::<half::f16>(name, sh, q, k, v, segments),
+        DType::BF16 => forward_typed::<half::bf16>(name, sh, q, k, v, segments, tile),
+        _ => forward_typed::<half::f16>(name, sh, q, k, v, segments, tile),
     }
 }
 
@@ -84,6 +94,7 @@ fn forward_typed<T: CudaDType + DeviceRepr>(
     k: &Tensor,
     v: &Tensor,
     (segments, ordered): (&Tensor, bool),
+    tile: ForwardTile,
 ) -> Result<(Tensor, Tensor)> {
     let AttentionShape {
         batch: b,
@@ -99,7 +110,11 @@ fn forward_typed<T: CudaDType + DeviceRepr>(
         segments.storage_and_layout().0,
     );
     let dev = device_of(&qs)?;
-    let name = format!("flash_forward_{suffix}_d{d}");
+    let kernel = FlashKernel::forward(tile);
+    let name = match kernel {
+        FlashKernel::ForwardWide => format!("flash_forward_wide_{suffix}_d{d}"),
+        _ => format!("flash_forward_{suffix}_d{d}"),
+    };
     let func = dev.get_or_load_custom_func(&name, FLASH_ATTENTION.name, FLASH_ATTENTION.ptx)?;
     let (qv, kv, vv) = (
         view::<T>(&qs, q, "q")?,
@@ -127,9 +142,10 @@ fn forward_typed<T: CudaDType + DeviceRepr>(
         args.arg(st);
     }
     if b * hq * s > 0 {
+        let geometry = flash_tiles(kernel, s, b * hq, d, elem)?;
+        allow_shared(&func, geometry.shared_bytes)?;
         // SAFETY: the argument list matches flash_forward_*'s signature.
-        unsafe { args.launch(flash_tiles(FlashKernel::Forward, s, b * hq, d, elem)?.into()) }
-            .w()?;
+        unsafe { args.launch(geometry.into()) }.w()?;
     }
     Ok((
         tensor(out, &dev, (b, s, hq, d)),
@@ -232,21 +248,12 @@ fn backward_typed<T: CudaDType + DeviceRepr>(
     // SAFETY: the argument list matches flash_delta_*'s signature.
     unsafe { args.launch(warp_per_row(rows).into()) }.w()?;
 
-    // Above 48 KiB of shared memory a kernel must ask for it.
-    let dynamic = |func: &CudaFunction, bytes: u32| {
-        func.set_attribute(
-            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            bytes as i32,
-        )
-        .w()
-    };
-
     // dq: q, dO, v and two key tiles, and two tiles' key segments (FlashKernel::BackwardDq).
     let dq_fn = load(format!("flash_backward_dq_{suffix}_d{d}"))?;
     // SAFETY: the kernel writes every row of dq.
     let dq = unsafe { dev.alloc::<T>(rows * d)? };
     let geometry = flash_tiles(FlashKernel::BackwardDq, s, b * hq, d, elem)?;
-    dynamic(&dq_fn, geometry.shared_bytes)?;
+    allow_shared(&dq_fn, geometry.shared_bytes)?;
     let inputs = GradientInputs {
         q: &qv,
         k: &kv,
@@ -278,7 +285,7 @@ fn backward_typed<T: CudaDType + DeviceRepr>(
     let dk = unsafe { dev.alloc::<T>(kv_len)? };
     let dv = unsafe { dev.alloc::<T>(kv_len)? };
     let geometry = flash_tiles(FlashKernel::BackwardDkDv, s, b * hkv, d, elem)?;
-    dynamic(&kv_fn, geometry.shared_bytes)?;
+    allow_shared(&kv_fn, geometry.shared_bytes)?;
     let mut args = kv_fn.builder();
     inputs.push(&mut args);
     args.arg(&dk).arg(&dv);

@@ -112,11 +112,24 @@ pub fn low_rank_outer_partial(n: usize, k: usize) -> Geometry {
 pub const FLASH_TILE: usize = 64;
 const FLASH_THREADS: u32 = 128;
 
-/// Which FlashAttention kernel a tile grid is for; the backward ones keep their tiles in
-/// dynamic shared memory.
+/// How many query rows a block of the FlashAttention forward takes: 64 (a warp owns 16, its q
+/// fragments in registers) or 128 (a warp owns 32, each k and v fragment it reads from shared
+/// memory feeding both of its 16-row blocks).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ForwardTile {
+    Rows64,
+    #[default]
+    Rows128,
+}
+
+/// Which FlashAttention kernel a tile grid is for; each keeps its tiles in dynamic shared
+/// memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlashKernel {
+    /// k and v tiles (q passes through k's), two tiles' key segment ids, the 64 query ids.
     Forward,
+    /// k, v and 128 rows of q, two tiles' key segment ids, the 128 query ids.
+    ForwardWide,
     /// q, dO, v and two k tiles, and two tiles' key segment ids.
     BackwardDq,
     /// k, v, dO and two q tiles, then two tiles' query segment ids, lse and delta.
@@ -129,15 +142,34 @@ impl FlashKernel {
         // Rows padded by 8 elements (pitch<D> in flash_attention.cu).
         let tile = FLASH_TILE * (d + 8) * elem_bytes;
         match self {
-            Self::Forward => 0,
+            Self::Forward => 2 * tile + 2 * FLASH_TILE * 4 + FLASH_TILE * 4,
+            Self::ForwardWide => 4 * tile + 2 * FLASH_TILE * 4 + 2 * FLASH_TILE * 4,
             Self::BackwardDq => 5 * tile + 2 * FLASH_TILE * 4,
             Self::BackwardDkDv => 5 * tile + 2 * 3 * FLASH_TILE * 4,
         }
     }
 }
 
-/// A block of four warps per 64-row tile of `s` rows (x) and per head of each batch row (y),
-/// with `kernel`'s shared memory.
+impl FlashKernel {
+    /// The forward kernel for `tile`.
+    pub fn forward(tile: ForwardTile) -> Self {
+        match tile {
+            ForwardTile::Rows64 => Self::Forward,
+            ForwardTile::Rows128 => Self::ForwardWide,
+        }
+    }
+
+    /// Rows of `s` (queries, or keys for dk / dv) one block takes.
+    pub fn rows_per_block(self) -> usize {
+        match self {
+            Self::ForwardWide => 2 * FLASH_TILE,
+            _ => FLASH_TILE,
+        }
+    }
+}
+
+/// A block of four warps per tile of `s` rows (x; 64 rows, 128 for the wide forward) and per
+/// head of each batch row (y), with `kernel`'s shared memory.
 pub fn flash_tiles(
     kernel: FlashKernel,
     s: usize,
@@ -152,7 +184,7 @@ pub fn flash_tiles(
         );
     }
     Ok(Geometry {
-        grid: (s.div_ceil(FLASH_TILE) as u32, heads as u32, 1),
+        grid: (s.div_ceil(kernel.rows_per_block()) as u32, heads as u32, 1),
         block: (FLASH_THREADS, 1, 1),
         shared_bytes: kernel.shared_bytes(d, elem_bytes) as u32,
     })

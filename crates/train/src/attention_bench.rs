@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use helix_kernels::flash::{self, Segments};
+use helix_kernels::flash::{self, ForwardTile, Segments};
 use serde_json::json;
 
 /// The shape and the timing of one run.
@@ -26,6 +26,8 @@ pub struct AttentionBenchOptions {
     pub seq: usize,
     pub head_dim: usize,
     pub dtype: DType,
+    /// Query rows a block of the GPU's forward kernel takes (the CPU's tiles ignore it).
+    pub forward_tile: ForwardTile,
     pub warmup: usize,
     pub repeats: usize,
 }
@@ -95,7 +97,8 @@ pub fn attention_bench(device: &Device, o: &AttentionBenchOptions) -> Result<Att
     for i in 0..o.warmup + o.repeats {
         device.synchronize()?;
         let t = Instant::now();
-        let (out, lse) = flash::attention(&q, &k, &v, &segments).context("attention forward")?;
+        let (out, lse) = flash::attention_with(&q, &k, &v, &segments, o.forward_tile)
+            .context("attention forward")?;
         device.synchronize()?;
         let forward = t.elapsed().as_secs_f64() * 1e3;
         let t = Instant::now();
@@ -122,6 +125,13 @@ pub fn attention_bench(device: &Device, o: &AttentionBenchOptions) -> Result<Att
     })
 }
 
+fn rows_per_block(tile: ForwardTile) -> usize {
+    match tile {
+        ForwardTile::Rows64 => 64,
+        ForwardTile::Rows128 => 128,
+    }
+}
+
 /// A rate in TFLOP/s, or GFLOP/s below one TFLOP/s (a CPU's).
 fn rate(tflops: f64) -> String {
     match tflops >= 1.0 {
@@ -144,6 +154,7 @@ pub fn print_attention_bench(device: &Device, o: &AttentionBenchOptions, json: b
                 "implementation": implementation,
                 "batch": o.batch, "q_heads": o.q_heads, "kv_heads": o.kv_heads,
                 "seq": o.seq, "head_dim": o.head_dim, "dtype": format!("{:?}", o.dtype).to_lowercase(),
+                "forward_rows_per_block": rows_per_block(o.forward_tile),
                 "forward_ms": t.forward_ms, "backward_ms": t.backward_ms,
                 "forward_tflops": t.forward_tflops, "backward_tflops": t.backward_tflops,
                 "tflops": t.tflops,
@@ -151,8 +162,12 @@ pub fn print_attention_bench(device: &Device, o: &AttentionBenchOptions, json: b
         );
     } else {
         println!(
-            "causal attention ({implementation}), {} x {} tokens, {} heads over {} KV heads of {}, {:?}: \
+            "causal attention ({implementation}{}), {} x {} tokens, {} heads over {} KV heads of {}, {:?}: \
              forward {:.3} ms ({}), backward {:.3} ms ({}), together {} (median of {})",
+            match implementation {
+                "flash_cuda" => format!(", forward {} query rows a block", rows_per_block(o.forward_tile)),
+                _ => String::new(),
+            },
             o.batch, o.seq, o.q_heads, o.kv_heads, o.head_dim, o.dtype,
             t.forward_ms,
             rate(t.forward_tflops),
@@ -177,6 +192,7 @@ mod tests {
             seq,
             head_dim: 16,
             dtype: DType::F32,
+            forward_tile: ForwardTile::default(),
             warmup: 0,
             repeats: 3,
         }

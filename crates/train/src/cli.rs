@@ -40,7 +40,16 @@ pub(crate) struct Cli {
     pub(crate) command: Option<Command>,
 }
 
+/// Query rows a block of the GPU's FlashAttention forward takes.
 #[derive(Clone, Copy, ValueEnum)]
+pub(crate) enum ForwardRowsArg {
+    #[value(name = "64")]
+    Rows64,
+    #[value(name = "128")]
+    Rows128,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
 pub(crate) enum DTypeArg {
     F32,
     Bf16,
@@ -175,6 +184,9 @@ pub(crate) enum Command {
         head_dim: usize,
         #[arg(long, value_enum, default_value = "bf16")]
         dtype: DTypeArg,
+        /// Query rows a block of the GPU's forward kernel takes: 64 or 128 (the default).
+        #[arg(long, value_enum, default_value = "128")]
+        forward_rows: ForwardRowsArg,
         #[arg(long, default_value_t = 3)]
         warmup: usize,
         #[arg(long, default_value_t = 20)]

@@ -34,7 +34,7 @@ use helix_train::recipe::{evaluate, train};
 
 mod cli;
 
-use cli::{Cli, Command};
+use cli::{Cli, Command, ForwardRowsArg};
 
 fn main() {
     let cli = Cli::parse();
@@ -320,6 +320,7 @@ fn run(cli: Cli) -> Result<()> {
             seq,
             head_dim,
             dtype,
+            forward_rows,
             warmup,
             repeats,
             json,
@@ -332,6 +333,10 @@ fn run(cli: Cli) -> Result<()> {
                 seq,
                 head_dim,
                 dtype: dtype.into(),
+                forward_tile: match forward_rows {
+                    ForwardRowsArg::Rows64 => helix_kernels::flash::ForwardTile::Rows64,
+                    ForwardRowsArg::Rows128 => helix_kernels::flash::ForwardTile::Rows128,
+                },
                 warmup,
                 repeats,
             };

@@ -177,7 +177,10 @@ extern "C" {
 /// The FlashAttention entry points of one storage type and head dimension.
 #[derive(Clone, Copy)]
 pub struct Flash<T> {
+    /// 64 query rows a block ([`helix_kernels::launch::FlashKernel::Forward`]).
     pub forward: FlashForward<T>,
+    /// 128 query rows a block ([`helix_kernels::launch::FlashKernel::ForwardWide`]).
+    pub forward_wide: FlashForward<T>,
     pub dq: FlashDq<T>,
     pub dkdv: FlashDkDv<T>,
     pub delta: FlashDelta<T>,
@@ -258,10 +261,15 @@ pub type FlashDelta<T> = unsafe extern "C" fn(
 );
 
 macro_rules! flash_entries {
-    ($($fwd:ident $dq:ident $dkdv:ident : $t:ty),* ; $($delta:ident : $dt:ty),*) => {
+    ($($fwd:ident $wide:ident $dq:ident $dkdv:ident : $t:ty),* ; $($delta:ident : $dt:ty),*) => {
         extern "C" {
             $(
                 fn $fwd(
+                    q: *const $t, k: *const $t, v: *const $t, seg: *const u32, ordered: i32,
+                    out: *mut $t, lse: *mut f32, s: i32, hq: i32, hkv: i32, scale: f32,
+                    qs: Strides, ks: Strides, vs: Strides, os: Strides,
+                );
+                fn $wide(
                     q: *const $t, k: *const $t, v: *const $t, seg: *const u32, ordered: i32,
                     out: *mut $t, lse: *mut f32, s: i32, hq: i32, hkv: i32, scale: f32,
                     qs: Strides, ks: Strides, vs: Strides, os: Strides,
@@ -290,10 +298,10 @@ macro_rules! flash_entries {
 }
 
 flash_entries!(
-    flash_forward_bf16_d64 flash_backward_dq_bf16_d64 flash_backward_dkdv_bf16_d64 : bf16,
-    flash_forward_bf16_d128 flash_backward_dq_bf16_d128 flash_backward_dkdv_bf16_d128 : bf16,
-    flash_forward_f16_d64 flash_backward_dq_f16_d64 flash_backward_dkdv_f16_d64 : f16,
-    flash_forward_f16_d128 flash_backward_dq_f16_d128 flash_backward_dkdv_f16_d128 : f16;
+    flash_forward_bf16_d64 flash_forward_wide_bf16_d64 flash_backward_dq_bf16_d64 flash_backward_dkdv_bf16_d64 : bf16,
+    flash_forward_bf16_d128 flash_forward_wide_bf16_d128 flash_backward_dq_bf16_d128 flash_backward_dkdv_bf16_d128 : bf16,
+    flash_forward_f16_d64 flash_forward_wide_f16_d64 flash_backward_dq_f16_d64 flash_backward_dkdv_f16_d64 : f16,
+    flash_forward_f16_d128 flash_forward_wide_f16_d128 flash_backward_dq_f16_d128 flash_backward_dkdv_f16_d128 : f16;
     flash_delta_bf16 : bf16, flash_delta_f16 : f16
 );
 
@@ -304,12 +312,13 @@ pub trait FlashElement: Copy + Send + Sync + 'static {
 }
 
 macro_rules! flash_element {
-    ($t:ty, $delta:ident, $($d:literal => $fwd:ident $dq:ident $dkdv:ident),*) => {
+    ($t:ty, $delta:ident, $($d:literal => $fwd:ident $wide:ident $dq:ident $dkdv:ident),*) => {
         impl FlashElement for $t {
             fn flash(head_dim: usize) -> Flash<Self> {
                 match head_dim {
                     $($d => Flash {
                         forward: $fwd,
+                        forward_wide: $wide,
                         dq: $dq,
                         dkdv: $dkdv,
                         delta: $delta,
@@ -322,8 +331,8 @@ macro_rules! flash_element {
 }
 
 flash_element!(bf16, flash_delta_bf16,
-    64 => flash_forward_bf16_d64 flash_backward_dq_bf16_d64 flash_backward_dkdv_bf16_d64,
-    128 => flash_forward_bf16_d128 flash_backward_dq_bf16_d128 flash_backward_dkdv_bf16_d128);
+    64 => flash_forward_bf16_d64 flash_forward_wide_bf16_d64 flash_backward_dq_bf16_d64 flash_backward_dkdv_bf16_d64,
+    128 => flash_forward_bf16_d128 flash_forward_wide_bf16_d128 flash_backward_dq_bf16_d128 flash_backward_dkdv_bf16_d128);
 flash_element!(f16, flash_delta_f16,
-    64 => flash_forward_f16_d64 flash_backward_dq_f16_d64 flash_backward_dkdv_f16_d64,
-    128 => flash_forward_f16_d128 flash_backward_dq_f16_d128 flash_backward_dkdv_f16_d128);
+    64 => flash_forward_f16_d64 flash_forward_wide_f16_d64 flash_backward_dq_f16_d64 flash_backward_dkdv_f16_d64,
+    128 => flash_forward_f16_d128 flash_forward_wide_f16_d128 flash_backward_dq_f16_d128 flash_backward_dkdv_f16_d128);

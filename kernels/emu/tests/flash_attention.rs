@@ -77,37 +77,51 @@ fn check<T: Element + FlashElement>(shape: AttentionShape, segments: Vec<u32>, o
     );
     let seg = Ptr::read(&segments);
 
+    // Both forward kernels (64 and 128 query rows a block); the backward reads the last's.
+    let tol = tolerance::<T>();
     let mut out = vec![T::default(); b * s * hq * d];
     let mut lse = vec![0f32; b * hq * s];
     let (op, lp) = (Ptr::of(&mut out), Ptr::of(&mut lse));
-    let forward = flash_tiles(FlashKernel::Forward, s, b * hq, d, elem).unwrap();
-    launch(forward, || unsafe {
-        (kernels.forward)(
-            qp.get(),
-            kp.get(),
-            vp.get(),
-            seg.get(),
-            ordered,
-            op.get(),
-            lp.get(),
-            s32,
-            hq32,
-            hkv32,
-            scale,
-            qs,
-            kvs,
-            kvs,
-            qs,
-        )
-    });
-    let tol = tolerance::<T>();
-    assert_close(
-        &format!("{label} out"),
-        &heads_first(&widen(&out), b, s, hq, d),
-        &want_out,
-        tol,
-    );
-    assert_close(&format!("{label} lse"), &lse, &want_lse, 1e-5);
+    for (kernel, entry) in [
+        (FlashKernel::Forward, kernels.forward),
+        (FlashKernel::ForwardWide, kernels.forward_wide),
+    ] {
+        // Nothing of the previous kernel's output left for this one to pass on.
+        // SAFETY: no launch is running; the pointers are to `out` and `lse`, alive here.
+        unsafe {
+            std::ptr::write_bytes(op.get(), 0, out.len());
+            std::ptr::write_bytes(lp.get(), 0, lse.len());
+        }
+        launch(
+            flash_tiles(kernel, s, b * hq, d, elem).unwrap(),
+            || unsafe {
+                entry(
+                    qp.get(),
+                    kp.get(),
+                    vp.get(),
+                    seg.get(),
+                    ordered,
+                    op.get(),
+                    lp.get(),
+                    s32,
+                    hq32,
+                    hkv32,
+                    scale,
+                    qs,
+                    kvs,
+                    kvs,
+                    qs,
+                )
+            },
+        );
+        assert_close(
+            &format!("{label} {kernel:?} out"),
+            &heads_first(&widen(&out), b, s, hq, d),
+            &want_out,
+            tol,
+        );
+        assert_close(&format!("{label} {kernel:?} lse"), &lse, &want_lse, 1e-5);
+    }
 
     let rows = b * hq * s;
     let mut delta = vec![0f32; rows];
