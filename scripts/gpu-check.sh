@@ -51,8 +51,9 @@ part "comm-check: NCCL, one rank through the launcher" \
   "$bin" --nproc-per-node 1 comm-check --megabytes 256 --repeats 20
 part "one GPU training run: LoRA, bf16, NCCL (configs/bench/gpu-smoke.toml)" smoke
 part "compute-sanitizer memcheck" sanitize memcheck
-part "compute-sanitizer racecheck, FlashAttention" sanitize racecheck --op flash_attention
-part "compute-sanitizer synccheck, FlashAttention" sanitize synccheck --op flash_attention
+flash=(--op flash_attention --op flash_attention_rows64)
+part "compute-sanitizer racecheck, FlashAttention" sanitize racecheck "${flash[@]}"
+part "compute-sanitizer synccheck, FlashAttention" sanitize synccheck "${flash[@]}"
 if [ ${#failed[@]} -gt 0 ]; then
   echo "gpu-check: FAILED: ${failed[*]}"
   exit 1

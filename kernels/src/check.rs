@@ -80,14 +80,21 @@ pub fn cases() -> Vec<Case> {
         }
     }
     // Whole-attention FlashAttention: [batch, query heads, kv heads, seq, head_dim]; the CUDA
-    // kernels take bf16 and f16 at head_dim 64 and 128. Sequences end mid-tile.
+    // kernels take bf16 and f16 at head_dim 64 and 128. Sequences end mid-tile. On a GPU the
+    // forward is the default kernel (128 query rows a block), and in bf16 also the 64-row one.
     for dtype in [DType::BF16, DType::F16] {
         for dims in [vec![2, 4, 2, 150, 64], vec![1, 8, 2, 600, 128]] {
-            out.push(Case {
-                op: "flash_attention",
-                dtype,
-                dims,
-            });
+            let ops: &[&'static str] = match dtype {
+                DType::BF16 => &["flash_attention", "flash_attention_rows64"],
+                _ => &["flash_attention"],
+            };
+            for &op in ops {
+                out.push(Case {
+                    op,
+                    dtype,
+                    dims: dims.clone(),
+                });
+            }
         }
     }
     // AdamW over a list of parameters in one launch (the case's shape, a vector without
@@ -200,7 +207,9 @@ pub fn run(case: &Case, implementation: Implementation, device: &Device) -> Resu
         "swiglu_backward_and_output" => {
             return swiglu_backward_and_output(case, implementation, &input)
         }
-        "flash_attention" => return flash_attention(case, implementation, &input),
+        "flash_attention" | "flash_attention_rows64" => {
+            return flash_attention(case, implementation, &input)
+        }
         other => candle_core::bail!("no op {other}"),
     };
     let r = input(7, y.dims(), 1.0)?.to_dtype(DType::F32)?;

@@ -162,9 +162,10 @@ pub(crate) enum Command {
         /// Timed repetitions per op on a GPU (0: no timing).
         #[arg(long, default_value_t = 20)]
         repeats: usize,
-        /// Check only this op's cases (rms_norm, flash_attention, ...; default: every op).
+        /// Check only this op's cases (rms_norm, flash_attention, ...; repeatable; default:
+        /// every op).
         #[arg(long)]
-        op: Option<String>,
+        op: Vec<String>,
     },
     /// Time causal attention alone, forward and backward apart (the FlashAttention kernels on
     /// a GPU, the CPU's tiles otherwise), on random inputs: milliseconds and TFLOP/s. The

@@ -10,23 +10,23 @@ use candle_core::Device;
 use helix_ops::kernel_check::{cases, compare, run, tolerance, Case, Implementation};
 
 /// Prints one line per compared tensor and returns whether every one is within tolerance;
-/// with `only`, for that op's cases alone.
-pub fn kernel_check(device: &Device, repeats: usize, only: Option<&str>) -> Result<bool> {
+/// for the cases of the ops in `only` alone, when it names any.
+pub fn kernel_check(device: &Device, repeats: usize, only: &[String]) -> Result<bool> {
     let mut selected = cases();
-    if let Some(op) = only {
+    if !only.is_empty() {
         let mut ops: Vec<&str> = Vec::new();
         for c in &selected {
             if !ops.contains(&c.op) {
                 ops.push(c.op);
             }
         }
-        selected.retain(|c| c.op == op);
-        if selected.is_empty() {
+        if let Some(op) = only.iter().find(|op| !ops.contains(&op.as_str())) {
             bail!(
                 "kernel-check --op {op}: no such op (ops: {})",
                 ops.join(", ")
             );
         }
+        selected.retain(|c| only.iter().any(|op| op == c.op));
     }
     let on_gpu = !device.is_cpu();
     println!(
@@ -87,8 +87,8 @@ mod tests {
 
     #[test]
     fn op_selects_its_cases_and_an_unknown_one_lists_them() {
-        assert!(kernel_check(&Device::Cpu, 0, Some("rope")).unwrap());
-        let err = kernel_check(&Device::Cpu, 0, Some("ropes"))
+        assert!(kernel_check(&Device::Cpu, 0, &["rope".into(), "swiglu".into()]).unwrap());
+        let err = kernel_check(&Device::Cpu, 0, &["rope".into(), "ropes".into()])
             .unwrap_err()
             .to_string();
         assert!(

@@ -307,7 +307,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::KernelCheck { repeats, op } => {
             let device = helix_train::device(0)?;
-            if !helix_train::kernel_check::kernel_check(&device, repeats, op.as_deref())? {
+            if !helix_train::kernel_check::kernel_check(&device, repeats, &op)? {
                 bail!("a fused kernel differs from its reference beyond the tolerance");
             }
             println!("every fused kernel matches its reference");

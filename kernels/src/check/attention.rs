@@ -75,7 +75,12 @@ pub(super) fn flash_attention(
     let seg = crate::flash::Segments::new(segments.clone(), b, &dev)?;
     let (out, lse, dq, dk, dv) = match implementation {
         Implementation::Fused => {
-            let (out, lse) = crate::flash::attention(&q, &k, &v, &seg)?;
+            // The default forward kernel (128 query rows a block on a GPU), or the 64-row one.
+            let tile = match case.op {
+                "flash_attention_rows64" => crate::flash::ForwardTile::Rows64,
+                _ => crate::flash::ForwardTile::default(),
+            };
+            let (out, lse) = crate::flash::attention_with(&q, &k, &v, &seg, tile)?;
             let (dq, dk, dv) =
                 crate::flash::attention_backward((&q, &k, &v), &seg, (&out, &lse), &dout)?;
             (out, lse, dq, dk, dv)
