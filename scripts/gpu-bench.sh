@@ -9,7 +9,8 @@
 #      hand-differentiated layer and the FlashAttention kernels buy, as ratios;
 #   3. causal attention alone at a 7B layer's shape (32 heads of 128, 1 x SEQ, bf16), forward
 #      and backward apart: helix's FlashAttention kernels (helix-train attention-bench, its
-#      forward with 128 query rows a block, the default, and with 64) beside
+#      forward with 128 query rows a block, what training takes at this shape, and with 64)
+#      beside
 #      PyTorch's scaled_dot_product_attention, its default backend and FlashAttention-2's
 #      (scripts/gpu_attention_pytorch.py), in TFLOP/s and as time ratios;
 #   4. full SFT cut to SFT_LAYERS decoder layers (configs/bench/sft7b.toml), SFT_ROWS rows of

@@ -1,7 +1,7 @@
 // Causal attention in the FlashAttention-2 manner (Dao 2023) for training: grouped-query heads,
 // packed-sequence (segment) masks, forward and backward, on tensor cores (mma.sync m16n8k16,
-// bf16 or f16 in, f32 accumulate). No S × S matrix exists: the forward keeps a 64 × 64 tile of
-// scores per block in registers with an online softmax and saves each row's log-sum-exp; the
+// bf16 or f16 in, f32 accumulate). No S × S matrix exists: the forward keeps its tiles of
+// scores in registers with an online softmax and saves each row's log-sum-exp; the
 // backward rebuilds the probabilities tile by tile from it. The CPU reference is
 // kernels/src/flash_attention.rs; the launchers are kernels/src/flash_cuda.rs.
 //
@@ -10,7 +10,8 @@
 // views of the projections' [batch, rows, heads · head_dim] layout. Segments are [batch, rows]
 // u32: query i sees key j when j <= i and both share a segment (padding has one of its own).
 //
-// Each block has four warps; a warp owns 16 rows of a 64-row tile. Fragments follow the PTX
+// Each block has four warps; a warp owns 16 rows of a 64-row tile (32 rows of a 128-row tile in
+// the wide forward, flash_forward_wide_*). Fragments follow the PTX
 // layouts of mma.m16n8k16: lane = 4 · g + t holds accumulator rows g and g + 8, columns 2t and
 // 2t + 1 of each 8-column tile, which is also its A-operand layout, so a tile of scores turns
 // into the next matmul's operand in registers.
@@ -240,11 +241,13 @@ __device__ __forceinline__ int query_tiles_seeing(const uint32_t *segb, int orde
 // Forward: a block per (64 · MB query rows, batch · query head); the last tiles (most keys)
 // first. A warp owns MB blocks of 16 rows. With MB = 1 its q fragments stay in registers; with
 // MB = 2 q stays in shared memory and each k and v fragment a warp reads from shared memory
-// feeds both of its row blocks' matmuls: half the shared-memory reads per FLOP, for twice the
-// accumulators (and a block of 128 rows). out [B, Hq, S, D] by `os`; lse [B, Hq, S] f32
-// (natural log of Σ exp(score · scale)).
-// Shared memory (dynamic, FlashKernel::Forward): the k and v tiles (q passes through k's when
-// MB = 1), MB = 2: q's 128 rows, then two tiles' key ids.
+// feeds both of its row blocks' matmuls; q is read again for each half tile, so per 32 rows a
+// key tile costs 12 · D/16 ldmatrix.x4 (q 4, k 4, v 4) against the 16 · D/16 of two 16-row
+// warps: a quarter fewer shared-memory reads per FLOP, for twice the accumulators and half the
+// blocks. out [B, Hq, S, D] by `os`; lse [B, Hq, S] f32 (natural log of Σ exp(score · scale)).
+// Shared memory (dynamic; FlashKernel::Forward, ForwardWide): the k and v tiles (q passes
+// through k's when MB = 1), MB = 2: q's 128 rows, then two tiles' key ids and the block's
+// query ids.
 template <typename T, int D, int MB>
 __device__ void forward(const T *__restrict__ q, const T *__restrict__ k, const T *__restrict__ v,
                         const uint32_t *__restrict__ seg, int ordered, T *__restrict__ out,

@@ -81,7 +81,7 @@ pub fn cases() -> Vec<Case> {
     }
     // Whole-attention FlashAttention: [batch, query heads, kv heads, seq, head_dim]; the CUDA
     // kernels take bf16 and f16 at head_dim 64 and 128. Sequences end mid-tile. On a GPU the
-    // forward is the default kernel (128 query rows a block), and in bf16 also the 64-row one.
+    // forward is the kernel of 128 query rows a block, and in bf16 also the 64-row one.
     for dtype in [DType::BF16, DType::F16] {
         for dims in [vec![2, 4, 2, 150, 64], vec![1, 8, 2, 600, 128]] {
             let ops: &[&'static str] = match dtype {

@@ -57,7 +57,7 @@ pub fn runs_on_gpu(device: &Device, dtype: DType, head_dim: usize) -> bool {
 /// The output [B, S, Hq, D] (heads merged, as the output projection reads them) and each
 /// query row's log-sum-exp of its scaled scores [B, Hq, S] (f32), for q [B, Hq, S, D], k and v
 /// [B, Hkv, S, D] (views with a unit last stride are read in place on the GPU) and the rows'
-/// segments. On a GPU by the default forward kernel ([`ForwardTile::default`]).
+/// segments. On a GPU the forward kernel is chosen by the grid ([`ForwardTile::Auto`]).
 pub fn attention(
     q: &Tensor,
     k: &Tensor,

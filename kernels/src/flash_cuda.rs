@@ -3,7 +3,9 @@
 //! candle custom op cannot return), then for the backward the row terms delta = Σ dO · O, dq,
 //! and dk with dv.
 
-use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
+use candle_core::cuda_backend::cudarc::driver::sys::{
+    CUdevice_attribute, CUfunction_attribute_enum,
+};
 use candle_core::cuda_backend::cudarc::driver::{
     CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchArgs, PushKernelArg,
 };
@@ -110,7 +112,12 @@ fn forward_typed<T: CudaDType + DeviceRepr>(
         segments.storage_and_layout().0,
     );
     let dev = device_of(&qs)?;
-    let kernel = FlashKernel::forward(tile);
+    let sms = dev
+        .cuda_stream()
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+        .w()?;
+    let kernel = tile.kernel(s, b * hq, sms.max(1) as usize);
     let name = match kernel {
         FlashKernel::ForwardWide => format!("flash_forward_wide_{suffix}_d{d}"),
         _ => format!("flash_forward_{suffix}_d{d}"),

@@ -114,12 +114,30 @@ const FLASH_THREADS: u32 = 128;
 
 /// How many query rows a block of the FlashAttention forward takes: 64 (a warp owns 16, its q
 /// fragments in registers) or 128 (a warp owns 32, each k and v fragment it reads from shared
-/// memory feeding both of its 16-row blocks).
+/// memory feeding both of its 16-row blocks), or by the grid ([`ForwardTile::kernel`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ForwardTile {
-    Rows64,
+    /// 128 rows when that grid still has two blocks per SM, else 64.
     #[default]
+    Auto,
+    Rows64,
     Rows128,
+}
+
+impl ForwardTile {
+    /// The forward kernel for `heads` (batch × query heads) over `s` rows on a GPU of `sms`
+    /// multiprocessors. Both kernels fit two blocks an SM; below two wide blocks per SM the
+    /// 64-row kernel's twice as many blocks finish sooner.
+    pub fn kernel(self, s: usize, heads: usize, sms: usize) -> FlashKernel {
+        match self {
+            Self::Rows64 => FlashKernel::Forward,
+            Self::Rows128 => FlashKernel::ForwardWide,
+            Self::Auto => match heads * s.div_ceil(2 * FLASH_TILE) >= 2 * sms {
+                true => FlashKernel::ForwardWide,
+                false => FlashKernel::Forward,
+            },
+        }
+    }
 }
 
 /// Which FlashAttention kernel a tile grid is for; each keeps its tiles in dynamic shared
@@ -151,14 +169,6 @@ impl FlashKernel {
 }
 
 impl FlashKernel {
-    /// The forward kernel for `tile`.
-    pub fn forward(tile: ForwardTile) -> Self {
-        match tile {
-            ForwardTile::Rows64 => Self::Forward,
-            ForwardTile::Rows128 => Self::ForwardWide,
-        }
-    }
-
     /// Rows of `s` (queries, or keys for dk / dv) one block takes.
     pub fn rows_per_block(self) -> usize {
         match self {

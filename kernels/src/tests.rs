@@ -32,3 +32,28 @@ fn a_storage_of_the_wrong_type_is_named_in_the_error() {
     let ok = crate::elem::packed_as::<half::bf16>(&storage, &layout, "x").unwrap();
     assert_eq!(ok.len(), 4);
 }
+
+#[test]
+fn the_automatic_forward_tile_is_wide_only_on_a_grid_that_fills_the_gpu_twice() {
+    use crate::launch::{FlashKernel, ForwardTile};
+    // An H100's 132 SMs. A Llama-2-7B layer at 2,048 tokens: 32 heads × 16 wide tiles = 512.
+    assert_eq!(
+        ForwardTile::Auto.kernel(2048, 32, 132),
+        FlashKernel::ForwardWide
+    );
+    // A SmolLM2 batch: 4 × 9 heads × 2 wide tiles = 72 blocks, under 264.
+    assert_eq!(ForwardTile::Auto.kernel(256, 36, 132), FlashKernel::Forward);
+    // 264 exactly is two a SM.
+    assert_eq!(
+        ForwardTile::Auto.kernel(256, 132, 132),
+        FlashKernel::ForwardWide
+    );
+    assert_eq!(
+        ForwardTile::Rows64.kernel(2048, 32, 132),
+        FlashKernel::Forward
+    );
+    assert_eq!(
+        ForwardTile::Rows128.kernel(256, 1, 132),
+        FlashKernel::ForwardWide
+    );
+}

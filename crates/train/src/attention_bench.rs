@@ -125,10 +125,12 @@ pub fn attention_bench(device: &Device, o: &AttentionBenchOptions) -> Result<Att
     })
 }
 
-fn rows_per_block(tile: ForwardTile) -> usize {
+/// The forward kernel asked for: its query rows a block, or "auto" (chosen by the grid).
+fn rows_per_block(tile: ForwardTile) -> &'static str {
     match tile {
-        ForwardTile::Rows64 => 64,
-        ForwardTile::Rows128 => 128,
+        ForwardTile::Auto => "auto",
+        ForwardTile::Rows64 => "64",
+        ForwardTile::Rows128 => "128",
     }
 }
 
@@ -165,7 +167,7 @@ pub fn print_attention_bench(device: &Device, o: &AttentionBenchOptions, json: b
             "causal attention ({implementation}{}), {} x {} tokens, {} heads over {} KV heads of {}, {:?}: \
              forward {:.3} ms ({}), backward {:.3} ms ({}), together {} (median of {})",
             match implementation {
-                "flash_cuda" => format!(", forward {} query rows a block", rows_per_block(o.forward_tile)),
+"flash_cuda" => format!(", forward query rows a block: {}", rows_per_block(o.forward_tile)),
                 _ => String::new(),
             },
             o.batch, o.seq, o.q_heads, o.kv_heads, o.head_dim, o.dtype,

@@ -40,9 +40,10 @@ pub(crate) struct Cli {
     pub(crate) command: Option<Command>,
 }
 
-/// Query rows a block of the GPU's FlashAttention forward takes.
+/// Query rows a block of the GPU's FlashAttention forward takes (auto: by the grid).
 #[derive(Clone, Copy, ValueEnum)]
 pub(crate) enum ForwardRowsArg {
+    Auto,
     #[value(name = "64")]
     Rows64,
     #[value(name = "128")]
@@ -185,8 +186,9 @@ pub(crate) enum Command {
         head_dim: usize,
         #[arg(long, value_enum, default_value = "bf16")]
         dtype: DTypeArg,
-        /// Query rows a block of the GPU's forward kernel takes: 64 or 128 (the default).
-        #[arg(long, value_enum, default_value = "128")]
+        /// Query rows a block of the GPU's forward kernel takes: 64, 128, or auto (the
+        /// default, as training: 128 when that grid has two blocks per SM).
+        #[arg(long, value_enum, default_value = "auto")]
         forward_rows: ForwardRowsArg,
         #[arg(long, default_value_t = 3)]
         warmup: usize,

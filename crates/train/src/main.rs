@@ -334,6 +334,7 @@ fn run(cli: Cli) -> Result<()> {
                 head_dim,
                 dtype: dtype.into(),
                 forward_tile: match forward_rows {
+                    ForwardRowsArg::Auto => helix_kernels::flash::ForwardTile::Auto,
                     ForwardRowsArg::Rows64 => helix_kernels::flash::ForwardTile::Rows64,
                     ForwardRowsArg::Rows128 => helix_kernels::flash::ForwardTile::Rows128,
                 },

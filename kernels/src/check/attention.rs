@@ -75,10 +75,11 @@ pub(super) fn flash_attention(
     let seg = crate::flash::Segments::new(segments.clone(), b, &dev)?;
     let (out, lse, dq, dk, dv) = match implementation {
         Implementation::Fused => {
-            // The default forward kernel (128 query rows a block on a GPU), or the 64-row one.
+            // Each forward kernel by name (the default, Auto, picks by the grid, and would take
+            // the 64-row one at these shapes): 128 query rows a block, or 64.
             let tile = match case.op {
                 "flash_attention_rows64" => crate::flash::ForwardTile::Rows64,
-                _ => crate::flash::ForwardTile::default(),
+                _ => crate::flash::ForwardTile::Rows128,
             };
             let (out, lse) = crate::flash::attention_with(&q, &k, &v, &seg, tile)?;
             let (dq, dk, dv) =
