@@ -132,10 +132,12 @@ impl ForwardTile {
         match self {
             Self::Rows64 => FlashKernel::Forward,
             Self::Rows128 => FlashKernel::ForwardWide,
-            Self::Auto => match heads * s.div_ceil(2 * FLASH_TILE) >= 2 * sms {
-                true => FlashKernel::ForwardWide,
-                false => FlashKernel::Forward,
-            },
+            Self::Auto => {
+                match heads * s.div_ceil(FlashKernel::ForwardWide.rows_per_block()) >= 2 * sms {
+                    true => FlashKernel::ForwardWide,
+                    false => FlashKernel::Forward,
+                }
+            }
         }
     }
 }
@@ -166,9 +168,7 @@ impl FlashKernel {
             Self::BackwardDkDv => 5 * tile + 2 * 3 * FLASH_TILE * 4,
         }
     }
-}
 
-impl FlashKernel {
     /// Rows of `s` (queries, or keys for dk / dv) one block takes.
     pub fn rows_per_block(self) -> usize {
         match self {

@@ -126,7 +126,7 @@ pub fn attention_bench(device: &Device, o: &AttentionBenchOptions) -> Result<Att
 }
 
 /// The forward kernel asked for: its query rows a block, or "auto" (chosen by the grid).
-fn rows_per_block(tile: ForwardTile) -> &'static str {
+fn forward_rows_label(tile: ForwardTile) -> &'static str {
     match tile {
         ForwardTile::Auto => "auto",
         ForwardTile::Rows64 => "64",
@@ -156,7 +156,7 @@ pub fn print_attention_bench(device: &Device, o: &AttentionBenchOptions, json: b
                 "implementation": implementation,
                 "batch": o.batch, "q_heads": o.q_heads, "kv_heads": o.kv_heads,
                 "seq": o.seq, "head_dim": o.head_dim, "dtype": format!("{:?}", o.dtype).to_lowercase(),
-                "forward_rows_per_block": rows_per_block(o.forward_tile),
+                "forward_rows_per_block": forward_rows_label(o.forward_tile),
                 "forward_ms": t.forward_ms, "backward_ms": t.backward_ms,
                 "forward_tflops": t.forward_tflops, "backward_tflops": t.backward_tflops,
                 "tflops": t.tflops,
@@ -167,7 +167,7 @@ pub fn print_attention_bench(device: &Device, o: &AttentionBenchOptions, json: b
             "causal attention ({implementation}{}), {} x {} tokens, {} heads over {} KV heads of {}, {:?}: \
              forward {:.3} ms ({}), backward {:.3} ms ({}), together {} (median of {})",
             match implementation {
-"flash_cuda" => format!(", forward query rows a block: {}", rows_per_block(o.forward_tile)),
+"flash_cuda" => format!(", forward query rows a block: {}", forward_rows_label(o.forward_tile)),
                 _ => String::new(),
             },
             o.batch, o.seq, o.q_heads, o.kv_heads, o.head_dim, o.dtype,

@@ -50,6 +50,16 @@ pub(crate) enum ForwardRowsArg {
     Rows128,
 }
 
+impl From<ForwardRowsArg> for helix_kernels::flash::ForwardTile {
+    fn from(rows: ForwardRowsArg) -> Self {
+        match rows {
+            ForwardRowsArg::Auto => Self::Auto,
+            ForwardRowsArg::Rows64 => Self::Rows64,
+            ForwardRowsArg::Rows128 => Self::Rows128,
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub(crate) enum DTypeArg {
     F32,

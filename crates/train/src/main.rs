@@ -34,7 +34,7 @@ use helix_train::recipe::{evaluate, train};
 
 mod cli;
 
-use cli::{Cli, Command, ForwardRowsArg};
+use cli::{Cli, Command};
 
 fn main() {
     let cli = Cli::parse();
@@ -333,11 +333,7 @@ fn run(cli: Cli) -> Result<()> {
                 seq,
                 head_dim,
                 dtype: dtype.into(),
-                forward_tile: match forward_rows {
-                    ForwardRowsArg::Auto => helix_kernels::flash::ForwardTile::Auto,
-                    ForwardRowsArg::Rows64 => helix_kernels::flash::ForwardTile::Rows64,
-                    ForwardRowsArg::Rows128 => helix_kernels::flash::ForwardTile::Rows128,
-                },
+                forward_tile: forward_rows.into(),
                 warmup,
                 repeats,
             };
