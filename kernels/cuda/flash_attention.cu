@@ -210,6 +210,37 @@ __device__ __forceinline__ float quad_sum(float v) {
 // Column c (0..63) of accumulator element e of 8-column tile n, for this lane.
 __device__ __forceinline__ int column(int n, int e) { return n * 8 + 2 * (threadIdx.x % 4) + (e & 1); }
 
+// The online softmax's step for a warp's 16 rows over NK more keys: s holds their masked
+// scores in base 2 (masked ones -inf) and part_max each lane's row maxima of them. The new row
+// maxima rescale the running sums l and output rows o, and s becomes exp2(s − max), added to l.
+template <int D, int NK>
+__device__ __forceinline__ void online_softmax_step(float (&s)[NK / 8][4],
+                                                    const float (&part_max)[2], float (&m)[2],
+                                                    float (&l)[2], float (&o)[D / 8][4]) {
+  float base[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float m_new = fmaxf(m[r], quad_max(part_max[r]));
+    // A row that has seen nothing yet keeps zeros (exp2(-inf - 0) = 0), never NaN.
+    base[r] = m_new == -INFINITY ? 0.0f : m_new;
+    const float rescale = exp2f(m[r] - base[r]);
+    m[r] = m_new;
+    l[r] *= rescale;
+#pragma unroll
+    for (int n = 0; n < D / 8; ++n) {
+      o[n][2 * r] *= rescale;
+      o[n][2 * r + 1] *= rescale;
+    }
+  }
+#pragma unroll
+  for (int n = 0; n < NK / 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      s[n][e] = exp2f(s[n][e] - base[e >> 1]);
+      l[e >> 1] += s[n][e];
+    }
+}
+
 // With `ordered` (every row's segment ids non-decreasing: packed documents in order, padding
 // last), a key tile whose last id is below a query tile's first id holds only earlier
 // documents: no query of the tile sees any of its keys. The test reads the same two ids in
@@ -367,28 +398,7 @@ __device__ void forward(const T *__restrict__ q, const T *__restrict__ k, const 
               s[mb][n][e] = seen ? s[mb][n][e] * scale2 : -INFINITY;
               part_max[r] = fmaxf(part_max[r], s[mb][n][e]);
             }
-          float base[2];
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            const float m_new = fmaxf(m[mb][r], quad_max(part_max[r]));
-            // A row that has seen nothing yet keeps zeros (exp2(-inf - 0) = 0), never NaN.
-            base[r] = m_new == -INFINITY ? 0.0f : m_new;
-            const float rescale = exp2f(m[mb][r] - base[r]);
-            m[mb][r] = m_new;
-            l[mb][r] *= rescale;
-#pragma unroll
-            for (int n = 0; n < D / 8; ++n) {
-              o[mb][n][2 * r] *= rescale;
-              o[mb][n][2 * r + 1] *= rescale;
-            }
-          }
-#pragma unroll
-          for (int n = 0; n < kKeys / 8; ++n)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              s[mb][n][e] = exp2f(s[mb][n][e] - base[e >> 1]);
-              l[mb][e >> 1] += s[mb][n][e];
-            }
+          online_softmax_step<D, kKeys>(s[mb], part_max, m[mb], l[mb], o[mb]);
         }
       }
       if (part == 0) {
