@@ -288,7 +288,7 @@ impl CheckpointStore {
                 out.push((step, e.path()));
             }
         }
-        out.sort_by(|a, b| b.0.cmp(&a.0));
+        out.sort_by_key(|b| std::cmp::Reverse(b.0));
         Ok(out)
     }
 

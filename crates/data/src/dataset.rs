@@ -133,7 +133,6 @@ pub fn prepare(cfg: &DataConfig, tok: &DataTokenizer) -> Result<PreparedData> {
     if let Some(f) = &cfg.test {
         test = load("test", f)?.1.samples;
     }
-    drop(load);
     let splits = SplitCounts {
         train: train.len(),
         validation: validation.len(),

@@ -87,7 +87,7 @@ impl BatchStream {
     /// Continues from `p`, which must fall on one of this layout's micro-steps.
     pub fn seek_position(&mut self, p: Position) -> Result<()> {
         let per = self.sampler.items_per_step() as u64;
-        if p.items % per != 0 {
+        if !p.items.is_multiple_of(per) {
             anyhow::bail!(
                 "the data position ({} items into epoch {}) does not fall on a micro-step of \
                  {per} items here; resume with the batch sizes of the run that saved it",

@@ -82,7 +82,9 @@ impl LlamaConfig {
         let head_dim = match hf.head_dim {
             Some(d) => d,
             None => {
-                if hf.num_attention_heads == 0 || hf.hidden_size % hf.num_attention_heads != 0 {
+                if hf.num_attention_heads == 0
+                    || !hf.hidden_size.is_multiple_of(hf.num_attention_heads)
+                {
                     bail!(
                         "hidden_size {} is not divisible by num_attention_heads {}",
                         hf.hidden_size,
@@ -140,14 +142,17 @@ impl LlamaConfig {
                 bail!("{key} must be positive");
             }
         }
-        if self.num_attention_heads % self.num_key_value_heads != 0 {
+        if !self
+            .num_attention_heads
+            .is_multiple_of(self.num_key_value_heads)
+        {
             bail!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_attention_heads,
                 self.num_key_value_heads
             );
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             bail!(
                 "head_dim {} must be even for rotary embeddings",
                 self.head_dim

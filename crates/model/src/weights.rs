@@ -164,7 +164,7 @@ impl SafetensorsWeights {
             return self.load(name, full, dtype, device);
         }
         let dims = full.dims().to_vec();
-        if dim >= dims.len() || dims.len() > 2 || dims[dim] % parts != 0 {
+        if dim >= dims.len() || dims.len() > 2 || !dims[dim].is_multiple_of(parts) {
             bail!(
                 "tensor '{name}' of shape {dims:?} does not split into {parts} equal parts \
                  along dimension {dim}"
@@ -322,6 +322,36 @@ fn check_inside_dir(file: &str) -> Result<()> {
     Ok(())
 }
 
+/// `n` values uniform in (-bound, bound), filled in parallel chunks from xorshift streams.
+fn uniform_parallel(n: usize, bound: f32, seed: u64) -> Vec<f32> {
+    let mut out = vec![0f32; n];
+    let threads = std::thread::available_parallelism().map_or(1, |p| p.get());
+    let chunk = n.div_ceil(threads).max(1 << 16);
+    std::thread::scope(|s| {
+        for (c, part) in out.chunks_mut(chunk).enumerate() {
+            s.spawn(move || {
+                let mut x = (seed ^ (c as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1;
+                for v in part {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let unit = (x >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
+                    *v = (2.0 * unit - 1.0) * bound;
+                }
+            });
+        }
+    });
+    out
+}
+
+/// FNV-1a of a name: a seed of its own for each tensor or layer, whatever order they are made
+/// in (random benchmark weights here, adapter initialisation in helix-peft).
+pub fn fnv1a(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -394,42 +424,11 @@ mod tests {
         );
         let index = Path::new("m/model.safetensors.index.json");
         let err = shard_names_from_index_bytes(index, br#"{"weight_map": {"w": "../x"}}"#)
-            .err()
-            .expect("outside the directory");
+            .expect_err("outside the directory");
         assert!(
             format!("{err:#}").contains("m/model.safetensors.index.json: weight_map['w']"),
             "{err:#}"
         );
         Ok(())
     }
-}
-
-/// `n` values uniform in (-bound, bound), filled in parallel chunks from xorshift streams.
-fn uniform_parallel(n: usize, bound: f32, seed: u64) -> Vec<f32> {
-    let mut out = vec![0f32; n];
-    let threads = std::thread::available_parallelism().map_or(1, |p| p.get());
-    let chunk = n.div_ceil(threads).max(1 << 16);
-    std::thread::scope(|s| {
-        for (c, part) in out.chunks_mut(chunk).enumerate() {
-            s.spawn(move || {
-                let mut x = (seed ^ (c as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1;
-                for v in part {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    let unit = (x >> 40) as f32 / (1u64 << 24) as f32; // [0, 1)
-                    *v = (2.0 * unit - 1.0) * bound;
-                }
-            });
-        }
-    });
-    out
-}
-
-/// FNV-1a of a name: a seed of its own for each tensor or layer, whatever order they are made
-/// in (random benchmark weights here, adapter initialisation in helix-peft).
-pub fn fnv1a(name: &str) -> u64 {
-    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-    })
 }

@@ -11,7 +11,7 @@ pub struct RopeTable {
 impl RopeTable {
     /// `head_dim` must be even. `scale` divides positions (the "linear" rope_scaling type).
     pub fn new(head_dim: usize, theta: f64, scale: f64, device: &Device) -> Result<Self> {
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             candle_core::bail!("rope: head_dim {head_dim} is odd");
         }
         // f32 like transformers, so the frequencies match bit for bit where it matters.

@@ -76,7 +76,7 @@ impl Job {
     }
 
     pub fn join(env: &ProcessEnv, timeout: Duration, tp: usize) -> Result<Self> {
-        if tp == 0 || env.world_size % tp != 0 {
+        if tp == 0 || !env.world_size.is_multiple_of(tp) {
             bail!(
                 "parallel.tensor_parallel = {tp} does not divide the {} ranks of the job",
                 env.world_size

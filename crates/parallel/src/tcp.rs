@@ -370,6 +370,74 @@ elem!(f64, |a: f64, b| a + b);
 elem!(u64, u64::wrapping_add);
 elem!(u8, u8::wrapping_add);
 
+/// Tensor collectives for tensor parallelism, over the ring (tensors travel as f32 and come
+/// back in their own dtype).
+impl helix_ops::Collective for TcpRing {
+    fn rank(&self) -> usize {
+        self.index
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn all_reduce_sum(&self, t: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+        self.reduce_tensor(t, false)
+    }
+
+    fn all_reduce_max(&self, t: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
+        self.reduce_tensor(t, true)
+    }
+
+    fn all_gather(
+        &self,
+        t: &candle_core::Tensor,
+        dim: usize,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        if self.size == 1 {
+            return Ok(t.clone());
+        }
+        let (dtype, dev) = (t.dtype(), t.device().clone());
+        let flat = t
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let all = TcpRing::all_gather(self, &flat).map_err(to_candle)?;
+        let n = flat.len();
+        let parts = (0..self.size)
+            .map(|r| candle_core::Tensor::from_slice(&all[r * n..(r + 1) * n], t.shape(), &dev))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        candle_core::Tensor::cat(&parts, dim)?.to_dtype(dtype)
+    }
+}
+
+impl TcpRing {
+    fn reduce_tensor(
+        &self,
+        t: &candle_core::Tensor,
+        max: bool,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        if self.size == 1 {
+            return Ok(t.clone());
+        }
+        let (dtype, dev) = (t.dtype(), t.device().clone());
+        let mut flat = t
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        match max {
+            true => self.all_reduce_max(&mut flat),
+            false => self.all_reduce_sum(&mut flat),
+        }
+        .map_err(to_candle)?;
+        candle_core::Tensor::from_vec(flat, t.shape(), &dev)?.to_dtype(dtype)
+    }
+}
+
+fn to_candle(e: anyhow::Error) -> candle_core::Error {
+    candle_core::Error::Msg(format!("{e:#}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -474,72 +542,4 @@ mod tests {
         });
         assert_eq!(err, vec![true, true], "parts with a gap are refused");
     }
-}
-
-/// Tensor collectives for tensor parallelism, over the ring (tensors travel as f32 and come
-/// back in their own dtype).
-impl helix_ops::Collective for TcpRing {
-    fn rank(&self) -> usize {
-        self.index
-    }
-
-    fn size(&self) -> usize {
-        self.size
-    }
-
-    fn all_reduce_sum(&self, t: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
-        self.reduce_tensor(t, false)
-    }
-
-    fn all_reduce_max(&self, t: &candle_core::Tensor) -> candle_core::Result<candle_core::Tensor> {
-        self.reduce_tensor(t, true)
-    }
-
-    fn all_gather(
-        &self,
-        t: &candle_core::Tensor,
-        dim: usize,
-    ) -> candle_core::Result<candle_core::Tensor> {
-        if self.size == 1 {
-            return Ok(t.clone());
-        }
-        let (dtype, dev) = (t.dtype(), t.device().clone());
-        let flat = t
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        let all = TcpRing::all_gather(self, &flat).map_err(to_candle)?;
-        let n = flat.len();
-        let parts = (0..self.size)
-            .map(|r| candle_core::Tensor::from_slice(&all[r * n..(r + 1) * n], t.shape(), &dev))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        candle_core::Tensor::cat(&parts, dim)?.to_dtype(dtype)
-    }
-}
-
-impl TcpRing {
-    fn reduce_tensor(
-        &self,
-        t: &candle_core::Tensor,
-        max: bool,
-    ) -> candle_core::Result<candle_core::Tensor> {
-        if self.size == 1 {
-            return Ok(t.clone());
-        }
-        let (dtype, dev) = (t.dtype(), t.device().clone());
-        let mut flat = t
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
-        match max {
-            true => self.all_reduce_max(&mut flat),
-            false => self.all_reduce_sum(&mut flat),
-        }
-        .map_err(to_candle)?;
-        candle_core::Tensor::from_vec(flat, t.shape(), &dev)?.to_dtype(dtype)
-    }
-}
-
-fn to_candle(e: anyhow::Error) -> candle_core::Error {
-    candle_core::Error::Msg(format!("{e:#}"))
 }

@@ -238,7 +238,7 @@ impl ConfigFile {
             );
         };
         let global = self.batch.global_batch_size.unwrap_or(rows);
-        if global == 0 || global % rows != 0 {
+        if global == 0 || !global.is_multiple_of(rows) {
             bail!(
                 "batch.global_batch_size ({global}) must be a positive multiple of \
                  batch.micro_batch_size ({micro}) × data-parallel size ({dp}) = {rows}"

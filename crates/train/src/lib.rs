@@ -3,6 +3,9 @@
 //! ([`state`]), signal handling ([`signals`]), and what it shows and writes ([`progress`],
 //! [`plot`] over a small raster canvas). `main.rs` is only the command line over these.
 
+// Checks like `!(eps > 0.0)` are written that way on purpose: they reject NaN too.
+#![allow(clippy::neg_cmp_op_on_partial_ord)]
+
 pub mod attention_bench;
 pub mod comm_check;
 pub mod config;

@@ -99,11 +99,11 @@ pub fn plan(job: &Job, hw: &Hardware) -> Result<Plan> {
     let m = &job.model;
     let t = job.tensor_parallel;
     let gpus = job.nodes * job.gpus_per_node;
-    if t == 0 || gpus % t != 0 {
+    if t == 0 || !gpus.is_multiple_of(t) {
         bail!("tensor_parallel = {t} does not divide {gpus} GPUs");
     }
     let d = gpus / t;
-    if job.global_batch % (job.micro_batch * d) != 0 {
+    if !job.global_batch.is_multiple_of(job.micro_batch * d) {
         bail!(
             "global batch {} is not a multiple of micro batch {} × {d} data-parallel ranks",
             job.global_batch,

@@ -234,7 +234,7 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
             loss: Some(loss),
             lr: Some(lr),
             grad_norm: Some(grad_norm),
-            tokens: Some(tokens as u64),
+            tokens: Some(tokens),
             tokens_per_s: Some(tokens as f64 / secs),
             step_time_s: Some(secs),
             ..Default::default()

@@ -95,7 +95,8 @@ fn bench_configs_run_one_step_of_one_layer() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let sft = ConfigFile::load(&dir.join("configs/bench/sft7b.toml")).unwrap();
     assert_eq!(sft.method().unwrap().name(), "sft");
-    for (name, method) in [("lora7b", "lora")] {
+    {
+        let (name, method) = ("lora7b", "lora");
         let config = format!("configs/bench/{name}.toml");
         let out = helix_train_ok(
             &dir,
