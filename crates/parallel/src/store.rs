@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -41,6 +42,8 @@ struct Shared {
     changed: Condvar,
     token: String,
     timeout: Duration,
+    /// Connections refused so far (bad hello, wrong token): see [`log_refusal`].
+    refused: AtomicU64,
 }
 
 /// The store, served by rank 0 on the rendezvous port.
@@ -62,6 +65,7 @@ impl StoreServer {
             changed: Condvar::new(),
             token: token.to_string(),
             timeout,
+            refused: AtomicU64::new(0),
         });
         let accept = {
             let shared = shared.clone();
@@ -132,6 +136,26 @@ impl StoreServer {
     }
 }
 
+/// Refusals logged line by line; after these, one line per [`REFUSALS_PER_LINE`].
+const REFUSALS_LOGGED: u64 = 10;
+const REFUSALS_PER_LINE: u64 = 100;
+
+/// Logs the `n`th refused connection: in full for the first few, then as a running count, so
+/// a port scan of the rendezvous port cannot flood the job's log.
+fn log_refusal(n: u64, peer: &str, e: &anyhow::Error) {
+    if n <= REFUSALS_LOGGED {
+        eprintln!("helix store: refused a connection from {peer}: {e:#}");
+        if n == REFUSALS_LOGGED {
+            eprintln!(
+                "helix store: {n} connections refused; from here on, one line per \
+                 {REFUSALS_PER_LINE}"
+            );
+        }
+    } else if n.is_multiple_of(REFUSALS_PER_LINE) {
+        eprintln!("helix store: {n} connections refused so far (the latest from {peer}: {e:#})");
+    }
+}
+
 fn serve(mut stream: TcpStream, shared: &Shared) {
     let peer = stream
         .peer_addr()
@@ -139,7 +163,11 @@ fn serve(mut stream: TcpStream, shared: &Shared) {
     let (rank, role) = match accept_hello(&mut stream, &shared.token, shared.timeout) {
         Ok(x) => x,
         Err(e) => {
-            eprintln!("helix store: refused a connection from {peer}: {e:#}");
+            log_refusal(
+                shared.refused.fetch_add(1, Ordering::Relaxed) + 1,
+                &peer,
+                &e,
+            );
             let _ = stream.shutdown(Shutdown::Both);
             return;
         }

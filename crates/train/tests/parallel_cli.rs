@@ -236,7 +236,10 @@ fn a_killed_rank_stops_the_job_naming_it_and_a_rerun_resumes() {
         .and_then(|r| r.split(')').next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("{err}"));
-    assert!(step >= 5 && step % 5 == 0, "resumed at step {step}");
+    assert!(
+        step >= 5 && step.is_multiple_of(5),
+        "resumed at step {step}"
+    );
     assert_eq!(losses(&out).last().unwrap().0, 20);
 }
 
@@ -312,10 +315,13 @@ fn garbage_on_the_rendezvous_port_neither_crashes_nor_stalls_rank_0() {
     drop(silent);
     let refused = log.matches("refused a connection").count();
     assert!(refused > 0, "{log}");
+    // Past the first ten, refusals are counted, not logged one by one.
+    let lines = log.lines().filter(|l| l.contains("refused")).count();
+    assert!(refused <= 10 && lines <= 11 + sent / 100, "{log}");
     assert_eq!(losses(&dir.join("run")).last().unwrap().0, 20);
     println!(
         "{sent} hostile connections and a silent one: the job finished in {:.2?}, rank 0 \
-         refused {refused}",
+         logged {lines} lines of refusals",
         t.elapsed()
     );
 }
