@@ -13,14 +13,24 @@ use candle_core::{DType, Tensor};
 use crate::llama::Llama;
 use crate::safetensors_write::{save_sharded, write_json, ShardReport, TensorSpec};
 
-/// Files copied from the source model directory when present.
-pub const TOKENIZER_FILES: [&str; 5] = [
+/// Files copied from the source model directory when present: the tokenizer in each form
+/// transformers saves it (`tokenizer.json` for the fast one; `vocab.json` + `merges.txt` or
+/// `tokenizer.model` for the slow ones), its chat template (in `tokenizer_config.json`, or in
+/// `chat_template.jinja` as transformers ≥ 4.57 saves it) and the generation defaults.
+pub const TOKENIZER_FILES: [&str; 9] = [
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
     "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
     "generation_config.json",
 ];
+
+/// The folder of named chat templates beside `chat_template.jinja`, copied whole when present.
+const CHAT_TEMPLATES_DIR: &str = "additional_chat_templates";
 
 /// transformers' default `max_shard_size` ("5GB").
 pub const DEFAULT_MAX_SHARD_BYTES: usize = 5_000_000_000;
@@ -91,7 +101,14 @@ fn export_hf(
             .with_context(|| format!("cannot read {}", config_path.display()))?,
     )
     .with_context(|| format!("{}: invalid JSON", config_path.display()))?;
-    config["torch_dtype"] = serde_json::json!(torch_dtype_name(opts.dtype)?);
+    // transformers ≥ 4.56 writes `dtype` and reads it before `torch_dtype`: both must say what
+    // the shards hold.
+    let dtype_name = serde_json::json!(torch_dtype_name(opts.dtype)?);
+    config["torch_dtype"] = dtype_name.clone();
+    if config.get("dtype").is_some() {
+        config["dtype"] = dtype_name;
+    }
+    check_replaceable(out)?;
     let staging = staging_dir(out)?;
     let result = (|| {
         let report = save_sharded(&staging, "model", specs, opts.max_shard_bytes, |s| {
@@ -105,6 +122,10 @@ fn export_hf(
                 })?;
             }
         }
+        copy_files_of(
+            &src_dir.join(CHAT_TEMPLATES_DIR),
+            &staging.join(CHAT_TEMPLATES_DIR),
+        )?;
         write_json(&staging.join("config.json"), &config)?;
         replace_dir(&staging, out)?;
         Ok(report)
@@ -115,8 +136,71 @@ fn export_hf(
     result
 }
 
-/// The dtype a model directory's `config.json` declares (`torch_dtype`, or `dtype` as newer
-/// transformers writes it), if it is one helix writes.
+/// Copies the files of `from` (if it is a directory) into a new directory `to`.
+fn copy_files_of(from: &Path, to: &Path) -> Result<()> {
+    if !from.is_dir() {
+        return Ok(());
+    }
+    std::fs::create_dir(to).with_context(|| format!("cannot create {}", to.display()))?;
+    for entry in
+        std::fs::read_dir(from).with_context(|| format!("cannot read {}", from.display()))?
+    {
+        let path = entry?.path();
+        if path.is_file() {
+            let dest = to.join(path.file_name().expect("a listed file has a name"));
+            std::fs::copy(&path, &dest)
+                .with_context(|| format!("cannot copy {} to {}", path.display(), dest.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Whether `name`, an entry of a directory, is something an export writes there: only such a
+/// directory is replaced by the next export (a training run's `output_dir/model`, or `export
+/// --out` again), never one holding anything else.
+fn is_export_entry(name: &str) -> bool {
+    let shard = || {
+        let Some(rest) = name
+            .strip_prefix("model-")
+            .and_then(|r| r.strip_suffix(".safetensors"))
+        else {
+            return false;
+        };
+        let digits = |p: &str| p.len() == 5 && p.bytes().all(|b| b.is_ascii_digit());
+        matches!(rest.split_once("-of-"), Some((i, n)) if digits(i) && digits(n))
+    };
+    matches!(
+        name,
+        "config.json" | "model.safetensors" | "model.safetensors.index.json" | CHAT_TEMPLATES_DIR
+    ) || TOKENIZER_FILES.contains(&name)
+        || shard()
+}
+
+/// An error unless `out` is absent, empty, or holds only what an export writes.
+fn check_replaceable(out: &Path) -> Result<()> {
+    if !out.exists() {
+        return Ok(());
+    }
+    if !out.is_dir() {
+        bail!("{} exists and is not a directory", out.display());
+    }
+    let entries =
+        std::fs::read_dir(out).with_context(|| format!("cannot read {}", out.display()))?;
+    for entry in entries {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if !is_export_entry(&name) {
+            bail!(
+                "{} already holds '{name}', which no model export writes: an export replaces \
+                 its whole directory, so give it a new or empty one",
+                out.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The dtype a model directory's `config.json` declares (`dtype`, as transformers ≥ 4.56
+/// writes it and reads it first, else `torch_dtype`), if it is one helix writes.
 pub fn source_dtype(dir: &Path) -> Result<Option<DType>> {
     let path = dir.join("config.json");
     let v: serde_json::Value = serde_json::from_str(
@@ -124,7 +208,7 @@ pub fn source_dtype(dir: &Path) -> Result<Option<DType>> {
             .with_context(|| format!("cannot read {}", path.display()))?,
     )
     .with_context(|| format!("{}: invalid JSON", path.display()))?;
-    let name = v.get("torch_dtype").or_else(|| v.get("dtype"));
+    let name = v.get("dtype").or_else(|| v.get("torch_dtype"));
     Ok(match name.and_then(|n| n.as_str()) {
         Some("float32") => Some(DType::F32),
         Some("bfloat16") => Some(DType::BF16),
@@ -230,5 +314,30 @@ mod tests {
         assert!(parse_size("GB").is_err());
         assert!(parse_size("0").is_err());
         Ok(())
+    }
+
+    #[test]
+    fn only_what_an_export_writes_is_replaceable() {
+        for name in [
+            "config.json",
+            "model.safetensors",
+            "model.safetensors.index.json",
+            "model-00002-of-00013.safetensors",
+            "tokenizer.json",
+            "chat_template.jinja",
+            "additional_chat_templates",
+        ] {
+            assert!(is_export_entry(name), "{name}");
+        }
+        for name in [
+            "README.md",
+            ".git",
+            "model-2-of-13.safetensors",
+            "model-00002-of-00013.bin",
+            "adapter_model.safetensors",
+            "checkpoints",
+        ] {
+            assert!(!is_export_entry(name), "{name}");
+        }
     }
 }

@@ -116,6 +116,13 @@ fn export_merges_lora_into_sharded_safetensors_with_the_adapter_logits() -> Resu
     let tmp = tempfile::tempdir()?;
     let model = model_dir(tmp.path());
     let adapter = fixture("tiny-gqa-tied").join("lora");
+    // A chat template as transformers ≥ 4.57 saves it: beside tokenizer_config.json.
+    std::fs::write(model.join("chat_template.jinja"), "{{ messages }}")?;
+    std::fs::create_dir(model.join("additional_chat_templates"))?;
+    std::fs::write(
+        model.join("additional_chat_templates/tool_use.jinja"),
+        "{{ tools }}",
+    )?;
     let out = tmp.path().join("merged");
     let (ok, _, err) = helix_train(
         &[
@@ -143,7 +150,13 @@ fn export_merges_lora_into_sharded_safetensors_with_the_adapter_logits() -> Resu
         .map(|v| v.as_str().unwrap())
         .collect();
     assert!(shards.len() > 1, "{shards:?}");
-    for f in ["config.json", "tokenizer.json", "tokenizer_config.json"] {
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "additional_chat_templates/tool_use.jinja",
+    ] {
         assert!(out.join(f).exists(), "{f}");
     }
     // No staging directory is left beside it.
@@ -198,6 +211,30 @@ fn export_merges_lora_into_sharded_safetensors_with_the_adapter_logits() -> Resu
     let cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json"))?)?;
     assert_eq!(cfg["torch_dtype"], "bfloat16");
+    // transformers ≥ 4.56 reads `dtype` first: it must not still say float32.
+    assert_eq!(cfg["dtype"], "bfloat16");
+
+    // A directory holding anything an export does not write is refused, and left as it was.
+    let keep = tmp.path().join("keep");
+    std::fs::create_dir(&keep)?;
+    std::fs::write(keep.join("notes.txt"), "mine")?;
+    std::fs::copy(out.join("config.json"), keep.join("config.json"))?;
+    let (ok, _, err) = helix_train(
+        &[
+            "export",
+            "--model",
+            model.to_str().unwrap(),
+            "--out",
+            keep.to_str().unwrap(),
+        ],
+        tmp.path(),
+    );
+    assert!(
+        !ok && err.contains("notes.txt") && err.contains("new or empty"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(keep.join("notes.txt"))?, "mine");
+    assert!(keep.join("config.json").exists());
     Ok(())
 }
 
