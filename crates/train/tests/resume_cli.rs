@@ -167,6 +167,60 @@ fn sft_resumes_bit_exactly_after_kill_and_sigterm() {
     exact_resume("sft");
 }
 
+/// Ctrl-C in a terminal under the launcher: every process of the foreground group gets SIGINT
+/// and the launcher forwards a SIGTERM, so each rank is signalled twice at once; they still
+/// save and exit 0. A second signal a second or more after the first exits at once.
+#[test]
+fn a_signal_delivered_twice_at_once_still_saves_and_a_later_one_aborts() {
+    use std::os::unix::process::CommandExt;
+    let tmp = setup("lora");
+    let dir = tmp.path();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_helix-train"));
+    cmd.args(["--nproc-per-node", "1", "--master-port", &port.to_string()])
+        .args(["--config", "run.toml", "--set", "trainer.output_dir=group"])
+        .current_dir(dir)
+        .env("HELIX_CACHE_DIR", dir.join("cache"))
+        .env("HELIX_TEST_STEP_DELAY_MS", "100")
+        .env_remove("RANK")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
+    let child = cmd.spawn().unwrap();
+    let group = dir.join("group");
+    wait_for("step 3", || {
+        std::fs::read_to_string(group.join("metrics.jsonl"))
+            .is_ok_and(|m| m.contains("\"step\":3,"))
+    });
+    common::signal_group(child.id(), "-INT");
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("stopped by a signal after saving"), "{err}");
+    let stopped_at = metrics(&group).last().unwrap().0;
+    assert!(checkpoint_done(&group, stopped_at), "{err}");
+
+    // SIGTERM, then another 1.5 s later while the run is still saving and sleeping: status 130.
+    let child = start_slow(dir, "aborted", 3000, &[]);
+    let aborted = dir.join("aborted");
+    wait_for("step 1", || {
+        std::fs::read_to_string(aborted.join("metrics.jsonl"))
+            .is_ok_and(|m| m.contains("\"step\":1,"))
+    });
+    signal(&child, "-TERM");
+    std::thread::sleep(Duration::from_millis(1500));
+    signal(&child, "-TERM");
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(!err.contains("stopped by a signal after saving"), "{err}");
+    println!("SIGINT to the launcher's group: saved step {stopped_at}, exit 0; a second signal 1.5 s on: 130");
+}
+
 #[test]
 fn a_kill_during_a_save_and_a_damaged_shard_fall_back_to_the_previous_checkpoint() {
     let tmp = setup("lora");

@@ -166,6 +166,16 @@ pub fn signal(pid: u32, sig: &str) {
     assert!(ok, "kill {sig} {pid}");
 }
 
+/// `kill -SIG -- -pgid`: every process of the group, as a terminal's Ctrl-C.
+pub fn signal_group(pgid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, "--", &format!("-{pgid}")])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} -- -{pgid}");
+}
+
 /// A small xorshift generator: repeatable pseudo-random draws for fault tests.
 pub struct XorShift(pub u64);
 
