@@ -49,11 +49,12 @@ impl MetricsLog {
     /// holds each step once.
     pub fn open(output_dir: &Path, resumed_step: u64) -> Result<Self> {
         let path = output_dir.join("metrics.jsonl");
+        // The kept lines as they were written, not re-serialized.
         let kept: Vec<String> = if resumed_step > 0 && path.exists() {
-            read_metrics(&path)?
+            read_metrics_lines(&path)?
                 .into_iter()
-                .filter(|m| m.step <= resumed_step)
-                .map(|m| serde_json::to_string(&m).expect("metrics serialize"))
+                .filter(|(_, m)| m.step <= resumed_step)
+                .map(|(line, _)| line)
                 .collect()
         } else {
             Vec::new()
@@ -79,6 +80,14 @@ impl MetricsLog {
 }
 
 pub fn read_metrics(path: &Path) -> Result<Vec<StepMetrics>> {
+    Ok(read_metrics_lines(path)?
+        .into_iter()
+        .map(|(_, m)| m)
+        .collect())
+}
+
+/// Each line of `metrics.jsonl` with what it says.
+fn read_metrics_lines(path: &Path) -> Result<Vec<(String, StepMetrics)>> {
     let f = File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
     let lines: Vec<String> = BufReader::new(f).lines().collect::<std::io::Result<_>>()?;
     let last = lines.iter().rposition(|l| !l.trim().is_empty());
@@ -88,7 +97,7 @@ pub fn read_metrics(path: &Path) -> Result<Vec<StepMetrics>> {
             continue;
         }
         match serde_json::from_str(line) {
-            Ok(m) => out.push(m),
+            Ok(m) => out.push((line.clone(), m)),
             // A line cut by a kill mid-write can only be the last one; it is dropped.
             Err(_) if Some(i) == last => {}
             Err(e) => anyhow::bail!("{}:{}: {e}", path.display(), i + 1),
@@ -308,6 +317,28 @@ mod tests {
         assert!(read_metrics(&tmp.path().join("metrics.jsonl"))?.is_empty());
         let plots = write_plots(tmp.path(), &m)?;
         assert!(plots.iter().all(|p| p.exists()));
+        Ok(())
+    }
+
+    #[test]
+    fn a_resumed_log_keeps_its_lines_byte_for_byte_and_reads_floats_exactly() -> Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let path = tmp.path().join("metrics.jsonl");
+        // Values whose shortest spelling serde_json's default float parser reads a bit off.
+        let lines = "{\"step\":1,\"loss\":1.6062922044233843}\n\
+                     {\"step\":2,\"val_loss\":1.4149011884416853,\"lr\":1e-30}\n";
+        std::fs::write(&path, format!("{lines}{{\"step\":3,\"loss\":2.0}}\n"))?;
+        drop(MetricsLog::open(tmp.path(), 2)?);
+        assert_eq!(std::fs::read_to_string(&path)?, lines);
+        let m = read_metrics(&path)?;
+        assert_eq!(
+            m[0].loss.map(f64::to_bits),
+            Some(1.6062922044233843f64.to_bits())
+        );
+        assert_eq!(
+            m[1].val_loss.map(f64::to_bits),
+            Some(1.4149011884416853f64.to_bits())
+        );
         Ok(())
     }
 }

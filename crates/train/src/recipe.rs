@@ -29,7 +29,9 @@ use crate::progress::{
 };
 use crate::schedule::{Schedule, ScheduleKind};
 use crate::signals::StopRequest;
-use crate::state::{choose_checkpoint, restore, restore_trainable, snapshot, StoreSaveRendezvous};
+use crate::state::{
+    choose_checkpoint, layout_settings, restore, restore_trainable, snapshot, StoreSaveRendezvous,
+};
 
 /// How a run ended.
 #[derive(Debug, Clone)]
@@ -142,6 +144,14 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
         let state = restore(&dir, cfg, &model, &mut optimizer, &mut stream)?;
         step = state.step;
         say(format!("resumed from {} (step {step})", dir.display()));
+        let changed = state.layout_changes(&layout_settings(cfg, &job));
+        if !changed.is_empty() {
+            say(format!(
+                "note: resumed with {}; these change only rounding, so the losses follow an \
+                 uninterrupted run's closely but not bit for bit",
+                changed.join(", ")
+            ));
+        }
     }
     let resumed_from = step;
     say(format!(

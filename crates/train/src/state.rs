@@ -40,7 +40,45 @@ pub struct TrainerState {
     pub config_sha256: String,
     /// The config without its operational keys ([`ConfigFile::numerics`]).
     pub config: serde_json::Value,
+    /// The kernels and parallel layout it ran with ([`layout_settings`]; empty in checkpoints
+    /// written before helix recorded them).
+    #[serde(default)]
+    pub layout: BTreeMap<String, serde_json::Value>,
     pub helix_version: String,
+}
+
+/// The settings a resumed run may change that choose kernels or the parallel layout, by name:
+/// they move its numbers by rounding only, so a run resumed with any of them changed follows
+/// an uninterrupted run closely but not bit for bit.
+pub fn layout_settings(cfg: &ConfigFile, job: &Job) -> BTreeMap<String, serde_json::Value> {
+    use serde_json::json;
+    BTreeMap::from([
+        (
+            "model.attention".into(),
+            json!(cfg.model.as_ref().map_or("auto", |m| m.attention.as_str())),
+        ),
+        ("model.fused_layers".into(), json!(cfg.fused_layers())),
+        (
+            "trainer.activation_checkpointing".into(),
+            json!(format!("{:?}", cfg.trainer.activation_checkpointing).to_lowercase()),
+        ),
+        ("parallel.tensor_parallel".into(), json!(job.tp.size)),
+        ("parallel.zero1".into(), json!(cfg.parallel.zero1)),
+        ("data-parallel ranks".into(), json!(job.dp.size)),
+    ])
+}
+
+impl TrainerState {
+    /// `setting: before → now` for each layout setting that differs from this checkpoint's.
+    pub fn layout_changes(&self, now: &BTreeMap<String, serde_json::Value>) -> Vec<String> {
+        self.layout
+            .iter()
+            .filter_map(|(k, before)| match now.get(k) {
+                Some(v) if v != before => Some(format!("{k}: {before} → {v}")),
+                _ => None,
+            })
+            .collect()
+    }
 }
 
 /// Host copies of this rank's part of the checkpoint of `step`, taken now so training can go
@@ -121,6 +159,7 @@ pub fn snapshot(
             method: cfg.method()?.name().to_string(),
             config_sha256: config_sha256(&config),
             config,
+            layout: layout_settings(cfg, job),
             helix_version: env!("CARGO_PKG_VERSION").to_string(),
         };
         json.push((TRAINER_STATE.into(), serde_json::to_value(&state)?));
@@ -274,7 +313,10 @@ fn restore_trainable_from(reader: &CheckpointReader, model: &Customized) -> Resu
         let t = reader.load(TRAINABLE, name, model.split_of(name), rank, size, device)?;
         shards.insert(name.to_string(), t);
     }
-    model.load_shards(&shards, &reader.dir.join(TRAINABLE))
+    model.load_shards(
+        &shards,
+        &reader.dir.join(format!("{TRAINABLE}*.safetensors")),
+    )
 }
 
 /// The parameter an optimizer-state key belongs to (`exp_avg.<name>` → `<name>`).
@@ -321,5 +363,39 @@ mod tests {
         let a = serde_json::json!({"optimizer": {"lr": 1e-4, "eps": 1e-8}, "data": {"seed": 1}});
         let b = serde_json::json!({"optimizer": {"lr": 3e-4, "eps": 1e-8}, "lora": {"r": 8}});
         assert_eq!(differing_keys(&a, &b), vec!["data", "lora", "optimizer.lr"]);
+    }
+
+    #[test]
+    fn configs_compare_after_a_json_round_trip() {
+        // serde_json's default float parser reads these a bit off, and a resume then saw a
+        // config that had not changed as different.
+        let a = serde_json::json!({"optimizer": {"eps": 1e-30, "lr": 0.1 + 0.2}});
+        let b: serde_json::Value = serde_json::from_str(&a.to_string()).unwrap();
+        assert!(differing_keys(&a, &b).is_empty(), "{a} vs {b}");
+    }
+
+    #[test]
+    fn layout_changes_name_each_setting() {
+        let state = TrainerState {
+            step: 4,
+            total_steps: 8,
+            data_position: Default::default(),
+            rng: BTreeMap::new(),
+            method: "lora".into(),
+            config_sha256: String::new(),
+            config: serde_json::Value::Null,
+            layout: BTreeMap::from([
+                ("model.attention".into(), serde_json::json!("auto")),
+                ("parallel.zero1".into(), serde_json::json!(false)),
+            ]),
+            helix_version: String::new(),
+        };
+        let mut now = state.layout.clone();
+        assert!(state.layout_changes(&now).is_empty());
+        now.insert("model.attention".into(), serde_json::json!("flash"));
+        assert_eq!(
+            state.layout_changes(&now),
+            vec!["model.attention: \"auto\" → \"flash\""]
+        );
     }
 }
