@@ -68,21 +68,28 @@ impl LoraConfig {
 
     pub fn validate(&self) -> Result<()> {
         if self.r == 0 {
-            bail!("peft.r must be at least 1");
+            bail!("lora.r must be at least 1");
+        }
+        // Zero would leave the adapter out of the output, and A without a gradient.
+        if !(self.lora_alpha.is_finite() && self.lora_alpha != 0.0) {
+            bail!(
+                "lora.lora_alpha must be a finite nonzero number, got {}",
+                self.lora_alpha
+            );
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
             bail!(
-                "peft.lora_dropout must be in [0, 1), got {}",
+                "lora.lora_dropout must be in [0, 1), got {}",
                 self.lora_dropout
             );
         }
         if self.target_modules.is_empty() {
-            bail!("peft.target_modules is empty");
+            bail!("lora.target_modules is empty");
         }
         for t in &self.target_modules {
             if !LLAMA_TARGETS.contains(&t.as_str()) {
                 bail!(
-                    "peft.target_modules: unknown module '{t}' (Llama has {})",
+                    "lora.target_modules: unknown module '{t}' (Llama has {})",
                     LLAMA_TARGETS.join(", ")
                 );
             }
@@ -92,19 +99,45 @@ impl LoraConfig {
 
     /// The same settings, whatever the order of `target_modules`.
     pub fn same_as(&self, other: &LoraConfig) -> bool {
+        self.differences(other).is_empty()
+    }
+
+    /// `key: mine vs other's` for each setting that differs (`target_modules` in any order).
+    pub fn differences(&self, other: &LoraConfig) -> Vec<String> {
         let sorted = |c: &LoraConfig| {
             let mut t = c.target_modules.clone();
             t.sort();
             t.dedup();
             t
         };
-        LoraConfig {
-            target_modules: sorted(self),
-            ..self.clone()
-        } == LoraConfig {
-            target_modules: sorted(other),
-            ..other.clone()
-        }
+        let mut out = Vec::new();
+        let mut differ = |key: &str, a: String, b: String| {
+            if a != b {
+                out.push(format!("lora.{key}: {a} vs {b}"));
+            }
+        };
+        differ("r", self.r.to_string(), other.r.to_string());
+        differ(
+            "lora_alpha",
+            self.lora_alpha.to_string(),
+            other.lora_alpha.to_string(),
+        );
+        differ(
+            "lora_dropout",
+            self.lora_dropout.to_string(),
+            other.lora_dropout.to_string(),
+        );
+        differ(
+            "target_modules",
+            format!("{:?}", sorted(self)),
+            format!("{:?}", sorted(other)),
+        );
+        differ(
+            "use_rslora",
+            self.use_rslora.to_string(),
+            other.use_rslora.to_string(),
+        );
+        out
     }
 
     /// Whether the projection at `prefix` (`model.layers.3.self_attn.q_proj`) gets an adapter.
@@ -311,7 +344,7 @@ impl LoraBuilder {
         let layers = self.layers.into_inner().unwrap();
         if layers.is_empty() {
             bail!(
-                "peft.target_modules {:?} matched no layer of the model",
+                "lora.target_modules {:?} matched no layer of the model",
                 self.cfg.target_modules
             );
         }

@@ -209,9 +209,9 @@ impl ConfigFile {
             bail!("[ptuning] is set but method.name = \"{name}\"");
         }
         match &m {
-            Method::Lora(l) => l.validate().map_err(|e| anyhow!("[lora] {e}"))?,
+            Method::Lora(l) => l.validate()?,
             Method::Ptuning(p) => {
-                p.validate().map_err(|e| anyhow!("[ptuning] {e}"))?;
+                p.validate()?;
                 if self.data.as_ref().is_some_and(|d| d.packing) {
                     bail!(
                         "data.packing = true cannot be used with P-tuning (each document would \
@@ -328,12 +328,7 @@ impl ConfigFile {
             bail!("trainer.loss_chunk_rows must be at least 1");
         }
         let p = &self.parallel;
-        if !(p.timeout_s > 0.0 && p.timeout_s.is_finite()) {
-            bail!(
-                "parallel.timeout_s must be a positive number of seconds, got {}",
-                p.timeout_s
-            );
-        }
+        timeout_from_seconds(p.timeout_s).context("parallel.timeout_s")?;
         if !(p.bucket_mb > 0.0) {
             bail!("parallel.bucket_mb must be positive, got {}", p.bucket_mb);
         }
@@ -378,6 +373,18 @@ impl ConfigFile {
         }
         v
     }
+}
+
+/// The Duration of a timeout given in seconds: positive, and at most a week, so deadlines
+/// computed from it (twice it, for the rings) stay representable.
+pub fn timeout_from_seconds(seconds: f64) -> Result<std::time::Duration> {
+    const WEEK: f64 = 7.0 * 24.0 * 3600.0;
+    if !(seconds > 0.0 && seconds <= WEEK) {
+        bail!(
+            "a timeout must be a positive number of seconds up to a week ({WEEK}), got {seconds}"
+        );
+    }
+    Ok(std::time::Duration::from_secs_f64(seconds))
 }
 
 /// Where a run starts.

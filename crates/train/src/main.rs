@@ -124,6 +124,17 @@ fn run(cli: Cli) -> Result<()> {
                 (None, None) => bail!("{}: set model.preset or model.path", path.display()),
             };
             let data = cfg.data(&path)?;
+            for (flag, v) in [("--nodes", nodes), ("--gpus-per-node", gpus_per_node)] {
+                if v == 0 {
+                    bail!("{flag} must be at least 1");
+                }
+            }
+            if tokens_per_sample == Some(0) {
+                bail!("--tokens-per-sample must be at least 1");
+            }
+            // As training: one micro-batch per data-parallel rank a step unless set.
+            let data_parallel =
+                (nodes * gpus_per_node / cfg.parallel.tensor_parallel.max(1)).max(1);
             let job = helix_train::plan::Job {
                 model,
                 preset: m.preset.clone(),
@@ -134,7 +145,7 @@ fn run(cli: Cli) -> Result<()> {
                 global_batch: cfg
                     .batch
                     .global_batch_size
-                    .unwrap_or(cfg.batch.micro_batch_size),
+                    .unwrap_or(cfg.batch.micro_batch_size * data_parallel),
                 nodes,
                 gpus_per_node,
                 tensor_parallel: cfg.parallel.tensor_parallel,
@@ -372,7 +383,8 @@ fn run(cli: Cli) -> Result<()> {
                 tp,
                 megabytes,
                 repeats,
-                timeout: std::time::Duration::from_secs_f64(timeout_s),
+                timeout: helix_train::config::timeout_from_seconds(timeout_s)
+                    .context("--timeout-s")?,
             };
             if !helix_train::comm_check::comm_check(&opts)? {
                 bail!("a collective returned a wrong result");

@@ -21,7 +21,7 @@ use helix_peft::{
     save_ptuning, Adapter, Customized, Method,
 };
 
-use crate::config::ConfigFile;
+use crate::config::{timeout_from_seconds, ConfigFile};
 use crate::gradients::{forward_backward, global_grad_norm, DeviceBatch, GradientOptions};
 use crate::optim::{clip_scale, AdamW, AdamWConfig};
 use crate::progress::{
@@ -59,7 +59,7 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
     let t = &cfg.trainer;
     // 0. The job: rank 0 serves the rendezvous; every rank joins the data-parallel ring.
     let mut job = Job::from_env(
-        Duration::from_secs_f64(cfg.parallel.timeout_s),
+        timeout_from_seconds(cfg.parallel.timeout_s).context("parallel.timeout_s")?,
         cfg.parallel.tensor_parallel,
     )?;
     cfg.validate_training(job.dp.size)?;
@@ -326,7 +326,8 @@ pub fn evaluate(cfg: &ConfigFile, config_path: &Path, checkpoint: Option<&Path>)
     let device = crate::device(0)?;
     let method = cfg.method()?;
     let model_dir = ModelDir::open(model_path(cfg))?;
-    let job = Job::single(Duration::from_secs_f64(cfg.parallel.timeout_s));
+    let job =
+        Job::single(timeout_from_seconds(cfg.parallel.timeout_s).context("parallel.timeout_s")?);
     let model = load_model(cfg, &model_dir, &method, &device, &job)?;
     if let Some(dir) = checkpoint {
         helix_ckpt::verify(dir)?;
@@ -380,11 +381,13 @@ fn load_model(
     let source = from.join(helix_peft::peft_format::ADAPTER_WEIGHTS);
     let whole = match (method, read_adapter(from, device)?) {
         (Method::Lora(want), Adapter::Lora { cfg: got, tensors }) => {
-            if !want.same_as(&got) {
+            let differ = want.differences(&got);
+            if !differ.is_empty() {
                 bail!(
-                    "method.init_from = {}: the adapter's LoRA settings {got:?} differ from \
-                     [lora] {want:?}",
-                    from.display()
+                    "method.init_from = {}: the adapter's LoRA settings differ from [lora] \
+                     (config vs adapter): {}",
+                    from.display(),
+                    differ.join(", ")
                 );
             }
             tensors
@@ -467,9 +470,14 @@ impl Data {
 /// ends first. A step takes `accumulation` micro-batches, running on into the next epoch.
 fn total_steps(cfg: &ConfigFile, micro_per_epoch: u64, accumulation: usize) -> Result<u64> {
     let t = &cfg.trainer;
-    let from_epochs = t
-        .max_epochs
-        .map(|e| e * micro_per_epoch / accumulation as u64);
+    let from_epochs = match t.max_epochs {
+        Some(e) => Some(
+            e.checked_mul(micro_per_epoch)
+                .with_context(|| format!("trainer.max_epochs = {e} is too large"))?
+                / accumulation as u64,
+        ),
+        None => None,
+    };
     let total = match (t.max_steps, from_epochs) {
         (Some(a), Some(b)) => a.min(b),
         (Some(a), None) => a,

@@ -87,6 +87,39 @@ fn plan_reports_every_cluster_config() {
     }
 }
 
+/// Without `global_batch_size`, `plan` takes one micro-batch per data-parallel rank a step, as
+/// training does (it took one micro-batch in all, and then refused the config).
+#[test]
+fn plan_defaults_the_global_batch_as_training_does() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let tmp = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(repo.join("configs/lora7b.toml")).unwrap();
+    let cut: String = text
+        .lines()
+        .filter(|l| !l.starts_with("global_batch_size"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(tmp.path().join("lora7b.toml"), cut).unwrap();
+    let out = helix_train_ok(
+        tmp.path(),
+        &[
+            "plan",
+            "--config",
+            "lora7b.toml",
+            "--nodes",
+            "1",
+            "--gpus-per-node",
+            "8",
+            "--json",
+        ],
+    );
+    let plan: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        out.contains("predicted") || plan["plan"].is_object(),
+        "{out}"
+    );
+}
+
 /// The GPU benchmark's configs (configs/bench/) run `helix-train bench` on a sliver of their
 /// shape: one layer, four tokens, random weights (SFT's only parses: AdamW over even one
 /// layer and the 7B embeddings takes half a minute on a CPU).

@@ -81,7 +81,7 @@ fn a_peft_lora_adapter_continues_training_in_helix() {
     let (ok, err) = helix(dir, &["--set", &init, "--set", "trainer.output_dir=bad"]);
     assert!(!ok);
     assert!(
-        err.contains("differ from [lora]") && err.contains("init_from"),
+        err.contains("differ from [lora] (config vs adapter): lora.") && err.contains("init_from"),
         "{err}"
     );
 }
