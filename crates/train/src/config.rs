@@ -85,41 +85,65 @@ impl ConfigFile {
     /// [`ConfigFile::load_with`] on the text of the config already in memory; `path` names it
     /// in messages.
     pub fn from_str_with(path: &Path, text: &str, sets: &[String]) -> Result<Self> {
-        // The file alone first, so its own mistakes are reported with their line.
-        let parsed: Self = toml::from_str(text)
-            .map_err(|e| anyhow!("{}: {}", path.display(), explain(&e.to_string())))?;
-        let mut raw: toml::Table = toml::from_str(text)
-            .map_err(|e| anyhow!("{}: {}", path.display(), explain(&e.to_string())))?;
+        let in_file =
+            |e: &dyn std::fmt::Display| anyhow!("{}: {}", path.display(), explain(&e.to_string()));
+        let mut raw: toml::Table = toml::from_str(text).map_err(|e| in_file(&e))?;
+        // The file alone, so its own mistakes are reported with their line; `--set` may still
+        // supply a key the file lacks or replace one it got wrong.
+        let alone = toml::from_str::<Self>(text);
         if sets.is_empty() {
-            return Ok(Self { raw, ..parsed });
+            return Ok(Self {
+                raw,
+                ..alone.map_err(|e| in_file(&e))?
+            });
         }
+        let file_error = alone.err().map(|e| in_file(&e));
         let mut typed = Vec::new();
         for s in sets {
             typed.push(apply_set(&mut raw, s)?);
         }
+        // (key, the error its value gave before it was retried as the text typed)
+        let mut retried: Vec<(String, String)> = Vec::new();
         loop {
             match toml::Value::Table(raw.clone()).try_into::<Self>() {
                 Ok(cfg) => return Ok(Self { raw, ..cfg }),
                 Err(e) => {
-                    // `--set trainer.output_dir=nan`: a bare value that parsed as another type
-                    // where the key wants a string is the text the user typed.
                     let msg = e.to_string();
                     let key = msg
                         .split("in `")
                         .nth(1)
                         .and_then(|r| r.split('`').next())
-                        .unwrap_or_default();
-                    let Some(i) = typed.iter().position(|t| t.as_deref() == Some(key)) else {
-                        bail!(
+                        .unwrap_or_default()
+                        .to_string();
+                    let with_sets = |m: &str| {
+                        anyhow!(
                             "{} with --set {}: {}",
                             path.display(),
                             sets.join(" --set "),
-                            explain(&msg)
-                        );
+                            explain(m)
+                        )
                     };
-                    let text = sets[i].split_once('=').expect("checked").1.trim();
-                    set_value(&mut raw, key, toml::Value::String(text.to_string()))?;
-                    typed[i] = None;
+                    // `--set trainer.output_dir=nan`: a bare value that parsed as another type
+                    // where the key wants a string is the text the user typed. The last --set
+                    // of a key is the one that stands.
+                    if let Some(i) = typed.iter().rposition(|t| t.as_deref() == Some(&key)) {
+                        let text = sets[i].split_once('=').expect("checked").1.trim();
+                        set_value(&mut raw, &key, toml::Value::String(text.to_string()))?;
+                        for t in typed.iter_mut().filter(|t| t.as_deref() == Some(&key)) {
+                            *t = None;
+                        }
+                        retried.push((key, msg));
+                        continue;
+                    }
+                    // Not a string either: the value's own error (`-5` for a count), not the
+                    // string's.
+                    if let Some((_, first)) = retried.iter().find(|(k, _)| *k == key) {
+                        return Err(with_sets(first));
+                    }
+                    return Err(match file_error {
+                        Some(e) if !sets.iter().any(|s| s.trim_start().starts_with(&key)) => e,
+                        _ => with_sets(&msg),
+                    });
                 }
             }
         }

@@ -167,6 +167,31 @@ fn set_overrides_any_key_with_a_toml_value() -> Result<()> {
     assert_eq!(c.trainer.resume, "true");
     let err = format!("{:#}", load(BASE, &["trainer.max_steps.x=1"]).unwrap_err());
     assert!(err.contains("max_steps is not a section"), "{err}");
+    // A value of the wrong type is reported as typed, not as the string it was retried as.
+    let err = load(BASE, &["trainer.max_steps=-5"])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("-5") && !err.contains("string"), "{err}");
+    // The last --set of a key stands, also when both were retried as text.
+    let c = load(BASE, &["trainer.output_dir=111", "trainer.output_dir=222"])?;
+    assert_eq!(c.trainer.output_dir, PathBuf::from("222"));
+    // --set supplies a key the file lacks, and replaces one of the wrong type.
+    let no_format = BASE.replace("format = \"alpaca\"\n", "");
+    assert!(load(&no_format, &[]).is_err());
+    let c = load(&no_format, &["data.format=alpaca"])?;
+    assert_eq!(format!("{:?}", c.data.as_ref().unwrap().format), "Alpaca");
+    let text_steps = BASE.replace("max_steps = 20", "max_steps = \"20\"");
+    let err = load(&text_steps, &[]).unwrap_err().to_string();
+    assert!(
+        err.contains("run.toml") && err.contains("max_steps"),
+        "{err}"
+    );
+    assert_eq!(
+        load(&text_steps, &["trainer.max_steps=30"])?
+            .trainer
+            .max_steps,
+        Some(30)
+    );
     Ok(())
 }
 
