@@ -30,7 +30,8 @@ use crate::progress::{
 use crate::schedule::{Schedule, ScheduleKind};
 use crate::signals::StopRequest;
 use crate::state::{
-    choose_checkpoint, layout_settings, restore, restore_trainable, snapshot, StoreSaveRendezvous,
+    check_same_model, choose_checkpoint, layout_settings, restore, restore_trainable, snapshot,
+    StoreSaveRendezvous,
 };
 
 /// How a run ended.
@@ -331,6 +332,7 @@ pub fn evaluate(cfg: &ConfigFile, config_path: &Path, checkpoint: Option<&Path>)
     let model = load_model(cfg, &model_dir, &method, &device, &job)?;
     if let Some(dir) = checkpoint {
         helix_ckpt::verify(dir)?;
+        check_same_model(dir, cfg)?;
         restore_trainable(dir, &model)?;
     }
     let validation = Data::load(cfg, config_path, &job)?.validation;

@@ -258,6 +258,36 @@ pub fn choose_checkpoint(
     }
 }
 
+/// An error unless the checkpoint in `dir` was trained with `cfg`'s model and adapter settings
+/// (`[model]`, the method, `[lora]`, `[ptuning]`), for `eval --checkpoint`, which may change
+/// the data and everything else: its trainable tensors mean something else under another
+/// LoRA scaling or prompt encoder.
+pub fn check_same_model(dir: &Path, cfg: &ConfigFile) -> Result<()> {
+    let state: TrainerState = serde_json::from_value(read_json(dir, TRAINER_STATE)?)
+        .with_context(|| format!("{}: invalid {TRAINER_STATE}", dir.display()))?;
+    // Where the base model lives may change (another machine); what it is read as may not.
+    let model_keys = |k: &String| {
+        let moved = ["model.path", "model.preset"].contains(&k.as_str());
+        !moved
+            && ["model", "lora", "ptuning", "method.name"]
+                .iter()
+                .any(|s| k == s || k.starts_with(&format!("{s}.")))
+    };
+    let differ: Vec<String> = differing_keys(&state.config, &cfg.numerics())
+        .into_iter()
+        .filter(model_keys)
+        .collect();
+    if !differ.is_empty() {
+        bail!(
+            "checkpoint {} was trained with other model or adapter settings, in {}: evaluate \
+             it with the config it was trained with",
+            dir.display(),
+            differ.join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// Loads the checkpoint in `dir` into the model, optimizer and data stream; returns its state.
 pub fn restore(
     dir: &Path,

@@ -273,6 +273,27 @@ fn a_kill_during_a_save_and_a_damaged_shard_fall_back_to_the_previous_checkpoint
     );
     assert!(err.contains("step-000015 (step 15)"), "{err}");
     assert_same_run("lora", "damaged newest checkpoint", &straight, &crash);
+
+    // eval under another LoRA scaling than the checkpoint's is refused, naming the key; with
+    // the checkpoint's own settings (other data settings allowed) it evaluates.
+    let eval = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_helix-train"))
+            .args(["eval", "--config", "run.toml"])
+            .args(["--checkpoint", "crash/checkpoints/step-000015"])
+            .args(extra)
+            .current_dir(dir)
+            .env("HELIX_CACHE_DIR", dir.join("cache"))
+            .output()
+            .unwrap()
+    };
+    let o = eval(&["--set", "lora.lora_alpha=64"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("in lora.lora_alpha"),
+        "{err}"
+    );
+    let o = eval(&["--set", "trainer.limit_val_batches=1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
 #[test]
