@@ -253,7 +253,8 @@ pub(crate) enum Command {
         timeout_s: f64,
     },
     /// Read, template and tokenize instruction data; print statistics as JSON. Takes the
-    /// `[data]` section of a config (and model.path for the tokenizer), or the flags below.
+    /// `[data]` section of a config (and model.path for the tokenizer; change its keys with
+    /// --set data.KEY=…), or the flags below.
     DataStats {
         #[arg(long)]
         data: Option<PathBuf>,
@@ -263,15 +264,16 @@ pub(crate) enum Command {
         /// A directory with tokenizer.json (and tokenizer_config.json for EOS / chat template).
         #[arg(long)]
         tokenizer: Option<PathBuf>,
-        /// alpaca, dolly, chat (the model's template), or a string with {instruction} and
-        /// {input}/{context}
-        #[arg(long, default_value = "alpaca")]
-        template: String,
-        #[arg(long, default_value_t = 2048)]
-        max_seq_length: usize,
-        /// truncate_prompt, truncate_response or drop
-        #[arg(long, default_value = "truncate_response")]
-        length_policy: LengthPolicy,
+        /// alpaca (the default), dolly, chat (the model's template), or a string with
+        /// {instruction} and {input}/{context}
+        #[arg(long)]
+        template: Option<String>,
+        /// Tokens a sample may hold (default 2048).
+        #[arg(long)]
+        max_seq_length: Option<usize>,
+        /// truncate_prompt, truncate_response (the default) or drop
+        #[arg(long)]
+        length_policy: Option<LengthPolicy>,
         /// Train on the whole sequence instead of the response only.
         #[arg(long)]
         whole_sequence_loss: bool,
@@ -287,17 +289,18 @@ pub(crate) enum Command {
         response_field: Option<String>,
         #[arg(long)]
         category_field: Option<String>,
-        /// Tokenizer threads (0 = one per core).
-        #[arg(long, default_value_t = 0)]
-        threads: usize,
+        /// Tokenizer threads (0, the default: one per core).
+        #[arg(long)]
+        threads: Option<usize>,
         /// Tokenize even when a cached result exists (and do not write one).
         #[arg(long)]
         no_cache: bool,
         /// Data-parallel ranks, for the epoch plan (micro-steps per epoch).
         #[arg(long, default_value_t = 1)]
         world_size: usize,
-        /// Rows per micro-batch on each rank, for the epoch plan.
-        #[arg(long, default_value_t = 1)]
-        micro_batch_size: usize,
+        /// Rows per micro-batch on each rank, for the epoch plan (default: the config's
+        /// batch.micro_batch_size, else 1).
+        #[arg(long)]
+        micro_batch_size: Option<usize>,
     },
 }

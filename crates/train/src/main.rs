@@ -409,13 +409,36 @@ fn run(cli: Cli) -> Result<()> {
             world_size,
             micro_batch_size,
         } => {
-            let (mut cfg, tokenizer_dir) = match &cli.config {
+            let (mut cfg, tokenizer_dir, micro_batch_size) = match &cli.config {
                 Some(path) => {
-                    if data.is_some() || format.is_some() || tokenizer.is_some() {
-                        bail!("data-stats takes --config or --data/--format/--tokenizer, not both");
+                    // The config's [data] decides these; a flag beside it would be ignored.
+                    let data_flags = [
+                        ("--data", data.is_some()),
+                        ("--format", format.is_some()),
+                        ("--tokenizer", tokenizer.is_some()),
+                        ("--template", template.is_some()),
+                        ("--max-seq-length", max_seq_length.is_some()),
+                        ("--length-policy", length_policy.is_some()),
+                        ("--whole-sequence-loss", whole_sequence_loss),
+                        ("--skip-invalid", skip_invalid),
+                        ("--instruction-field", instruction_field.is_some()),
+                        ("--context-field", context_field.is_some()),
+                        ("--response-field", response_field.is_some()),
+                        ("--category-field", category_field.is_some()),
+                        ("--threads", threads.is_some()),
+                    ];
+                    if let Some((flag, _)) = data_flags.iter().find(|(_, given)| *given) {
+                        bail!(
+                            "data-stats --config takes the data settings from the config's [data]: \
+                             change them with --set data.KEY=VALUE, not {flag}"
+                        );
                     }
                     let file = ConfigFile::load_with(path, &cli.set)?;
-                    (file.data(path)?.clone(), file.tokenizer_dir(path)?)
+                    (
+                        file.data(path)?.clone(),
+                        file.tokenizer_dir(path)?,
+                        micro_batch_size.unwrap_or(file.batch.micro_batch_size),
+                    )
                 }
                 None => {
                     let (Some(data), Some(format), Some(tokenizer)) = (data, format, tokenizer)
@@ -425,9 +448,16 @@ fn run(cli: Cli) -> Result<()> {
                         );
                     };
                     let mut cfg = DataConfig::new(data, format);
-                    cfg.template = template;
-                    cfg.max_seq_length = max_seq_length;
-                    cfg.length_policy = length_policy;
+                    // DataConfig::new holds the defaults.
+                    if let Some(t) = template {
+                        cfg.template = t;
+                    }
+                    if let Some(n) = max_seq_length {
+                        cfg.max_seq_length = n;
+                    }
+                    if let Some(p) = length_policy {
+                        cfg.length_policy = p;
+                    }
                     if whole_sequence_loss {
                         cfg.loss = LossMode::WholeSequence;
                     }
@@ -438,8 +468,10 @@ fn run(cli: Cli) -> Result<()> {
                         response: response_field,
                         category: category_field,
                     };
-                    cfg.threads = threads;
-                    (cfg, tokenizer)
+                    if let Some(n) = threads {
+                        cfg.threads = n;
+                    }
+                    (cfg, tokenizer, micro_batch_size.unwrap_or(1))
                 }
             };
             if no_cache {

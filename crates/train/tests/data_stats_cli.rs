@@ -78,6 +78,38 @@ fn data_stats_reads_a_config_and_reports_splits_packing_and_cache() {
         v["sources"]["train"]["stats"]
     );
     assert!(err.contains("loaded from the token cache"), "{err}");
+
+    // Beside --config, a data flag would be ignored: it is refused, pointing at --set.
+    let (ok, _, err) = helix_train(
+        &[
+            "data-stats",
+            "--config",
+            "run.toml",
+            "--max-seq-length",
+            "8",
+        ],
+        tmp.path(),
+    );
+    assert!(
+        !ok && err.contains("not --max-seq-length") && err.contains("--set data."),
+        "{err}"
+    );
+    let (ok, out3, err) = helix_train(
+        &[
+            "data-stats",
+            "--config",
+            "run.toml",
+            "--set",
+            "data.max_seq_length=8",
+        ],
+        tmp.path(),
+    );
+    assert!(ok, "{err}");
+    let v3: serde_json::Value = serde_json::from_str(&out3).unwrap();
+    assert_ne!(
+        v3["sources"]["train"]["stats"],
+        v["sources"]["train"]["stats"]
+    );
 }
 
 #[test]
