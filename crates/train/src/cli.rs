@@ -304,3 +304,23 @@ pub(crate) enum Command {
         micro_batch_size: Option<usize>,
     },
 }
+
+impl Command {
+    /// The subcommand's name when it takes no config (its flags say what it does), so that
+    /// `--config` and `--set` beside it are refused instead of ignored.
+    pub(crate) fn without_config(&self) -> Option<&'static str> {
+        match self {
+            Command::Import { .. } => Some("import"),
+            Command::Generate { .. } => Some("generate"),
+            Command::Export { .. } => Some("export"),
+            Command::KernelCheck { .. } => Some("kernel-check"),
+            Command::AttentionBench { .. } => Some("attention-bench"),
+            Command::CommCheck { .. } => Some("comm-check"),
+            Command::Train
+            | Command::Eval { .. }
+            | Command::Plan { .. }
+            | Command::Bench { .. }
+            | Command::DataStats { .. } => None,
+        }
+    }
+}

@@ -23,7 +23,10 @@ pub struct CommCheckOptions {
 /// Runs the checks on this rank; every rank prints its own mismatches, rank 0 the summary.
 /// Returns whether every result was exact.
 pub fn comm_check(opts: &CommCheckOptions) -> Result<bool> {
-    let mut job = Job::from_env(opts.timeout, opts.tp)?;
+    if opts.tp == 0 {
+        anyhow::bail!("--tp must be at least 1");
+    }
+    let mut job = Job::from_env(opts.timeout, opts.tp).context("--tp")?;
     let device = crate::device(job.local_rank)?;
     job.use_device(&device)?;
     let main = job.is_main();

@@ -345,6 +345,12 @@ impl ConfigFile {
                 t.gradient_clip_val
             );
         }
+        if t.limit_val_batches == Some(0) {
+            bail!("trainer.limit_val_batches must be at least 1 (leave it out for every batch)");
+        }
+        if t.output_dir.as_os_str().is_empty() {
+            bail!("trainer.output_dir is empty: name the run's directory");
+        }
         if t.save_total_limit == Some(0) {
             bail!("trainer.save_total_limit must be at least 1");
         }

@@ -98,6 +98,11 @@ fn run(cli: Cli) -> Result<()> {
         let (path, cfg) = config()?;
         return run_training(&path, &cfg);
     };
+    if let Some(name) = command.without_config() {
+        if cli.config.is_some() || !cli.set.is_empty() {
+            bail!("`helix-train {name}` reads no config: its flags say what it does (drop --config and --set)");
+        }
+    }
     if !cli.set.is_empty() && cli.config.is_none() {
         bail!("--set needs --config");
     }

@@ -30,8 +30,8 @@ use crate::progress::{
 use crate::schedule::{Schedule, ScheduleKind};
 use crate::signals::StopRequest;
 use crate::state::{
-    check_same_model, choose_checkpoint, layout_settings, restore, restore_trainable, snapshot,
-    StoreSaveRendezvous,
+    check_same_config, check_same_model, choose_checkpoint, layout_settings, restore,
+    restore_trainable, snapshot, StoreSaveRendezvous,
 };
 
 /// How a run ended.
@@ -75,21 +75,9 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
     std::fs::create_dir_all(&t.output_dir)
         .with_context(|| format!("cannot create {}", t.output_dir.display()))?;
 
-    // 1. The model and what trains in it: identical on every rank; dropout draws differ.
-    let method = cfg.method()?;
-    let model_dir = ModelDir::open(model_path(cfg))?;
-    let model = load_model(cfg, &model_dir, &method, &device, &job)?;
-    // Data-parallel ranks draw different masks; tensor-parallel ranks share theirs.
-    model.set_dropout_stream(job.dp.index as u64);
-    say(format!(
-        "{} on {}: {}",
-        method.name(),
-        model_dir.path.display(),
-        model.summary()
-    ));
-
-    // 2. Data: tokenized once (rank 0 fills the token cache the others then read), then this
-    //    rank's share of every micro-step.
+    // 1. Data: tokenized once (rank 0 fills the token cache the others then read), then this
+    //    rank's share of every micro-step. Before the model, whose load takes minutes at 70B:
+    //    a missing file or a bad template is named at once.
     if !main {
         job.barrier("data")?;
     }
@@ -102,7 +90,39 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
     }
     let accumulation = cfg.accumulation(job.dp.size)?;
 
-    // 3. How long, how fast.
+    // 2. Where to start: the newest valid checkpoint (resume = "auto"), or afresh. Rank 0
+    //    chooses (after clearing what crashed saves left, before any rank can write into a
+    //    `.tmp` directory again); every rank loads the same one, once the model is there. A
+    //    config that differs from the checkpoint's is named now, before the model loads.
+    let store = checkpoint_store(cfg)?;
+    let chosen = match main {
+        true => {
+            store.remove_incomplete()?;
+            choose_checkpoint(cfg, &store, |w| eprintln!("{w}"))?
+                .map(|d| d.display().to_string())
+                .unwrap_or_default()
+        }
+        false => String::new(),
+    };
+    let chosen = job.broadcast_text(&chosen)?;
+    if !chosen.is_empty() {
+        check_same_config(Path::new(&chosen), cfg)?;
+    }
+
+    // 3. The model and what trains in it: identical on every rank; dropout draws differ.
+    let method = cfg.method()?;
+    let model_dir = ModelDir::open(model_path(cfg))?;
+    let model = load_model(cfg, &model_dir, &method, &device, &job)?;
+    // Data-parallel ranks draw different masks; tensor-parallel ranks share theirs.
+    model.set_dropout_stream(job.dp.index as u64);
+    say(format!(
+        "{} on {}: {}",
+        method.name(),
+        model_dir.path.display(),
+        model.summary()
+    ));
+
+    // 4. How long, how fast.
     let total_steps = total_steps(cfg, stream.steps_per_epoch(), accumulation)?;
     let s = &cfg.schedule;
     let schedule = Schedule::new(
@@ -125,21 +145,8 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
         optimizer.shard_state(job.dp.index, job.dp.size)?;
     }
 
-    // 4. Where to start: the newest valid checkpoint (resume = "auto"), or afresh.
-    //    Rank 0 chooses (after clearing what crashed saves left, before any rank can write
-    //    into a `.tmp` directory again); every rank loads the same one.
-    let store = checkpoint_store(cfg)?;
+    // 5. Where to start, chosen in 2: restore it into the model, optimizer and data stream.
     let mut step = 0;
-    let chosen = match main {
-        true => {
-            store.remove_incomplete()?;
-            choose_checkpoint(cfg, &store, |w| eprintln!("{w}"))?
-                .map(|d| d.display().to_string())
-                .unwrap_or_default()
-        }
-        false => String::new(),
-    };
-    let chosen = job.broadcast_text(&chosen)?;
     if !chosen.is_empty() {
         let dir = PathBuf::from(&chosen);
         let state = restore(&dir, cfg, &model, &mut optimizer, &mut stream)?;

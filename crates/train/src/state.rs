@@ -258,6 +258,23 @@ pub fn choose_checkpoint(
     }
 }
 
+/// The checkpoint's state, or an error naming the keys where `cfg` computes other numbers
+/// than the config it was trained with.
+pub fn check_same_config(dir: &Path, cfg: &ConfigFile) -> Result<TrainerState> {
+    let state: TrainerState = serde_json::from_value(read_json(dir, TRAINER_STATE)?)
+        .with_context(|| format!("{}: invalid {TRAINER_STATE}", dir.display()))?;
+    let differ = differing_keys(&state.config, &cfg.numerics());
+    if !differ.is_empty() {
+        bail!(
+            "the config differs from the one checkpoint {} was trained with, in {}; a resumed \
+             run must compute the same numbers (only output and checkpoint settings may change)",
+            dir.display(),
+            differ.join(", ")
+        );
+    }
+    Ok(state)
+}
+
 /// An error unless the checkpoint in `dir` was trained with `cfg`'s model and adapter settings
 /// (`[model]`, the method, `[lora]`, `[ptuning]`), for `eval --checkpoint`, which may change
 /// the data and everything else: its trainable tensors mean something else under another
@@ -296,17 +313,7 @@ pub fn restore(
     optimizer: &mut AdamW,
     stream: &mut BatchStream,
 ) -> Result<TrainerState> {
-    let state: TrainerState = serde_json::from_value(read_json(dir, TRAINER_STATE)?)
-        .with_context(|| format!("{}: invalid {TRAINER_STATE}", dir.display()))?;
-    let now = cfg.numerics();
-    if state.config != now {
-        bail!(
-            "the config differs from the one checkpoint {} was trained with, in {}; a resumed \
-             run must compute the same numbers (only output and checkpoint settings may change)",
-            dir.display(),
-            differing_keys(&state.config, &now).join(", ")
-        );
-    }
+    let state = check_same_config(dir, cfg)?;
     let reader = CheckpointReader::open(dir)?;
     restore_trainable_from(&reader, model)?;
     let device = model.model.device().clone();
@@ -375,6 +382,8 @@ fn differing_keys(a: &serde_json::Value, b: &serde_json::Value) -> Vec<String> {
                     );
                 }
             }
+            // `lora_alpha = 16` and `16.0` are the same number.
+            _ if a.is_number() && b.is_number() && a.as_f64() == b.as_f64() => {}
             _ if a != b => out.push(prefix.to_string()),
             _ => {}
         }
@@ -393,6 +402,8 @@ mod tests {
         let a = serde_json::json!({"optimizer": {"lr": 1e-4, "eps": 1e-8}, "data": {"seed": 1}});
         let b = serde_json::json!({"optimizer": {"lr": 3e-4, "eps": 1e-8}, "lora": {"r": 8}});
         assert_eq!(differing_keys(&a, &b), vec!["data", "lora", "optimizer.lr"]);
+        let (c, d) = (serde_json::json!({"a": 16}), serde_json::json!({"a": 16.0}));
+        assert!(differing_keys(&c, &d).is_empty());
     }
 
     #[test]

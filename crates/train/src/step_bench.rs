@@ -112,6 +112,19 @@ pub fn bench(cfg: &ConfigFile, opts: &BenchOptions) -> Result<()> {
     if opts.steps == 0 {
         bail!("--steps must be at least 1");
     }
+    if opts.rows == Some(0) {
+        bail!("--rows must be at least 1");
+    }
+    // One token predicts nothing: a row needs two for a loss.
+    if opts.seq.is_some_and(|s| s < 2) {
+        bail!("--seq must be at least 2");
+    }
+    if !(opts.peak_tflops > 0.0 && opts.peak_tflops.is_finite()) {
+        bail!(
+            "--peak-tflops must be a positive number, got {}",
+            opts.peak_tflops
+        );
+    }
     let device = crate::device(0)?;
     let m = cfg
         .model

@@ -248,6 +248,12 @@ fn adapter_errors_name_the_file_and_the_problem() -> Result<()> {
         assert!(!ok, "{args:?} should fail");
         err
     };
+    // Subcommands that read no config refuse one instead of ignoring it.
+    let err = run(&["--config", "run.toml", "export", "--model", m, "--out", "x"]);
+    assert!(
+        err.contains("`helix-train export` reads no config"),
+        "{err}"
+    );
     let ptuning = fixture("tiny-gqa-tied").join("ptuning");
     let err = run(&[
         "export",

@@ -294,6 +294,24 @@ fn a_kill_during_a_save_and_a_damaged_shard_fall_back_to_the_previous_checkpoint
     );
     let o = eval(&["--set", "trainer.limit_val_batches=1"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    // Resuming with a setting that changes the numbers is refused, naming it, before the
+    // model loads (no "trainable params" line); a missing data file too.
+    for (set, want) in [
+        ("optimizer.lr=0.5", "in optimizer.lr"),
+        ("data.train=missing.jsonl", "missing.jsonl"),
+    ] {
+        let o = command(dir, "crash", &[])
+            .args(["--set", set])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(want), "{set}: {err}");
+        assert!(
+            !err.contains("trainable params"),
+            "{set}: the model loaded first: {err}"
+        );
+    }
 }
 
 #[test]

@@ -167,6 +167,19 @@ fn set_overrides_any_key_with_a_toml_value() -> Result<()> {
     assert_eq!(c.trainer.resume, "true");
     let err = format!("{:#}", load(BASE, &["trainer.max_steps.x=1"]).unwrap_err());
     assert!(err.contains("max_steps is not a section"), "{err}");
+    for (set, want) in [
+        (
+            "trainer.limit_val_batches=0",
+            "trainer.limit_val_batches must be at least 1",
+        ),
+        ("trainer.output_dir=", "trainer.output_dir is empty"),
+    ] {
+        let err = load(BASE, &[set])?
+            .validate_training(1)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(want), "{set}: {err}");
+    }
     // A value of the wrong type is reported as typed, not as the string it was retried as.
     let err = load(BASE, &["trainer.max_steps=-5"])
         .unwrap_err()
