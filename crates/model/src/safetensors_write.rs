@@ -101,15 +101,20 @@ pub fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     })
 }
 
-/// Streams the tensors of `specs` (written in name order) into one safetensors file with
-/// `{"format": "pt"}` metadata; `produce` gives each tensor's values when its turn comes.
+/// Streams the tensors of `specs` into one safetensors file with `{"format": "pt"}` metadata;
+/// `produce` gives each tensor's values when its turn comes. They are written widest dtype
+/// first, then by name, as the safetensors library orders them: every tensor then starts at a
+/// multiple of its element size, which readers that map the file in place need.
 pub fn write_safetensors(
     w: &mut impl Write,
     specs: &[TensorSpec],
     mut produce: impl FnMut(&TensorSpec) -> Result<Tensor>,
 ) -> Result<()> {
     let mut order: Vec<&TensorSpec> = specs.iter().collect();
-    order.sort_by(|a, b| a.name.cmp(&b.name));
+    order.sort_by(|a, b| {
+        (std::cmp::Reverse(a.dtype.size_in_bytes()), &a.name)
+            .cmp(&(std::cmp::Reverse(b.dtype.size_in_bytes()), &b.name))
+    });
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), json!({"format": "pt"}));
     let mut offset = 0usize;
@@ -261,6 +266,37 @@ mod tests {
         }
         // No temporary file is left behind.
         assert_eq!(std::fs::read_dir(tmp.path())?.count(), 4);
+        Ok(())
+    }
+
+    #[test]
+    fn mixed_dtypes_each_start_at_a_multiple_of_their_size() -> Result<()> {
+        let dev = Device::Cpu;
+        // By name alone the odd-length bf16 "a" would come first and push "b" off 4 bytes.
+        let named = [
+            ("a".to_string(), Tensor::ones(3, DType::BF16, &dev)?),
+            ("b".to_string(), Tensor::ones(2, DType::F32, &dev)?),
+            ("c".to_string(), Tensor::ones(1, DType::BF16, &dev)?),
+        ];
+        let tmp = tempfile::tempdir()?;
+        let path = tmp.path().join("m.safetensors");
+        save_tensors(&path, &named)?;
+        let bytes = std::fs::read(&path)?;
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n])?;
+        for (name, size) in [("a", 2), ("b", 4), ("c", 2)] {
+            let start = header[name]["data_offsets"][0].as_u64().unwrap();
+            assert_eq!(start % size, 0, "{name} starts at {start}");
+        }
+        assert_eq!(header["b"]["data_offsets"][0], 0);
+        let back = crate::SafetensorsWeights::open_files(tmp.path(), &[path])?;
+        for (name, t) in &named {
+            let got = back.load(name, t.dims(), t.dtype(), &dev)?;
+            assert_eq!(
+                got.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+                t.to_dtype(DType::F32)?.to_vec1::<f32>()?
+            );
+        }
         Ok(())
     }
 
