@@ -170,7 +170,10 @@ impl CheckpointReader {
                 );
             }
             let mut stems = HashMap::new();
-            for e in index.groups.values().flat_map(|g| g.values()) {
+            for (name, e) in index.groups.values().flat_map(|g| g.iter()) {
+                if e.stems.is_empty() {
+                    bail!("{}: tensor '{name}' is in no file", index_path.display());
+                }
                 for stem in &e.stems {
                     if !is_plain_name(stem) {
                         bail!(

@@ -126,6 +126,7 @@ impl CheckpointStore {
             bytes: part.files.iter().map(|f| f.2).sum(),
             seconds: t.elapsed().as_secs_f64(),
             removed: Vec::new(),
+            prune_error: None,
         })
     }
 
@@ -223,30 +224,55 @@ impl CheckpointStore {
             Ok(w.write_all(format!("{name}\n").as_bytes())?)
         })?;
         sync_dir(&self.root)?;
-        let removed = self.prune(ckpt.step)?;
+        let (removed, prune_error) = self.prune(ckpt.step);
         Ok(SaveReport {
             step: ckpt.step,
             dir,
             bytes,
             seconds: t.elapsed().as_secs_f64(),
             removed,
+            prune_error: prune_error.map(|e| format!("{e:#}")),
         })
     }
 
-    /// Removes the oldest complete checkpoints beyond `keep` (never `just_saved`).
-    fn prune(&self, just_saved: u64) -> Result<Vec<PathBuf>> {
-        let Some(keep) = self.keep else {
-            return Ok(Vec::new());
-        };
+    /// Removes the oldest complete checkpoints beyond `keep` (never `just_saved`): those it
+    /// removed, and the first failure, which stops it but not the run.
+    fn prune(&self, just_saved: u64) -> (Vec<PathBuf>, Option<anyhow::Error>) {
         let mut removed = Vec::new();
-        for (step, dir) in self.list_complete()?.into_iter().skip(keep.max(1)) {
+        let Some(keep) = self.keep else {
+            return (removed, None);
+        };
+        let old = match self.list_complete() {
+            Ok(list) => list.into_iter().skip(keep.max(1)),
+            Err(e) => return (removed, Some(e)),
+        };
+        for (step, dir) in old {
             if step != just_saved {
-                std::fs::remove_dir_all(&dir)
-                    .with_context(|| format!("cannot remove old checkpoint {}", dir.display()))?;
+                if let Err(e) = std::fs::remove_dir_all(&dir) {
+                    let e = anyhow::Error::new(e)
+                        .context(format!("cannot remove old checkpoint {}", dir.display()));
+                    return (removed, Some(e));
+                }
                 removed.push(dir);
             }
         }
-        Ok(removed)
+        (removed, None)
+    }
+
+    /// Renames a damaged checkpoint to `step-N.damaged` (`.damaged-2`, … if taken), out of
+    /// the list of checkpoints, so it neither takes a place `save_total_limit` keeps nor stands
+    /// in the way when its step is saved again, and is still there to be looked at.
+    pub fn set_aside(&self, dir: &Path) -> Result<PathBuf> {
+        let name = dir.file_name().unwrap_or_default().to_string_lossy();
+        let mut to = dir.with_file_name(format!("{name}.damaged"));
+        let mut n = 2;
+        while to.exists() {
+            to = dir.with_file_name(format!("{name}.damaged-{n}"));
+            n += 1;
+        }
+        std::fs::rename(dir, &to)
+            .with_context(|| format!("cannot move {} aside to {}", dir.display(), to.display()))?;
+        Ok(to)
     }
 
     /// Removes what crashed saves left (`step-N.tmp/`). Several ranks write into one `.tmp`
@@ -292,7 +318,10 @@ impl CheckpointStore {
         Ok(out)
     }
 
-    /// The newest checkpoint that verifies, passing over (and reporting) damaged ones.
+    /// The newest checkpoint that verifies, passing over (and reporting) damaged ones: a file
+    /// missing or not matching its sha256. A file that cannot be read (an I/O error, a
+    /// permission, a stale NFS handle) is an error instead: the checkpoint may well be sound,
+    /// and passing over it would resume from an older one and later replace it.
     pub fn find_resumable(&self) -> Result<Resumable> {
         let mut found = Resumable::default();
         for (step, dir) in self.list_complete()? {
@@ -301,11 +330,25 @@ impl CheckpointStore {
                     found.chosen = Some((step, dir));
                     break;
                 }
+                Err(e) if unreadable(&e) => {
+                    return Err(e.context(format!(
+                        "cannot read checkpoint {}: fix the storage and run again, or move it \
+                         aside to resume from an older one",
+                        dir.display()
+                    )))
+                }
                 Err(e) => found.damaged.push((dir, format!("{e:#}"))),
             }
         }
         Ok(found)
     }
+}
+
+/// Whether `e` comes from an I/O error other than a missing file.
+fn unreadable(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<std::io::Error>())
+        .any(|io| io.kind() != std::io::ErrorKind::NotFound)
 }
 
 /// Checks every file listed in `dir/SHA256SUMS` and that nothing is missing; the error names

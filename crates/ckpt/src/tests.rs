@@ -124,6 +124,33 @@ fn a_flipped_byte_is_named_and_resume_falls_back_to_the_previous_checkpoint() ->
 }
 
 #[test]
+fn an_unreadable_file_stops_the_search_and_a_damaged_checkpoint_can_be_set_aside() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let s = store(tmp.path());
+    s.save_alone(&ckpt(5, 1.0))?;
+    let newest = s.save_alone(&ckpt(10, 2.0))?.dir;
+    // A read that fails (here: a directory where a file should be; on NFS, EIO or a stale
+    // handle) may not mean damage: the search stops, naming it, instead of passing over it.
+    let shard = newest.join("trainable-00002-of-00002.safetensors");
+    std::fs::remove_file(&shard)?;
+    std::fs::create_dir(&shard)?;
+    let err = format!("{:#}", s.find_resumable().unwrap_err());
+    assert!(
+        err.contains("cannot read checkpoint") && err.contains("step-000010"),
+        "{err}"
+    );
+    // A damaged one set aside leaves the list; a second at the same step gets its own name.
+    let aside = s.set_aside(&newest)?;
+    assert!(aside.to_string_lossy().ends_with("step-000010.damaged"));
+    let steps: Vec<u64> = s.list_complete()?.iter().map(|(n, _)| *n).collect();
+    assert_eq!(steps, vec![5]);
+    std::fs::create_dir(&newest)?;
+    let again = s.set_aside(&newest)?;
+    assert!(again.to_string_lossy().ends_with("step-000010.damaged-2"));
+    Ok(())
+}
+
+#[test]
 fn a_crash_leftover_is_never_read_and_is_replaced() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let s = store(tmp.path());
@@ -409,6 +436,11 @@ fn an_index_naming_a_file_outside_the_checkpoint_is_refused() -> Result<()> {
         err.contains("checkpoint_index.json") && err.contains("'../outside' is not a plain name"),
         "{err}"
     );
+    // A tensor in no file is refused too (it indexed past the end).
+    index["groups"]["trainable"]["a"]["stems"] = serde_json::json!([]);
+    std::fs::write(&path, index.to_string())?;
+    let err = format!("{:#}", CheckpointReader::open(&dir).err().expect("refused"));
+    assert!(err.contains("tensor 'a' is in no file"), "{err}");
     Ok(())
 }
 

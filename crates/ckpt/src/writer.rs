@@ -20,6 +20,9 @@ pub struct SaveReport {
     pub seconds: f64,
     /// Old checkpoints removed to keep `save_total_limit`.
     pub removed: Vec<PathBuf>,
+    /// Why an old checkpoint could not be removed (on NFS a file still open elsewhere keeps
+    /// its directory): the save itself stands, and training goes on.
+    pub prune_error: Option<String>,
 }
 
 pub struct BackgroundWriter {

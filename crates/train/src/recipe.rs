@@ -544,7 +544,10 @@ fn saved_line(r: &helix_ckpt::SaveReport) -> String {
         } else {
             format!(", removed {} older", r.removed.len())
         }
-    )
+    ) + &match &r.prune_error {
+        Some(e) => format!("\nwarning: {e}; training goes on (remove it by hand)"),
+        None => String::new(),
+    }
 }
 
 /// At the end: the adapter in PEFT format (`output_dir/adapter`), and the model as a Hugging

@@ -240,18 +240,28 @@ pub fn choose_checkpoint(
         }
         Resume::Auto => {
             let found = store.find_resumable()?;
-            for (dir, why) in &found.damaged {
-                warn(format!(
-                    "warning: skipping the damaged checkpoint {}: {why}",
-                    dir.display()
-                ));
-            }
             if found.chosen.is_none() && !found.damaged.is_empty() {
+                for (dir, why) in &found.damaged {
+                    warn(format!(
+                        "warning: the checkpoint {} is damaged: {why}",
+                        dir.display()
+                    ));
+                }
                 bail!(
                     "every checkpoint in {} is damaged (see the warnings); move them away to \
                      start afresh",
                     store.root.display()
                 );
+            }
+            // Damaged checkpoints newer than the one resumed from are kept for a look, but
+            // out of the way of the saves to come.
+            for (dir, why) in &found.damaged {
+                let aside = store.set_aside(dir)?;
+                warn(format!(
+                    "warning: skipping the damaged checkpoint {} (moved to {}): {why}",
+                    dir.display(),
+                    aside.display()
+                ));
             }
             Ok(found.chosen.map(|(_, dir)| dir))
         }

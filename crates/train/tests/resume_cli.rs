@@ -272,6 +272,10 @@ fn a_kill_during_a_save_and_a_damaged_shard_fall_back_to_the_previous_checkpoint
         "{err}"
     );
     assert!(err.contains("step-000015 (step 15)"), "{err}");
+    assert!(
+        crash.join("checkpoints/step-000020.damaged").is_dir(),
+        "{err}"
+    );
     assert_same_run("lora", "damaged newest checkpoint", &straight, &crash);
 
     // eval under another LoRA scaling than the checkpoint's is refused, naming the key; with
