@@ -74,6 +74,17 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
     job.use_device(&device)?;
     std::fs::create_dir_all(&t.output_dir)
         .with_context(|| format!("cannot create {}", t.output_dir.display()))?;
+    // One job at a time in an output directory: a second would clear the first's checkpoint
+    // in progress and write into its metrics. Rank 0 holds the lock until the run ends; every
+    // rank stops with its refusal.
+    let lock = main.then(|| lock_output_dir(&t.output_dir));
+    let refusal = match &lock {
+        Some(Err(e)) => format!("{e:#}"),
+        _ => String::new(),
+    };
+    if !job.broadcast_text(&refusal)?.is_empty() {
+        bail!("{refusal}");
+    }
 
     // 1. Data: tokenized once (rank 0 fills the token cache the others then read), then this
     //    rank's share of every micro-step. Before the model, whose load takes minutes at 70B:
@@ -521,6 +532,51 @@ fn validate(model: &Customized, batches: &[Batch], chunk: usize, job: &Job) -> R
     })();
     model.set_training(true);
     result
+}
+
+/// An exclusive lock on `dir/.helix-train.lock`, held while the returned file is open; `None`
+/// (after a warning) where the filesystem takes no locks. An advisory lock (flock, which Linux
+/// carries over NFS as a POSIX lock): the kernel drops it when the process dies, however it
+/// dies, so a crashed or killed run never leaves it behind.
+fn lock_output_dir(dir: &Path) -> Result<Option<std::fs::File>> {
+    use std::io::{Read, Seek, Write};
+    let path = dir.join(".helix-train.lock");
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match f.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = f.read_to_string(&mut holder);
+            bail!(
+                "another helix-train job is writing to {} ({}): give this run another \
+                 trainer.output_dir, or wait for that one to end",
+                dir.display(),
+                match holder.trim() {
+                    "" => "its lock is held",
+                    h => h,
+                }
+            );
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            eprintln!(
+                "warning: cannot lock {} ({e}): nothing stops a second job from writing to {}",
+                path.display(),
+                dir.display()
+            );
+            return Ok(None);
+        }
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    f.set_len(0)?;
+    f.rewind()?;
+    write!(f, "pid {} on {}", std::process::id(), host.trim())?;
+    Ok(Some(f))
 }
 
 /// Fault injection for the kill and signal tests: `HELIX_TEST_STEP_DELAY_MS` sleeps after

@@ -221,6 +221,37 @@ fn a_signal_delivered_twice_at_once_still_saves_and_a_later_one_aborts() {
     println!("SIGINT to the launcher's group: saved step {stopped_at}, exit 0; a second signal 1.5 s on: 130");
 }
 
+/// A second job in the output directory of a running one is refused at once, naming the first;
+/// once that one is killed (-9: no cleanup), its lock is gone and a rerun resumes.
+#[test]
+fn one_job_at_a_time_writes_an_output_directory() {
+    let tmp = setup("lora");
+    let dir = tmp.path();
+    let mut first = start_slow(dir, "busy", 200, &[]);
+    let busy = dir.join("busy");
+    wait_for("step 2's checkpoint", || {
+        checkpoint_done(&busy, 2) || checkpoint_done(&busy, 5)
+    });
+    let t = Instant::now();
+    let o = command(dir, "busy", &[]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    let pid = format!("pid {} on", first.id());
+    assert!(
+        err.contains("another helix-train job is writing to busy") && err.contains(&pid),
+        "{err}"
+    );
+    assert!(
+        !err.contains("trainable params"),
+        "refused before the model loads: {err}"
+    );
+    println!("a second job refused in {:.2?}", t.elapsed());
+    signal(&first, "-KILL");
+    first.wait().unwrap();
+    let err = run(dir, "busy");
+    assert!(err.contains("resumed from"), "{err}");
+}
+
 #[test]
 fn a_kill_during_a_save_and_a_damaged_shard_fall_back_to_the_previous_checkpoint() {
     let tmp = setup("lora");
