@@ -122,7 +122,7 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
 
     // 3. The model and what trains in it: identical on every rank; dropout draws differ.
     let method = cfg.method()?;
-    let model_dir = ModelDir::open(model_path(cfg))?;
+    let model_dir = ModelDir::open(model_path(cfg)).context("model.path")?;
     let model = load_model(cfg, &model_dir, &method, &device, &job)?;
     // Data-parallel ranks draw different masks; tensor-parallel ranks share theirs.
     model.set_dropout_stream(job.dp.index as u64);
@@ -344,7 +344,7 @@ pub fn evaluate(cfg: &ConfigFile, config_path: &Path, checkpoint: Option<&Path>)
     cfg.validate_training(1)?;
     let device = crate::device(0)?;
     let method = cfg.method()?;
-    let model_dir = ModelDir::open(model_path(cfg))?;
+    let model_dir = ModelDir::open(model_path(cfg)).context("model.path")?;
     let job =
         Job::single(timeout_from_seconds(cfg.parallel.timeout_s).context("parallel.timeout_s")?);
     let model = load_model(cfg, &model_dir, &method, &device, &job)?;
@@ -358,6 +358,14 @@ pub fn evaluate(cfg: &ConfigFile, config_path: &Path, checkpoint: Option<&Path>)
         bail!("no validation data: set data.validation or data.validation_fraction");
     }
     validate(&model, &validation, cfg.trainer.loss_chunk_rows, &job)
+}
+
+/// Which key gave the tokenizer's directory, for errors: `data.tokenizer` or `model.path`.
+fn tokenizer_key(cfg: &ConfigFile, dir: &Path) -> String {
+    match cfg.data.as_ref().is_some_and(|d| d.tokenizer.is_some()) {
+        true => format!("data.tokenizer = {}", dir.display()),
+        false => format!("the tokenizer of model.path = {}", dir.display()),
+    }
 }
 
 fn model_path(cfg: &ConfigFile) -> &Path {
@@ -399,7 +407,9 @@ fn load_model(
         return Ok(c);
     };
     let source = from.join(helix_peft::peft_format::ADAPTER_WEIGHTS);
-    let whole = match (method, read_adapter(from, device)?) {
+    let adapter = read_adapter(from, device)
+        .with_context(|| format!("method.init_from = {}", from.display()))?;
+    let whole = match (method, adapter) {
         (Method::Lora(want), Adapter::Lora { cfg: got, tensors }) => {
             let differ = want.differences(&got);
             if !differ.is_empty() {
@@ -449,7 +459,8 @@ struct Data {
 impl Data {
     fn load(cfg: &ConfigFile, config_path: &Path, job: &Job) -> Result<Self> {
         let data_cfg = cfg.data(config_path)?;
-        let tok = DataTokenizer::open(&cfg.tokenizer_dir(config_path)?)?;
+        let dir = cfg.tokenizer_dir(config_path)?;
+        let tok = DataTokenizer::open(&dir).with_context(|| tokenizer_key(cfg, &dir))?;
         let prepared = prepare(data_cfg, &tok)?;
         for (role, src) in &prepared.report.sources {
             if !src.skipped_rows.is_empty() {

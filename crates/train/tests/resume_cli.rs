@@ -221,6 +221,25 @@ fn a_signal_delivered_twice_at_once_still_saves_and_a_later_one_aborts() {
     println!("SIGINT to the launcher's group: saved step {stopped_at}, exit 0; a second signal 1.5 s on: 130");
 }
 
+/// A path that cannot be read is named with the key that gave it.
+#[test]
+fn unreadable_paths_name_their_key() {
+    let tmp = setup("lora");
+    let dir = tmp.path();
+    for (set, want) in [
+        ("model.path=nope", "model.path"),
+        ("data.tokenizer=nope", "data.tokenizer = nope"),
+        ("method.init_from=nope", "method.init_from = nope"),
+    ] {
+        let o = command(dir, "fresh", &[])
+            .args(["--set", set])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(want), "{set}: {err}");
+    }
+}
+
 /// A second job in the output directory of a running one is refused at once, naming the first;
 /// once that one is killed (-9: no cleanup), its lock is gone and a rerun resumes.
 #[test]
