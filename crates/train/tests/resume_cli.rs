@@ -57,6 +57,17 @@ fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
     }
 }
 
+/// The stderr of a run into `out` with `--set set`, which must fail saying `want`.
+fn refused_with(dir: &Path, out: &str, set: &str, want: &str) -> String {
+    let o = command(dir, out, &[])
+        .args(["--set", set])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success() && err.contains(want), "{set}: {err}");
+    err
+}
+
 fn signal(child: &Child, sig: &str) {
     common::signal(child.id(), sig);
 }
@@ -231,12 +242,7 @@ fn unreadable_paths_name_their_key() {
         ("data.tokenizer=nope", "data.tokenizer = nope"),
         ("method.init_from=nope", "method.init_from = nope"),
     ] {
-        let o = command(dir, "fresh", &[])
-            .args(["--set", set])
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(!o.status.success() && err.contains(want), "{set}: {err}");
+        refused_with(dir, "fresh", set, want);
     }
 }
 
@@ -355,12 +361,7 @@ fn a_kill_during_a_save_and_a_damaged_shard_fall_back_to_the_previous_checkpoint
         ("optimizer.lr=0.5", "in optimizer.lr"),
         ("data.train=missing.jsonl", "missing.jsonl"),
     ] {
-        let o = command(dir, "crash", &[])
-            .args(["--set", set])
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(!o.status.success() && err.contains(want), "{set}: {err}");
+        let err = refused_with(dir, "crash", set, want);
         assert!(
             !err.contains("trainable params"),
             "{set}: the model loaded first: {err}"
