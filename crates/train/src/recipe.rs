@@ -82,7 +82,8 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
         Some(Err(e)) => format!("{e:#}"),
         _ => String::new(),
     };
-    if !job.broadcast_text(&refusal)?.is_empty() {
+    let refusal = job.broadcast_text(&refusal)?;
+    if !refusal.is_empty() {
         bail!("{refusal}");
     }
 
