@@ -117,9 +117,14 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
         false => String::new(),
     };
     let chosen = job.broadcast_text(&chosen)?;
-    if !chosen.is_empty() {
-        check_same_config(Path::new(&chosen), cfg)?;
-    }
+    let resume = match chosen.is_empty() {
+        true => None,
+        false => {
+            let dir = PathBuf::from(chosen);
+            let state = check_same_config(&dir, cfg)?;
+            Some((dir, state))
+        }
+    };
 
     // 3. The model and what trains in it: identical on every rank; dropout draws differ.
     let method = cfg.method()?;
@@ -159,9 +164,8 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
 
     // 5. Where to start, chosen in 2: restore it into the model, optimizer and data stream.
     let mut step = 0;
-    if !chosen.is_empty() {
-        let dir = PathBuf::from(&chosen);
-        let state = restore(&dir, cfg, &model, &mut optimizer, &mut stream)?;
+    if let Some((dir, state)) = &resume {
+        restore(dir, state, &model, &mut optimizer, &mut stream)?;
         step = state.step;
         say(format!("resumed from {} (step {step})", dir.display()));
         let changed = state.layout_changes(&layout_settings(cfg, &job));

@@ -268,11 +268,15 @@ pub fn choose_checkpoint(
     }
 }
 
+fn read_state(dir: &Path) -> Result<TrainerState> {
+    serde_json::from_value(read_json(dir, TRAINER_STATE)?)
+        .with_context(|| format!("{}: invalid {TRAINER_STATE}", dir.display()))
+}
+
 /// The checkpoint's state, or an error naming the keys where `cfg` computes other numbers
 /// than the config it was trained with.
 pub fn check_same_config(dir: &Path, cfg: &ConfigFile) -> Result<TrainerState> {
-    let state: TrainerState = serde_json::from_value(read_json(dir, TRAINER_STATE)?)
-        .with_context(|| format!("{}: invalid {TRAINER_STATE}", dir.display()))?;
+    let state = read_state(dir)?;
     let differ = differing_keys(&state.config, &cfg.numerics());
     if !differ.is_empty() {
         bail!(
@@ -290,8 +294,7 @@ pub fn check_same_config(dir: &Path, cfg: &ConfigFile) -> Result<TrainerState> {
 /// the data and everything else: its trainable tensors mean something else under another
 /// LoRA scaling or prompt encoder.
 pub fn check_same_model(dir: &Path, cfg: &ConfigFile) -> Result<()> {
-    let state: TrainerState = serde_json::from_value(read_json(dir, TRAINER_STATE)?)
-        .with_context(|| format!("{}: invalid {TRAINER_STATE}", dir.display()))?;
+    let state = read_state(dir)?;
     // Where the base model lives may change (another machine); what it is read as may not.
     let model_keys = |k: &String| {
         let moved = ["model.path", "model.preset"].contains(&k.as_str());
@@ -315,15 +318,15 @@ pub fn check_same_model(dir: &Path, cfg: &ConfigFile) -> Result<()> {
     Ok(())
 }
 
-/// Loads the checkpoint in `dir` into the model, optimizer and data stream; returns its state.
+/// Loads the checkpoint in `dir`, whose `state` [`check_same_config`] returned, into the model,
+/// optimizer and data stream.
 pub fn restore(
     dir: &Path,
-    cfg: &ConfigFile,
+    state: &TrainerState,
     model: &Customized,
     optimizer: &mut AdamW,
     stream: &mut BatchStream,
-) -> Result<TrainerState> {
-    let state = check_same_config(dir, cfg)?;
+) -> Result<()> {
     let reader = CheckpointReader::open(dir)?;
     restore_trainable_from(&reader, model)?;
     let device = model.model.device().clone();
@@ -343,7 +346,7 @@ pub fn restore(
     stream
         .seek_position(state.data_position)
         .with_context(|| format!("{}: data position", dir.display()))?;
-    Ok(state)
+    Ok(())
 }
 
 /// Sets every trainable tensor of `model` from the checkpoint in `dir`, written at any layout
