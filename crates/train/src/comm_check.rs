@@ -26,7 +26,7 @@ pub fn comm_check(opts: &CommCheckOptions) -> Result<bool> {
     if opts.tp == 0 {
         anyhow::bail!("--tp must be at least 1");
     }
-    let mut job = Job::from_env(opts.timeout, opts.tp).context("--tp")?;
+    let mut job = Job::from_env(opts.timeout, opts.tp)?;
     let device = crate::device(job.local_rank)?;
     job.use_device(&device)?;
     let main = job.is_main();

@@ -196,9 +196,14 @@ impl ConfigFile {
             .context("model.attention")
     }
 
-    /// `model.attention`: auto (the default), flash or chunked.
+    /// `model.attention` as written: auto (the default), flash or chunked.
+    pub fn attention_setting(&self) -> &str {
+        self.model.as_ref().map_or("auto", |m| m.attention.as_str())
+    }
+
+    /// `model.attention`, parsed.
     pub fn attention(&self) -> Result<AttentionKernel> {
-        let name = self.model.as_ref().map_or("auto", |m| m.attention.as_str());
+        let name = self.attention_setting();
         AttentionKernel::parse(name).with_context(|| {
             format!("model.attention = {name:?}: expected \"auto\", \"flash\" or \"chunked\"")
         })
@@ -358,7 +363,7 @@ impl ConfigFile {
             bail!("trainer.loss_chunk_rows must be at least 1");
         }
         let p = &self.parallel;
-        timeout_from_seconds(p.timeout_s).context("parallel.timeout_s")?;
+        self.timeout()?;
         if !(p.bucket_mb > 0.0) {
             bail!("parallel.bucket_mb must be positive, got {}", p.bucket_mb);
         }
@@ -386,6 +391,11 @@ impl ConfigFile {
                 suggest(other, &["auto", "never"])
             ),
         })
+    }
+
+    /// `parallel.timeout_s` as a Duration (see [`timeout_from_seconds`]).
+    pub fn timeout(&self) -> Result<std::time::Duration> {
+        timeout_from_seconds(self.parallel.timeout_s).context("parallel.timeout_s")
     }
 
     /// The config as canonical JSON without the operational keys: what must match for a

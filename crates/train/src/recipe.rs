@@ -21,7 +21,7 @@ use helix_peft::{
     save_ptuning, Adapter, Customized, Method,
 };
 
-use crate::config::{timeout_from_seconds, ConfigFile};
+use crate::config::ConfigFile;
 use crate::gradients::{forward_backward, global_grad_norm, DeviceBatch, GradientOptions};
 use crate::optim::{clip_scale, AdamW, AdamWConfig};
 use crate::progress::{
@@ -59,10 +59,7 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
     cfg.validate_training(1)?;
     let t = &cfg.trainer;
     // 0. The job: rank 0 serves the rendezvous; every rank joins the data-parallel ring.
-    let mut job = Job::from_env(
-        timeout_from_seconds(cfg.parallel.timeout_s).context("parallel.timeout_s")?,
-        cfg.parallel.tensor_parallel,
-    )?;
+    let mut job = Job::from_env(cfg.timeout()?, cfg.parallel.tensor_parallel)?;
     cfg.validate_training(job.dp.size)?;
     let main = job.is_main();
     let say = |msg: String| {
@@ -350,8 +347,7 @@ pub fn evaluate(cfg: &ConfigFile, config_path: &Path, checkpoint: Option<&Path>)
     let device = crate::device(0)?;
     let method = cfg.method()?;
     let model_dir = ModelDir::open(model_path(cfg)).context("model.path")?;
-    let job =
-        Job::single(timeout_from_seconds(cfg.parallel.timeout_s).context("parallel.timeout_s")?);
+    let job = Job::single(cfg.timeout()?);
     let model = load_model(cfg, &model_dir, &method, &device, &job)?;
     if let Some(dir) = checkpoint {
         helix_ckpt::verify(dir)?;

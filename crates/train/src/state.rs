@@ -53,10 +53,7 @@ pub struct TrainerState {
 pub fn layout_settings(cfg: &ConfigFile, job: &Job) -> BTreeMap<String, serde_json::Value> {
     use serde_json::json;
     BTreeMap::from([
-        (
-            "model.attention".into(),
-            json!(cfg.model.as_ref().map_or("auto", |m| m.attention.as_str())),
-        ),
+        ("model.attention".into(), json!(cfg.attention_setting())),
         ("model.fused_layers".into(), json!(cfg.fused_layers())),
         (
             "trainer.activation_checkpointing".into(),
