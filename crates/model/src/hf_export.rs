@@ -249,10 +249,8 @@ fn staging_dir(out: &Path) -> Result<PathBuf> {
 
 /// Moves `staging` to `out`; an existing `out` is moved aside first and removed last.
 fn replace_dir(staging: &Path, out: &Path) -> Result<()> {
+    // check_replaceable has made sure an existing `out` is an earlier export's directory.
     let old = if out.exists() {
-        if !out.is_dir() {
-            bail!("{} exists and is not a directory", out.display());
-        }
         let aside = staging.with_extension("old");
         std::fs::rename(out, &aside)
             .with_context(|| format!("cannot move the old {} aside", out.display()))?;

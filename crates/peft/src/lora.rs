@@ -97,11 +97,6 @@ impl LoraConfig {
         Ok(())
     }
 
-    /// The same settings, whatever the order of `target_modules`.
-    pub fn same_as(&self, other: &LoraConfig) -> bool {
-        self.differences(other).is_empty()
-    }
-
     /// `key: mine vs other's` for each setting that differs (`target_modules` in any order).
     pub fn differences(&self, other: &LoraConfig) -> Vec<String> {
         let sorted = |c: &LoraConfig| {

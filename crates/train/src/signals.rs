@@ -7,7 +7,7 @@
 //! forwards a SIGTERM of its own; Slurm signals every process of a step, launcher and ranks
 //! alike. Counting those as a second signal would abort the ranks without a checkpoint.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,38 +20,37 @@ pub const ABORT_STATUS: i32 = 130;
 /// How long after the first signal another one counts as a second, not a repeat of the first.
 pub const REPEAT_AFTER: Duration = Duration::from_secs(1);
 
+/// Set by the first signal: the nanoseconds after `install` it came, plus one (0: none yet).
 #[derive(Clone)]
-pub struct StopRequest(Arc<AtomicBool>);
+pub struct StopRequest(Arc<AtomicU64>);
 
 impl StopRequest {
     /// Installs the handlers for this process.
     pub fn install() -> Result<Self> {
-        let flag = Arc::new(AtomicBool::new(false));
-        // Nanoseconds after `base` of the first signal, plus one (0: none yet).
         let first = Arc::new(AtomicU64::new(0));
         let base = Instant::now();
         for sig in [SIGTERM, SIGINT] {
-            let (flag, first) = (flag.clone(), first.clone());
-            // SAFETY: the handler reads the monotonic clock, touches atomics and may call
+            let first = first.clone();
+            // SAFETY: the handler reads the monotonic clock, touches an atomic and may call
             // _exit, all async-signal-safe.
             unsafe {
                 signal_hook::low_level::register(sig, move || {
                     let now = base.elapsed().as_nanos() as u64 + 1;
-                    match first.compare_exchange(0, now, Ordering::SeqCst, Ordering::SeqCst) {
-                        Ok(_) => flag.store(true, Ordering::SeqCst),
-                        Err(t) if now.saturating_sub(t) >= REPEAT_AFTER.as_nanos() as u64 => {
+                    if let Err(t) =
+                        first.compare_exchange(0, now, Ordering::SeqCst, Ordering::SeqCst)
+                    {
+                        if now.saturating_sub(t) >= REPEAT_AFTER.as_nanos() as u64 {
                             signal_hook::low_level::exit(ABORT_STATUS)
                         }
-                        Err(_) => {}
                     }
                 })
             }
             .context("cannot install the signal handlers")?;
         }
-        Ok(Self(flag))
+        Ok(Self(first))
     }
 
     pub fn requested(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        self.0.load(Ordering::SeqCst) != 0
     }
 }
