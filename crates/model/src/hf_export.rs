@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 
 use crate::llama::Llama;
-use crate::safetensors_write::{save_sharded, write_json, ShardReport, TensorSpec};
+use crate::safetensors_write::{is_shard_file, save_sharded, write_json, ShardReport, TensorSpec};
 
 /// Files copied from the source model directory when present: the tokenizer in each form
 /// transformers saves it (`tokenizer.json` for the fast one; `vocab.json` + `merges.txt` or
@@ -159,21 +159,11 @@ fn copy_files_of(from: &Path, to: &Path) -> Result<()> {
 /// directory is replaced by the next export (a training run's `output_dir/model`, or `export
 /// --out` again), never one holding anything else.
 fn is_export_entry(name: &str) -> bool {
-    let shard = || {
-        let Some(rest) = name
-            .strip_prefix("model-")
-            .and_then(|r| r.strip_suffix(".safetensors"))
-        else {
-            return false;
-        };
-        let digits = |p: &str| p.len() == 5 && p.bytes().all(|b| b.is_ascii_digit());
-        matches!(rest.split_once("-of-"), Some((i, n)) if digits(i) && digits(n))
-    };
     matches!(
         name,
         "config.json" | "model.safetensors" | "model.safetensors.index.json" | CHAT_TEMPLATES_DIR
     ) || TOKENIZER_FILES.contains(&name)
-        || shard()
+        || is_shard_file("model", name)
 }
 
 /// An error unless `out` is absent, empty, or holds only what an export writes.

@@ -101,6 +101,25 @@ pub fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
     })
 }
 
+/// The name of shard `i` (from 1) of `n` of `stem`, as transformers names them:
+/// `model-00002-of-00013.safetensors`.
+pub fn shard_file(stem: &str, i: usize, n: usize) -> String {
+    format!("{stem}-{i:05}-of-{n:05}.safetensors")
+}
+
+/// Whether `name` is a [`shard_file`] name of `stem`.
+pub fn is_shard_file(stem: &str, name: &str) -> bool {
+    let Some(rest) = name
+        .strip_prefix(stem)
+        .and_then(|r| r.strip_prefix('-'))
+        .and_then(|r| r.strip_suffix(".safetensors"))
+    else {
+        return false;
+    };
+    let digits = |p: &str| p.len() == 5 && p.bytes().all(|b| b.is_ascii_digit());
+    matches!(rest.split_once("-of-"), Some((i, n)) if digits(i) && digits(n))
+}
+
 /// Streams the tensors of `specs` into one safetensors file with `{"format": "pt"}` metadata;
 /// `produce` gives each tensor's values when its turn comes. They are written widest dtype
 /// first, then by name, as the safetensors library orders them: every tensor then starts at a
@@ -207,7 +226,7 @@ pub fn save_sharded(
     let mut files = Vec::with_capacity(n);
     let mut weight_map = serde_json::Map::new();
     for (i, shard) in shards.iter().enumerate() {
-        let file = format!("{stem}-{:05}-of-{n:05}.safetensors", i + 1);
+        let file = shard_file(stem, i + 1, n);
         write_atomic(&dir.join(&file), |w| {
             write_safetensors(w, shard, &mut produce)
         })?;
