@@ -315,6 +315,43 @@ impl Job {
         }
     }
 
+    /// Runs `work`, this rank's part of the job, then ends the job: cleanly ([`Self::finish`])
+    /// when it succeeds; on its error, by failing the job with it, so every rank's log names
+    /// the rank and the cause (a missing path on one node, say), not only a lost connection.
+    pub fn run<T>(mut self, work: impl FnOnce(&mut Self) -> Result<T>) -> Result<T> {
+        match work(&mut self) {
+            Ok(t) => {
+                self.finish();
+                Ok(t)
+            }
+            Err(e) if self.world > 1 => {
+                let rank = self.rank;
+                self.fail(&format!("{e:#}"));
+                Err(e.context(format!("rank {rank}")))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Fails the job with this rank's `error` (see [`Self::run`]). Rank 0, whose exit takes
+    /// the store and the message with it, first waits briefly for the others to hear it.
+    fn fail(mut self, error: &str) {
+        const MAX_MESSAGE: usize = 16 * 1024;
+        let Some(store) = &self.store else { return };
+        let mut end = error.len().min(MAX_MESSAGE);
+        while !error.is_char_boundary(end) {
+            end -= 1;
+        }
+        let _ = store.fail(&error[..end]);
+        // This rank reports its own error; its heartbeat must not echo it back.
+        if let Some(h) = self.heartbeat.take() {
+            h.goodbye();
+        }
+        if let Some(server) = self.server.take() {
+            server.wait_until_told(self.world, 4 * store::HEARTBEAT_EVERY);
+        }
+    }
+
     /// Ends the job cleanly: this rank says goodbye to the store, and rank 0 keeps serving it
     /// until every rank has.
     pub fn finish(mut self) {

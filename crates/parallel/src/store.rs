@@ -24,6 +24,10 @@ const GET: u8 = 2;
 const ADD: u8 = 3;
 const BEAT: u8 = 4;
 const BYE: u8 = 5;
+/// A rank's own error, which fails the job with it.
+const FAIL: u8 = 6;
+/// The failure, for a rank whose wait it ended.
+const WHY: u8 = 7;
 
 /// How often ranks send heartbeats.
 pub const HEARTBEAT_EVERY: Duration = Duration::from_millis(500);
@@ -35,6 +39,8 @@ struct State {
     beats: HashMap<usize, (Instant, bool)>,
     /// The first failure seen: what every rank is told.
     failed: Option<String>,
+    /// Ranks that have heard of the failure, or are gone.
+    told: std::collections::HashSet<usize>,
 }
 
 struct Shared {
@@ -115,16 +121,27 @@ impl StoreServer {
     /// Waits until all `world` ranks have said goodbye (or one failed, or `timeout` passed),
     /// so rank 0 does not take the store away from ranks still finishing.
     pub fn wait_for_goodbyes(&self, world: usize, timeout: Duration) {
+        self.wait_while(timeout, |st| {
+            st.failed.is_none() && st.beats.values().filter(|(_, done)| *done).count() < world
+        });
+    }
+
+    /// Waits until every other rank of `world` has heard of the job's failure on its
+    /// heartbeat (or its connection is gone), at most `timeout`: rank 0's exit takes the store
+    /// away, and with it the failure's message.
+    pub fn wait_until_told(&self, world: usize, timeout: Duration) {
+        self.wait_while(timeout, |st| (1..world).any(|r| !st.told.contains(&r)));
+    }
+
+    /// Waits while `pending` holds of the store's state, at most `timeout`.
+    fn wait_while(&self, timeout: Duration, pending: impl Fn(&State) -> bool) {
         let deadline = Instant::now() + timeout;
         let mut st = self.shared.state.lock().expect("store lock");
-        while st.failed.is_none()
-            && st.beats.values().filter(|(_, done)| *done).count() < world
-            && Instant::now() < deadline
-        {
+        while pending(&st) && Instant::now() < deadline {
             st = self
                 .shared
                 .changed
-                .wait_timeout(st, Duration::from_millis(100))
+                .wait_timeout(st, Duration::from_millis(50))
                 .expect("store lock")
                 .0;
         }
@@ -199,6 +216,7 @@ fn serve(mut stream: TcpStream, shared: &Shared) {
                 "rank {rank} ({peer}) exited or lost its connection"
             ));
         }
+        st.told.insert(rank);
         shared.changed.notify_all();
     }
 }
@@ -242,8 +260,21 @@ fn handle(msg: &[u8], rank: usize, shared: &Shared) -> Vec<u8> {
             if let Some(b) = st.beats.get_mut(&rank) {
                 b.0 = Instant::now();
             }
+            if st.failed.is_some() {
+                st.told.insert(rank);
+                shared.changed.notify_all();
+            }
             st.failed.clone().unwrap_or_default().into_bytes()
         }
+        FAIL => {
+            if st.failed.is_none() {
+                st.failed = Some(format!("rank {rank}: {}", String::from_utf8_lossy(body)));
+            }
+            st.told.insert(rank);
+            shared.changed.notify_all();
+            vec![]
+        }
+        WHY => st.failed.clone().unwrap_or_default().into_bytes(),
         BYE => {
             if let Some(b) = st.beats.get_mut(&rank) {
                 b.1 = true;
@@ -314,9 +345,19 @@ impl StoreClient {
     pub fn get(&self, key: &str) -> Result<Vec<u8>> {
         let v = self.request(GET, key.as_bytes(), &format!("'{key}'"))?;
         if v.is_empty() {
-            bail!("the job failed while waiting for '{key}' (see the other ranks' errors)");
+            let why = self.request(WHY, &[], "the job's failure")?;
+            bail!(
+                "the job failed while this rank waited for '{key}': {}",
+                String::from_utf8_lossy(&why)
+            );
         }
         Ok(v)
+    }
+
+    /// Fails the job with this rank's `error`: every other rank exits naming this rank and it.
+    pub fn fail(&self, error: &str) -> Result<()> {
+        self.request(FAIL, error.as_bytes(), "the store to record a failure")
+            .map(|_| ())
     }
 
     pub fn add(&self, key: &str, delta: i64) -> Result<i64> {
@@ -463,6 +504,41 @@ mod tests {
             .err()
             .unwrap();
         assert!(format!("{err:#}").contains("wrong job token"), "{err:#}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_rank_s_own_error_fails_the_job_and_reaches_every_rank() -> Result<()> {
+        let server = StoreServer::start(0, "tok", Duration::from_secs(5))?;
+        let addr = format!("127.0.0.1:{}", server.addr.port());
+        let t = Duration::from_secs(5);
+        let waiting = StoreClient::connect(&addr, "tok", 1, t)?;
+        let failing = StoreClient::connect(&addr, "tok", 2, t)?;
+        let mut beat = connect_retrying(&addr, "tok", 1, Role::Heartbeat, t)?;
+        let waiter = std::thread::spawn(move || waiting.get("never-set"));
+        std::thread::sleep(Duration::from_millis(50));
+        failing.fail("cannot create /nfs/run: Permission denied")?;
+        failing.fail("a later error")?;
+        let want = "rank 2: cannot create /nfs/run: Permission denied";
+        assert_eq!(server.failure().as_deref(), Some(want));
+        // A rank blocked on a key hears why the job failed.
+        let err = format!("{:#}", waiter.join().unwrap().unwrap_err());
+        assert!(err.contains(want), "{err}");
+        // Rank 0 waits for rank 1's heartbeat to hear it (rank 2 told the store itself).
+        let told = std::thread::spawn(move || {
+            let t = Instant::now();
+            server.wait_until_told(3, Duration::from_secs(10));
+            t.elapsed()
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        write_frame(&mut beat, &[BEAT])?;
+        let heard = read_frame(&mut beat, MAX_CONTROL_FRAME)?;
+        assert_eq!(String::from_utf8_lossy(&heard), want);
+        let waited = told.join().unwrap();
+        assert!(
+            waited >= Duration::from_millis(300) && waited < Duration::from_secs(5),
+            "{waited:?}"
+        );
         Ok(())
     }
 

@@ -26,7 +26,11 @@ pub fn comm_check(opts: &CommCheckOptions) -> Result<bool> {
     if opts.tp == 0 {
         anyhow::bail!("--tp must be at least 1");
     }
-    let mut job = Job::from_env(opts.timeout, opts.tp)?;
+    Job::from_env(opts.timeout, opts.tp)?.run(|job| check_rank(opts, job))
+}
+
+/// This rank's part of [`comm_check`].
+fn check_rank(opts: &CommCheckOptions, job: &mut Job) -> Result<bool> {
     let device = crate::device(job.local_rank)?;
     job.use_device(&device)?;
     let main = job.is_main();
@@ -45,7 +49,7 @@ pub fn comm_check(opts: &CommCheckOptions) -> Result<bool> {
             failures.extend(check_group(name, group, dtype, &device)?);
         }
     }
-    failures.extend(check_buckets(&job, &device)?);
+    failures.extend(check_buckets(job, &device)?);
     for f in &failures {
         eprintln!("rank {}: {f}", job.rank);
     }
@@ -84,7 +88,6 @@ pub fn comm_check(opts: &CommCheckOptions) -> Result<bool> {
             }
         }
     }
-    job.finish();
     Ok(bad[0] == 0.0)
 }
 
