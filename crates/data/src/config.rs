@@ -5,12 +5,12 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::records::{FieldMap, Format, ReadOptions};
 use crate::tokenize::{LengthPolicy, LossMode};
 
-#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
     /// Training data file (JSON array or JSONL).
@@ -62,7 +62,7 @@ pub struct DataConfig {
     pub threads: usize,
 }
 
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct FieldOverrides {
     pub instruction: Option<String>,

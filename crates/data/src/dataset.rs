@@ -60,6 +60,8 @@ impl DataTokenizer {
 #[derive(Clone, Debug, Serialize)]
 pub struct SourceReport {
     pub file: PathBuf,
+    /// SHA-256 of the file's bytes: what a resumed run checks it still reads.
+    pub sha256: String,
     pub cache: Option<PathBuf>,
     pub cache_hit: bool,
     pub seconds: f64,
@@ -180,6 +182,7 @@ fn load_source(
         eos_id: tok.eos_id,
         threads: cfg.threads,
     };
+    let data_sha256 = file_sha256(file)?;
     let cache = if cfg.cache {
         let mut tokenizer_sha256 = Vec::new();
         for name in ["tokenizer.json", "tokenizer_config.json"] {
@@ -190,7 +193,7 @@ fn load_source(
         }
         let key = key_sha256(&CacheKey {
             revision: TOKENS_REVISION,
-            data_sha256: file_sha256(file)?,
+            data_sha256: data_sha256.clone(),
             tokenizer_sha256,
             template: &cfg.template,
             fields: read_opts.fields.clone(),
@@ -212,6 +215,7 @@ fn load_source(
                     let stats = DataStats::new(&read, &tokenized, cfg.max_seq_length);
                     let report = SourceReport {
                         file: file.to_path_buf(),
+                        sha256: data_sha256,
                         cache: Some(path.clone()),
                         cache_hit: true,
                         seconds: t.elapsed().as_secs_f64(),
@@ -233,6 +237,7 @@ fn load_source(
     }
     let report = SourceReport {
         file: file.to_path_buf(),
+        sha256: data_sha256,
         cache: cache.map(|c| c.0),
         cache_hit: false,
         seconds: t.elapsed().as_secs_f64(),

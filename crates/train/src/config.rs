@@ -14,7 +14,7 @@ use helix_model::Llama;
 use helix_ops::AttentionKernel;
 use helix_peft::{LoraConfig, Method, PtuningConfig};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 mod sections;
 pub(crate) use sections::default_loss_chunk;
@@ -24,7 +24,7 @@ pub use sections::{
 };
 
 /// A run's whole config; each section's keys are in config/sections.rs.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
     pub model: Option<ModelSection>,
@@ -44,9 +44,6 @@ pub struct ConfigFile {
     pub output: OutputSection,
     #[serde(default)]
     pub parallel: ParallelSection,
-    /// The raw table after `--set`, for the config hash and the copy kept in checkpoints.
-    #[serde(skip)]
-    pub raw: toml::Table,
 }
 
 /// Keys that change how a run is operated, not the numbers it computes: a resumed run may
@@ -92,10 +89,7 @@ impl ConfigFile {
         // supply a key the file lacks or replace one it got wrong.
         let alone = toml::from_str::<Self>(text);
         if sets.is_empty() {
-            return Ok(Self {
-                raw,
-                ..alone.map_err(|e| in_file(&e))?
-            });
+            return alone.map_err(|e| in_file(&e));
         }
         let file_error = alone.err().map(|e| in_file(&e));
         let mut typed = Vec::new();
@@ -106,7 +100,7 @@ impl ConfigFile {
         let mut retried: Vec<(String, String)> = Vec::new();
         loop {
             match toml::Value::Table(raw.clone()).try_into::<Self>() {
-                Ok(cfg) => return Ok(Self { raw, ..cfg }),
+                Ok(cfg) => return Ok(cfg),
                 Err(e) => {
                     let msg = e.to_string();
                     let key = msg
@@ -399,9 +393,10 @@ impl ConfigFile {
     }
 
     /// The config as canonical JSON without the operational keys: what must match for a
-    /// checkpoint to resume bit-exactly.
+    /// checkpoint to resume bit-exactly. Every key is present with the value the run uses, so
+    /// a key written out at its default equals the key left out.
     pub fn numerics(&self) -> serde_json::Value {
-        let mut v = serde_json::to_value(&self.raw).expect("TOML is JSON-representable");
+        let mut v = serde_json::to_value(self).expect("a config is JSON-representable");
         for key in OPERATIONAL_KEYS {
             let (section, name) = key.split_once('.').expect("section.key");
             if let Some(s) = v.get_mut(section).and_then(|s| s.as_object_mut()) {
@@ -412,6 +407,15 @@ impl ConfigFile {
             }
         }
         v
+    }
+
+    /// [`ConfigFile::numerics`] of a config a checkpoint recorded. Checkpoints written before
+    /// helix filled in defaults hold the keys as the user wrote them; reading them back as a
+    /// config fills the defaults in. One this helix cannot read is compared as it stands.
+    pub fn recorded_numerics(recorded: &serde_json::Value) -> serde_json::Value {
+        serde_json::from_value::<Self>(recorded.clone())
+            .map(|c| c.numerics())
+            .unwrap_or_else(|_| recorded.clone())
     }
 }
 

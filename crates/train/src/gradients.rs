@@ -12,14 +12,14 @@ use helix_model::ForwardMask;
 use helix_ops::with_backward;
 use helix_parallel::Job;
 use helix_peft::{Customized, ModelBatch};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use helix_kernels::sums_of_squares;
 
 use crate::optim::Grads;
 
 /// What the backward pass may keep of the forward's activations (`trainer.activation_checkpointing`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ActivationCheckpointing {
     /// Every activation of every layer, from the forward until its backward.

@@ -6,6 +6,7 @@
 //! Data parallelism (issue 6) plugs in where the comments say "all ranks": the step's target
 //! count and its gradients are summed over ranks there.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -30,8 +31,8 @@ use crate::progress::{
 use crate::schedule::{Schedule, ScheduleKind};
 use crate::signals::StopRequest;
 use crate::state::{
-    check_same_config, check_same_model, choose_checkpoint, layout_settings, restore,
-    restore_trainable, snapshot, StoreSaveRendezvous,
+    check_same_model, check_same_run, choose_checkpoint, layout_settings, restore,
+    restore_trainable, snapshot, RunRecord, StoreSaveRendezvous,
 };
 
 /// How a run ended.
@@ -57,9 +58,15 @@ pub struct RunSummary {
 /// WORLD_SIZE / MASTER_ADDR from `--nproc-per-node`, srun or another launcher).
 pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
     cfg.validate_training(1)?;
+    // 0. The job: rank 0 serves the rendezvous; every rank joins the data-parallel ring. An
+    //    error on any rank fails the job with its message on every rank.
+    Job::from_env(cfg.timeout()?, cfg.parallel.tensor_parallel)?
+        .run(|job| train_rank(cfg, config_path, job))
+}
+
+/// This rank's part of [`train`].
+fn train_rank(cfg: &ConfigFile, config_path: &Path, job: &mut Job) -> Result<RunSummary> {
     let t = &cfg.trainer;
-    // 0. The job: rank 0 serves the rendezvous; every rank joins the data-parallel ring.
-    let mut job = Job::from_env(cfg.timeout()?, cfg.parallel.tensor_parallel)?;
     cfg.validate_training(job.dp.size)?;
     let main = job.is_main();
     let say = |msg: String| {
@@ -93,7 +100,8 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
     let Data {
         train: mut stream,
         validation,
-    } = Data::load(cfg, config_path, &job)?;
+        sha256,
+    } = Data::load(cfg, config_path, job)?;
     if main {
         job.barrier("data")?;
     }
@@ -103,6 +111,7 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
     //    chooses (after clearing what crashed saves left, before any rank can write into a
     //    `.tmp` directory again); every rank loads the same one, once the model is there. A
     //    config that differs from the checkpoint's is named now, before the model loads.
+    let run = RunRecord::new(cfg, job, sha256)?;
     let store = checkpoint_store(cfg)?;
     let chosen = match main {
         true => {
@@ -118,7 +127,7 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
         true => None,
         false => {
             let dir = PathBuf::from(chosen);
-            let state = check_same_config(&dir, cfg)?;
+            let state = check_same_run(&dir, &run, say)?;
             Some((dir, state))
         }
     };
@@ -126,7 +135,7 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
     // 3. The model and what trains in it: identical on every rank; dropout draws differ.
     let method = cfg.method()?;
     let model_dir = ModelDir::open(model_path(cfg)).context("model.path")?;
-    let model = load_model(cfg, &model_dir, &method, &device, &job)?;
+    let model = load_model(cfg, &model_dir, &method, &device, job)?;
     // Data-parallel ranks draw different masks; tensor-parallel ranks share theirs.
     model.set_dropout_stream(job.dp.index as u64);
     say(format!(
@@ -165,7 +174,7 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
         restore(dir, state, &model, &mut optimizer, &mut stream)?;
         step = state.step;
         say(format!("resumed from {} (step {step})", dir.display()));
-        let changed = state.layout_changes(&layout_settings(cfg, &job));
+        let changed = state.layout_changes(&layout_settings(cfg, job));
         if !changed.is_empty() {
             say(format!(
                 "note: resumed with {}; these change only rounding, so the losses follow an \
@@ -201,7 +210,7 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
         .transpose()?;
     let stop = StopRequest::install()?;
     let progress = Progress::new(total_steps, step, main);
-    let peers = StoreSaveRendezvous::for_job(&job)?;
+    let peers = StoreSaveRendezvous::for_job(job)?;
     let mut writer = BackgroundWriter::spawn(store.clone(), peers.map(|p| Box::new(p) as _));
     let chunk = t.loss_chunk_rows;
     let bucket = (cfg.parallel.bucket_mb * 1e6 / 4.0) as usize;
@@ -216,7 +225,7 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
     let mut val_loss_before = None;
     let mut val_loss_after = None;
     if step == 0 && !validation.is_empty() {
-        let v = validate(&model, &validation, chunk, &job)?;
+        let v = validate(&model, &validation, chunk, job)?;
         if let Some(m) = &mut metrics {
             m.write(&StepMetrics {
                 step: 0,
@@ -236,8 +245,8 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
             .map(|_| stream.next_batch())
             .collect::<Result<Vec<_>>>()?;
         let (loss, tokens, grads) =
-            forward_backward(&model, &batches, &grad_opts, &job, zero1.as_deref())?;
-        let grad_norm = global_grad_norm(&grads, &model, &job, zero1.is_some())?;
+            forward_backward(&model, &batches, &grad_opts, job, zero1.as_deref())?;
+        let grad_norm = global_grad_norm(&grads, &model, job, zero1.is_some())?;
         if !loss.is_finite() || !grad_norm.is_finite() {
             writer.wait()?;
             let last = store.list_complete()?.first().map_or_else(
@@ -254,7 +263,7 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
         // Clipping scales the gradients inside the update.
         optimizer.step(&grads, lr, clip_scale(grad_norm, t.gradient_clip_val))?;
         if optimizer.is_sharded() {
-            optimizer.sync_params(&job, bucket)?;
+            optimizer.sync_params(job, bucket)?;
         }
         step += 1;
 
@@ -272,7 +281,7 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
         };
         let last = step == total_steps;
         if !validation.is_empty() && (last || (val_every > 0 && step % val_every == 0)) {
-            let v = validate(&model, &validation, chunk, &job)?;
+            let v = validate(&model, &validation, chunk, job)?;
             progress.println(format!("step {step}: validation loss {v:.4}"));
             m.val_loss = Some(v);
             val_loss_after = Some(v);
@@ -284,7 +293,7 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
         let save = preempted || last || (t.save_interval > 0 && step % t.save_interval == 0);
         // Every rank writes its own pieces; rank 0 seals the checkpoint.
         if save {
-            let ckpt = snapshot(step, total_steps, cfg, &model, &optimizer, &job, &stream)?;
+            let ckpt = snapshot(step, total_steps, &run, &model, &optimizer, job, &stream)?;
             let (prev, waited) = writer.submit(ckpt)?;
             stall += waited;
             m.ckpt_stall_s = Some(waited.as_secs_f64());
@@ -324,10 +333,8 @@ pub fn train(cfg: &ConfigFile, config_path: &Path) -> Result<RunSummary> {
     if !preempted && job.dp.index == 0 {
         outputs.extend(write_outputs(cfg, &model, &model_dir, &method, main)?);
     }
-    let rank = job.rank;
-    job.finish();
     Ok(RunSummary {
-        rank,
+        rank: job.rank,
         resumed_from,
         last_step: step,
         total_steps,
@@ -455,6 +462,8 @@ fn load_model(
 struct Data {
     train: BatchStream,
     validation: Vec<Batch>,
+    /// SHA-256 of each file read, by its key (`data.train`, …).
+    sha256: BTreeMap<String, String>,
 }
 
 impl Data {
@@ -494,7 +503,17 @@ impl Data {
             job.dp.index,
             micro,
         )?;
-        Ok(Self { train, validation })
+        let sha256 = prepared
+            .report
+            .sources
+            .iter()
+            .map(|(role, src)| (format!("data.{role}"), src.sha256.clone()))
+            .collect();
+        Ok(Self {
+            train,
+            validation,
+            sha256,
+        })
     }
 }
 

@@ -35,6 +35,13 @@ pub struct TrainerState {
     pub data_position: Position,
     /// Dropout draws per layer.
     pub rng: BTreeMap<String, u64>,
+    #[serde(flatten)]
+    pub run: RunRecord,
+}
+
+/// What a run is, the same in every checkpoint it writes: made once, when it starts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunRecord {
     pub method: String,
     /// sha256 of `config` (canonical JSON).
     pub config_sha256: String,
@@ -44,7 +51,25 @@ pub struct TrainerState {
     /// written before helix recorded them).
     #[serde(default)]
     pub layout: BTreeMap<String, serde_json::Value>,
+    /// SHA-256 of each data file read, by its key (`data.train`, …; empty in checkpoints
+    /// written before helix recorded them).
+    #[serde(default)]
+    pub data_sha256: BTreeMap<String, String>,
     pub helix_version: String,
+}
+
+impl RunRecord {
+    pub fn new(cfg: &ConfigFile, job: &Job, data_sha256: BTreeMap<String, String>) -> Result<Self> {
+        let config = cfg.numerics();
+        Ok(Self {
+            method: cfg.method()?.name().to_string(),
+            config_sha256: config_sha256(&config),
+            config,
+            layout: layout_settings(cfg, job),
+            data_sha256,
+            helix_version: env!("CARGO_PKG_VERSION").to_string(),
+        })
+    }
 }
 
 /// The settings a resumed run may change that choose kernels or the parallel layout, by name:
@@ -68,7 +93,8 @@ pub fn layout_settings(cfg: &ConfigFile, job: &Job) -> BTreeMap<String, serde_js
 impl TrainerState {
     /// `setting: before → now` for each layout setting that differs from this checkpoint's.
     pub fn layout_changes(&self, now: &BTreeMap<String, serde_json::Value>) -> Vec<String> {
-        self.layout
+        self.run
+            .layout
             .iter()
             .filter_map(|(k, before)| match now.get(k) {
                 Some(v) if v != before => Some(format!("{k}: {before} → {v}")),
@@ -85,7 +111,7 @@ impl TrainerState {
 pub fn snapshot(
     step: u64,
     total_steps: u64,
-    cfg: &ConfigFile,
+    run: &RunRecord,
     model: &Customized,
     optimizer: &AdamW,
     job: &Job,
@@ -147,17 +173,12 @@ pub fn snapshot(
     }
     let mut json = Vec::new();
     if job.is_main() {
-        let config = cfg.numerics();
         let state = TrainerState {
             step,
             total_steps,
             data_position: stream.position(),
             rng: model.rng_state(),
-            method: cfg.method()?.name().to_string(),
-            config_sha256: config_sha256(&config),
-            config,
-            layout: layout_settings(cfg, job),
-            helix_version: env!("CARGO_PKG_VERSION").to_string(),
+            run: run.clone(),
         };
         json.push((TRAINER_STATE.into(), serde_json::to_value(&state)?));
     }
@@ -270,11 +291,16 @@ fn read_state(dir: &Path) -> Result<TrainerState> {
         .with_context(|| format!("{}: invalid {TRAINER_STATE}", dir.display()))
 }
 
-/// The checkpoint's state, or an error naming the keys where `cfg` computes other numbers
-/// than the config it was trained with.
-pub fn check_same_config(dir: &Path, cfg: &ConfigFile) -> Result<TrainerState> {
+/// The checkpoint's state, or an error naming what would make the run `now` compute other
+/// numbers than the one that wrote it: the config keys that differ, or a training file whose
+/// contents changed. A changed validation or test file only changes what is measured:
+/// reported through `warn`.
+pub fn check_same_run(dir: &Path, now: &RunRecord, warn: impl Fn(String)) -> Result<TrainerState> {
     let state = read_state(dir)?;
-    let differ = differing_keys(&state.config, &cfg.numerics());
+    let differ = differing_keys(
+        &ConfigFile::recorded_numerics(&state.run.config),
+        &now.config,
+    );
     if !differ.is_empty() {
         bail!(
             "the config differs from the one checkpoint {} was trained with, in {}; a resumed \
@@ -282,6 +308,27 @@ pub fn check_same_config(dir: &Path, cfg: &ConfigFile) -> Result<TrainerState> {
             dir.display(),
             differ.join(", ")
         );
+    }
+    for (key, before) in &state.run.data_sha256 {
+        let Some(after) = now.data_sha256.get(key).filter(|a| *a != before) else {
+            continue;
+        };
+        let what = format!(
+            "{key}'s contents changed since checkpoint {} was written (sha256 {} then, {} now)",
+            dir.display(),
+            &before[..before.len().min(12)],
+            &after[..after.len().min(12)]
+        );
+        if key == "data.train" {
+            bail!(
+                "{what}: a resumed run must read the same samples; put the file back, or start \
+                 a new run (another trainer.output_dir) on the new data"
+            );
+        }
+        warn(format!(
+            "warning: {what}: losses measured on it from here on are not comparable with \
+             earlier ones"
+        ));
     }
     Ok(state)
 }
@@ -300,10 +347,13 @@ pub fn check_same_model(dir: &Path, cfg: &ConfigFile) -> Result<()> {
                 .iter()
                 .any(|s| k == s || k.starts_with(&format!("{s}.")))
     };
-    let differ: Vec<String> = differing_keys(&state.config, &cfg.numerics())
-        .into_iter()
-        .filter(model_keys)
-        .collect();
+    let differ: Vec<String> = differing_keys(
+        &ConfigFile::recorded_numerics(&state.run.config),
+        &cfg.numerics(),
+    )
+    .into_iter()
+    .filter(model_keys)
+    .collect();
     if !differ.is_empty() {
         bail!(
             "checkpoint {} was trained with other model or adapter settings, in {}: evaluate \
@@ -315,7 +365,7 @@ pub fn check_same_model(dir: &Path, cfg: &ConfigFile) -> Result<()> {
     Ok(())
 }
 
-/// Loads the checkpoint in `dir`, whose `state` [`check_same_config`] returned, into the model,
+/// Loads the checkpoint in `dir`, whose `state` [`check_same_run`] returned, into the model,
 /// optimizer and data stream.
 pub fn restore(
     dir: &Path,
@@ -426,22 +476,76 @@ mod tests {
     }
 
     #[test]
+    fn a_changed_training_file_is_refused_and_a_changed_validation_file_noted() -> Result<()> {
+        let record = |train: &str, validation: &str| RunRecord {
+            method: "lora".into(),
+            config_sha256: String::new(),
+            config: ConfigFile::recorded_numerics(&serde_json::json!({"optimizer": {"lr": 1e-4}})),
+            layout: BTreeMap::new(),
+            data_sha256: BTreeMap::from([
+                ("data.train".into(), train.into()),
+                ("data.validation".into(), validation.into()),
+            ]),
+            helix_version: String::new(),
+        };
+        let tmp = tempfile::tempdir()?;
+        let dir = tmp.path();
+        let write = |run: RunRecord| -> Result<()> {
+            let state = TrainerState {
+                step: 4,
+                total_steps: 8,
+                data_position: Default::default(),
+                rng: BTreeMap::new(),
+                run,
+            };
+            Ok(std::fs::write(
+                dir.join(TRAINER_STATE),
+                serde_json::to_string(&state)?,
+            )?)
+        };
+        write(record("aaaa", "bbbb"))?;
+        let warnings = std::cell::RefCell::new(Vec::new());
+        let warn = |w: String| warnings.borrow_mut().push(w);
+        assert_eq!(check_same_run(dir, &record("aaaa", "bbbb"), warn)?.step, 4);
+        assert!(warnings.borrow().is_empty());
+        let err = check_same_run(dir, &record("cccc", "bbbb"), warn).unwrap_err();
+        let err = format!("{err:#}");
+        assert!(
+            err.contains("data.train's contents changed") && err.contains("aaaa then, cccc now"),
+            "{err}"
+        );
+        check_same_run(dir, &record("aaaa", "dddd"), warn)?;
+        let w = warnings.borrow().join("\n");
+        assert!(w.contains("data.validation's contents changed"), "{w}");
+        // A checkpoint from before helix recorded the files: nothing to compare.
+        write(RunRecord {
+            data_sha256: BTreeMap::new(),
+            ..record("", "")
+        })?;
+        check_same_run(dir, &record("cccc", "dddd"), warn)?;
+        Ok(())
+    }
+
+    #[test]
     fn layout_changes_name_each_setting() {
         let state = TrainerState {
             step: 4,
             total_steps: 8,
             data_position: Default::default(),
             rng: BTreeMap::new(),
-            method: "lora".into(),
-            config_sha256: String::new(),
-            config: serde_json::Value::Null,
-            layout: BTreeMap::from([
-                ("model.attention".into(), serde_json::json!("auto")),
-                ("parallel.zero1".into(), serde_json::json!(false)),
-            ]),
-            helix_version: String::new(),
+            run: RunRecord {
+                method: "lora".into(),
+                config_sha256: String::new(),
+                config: serde_json::Value::Null,
+                layout: BTreeMap::from([
+                    ("model.attention".into(), serde_json::json!("auto")),
+                    ("parallel.zero1".into(), serde_json::json!(false)),
+                ]),
+                data_sha256: BTreeMap::new(),
+                helix_version: String::new(),
+            },
         };
-        let mut now = state.layout.clone();
+        let mut now = state.run.layout.clone();
         assert!(state.layout_changes(&now).is_empty());
         now.insert("model.attention".into(), serde_json::json!("flash"));
         assert_eq!(

@@ -367,6 +367,18 @@ fn a_kill_during_a_save_and_a_damaged_shard_fall_back_to_the_previous_checkpoint
             "{set}: the model loaded first: {err}"
         );
     }
+    // So is a training file whose contents changed under the same name.
+    let rows = dir.join("rows.jsonl");
+    let before = std::fs::read_to_string(&rows).unwrap();
+    std::fs::write(&rows, before.replacen("one", "six", 1)).unwrap();
+    let err = refused_with(
+        dir,
+        "crash",
+        "trainer.save_interval=5",
+        "data.train's contents changed",
+    );
+    assert!(!err.contains("trainable params"), "{err}");
+    std::fs::write(&rows, before).unwrap();
 }
 
 #[test]

@@ -3,10 +3,10 @@
 
 use std::path::PathBuf;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::gradients::ActivationCheckpointing;
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
     /// A Hugging Face model directory (config.json, safetensors, tokenizer files).
@@ -32,7 +32,7 @@ pub struct ModelSection {
     pub attention: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MethodSection {
     /// sft, lora or ptuning.
@@ -41,7 +41,7 @@ pub struct MethodSection {
     pub init_from: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchSection {
     /// Rows per micro-batch on each data-parallel rank.
@@ -51,7 +51,7 @@ pub struct BatchSection {
     pub global_batch_size: Option<usize>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OptimizerSection {
     /// Only AdamW (decoupled weight decay, as torch.optim.AdamW).
@@ -67,7 +67,7 @@ pub struct OptimizerSection {
     pub weight_decay: f64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScheduleSection {
     /// cosine, linear or constant (after the warmup).
@@ -79,7 +79,7 @@ pub struct ScheduleSection {
     pub min_lr: f64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainerSection {
     pub max_steps: Option<u64>,
@@ -116,7 +116,7 @@ pub struct TrainerSection {
     pub activation_checkpointing: ActivationCheckpointing,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutputSection {
     /// At the end, LoRA / P-tuning adapters in PEFT format in `output_dir/adapter`.
@@ -132,7 +132,7 @@ pub struct OutputSection {
 
 /// Multi-process runs (launched with `--nproc-per-node`, `srun`, or anything that sets RANK /
 /// WORLD_SIZE / MASTER_ADDR).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ParallelSection {
     /// A rank silent this long (dead, hung, stopped) fails the job on every rank.

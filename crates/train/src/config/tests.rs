@@ -226,6 +226,28 @@ fn the_numerics_ignore_operational_keys() -> Result<()> {
 }
 
 #[test]
+fn a_key_written_at_its_default_equals_the_key_left_out() -> Result<()> {
+    let a = load(BASE, &[])?;
+    let b = load(
+        BASE,
+        &[
+            "optimizer.lr=1e-4",
+            "data.max_seq_length=2048",
+            "lora.target_modules=[\"q_proj\", \"v_proj\"]",
+            "trainer.seed=1234",
+        ],
+    )?;
+    assert_eq!(a.numerics(), b.numerics());
+    assert_ne!(a.numerics(), load(BASE, &["trainer.seed=1"])?.numerics());
+    // A checkpoint written before helix filled in defaults recorded the keys as written.
+    let raw: toml::Table = toml::from_str(BASE)?;
+    let recorded = serde_json::to_value(&raw)?;
+    assert_ne!(recorded, b.numerics());
+    assert_eq!(ConfigFile::recorded_numerics(&recorded), b.numerics());
+    Ok(())
+}
+
+#[test]
 fn method_sections_must_agree() {
     let err = load(&BASE.replace("name = \"lora\"", "name = \"sft\""), &[])
         .unwrap()
