@@ -123,6 +123,9 @@ impl DataConfig {
     pub fn read_options(&self) -> ReadOptions {
         let mut fields = FieldMap::for_format(self.format);
         let o = &self.fields;
+        if *o != FieldOverrides::default() {
+            fields.refused.clear();
+        }
         if let Some(f) = &o.instruction {
             fields.instruction = f.clone();
         }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use helix_model::TextCodec;
 use serde::Serialize;
 
@@ -90,6 +90,51 @@ pub struct PreparedData {
     pub validation: Vec<Sample>,
     pub test: Vec<Sample>,
     pub report: DataReport,
+}
+
+impl PreparedData {
+    /// An error saying why, when the train split holds fewer samples than the `ranks` that
+    /// share it (none at all, mostly: every sample dropped as too long).
+    pub fn check_trainable(&self, cfg: &DataConfig, ranks: usize) -> Result<()> {
+        let n = self.train.len();
+        if n >= ranks.max(1) {
+            return Ok(());
+        }
+        let Some(src) = self.report.sources.get("train") else {
+            bail!("no training data was read");
+        };
+        let st = &src.stats;
+        let mut why = Vec::new();
+        if st.tokenize.dropped > 0 {
+            let policy = serde_json::to_value(cfg.length_policy)?;
+            let other = match cfg.length_policy {
+                LengthPolicy::TruncatePrompt => "",
+                _ => ", or set data.length_policy = \"truncate_prompt\"",
+            };
+            why.push(format!(
+                "{} were dropped as longer than data.max_seq_length = {} under \
+                 data.length_policy = {policy} (raise data.max_seq_length{other})",
+                st.tokenize.dropped, cfg.max_seq_length
+            ));
+        }
+        let split_off = st.samples.saturating_sub(n);
+        if split_off > 0 {
+            why.push(format!(
+                "{split_off} went to the validation / test split (data.validation_fraction, \
+                 data.test_fraction)"
+            ));
+        }
+        bail!(
+            "data.train = {}: {n} training sample(s) for {ranks} data-parallel rank(s): of its \
+             {} records, {}",
+            cfg.train.display(),
+            st.records,
+            match why.is_empty() {
+                true => "none was dropped or split off: add rows".to_string(),
+                false => why.join("; "),
+            }
+        );
+    }
 }
 
 /// Reads, templates, tokenizes and splits the data of `cfg`.

@@ -45,7 +45,15 @@ pub struct FieldMap {
     pub context: Option<String>,
     pub response: String,
     pub category: Option<String>,
+    /// Fields a row must not have: the prompt and answer fields of the other formats that this
+    /// map does not read (Alpaca rows read as `nemo` would lose their `instruction`). Empty
+    /// once fields are named by hand.
+    #[serde(default)]
+    pub refused: Vec<String>,
 }
+
+/// Every format's prompt and answer fields.
+const FORMAT_FIELDS: [&str; 5] = ["instruction", "input", "context", "response", "output"];
 
 impl FieldMap {
     pub fn for_format(format: Format) -> Self {
@@ -54,11 +62,17 @@ impl FieldMap {
             Format::Alpaca => ("instruction", Some("input"), "output", None),
             Format::Nemo => ("input", None, "output", None),
         };
+        let read = [Some(instruction), context, Some(response)];
         Self {
             instruction: instruction.into(),
             context: context.map(Into::into),
             response: response.into(),
             category: category.map(Into::into),
+            refused: FORMAT_FIELDS
+                .iter()
+                .filter(|f| !read.contains(&Some(**f)))
+                .map(|f| f.to_string())
+                .collect(),
         }
     }
 }
@@ -97,6 +111,8 @@ pub enum InvalidKind {
     MissingField,
     WrongType,
     InvalidUtf8,
+    /// A field of another format's prompt ([`FieldMap::refused`]).
+    UnreadField,
 }
 
 /// Rows skipped under `skip_invalid`, by reason.
@@ -107,6 +123,8 @@ pub struct SkipCounts {
     pub missing_field: usize,
     pub wrong_type: usize,
     pub invalid_utf8: usize,
+    #[serde(default)]
+    pub unread_field: usize,
 }
 
 impl SkipCounts {
@@ -116,6 +134,7 @@ impl SkipCounts {
             + self.missing_field
             + self.wrong_type
             + self.invalid_utf8
+            + self.unread_field
     }
 
     fn add(&mut self, kind: InvalidKind) {
@@ -125,6 +144,7 @@ impl SkipCounts {
             InvalidKind::MissingField => &mut self.missing_field,
             InvalidKind::WrongType => &mut self.wrong_type,
             InvalidKind::InvalidUtf8 => &mut self.invalid_utf8,
+            InvalidKind::UnreadField => &mut self.unread_field,
         } += 1;
     }
 }
@@ -354,6 +374,24 @@ fn extract(
             Some(v) => Err(wrong_type(name, v)),
         }
     };
+    if let Some(f) = fields.refused.iter().find(|f| obj.contains_key(f.as_str())) {
+        let detail = format!(
+            "this format does not read it (its prompt is \"{}\"{}): is data.format right? To \
+             read these rows as they are, name their fields ([data.fields])",
+            fields.instruction,
+            fields
+                .context
+                .as_ref()
+                .map_or(String::new(), |c| format!(" and \"{c}\""))
+        );
+        return Err(invalid(
+            file,
+            line,
+            Some(f),
+            InvalidKind::UnreadField,
+            detail,
+        ));
+    }
     Ok(Record {
         instruction: required(&fields.instruction)?,
         context: optional(&fields.context)?.unwrap_or_default(),

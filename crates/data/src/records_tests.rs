@@ -176,6 +176,7 @@ fn skip_invalid_counts_every_skipped_row() -> Result<()> {
         missing_field: 1,
         wrong_type: 1,
         invalid_utf8: 1,
+        unread_field: 0,
     };
     assert_eq!(r.skipped, expect);
     assert_eq!(r.skipped_rows.len(), 5);
@@ -193,4 +194,30 @@ fn all_rows_invalid_is_an_error_when_skipping() {
         e,
         "data.jsonl: no valid records (2 rows skipped as invalid)"
     );
+}
+
+#[test]
+fn another_format_s_prompt_field_is_refused_unless_fields_are_named() -> Result<()> {
+    let alpaca = br#"{"instruction": "Name a colour.", "input": "", "output": "Red."}"#;
+    // As nemo, the prompt would be "input" alone: the instruction would be lost.
+    let e = err(alpaca, Format::Nemo);
+    assert!(
+        e.contains("data.jsonl:1: field \"instruction\": this format does not read it")
+            && e.contains("[data.fields]"),
+        "{e}"
+    );
+    assert_eq!(read(alpaca, Format::Alpaca, false)?.records.len(), 1);
+    // Each format's own rows read as they are.
+    let nemo = br#"{"input": "Name a colour.", "output": "Red."}"#;
+    assert_eq!(read(nemo, Format::Nemo, false)?.records.len(), 1);
+    assert_eq!(
+        read(DOLLY.as_bytes(), Format::Dolly, false)?.records.len(),
+        2
+    );
+    // Fields named by hand are taken as meant.
+    let cfg: crate::DataConfig =
+        toml::from_str("train = \"x\"\nformat = \"nemo\"\n[fields]\ninstruction = \"input\"\n")?;
+    let r = read_records_from_bytes("data.jsonl", alpaca, &cfg.read_options())?;
+    assert_eq!(r.records[0].instruction, "");
+    Ok(())
 }

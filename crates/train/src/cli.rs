@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use candle_core::DType;
 use clap::{Parser, Subcommand, ValueEnum};
-use helix_data::{Format, LengthPolicy};
+
+use crate::data_stats::DataStatsArgs;
 
 #[derive(Parser)]
 #[command(
@@ -255,54 +256,7 @@ pub(crate) enum Command {
     /// Read, template and tokenize instruction data; print statistics as JSON. Takes the
     /// `[data]` section of a config (and model.path for the tokenizer; change its keys with
     /// --set data.KEY=…), or the flags below.
-    DataStats {
-        #[arg(long)]
-        data: Option<PathBuf>,
-        /// dolly, alpaca (JSON array or JSONL) or nemo
-        #[arg(long)]
-        format: Option<Format>,
-        /// A directory with tokenizer.json (and tokenizer_config.json for EOS / chat template).
-        #[arg(long)]
-        tokenizer: Option<PathBuf>,
-        /// alpaca (the default), dolly, chat (the model's template), or a string with
-        /// {instruction} and {input}/{context}
-        #[arg(long)]
-        template: Option<String>,
-        /// Tokens a sample may hold (default 2048).
-        #[arg(long)]
-        max_seq_length: Option<usize>,
-        /// truncate_prompt, truncate_response (the default) or drop
-        #[arg(long)]
-        length_policy: Option<LengthPolicy>,
-        /// Train on the whole sequence instead of the response only.
-        #[arg(long)]
-        whole_sequence_loss: bool,
-        /// Skip (and count) invalid rows instead of stopping at the first.
-        #[arg(long)]
-        skip_invalid: bool,
-        /// Field-name overrides, e.g. --instruction-field question.
-        #[arg(long)]
-        instruction_field: Option<String>,
-        #[arg(long)]
-        context_field: Option<String>,
-        #[arg(long)]
-        response_field: Option<String>,
-        #[arg(long)]
-        category_field: Option<String>,
-        /// Tokenizer threads (0, the default: one per core).
-        #[arg(long)]
-        threads: Option<usize>,
-        /// Tokenize even when a cached result exists (and do not write one).
-        #[arg(long)]
-        no_cache: bool,
-        /// Data-parallel ranks, for the epoch plan (micro-steps per epoch).
-        #[arg(long, default_value_t = 1)]
-        world_size: usize,
-        /// Rows per micro-batch on each rank, for the epoch plan (default: the config's
-        /// batch.micro_batch_size, else 1).
-        #[arg(long)]
-        micro_batch_size: Option<usize>,
-    },
+    DataStats(DataStatsArgs),
 }
 
 impl Command {
@@ -320,7 +274,7 @@ impl Command {
             | Command::Eval { .. }
             | Command::Plan { .. }
             | Command::Bench { .. }
-            | Command::DataStats { .. } => None,
+            | Command::DataStats(_) => None,
         }
     }
 }

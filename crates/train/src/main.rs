@@ -18,10 +18,6 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::Parser;
-use helix_data::{
-    pack_first_fit_decreasing, prepare, Cursor, DataConfig, DataTokenizer, FieldOverrides,
-    LossMode, Sampler,
-};
 use helix_model::gguf::{import_gguf, ImportOptions};
 use helix_model::hf_export::{parse_size, source_dtype, ExportOptions};
 use helix_model::{LlamaConfig, ModelDir, SamplingOptions, TextCodec};
@@ -33,6 +29,7 @@ use helix_train::device;
 use helix_train::recipe::{evaluate, train};
 
 mod cli;
+mod data_stats;
 
 use cli::{Cli, Command};
 
@@ -396,154 +393,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::DataStats {
-            data,
-            format,
-            tokenizer,
-            template,
-            max_seq_length,
-            length_policy,
-            whole_sequence_loss,
-            skip_invalid,
-            instruction_field,
-            context_field,
-            response_field,
-            category_field,
-            threads,
-            no_cache,
-            world_size,
-            micro_batch_size,
-        } => {
-            let (mut cfg, tokenizer_dir, micro_batch_size) = match &cli.config {
-                Some(path) => {
-                    // The config's [data] decides these; a flag beside it would be ignored.
-                    let data_flags = [
-                        ("--data", data.is_some()),
-                        ("--format", format.is_some()),
-                        ("--tokenizer", tokenizer.is_some()),
-                        ("--template", template.is_some()),
-                        ("--max-seq-length", max_seq_length.is_some()),
-                        ("--length-policy", length_policy.is_some()),
-                        ("--whole-sequence-loss", whole_sequence_loss),
-                        ("--skip-invalid", skip_invalid),
-                        ("--instruction-field", instruction_field.is_some()),
-                        ("--context-field", context_field.is_some()),
-                        ("--response-field", response_field.is_some()),
-                        ("--category-field", category_field.is_some()),
-                        ("--threads", threads.is_some()),
-                    ];
-                    if let Some((flag, _)) = data_flags.iter().find(|(_, given)| *given) {
-                        bail!(
-                            "data-stats --config takes the data settings from the config's [data]: \
-                             change them with --set data.KEY=VALUE, not {flag}"
-                        );
-                    }
-                    let file = ConfigFile::load_with(path, &cli.set)?;
-                    (
-                        file.data(path)?.clone(),
-                        file.tokenizer_dir(path)?,
-                        micro_batch_size.unwrap_or(file.batch.micro_batch_size),
-                    )
-                }
-                None => {
-                    let (Some(data), Some(format), Some(tokenizer)) = (data, format, tokenizer)
-                    else {
-                        bail!(
-                            "data-stats needs --config FILE, or --data, --format and --tokenizer"
-                        );
-                    };
-                    let mut cfg = DataConfig::new(data, format);
-                    // DataConfig::new holds the defaults.
-                    if let Some(t) = template {
-                        cfg.template = t;
-                    }
-                    if let Some(n) = max_seq_length {
-                        cfg.max_seq_length = n;
-                    }
-                    if let Some(p) = length_policy {
-                        cfg.length_policy = p;
-                    }
-                    if whole_sequence_loss {
-                        cfg.loss = LossMode::WholeSequence;
-                    }
-                    cfg.skip_invalid = skip_invalid;
-                    cfg.fields = FieldOverrides {
-                        instruction: instruction_field,
-                        context: context_field,
-                        response: response_field,
-                        category: category_field,
-                    };
-                    if let Some(n) = threads {
-                        cfg.threads = n;
-                    }
-                    (cfg, tokenizer, micro_batch_size.unwrap_or(1))
-                }
-            };
-            if no_cache {
-                cfg.cache = false;
-            }
-            let tok = DataTokenizer::open(&tokenizer_dir)?;
-            let prepared = prepare(&cfg, &tok)?;
-            for (role, src) in &prepared.report.sources {
-                for row in &src.skipped_rows {
-                    eprintln!("skipped ({role}) {row}");
-                }
-            }
-            // How an epoch of the train split runs: items are samples, or packed rows.
-            let items = if cfg.packing {
-                let lens: Vec<usize> = prepared.train.iter().map(|s| s.input_ids.len()).collect();
-                pack_first_fit_decreasing(&lens, cfg.max_seq_length)?
-                    .rows
-                    .len()
-            } else {
-                prepared.train.len()
-            };
-            let rank_sampler = |rank| {
-                Sampler::new(
-                    items,
-                    cfg.seed,
-                    cfg.shuffle,
-                    world_size,
-                    rank,
-                    micro_batch_size,
-                )
-            };
-            let steps = rank_sampler(0)?.steps_per_epoch();
-            let last = Cursor {
-                epoch: 0,
-                step: steps - 1,
-            };
-            let order = rank_sampler(0)?.epoch_order(0);
-            let mut filler_rows = 0;
-            for rank in 0..world_size {
-                filler_rows += rank_sampler(rank)?.batch_at(last, &order).filler_rows;
-            }
-            let mut report = serde_json::to_value(&prepared.report)?;
-            report["epoch"] = serde_json::json!({
-                "items": items,
-                "packed": cfg.packing,
-                "world_size": world_size,
-                "micro_batch_size": micro_batch_size,
-                "micro_steps": steps,
-                // Rows without targets that even out the last micro-step across ranks.
-                "filler_rows": filler_rows,
-            });
-            println!("{}", serde_json::to_string_pretty(&report)?);
-            for (role, src) in &prepared.report.sources {
-                let how = if src.cache_hit {
-                    "loaded from the token cache"
-                } else {
-                    "templated and tokenized"
-                };
-                eprintln!(
-                    "{role}: {} records {how} in {:.2} s ({:.0} records/s)",
-                    src.stats.records,
-                    src.seconds,
-                    src.stats.records as f64 / src.seconds
-                );
-            }
-            Ok(())
-        }
+        Command::DataStats(args) => data_stats::run(args, cli.config.as_deref(), &cli.set),
     }
 }
 

@@ -472,6 +472,7 @@ impl Data {
         let dir = cfg.tokenizer_dir(config_path)?;
         let tok = DataTokenizer::open(&dir).with_context(|| tokenizer_key(cfg, &dir))?;
         let prepared = prepare(data_cfg, &tok)?;
+        prepared.check_trainable(data_cfg, job.dp.size)?;
         for (role, src) in &prepared.report.sources {
             if !src.skipped_rows.is_empty() {
                 eprintln!(

@@ -156,3 +156,42 @@ fn bad_configs_name_the_file_line_and_key() {
         "{err}"
     );
 }
+
+#[test]
+fn bad_flags_are_named_as_flags() {
+    let tmp = setup();
+    let flags = |extra: &[&str]| {
+        let mut args = vec!["data-stats", "--format", "alpaca", "--tokenizer", "model"];
+        args.extend_from_slice(extra);
+        helix_train(&args, tmp.path())
+    };
+    for (extra, want) in [
+        (
+            &["--data", "rows.jsonl", "--max-seq-length", "1"][..],
+            "--max-seq-length must be at least 2, got 1",
+        ),
+        (&["--data", "missing.jsonl"][..], "--data missing.jsonl"),
+        (
+            &["--data", "rows.jsonl", "--template", "nonesuch"][..],
+            "--template",
+        ),
+    ] {
+        let (ok, _, err) = flags(extra);
+        assert!(!ok && err.contains(want), "{extra:?}: {err}");
+        assert!(
+            !err.contains("data."),
+            "{extra:?} names a config key: {err}"
+        );
+    }
+    // Every sample longer than 16 tokens: the statistics, then why nothing can train.
+    let (ok, out, err) = flags(&["--data", "rows.jsonl", "--max-seq-length", "16"]);
+    assert!(!ok && out.contains("\"dropped\": 20"), "{out}");
+    assert!(
+        err.contains("--data rows.jsonl: 0 training sample(s)")
+            && err.contains("20 were dropped as longer than --max-seq-length = 16")
+            && err.contains("--length-policy = \"truncate_prompt\""),
+        "{err}"
+    );
+    let (ok, out, err) = flags(&["--data", "rows.jsonl", "--max-seq-length", "256"]);
+    assert!(ok && out.contains("\"records\": 20"), "{err}");
+}

@@ -234,15 +234,21 @@ fn a_signal_delivered_twice_at_once_still_saves_and_a_later_one_aborts() {
 
 /// A path that cannot be read is named with the key that gave it.
 #[test]
-fn unreadable_paths_name_their_key() {
+fn unreadable_paths_and_unusable_data_name_their_key() {
     let tmp = setup("lora");
     let dir = tmp.path();
     for (set, want) in [
         ("model.path=nope", "model.path"),
         ("data.tokenizer=nope", "data.tokenizer = nope"),
         ("method.init_from=nope", "method.init_from = nope"),
+        // Every sample dropped as too long: said so, before the model loads.
+        (
+            "data.max_seq_length=3",
+            "were dropped as longer than data.max_seq_length = 3",
+        ),
     ] {
-        refused_with(dir, "fresh", set, want);
+        let err = refused_with(dir, "fresh", set, want);
+        assert!(!err.contains("trainable params"), "{set}: {err}");
     }
 }
 
