@@ -2,16 +2,17 @@
 //! `config.json` and the tokenizer files of the source directory, and the weights as
 //! safetensors, sharded with an index above a size limit.
 //!
-//! The directory is built beside its destination and moved into place at the end, so a crash
-//! leaves the previous export (or nothing), never a mix of old and new shards.
+//! The directory is written whole (written_dir.rs): a crash leaves the previous export (or
+//! nothing), never a mix of old and new shards.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 
 use crate::llama::Llama;
 use crate::safetensors_write::{is_shard_file, save_sharded, write_json, ShardReport, TensorSpec};
+use crate::written_dir::{write_dir, DirKind};
 
 /// Files copied from the source model directory when present: the tokenizer in each form
 /// transformers saves it (`tokenizer.json` for the fast one; `vocab.json` + `merges.txt` or
@@ -108,10 +109,8 @@ fn export_hf(
     if config.get("dtype").is_some() {
         config["dtype"] = dtype_name;
     }
-    check_replaceable(out)?;
-    let staging = staging_dir(out)?;
-    let result = (|| {
-        let report = save_sharded(&staging, "model", specs, opts.max_shard_bytes, |s| {
+    write_dir(out, &MODEL_EXPORT, |staging| {
+        let report = save_sharded(staging, "model", specs, opts.max_shard_bytes, |s| {
             produce(&s.name).with_context(|| format!("weight {}", s.name))
         })?;
         for f in TOKENIZER_FILES {
@@ -127,13 +126,8 @@ fn export_hf(
             &staging.join(CHAT_TEMPLATES_DIR),
         )?;
         write_json(&staging.join("config.json"), &config)?;
-        replace_dir(&staging, out)?;
         Ok(report)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_dir_all(&staging);
-    }
-    result
+    })
 }
 
 /// Copies the files of `from` (if it is a directory) into a new directory `to`.
@@ -155,38 +149,20 @@ fn copy_files_of(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Whether `name`, an entry of a directory, is something an export writes there: only such a
-/// directory is replaced by the next export (a training run's `output_dir/model`, or `export
-/// --out` again), never one holding anything else.
+/// A model export's directory: replaced whole by the next export (a training run's
+/// `output_dir/model`, or `export --out` again) when it holds nothing else.
+pub const MODEL_EXPORT: DirKind = DirKind {
+    what: "a model export",
+    holds: is_export_entry,
+};
+
+/// Whether `name`, an entry of a directory, is something an export writes there.
 fn is_export_entry(name: &str) -> bool {
     matches!(
         name,
         "config.json" | "model.safetensors" | "model.safetensors.index.json" | CHAT_TEMPLATES_DIR
     ) || TOKENIZER_FILES.contains(&name)
         || is_shard_file("model", name)
-}
-
-/// An error unless `out` is absent, empty, or holds only what an export writes.
-fn check_replaceable(out: &Path) -> Result<()> {
-    if !out.exists() {
-        return Ok(());
-    }
-    if !out.is_dir() {
-        bail!("{} exists and is not a directory", out.display());
-    }
-    let entries =
-        std::fs::read_dir(out).with_context(|| format!("cannot read {}", out.display()))?;
-    for entry in entries {
-        let name = entry?.file_name().to_string_lossy().into_owned();
-        if !is_export_entry(&name) {
-            bail!(
-                "{} already holds '{name}', which no model export writes: an export replaces \
-                 its whole directory, so give it a new or empty one",
-                out.display()
-            );
-        }
-    }
-    Ok(())
 }
 
 /// The dtype a model directory's `config.json` declares (`dtype`, as transformers ≥ 4.56
@@ -214,47 +190,6 @@ pub fn torch_dtype_name(dtype: DType) -> Result<&'static str> {
         DType::F16 => "float16",
         other => bail!("cannot export dtype {other:?} (f32, bf16 or f16)"),
     })
-}
-
-/// A fresh directory beside `out` (same filesystem, so the final rename is atomic).
-fn staging_dir(out: &Path) -> Result<PathBuf> {
-    let name = out
-        .file_name()
-        .with_context(|| format!("{} has no directory name", out.display()))?
-        .to_string_lossy();
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent)
-        .with_context(|| format!("cannot create {}", parent.display()))?;
-    let staging = parent.join(format!(".{name}.{}.partial", std::process::id()));
-    if staging.exists() {
-        std::fs::remove_dir_all(&staging)?;
-    }
-    std::fs::create_dir(&staging)
-        .with_context(|| format!("cannot create {}", staging.display()))?;
-    Ok(staging)
-}
-
-/// Moves `staging` to `out`; an existing `out` is moved aside first and removed last.
-fn replace_dir(staging: &Path, out: &Path) -> Result<()> {
-    // check_replaceable has made sure an existing `out` is an earlier export's directory.
-    let old = if out.exists() {
-        let aside = staging.with_extension("old");
-        std::fs::rename(out, &aside)
-            .with_context(|| format!("cannot move the old {} aside", out.display()))?;
-        Some(aside)
-    } else {
-        None
-    };
-    std::fs::rename(staging, out)
-        .with_context(|| format!("cannot move {} to {}", staging.display(), out.display()))?;
-    if let Some(old) = old {
-        std::fs::remove_dir_all(&old)
-            .with_context(|| format!("cannot remove {}", old.display()))?;
-    }
-    Ok(())
 }
 
 /// A byte size as transformers writes `max_shard_size`: `5GB`, `500MB`, `2GiB`, `1000000`.

@@ -12,6 +12,7 @@ pub mod linear;
 pub mod llama;
 pub mod safetensors_write;
 pub mod weights;
+pub mod written_dir;
 
 pub use config::LlamaConfig;
 pub use linear::{Dense, Linear};

@@ -44,7 +44,8 @@ fn st_dtype(dtype: DType) -> Result<&'static str> {
 
 /// The little-endian bytes of `t` converted to `dtype`.
 pub fn tensor_bytes(t: &Tensor, dtype: DType) -> Result<Vec<u8>> {
-    let t = t.to_device(&Device::Cpu)?.to_dtype(dtype)?.flatten_all()?;
+    let source = t.to_device(&Device::Cpu)?.flatten_all()?;
+    let t = source.to_dtype(dtype)?;
     Ok(match dtype {
         DType::F32 => t
             .to_vec1::<f32>()?
@@ -56,13 +57,28 @@ pub fn tensor_bytes(t: &Tensor, dtype: DType) -> Result<Vec<u8>> {
             .iter()
             .flat_map(|x| x.to_le_bytes())
             .collect(),
-        DType::F16 => t
-            .to_vec1::<half::f16>()?
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect(),
+        DType::F16 => {
+            let v = t.to_vec1::<half::f16>()?;
+            // float16 tops out at 65504: a larger weight would be written as infinity, and
+            // the model would load and then compute NaN.
+            if let Some(x) = v.iter().find(|x| x.is_infinite()) {
+                bail!(
+                    "a value ({}) beyond float16's range (±65504) would be written as infinity: \
+                     write bf16 or f32 instead",
+                    source_value_beyond_f16(&source, x.is_sign_negative())?
+                );
+            }
+            v.iter().flat_map(|x| x.to_le_bytes()).collect()
+        }
         other => bail!("cannot write dtype {other:?}"),
     })
+}
+
+/// The most positive (or, `negative`, most negative) value of `source`, as text.
+fn source_value_beyond_f16(source: &Tensor, negative: bool) -> Result<String> {
+    let v = source.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+    let pick = |a: f32, b: f32| if negative { a.min(b) } else { a.max(b) };
+    Ok(format!("{:e}", v.iter().copied().fold(0.0, pick)))
 }
 
 /// Writes `path` through a temporary file in the same directory, so readers see the old file or
@@ -160,7 +176,7 @@ pub fn write_safetensors(
                 s.shape
             );
         }
-        w.write_all(&tensor_bytes(&t, s.dtype)?)?;
+        w.write_all(&tensor_bytes(&t, s.dtype).with_context(|| format!("tensor {}", s.name))?)?;
     }
     Ok(())
 }
@@ -336,6 +352,28 @@ mod tests {
         assert!(err.to_string().contains("tensor x has shape [4]"), "{err}");
         assert_eq!(std::fs::read(&path)?, before);
         assert_eq!(std::fs::read_dir(tmp.path())?.count(), 1);
+        Ok(())
+    }
+
+    #[test]
+    fn a_value_beyond_f16_range_is_refused_not_written_as_infinity() -> Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let path = tmp.path().join("a.safetensors");
+        let big = Tensor::new(&[1.0f32, -7.0e4, 3.0], &Device::Cpu)?;
+        let specs = [TensorSpec::new("w", DType::F16, &[3])];
+        let err =
+            write_atomic(&path, |w| write_safetensors(w, &specs, |_| Ok(big.clone()))).unwrap_err();
+        let err = format!("{err:#}");
+        assert!(
+            err.contains("tensor w") && err.contains("-7e4") && err.contains("±65504"),
+            "{err}"
+        );
+        assert!(!path.exists());
+        // In range, and in bf16, it is written.
+        let ok = Tensor::new(&[1.0f32, -6.5e4, 3.0], &Device::Cpu)?;
+        write_atomic(&path, |w| write_safetensors(w, &specs, |_| Ok(ok.clone())))?;
+        let bf = [TensorSpec::new("w", DType::BF16, &[3])];
+        write_atomic(&path, |w| write_safetensors(w, &bf, |_| Ok(big.clone())))?;
         Ok(())
     }
 }

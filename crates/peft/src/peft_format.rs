@@ -13,6 +13,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use helix_model::safetensors_write::{save_tensors, write_json};
+use helix_model::written_dir::{write_dir, DirKind};
 use helix_model::{LlamaConfig, SafetensorsWeights};
 use serde_json::{json, Value};
 
@@ -26,6 +27,13 @@ pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 /// helix's own file beside a P-tuning adapter: the full prompt encoder.
 pub const PROMPT_ENCODER_WEIGHTS: &str = "prompt_encoder.safetensors";
 pub const PROMPT_EMBEDDINGS: &str = "prompt_embeddings";
+
+/// An adapter's directory, written whole: a crash leaves the previous adapter, never new
+/// weights beside an old config.
+pub const ADAPTER_DIR: DirKind = DirKind {
+    what: "an adapter save",
+    holds: |name| [ADAPTER_CONFIG, ADAPTER_WEIGHTS, PROMPT_ENCODER_WEIGHTS].contains(&name),
+};
 
 /// An adapter read from disk.
 pub enum Adapter {
@@ -68,7 +76,6 @@ pub fn save_lora_tensors(
     named: &[(String, Tensor)],
     base_model: &str,
 ) -> Result<()> {
-    create_dir(dir)?;
     let mut targets = cfg.target_modules.clone();
     targets.sort();
     let config = json!({
@@ -90,8 +97,10 @@ pub fn save_lora_tensors(
         "alpha_pattern": {},
         "revision": null,
     });
-    save_tensors(&dir.join(ADAPTER_WEIGHTS), named)?;
-    write_json(&dir.join(ADAPTER_CONFIG), &config)
+    write_dir(dir, &ADAPTER_DIR, |staging| {
+        save_tensors(&staging.join(ADAPTER_WEIGHTS), named)?;
+        write_json(&staging.join(ADAPTER_CONFIG), &config)
+    })
 }
 
 /// Writes a P-tuning adapter as PEFT's `save_pretrained` does (config + `prompt_embeddings`),
@@ -102,7 +111,6 @@ pub fn save_ptuning(
     model: &LlamaConfig,
     base_model: &str,
 ) -> Result<()> {
-    create_dir(dir)?;
     let cfg = &ptuning.cfg;
     let config = json!({
         "peft_type": "P_TUNING",
@@ -123,33 +131,22 @@ pub fn save_ptuning(
         "revision": null,
     });
     let table = ptuning.prompt_embeddings()?;
-    save_tensors(
-        &dir.join(ADAPTER_WEIGHTS),
-        &[(PROMPT_EMBEDDINGS.to_string(), table)],
-    )?;
-    let encoder_path = dir.join(PROMPT_ENCODER_WEIGHTS);
-    match &ptuning.tokens {
-        VirtualTokens::Encoder(_) => {
+    write_dir(dir, &ADAPTER_DIR, |staging| {
+        save_tensors(
+            &staging.join(ADAPTER_WEIGHTS),
+            &[(PROMPT_EMBEDDINGS.to_string(), table)],
+        )?;
+        // A table alone has no encoder to save.
+        if let VirtualTokens::Encoder(_) = &ptuning.tokens {
             let named: Vec<(String, Tensor)> = ptuning
                 .named_vars()
                 .into_iter()
                 .map(|(k, v)| (k, v.as_tensor().clone()))
                 .collect();
-            save_tensors(&encoder_path, &named)?;
+            save_tensors(&staging.join(PROMPT_ENCODER_WEIGHTS), &named)?;
         }
-        VirtualTokens::Table(_) => {
-            // A stale encoder beside a new table would not match it.
-            if encoder_path.exists() {
-                std::fs::remove_file(&encoder_path)
-                    .with_context(|| format!("cannot remove {}", encoder_path.display()))?;
-            }
-        }
-    }
-    write_json(&dir.join(ADAPTER_CONFIG), &config)
-}
-
-fn create_dir(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))
+        write_json(&staging.join(ADAPTER_CONFIG), &config)
+    })
 }
 
 /// Reads a PEFT adapter directory (LoRA or P-tuning): its config, checked for what helix

@@ -14,12 +14,13 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use helix_ckpt::{BackgroundWriter, CheckpointStore};
 use helix_data::{eval_batches, prepare, Batch, BatchStream, DataTokenizer};
-use helix_model::hf_export::{export_hf_weights, parse_size, ExportOptions};
+use helix_model::hf_export::{export_hf_weights, parse_size, ExportOptions, MODEL_EXPORT};
+use helix_model::written_dir::check_replaceable;
 use helix_model::ModelDir;
 use helix_parallel::Job;
 use helix_peft::{
     export_merged, gathered_weights, load_for_method_split, read_adapter, save_lora_tensors,
-    save_ptuning, Adapter, Customized, Method,
+    save_ptuning, Adapter, Customized, Method, ADAPTER_DIR,
 };
 
 use crate::config::ConfigFile;
@@ -84,7 +85,13 @@ fn train_rank(cfg: &ConfigFile, config_path: &Path, job: &mut Job) -> Result<Run
     let lock = main.then(|| lock_output_dir(&t.output_dir));
     let refusal = match &lock {
         Some(Err(e)) => format!("{e:#}"),
-        _ => String::new(),
+        // The outputs are written at the end: a directory they may not replace is named now,
+        // not after the run.
+        Some(Ok(_)) => match check_outputs_replaceable(cfg) {
+            Err(e) => format!("{e:#}"),
+            Ok(()) => String::new(),
+        },
+        None => String::new(),
     };
     let refusal = job.broadcast_text(&refusal)?;
     if !refusal.is_empty() {
@@ -636,6 +643,20 @@ fn saved_line(r: &helix_ckpt::SaveReport) -> String {
         Some(e) => format!("\nwarning: {e}; training goes on (remove it by hand)"),
         None => String::new(),
     }
+}
+
+/// The directories [`write_outputs`] will replace, with an error naming any that holds files
+/// those writes do not make.
+fn check_outputs_replaceable(cfg: &ConfigFile) -> Result<()> {
+    let method = cfg.method()?;
+    let out = &cfg.trainer.output_dir;
+    if cfg.output.adapter && !matches!(method, Method::FullSft) {
+        check_replaceable(&out.join("adapter"), &ADAPTER_DIR).context("output.adapter")?;
+    }
+    if matches!(method, Method::FullSft) || cfg.output.merged {
+        check_replaceable(&out.join("model"), &MODEL_EXPORT).context("the model export")?;
+    }
+    Ok(())
 }
 
 /// At the end: the adapter in PEFT format (`output_dir/adapter`), and the model as a Hugging

@@ -250,6 +250,16 @@ fn unreadable_paths_and_unusable_data_name_their_key() {
         let err = refused_with(dir, "fresh", set, want);
         assert!(!err.contains("trainable params"), "{set}: {err}");
     }
+    // An adapter directory the end of the run could not replace whole: named at the start.
+    std::fs::create_dir_all(dir.join("fresh/adapter")).unwrap();
+    std::fs::write(dir.join("fresh/adapter/notes.md"), "mine").unwrap();
+    let err = refused_with(
+        dir,
+        "fresh",
+        "trainer.seed=1234",
+        "output.adapter: fresh/adapter already holds 'notes.md'",
+    );
+    assert!(!err.contains("trainable params"), "{err}");
 }
 
 /// A second job in the output directory of a running one is refused at once, naming the first;
