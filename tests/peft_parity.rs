@@ -545,6 +545,11 @@ fn write_helix_adapters_for_peft_interop() -> Result<()> {
                 sgd_step(&c, &batch, 0.05)?;
             }
             let dir = out.join(&name).join(method_name);
+            // The files written beside the adapter below would keep a rerun's save from
+            // replacing it.
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir)?;
+            }
             match &method {
                 Method::Lora(_) => save_lora(&dir, c.lora.as_ref().unwrap(), &name)?,
                 _ => save_ptuning(&dir, c.ptuning.as_ref().unwrap(), &cfg, &name)?,

@@ -44,8 +44,8 @@ fn st_dtype(dtype: DType) -> Result<&'static str> {
 
 /// The little-endian bytes of `t` converted to `dtype`.
 pub fn tensor_bytes(t: &Tensor, dtype: DType) -> Result<Vec<u8>> {
-    let source = t.to_device(&Device::Cpu)?.flatten_all()?;
-    let t = source.to_dtype(dtype)?;
+    let source = t;
+    let t = t.to_device(&Device::Cpu)?.to_dtype(dtype)?.flatten_all()?;
     Ok(match dtype {
         DType::F32 => t
             .to_vec1::<f32>()?
@@ -62,11 +62,14 @@ pub fn tensor_bytes(t: &Tensor, dtype: DType) -> Result<Vec<u8>> {
             // float16 tops out at 65504: a larger weight would be written as infinity, and
             // the model would load and then compute NaN.
             if let Some(x) = v.iter().find(|x| x.is_infinite()) {
-                bail!(
-                    "a value ({}) beyond float16's range (±65504) would be written as infinity: \
-                     write bf16 or f32 instead",
-                    source_value_beyond_f16(&source, x.is_sign_negative())?
-                );
+                let extreme = source_extreme(source, x.is_sign_negative())?;
+                match extreme.is_finite() {
+                    true => bail!(
+                        "a value ({extreme:e}) beyond float16's range (±65504) would be written \
+                         as infinity: write bf16 or f32 instead"
+                    ),
+                    false => bail!("it holds an infinite value"),
+                }
             }
             v.iter().flat_map(|x| x.to_le_bytes()).collect()
         }
@@ -74,11 +77,14 @@ pub fn tensor_bytes(t: &Tensor, dtype: DType) -> Result<Vec<u8>> {
     })
 }
 
-/// The most positive (or, `negative`, most negative) value of `source`, as text.
-fn source_value_beyond_f16(source: &Tensor, negative: bool) -> Result<String> {
-    let v = source.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+/// The most positive (or, `negative`, most negative) value of `source`.
+fn source_extreme(source: &Tensor, negative: bool) -> Result<f32> {
+    let v = source
+        .flatten_all()?
+        .to_dtype(DType::F32)?
+        .to_vec1::<f32>()?;
     let pick = |a: f32, b: f32| if negative { a.min(b) } else { a.max(b) };
-    Ok(format!("{:e}", v.iter().copied().fold(0.0, pick)))
+    Ok(v.iter().copied().fold(0.0, pick))
 }
 
 /// Writes `path` through a temporary file in the same directory, so readers see the old file or

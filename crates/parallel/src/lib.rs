@@ -15,7 +15,7 @@ mod wire;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 pub use env::ProcessEnv;
@@ -94,7 +94,10 @@ impl Job {
         let addr = format!("{}:{}", env.master_addr, env.master_port);
         let store = StoreClient::connect(&addr, &env.token, env.rank, timeout)
             .with_context(|| format!("joining the job at {addr} ({} variables)", env.source))?;
-        let heartbeat = store.start_heartbeat(&env.token)?;
+        let heartbeat = store.start_heartbeat(
+            &env.token,
+            server.as_ref().map(|s| s.told_waiter(env.world_size)),
+        )?;
         // The heartbeat names a silent rank after `timeout`; the rings' own timeout is a
         // backstop that must not fire first with a vaguer message.
         let [(tp_name, tp_ranks), (dp_name, dp_ranks)] =
@@ -326,30 +329,55 @@ impl Job {
             }
             Err(e) if self.world > 1 => {
                 let rank = self.rank;
-                self.fail(&format!("{e:#}"));
-                Err(e.context(format!("rank {rank}")))
+                let mine = format!("{e:#}");
+                Err(match self.fail(&mine) {
+                    // Another rank's failure came first: this error is its echo (a ring
+                    // peer gone, a wait cut short), so the cause is what every rank says.
+                    Some(first) if !mine.contains(&first) => {
+                        anyhow!("rank {rank}: the job failed: {first} (here: {mine})")
+                    }
+                    _ => e.context(format!("rank {rank}")),
+                })
             }
             Err(e) => Err(e),
         }
     }
 
-    /// Fails the job with this rank's `error` (see [`Self::run`]). Rank 0, whose exit takes
-    /// the store and the message with it, first waits briefly for the others to hear it.
-    fn fail(mut self, error: &str) {
+    /// Fails the job with this rank's `error` (see [`Self::run`]), unless it has already
+    /// failed: then that first failure is returned. Rank 0, whose exit takes the store and
+    /// the message with it, first waits briefly for the others to hear it.
+    fn fail(mut self, error: &str) -> Option<String> {
         const MAX_MESSAGE: usize = 16 * 1024;
-        let Some(store) = &self.store else { return };
-        let mut end = error.len().min(MAX_MESSAGE);
-        while !error.is_char_boundary(end) {
-            end -= 1;
+        let store = self.store.as_ref()?;
+        // This rank reports its own error; its heartbeat must not exit with an echo of it.
+        if let Some(h) = &self.heartbeat {
+            h.silence();
         }
-        let _ = store.fail(&error[..end]);
-        // This rank reports its own error; its heartbeat must not echo it back.
+        // A peer that died (killed, out of memory) fails the job as its connection drops, at
+        // about the moment this rank's ring to it breaks: give the store that moment, so the
+        // symptom is not recorded as the cause.
+        let mut first = None;
+        for _ in 0..5 {
+            first = store.failure().ok().flatten();
+            if first.is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if first.is_none() {
+            let mut end = error.len().min(MAX_MESSAGE);
+            while !error.is_char_boundary(end) {
+                end -= 1;
+            }
+            let _ = store.fail(&error[..end]);
+        }
         if let Some(h) = self.heartbeat.take() {
             h.goodbye();
         }
         if let Some(server) = self.server.take() {
-            server.wait_until_told(self.world, 4 * store::HEARTBEAT_EVERY);
+            server.wait_until_told(self.world, store::TELL_TIMEOUT);
         }
+        first
     }
 
     /// Ends the job cleanly: this rank says goodbye to the store, and rank 0 keeps serving it

@@ -133,23 +133,40 @@ impl StoreServer {
         self.wait_while(timeout, |st| (1..world).any(|r| !st.told.contains(&r)));
     }
 
+    /// [`Self::wait_until_told`] as a function a heartbeat thread can call before it exits.
+    pub fn told_waiter(&self, world: usize) -> Box<dyn Fn() + Send> {
+        let shared = self.shared.clone();
+        Box::new(move || {
+            wait_while(&shared, TELL_TIMEOUT, |st| {
+                (1..world).any(|r| !st.told.contains(&r))
+            })
+        })
+    }
+
     /// Waits while `pending` holds of the store's state, at most `timeout`.
     fn wait_while(&self, timeout: Duration, pending: impl Fn(&State) -> bool) {
-        let deadline = Instant::now() + timeout;
-        let mut st = self.shared.state.lock().expect("store lock");
-        while pending(&st) && Instant::now() < deadline {
-            st = self
-                .shared
-                .changed
-                .wait_timeout(st, Duration::from_millis(50))
-                .expect("store lock")
-                .0;
-        }
+        wait_while(&self.shared, timeout, pending)
     }
 
     /// The failure the store recorded, if any.
     pub fn failure(&self) -> Option<String> {
         self.shared.state.lock().expect("store lock").failed.clone()
+    }
+}
+
+/// How long rank 0 waits for the other ranks to hear of a failure before it exits: a few
+/// heartbeats.
+pub const TELL_TIMEOUT: Duration = Duration::from_millis(4 * 500);
+
+fn wait_while(shared: &Shared, timeout: Duration, pending: impl Fn(&State) -> bool) {
+    let deadline = Instant::now() + timeout;
+    let mut st = shared.state.lock().expect("store lock");
+    while pending(&st) && Instant::now() < deadline {
+        st = shared
+            .changed
+            .wait_timeout(st, Duration::from_millis(50))
+            .expect("store lock")
+            .0;
     }
 }
 
@@ -207,6 +224,12 @@ fn serve(mut stream: TcpStream, shared: &Shared) {
         if write_frame(&mut stream, &reply).is_err() {
             break;
         }
+        // A heartbeat answered with the failure has been told, now that the answer is sent:
+        // rank 0 may exit.
+        if msg[0] == BEAT && !reply.is_empty() {
+            shared.state.lock().expect("store lock").told.insert(rank);
+            shared.changed.notify_all();
+        }
     }
     if role == Role::Heartbeat {
         let mut st = shared.state.lock().expect("store lock");
@@ -259,10 +282,6 @@ fn handle(msg: &[u8], rank: usize, shared: &Shared) -> Vec<u8> {
         BEAT => {
             if let Some(b) = st.beats.get_mut(&rank) {
                 b.0 = Instant::now();
-            }
-            if st.failed.is_some() {
-                st.told.insert(rank);
-                shared.changed.notify_all();
             }
             st.failed.clone().unwrap_or_default().into_bytes()
         }
@@ -354,6 +373,12 @@ impl StoreClient {
         Ok(v)
     }
 
+    /// The job's failure, if the store has recorded one.
+    pub fn failure(&self) -> Result<Option<String>> {
+        let why = self.request(WHY, &[], "the job's failure")?;
+        Ok((!why.is_empty()).then(|| String::from_utf8_lossy(&why).into_owned()))
+    }
+
     /// Fails the job with this rank's `error`: every other rank exits naming this rank and it.
     pub fn fail(&self, error: &str) -> Result<()> {
         self.request(FAIL, error.as_bytes(), "the store to record a failure")
@@ -382,7 +407,14 @@ impl StoreClient {
     /// Starts this rank's heartbeat: a thread that reports to the store every
     /// [`HEARTBEAT_EVERY`] and ends the process (status 1, naming the rank that failed) as
     /// soon as the store reports a failure or is lost.
-    pub fn start_heartbeat(&self, token: &str) -> Result<Heartbeat> {
+    ///
+    /// `before_exit` runs before the process exits on a failure: on rank 0, which serves the
+    /// store, a wait for the other ranks to hear it ([`StoreServer::told_waiter`]).
+    pub fn start_heartbeat(
+        &self,
+        token: &str,
+        before_exit: Option<Box<dyn Fn() + Send>>,
+    ) -> Result<Heartbeat> {
         let mut s = connect_retrying(&self.addr, token, self.rank, Role::Heartbeat, self.timeout)?;
         s.set_read_timeout(Some(self.timeout))?;
         let writer = s.try_clone()?;
@@ -397,11 +429,16 @@ impl StoreClient {
                         .and_then(|_| read_frame(&mut s, MAX_CONTROL_FRAME))
                     {
                         Ok(failed) if failed.is_empty() => {}
+                        // This rank is failing the job itself and reports it.
+                        Ok(_) if stop2.load(std::sync::atomic::Ordering::SeqCst) => break,
                         Ok(failed) => {
                             eprintln!(
                                 "error: rank {me}: the job failed: {}; exiting",
                                 String::from_utf8_lossy(&failed)
                             );
+                            if let Some(wait) = &before_exit {
+                                wait();
+                            }
                             std::process::exit(1);
                         }
                         Err(_) if stop2.load(std::sync::atomic::Ordering::SeqCst) => break,
@@ -432,6 +469,12 @@ pub struct Heartbeat {
 }
 
 impl Heartbeat {
+    /// Stops this heartbeat, and keeps it from acting on a failure it hears: the rank is
+    /// about to report its own. [`Self::goodbye`] follows.
+    pub fn silence(&self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Tells the store this rank is done (so its silence is not a failure) and stops.
     pub fn goodbye(mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);

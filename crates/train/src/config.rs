@@ -411,11 +411,11 @@ impl ConfigFile {
 
     /// [`ConfigFile::numerics`] of a config a checkpoint recorded. Checkpoints written before
     /// helix filled in defaults hold the keys as the user wrote them; reading them back as a
-    /// config fills the defaults in. One this helix cannot read is compared as it stands.
-    pub fn recorded_numerics(recorded: &serde_json::Value) -> serde_json::Value {
+    /// config fills the defaults in.
+    pub fn recorded_numerics(recorded: &serde_json::Value) -> Result<serde_json::Value> {
         serde_json::from_value::<Self>(recorded.clone())
             .map(|c| c.numerics())
-            .unwrap_or_else(|_| recorded.clone())
+            .context("this helix cannot read the config the checkpoint recorded")
     }
 }
 

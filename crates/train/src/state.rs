@@ -286,6 +286,17 @@ pub fn choose_checkpoint(
     }
 }
 
+/// The config the checkpoint in `dir` was trained with, as [`ConfigFile::numerics`] gives it.
+fn recorded_config(dir: &Path, state: &TrainerState) -> Result<serde_json::Value> {
+    ConfigFile::recorded_numerics(&state.run.config).with_context(|| {
+        format!(
+            "{}, written by helix {}: use that version with it",
+            dir.display(),
+            state.run.helix_version
+        )
+    })
+}
+
 fn read_state(dir: &Path) -> Result<TrainerState> {
     serde_json::from_value(read_json(dir, TRAINER_STATE)?)
         .with_context(|| format!("{}: invalid {TRAINER_STATE}", dir.display()))
@@ -297,10 +308,7 @@ fn read_state(dir: &Path) -> Result<TrainerState> {
 /// reported through `warn`.
 pub fn check_same_run(dir: &Path, now: &RunRecord, warn: impl Fn(String)) -> Result<TrainerState> {
     let state = read_state(dir)?;
-    let differ = differing_keys(
-        &ConfigFile::recorded_numerics(&state.run.config),
-        &now.config,
-    );
+    let differ = differing_keys(&recorded_config(dir, &state)?, &now.config);
     if !differ.is_empty() {
         bail!(
             "the config differs from the one checkpoint {} was trained with, in {}; a resumed \
@@ -347,13 +355,10 @@ pub fn check_same_model(dir: &Path, cfg: &ConfigFile) -> Result<()> {
                 .iter()
                 .any(|s| k == s || k.starts_with(&format!("{s}.")))
     };
-    let differ: Vec<String> = differing_keys(
-        &ConfigFile::recorded_numerics(&state.run.config),
-        &cfg.numerics(),
-    )
-    .into_iter()
-    .filter(model_keys)
-    .collect();
+    let differ: Vec<String> = differing_keys(&recorded_config(dir, &state)?, &cfg.numerics())
+        .into_iter()
+        .filter(model_keys)
+        .collect();
     if !differ.is_empty() {
         bail!(
             "checkpoint {} was trained with other model or adapter settings, in {}: evaluate \
@@ -480,7 +485,8 @@ mod tests {
         let record = |train: &str, validation: &str| RunRecord {
             method: "lora".into(),
             config_sha256: String::new(),
-            config: ConfigFile::recorded_numerics(&serde_json::json!({"optimizer": {"lr": 1e-4}})),
+            config: ConfigFile::recorded_numerics(&serde_json::json!({"optimizer": {"lr": 1e-4}}))
+                .unwrap(),
             layout: BTreeMap::new(),
             data_sha256: BTreeMap::from([
                 ("data.train".into(), train.into()),

@@ -368,47 +368,62 @@ fn a_stopped_rank_is_detected_by_its_silence() {
     );
 }
 
-/// Two ranks started by hand, as srun starts them on two nodes, where the second node cannot
-/// create the output directory (not mounted there, say): rank 1's error is what every rank
-/// reports, at once, not a lost connection or a timeout.
+/// Two ranks started by hand, as srun starts them on two nodes, where the second node lacks
+/// something the first has: rank 1's error is what every rank reports, at once, not a lost
+/// connection or a timeout. Rank 1 fails where rank 0 waits on the store (the output directory
+/// cannot be created), and where rank 0 is inside a ring all-reduce (the model is missing).
 #[test]
 fn an_error_on_one_rank_is_named_by_every_rank() {
     let tmp = tiny_run_dir("lora");
     let dir = tmp.path();
     // On "node 1" the output directory's parent is a file.
     std::fs::write(dir.join("not-mounted"), "").unwrap();
-    let port = free_port().to_string();
-    let start = Instant::now();
-    let ranks: Vec<_> = [("0", "run"), ("1", "not-mounted/run")]
-        .into_iter()
-        .map(|(rank, out)| {
-            helix(dir, out, 1, 0, &["--set", "parallel.timeout_s=60"])
-                .env("RANK", rank)
-                .env("WORLD_SIZE", "2")
-                .env("MASTER_ADDR", "127.0.0.1")
-                .env("MASTER_PORT", &port)
-                .env("HELIX_JOB_TOKEN", "by-hand")
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    let outs: Vec<Output> = ranks
-        .into_iter()
-        .map(|c| c.wait_with_output().unwrap())
-        .collect();
-    let took = start.elapsed();
-    for (rank, o) in outs.iter().enumerate() {
-        let err = String::from_utf8_lossy(&o.stderr);
-        assert!(!o.status.success(), "rank {rank}: {err}");
-        assert!(
-            err.contains("rank 1: cannot create not-mounted/run"),
-            "rank {rank} names rank 1's error: {err}"
-        );
-        println!("rank {rank}: {}", err.trim());
+    let cases: [(&[&str], &str); 2] = [
+        (
+            &["--set", "trainer.output_dir=not-mounted/run"],
+            "rank 1: cannot create not-mounted/run",
+        ),
+        (
+            &["--set", "model.path=missing-on-node-1"],
+            "rank 1: the tokenizer of model.path = missing-on-node-1",
+        ),
+    ];
+    for (rank_1_sets, want) in cases {
+        let port = free_port().to_string();
+        let start = Instant::now();
+        let ranks: Vec<_> = [("0", &[][..]), ("1", rank_1_sets)]
+            .into_iter()
+            .map(|(rank, sets)| {
+                let mut args = vec!["--set", "parallel.timeout_s=60"];
+                args.extend_from_slice(sets);
+                helix(dir, "run", 1, 0, &args)
+                    .env("RANK", rank)
+                    .env("WORLD_SIZE", "2")
+                    .env("MASTER_ADDR", "127.0.0.1")
+                    .env("MASTER_PORT", &port)
+                    .env("HELIX_JOB_TOKEN", "by-hand")
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        let outs: Vec<Output> = ranks
+            .into_iter()
+            .map(|c| c.wait_with_output().unwrap())
+            .collect();
+        let took = start.elapsed();
+        for (rank, o) in outs.iter().enumerate() {
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(!o.status.success(), "rank {rank}: {err}");
+            assert!(
+                err.contains(want),
+                "rank {rank} names rank 1's error: {err}"
+            );
+            println!("rank {rank}: {}", err.trim());
+        }
+        // Well inside parallel.timeout_s: the failure is told, not waited out.
+        assert!(took < Duration::from_secs(30), "took {took:?}");
+        println!("both ranks exited after {took:.2?}");
     }
-    // Well inside parallel.timeout_s: the failure is told, not waited out.
-    assert!(took < Duration::from_secs(30), "took {took:?}");
-    println!("both ranks exited after {took:.2?}");
 }
 
 /// `ranks` processes with tensor-parallel groups of `tp` against one process, 20 steps.
