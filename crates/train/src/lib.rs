@@ -1,5 +1,5 @@
 //! The training side of `helix-train`: the config file ([`config`]), the fine-tuning recipe
-//! ([`recipe`]), the analytic cluster model ([`plan`]), with its optimizer ([`optim`]), schedule ([`schedule`]), checkpoint state
+//! ([`recipe`]) and its output directory ([`outputs`]), the analytic cluster model ([`plan`]), with its optimizer ([`optim`]), schedule ([`schedule`]), checkpoint state
 //! ([`state`]), signal handling ([`signals`]), and what it shows and writes ([`progress`],
 //! [`plot`] over a small raster canvas). `main.rs` is only the command line over these.
 
@@ -13,6 +13,7 @@ pub mod freed_memory;
 pub mod gradients;
 pub mod kernel_check;
 pub mod optim;
+pub mod outputs;
 pub mod plan;
 pub mod plot;
 pub mod progress;
