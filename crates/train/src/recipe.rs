@@ -116,6 +116,18 @@ fn train_rank(cfg: &ConfigFile, config_path: &Path, job: &mut Job) -> Result<Run
     //    `.tmp` directory again); every rank loads the same one, once the model is there. A
     //    config that differs from the checkpoint's is named now, before the model loads.
     let run = RunRecord::new(cfg, job, sha256)?;
+    // Every rank trains what rank 0 does: the same config, data and helix.
+    let rank_0: RunRecord =
+        serde_json::from_str(&job.broadcast_text(&serde_json::to_string(&run)?)?)
+            .context("rank 0's run record")?;
+    let differ = run.differences_from(&rank_0);
+    if !differ.is_empty() {
+        bail!(
+            "this rank would train something else than rank 0: {} differ; start every rank \
+             with the same config, data files and helix-train",
+            differ.join(", ")
+        );
+    }
     let store = checkpoint_store(cfg)?;
     let chosen = match main {
         true => {

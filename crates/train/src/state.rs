@@ -72,6 +72,32 @@ impl RunRecord {
     }
 }
 
+impl RunRecord {
+    /// What makes this rank's run differ from `rank_0`'s: config keys, data files whose
+    /// contents differ, another helix version. Every rank of a job must compute the same
+    /// thing; a node with another copy of the config or the data would silently not.
+    pub fn differences_from(&self, rank_0: &RunRecord) -> Vec<String> {
+        let mut out = differing_keys(&rank_0.config, &self.config);
+        let files: std::collections::BTreeSet<&String> = rank_0
+            .data_sha256
+            .keys()
+            .chain(self.data_sha256.keys())
+            .collect();
+        for key in files {
+            if rank_0.data_sha256.get(key) != self.data_sha256.get(key) {
+                out.push(format!("{key}'s contents"));
+            }
+        }
+        if rank_0.helix_version != self.helix_version {
+            out.push(format!(
+                "the helix version ({} here, {} on rank 0)",
+                self.helix_version, rank_0.helix_version
+            ));
+        }
+        out
+    }
+}
+
 /// The settings a resumed run may change that choose kernels or the parallel layout, by name:
 /// they move its numbers by rounding only, so a run resumed with any of them changed follows
 /// an uninterrupted run closely but not bit for bit.
@@ -530,6 +556,33 @@ mod tests {
         })?;
         check_same_run(dir, &record("cccc", "dddd"), warn)?;
         Ok(())
+    }
+
+    #[test]
+    fn a_rank_differing_from_rank_0_is_named() {
+        let rank_0 = RunRecord {
+            method: "lora".into(),
+            config_sha256: String::new(),
+            config: serde_json::json!({"optimizer": {"lr": 1e-4}, "data": {"seed": 1}}),
+            layout: BTreeMap::new(),
+            data_sha256: BTreeMap::from([("data.train".into(), "aaaa".into())]),
+            helix_version: "0.1.0".into(),
+        };
+        assert!(rank_0.differences_from(&rank_0).is_empty());
+        let other = RunRecord {
+            config: serde_json::json!({"optimizer": {"lr": 3e-4}, "data": {"seed": 1}}),
+            data_sha256: BTreeMap::from([("data.train".into(), "bbbb".into())]),
+            helix_version: "0.2.0".into(),
+            ..rank_0.clone()
+        };
+        assert_eq!(
+            other.differences_from(&rank_0),
+            vec![
+                "optimizer.lr",
+                "data.train's contents",
+                "the helix version (0.2.0 here, 0.1.0 on rank 0)"
+            ]
+        );
     }
 
     #[test]

@@ -371,17 +371,23 @@ fn a_stopped_rank_is_detected_by_its_silence() {
 /// Two ranks started by hand, as srun starts them on two nodes, where the second node lacks
 /// something the first has: rank 1's error is what every rank reports, at once, not a lost
 /// connection or a timeout. Rank 1 fails where rank 0 waits on the store (the output directory
-/// cannot be created), and where rank 0 is inside a ring all-reduce (the model is missing).
+/// cannot be created), where rank 0 waits in a ring broadcast (its config differs) and where
+/// rank 0 is inside a ring all-reduce (the model is missing).
 #[test]
 fn an_error_on_one_rank_is_named_by_every_rank() {
     let tmp = tiny_run_dir("lora");
     let dir = tmp.path();
     // On "node 1" the output directory's parent is a file.
     std::fs::write(dir.join("not-mounted"), "").unwrap();
-    let cases: [(&[&str], &str); 2] = [
+    let cases: [(&[&str], &str); 3] = [
         (
             &["--set", "trainer.output_dir=not-mounted/run"],
             "rank 1: cannot create not-mounted/run",
+        ),
+        // Another copy of the config: caught before the model loads, not trained on.
+        (
+            &["--set", "optimizer.lr=0.5"],
+            "rank 1: this rank would train something else than rank 0: optimizer.lr differ",
         ),
         (
             &["--set", "model.path=missing-on-node-1"],
