@@ -123,7 +123,8 @@ impl DataConfig {
     pub fn read_options(&self) -> ReadOptions {
         let mut fields = FieldMap::for_format(self.format);
         let o = &self.fields;
-        if *o != FieldOverrides::default() {
+        // Naming the prompt or answer field takes the mapping in hand: rows are read as named.
+        if o.instruction.is_some() || o.response.is_some() {
             fields.refused.clear();
         }
         if let Some(f) = &o.instruction {
@@ -134,6 +135,7 @@ impl DataConfig {
         }
         if o.context.is_some() {
             fields.context = o.context.clone();
+            fields.refused.retain(|f| Some(f) != o.context.as_ref());
         }
         if o.category.is_some() {
             fields.category = o.category.clone();

@@ -47,7 +47,7 @@ pub struct FieldMap {
     pub category: Option<String>,
     /// Fields a row must not have: the prompt and answer fields of the other formats that this
     /// map does not read (Alpaca rows read as `nemo` would lose their `instruction`). Empty
-    /// once fields are named by hand.
+    /// once the prompt or answer field is named by hand.
     #[serde(default)]
     pub refused: Vec<String>,
 }

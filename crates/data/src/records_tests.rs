@@ -219,5 +219,9 @@ fn another_format_s_prompt_field_is_refused_unless_fields_are_named() -> Result<
         toml::from_str("train = \"x\"\nformat = \"nemo\"\n[fields]\ninstruction = \"input\"\n")?;
     let r = read_records_from_bytes("data.jsonl", alpaca, &cfg.read_options())?;
     assert_eq!(r.records[0].instruction, "");
+    // Naming only the category leaves the check on.
+    let cfg: crate::DataConfig =
+        toml::from_str("train = \"x\"\nformat = \"nemo\"\n[fields]\ncategory = \"topic\"\n")?;
+    assert!(read_records_from_bytes("data.jsonl", alpaca, &cfg.read_options()).is_err());
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! a [`Cursor`] — the sampler's order, packed rows or single samples, collated on the host. And
 //! the validation batches: every sample once, in order.
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 
 use crate::batch::{collate_packed, collate_padded, Batch, PadOptions};
 use crate::config::DataConfig;
@@ -46,6 +46,15 @@ impl BatchStream {
             None
         };
         let items = rows.as_ref().map_or(samples.len(), Vec::len);
+        if rows.is_some() && items < world {
+            bail!(
+                "data.packing = true packs the {} training samples into {items} row(s) of \
+                 data.max_seq_length = {} tokens, fewer than the {world} data-parallel ranks \
+                 that share them: add data, or set data.packing = false",
+                samples.len(),
+                cfg.max_seq_length
+            );
+        }
         let sampler = Sampler::new(items, cfg.seed, cfg.shuffle, world, rank, micro)?;
         Ok(Self {
             order: sampler.epoch_order(0),
@@ -218,5 +227,24 @@ mod tests {
         let total: usize = b.iter().map(|b| b.real_tokens).sum();
         assert_eq!(total, s.iter().map(|s| s.input_ids.len()).sum::<usize>());
         Ok(())
+    }
+
+    #[test]
+    fn packed_rows_fewer_than_ranks_are_named() {
+        let mut cfg = DataConfig::new("x".into(), Format::Alpaca);
+        cfg.packing = true;
+        cfg.max_seq_length = 64;
+        // 4 samples of 3 to 6 tokens fill one row of 64.
+        let err = BatchStream::new(samples(4), &cfg, 0, 2, 0, 1)
+            .err()
+            .expect("one row cannot feed two ranks")
+            .to_string();
+        assert!(
+            err.contains("packs the 4 training samples into 1 row(s)")
+                && err.contains("data.packing = false"),
+            "{err}"
+        );
+        cfg.packing = false;
+        assert!(BatchStream::new(samples(4), &cfg, 0, 2, 0, 1).is_ok());
     }
 }
