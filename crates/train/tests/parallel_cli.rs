@@ -188,6 +188,21 @@ fn signal_a_rank_of_four(
         150,
         at,
     );
+    // The checkpoints of earlier steps are written in the background: on a loaded machine
+    // the newest may still be sealing. Signal once it is in place, so a rerun has it.
+    let saved = (at / 5) * 5;
+    let t = Instant::now();
+    while saved > 0
+        && !dir
+            .join(format!("run/checkpoints/step-{saved:06}"))
+            .is_dir()
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "step {saved}'s checkpoint never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let pids = rank_pids(child.id(), 4);
     let sent = Instant::now();
     signal(pids[victim], sig);
