@@ -26,7 +26,7 @@ pub struct ModelSection {
     pub fused_layers: bool,
     /// Which attention the decoder layers run over whole sequences: `auto` (FlashAttention's
     /// CUDA kernels where they run: a GPU, bf16 or f16, head_dim 64 or 128; else the chunked
-    /// matmuls), `flash` (always; on the CPU its tile-by-tile reference, slow) or `chunked`
+    /// matmuls), `flash` (always; on the CPU its tiled kernel, `flash_cpu`) or `chunked`
     /// (transformers' `attn_implementation`).
     #[serde(default = "default_attention")]
     pub attention: String,
