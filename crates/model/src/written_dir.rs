@@ -49,6 +49,20 @@ pub fn write_dir<T>(
     kind: &DirKind,
     fill: impl FnOnce(&Path) -> Result<T>,
 ) -> Result<T> {
+    // A link to the directory (onto a larger disk, say) stays a link: its target is replaced.
+    let target;
+    let out = match out.is_symlink() {
+        true => {
+            let to = std::fs::read_link(out)
+                .with_context(|| format!("cannot read the link {}", out.display()))?;
+            target = match out.parent() {
+                Some(parent) if to.is_relative() => parent.join(to),
+                _ => to,
+            };
+            target.as_path()
+        }
+        false => out,
+    };
     check_replaceable(out, kind)?;
     let staging = staging_dir(out)?;
     let result = fill(&staging).and_then(|t| {
@@ -140,6 +154,15 @@ mod tests {
             "{err}"
         );
         assert_eq!(std::fs::read_to_string(out.join("notes.md"))?, "mine");
+        // Through a link, the link stays and its target is replaced.
+        let elsewhere = tmp.path().join("elsewhere");
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&elsewhere, &link)?;
+        std::fs::create_dir(&elsewhere)?;
+        write_dir(&link, &TEXT_FILES, |d| {
+            Ok(std::fs::write(d.join("c.txt"), "4")?)
+        })?;
+        assert!(link.is_symlink() && elsewhere.join("c.txt").exists());
         Ok(())
     }
 }
