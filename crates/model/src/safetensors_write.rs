@@ -43,9 +43,11 @@ fn st_dtype(dtype: DType) -> Result<&'static str> {
 }
 
 /// The little-endian bytes of `t` converted to `dtype`.
-pub fn tensor_bytes(t: &Tensor, dtype: DType) -> Result<Vec<u8>> {
-    let source = t;
-    let t = t.to_device(&Device::Cpu)?.to_dtype(dtype)?.flatten_all()?;
+pub fn tensor_bytes(source: &Tensor, dtype: DType) -> Result<Vec<u8>> {
+    let t = source
+        .to_device(&Device::Cpu)?
+        .to_dtype(dtype)?
+        .flatten_all()?;
     Ok(match dtype {
         DType::F32 => t
             .to_vec1::<f32>()?

@@ -43,6 +43,13 @@ struct State {
     told: std::collections::HashSet<usize>,
 }
 
+impl State {
+    /// Whether a rank of `world` other than rank 0 has not yet heard of the failure.
+    fn untold(&self, world: usize) -> bool {
+        (1..world).any(|r| !self.told.contains(&r))
+    }
+}
+
 struct Shared {
     state: Mutex<State>,
     changed: Condvar,
@@ -130,17 +137,13 @@ impl StoreServer {
     /// heartbeat (or its connection is gone), at most `timeout`: rank 0's exit takes the store
     /// away, and with it the failure's message.
     pub fn wait_until_told(&self, world: usize, timeout: Duration) {
-        self.wait_while(timeout, |st| (1..world).any(|r| !st.told.contains(&r)));
+        self.wait_while(timeout, |st| st.untold(world));
     }
 
     /// [`Self::wait_until_told`] as a function a heartbeat thread can call before it exits.
     pub fn told_waiter(&self, world: usize) -> Box<dyn Fn() + Send> {
         let shared = self.shared.clone();
-        Box::new(move || {
-            wait_while(&shared, TELL_TIMEOUT, |st| {
-                (1..world).any(|r| !st.told.contains(&r))
-            })
-        })
+        Box::new(move || wait_while(&shared, TELL_TIMEOUT, |st| st.untold(world)))
     }
 
     /// Waits while `pending` holds of the store's state, at most `timeout`.
@@ -156,7 +159,7 @@ impl StoreServer {
 
 /// How long rank 0 waits for the other ranks to hear of a failure before it exits: a few
 /// heartbeats.
-pub const TELL_TIMEOUT: Duration = Duration::from_millis(4 * 500);
+pub const TELL_TIMEOUT: Duration = Duration::from_millis(4 * HEARTBEAT_EVERY.as_millis() as u64);
 
 fn wait_while(shared: &Shared, timeout: Duration, pending: impl Fn(&State) -> bool) {
     let deadline = Instant::now() + timeout;
@@ -364,10 +367,9 @@ impl StoreClient {
     pub fn get(&self, key: &str) -> Result<Vec<u8>> {
         let v = self.request(GET, key.as_bytes(), &format!("'{key}'"))?;
         if v.is_empty() {
-            let why = self.request(WHY, &[], "the job's failure")?;
             bail!(
                 "the job failed while this rank waited for '{key}': {}",
-                String::from_utf8_lossy(&why)
+                self.failure()?.unwrap_or_default()
             );
         }
         Ok(v)

@@ -60,16 +60,29 @@ pub fn lock_output_dir(dir: &Path) -> Result<Option<std::fs::File>> {
     Ok(Some(f))
 }
 
+/// Where the run leaves its PEFT adapter, if it writes one: LoRA and P-tuning, unless
+/// `output.adapter = false`.
+fn adapter_out(cfg: &ConfigFile, method: &Method) -> Option<PathBuf> {
+    (cfg.output.adapter && !matches!(method, Method::FullSft))
+        .then(|| cfg.trainer.output_dir.join("adapter"))
+}
+
+/// Where the run leaves the model as a Hugging Face directory, if it writes one: full SFT
+/// always, LoRA merged when `output.merged`.
+fn model_out(cfg: &ConfigFile, method: &Method) -> Option<PathBuf> {
+    (matches!(method, Method::FullSft) || cfg.output.merged)
+        .then(|| cfg.trainer.output_dir.join("model"))
+}
+
 /// The directories [`write_outputs`] will replace, with an error naming any that holds files
 /// those writes do not make.
 pub fn check_outputs_replaceable(cfg: &ConfigFile) -> Result<()> {
     let method = cfg.method()?;
-    let out = &cfg.trainer.output_dir;
-    if cfg.output.adapter && !matches!(method, Method::FullSft) {
-        check_replaceable(&out.join("adapter"), &ADAPTER_DIR).context("output.adapter")?;
+    if let Some(dir) = adapter_out(cfg, &method) {
+        check_replaceable(&dir, &ADAPTER_DIR).context("output.adapter")?;
     }
-    if matches!(method, Method::FullSft) || cfg.output.merged {
-        check_replaceable(&out.join("model"), &MODEL_EXPORT).context("the model export")?;
+    if let Some(dir) = model_out(cfg, &method) {
+        check_replaceable(&dir, &MODEL_EXPORT).context("the model export")?;
     }
     Ok(())
 }
@@ -85,11 +98,9 @@ pub fn write_outputs(
     method: &Method,
     write: bool,
 ) -> Result<Vec<PathBuf>> {
-    let out = &cfg.trainer.output_dir;
     let base = model_dir.path.display().to_string();
     let mut written = Vec::new();
-    if cfg.output.adapter && !matches!(method, Method::FullSft) {
-        let dir = out.join("adapter");
+    if let Some(dir) = adapter_out(cfg, method) {
         match method {
             Method::Lora(lora) => {
                 let named = model
@@ -114,8 +125,7 @@ pub fn write_outputs(
             written.push(dir);
         }
     }
-    if matches!(method, Method::FullSft) || cfg.output.merged {
-        let dir = out.join("model");
+    if let Some(dir) = model_out(cfg, method) {
         let opts = ExportOptions {
             dtype: cfg.model_dtype()?,
             max_shard_bytes: parse_size(&cfg.output.max_shard_size)?,

@@ -70,9 +70,7 @@ impl RunRecord {
             helix_version: env!("CARGO_PKG_VERSION").to_string(),
         })
     }
-}
 
-impl RunRecord {
     /// What makes this rank's run differ from `rank_0`'s: config keys, data files whose
     /// contents differ, another helix version. Every rank of a job must compute the same
     /// thing; a node with another copy of the config or the data would silently not.

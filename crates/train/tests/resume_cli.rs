@@ -57,15 +57,19 @@ fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
     }
 }
 
-/// The stderr of a run into `out` with `--set set`, which must fail saying `want`.
-fn refused_with(dir: &Path, out: &str, set: &str, want: &str) -> String {
+/// A run into `out` with `--set set` must fail saying `want`, before the model loaded (no
+/// "trainable params" line).
+fn refused_before_the_model(dir: &Path, out: &str, set: &str, want: &str) {
     let o = command(dir, out, &[])
         .args(["--set", set])
         .output()
         .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains(want), "{set}: {err}");
-    err
+    assert!(
+        !err.contains("trainable params"),
+        "{set}: the model loaded first: {err}"
+    );
 }
 
 fn signal(child: &Child, sig: &str) {
@@ -247,19 +251,17 @@ fn unreadable_paths_and_unusable_data_name_their_key() {
             "were dropped as longer than data.max_seq_length = 3",
         ),
     ] {
-        let err = refused_with(dir, "fresh", set, want);
-        assert!(!err.contains("trainable params"), "{set}: {err}");
+        refused_before_the_model(dir, "fresh", set, want);
     }
     // An adapter directory the end of the run could not replace whole: named at the start.
     std::fs::create_dir_all(dir.join("fresh/adapter")).unwrap();
     std::fs::write(dir.join("fresh/adapter/notes.md"), "mine").unwrap();
-    let err = refused_with(
+    refused_before_the_model(
         dir,
         "fresh",
         "trainer.seed=1234",
         "output.adapter: fresh/adapter already holds 'notes.md'",
     );
-    assert!(!err.contains("trainable params"), "{err}");
 }
 
 /// A second job in the output directory of a running one is refused at once, naming the first;
@@ -377,23 +379,18 @@ fn a_kill_during_a_save_and_a_damaged_shard_fall_back_to_the_previous_checkpoint
         ("optimizer.lr=0.5", "in optimizer.lr"),
         ("data.train=missing.jsonl", "missing.jsonl"),
     ] {
-        let err = refused_with(dir, "crash", set, want);
-        assert!(
-            !err.contains("trainable params"),
-            "{set}: the model loaded first: {err}"
-        );
+        refused_before_the_model(dir, "crash", set, want);
     }
     // So is a training file whose contents changed under the same name.
     let rows = dir.join("rows.jsonl");
     let before = std::fs::read_to_string(&rows).unwrap();
     std::fs::write(&rows, before.replacen("one", "six", 1)).unwrap();
-    let err = refused_with(
+    refused_before_the_model(
         dir,
         "crash",
         "trainer.save_interval=5",
         "data.train's contents changed",
     );
-    assert!(!err.contains("trainable params"), "{err}");
     std::fs::write(&rows, before).unwrap();
 }
 
