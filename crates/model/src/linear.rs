@@ -13,8 +13,9 @@ pub trait Linear: Send + Sync {
     /// shard under tensor parallelism).
     fn weight(&self) -> Tensor;
     /// The layer as a [`Projection`] that a decoder layer differentiated by hand
-    /// ([`helix_ops::decoder_layer`]) can run; `None` keeps the whole layer on the op graph
-    /// (tensor-parallel placements, LoRA dropout).
+    /// ([`helix_ops::decoder_layer`]) can run: this rank's shard, which the decoder layer
+    /// places as the model does (q/k/v/gate/up column-, o/down row-parallel); `None` keeps the
+    /// whole layer on the op graph (LoRA dropout).
     fn projection(&self) -> Option<Projection> {
         None
     }
@@ -91,6 +92,10 @@ impl Linear for PlacedDense {
 
     fn weight(&self) -> Tensor {
         self.dense.weight.clone()
+    }
+
+    fn projection(&self) -> Option<Projection> {
+        self.dense.projection()
     }
 }
 

@@ -402,7 +402,7 @@ impl Llama {
         })?;
         let fused = self
             .fused_layers
-            .then(|| layer.hand_differentiated(self.cfg.rms_norm_eps))
+            .then(|| layer.hand_differentiated(self.cfg.rms_norm_eps, self.tp.as_ref()))
             .flatten();
         Ok(match fused {
             Some(weights) => decoder_layer(x, &weights, (&ctx.cos, &ctx.sin), &ctx.mask)?,
@@ -570,9 +570,13 @@ impl DecoderLayer {
     }
 
     /// The layer's weights for [`decoder_layer`], which runs the whole layer as one op with a
-    /// hand-written backward, when every projection can be differentiated by hand (not under
-    /// tensor parallelism, nor with LoRA dropout).
-    fn hand_differentiated(&self, eps: f64) -> Option<DecoderWeights> {
+    /// hand-written backward, when every projection can be differentiated by hand (not with
+    /// LoRA dropout); under tensor parallelism, this rank's shards and the group.
+    fn hand_differentiated(
+        &self,
+        eps: f64,
+        tp: Option<&SharedCollective>,
+    ) -> Option<DecoderWeights> {
         let (a, m) = (&self.self_attn, &self.mlp);
         Some(DecoderWeights {
             input_layernorm: self.input_layernorm.clone(),
@@ -586,6 +590,7 @@ impl DecoderLayer {
             down_proj: m.down_proj.projection()?,
             heads: (a.n_heads, a.n_kv_heads),
             rms_norm_eps: eps,
+            tensor_parallel: tp.cloned(),
         })
     }
 }

@@ -8,12 +8,20 @@
 //! the layer's input, the residual and the gate/up outputs instead of kept (SwiGLU's output in
 //! the same pass as its backward, which comes first: the down projection's input gradient does
 //! not read it).
+//!
+//! Under tensor parallelism the same op runs on every rank of the group with that rank's
+//! shards, split as Megatron splits the layer: q/k/v/gate/up by output features (whole
+//! input, this rank's heads and intermediate features), o/down by input features (their
+//! partial products summed over the group). The collectives sit where Megatron's `f` and `g`
+//! would (collective.rs): after o and down in the forward, after the column-parallel groups'
+//! input gradients in the backward.
 
 use candle_core::{Result, Tensor};
 use helix_kernels::{rms_norm_backward, swiglu_backward, swiglu_backward_and_output};
 
 use crate::attention::{AttentionMask, RopeAttention};
 use crate::backward::with_backward_n;
+use crate::collective::SharedCollective;
 use crate::linear::LowRank;
 use crate::{rms_norm, swiglu};
 
@@ -46,6 +54,10 @@ pub struct DecoderWeights {
     /// (query heads, key/value heads) of this rank.
     pub heads: (usize, usize),
     pub rms_norm_eps: f64,
+    /// The group whose ranks split this layer, each holding its shards above (a LoRA
+    /// projection's adapters split with its weight: B's rows under q/k/v/gate/up, A's columns
+    /// under o/down, the other adapter whole); `None` when one rank holds the whole layer.
+    pub tensor_parallel: Option<SharedCollective>,
 }
 
 /// `x + attn(norm(x))`, then `h + mlp(norm(h))`, for hidden states x [B, S, H], the rotary
@@ -63,6 +75,7 @@ pub fn decoder_layer(
     let (b, s, h) = x.dims3()?;
     let rows = b * s;
     let eps = w.rms_norm_eps;
+    let tp = w.tensor_parallel.clone().filter(|g| g.size() > 1);
     // The op's inputs: x, the two norms, then each projection's trainable tensors.
     let mut inputs = vec![
         x.clone(),
@@ -104,7 +117,12 @@ pub fn decoder_layer(
         w.heads,
     )?;
     drop((qy, ky, vy));
-    let (x1, low_o) = forward_onto(&o, &attn_y.reshape((rows, q_w))?, &x.reshape((rows, h))?)?;
+    let (x1, low_o) = forward_onto(
+        &o,
+        &attn_y.reshape((rows, q_w))?,
+        &x.reshape((rows, h))?,
+        tp.as_ref(),
+    )?;
     let x1 = x1.reshape((b, s, h))?;
 
     // MLP.
@@ -113,7 +131,12 @@ pub fn decoder_layer(
     drop(xn2);
     let (gate_y, low_gate) = gu.next().expect("two outputs");
     let (up_y, low_up) = gu.next().expect("two outputs");
-    let (y, low_down) = forward_onto(&down, &swiglu(&gate_y, &up_y)?, &x1.reshape((rows, h))?)?;
+    let (y, low_down) = forward_onto(
+        &down,
+        &swiglu(&gate_y, &up_y)?,
+        &x1.reshape((rows, h))?,
+        tp.as_ref(),
+    )?;
     let y = y.reshape((b, s, h))?;
 
     with_backward_n(&inputs, y, move |dy, need| {
@@ -122,7 +145,8 @@ pub fn decoder_layer(
 
         // MLP: down's input gradient, SwiGLU's backward (its output recomputed in the same
         // pass when down's weight or adapters want it), down's own gradients, then gate and
-        // up, the second norm.
+        // up, the second norm. down and o are row-parallel: their input gradients are this
+        // rank's columns as they come, with no collective.
         let down_group = [(&down, &dy.reshape((rows, h))?, &low_down)];
         let (d_act, down_dlow) = input_grads(&down_group, true)?;
         let d_act = d_act.expect("asked for");
@@ -140,8 +164,8 @@ pub fn decoder_layer(
             &[(&gate, &d_gate, &low_gate), (&up, &d_up, &low_up)],
             &xn2,
             true,
-            need,
-            &mut grads,
+            (need, &mut grads),
+            tp.as_ref(),
         )?
         .expect("asked for");
         drop((xn2, d_gate, d_up));
@@ -155,8 +179,8 @@ pub fn decoder_layer(
             &[(&o, &d_x1.reshape((rows, h))?, &low_o)],
             &attention.output().reshape((rows, q_w))?,
             true,
-            need,
-            &mut grads,
+            (need, &mut grads),
+            None,
         )?
         .expect("asked for");
         let (dq, dk, dv) = attention.backward(&d_attn.reshape((b, s, q_w))?)?;
@@ -171,8 +195,8 @@ pub fn decoder_layer(
             ],
             &xn1,
             need_xn1,
-            need,
-            &mut grads,
+            (need, &mut grads),
+            tp.as_ref(),
         )?;
         drop(xn1);
         if let Some(d_xn1) = d_xn1 {
@@ -254,11 +278,19 @@ fn forward_group(projs: &[&Proj], x: &Tensor) -> Result<Vec<(Tensor, Option<Tens
 
 /// `residual + p(x)` [rows, out] for x [rows, in] and the residual [rows, out], the sum made
 /// with the LoRA update's (one pass, not two), and the LoRA path's scaled rank-r activation.
-fn forward_onto(p: &Proj, x: &Tensor, residual: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
-    let y = x.matmul(&p.weight.t()?)?;
+/// With a row-parallel `group`, x and W hold this rank's input features: the partial x Wᵀ
+/// and x Aᵀ are summed over the group before the residual and B (whole on every rank) meet
+/// them.
+fn forward_onto(
+    p: &Proj,
+    x: &Tensor,
+    residual: &Tensor,
+    group: Option<&SharedCollective>,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let y = sum_over(group, x.matmul(&p.weight.t()?)?)?;
     match &p.lora {
         Some((adapter, ..)) => {
-            let low = adapter.low(x)?;
+            let low = sum_over(group, adapter.low(x)?)?;
             Ok((adapter.add_onto(residual, &y, &low)?, Some(low)))
         }
         None => Ok(((residual + y)?, None)),
@@ -267,18 +299,39 @@ fn forward_onto(p: &Proj, x: &Tensor, residual: &Tensor) -> Result<(Tensor, Opti
 
 /// The backward of projections that read the same x [rows, in], given each one's output
 /// gradient [rows, out] and forward rank-r activation: their trainable tensors' gradients go
-/// into `grads` where `need` asks, and the gradient of x, summed over the group, is returned
-/// when `need_x`.
+/// into `grads` where `need` asks, and the gradient of x, summed over the projections, is
+/// returned when `need_x`.
+///
+/// With a column-parallel `tp` group each rank holds some of the projections' output
+/// features, so what it computes of x's gradient and of each d(x Aᵀ) is a partial sum over
+/// them: both are summed over the group (Megatron's `f` backward). x's partial gradient may
+/// take the partial d(x Aᵀ) A, since A is whole on every rank and the sum is linear; A's
+/// gradient needs the summed d(x Aᵀ).
 fn backward_group(
     group: &[Member<'_>],
     x: &Tensor,
     need_x: bool,
-    need: &[bool],
-    grads: &mut [Option<Tensor>],
+    (need, grads): (&[bool], &mut [Option<Tensor>]),
+    tp: Option<&SharedCollective>,
 ) -> Result<Option<Tensor>> {
-    let (dx, dlows) = input_grads(group, need_x)?;
+    let (dx, mut dlows) = input_grads(group, need_x)?;
+    let dx = dx.map(|dx| sum_over(tp, dx)).transpose()?;
+    for ((p, ..), dlow) in group.iter().zip(&mut dlows) {
+        let a_trains = p.lora.as_ref().is_some_and(|(_, a_at, _)| need[*a_at]);
+        if let (true, Some(d)) = (a_trains, dlow.as_mut()) {
+            *d = sum_over(tp, d.clone())?;
+        }
+    }
     param_grads(group, &dlows, x, need, grads)?;
     Ok(dx)
+}
+
+/// t summed over the ranks of `group`, or t itself without one.
+fn sum_over(group: Option<&SharedCollective>, t: Tensor) -> Result<Tensor> {
+    match group {
+        Some(g) => g.all_reduce_sum(&t),
+        None => Ok(t),
+    }
 }
 
 /// A projection in a backward group, its output gradient and its forward rank-r activation.

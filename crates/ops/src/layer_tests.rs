@@ -5,7 +5,7 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 
 use super::*;
 
-fn max_abs(t: &Tensor) -> Result<f32> {
+pub(crate) fn max_abs(t: &Tensor) -> Result<f32> {
     t.to_dtype(DType::F32)?
         .abs()?
         .flatten_all()?
@@ -14,7 +14,7 @@ fn max_abs(t: &Tensor) -> Result<f32> {
 }
 
 /// |a − b| at its largest, over the largest |b|: both gradients' scales vary by orders.
-fn rel_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+pub(crate) fn rel_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
     let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
     Ok(max_abs(&(&a - &b)?)? / max_abs(&b)?.max(1e-12))
 }
@@ -62,7 +62,7 @@ fn n_input_backward_hands_every_tracked_input_its_gradient() -> Result<()> {
 
 /// How each projection of a test layer is made.
 #[derive(Clone, Copy)]
-enum Kind {
+pub(crate) enum Kind {
     /// A frozen weight.
     Frozen,
     /// A trainable weight (SFT).
@@ -71,18 +71,18 @@ enum Kind {
     Lora,
 }
 
-struct TestLayer {
-    weights: DecoderWeights,
+pub(crate) struct TestLayer {
+    pub weights: DecoderWeights,
     /// Every tracked tensor, named.
-    tracked: Vec<(String, Tensor)>,
+    pub tracked: Vec<(String, Tensor)>,
 }
 
-const H: usize = 16;
-const I: usize = 24;
-const HEADS: (usize, usize) = (4, 2);
-const D: usize = 4;
+pub(crate) const H: usize = 16;
+pub(crate) const I: usize = 24;
+pub(crate) const HEADS: (usize, usize) = (4, 2);
+pub(crate) const D: usize = 4;
 
-fn test_layer(
+pub(crate) fn test_layer(
     kinds: [Kind; 7],
     train_norms: bool,
     dtype: DType,
@@ -150,13 +150,14 @@ fn test_layer(
             down_proj,
             heads: HEADS,
             rms_norm_eps: 1e-5,
+            tensor_parallel: None,
         },
         tracked,
     })
 }
 
 /// The layer as the model composes it op by op (crates/model/src/llama.rs).
-fn composed(
+pub(crate) fn composed(
     x: &Tensor,
     w: &DecoderWeights,
     cos: &Tensor,
@@ -189,6 +190,44 @@ fn composed(
     x1 + proj(&w.down_proj, &act)?
 }
 
+/// Two rows, the second holding two documents and padding: random hidden states, the mask's
+/// description, 1 at the real tokens and 0 at the padding [B, S, 1], and the rotary tables.
+pub(crate) struct PackedBatch {
+    pub x: Tensor,
+    pub spec: MaskSpec,
+    pub real: Tensor,
+    pub cos: Tensor,
+    pub sin: Tensor,
+}
+
+impl PackedBatch {
+    pub(crate) fn new(dtype: DType, dev: &Device) -> Result<Self> {
+        let (b, s) = (2, 7);
+        let x = Tensor::randn(0f32, 1.0, (b, s, H), dev)?.to_dtype(dtype)?;
+        let spec = MaskSpec {
+            batch: b,
+            q_len: s,
+            kv_len: s,
+            q_offset: 0,
+            key_valid: Some(vec![1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0]),
+            segment_ids: Some(vec![0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1]),
+        };
+        let real = spec.key_valid.iter().flatten().map(|&v| f32::from(v));
+        let real = Tensor::from_iter(real, dev)?
+            .reshape((b, s, 1))?
+            .to_dtype(dtype)?;
+        let positions = Tensor::new(&[[0i64, 1, 2, 3, 4, 5, 6], [0, 1, 2, 0, 1, 0, 0]], dev)?;
+        let (cos, sin) = RopeTable::new(D, 10000.0, 1.0, dev)?.cos_sin(&positions, dtype)?;
+        Ok(Self {
+            x,
+            spec,
+            real,
+            cos,
+            sin,
+        })
+    }
+}
+
 /// Runs both on a packed batch (two rows, the second holding two documents and padding) and
 /// compares the outputs and the gradients of the input (when `train_input`) and of every
 /// tracked weight, in f32.
@@ -218,27 +257,19 @@ fn compare_in(
         _ => (1e-2, 2e-2),
     };
     let dev = Device::Cpu;
-    let (b, s) = (2, 7);
     let layer = test_layer(kinds, train_norms, dtype, &dev)?;
-    let x0 = Tensor::randn(0f32, 1.0, (b, s, H), &dev)?.to_dtype(dtype)?;
+    let PackedBatch {
+        x: x0,
+        spec,
+        real,
+        cos,
+        sin,
+    } = PackedBatch::new(dtype, &dev)?;
+    let (b, s, _) = x0.dims3()?;
     let x = match train_input {
         true => Var::from_tensor(&x0)?.as_tensor().clone(),
         false => x0,
     };
-    let spec = MaskSpec {
-        batch: b,
-        q_len: s,
-        kv_len: s,
-        q_offset: 0,
-        key_valid: Some(vec![1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0]),
-        segment_ids: Some(vec![0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1]),
-    };
-    let real = spec.key_valid.iter().flatten().map(|&v| f32::from(v));
-    let real = Tensor::from_iter(real, &dev)?
-        .reshape((b, s, 1))?
-        .to_dtype(dtype)?;
-    let positions = Tensor::new(&[[0i64, 1, 2, 3, 4, 5, 6], [0, 1, 2, 0, 1, 0, 0]], &dev)?;
-    let (cos, sin) = RopeTable::new(D, 10000.0, 1.0, &dev)?.cos_sin(&positions, dtype)?;
 
     let mask = AttentionMask::new(&spec, dtype, &dev, flash)?;
     let fused = decoder_layer(&x, &layer.weights, (&cos, &sin), &mask)?;

@@ -65,4 +65,6 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod layer_tests;
 #[cfg(test)]
+mod layer_tp_tests;
+#[cfg(test)]
 mod tests;

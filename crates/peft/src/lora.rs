@@ -176,8 +176,8 @@ impl LoraLinear {
         }
     }
 
-    /// Whether the layer runs as one LoRA op ([`helix_ops::lora_linear`], or a projection of
-    /// [`helix_ops::decoder_layer`]): the whole weight on this rank and no dropout.
+    /// Whether the layer, run on its own, is one LoRA op ([`helix_ops::lora_linear`]): the
+    /// whole weight on this rank and no dropout.
     fn is_one_op(&self) -> bool {
         matches!(self.placement, Placement::Whole) && self.dropout.is_identity()
     }
@@ -237,10 +237,11 @@ impl Linear for LoraLinear {
 
     fn projection(&self) -> Option<Projection> {
         if let Some(w) = self.merged.read().unwrap().as_ref() {
-            return matches!(self.placement, Placement::Whole)
-                .then(|| Projection::Dense { weight: w.clone() });
+            // This rank's shard of W + s·BA: B's rows or A's columns follow W's split.
+            return Some(Projection::Dense { weight: w.clone() });
         }
-        if !self.is_one_op() {
+        // Dropout's mask lies between x and A, which the hand-written backward does not take.
+        if !self.dropout.is_identity() {
             return None;
         }
         let (a, b) = self.adapters();

@@ -1,0 +1,266 @@
+//! The hand-differentiated decoder layer split over a tensor-parallel group against the whole
+//! layer composed op by op on one rank, which candle's autograd differentiates. The group's
+//! ranks are threads whose collectives sum through shared memory, in rank order.
+
+use std::sync::{Arc, Barrier, Mutex};
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+
+use crate::layer_tests::{composed, rel_diff, test_layer, Kind, PackedBatch};
+use crate::{decoder_layer, AttentionMask, Collective, DecoderWeights, Projection};
+
+/// One rank of a group of threads.
+struct ThreadRank {
+    rank: usize,
+    shared: Arc<Exchange>,
+}
+
+/// Where the ranks of a [`ThreadRank`] group leave their tensors for the others.
+struct Exchange {
+    slots: Mutex<Vec<Option<Tensor>>>,
+    barrier: Barrier,
+}
+
+impl ThreadRank {
+    fn group(size: usize) -> Vec<ThreadRank> {
+        let shared = Arc::new(Exchange {
+            slots: Mutex::new(vec![None; size]),
+            barrier: Barrier::new(size),
+        });
+        (0..size)
+            .map(|rank| ThreadRank {
+                rank,
+                shared: shared.clone(),
+            })
+            .collect()
+    }
+
+    /// Every rank's t, in rank order.
+    fn exchange(&self, t: &Tensor) -> Vec<Tensor> {
+        self.shared.slots.lock().unwrap()[self.rank] = Some(t.clone());
+        self.shared.barrier.wait();
+        let all = self.shared.slots.lock().unwrap().clone();
+        // Nobody writes its next slot before every rank has read this round's.
+        self.shared.barrier.wait();
+        all.into_iter().map(|t| t.expect("every rank")).collect()
+    }
+
+    fn fold(&self, t: &Tensor, f: impl Fn(&Tensor, &Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        let all = self.exchange(t);
+        all[1..]
+            .iter()
+            .try_fold(all[0].clone(), |acc, t| f(&acc, t))
+    }
+}
+
+impl Collective for ThreadRank {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn size(&self) -> usize {
+        self.shared.slots.lock().unwrap().len()
+    }
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
+        self.fold(t, |a, b| a + b)
+    }
+    fn all_reduce_max(&self, t: &Tensor) -> Result<Tensor> {
+        self.fold(t, |a, b| a.maximum(b))
+    }
+    fn all_gather(&self, t: &Tensor, dim: usize) -> Result<Tensor> {
+        Tensor::cat(&self.exchange(t), dim)
+    }
+}
+
+/// A tracked tensor of one rank: its name, and the dimension along which it is this rank's
+/// part of the whole layer's tensor (`None`: the whole tensor).
+type RankTensor = (String, Tensor, Option<usize>);
+
+/// Rank `rank` of `size`'s part of `t` along `dim`, a fresh trainable tensor when t trains.
+fn part(
+    name: &str,
+    t: &Tensor,
+    dim: Option<usize>,
+    (rank, size): (usize, usize),
+    tracked: &mut Vec<RankTensor>,
+) -> Result<Tensor> {
+    let p = match dim {
+        Some(d) => {
+            let n = t.dim(d)? / size;
+            t.narrow(d, rank * n, n)?.contiguous()?
+        }
+        None => t.detach(),
+    };
+    if !t.is_variable() {
+        return Ok(p);
+    }
+    let p = Var::from_tensor(&p)?.as_tensor().clone();
+    tracked.push((name.to_string(), p.clone(), dim));
+    Ok(p)
+}
+
+/// This rank's shards of the whole layer `w`, as Megatron splits it: q/k/v/gate/up by output
+/// features (LoRA's B with them, A whole), o/down by input features (A with them, B whole).
+fn shard_layer(
+    w: &DecoderWeights,
+    (rank, size): (usize, usize),
+    group: Arc<dyn Collective>,
+) -> Result<(DecoderWeights, Vec<RankTensor>)> {
+    let mut tracked = Vec::new();
+    let mut shard = |name: &str, p: &Projection, row_parallel: bool| -> Result<Projection> {
+        let (w_dim, a_dim, b_dim) = match row_parallel {
+            false => (0, None, Some(0)),
+            true => (1, Some(1), None),
+        };
+        let at = (rank, size);
+        Ok(match p {
+            Projection::Dense { weight } => Projection::Dense {
+                weight: part(name, weight, Some(w_dim), at, &mut tracked)?,
+            },
+            Projection::Lora {
+                weight,
+                a,
+                b,
+                scaling,
+            } => Projection::Lora {
+                weight: part(name, weight, Some(w_dim), at, &mut tracked)?,
+                a: part(&format!("{name}.lora_A"), a, a_dim, at, &mut tracked)?,
+                b: part(&format!("{name}.lora_B"), b, b_dim, at, &mut tracked)?,
+                scaling: *scaling,
+            },
+        })
+    };
+    let sharded = DecoderWeights {
+        input_layernorm: w.input_layernorm.clone(),
+        post_attention_layernorm: w.post_attention_layernorm.clone(),
+        q_proj: shard("q", &w.q_proj, false)?,
+        k_proj: shard("k", &w.k_proj, false)?,
+        v_proj: shard("v", &w.v_proj, false)?,
+        o_proj: shard("o", &w.o_proj, true)?,
+        gate_proj: shard("gate", &w.gate_proj, false)?,
+        up_proj: shard("up", &w.up_proj, false)?,
+        down_proj: shard("down", &w.down_proj, true)?,
+        heads: (w.heads.0 / size, w.heads.1 / size),
+        rms_norm_eps: w.rms_norm_eps,
+        tensor_parallel: Some(group),
+    };
+    // The norms are whole on every rank, as is their gradient: the same tensors for all.
+    for (name, t) in [
+        ("input_layernorm", &w.input_layernorm),
+        ("post_attention_layernorm", &w.post_attention_layernorm),
+    ] {
+        if t.is_variable() {
+            tracked.push((name.to_string(), t.clone(), None));
+        }
+    }
+    Ok((sharded, tracked))
+}
+
+/// The layer on `size` ranks against the whole layer composed on one: every rank's output,
+/// and the gradients of the input and of each rank's tracked tensors, against the whole
+/// layer's (or their part of them), in f32.
+fn split_layer_equals_the_whole(
+    kinds: [Kind; 7],
+    train_norms: bool,
+    train_input: bool,
+    size: usize,
+) -> Result<()> {
+    let dev = Device::Cpu;
+    let layer = test_layer(kinds, train_norms, DType::F32, &dev)?;
+    let batch = PackedBatch::new(DType::F32, &dev)?;
+    let x = match train_input {
+        true => Var::from_tensor(&batch.x)?.as_tensor().clone(),
+        false => batch.x.clone(),
+    };
+    let bias = AttentionMask::new(&batch.spec, DType::F32, &dev, false)?;
+    let whole = composed(&x, &layer.weights, &batch.cos, &batch.sin, &bias)?;
+    let mix = Tensor::randn(0f32, 1.0, whole.dims(), &dev)?;
+    let whole_grads = (&whole * &mix)?.sum_all()?.backward()?;
+    let named: Vec<(String, Tensor)> = layer.tracked.clone();
+    let whole_grad = |name: &str| -> Tensor {
+        let (_, t) = named.iter().find(|(n, _)| n == name).expect("tracked");
+        whole_grads.get(t).expect("a gradient").clone()
+    };
+
+    let results = std::thread::scope(|scope| {
+        let handles: Vec<_> = ThreadRank::group(size)
+            .into_iter()
+            .map(|rank| {
+                let (layer, batch, x, mix) = (&layer, &batch, &x, &mix);
+                scope.spawn(move || -> Result<_> {
+                    let r = rank.rank;
+                    let (w, tracked) = shard_layer(&layer.weights, (r, size), Arc::new(rank))?;
+                    let mask = AttentionMask::new(&batch.spec, DType::F32, &Device::Cpu, false)?;
+                    let y = decoder_layer(x, &w, (&batch.cos, &batch.sin), &mask)?;
+                    let grads = (&y * mix)?.sum_all()?.backward()?;
+                    let x_grad = grads.get(x).cloned();
+                    let named = tracked
+                        .into_iter()
+                        .map(|(name, t, dim)| (name, grads.get(&t).cloned(), dim))
+                        .collect::<Vec<_>>();
+                    Ok((y, x_grad, named))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a rank panicked"))
+            .collect::<Result<Vec<_>>>()
+    })?;
+
+    for (rank, (y, x_grad, named)) in results.into_iter().enumerate() {
+        let d = rel_diff(&y, &whole)?;
+        assert!(d < 1e-6, "rank {rank}: output differs by {d}");
+        match (train_input, x_grad) {
+            (true, Some(g)) => {
+                let d = rel_diff(&g, whole_grads.get(&x).expect("x trains"))?;
+                assert!(d < 2e-5, "rank {rank}: input gradient differs by {d}");
+            }
+            (false, None) => {}
+            (trains, g) => panic!("rank {rank}: input trains {trains}, gradient {g:?}"),
+        }
+        assert!(!named.is_empty());
+        for (name, g, dim) in named {
+            let g = g.unwrap_or_else(|| panic!("rank {rank}: {name} has no gradient"));
+            let want = whole_grad(&name);
+            let want = match dim {
+                Some(d) => {
+                    let n = want.dim(d)? / size;
+                    want.narrow(d, rank * n, n)?
+                }
+                None => want,
+            };
+            assert_eq!(g.dims(), want.dims(), "rank {rank}: {name}");
+            let d = rel_diff(&g, &want)?;
+            assert!(d < 2e-5, "rank {rank}: {name}'s gradient differs by {d}");
+        }
+    }
+    Ok(())
+}
+
+const LORA: [Kind; 7] = [Kind::Lora; 7];
+
+#[test]
+fn lora_layer_on_two_ranks_equals_the_whole_layer() -> Result<()> {
+    split_layer_equals_the_whole(LORA, false, true, 2)
+}
+
+#[test]
+fn first_lora_layer_on_two_ranks_takes_no_input_gradient() -> Result<()> {
+    split_layer_equals_the_whole(LORA, false, false, 2)
+}
+
+#[test]
+fn sft_layer_on_two_ranks_equals_the_whole_layer() -> Result<()> {
+    split_layer_equals_the_whole([Kind::Trained; 7], true, true, 2)
+}
+
+#[test]
+fn lora_beside_frozen_projections_on_two_ranks() -> Result<()> {
+    use Kind::{Frozen, Lora};
+    split_layer_equals_the_whole(
+        [Frozen, Lora, Lora, Lora, Frozen, Frozen, Lora],
+        false,
+        true,
+        2,
+    )
+}
