@@ -55,6 +55,8 @@ pub fn cases() -> Vec<Case> {
             ("attention_softmax", vec![1, 32, 128, 2048]),
             ("cross_entropy", vec![5, 37]),
             ("cross_entropy", vec![256, 32000]),
+            ("dropout", vec![3, 7, 33]),
+            ("dropout", vec![2048, 4096]),
         ] {
             out.push(Case { op, dtype, dims });
         }
@@ -168,6 +170,20 @@ pub fn run(case: &Case, implementation: Implementation, device: &Device) -> Resu
                 Implementation::Unfused => (g.as_tensor().silu()? * u.as_tensor())?,
             };
             (y, vec![g, u], vec!["d gate", "d up"])
+        }
+        "dropout" => {
+            // LoRA's dropout at PEFT's usual p, on a key as a run draws its first.
+            let (p, key) = (0.1, crate::dropout::dropout_key(1234, 0, 0));
+            let x = var(input(8, dims, 2.0)?)?;
+            let y = match implementation {
+                Implementation::Fused => crate::dropout(x.as_tensor(), p, key)?,
+                Implementation::Unfused => {
+                    let mask = crate::unfused::dropout_mask(x.elem_count(), p, key);
+                    let mask = Tensor::from_vec(mask, dims, &Device::Cpu)?.to_device(x.device())?;
+                    (x.as_tensor().to_dtype(DType::F32)? * mask)?.to_dtype(case.dtype)?
+                }
+            };
+            (y, vec![x], vec!["dx"])
         }
         "rope" | "rope_merged" => {
             let (b, h, s, d) = (dims[0], dims[1], dims[2], dims[3]);

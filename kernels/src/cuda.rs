@@ -54,6 +54,11 @@ pub(crate) const LOW_RANK: Module = Module {
     ptx: include_str!(concat!(env!("OUT_DIR"), "/low_rank.ptx")),
 };
 
+pub(crate) const DROPOUT: Module = Module {
+    name: "helix_dropout",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/dropout.ptx")),
+};
+
 pub(crate) const FLASH_ATTENTION: Module = Module {
     name: "helix_flash_attention",
     ptx: include_str!(concat!(env!("OUT_DIR"), "/flash_attention.ptx")),
@@ -413,6 +418,51 @@ fn attention_typed<T: CudaDType + DeviceRepr>(
         (_, Some(o)) => CudaStorage::wrap_cuda_slice(o, dev),
         _ => unreachable!("one output is allocated"),
     })
+}
+
+/// Inverted dropout (kernels/cuda/dropout.cu) of the packed x: the mask of `key`, kept
+/// elements below `threshold`, scaled by `scale`.
+pub(crate) fn dropout(
+    x: &CudaStorage,
+    xl: &Layout,
+    key: u64,
+    threshold: u32,
+    scale: f32,
+) -> Result<CudaStorage> {
+    match x.dtype() {
+        DType::F32 => dropout_typed::<f32>("dropout_f32", (x, xl), key, threshold, scale),
+        DType::BF16 => dropout_typed::<half::bf16>("dropout_bf16", (x, xl), key, threshold, scale),
+        DType::F16 => dropout_typed::<half::f16>("dropout_f16", (x, xl), key, threshold, scale),
+        other => candle_core::bail!("dropout: no kernel for {other:?}"),
+    }
+}
+
+fn dropout_typed<T: CudaDType + DeviceRepr>(
+    function: &str,
+    input: (&CudaStorage, &Layout),
+    key: u64,
+    threshold: u32,
+    scale: f32,
+) -> Result<CudaStorage> {
+    let dev: CudaDevice = input.0.device.clone();
+    let func = dev.get_or_load_custom_func(function, DROPOUT.name, DROPOUT.ptx)?;
+    let x = views::<T>(function, &[input])?;
+    let n = input.1.shape().elem_count();
+    // SAFETY: the kernel writes every one of the n elements.
+    let out = unsafe { dev.alloc::<T>(n)? };
+    let n64 = n as i64;
+    let mut args = func.builder();
+    args.arg(&x[0])
+        .arg(&out)
+        .arg(&n64)
+        .arg(&key)
+        .arg(&threshold)
+        .arg(&scale);
+    if n > 0 {
+        // SAFETY: the argument list matches dropout_*'s signature.
+        unsafe { args.launch(launch::elementwise(n).into()) }.w()?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
 }
 
 /// Rotary embeddings (kernels/cuda/rope.cu) of x [B, H, S, D], read through its strides (the

@@ -11,6 +11,7 @@
 //! head's cross-entropy takes each row's softmax statistics and the logits' gradient from the
 //! kernels of [`cross_entropy`]. The optimizer's work runs over all parameters in one launch:
 //! AdamW in place ([`adamw_step`]) and the gradients' sums of squares ([`sums_of_squares`]).
+//! Dropout's masks come from a key and the element's index ([`dropout`]), drawn on the device.
 //!
 //! Storage is f32, bf16 or f16; arithmetic is f32, rounding intermediates to the storage type
 //! exactly where PyTorch's unfused ops store them, so bf16 runs stay close to transformers'.
@@ -21,6 +22,7 @@ mod adamw;
 pub mod attention_softmax;
 pub mod check;
 pub mod cross_entropy;
+pub mod dropout;
 mod elem;
 mod exp;
 pub mod flash;
@@ -44,6 +46,7 @@ mod flash_cuda;
 mod tensor_list_cuda;
 
 pub use adamw::{adamw_step, AdamWParam, AdamWStep};
+pub use dropout::dropout;
 pub use rms_norm::{rms_norm, rms_norm_backward};
 pub use rope::{rope, rope_merging_heads};
 pub use sum_squares::sums_of_squares;

@@ -38,3 +38,16 @@ pub fn adamw_update(
     let w = (w - ((&m * st.step_size)? / denom)?)?;
     Ok((w, m, v))
 }
+
+/// Inverted dropout's mask of `key` over n elements as a tensor's values: 1 / (1 − p) where
+/// the element is kept, 0 where dropped; x · mask is [`crate::dropout`].
+pub fn dropout_mask(n: usize, p: f64, key: u64) -> Vec<f32> {
+    let threshold = crate::dropout::keep_threshold(p);
+    let scale = (1.0 / (1.0 - p)) as f32;
+    (0..n as u64)
+        .map(|i| match crate::dropout::element_bits(key, i) < threshold {
+            true => scale,
+            false => 0.0,
+        })
+        .collect()
+}

@@ -13,9 +13,11 @@ pub trait Linear: Send + Sync {
     /// shard under tensor parallelism).
     fn weight(&self) -> Tensor;
     /// The layer as a [`Projection`] that a decoder layer differentiated by hand
-    /// ([`helix_ops::decoder_layer`]) can run: this rank's shard, which the decoder layer
-    /// places as the model does (q/k/v/gate/up column-, o/down row-parallel); `None` keeps the
-    /// whole layer on the op graph (LoRA dropout).
+    /// ([`helix_ops::decoder_layer`]) runs: this rank's shard, which the decoder layer places
+    /// as the model does (q/k/v/gate/up column-, o/down row-parallel). A LoRA layer with
+    /// dropout draws its next mask here, as its `forward` would: ask once per forward that
+    /// runs the projection. `None` (a layer that cannot be run so) keeps the decoder layer on
+    /// the op graph.
     fn projection(&self) -> Option<Projection> {
         None
     }

@@ -570,8 +570,9 @@ impl DecoderLayer {
     }
 
     /// The layer's weights for [`decoder_layer`], which runs the whole layer as one op with a
-    /// hand-written backward, when every projection can be differentiated by hand (not with
-    /// LoRA dropout); under tensor parallelism, this rank's shards and the group.
+    /// hand-written backward, when every projection can be differentiated by hand; under
+    /// tensor parallelism, this rank's shards and the group. Draws each LoRA dropout's next
+    /// mask: called once per forward of the layer.
     fn hand_differentiated(
         &self,
         eps: f64,

@@ -16,7 +16,9 @@
 //! would (collective.rs): after o and down in the forward, after the column-parallel groups'
 //! input gradients in the backward.
 
-use candle_core::{Result, Tensor};
+use std::borrow::Cow;
+
+use candle_core::{DType, Result, Tensor};
 use helix_kernels::{rms_norm_backward, swiglu_backward, swiglu_backward_and_output};
 
 use crate::attention::{AttentionMask, RopeAttention};
@@ -31,12 +33,15 @@ pub enum Projection {
     /// `x Wᵀ`, W [out, in]; W trains when its tensor is tracked (full SFT).
     Dense { weight: Tensor },
     /// `x Wᵀ + s · (x Aᵀ) Bᵀ` with W frozen and f32 adapters A [r, in], B [out, r], as
-    /// [`crate::lora_linear`] computes it.
+    /// [`crate::lora_linear`] computes it; with `dropout` = (p, key), x dropped before A (in
+    /// f32, as PEFT's `lora_dropout` feeds `lora_A`) under the mask of `key`
+    /// ([`crate::dropout`]), which the backward draws again.
     Lora {
         weight: Tensor,
         a: Tensor,
         b: Tensor,
         scaling: f64,
+        dropout: Option<(f64, u64)>,
     },
 }
 
@@ -218,6 +223,8 @@ struct Proj {
     /// The index of W (Dense) among the op's inputs.
     weight_at: Option<usize>,
     lora: Option<(LowRank, usize, usize)>,
+    /// The LoRA path's dropout: (p, the mask's key).
+    dropout: Option<(f64, u64)>,
 }
 
 impl Proj {
@@ -231,20 +238,32 @@ impl Proj {
                 weight: weight.detach(),
                 weight_at: Some(push(weight)),
                 lora: None,
+                dropout: None,
             },
             Projection::Lora {
                 weight,
                 a,
                 b,
                 scaling,
+                dropout,
             } => {
                 let (a_at, b_at) = (push(a), push(b));
                 Proj {
                     weight: weight.detach(),
                     weight_at: None,
                     lora: Some((LowRank::new(a, b, *scaling)?, a_at, b_at)),
+                    dropout: *dropout,
                 }
             }
+        })
+    }
+
+    /// What the LoRA path reads of x: x, or x dropped in f32 under the mask's key (drawn
+    /// again, not kept, for A's gradient).
+    fn lora_input<'a>(&self, x: &'a Tensor) -> Result<Cow<'a, Tensor>> {
+        Ok(match self.dropout {
+            Some((p, key)) => Cow::Owned(crate::dropout(&x.to_dtype(DType::F32)?, p, key)?),
+            None => Cow::Borrowed(x),
         })
     }
 
@@ -267,7 +286,7 @@ fn forward_group(projs: &[&Proj], x: &Tensor) -> Result<Vec<(Tensor, Option<Tens
             let y = x.matmul(&p.weight.t()?)?;
             match &p.lora {
                 Some((adapter, ..)) => {
-                    let low = adapter.low(x)?;
+                    let low = adapter.low(&*p.lora_input(x)?)?;
                     Ok((adapter.add_to(&y, &low)?, Some(low)))
                 }
                 None => Ok((y, None)),
@@ -290,7 +309,7 @@ fn forward_onto(
     let y = sum_over(group, x.matmul(&p.weight.t()?)?)?;
     match &p.lora {
         Some((adapter, ..)) => {
-            let low = sum_over(group, adapter.low(x)?)?;
+            let low = sum_over(group, adapter.low(&*p.lora_input(x)?)?)?;
             Ok((adapter.add_onto(residual, &y, &low)?, Some(low)))
         }
         None => Ok(((residual + y)?, None)),
@@ -354,6 +373,16 @@ fn input_grads(
             // This projection's part, added to the group's sum so far in the same pass.
             let base = dy.matmul(&p.weight)?;
             dx = Some(match (&p.lora, &dlow, dx.take()) {
+                // Dropout's mask lies between x and A: the LoRA part goes through it apart.
+                (Some((adapter, ..)), Some(dlow), acc) if p.dropout.is_some() => {
+                    let (rate, key) = p.dropout.expect("matched");
+                    let part = crate::dropout(&adapter.input_grad(dlow)?, rate, key)?;
+                    let sum = (base + part.to_dtype(dy.dtype())?)?;
+                    match acc {
+                        Some(acc) => (acc + sum)?,
+                        None => sum,
+                    }
+                }
                 (Some((adapter, ..)), Some(dlow), Some(acc)) => {
                     adapter.add_input_grad_onto(&acc, &base, dlow)?
                 }
@@ -382,8 +411,8 @@ fn param_grads(
             grads[at] = Some(dy.t()?.matmul(x)?);
         }
         if let (Some((adapter, a_at, b_at)), Some(low), Some(dlow)) = (&p.lora, low, dlow) {
-            let (da, db) =
-                adapter.adapter_grads(dy, low, dlow, need[*a_at].then_some(x), need[*b_at])?;
+            let x_a = need[*a_at].then(|| p.lora_input(x)).transpose()?;
+            let (da, db) = adapter.adapter_grads(dy, low, dlow, x_a.as_deref(), need[*b_at])?;
             grads[*a_at] = da;
             grads[*b_at] = db;
         }

@@ -121,11 +121,13 @@ fn shard_layer(
                 a,
                 b,
                 scaling,
+                dropout,
             } => Projection::Lora {
                 weight: part(name, weight, Some(w_dim), at, &mut tracked)?,
                 a: part(&format!("{name}.lora_A"), a, a_dim, at, &mut tracked)?,
                 b: part(&format!("{name}.lora_B"), b, b_dim, at, &mut tracked)?,
                 scaling: *scaling,
+                dropout: *dropout,
             },
         })
     };
@@ -259,6 +261,28 @@ fn lora_beside_frozen_projections_on_two_ranks() -> Result<()> {
     use Kind::{Frozen, Lora};
     split_layer_equals_the_whole(
         [Frozen, Lora, Lora, Lora, Frozen, Frozen, Lora],
+        false,
+        true,
+        2,
+    )
+}
+
+/// Dropout before A on the column-parallel projections, whose ranks all read the whole x and
+/// draw the same mask (a row-parallel rank drops its own columns under the key, which is not
+/// the whole layer's mask).
+#[test]
+fn lora_with_dropout_on_the_column_parallel_projections_on_two_ranks() -> Result<()> {
+    use Kind::{Lora, LoraDropout};
+    split_layer_equals_the_whole(
+        [
+            LoraDropout,
+            LoraDropout,
+            LoraDropout,
+            Lora,
+            LoraDropout,
+            LoraDropout,
+            Lora,
+        ],
         false,
         true,
         2,

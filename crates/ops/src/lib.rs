@@ -45,6 +45,14 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     helix_kernels::swiglu(gate, up)
 }
 
+/// Inverted dropout with the mask of `key` ([`helix_kernels::dropout`]): drawn on the tensor's
+/// device from the key and each element's index, and drawn again for the backward.
+pub fn dropout(x: &Tensor, p: f64, key: u64) -> Result<Tensor> {
+    helix_kernels::dropout(x, p, key)
+}
+
+pub use helix_kernels::dropout::dropout_key;
+
 /// Softmax over the last dimension, computed in f32 and returned in the input's dtype.
 ///
 /// The forward uses candle's fused kernel; the backward is the closed form

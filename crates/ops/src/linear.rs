@@ -114,6 +114,12 @@ impl LowRank {
         low_rank::add_product(base, dlow, &self.a)
     }
 
+    /// dlow A [rows, in], f32: the low-rank path's part of the input's gradient alone (for a
+    /// path whose dropout mask lies between the input and A).
+    pub(crate) fn input_grad(&self, dlow: &Tensor) -> Result<Tensor> {
+        dlow.matmul(&self.a)
+    }
+
     /// acc + (base + dlow A): [`Self::add_input_grad`] added to acc (the input gradient of
     /// the projections before it that read the same input) in the same pass.
     pub(crate) fn add_input_grad_onto(

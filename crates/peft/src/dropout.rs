@@ -1,11 +1,11 @@
 //! Inverted dropout with masks fixed by a seed and a call counter, so a run (and a resumed run
-//! that restores the counter) draws exactly the same masks.
+//! that restores the counter) draws exactly the same masks. Each mask is a function of its key
+//! (seed, stream, call) and the element's index, drawn on the tensor's device
+//! ([`helix_ops::dropout`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use candle_core::{Result, Tensor};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 
 pub struct SeededDropout {
     p: f64,
@@ -58,26 +58,22 @@ impl SeededDropout {
 
     /// `x · mask / (1 − p)` with a fresh Bernoulli(1 − p) mask, in train mode with p > 0.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        match self.next_mask() {
+            Some((p, key)) => helix_ops::dropout(x, p, key),
+            None => Ok(x.clone()),
+        }
+    }
+
+    /// The next mask, as (p, its key for [`helix_ops::dropout`]), counted as drawn; `None`
+    /// where [`Self::apply`] is the identity. A layer differentiated by hand takes the key and
+    /// draws the mask itself, in its forward and again in its backward.
+    pub fn next_mask(&self) -> Option<(f64, u64)> {
         if self.is_identity() {
-            return Ok(x.clone());
+            return None;
         }
         let call = self.calls.fetch_add(1, Ordering::Relaxed);
         let stream = self.stream.load(Ordering::Relaxed);
-        let seed = self.seed ^ stream.wrapping_mul(0xD1B5_4A32_D192_ED03);
-        let mut rng = StdRng::seed_from_u64(seed ^ call.wrapping_mul(0x9E37_79B9_7F4A_7C15));
-        let keep = 1.0 - self.p;
-        let scale = (1.0 / keep) as f32;
-        let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| {
-                if rng.random::<f64>() < keep {
-                    scale
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        x.mul(&mask)
+        Some((self.p, helix_ops::dropout_key(self.seed, stream, call)))
     }
 }
 

@@ -240,16 +240,14 @@ impl Linear for LoraLinear {
             // This rank's shard of W + s·BA: B's rows or A's columns follow W's split.
             return Some(Projection::Dense { weight: w.clone() });
         }
-        // Dropout's mask lies between x and A, which the hand-written backward does not take.
-        if !self.dropout.is_identity() {
-            return None;
-        }
         let (a, b) = self.adapters();
         Some(Projection::Lora {
             weight: self.base.clone(),
             a,
             b,
             scaling: self.scaling,
+            // The mask this forward draws, as `forward` would draw it.
+            dropout: self.dropout.next_mask(),
         })
     }
 }

@@ -453,16 +453,17 @@ mod tests {
         Ok(())
     }
 
-    /// One step's loss and gradients for every method (LoRA without dropout, so its layers
-    /// fuse), on packed and padded batches, with the model set up by `configure(model, false)`
-    /// and by `configure(model, true)`: the two must agree within 2e-5 of each gradient's
-    /// largest value.
+    /// One step's loss and gradients for every method (LoRA with `lora_dropout`), on packed
+    /// and padded batches, with the model set up by `configure(model, false)` and by
+    /// `configure(model, true)`: the two must agree within 2e-5 of each gradient's largest
+    /// value.
     fn both_setups_agree(
         what: &str,
+        lora_dropout: f64,
         configure: impl Fn(&mut Customized, bool) -> Result<()>,
     ) -> Result<()> {
         let job = Job::single(std::time::Duration::from_secs(1));
-        for (fixture, method, packed) in method_cases(0.0) {
+        for (fixture, method, packed) in method_cases(lora_dropout) {
             let batches = batches()?;
             let batches = if packed { &batches[..] } else { &batches[..1] };
             let mut runs = Vec::new();
@@ -500,13 +501,17 @@ mod tests {
     }
 
     /// The whole model's step with each decoder layer as one hand-differentiated op gives the
-    /// losses and gradients of the layers run op by op on candle's autograd.
+    /// losses and gradients of the layers run op by op on candle's autograd, LoRA with and
+    /// without dropout (the one-op layers draw the masks the LoRA layers would).
     #[test]
     fn fused_layers_give_the_op_by_op_gradients() -> Result<()> {
-        both_setups_agree("fused layers", |model, on| {
-            model.model.set_fused_layers(on);
-            Ok(())
-        })
+        for lora_dropout in [0.0, 0.1] {
+            both_setups_agree("fused layers", lora_dropout, |model, on| {
+                model.model.set_fused_layers(on);
+                Ok(())
+            })?;
+        }
+        Ok(())
     }
 
     /// The whole model's step attending the FlashAttention way (segment masks, the CPU's tiled
@@ -514,7 +519,7 @@ mod tests {
     #[test]
     fn flash_attention_gives_the_chunked_gradients() -> Result<()> {
         use helix_ops::AttentionKernel::{Chunked, Flash};
-        both_setups_agree("flash attention", |model, on| {
+        both_setups_agree("flash attention", 0.0, |model, on| {
             model
                 .model
                 .set_attention(if on { Flash } else { Chunked })?;

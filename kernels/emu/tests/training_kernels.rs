@@ -696,3 +696,39 @@ fn attention_softmax_kernels_match_the_reference() {
         assert_close(&format!("{label} ds"), &widen(&ds), &values(&want_ds), tol);
     }
 }
+
+#[test]
+fn dropout_masks_match_the_reference_bit_for_bit() {
+    // Past one grid's worth of grid-stride steps would take 16 M elements; 3 × 1,000 + 17
+    // ends mid-block, and the keys are a run's first masks.
+    let n = 3017;
+    let x = seeded(21, n, 2.0);
+    let (xb, _) = stored::<bf16>(&x);
+    for (p, call) in [(0.05, 0), (0.1, 1), (0.5, 7)] {
+        let key = helix_kernels::dropout::dropout_key(1234, 0, call);
+        let threshold = helix_kernels::dropout::keep_threshold(p);
+        let scale = (1.0 / (1.0 - p)) as f32;
+        let g = launch::elementwise(n);
+
+        let want = values(&helix_kernels::dropout(&cpu(&x, &[n]), p, key).unwrap());
+        let mut y = vec![0f32; n];
+        let (xp, yp) = (Ptr::read(&x), Ptr::of(&mut y));
+        helix_kernels_emu::launch(g, || unsafe {
+            dropout_f32(xp.get(), yp.get(), n as i64, key, threshold, scale)
+        });
+        assert_close(&format!("dropout f32 p {p}"), &y, &want, 0.0);
+
+        let want = values(&helix_kernels::dropout(&cpu(&xb, &[n]), p, key).unwrap());
+        let mut y = vec![bf16::ZERO; n];
+        let (xp, yp) = (Ptr::read(&xb), Ptr::of(&mut y));
+        helix_kernels_emu::launch(g, || unsafe {
+            dropout_bf16(xp.get(), yp.get(), n as i64, key, threshold, scale)
+        });
+        assert_close(&format!("dropout bf16 p {p}"), &widen(&y), &want, 0.0);
+        let dropped = want.iter().filter(|v| **v == 0.0).count() as f64 / n as f64;
+        assert!(
+            (dropped - p).abs() < 0.05,
+            "p {p}: the reference dropped {dropped}"
+        );
+    }
+}
