@@ -23,10 +23,16 @@ use crate::tokenize::{LossMode, Sample, TokenizeStats, Tokenized};
 const MAGIC: &[u8; 8] = b"HELIXTOK";
 const VERSION: u32 = 1;
 
-/// Hex SHA-256 of a file's bytes.
+/// Hex SHA-256 of a file's bytes, read a buffer at a time: a training file of many GB is
+/// hashed on every rank (each checks it holds rank 0's data) without being held whole.
 pub fn file_sha256(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-    Ok(hex(&Sha256::digest(&bytes)))
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut reader, &mut hasher)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(hex(&hasher.finalize()))
 }
 
 /// Hex SHA-256 of any serializable key description.
@@ -174,5 +180,32 @@ impl<'a> Reader<'a> {
     }
     fn u64(&mut self) -> Result<u64> {
         Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_hashed_a_buffer_at_a_time_has_its_bytes_sha256() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("rows.jsonl");
+        // Past two read buffers, ending mid-buffer.
+        let bytes: Vec<u8> = (0..(2 << 20) + 12_345)
+            .map(|i| (i * 7 % 251) as u8)
+            .collect();
+        std::fs::write(&path, &bytes)?;
+        assert_eq!(file_sha256(&path)?, hex(&Sha256::digest(&bytes)));
+        // The empty file: SHA-256's well-known empty digest.
+        std::fs::write(&path, b"")?;
+        assert_eq!(
+            file_sha256(&path)?,
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+        let missing = dir.path().join("missing.jsonl");
+        let err = format!("{:#}", file_sha256(&missing).unwrap_err());
+        assert!(err.contains("missing.jsonl"), "{err}");
+        Ok(())
     }
 }
