@@ -182,6 +182,17 @@ impl LoraLinear {
         matches!(self.placement, Placement::Whole) && self.dropout.is_identity()
     }
 
+    /// The next dropout mask, (p, its key), counted as drawn; `None` where dropout is the
+    /// identity. A row-parallel rank drops only its slice of the input: it mixes its rank
+    /// into the key, so the ranks' slices are not dropped alike.
+    fn next_mask(&self) -> Option<(f64, u64)> {
+        let (p, key) = self.dropout.next_mask()?;
+        Some(match &self.placement {
+            Placement::Row(g) => (p, helix_ops::dropout_key(key, g.rank() as u64, 0)),
+            _ => (p, key),
+        })
+    }
+
     /// The frozen base weight, as loaded.
     pub fn base_weight(&self) -> Tensor {
         self.base.clone()
@@ -213,7 +224,11 @@ impl Linear for LoraLinear {
             return helix_ops::lora_linear(x, &self.base, &a, &b, self.scaling);
         }
         let y = self.placement.forward(x, &self.base)?;
-        let xf = self.dropout.apply(&x.to_dtype(DType::F32)?)?;
+        let xf = x.to_dtype(DType::F32)?;
+        let xf = match self.next_mask() {
+            Some((p, key)) => helix_ops::dropout(&xf, p, key)?,
+            None => xf,
+        };
         // Under tensor parallelism (NeMo's LoRA on Megatron layers):
         // - column-parallel: A is replicated, B holds this rank's output rows; the low-rank
         //   activation x·Aᵀ enters B through `copy_to`, so A's gradient is summed over the group.
@@ -247,7 +262,7 @@ impl Linear for LoraLinear {
             b,
             scaling: self.scaling,
             // The mask this forward draws, as `forward` would draw it.
-            dropout: self.dropout.next_mask(),
+            dropout: self.next_mask(),
         })
     }
 }

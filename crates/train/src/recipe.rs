@@ -29,8 +29,8 @@ use crate::progress::{
 use crate::schedule::{Schedule, ScheduleKind};
 use crate::signals::StopRequest;
 use crate::state::{
-    check_same_model, check_same_run, choose_checkpoint, layout_settings, restore,
-    restore_trainable, snapshot, RunRecord, StoreSaveRendezvous,
+    check_same_model, check_same_run, choose_checkpoint, restore, restore_trainable, run_layout,
+    snapshot, RunRecord, StoreSaveRendezvous,
 };
 
 /// How a run ended.
@@ -190,12 +190,21 @@ fn train_rank(cfg: &ConfigFile, config_path: &Path, job: &mut Job) -> Result<Run
         restore(dir, state, &model, &mut optimizer, &mut stream)?;
         step = state.step;
         say(format!("resumed from {} (step {step})", dir.display()));
-        let changed = state.layout_changes(&layout_settings(cfg, job));
+        let now = run_layout(cfg, job)?;
+        let changed = state.layout_changes(&now);
         if !changed.is_empty() {
             say(format!(
                 "note: resumed with {}; these change only rounding, so the losses follow an \
                  uninterrupted run's closely but not bit for bit",
                 changed.join(", ")
+            ));
+        }
+        if state.other_dropout_masks(&now) {
+            say(format!(
+                "note: {} was written by a helix that drew dropout masks on the host from \
+                 another generator; from here on the masks differ from those an uninterrupted \
+                 run would have drawn (at the same rate)",
+                dir.display()
             ));
         }
     }

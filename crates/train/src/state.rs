@@ -16,7 +16,7 @@ use helix_ckpt::{
 use helix_data::{BatchStream, Position};
 use helix_model::linear::Split;
 use helix_parallel::{Job, StoreClient};
-use helix_peft::Customized;
+use helix_peft::{Customized, Method};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ConfigFile, Resume};
@@ -47,7 +47,7 @@ pub struct RunRecord {
     pub config_sha256: String,
     /// The config without its operational keys ([`ConfigFile::numerics`]).
     pub config: serde_json::Value,
-    /// The kernels and parallel layout it ran with ([`layout_settings`]; empty in checkpoints
+    /// The kernels and parallel layout it ran with ([`run_layout`]; empty in checkpoints
     /// written before helix recorded them).
     #[serde(default)]
     pub layout: BTreeMap<String, serde_json::Value>,
@@ -65,7 +65,7 @@ impl RunRecord {
             method: cfg.method()?.name().to_string(),
             config_sha256: config_sha256(&config),
             config,
-            layout: layout_settings(cfg, job),
+            layout: run_layout(cfg, job)?,
             data_sha256,
             helix_version: env!("CARGO_PKG_VERSION").to_string(),
         })
@@ -99,7 +99,7 @@ impl RunRecord {
 /// The settings a resumed run may change that choose kernels or the parallel layout, by name:
 /// they move its numbers by rounding only, so a run resumed with any of them changed follows
 /// an uninterrupted run closely but not bit for bit.
-pub fn layout_settings(cfg: &ConfigFile, job: &Job) -> BTreeMap<String, serde_json::Value> {
+fn layout_settings(cfg: &ConfigFile, job: &Job) -> BTreeMap<String, serde_json::Value> {
     use serde_json::json;
     BTreeMap::from([
         ("model.attention".into(), json!(cfg.attention_setting())),
@@ -114,6 +114,29 @@ pub fn layout_settings(cfg: &ConfigFile, job: &Job) -> BTreeMap<String, serde_js
     ])
 }
 
+/// The [`layout_settings`] key naming how a run with dropout draws its masks; checkpoints
+/// that recorded a layout without it drew them on the host, element by element, from another
+/// generator.
+pub const DROPOUT_MASKS: &str = "dropout masks";
+
+/// [`layout_settings`] with [`DROPOUT_MASKS`] when the method drops anything (LoRA's
+/// `lora_dropout`, P-tuning's `encoder_dropout`).
+pub fn run_layout(cfg: &ConfigFile, job: &Job) -> Result<BTreeMap<String, serde_json::Value>> {
+    let mut layout = layout_settings(cfg, job);
+    let drops = match cfg.method()? {
+        Method::Lora(l) => l.lora_dropout > 0.0,
+        Method::Ptuning(p) => p.encoder_dropout > 0.0,
+        Method::FullSft => false,
+    };
+    if drops {
+        layout.insert(
+            DROPOUT_MASKS.into(),
+            serde_json::json!("keyed, on the device"),
+        );
+    }
+    Ok(layout)
+}
+
 impl TrainerState {
     /// `setting: before → now` for each layout setting that differs from this checkpoint's.
     pub fn layout_changes(&self, now: &BTreeMap<String, serde_json::Value>) -> Vec<String> {
@@ -125,6 +148,17 @@ impl TrainerState {
                 _ => None,
             })
             .collect()
+    }
+
+    /// Whether this checkpoint's run drew other dropout masks than `now` draws: a layout
+    /// recorded without [`DROPOUT_MASKS`] (an older helix's host generator) or another one,
+    /// where `now` drops anything. Checkpoints older than recorded layouts cannot tell.
+    pub fn other_dropout_masks(&self, now: &BTreeMap<String, serde_json::Value>) -> bool {
+        let recorded = !self.run.layout.is_empty();
+        match now.get(DROPOUT_MASKS) {
+            Some(v) => recorded && self.run.layout.get(DROPOUT_MASKS) != Some(v),
+            None => false,
+        }
     }
 }
 
@@ -609,5 +643,19 @@ mod tests {
             state.layout_changes(&now),
             vec!["model.attention: \"auto\" → \"flash\""]
         );
+        // A run with dropout resuming a checkpoint whose layout does not say how its masks
+        // were drawn (an older helix's host generator) is told; one without dropout is not.
+        assert!(!state.other_dropout_masks(&now));
+        now.insert(
+            DROPOUT_MASKS.into(),
+            serde_json::json!("keyed, on the device"),
+        );
+        assert!(state.other_dropout_masks(&now));
+        let mut same = state.clone();
+        same.run.layout = now.clone();
+        assert!(!same.other_dropout_masks(&now));
+        let mut unrecorded = state.clone();
+        unrecorded.run.layout.clear();
+        assert!(!unrecorded.other_dropout_masks(&now));
     }
 }

@@ -30,6 +30,7 @@ extern "C" {
 
     pub fn dropout_f32(x: *const f32, y: *mut f32, n: i64, key: u64, threshold: u32, scale: f32);
     pub fn dropout_bf16(x: *const bf16, y: *mut bf16, n: i64, key: u64, threshold: u32, scale: f32);
+    pub fn dropout_f16(x: *const f16, y: *mut f16, n: i64, key: u64, threshold: u32, scale: f32);
 
     pub fn rope_bf16(
         x: *const bf16,

@@ -699,8 +699,7 @@ fn attention_softmax_kernels_match_the_reference() {
 
 #[test]
 fn dropout_masks_match_the_reference_bit_for_bit() {
-    // Past one grid's worth of grid-stride steps would take 16 M elements; 3 × 1,000 + 17
-    // ends mid-block, and the keys are a run's first masks.
+    // f32, bf16 and f16; 3,017 elements end mid-block, and the keys are a run's first masks.
     let n = 3017;
     let x = seeded(21, n, 2.0);
     let (xb, _) = stored::<bf16>(&x);
@@ -725,6 +724,15 @@ fn dropout_masks_match_the_reference_bit_for_bit() {
             dropout_bf16(xp.get(), yp.get(), n as i64, key, threshold, scale)
         });
         assert_close(&format!("dropout bf16 p {p}"), &widen(&y), &want, 0.0);
+
+        let (xh, _) = stored::<half::f16>(&x);
+        let want_h = values(&helix_kernels::dropout(&cpu(&xh, &[n]), p, key).unwrap());
+        let mut y = vec![half::f16::ZERO; n];
+        let (xp, yp) = (Ptr::read(&xh), Ptr::of(&mut y));
+        helix_kernels_emu::launch(g, || unsafe {
+            dropout_f16(xp.get(), yp.get(), n as i64, key, threshold, scale)
+        });
+        assert_close(&format!("dropout f16 p {p}"), &widen(&y), &want_h, 0.0);
         let dropped = want.iter().filter(|v| **v == 0.0).count() as f64 / n as f64;
         assert!(
             (dropped - p).abs() < 0.05,

@@ -19,9 +19,9 @@ pub struct ModelSection {
     /// weights when this is not f32.
     #[serde(default = "default_dtype")]
     pub dtype: String,
-    /// Each decoder layer as one op with a hand-written backward (`helix_ops::decoder_layer`)
-    /// wherever its projections allow (not under tensor parallelism or LoRA dropout); false
-    /// runs every layer op by op on candle's autograd, for comparison (NeMo's fusion flags).
+    /// Each decoder layer as one op with a hand-written backward (`helix_ops::decoder_layer`),
+    /// LoRA dropout and tensor parallelism included; false runs every layer op by op on
+    /// candle's autograd, for comparison (NeMo's fusion flags).
     #[serde(default = "yes")]
     pub fused_layers: bool,
     /// Which attention the decoder layers run over whole sequences: `auto` (FlashAttention's
