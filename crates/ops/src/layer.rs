@@ -17,6 +17,7 @@
 //! input gradients in the backward.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 
 use candle_core::{DType, Result, Tensor};
 use helix_kernels::{rms_norm_backward, swiglu_backward, swiglu_backward_and_output};
@@ -258,15 +259,6 @@ impl Proj {
         })
     }
 
-    /// What the LoRA path reads of x: x, or x dropped in f32 under the mask's key (drawn
-    /// again, not kept, for A's gradient).
-    fn lora_input<'a>(&self, x: &'a Tensor) -> Result<Cow<'a, Tensor>> {
-        Ok(match self.dropout {
-            Some((p, key)) => Cow::Owned(crate::dropout(&x.to_dtype(DType::F32)?, p, key)?),
-            None => Cow::Borrowed(x),
-        })
-    }
-
     /// Whether any of this projection's tensors wants a gradient.
     fn trains(&self, need: &[bool]) -> bool {
         self.weight_at.is_some_and(|at| need[at])
@@ -277,16 +269,46 @@ impl Proj {
     }
 }
 
+/// The input that projections of a group share, as their LoRA paths read it: x itself, or x
+/// dropped in f32 under a projection's mask (drawn again, not kept, for A's gradient), the
+/// f32 copy made once for the group.
+struct SharedInput<'a> {
+    x: &'a Tensor,
+    f32: RefCell<Option<Tensor>>,
+}
+
+impl<'a> SharedInput<'a> {
+    fn new(x: &'a Tensor) -> Self {
+        Self {
+            x,
+            f32: RefCell::new(None),
+        }
+    }
+
+    fn for_lora(&self, p: &Proj) -> Result<Cow<'a, Tensor>> {
+        let Some((rate, key)) = p.dropout else {
+            return Ok(Cow::Borrowed(self.x));
+        };
+        let mut f32 = self.f32.borrow_mut();
+        if f32.is_none() {
+            *f32 = Some(self.x.to_dtype(DType::F32)?);
+        }
+        let x = f32.as_ref().expect("made above");
+        Ok(Cow::Owned(crate::dropout(x, rate, key)?))
+    }
+}
+
 /// The outputs [rows, out] of projections that read the same x [rows, in], with each LoRA
 /// path's scaled rank-r activation.
 fn forward_group(projs: &[&Proj], x: &Tensor) -> Result<Vec<(Tensor, Option<Tensor>)>> {
+    let lora_x = SharedInput::new(x);
     projs
         .iter()
         .map(|p| {
             let y = x.matmul(&p.weight.t()?)?;
             match &p.lora {
                 Some((adapter, ..)) => {
-                    let low = adapter.low(&*p.lora_input(x)?)?;
+                    let low = adapter.low(&*lora_x.for_lora(p)?)?;
                     Ok((adapter.add_to(&y, &low)?, Some(low)))
                 }
                 None => Ok((y, None)),
@@ -309,7 +331,7 @@ fn forward_onto(
     let y = sum_over(group, x.matmul(&p.weight.t()?)?)?;
     match &p.lora {
         Some((adapter, ..)) => {
-            let low = sum_over(group, adapter.low(&*p.lora_input(x)?)?)?;
+            let low = sum_over(group, adapter.low(&*SharedInput::new(x).for_lora(p)?)?)?;
             Ok((adapter.add_onto(residual, &y, &low)?, Some(low)))
         }
         None => Ok(((residual + y)?, None)),
@@ -405,13 +427,14 @@ fn param_grads(
     need: &[bool],
     grads: &mut [Option<Tensor>],
 ) -> Result<()> {
+    let lora_x = SharedInput::new(x);
     for (&(p, dy, low), dlow) in group.iter().zip(dlows) {
         if let Some(at) = p.weight_at.filter(|&at| need[at]) {
             // W [out, in] gets dyᵀ x.
             grads[at] = Some(dy.t()?.matmul(x)?);
         }
         if let (Some((adapter, a_at, b_at)), Some(low), Some(dlow)) = (&p.lora, low, dlow) {
-            let x_a = need[*a_at].then(|| p.lora_input(x)).transpose()?;
+            let x_a = need[*a_at].then(|| lora_x.for_lora(p)).transpose()?;
             let (da, db) = adapter.adapter_grads(dy, low, dlow, x_a.as_deref(), need[*b_at])?;
             grads[*a_at] = da;
             grads[*b_at] = db;
