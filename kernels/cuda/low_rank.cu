@@ -9,7 +9,13 @@
 // 4,096 columns), the next tile's loads issued before the current tile's arithmetic, and the
 // small operand read once per tile of rows rather than once per value. Sums are split into
 // partial sums written in a fixed order and added in that order, so results repeat run to run.
+//
+// Each has a `_dropped` form for LoRA's dropout, which lies between the layer's input and A:
+// x read under a dropout mask (dropout_mask.cuh) in x Aᵀ and lᵀ x, and the product l A under
+// it in y + l A (the input's gradient). The mask is drawn from its key as the value is read,
+// so no dropped copy of x, nor of its gradient, is written.
 #include "common.cuh"
+#include "dropout_mask.cuh"
 
 // Threads per block of every kernel here.
 #define LOW_RANK_THREADS 256
@@ -24,26 +30,40 @@
 // different banks.
 #define PROJECT_STRIDE (PROJECT_TILE + 8)
 
+// x [n, k]'s element at `at` as f32, multiplied by its mask factor under kDrop.
+template <typename T, bool kDrop>
+__device__ __forceinline__ float read_x(const T* __restrict__ x, long long at,
+                                        const DropoutMask& mask) {
+  const float v = to_f32(x[at]);
+  if constexpr (kDrop) return __fmul_rn(v, mask.factor((uint64_t)at));
+  return v;
+}
+
 // Loads one PROJECT_ROWS × PROJECT_TILE tile of x (columns [c0, c0 + PROJECT_TILE) below
 // c_end) into registers, eight values a thread, zero outside x or the block's columns.
-template <typename T>
+template <typename T, bool kDrop>
 __device__ __forceinline__ void project_load(const T* __restrict__ x, float (&next)[8], int n,
-                                             int k, int row0, int c0, int c_end) {
+                                             int k, int row0, int c0, int c_end,
+                                             const DropoutMask& mask) {
 #pragma unroll
   for (int u = 0; u < 8; ++u) {
     const int e = threadIdx.x + u * LOW_RANK_THREADS;
     const int i = e / PROJECT_TILE, c = c0 + e % PROJECT_TILE;
-    next[u] = row0 + i < n && c < c_end ? to_f32(x[(long long)(row0 + i) * k + c]) : 0.0f;
+    next[u] = row0 + i < n && c < c_end
+                  ? read_x<T, kDrop>(x, (long long)(row0 + i) * k + c, mask)
+                  : 0.0f;
   }
 }
 
 // partial [splits, n, r] with splits = gridDim.y: block (bx, by, bz) sums, for rows
 // [32 bx, 32 bx + 32) of x [n, k] and ranks [16 bz, 16 bz + 16) of m [r, k], x · mᵀ over the
 // columns [512 by, 512 by + 512). Eight threads share a row, each summing every eighth column
-// of a tile into 16 accumulators; the eight are added by shuffles at the end.
-template <typename T>
+// of a tile into 16 accumulators; the eight are added by shuffles at the end. Under kDrop, x
+// is read under `mask`.
+template <typename T, bool kDrop>
 __device__ void low_rank_project(const T* __restrict__ x, const float* __restrict__ m,
-                                 float* __restrict__ partial, int n, int k, int r) {
+                                 float* __restrict__ partial, int n, int k, int r,
+                                 DropoutMask mask) {
   __shared__ float xs[PROJECT_ROWS][PROJECT_STRIDE];
   __shared__ float ms[RANK_GROUP][PROJECT_TILE];
   const int row0 = blockIdx.x * PROJECT_ROWS;
@@ -54,7 +74,7 @@ __device__ void low_rank_project(const T* __restrict__ x, const float* __restric
 #pragma unroll
   for (int j = 0; j < RANK_GROUP; ++j) acc[j] = 0.0f;
   float next[8];
-  project_load(x, next, n, k, row0, c_begin, c_end);
+  project_load<T, kDrop>(x, next, n, k, row0, c_begin, c_end, mask);
   for (int c0 = c_begin; c0 < c_end; c0 += PROJECT_TILE) {
     __syncthreads();  // the previous tile is no longer read
 #pragma unroll
@@ -68,7 +88,8 @@ __device__ void low_rank_project(const T* __restrict__ x, const float* __restric
     }
     __syncthreads();
     // The next tile's loads go out before this tile's arithmetic.
-    if (c0 + PROJECT_TILE < c_end) project_load(x, next, n, k, row0, c0 + PROJECT_TILE, c_end);
+    if (c0 + PROJECT_TILE < c_end)
+      project_load<T, kDrop>(x, next, n, k, row0, c0 + PROJECT_TILE, c_end, mask);
 #pragma unroll 2
     for (int cc = 0; cc < PROJECT_TILE / 8; ++cc) {
       const int c = phase + 8 * cc;
@@ -125,11 +146,13 @@ __device__ __forceinline__ void stage_l(float (&ls)[ROWS][RANK_GROUP], const flo
 // before it in a group), without writing the sum and reading it back. A thread per column
 // (blockIdx.x · 256 + threadIdx.x) and ADD_ROWS rows (blockIdx.y): its column of m is read
 // once for all of them, 16 ranks at a time, and the rows' l is staged in shared memory, read
-// by every thread alike.
-template <typename T, bool kAcc>
+// by every thread alike. Under kDrop, the product l · m is multiplied by `mask` before y is
+// added (the input's gradient through dropout: y the base projection's, l · m the LoRA path's).
+template <typename T, bool kAcc, bool kDrop>
 __device__ void low_rank_add_product(const T* __restrict__ y, const float* __restrict__ l,
                                      const float* __restrict__ m, const T* __restrict__ acc,
-                                     T* __restrict__ out, int n, int c, int r) {
+                                     T* __restrict__ out, int n, int c, int r,
+                                     DropoutMask mask) {
   __shared__ float ls[ADD_ROWS][RANK_GROUP];
   const int col = blockIdx.x * LOW_RANK_THREADS + threadIdx.x;
   const int row0 = blockIdx.y * ADD_ROWS, rows = min(ADD_ROWS, n - row0);
@@ -155,7 +178,9 @@ __device__ void low_rank_add_product(const T* __restrict__ y, const float* __res
   for (int i = 0; i < ADD_ROWS; ++i) {
     if (i < rows) {
       const long long e = (long long)(row0 + i) * c + col;
-      const float sum = s[i] + to_f32(y[e]);
+      float product = s[i];
+      if constexpr (kDrop) product = __fmul_rn(product, mask.factor((uint64_t)e));
+      const float sum = product + to_f32(y[e]);
       out[e] = from_f32<T>(kAcc ? to_f32(acc[e]) + round_to<T>(sum) : sum);
     }
   }
@@ -167,11 +192,12 @@ __device__ void low_rank_add_product(const T* __restrict__ y, const float* __res
 // partial [parts, r, k] with parts = gridDim.y: part b's Σ over its rows i (rows_per_part of
 // them from b · rows_per_part) of l[i, j] · x[i, col], a thread per column (blockIdx.x · 256 +
 // threadIdx.x), 16 ranks at a time in registers; l's rows are staged OUTER_ROWS at a time in
-// shared memory, where every thread reads the same value (broadcast).
-template <typename T>
+// shared memory, where every thread reads the same value (broadcast). Under kDrop, x is read
+// under `mask`.
+template <typename T, bool kDrop>
 __device__ void low_rank_outer_partial(const float* __restrict__ l, const T* __restrict__ x,
                                        float* __restrict__ partial, int n, int r, int k,
-                                       int rows_per_part) {
+                                       int rows_per_part, DropoutMask mask) {
   __shared__ float ls[OUTER_ROWS][RANK_GROUP];
   const int col = blockIdx.x * LOW_RANK_THREADS + threadIdx.x;
   const int b = blockIdx.y;
@@ -185,10 +211,10 @@ __device__ void low_rank_outer_partial(const float* __restrict__ l, const T* __r
       const int rows = min(OUTER_ROWS, i_end - s0);
       stage_l(ls, l, r, s0, rows, j0, js);
       if (col < k) {
-        const T* xc = x + (long long)s0 * k + col;
+        const long long at0 = (long long)s0 * k + col;
 #pragma unroll 8
         for (int i = 0; i < rows; ++i) {
-          const float v = to_f32(xc[(long long)i * k]);
+          const float v = read_x<T, kDrop>(x, at0 + (long long)i * k, mask);
 #pragma unroll
           for (int j = 0; j < RANK_GROUP; ++j) acc[j] += ls[i][j] * v;
         }
@@ -199,25 +225,48 @@ __device__ void low_rank_outer_partial(const float* __restrict__ l, const T* __r
   }
 }
 
-#define LOW_RANK_KERNELS(T, S)                                                                  \
-  extern "C" __global__ void __launch_bounds__(LOW_RANK_THREADS, 3) low_rank_project_##S(const T* x, const float* m, float* partial, \
-                                                  int n, int k, int r) {                        \
-    low_rank_project<T>(x, m, partial, n, k, r);                                                \
-  }                                                                                             \
-  extern "C" __global__ void low_rank_add_product_##S(const T* y, const float* l,             \
-                                                      const float* m, T* out, int n, int c,     \
-                                                      int r) {                                  \
-    low_rank_add_product<T, false>(y, l, m, nullptr, out, n, c, r);                             \
-  }                                                                                             \
-  extern "C" __global__ void low_rank_add_product_to_##S(const T* y, const float* l,          \
-                                                         const float* m, const T* acc, T* out,  \
-                                                         int n, int c, int r) {                 \
-    low_rank_add_product<T, true>(y, l, m, acc, out, n, c, r);                                  \
-  }                                                                                             \
-  extern "C" __global__ void low_rank_outer_partial_##S(const float* l, const T* x,           \
-                                                        float* partial, int n, int r, int k,    \
-                                                        int rows_per_part) {                    \
-    low_rank_outer_partial<T>(l, x, partial, n, r, k, rows_per_part);                           \
+// The mask's three values, as the `_dropped` entry points take them after the others.
+#define MASK_PARAMS uint64_t key, uint32_t threshold, float scale
+#define MASK DropoutMask{key, threshold, scale}
+
+#define LOW_RANK_KERNELS(T, S)                                                                 \
+  extern "C" __global__ void __launch_bounds__(LOW_RANK_THREADS, 3)                            \
+      low_rank_project_##S(const T* x, const float* m, float* partial, int n, int k, int r) {  \
+    low_rank_project<T, false>(x, m, partial, n, k, r, DropoutMask{});                         \
+  }                                                                                            \
+  extern "C" __global__ void __launch_bounds__(LOW_RANK_THREADS, 3)                            \
+      low_rank_project_dropped_##S(const T* x, const float* m, float* partial, int n, int k,   \
+                                   int r, MASK_PARAMS) {                                       \
+    low_rank_project<T, true>(x, m, partial, n, k, r, MASK);                                   \
+  }                                                                                            \
+  extern "C" __global__ void low_rank_add_product_##S(const T* y, const float* l,              \
+                                                      const float* m, T* out, int n, int c,    \
+                                                      int r) {                                 \
+    low_rank_add_product<T, false, false>(y, l, m, nullptr, out, n, c, r, DropoutMask{});      \
+  }                                                                                            \
+  extern "C" __global__ void low_rank_add_product_to_##S(const T* y, const float* l,           \
+                                                         const float* m, const T* acc, T* out, \
+                                                         int n, int c, int r) {                \
+    low_rank_add_product<T, true, false>(y, l, m, acc, out, n, c, r, DropoutMask{});           \
+  }                                                                                            \
+  extern "C" __global__ void low_rank_add_dropped_product_##S(                                 \
+      const T* y, const float* l, const float* m, T* out, int n, int c, int r, MASK_PARAMS) {  \
+    low_rank_add_product<T, false, true>(y, l, m, nullptr, out, n, c, r, MASK);                \
+  }                                                                                            \
+  extern "C" __global__ void low_rank_add_dropped_product_to_##S(                              \
+      const T* y, const float* l, const float* m, const T* acc, T* out, int n, int c, int r,   \
+      MASK_PARAMS) {                                                                           \
+    low_rank_add_product<T, true, true>(y, l, m, acc, out, n, c, r, MASK);                     \
+  }                                                                                            \
+  extern "C" __global__ void low_rank_outer_partial_##S(const float* l, const T* x,            \
+                                                        float* partial, int n, int r, int k,   \
+                                                        int rows_per_part) {                   \
+    low_rank_outer_partial<T, false>(l, x, partial, n, r, k, rows_per_part, DropoutMask{});    \
+  }                                                                                            \
+  extern "C" __global__ void low_rank_outer_partial_dropped_##S(                               \
+      const float* l, const T* x, float* partial, int n, int r, int k, int rows_per_part,      \
+      MASK_PARAMS) {                                                                           \
+    low_rank_outer_partial<T, true>(l, x, partial, n, r, k, rows_per_part, MASK);              \
   }
 
 FOR_EACH_DTYPE(LOW_RANK_KERNELS)

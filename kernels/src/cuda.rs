@@ -7,6 +7,7 @@ use candle_core::cuda_backend::cudarc::driver::{
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result};
 
+use crate::dropout::DropoutMask;
 use crate::launch::{self, Geometry};
 
 impl From<Geometry> for LaunchConfig {
@@ -75,20 +76,22 @@ pub(crate) enum LowRankKernel {
     OuterSum,
 }
 
-/// Runs a low-rank kernel on `inputs`, whose large operand (x or y) sets the dtype.
+/// Runs a low-rank kernel on `inputs`, whose large operand (x or y) sets the dtype; with a
+/// `mask`, its `_dropped` form (x read under the mask, or the product l M multiplied by it).
 pub(crate) fn low_rank(
     kernel: LowRankKernel,
     inputs: &[(&CudaStorage, &Layout)],
     sizes: [usize; 3],
+    mask: Option<&DropoutMask>,
 ) -> Result<CudaStorage> {
     let large = match kernel {
         LowRankKernel::OuterSum => inputs[1].0,
         _ => inputs[0].0,
     };
     match large.dtype() {
-        DType::F32 => low_rank_typed::<f32>(kernel, "f32", inputs, sizes),
-        DType::BF16 => low_rank_typed::<half::bf16>(kernel, "bf16", inputs, sizes),
-        DType::F16 => low_rank_typed::<half::f16>(kernel, "f16", inputs, sizes),
+        DType::F32 => low_rank_typed::<f32>(kernel, "f32", inputs, sizes, mask),
+        DType::BF16 => low_rank_typed::<half::bf16>(kernel, "bf16", inputs, sizes, mask),
+        DType::F16 => low_rank_typed::<half::f16>(kernel, "f16", inputs, sizes, mask),
         other => candle_core::bail!("low_rank: no kernel for {other:?}"),
     }
 }
@@ -98,9 +101,12 @@ fn low_rank_typed<T: CudaDType + DeviceRepr>(
     suffix: &str,
     inputs: &[(&CudaStorage, &Layout)],
     [n, a, b]: [usize; 3],
+    mask: Option<&DropoutMask>,
 ) -> Result<CudaStorage> {
     let dev: CudaDevice = inputs[0].0.device.clone();
-    let load = |stem: &str| {
+    // The kernel of stem `plain`, or of stem `dropped` with a mask.
+    let load = |plain: &str, dropped: &str| {
+        let stem = if mask.is_some() { dropped } else { plain };
         let name = format!("{stem}_{suffix}");
         dev.get_or_load_custom_func(&name, LOW_RANK.name, LOW_RANK.ptx)
             .map(|f| (f, name))
@@ -111,7 +117,7 @@ fn low_rank_typed<T: CudaDType + DeviceRepr>(
     match kernel {
         LowRankKernel::Project => {
             let (k, r) = (a, b);
-            let (func, name) = load("low_rank_project")?;
+            let (func, name) = load("low_rank_project", "low_rank_project_dropped")?;
             let x = views::<T>(&name, &inputs[..1])?;
             let m = views::<f32>(&name, &inputs[1..2])?;
             let geometry = launch::low_rank_project(n, k, r);
@@ -130,6 +136,7 @@ fn low_rank_typed<T: CudaDType + DeviceRepr>(
                 .arg(&n32)
                 .arg(&k32)
                 .arg(&r32);
+            push_mask(&mut args, mask);
             if n * r > 0 {
                 // SAFETY: the argument list matches low_rank_project's signature.
                 unsafe { args.launch(geometry.into()) }.w()?;
@@ -141,8 +148,8 @@ fn low_rank_typed<T: CudaDType + DeviceRepr>(
             let (c, r) = (a, b);
             // A fourth input is what the sum is added to.
             let (func, name) = match inputs.len() {
-                4 => load("low_rank_add_product_to")?,
-                _ => load("low_rank_add_product")?,
+                4 => load("low_rank_add_product_to", "low_rank_add_dropped_product_to")?,
+                _ => load("low_rank_add_product", "low_rank_add_dropped_product")?,
             };
             let y = views::<T>(&name, &inputs[..1])?;
             let lm = views::<f32>(&name, &inputs[1..3])?;
@@ -161,6 +168,7 @@ fn low_rank_typed<T: CudaDType + DeviceRepr>(
             }
             args.arg(&out);
             args.arg(&n32).arg(&c32).arg(&r32);
+            push_mask(&mut args, mask);
             if n * c > 0 {
                 // SAFETY: the argument list matches low_rank_add_product's signature.
                 unsafe { args.launch(launch::low_rank_add_product(n, c).into()) }.w()?;
@@ -169,7 +177,7 @@ fn low_rank_typed<T: CudaDType + DeviceRepr>(
         }
         LowRankKernel::OuterSum => {
             let (r, k) = (a, b);
-            let (func, name) = load("low_rank_outer_partial")?;
+            let (func, name) = load("low_rank_outer_partial", "low_rank_outer_partial_dropped")?;
             let l = views::<f32>(&name, &inputs[..1])?;
             let x = views::<T>(&name, &inputs[1..2])?;
             let geometry = launch::low_rank_outer_partial(n, k);
@@ -190,6 +198,7 @@ fn low_rank_typed<T: CudaDType + DeviceRepr>(
                 .arg(&r32)
                 .arg(&k32)
                 .arg(&rows32);
+            push_mask(&mut args, mask);
             if r * k > 0 {
                 // SAFETY: the argument list matches low_rank_outer_partial's signature.
                 unsafe { args.launch(geometry.into()) }.w()?;
@@ -197,6 +206,16 @@ fn low_rank_typed<T: CudaDType + DeviceRepr>(
             let out = sum_parts(&dev, partial, parts, r * k)?;
             Ok(CudaStorage::wrap_cuda_slice(out, dev))
         }
+    }
+}
+
+/// A `_dropped` low-rank kernel's last three arguments: the mask's key, threshold and scale.
+fn push_mask<'a>(
+    args: &mut candle_core::cuda_backend::cudarc::driver::LaunchArgs<'a>,
+    mask: Option<&'a DropoutMask>,
+) {
+    if let Some(mask) = mask {
+        args.arg(&mask.key).arg(&mask.threshold).arg(&mask.scale);
     }
 }
 
@@ -420,19 +439,12 @@ fn attention_typed<T: CudaDType + DeviceRepr>(
     })
 }
 
-/// Inverted dropout (kernels/cuda/dropout.cu) of the packed x: the mask of `key`, kept
-/// elements below `threshold`, scaled by `scale`.
-pub(crate) fn dropout(
-    x: &CudaStorage,
-    xl: &Layout,
-    key: u64,
-    threshold: u32,
-    scale: f32,
-) -> Result<CudaStorage> {
+/// Inverted dropout (kernels/cuda/dropout.cu) of the packed x under `mask`.
+pub(crate) fn dropout(x: &CudaStorage, xl: &Layout, mask: &DropoutMask) -> Result<CudaStorage> {
     match x.dtype() {
-        DType::F32 => dropout_typed::<f32>("dropout_f32", (x, xl), key, threshold, scale),
-        DType::BF16 => dropout_typed::<half::bf16>("dropout_bf16", (x, xl), key, threshold, scale),
-        DType::F16 => dropout_typed::<half::f16>("dropout_f16", (x, xl), key, threshold, scale),
+        DType::F32 => dropout_typed::<f32>("dropout_f32", (x, xl), mask),
+        DType::BF16 => dropout_typed::<half::bf16>("dropout_bf16", (x, xl), mask),
+        DType::F16 => dropout_typed::<half::f16>("dropout_f16", (x, xl), mask),
         other => candle_core::bail!("dropout: no kernel for {other:?}"),
     }
 }
@@ -440,9 +452,7 @@ pub(crate) fn dropout(
 fn dropout_typed<T: CudaDType + DeviceRepr>(
     function: &str,
     input: (&CudaStorage, &Layout),
-    key: u64,
-    threshold: u32,
-    scale: f32,
+    mask: &DropoutMask,
 ) -> Result<CudaStorage> {
     let dev: CudaDevice = input.0.device.clone();
     let func = dev.get_or_load_custom_func(function, DROPOUT.name, DROPOUT.ptx)?;
@@ -455,9 +465,9 @@ fn dropout_typed<T: CudaDType + DeviceRepr>(
     args.arg(&x[0])
         .arg(&out)
         .arg(&n64)
-        .arg(&key)
-        .arg(&threshold)
-        .arg(&scale);
+        .arg(&mask.key)
+        .arg(&mask.threshold)
+        .arg(&mask.scale);
     if n > 0 {
         // SAFETY: the argument list matches dropout_*'s signature.
         unsafe { args.launch(launch::elementwise(n).into()) }.w()?;

@@ -15,13 +15,52 @@ use crate::elem::{dispatch_cpu, packed, Elem};
 /// The same `key` gives the same mask, on any device: the backward applies it to the gradient
 /// ([`Dropout`]'s `bwd`), and a layer differentiated by hand draws it again from the key.
 pub fn dropout(x: &Tensor, p: f64, key: u64) -> Result<Tensor> {
-    if !(0.0..1.0).contains(&p) {
-        candle_core::bail!("dropout: p = {p} must be in [0, 1)");
+    match DropoutMask::new(p, key)? {
+        None => Ok(x.clone()),
+        Some(mask) => apply_mask(x, &mask),
     }
-    if p == 0.0 {
-        return Ok(x.clone());
+}
+
+/// x under `mask`, as [`dropout`] drops it.
+pub fn apply_mask(x: &Tensor, mask: &DropoutMask) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Dropout(*mask))
+}
+
+/// The mask of [`dropout`] at rate p under a key, for kernels that apply it to an operand as
+/// they read it (`helix_kernels::low_rank`'s dropped products): element i of the packed tensor
+/// is multiplied by [`DropoutMask::factor`]`(i)`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DropoutMask {
+    pub p: f64,
+    pub key: u64,
+    /// [`keep_threshold`]`(p)`.
+    pub threshold: u32,
+    /// 1 / (1 − p) in f32: what a kept element is multiplied by.
+    pub scale: f32,
+}
+
+impl DropoutMask {
+    /// The mask at rate `p` under `key`; `None` at p = 0 (nothing dropped, nothing scaled).
+    pub fn new(p: f64, key: u64) -> Result<Option<Self>> {
+        if !(0.0..1.0).contains(&p) {
+            candle_core::bail!("dropout: p = {p} must be in [0, 1)");
+        }
+        Ok((p > 0.0).then(|| Self {
+            p,
+            key,
+            threshold: keep_threshold(p),
+            scale: (1.0 / (1.0 - p)) as f32,
+        }))
     }
-    x.contiguous()?.apply_op1(Dropout::new(p, key))
+
+    /// What element `i` is multiplied by: the scale where kept, 0 where dropped.
+    #[inline(always)]
+    pub fn factor(&self, i: u64) -> f32 {
+        match element_bits(self.key, i) < self.threshold {
+            true => self.scale,
+            false => 0.0,
+        }
+    }
 }
 
 /// The mask's 32 random bits at element `i` of the tensor dropped under `key`.
@@ -47,28 +86,12 @@ pub fn dropout_key(seed: u64, stream: u64, call: u64) -> u64 {
 }
 
 #[derive(Clone, Copy)]
-struct Dropout {
-    p: f64,
-    key: u64,
-    threshold: u32,
-    scale: f32,
-}
-
-impl Dropout {
-    fn new(p: f64, key: u64) -> Self {
-        Self {
-            p,
-            key,
-            threshold: keep_threshold(p),
-            scale: (1.0 / (1.0 - p)) as f32,
-        }
-    }
-}
+struct Dropout(DropoutMask);
 
 /// Elements per parallel task on the CPU.
 const CHUNK: usize = 1 << 14;
 
-fn dropout_cpu<T: Elem>(x: &[T], op: &Dropout) -> Result<Vec<T>> {
+fn dropout_cpu<T: Elem>(x: &[T], mask: &DropoutMask) -> Result<Vec<T>> {
     let mut y = vec![T::from_f32(0.0); x.len()];
     y.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
@@ -76,9 +99,7 @@ fn dropout_cpu<T: Elem>(x: &[T], op: &Dropout) -> Result<Vec<T>> {
         .for_each(|(c, (y, x))| {
             let first = (c * CHUNK) as u64;
             for (i, (y, x)) in y.iter_mut().zip(x).enumerate() {
-                let kept = element_bits(op.key, first + i as u64) < op.threshold;
-                let factor = if kept { op.scale } else { 0.0 };
-                *y = T::from_f32(x.to_f32() * factor);
+                *y = T::from_f32(x.to_f32() * mask.factor(first + i as u64));
             }
         });
     Ok(y)
@@ -92,7 +113,7 @@ impl CustomOp1 for Dropout {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let out = dispatch_cpu!("dropout", (s), |T, (x)| dropout_cpu::<T>(
             packed(x, l, "dropout input")?,
-            self
+            &self.0
         ))?;
         Ok((out, l.shape().clone()))
     }
@@ -103,13 +124,13 @@ impl CustomOp1 for Dropout {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = crate::cuda::dropout(s, l, self.key, self.threshold, self.scale)?;
+        let out = crate::cuda::dropout(s, l, &self.0)?;
         Ok((out, l.shape().clone()))
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         // The same mask and scale on the gradient.
-        Ok(Some(dropout(dy, self.p, self.key)?))
+        Ok(Some(apply_mask(dy, &self.0)?))
     }
 }
 

@@ -11,10 +11,17 @@
 //! (they take any rank, but re-read the large operand for every 16 ranks past the first; from
 //! rank 64 up the products are wide enough for f32 matmuls). Sums over rows go in fixed blocks
 //! added in order, so results do not depend on the number of threads.
+//!
+//! LoRA's dropout lies between the layer's input and A. The `_dropped` forms take its mask
+//! ([`DropoutMask`]) and apply it as they read: x Aᵀ and lᵀ x read x under it, y + l M
+//! multiplies the product l M by it before adding y (the input's gradient). Their values are
+//! those of [`crate::dropout`] applied to x in f32 first (to l M in f32, for the sum), without a
+//! dropped copy of either written and read back.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::dropout::{apply_mask, DropoutMask};
 use crate::elem::{dispatch_cpu, packed, packed_as, row_f32, Elem};
 use crate::simd::with_avx2;
 
@@ -34,23 +41,54 @@ fn small(t: &Tensor) -> Result<Tensor> {
     t.to_dtype(DType::F32)?.contiguous()
 }
 
+/// x in f32, dropped under `mask` when given: what the matmul fallbacks read.
+fn x_f32(x: &Tensor, mask: Option<&DropoutMask>) -> Result<Tensor> {
+    let x = x.to_dtype(DType::F32)?;
+    match mask {
+        Some(mask) => apply_mask(&x, mask),
+        None => Ok(x),
+    }
+}
+
 /// x Mᵀ for x [n, k] and M [r, k]: [n, r] in f32.
 pub fn project(x: &Tensor, m: &Tensor) -> Result<Tensor> {
+    project_under(x, m, None)
+}
+
+/// [`project`] of x dropped under `mask` (as [`crate::dropout`] drops x in f32).
+pub fn project_dropped(x: &Tensor, m: &Tensor, mask: &DropoutMask) -> Result<Tensor> {
+    project_under(x, m, Some(mask))
+}
+
+fn project_under(x: &Tensor, m: &Tensor, mask: Option<&DropoutMask>) -> Result<Tensor> {
     let ((n, k), (r, km)) = (x.dims2()?, m.dims2()?);
     if k != km {
         candle_core::bail!("low_rank::project: x [{n}, {k}] but M [{r}, {km}]");
     }
     let m = small(m)?;
     if !fused(x, r) {
-        return x.to_dtype(DType::F32)?.matmul(&m.t()?);
+        return x_f32(x, mask)?.matmul(&m.t()?);
     }
-    x.contiguous()?.apply_op2_no_bwd(&m, &Project { n, k, r })
+    let mask = mask.copied();
+    x.contiguous()?
+        .apply_op2_no_bwd(&m, &Project { n, k, r, mask })
 }
 
 /// y + l M for y [n, c], l [n, r] and M [r, c]: [n, c] in y's dtype, the product summed first,
 /// then y added in f32 and the sum rounded once.
 pub fn add_product(y: &Tensor, l: &Tensor, m: &Tensor) -> Result<Tensor> {
-    sum_of_product("low_rank::add_product", y, l, m, None)
+    sum_of_product("low_rank::add_product", y, l, m, None, None)
+}
+
+/// y + mask ⊙ (l M): [`add_product`] with the product dropped under `mask` before y is added
+/// (LoRA's part of the input's gradient through its dropout, added to the base's).
+pub fn add_dropped_product(
+    y: &Tensor,
+    l: &Tensor,
+    m: &Tensor,
+    mask: &DropoutMask,
+) -> Result<Tensor> {
+    sum_of_product("low_rank::add_dropped_product", y, l, m, None, Some(mask))
 }
 
 /// acc + (y + l M): [`add_product`]'s sum, rounded to y's dtype, added to acc ([n, c], y's
@@ -58,25 +96,50 @@ pub fn add_product(y: &Tensor, l: &Tensor, m: &Tensor) -> Result<Tensor> {
 /// two: for a residual (the output projection's, the down projection's), or for an input
 /// gradient summed over projections that read the same input.
 pub fn add_product_to(acc: &Tensor, y: &Tensor, l: &Tensor, m: &Tensor) -> Result<Tensor> {
+    add_product_to_under("low_rank::add_product_to", acc, y, l, m, None)
+}
+
+/// acc + (y + mask ⊙ (l M)): [`add_dropped_product`] added to acc in the same pass, as
+/// [`add_product_to`] adds [`add_product`].
+pub fn add_dropped_product_to(
+    acc: &Tensor,
+    y: &Tensor,
+    l: &Tensor,
+    m: &Tensor,
+    mask: &DropoutMask,
+) -> Result<Tensor> {
+    add_product_to_under("low_rank::add_dropped_product_to", acc, y, l, m, Some(mask))
+}
+
+fn add_product_to_under(
+    what: &str,
+    acc: &Tensor,
+    y: &Tensor,
+    l: &Tensor,
+    m: &Tensor,
+    mask: Option<&DropoutMask>,
+) -> Result<Tensor> {
     if acc.shape() != y.shape() || acc.dtype() != y.dtype() {
         candle_core::bail!(
-            "low_rank::add_product_to: acc {:?} {:?} but y {:?} {:?}",
+            "{what}: acc {:?} {:?} but y {:?} {:?}",
             acc.dims(),
             acc.dtype(),
             y.dims(),
             y.dtype()
         );
     }
-    sum_of_product("low_rank::add_product_to", y, l, m, Some(acc))
+    sum_of_product(what, y, l, m, Some(acc), mask)
 }
 
-/// y + l M, added to acc when given: [`add_product`] and [`add_product_to`].
+/// y + l M (its product dropped under `mask` when given), added to acc when given: the four
+/// public forms above.
 fn sum_of_product(
     what: &str,
     y: &Tensor,
     l: &Tensor,
     m: &Tensor,
     acc: Option<&Tensor>,
+    mask: Option<&DropoutMask>,
 ) -> Result<Tensor> {
     let ((n, c), (nl, r), (rm, cm)) = (y.dims2()?, l.dims2()?, m.dims2()?);
     if nl != n || rm != r || cm != c {
@@ -84,28 +147,67 @@ fn sum_of_product(
     }
     let (l, m) = (small(l)?, small(m)?);
     if !fused(y, r) {
-        let sum = (y.to_dtype(DType::F32)? + l.matmul(&m)?)?.to_dtype(y.dtype())?;
+        let product = l.matmul(&m)?;
+        let product = match mask {
+            Some(mask) => apply_mask(&product, mask)?,
+            None => product,
+        };
+        let sum = (y.to_dtype(DType::F32)? + product)?.to_dtype(y.dtype())?;
         return match acc {
             Some(acc) => acc + sum,
             None => Ok(sum),
         };
     }
     let acc = acc.map(|a| a.contiguous()).transpose()?;
+    let mask = mask.copied();
     y.contiguous()?
-        .apply_op3_no_bwd(&l, &m, &AddProduct { c, r, acc })
+        .apply_op3_no_bwd(&l, &m, &AddProduct { c, r, acc, mask })
 }
 
 /// lᵀ x for l [n, r] and x [n, k]: [r, k] in f32, the sum over the n rows.
 pub fn outer_sum(l: &Tensor, x: &Tensor) -> Result<Tensor> {
+    outer_sum_under(l, x, None)
+}
+
+/// [`outer_sum`] over x dropped under `mask` (as [`crate::dropout`] drops x in f32).
+pub fn outer_sum_dropped(l: &Tensor, x: &Tensor, mask: &DropoutMask) -> Result<Tensor> {
+    outer_sum_under(l, x, Some(mask))
+}
+
+fn outer_sum_under(l: &Tensor, x: &Tensor, mask: Option<&DropoutMask>) -> Result<Tensor> {
     let ((n, r), (nx, k)) = (l.dims2()?, x.dims2()?);
     if nx != n {
         candle_core::bail!("low_rank::outer_sum: l [{n}, {r}] but x [{nx}, {k}]");
     }
     let l = small(l)?;
     if !fused(x, r) {
-        return l.t()?.matmul(&x.to_dtype(DType::F32)?);
+        return l.t()?.matmul(&x_f32(x, mask)?);
     }
-    l.apply_op2_no_bwd(&x.contiguous()?, &OuterSum { n, r, k })
+    let mask = mask.copied();
+    l.apply_op2_no_bwd(&x.contiguous()?, &OuterSum { n, r, k, mask })
+}
+
+/// A row (or block of rows) of x in f32, starting at element `first` of x, under `mask`:
+/// `row_f32` when there is none, else each value times its element's factor.
+#[inline(always)]
+fn masked_f32<'a, T: Elem>(
+    x: &'a [T],
+    first: usize,
+    mask: Option<&DropoutMask>,
+    buf: &'a mut Vec<f32>,
+) -> &'a [f32] {
+    match mask {
+        None => row_f32(x, buf),
+        Some(mask) => {
+            buf.clear();
+            buf.extend(
+                x.iter()
+                    .enumerate()
+                    .map(|(i, v)| v.to_f32() * mask.factor((first + i) as u64)),
+            );
+            buf
+        }
+    }
 }
 
 /// Σ_i x_i m_gi for the G rows of m (each x's length), each in eight running sums, then the
@@ -173,6 +275,7 @@ struct Project {
     n: usize,
     k: usize,
     r: usize,
+    mask: Option<DropoutMask>,
 }
 
 impl Project {
@@ -181,8 +284,9 @@ impl Project {
         let mut out = vec![0f32; self.n * r];
         out.par_chunks_mut(r.max(1))
             .zip(x.par_chunks(k.max(1)))
-            .for_each_init(Vec::new, |buf, (o, xi)| {
-                let xi = row_f32(xi, buf);
+            .enumerate()
+            .for_each_init(Vec::new, |buf, (i, (o, xi))| {
+                let xi = masked_f32(xi, i * k, self.mask.as_ref(), buf);
                 with_avx2(
                     #[inline(always)]
                     || {
@@ -236,6 +340,7 @@ impl CustomOp2 for Project {
             crate::cuda::LowRankKernel::Project,
             &[(s1, l1), (s2, l2)],
             [self.n, self.k, self.r],
+            self.mask.as_ref(),
         )?;
         Ok((out, Shape::from((self.n, self.r))))
     }
@@ -246,6 +351,8 @@ struct AddProduct {
     r: usize,
     /// What the sum is added to ([`add_product_to`]), packed, y's shape and dtype.
     acc: Option<Tensor>,
+    /// The mask the product is multiplied by before y is added ([`add_dropped_product`]).
+    mask: Option<DropoutMask>,
 }
 
 impl AddProduct {
@@ -274,6 +381,11 @@ impl AddProduct {
                         }
                         for (col, s) in sum.iter_mut().enumerate().skip(full) {
                             *s = weighted_columns::<1>(li.iter().copied(), m, c, col)[0];
+                        }
+                        if let Some(mask) = &self.mask {
+                            for (col, s) in sum.iter_mut().enumerate() {
+                                *s *= mask.factor((i * c + col) as u64);
+                            }
                         }
                         match acc_i {
                             None => {
@@ -354,6 +466,7 @@ impl CustomOp3 for AddProduct {
             crate::cuda::LowRankKernel::AddProduct,
             &inputs,
             [n, self.c, self.r],
+            self.mask.as_ref(),
         )?;
         Ok((out, l1.shape().clone()))
     }
@@ -363,6 +476,7 @@ struct OuterSum {
     n: usize,
     r: usize,
     k: usize,
+    mask: Option<DropoutMask>,
 }
 
 impl OuterSum {
@@ -376,7 +490,12 @@ impl OuterSum {
             .enumerate()
             .for_each_init(Vec::new, |buf, (b, acc)| {
                 let rows = b * BLOCK_ROWS..((b + 1) * BLOCK_ROWS).min(self.n);
-                let xb = row_f32(&x[rows.start * k..rows.end * k], buf);
+                let xb = masked_f32(
+                    &x[rows.start * k..rows.end * k],
+                    rows.start * k,
+                    self.mask.as_ref(),
+                    buf,
+                );
                 let lb = &l[rows.start * r..rows.end * r];
                 with_avx2(
                     #[inline(always)]
@@ -448,6 +567,7 @@ impl CustomOp2 for OuterSum {
             crate::cuda::LowRankKernel::OuterSum,
             &[(s1, l1), (s2, l2)],
             [self.n, self.r, self.k],
+            self.mask.as_ref(),
         )?;
         Ok((out, Shape::from((self.r, self.k))))
     }

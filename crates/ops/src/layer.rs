@@ -16,10 +16,8 @@
 //! would (collective.rs): after o and down in the forward, after the column-parallel groups'
 //! input gradients in the backward.
 
-use std::borrow::Cow;
-use std::cell::RefCell;
-
-use candle_core::{DType, Result, Tensor};
+use candle_core::{Result, Tensor};
+use helix_kernels::dropout::DropoutMask;
 use helix_kernels::{rms_norm_backward, swiglu_backward, swiglu_backward_and_output};
 
 use crate::attention::{AttentionMask, RopeAttention};
@@ -36,7 +34,8 @@ pub enum Projection {
     /// `x Wᵀ + s · (x Aᵀ) Bᵀ` with W frozen and f32 adapters A [r, in], B [out, r], as
     /// [`crate::lora_linear`] computes it; with `dropout` = (p, key), x dropped before A (in
     /// f32, as PEFT's `lora_dropout` feeds `lora_A`) under the mask of `key`
-    /// ([`crate::dropout`]), which the backward draws again.
+    /// ([`crate::dropout`]'s), which the LoRA kernels apply as they read x, and again to A's
+    /// gradient and the input's in the backward.
     Lora {
         weight: Tensor,
         a: Tensor,
@@ -224,8 +223,8 @@ struct Proj {
     /// The index of W (Dense) among the op's inputs.
     weight_at: Option<usize>,
     lora: Option<(LowRank, usize, usize)>,
-    /// The LoRA path's dropout: (p, the mask's key).
-    dropout: Option<(f64, u64)>,
+    /// The mask of the LoRA path's dropout, between x and A.
+    dropout: Option<DropoutMask>,
 }
 
 impl Proj {
@@ -249,11 +248,15 @@ impl Proj {
                 dropout,
             } => {
                 let (a_at, b_at) = (push(a), push(b));
+                let dropout = match dropout {
+                    Some((p, key)) => DropoutMask::new(*p, *key)?,
+                    None => None,
+                };
                 Proj {
                     weight: weight.detach(),
                     weight_at: None,
                     lora: Some((LowRank::new(a, b, *scaling)?, a_at, b_at)),
-                    dropout: *dropout,
+                    dropout,
                 }
             }
         })
@@ -269,46 +272,16 @@ impl Proj {
     }
 }
 
-/// The input that projections of a group share, as their LoRA paths read it: x itself, or x
-/// dropped in f32 under a projection's mask (drawn again, not kept, for A's gradient), the
-/// f32 copy made once for the group.
-struct SharedInput<'a> {
-    x: &'a Tensor,
-    f32: RefCell<Option<Tensor>>,
-}
-
-impl<'a> SharedInput<'a> {
-    fn new(x: &'a Tensor) -> Self {
-        Self {
-            x,
-            f32: RefCell::new(None),
-        }
-    }
-
-    fn for_lora(&self, p: &Proj) -> Result<Cow<'a, Tensor>> {
-        let Some((rate, key)) = p.dropout else {
-            return Ok(Cow::Borrowed(self.x));
-        };
-        let mut f32 = self.f32.borrow_mut();
-        if f32.is_none() {
-            *f32 = Some(self.x.to_dtype(DType::F32)?);
-        }
-        let x = f32.as_ref().expect("made above");
-        Ok(Cow::Owned(crate::dropout(x, rate, key)?))
-    }
-}
-
 /// The outputs [rows, out] of projections that read the same x [rows, in], with each LoRA
 /// path's scaled rank-r activation.
 fn forward_group(projs: &[&Proj], x: &Tensor) -> Result<Vec<(Tensor, Option<Tensor>)>> {
-    let lora_x = SharedInput::new(x);
     projs
         .iter()
         .map(|p| {
             let y = x.matmul(&p.weight.t()?)?;
             match &p.lora {
                 Some((adapter, ..)) => {
-                    let low = adapter.low(&*lora_x.for_lora(p)?)?;
+                    let low = adapter.low(x, p.dropout.as_ref())?;
                     Ok((adapter.add_to(&y, &low)?, Some(low)))
                 }
                 None => Ok((y, None)),
@@ -331,7 +304,7 @@ fn forward_onto(
     let y = sum_over(group, x.matmul(&p.weight.t()?)?)?;
     match &p.lora {
         Some((adapter, ..)) => {
-            let low = sum_over(group, adapter.low(&*SharedInput::new(x).for_lora(p)?)?)?;
+            let low = sum_over(group, adapter.low(x, p.dropout.as_ref())?)?;
             Ok((adapter.add_onto(residual, &y, &low)?, Some(low)))
         }
         None => Ok(((residual + y)?, None)),
@@ -392,23 +365,17 @@ fn input_grads(
             None => None,
         };
         if need_x {
-            // This projection's part, added to the group's sum so far in the same pass.
+            // This projection's part, added to the group's sum so far in the same pass (the
+            // LoRA part through dropout's mask, which lies between x and A).
             let base = dy.matmul(&p.weight)?;
+            let mask = p.dropout.as_ref();
             dx = Some(match (&p.lora, &dlow, dx.take()) {
-                // Dropout's mask lies between x and A: the LoRA part goes through it apart.
-                (Some((adapter, ..)), Some(dlow), acc) if p.dropout.is_some() => {
-                    let (rate, key) = p.dropout.expect("matched");
-                    let part = crate::dropout(&adapter.input_grad(dlow)?, rate, key)?;
-                    let sum = (base + part.to_dtype(dy.dtype())?)?;
-                    match acc {
-                        Some(acc) => (acc + sum)?,
-                        None => sum,
-                    }
-                }
                 (Some((adapter, ..)), Some(dlow), Some(acc)) => {
-                    adapter.add_input_grad_onto(&acc, &base, dlow)?
+                    adapter.add_input_grad_onto(&acc, &base, dlow, mask)?
                 }
-                (Some((adapter, ..)), Some(dlow), None) => adapter.add_input_grad(&base, dlow)?,
+                (Some((adapter, ..)), Some(dlow), None) => {
+                    adapter.add_input_grad(&base, dlow, mask)?
+                }
                 (_, _, Some(acc)) => (acc + base)?,
                 (_, _, None) => base,
             });
@@ -427,15 +394,14 @@ fn param_grads(
     need: &[bool],
     grads: &mut [Option<Tensor>],
 ) -> Result<()> {
-    let lora_x = SharedInput::new(x);
     for (&(p, dy, low), dlow) in group.iter().zip(dlows) {
         if let Some(at) = p.weight_at.filter(|&at| need[at]) {
             // W [out, in] gets dyᵀ x.
             grads[at] = Some(dy.t()?.matmul(x)?);
         }
         if let (Some((adapter, a_at, b_at)), Some(low), Some(dlow)) = (&p.lora, low, dlow) {
-            let x_a = need[*a_at].then(|| lora_x.for_lora(p)).transpose()?;
-            let (da, db) = adapter.adapter_grads(dy, low, dlow, x_a.as_deref(), need[*b_at])?;
+            let x_a = need[*a_at].then_some((x, p.dropout.as_ref()));
+            let (da, db) = adapter.adapter_grads(dy, low, dlow, x_a, need[*b_at])?;
             grads[*a_at] = da;
             grads[*b_at] = db;
         }

@@ -2,6 +2,7 @@
 
 use candle_core::{Result, Tensor};
 
+use helix_kernels::dropout::DropoutMask;
 use helix_kernels::low_rank;
 
 use crate::backward::{with_backward, with_backward3};
@@ -42,7 +43,7 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scaling: f64)
     let x2 = x.detach().reshape((rows, inner))?;
     let w_ = w.detach();
     let adapter = LowRank::new(a, b, scaling)?;
-    let low = adapter.low(&x2)?;
+    let low = adapter.low(&x2, None)?;
     let y = adapter.add_to(&x2.matmul(&w_.t()?)?, &low)?;
     let mut out = in_dims.clone();
     *out.last_mut().expect("checked above") = w.dim(0)?;
@@ -53,7 +54,7 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scaling: f64)
         let dx = match need_x {
             true => Some(
                 adapter
-                    .add_input_grad(&dy.matmul(&w_)?, &g.dlow)?
+                    .add_input_grad(&dy.matmul(&w_)?, &g.dlow, None)?
                     .reshape(in_dims.as_slice())?,
             ),
             false => None,
@@ -65,7 +66,9 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scaling: f64)
 /// LoRA's low-rank path `s · (x Aᵀ) Bᵀ` and its backward, in f32 (A [r, in] and B [out, r]
 /// as PEFT keeps them) on x and dy as they are (bf16 read as f32 by the kernels of
 /// `helix_kernels::low_rank`, not copied to f32), for [`lora_linear`] and the
-/// hand-differentiated decoder layer.
+/// hand-differentiated decoder layer. Where the layer drops the path's input, the methods that
+/// read it or make its gradient take the dropout's mask, which the kernels apply as they read
+/// (no dropped copy of the input or of its gradient is written).
 #[derive(Clone)]
 pub(crate) struct LowRank {
     a: Tensor,
@@ -92,10 +95,15 @@ impl LowRank {
         })
     }
 
-    /// The scaled rank-r activation `s · x Aᵀ` [rows, r], f32. The scale goes on it, not on
-    /// the projection-sized update: one pass over [rows, r] instead of [rows, out].
-    pub(crate) fn low(&self, x: &Tensor) -> Result<Tensor> {
-        low_rank::project(x, &self.a)? * self.scaling
+    /// The scaled rank-r activation `s · x Aᵀ` [rows, r], f32, x dropped under `mask` when
+    /// given. The scale goes on it, not on the projection-sized update: one pass over
+    /// [rows, r] instead of [rows, out].
+    pub(crate) fn low(&self, x: &Tensor, mask: Option<&DropoutMask>) -> Result<Tensor> {
+        let xa = match mask {
+            Some(mask) => low_rank::project_dropped(x, &self.a, mask)?,
+            None => low_rank::project(x, &self.a)?,
+        };
+        xa * self.scaling
     }
 
     /// base + low Bᵀ: the projection's output, summed in f32 and rounded once to base's dtype
@@ -109,15 +117,18 @@ impl LowRank {
         low_rank::add_product_to(acc, base, low, &self.b_t)
     }
 
-    /// base + dlow A: the low-rank path's part of the input's gradient added to the base's.
-    pub(crate) fn add_input_grad(&self, base: &Tensor, dlow: &Tensor) -> Result<Tensor> {
-        low_rank::add_product(base, dlow, &self.a)
-    }
-
-    /// dlow A [rows, in], f32: the low-rank path's part of the input's gradient alone (for a
-    /// path whose dropout mask lies between the input and A).
-    pub(crate) fn input_grad(&self, dlow: &Tensor) -> Result<Tensor> {
-        dlow.matmul(&self.a)
+    /// base + dlow A: the low-rank path's part of the input's gradient added to the base's,
+    /// through the input's dropout (`mask`) when given.
+    pub(crate) fn add_input_grad(
+        &self,
+        base: &Tensor,
+        dlow: &Tensor,
+        mask: Option<&DropoutMask>,
+    ) -> Result<Tensor> {
+        match mask {
+            Some(mask) => low_rank::add_dropped_product(base, dlow, &self.a, mask),
+            None => low_rank::add_product(base, dlow, &self.a),
+        }
     }
 
     /// acc + (base + dlow A): [`Self::add_input_grad`] added to acc (the input gradient of
@@ -127,8 +138,12 @@ impl LowRank {
         acc: &Tensor,
         base: &Tensor,
         dlow: &Tensor,
+        mask: Option<&DropoutMask>,
     ) -> Result<Tensor> {
-        low_rank::add_product_to(acc, base, dlow, &self.a)
+        match mask {
+            Some(mask) => low_rank::add_dropped_product_to(acc, base, dlow, &self.a, mask),
+            None => low_rank::add_product_to(acc, base, dlow, &self.a),
+        }
     }
 
     /// From the output's gradient dy [rows, out] (x's dtype) and the forward's `low`:
@@ -142,7 +157,7 @@ impl LowRank {
         need_b: bool,
     ) -> Result<LowRankGrads> {
         let dlow = self.dlow(dy)?;
-        let (da, db) = self.adapter_grads(dy, low, &dlow, x, need_b)?;
+        let (da, db) = self.adapter_grads(dy, low, &dlow, x.map(|x| (x, None)), need_b)?;
         Ok(LowRankGrads { dlow, da, db })
     }
 
@@ -152,20 +167,25 @@ impl LowRank {
     }
 
     /// (dA, dB) from dy, the forward's `low` and [`Self::dlow`]: dB = dyᵀ low when `need_b`,
-    /// dA = dlowᵀ x when x is given.
+    /// dA = dlowᵀ x when x is given (x dropped under its mask when it has one, as the forward
+    /// read it).
     pub(crate) fn adapter_grads(
         &self,
         dy: &Tensor,
         low: &Tensor,
         dlow: &Tensor,
-        x: Option<&Tensor>,
+        x: Option<(&Tensor, Option<&DropoutMask>)>,
         need_b: bool,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let db = match need_b {
             true => Some(low_rank::outer_sum(low, dy)?.t()?.contiguous()?),
             false => None,
         };
-        let da = x.map(|x| low_rank::outer_sum(dlow, x)).transpose()?;
+        let da = match x {
+            Some((x, Some(mask))) => Some(low_rank::outer_sum_dropped(dlow, x, mask)?),
+            Some((x, None)) => Some(low_rank::outer_sum(dlow, x)?),
+            None => None,
+        };
         Ok((da, db))
     }
 }

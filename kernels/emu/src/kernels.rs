@@ -168,6 +168,102 @@ extern "C" {
         k: i32,
         rows_per_part: i32,
     );
+    pub fn low_rank_project_dropped_f32(
+        x: *const f32,
+        m: *const f32,
+        partial: *mut f32,
+        n: i32,
+        k: i32,
+        r: i32,
+        key: u64,
+        threshold: u32,
+        scale: f32,
+    );
+    pub fn low_rank_add_dropped_product_f32(
+        y: *const f32,
+        l: *const f32,
+        m: *const f32,
+        out: *mut f32,
+        n: i32,
+        c: i32,
+        r: i32,
+        key: u64,
+        threshold: u32,
+        scale: f32,
+    );
+    pub fn low_rank_add_dropped_product_to_f32(
+        y: *const f32,
+        l: *const f32,
+        m: *const f32,
+        acc: *const f32,
+        out: *mut f32,
+        n: i32,
+        c: i32,
+        r: i32,
+        key: u64,
+        threshold: u32,
+        scale: f32,
+    );
+    pub fn low_rank_outer_partial_dropped_f32(
+        l: *const f32,
+        x: *const f32,
+        partial: *mut f32,
+        n: i32,
+        r: i32,
+        k: i32,
+        rows_per_part: i32,
+        key: u64,
+        threshold: u32,
+        scale: f32,
+    );
+    pub fn low_rank_project_dropped_bf16(
+        x: *const bf16,
+        m: *const f32,
+        partial: *mut f32,
+        n: i32,
+        k: i32,
+        r: i32,
+        key: u64,
+        threshold: u32,
+        scale: f32,
+    );
+    pub fn low_rank_add_dropped_product_bf16(
+        y: *const bf16,
+        l: *const f32,
+        m: *const f32,
+        out: *mut bf16,
+        n: i32,
+        c: i32,
+        r: i32,
+        key: u64,
+        threshold: u32,
+        scale: f32,
+    );
+    pub fn low_rank_add_dropped_product_to_bf16(
+        y: *const bf16,
+        l: *const f32,
+        m: *const f32,
+        acc: *const bf16,
+        out: *mut bf16,
+        n: i32,
+        c: i32,
+        r: i32,
+        key: u64,
+        threshold: u32,
+        scale: f32,
+    );
+    pub fn low_rank_outer_partial_dropped_bf16(
+        l: *const f32,
+        x: *const bf16,
+        partial: *mut f32,
+        n: i32,
+        r: i32,
+        k: i32,
+        rows_per_part: i32,
+        key: u64,
+        threshold: u32,
+        scale: f32,
+    );
     pub fn low_rank_sum_parts_f32(partial: *const f32, out: *mut f32, parts: i32, len: i64);
 
     // The multi-tensor kernels take a table of helix_kernels::launch::AdamWTensor or

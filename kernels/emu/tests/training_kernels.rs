@@ -195,6 +195,205 @@ fn low_rank_products_match_the_reference() {
     }
 }
 
+/// The `_dropped` kernels of one storage type (LoRA's dropout between x and A).
+struct DroppedKernels<T> {
+    project: unsafe extern "C" fn(*const T, *const f32, *mut f32, i32, i32, i32, u64, u32, f32),
+    add_product: unsafe extern "C" fn(
+        *const T,
+        *const f32,
+        *const f32,
+        *mut T,
+        i32,
+        i32,
+        i32,
+        u64,
+        u32,
+        f32,
+    ),
+    add_product_to: unsafe extern "C" fn(
+        *const T,
+        *const f32,
+        *const f32,
+        *const T,
+        *mut T,
+        i32,
+        i32,
+        i32,
+        u64,
+        u32,
+        f32,
+    ),
+    outer_partial:
+        unsafe extern "C" fn(*const f32, *const T, *mut f32, i32, i32, i32, i32, u64, u32, f32),
+}
+
+/// The `_dropped` forms: x read under the mask in x Aᵀ and lᵀ x, the product l M under it in
+/// y + l M (alone and added to acc), each against src/low_rank.rs's, whose values are
+/// `dropout` applied first (tests in kernels/src/tests.rs).
+fn low_rank_dropped_case<T: Element + candle_core::WithDType>(
+    [n, k, r]: [usize; 3],
+    p: f64,
+    kernels: DroppedKernels<T>,
+) {
+    use helix_kernels::dropout::{dropout_key, DropoutMask};
+    use helix_kernels::low_rank::{
+        add_dropped_product, add_dropped_product_to, outer_sum_dropped, project_dropped,
+    };
+    let label = format!("low_rank dropped {} [{n}, {k}, {r}] p {p}", T::NAME);
+    let mask = DropoutMask::new(p, dropout_key(1234, 0, 3))
+        .unwrap()
+        .unwrap();
+    let (key, threshold, scale) = (mask.key, mask.threshold, mask.scale);
+    let (x, _) = stored::<T>(&seeded(31, n * k, 1.0));
+    let a = seeded(32, r * k, 0.1);
+    let l = seeded(33, n * r, 0.5);
+    let (y, _) = stored::<T>(&seeded(34, n * k, 1.0));
+    let (acc, _) = stored::<T>(&seeded(35, n * k, 1.0));
+    let (xt, at, lt, yt, acct) = (
+        cpu(&x, &[n, k]),
+        cpu(&a, &[r, k]),
+        cpu(&l, &[n, r]),
+        cpu(&y, &[n, k]),
+        cpu(&acc, &[n, k]),
+    );
+    let (xp, ap, lp, yp, accp) = (
+        Ptr::read(&x),
+        Ptr::read(&a),
+        Ptr::read(&l),
+        Ptr::read(&y),
+        Ptr::read(&acc),
+    );
+
+    let geometry = launch::low_rank_project(n, k, r);
+    let splits = geometry.grid.1 as usize;
+    let mut partial = vec![f32::NAN; splits * n * r];
+    let pp = Ptr::of(&mut partial);
+    helix_kernels_emu::launch(geometry, || unsafe {
+        (kernels.project)(
+            xp.get(),
+            ap.get(),
+            pp.get(),
+            n as i32,
+            k as i32,
+            r as i32,
+            key,
+            threshold,
+            scale,
+        )
+    });
+    assert_close(
+        &format!("{label} (dropped x) Aᵀ"),
+        &sum_parts(&partial, splits, n * r),
+        &values(&project_dropped(&xt, &at, &mask).unwrap()),
+        1e-5 * (k as f32).sqrt(),
+    );
+
+    // The input's gradient: y + mask ⊙ (l A), then added to acc.
+    let mut sum = vec![T::default(); n * k];
+    let sump = Ptr::of(&mut sum);
+    helix_kernels_emu::launch(launch::low_rank_add_product(n, k), || unsafe {
+        (kernels.add_product)(
+            yp.get(),
+            lp.get(),
+            ap.get(),
+            sump.get(),
+            n as i32,
+            k as i32,
+            r as i32,
+            key,
+            threshold,
+            scale,
+        )
+    });
+    assert_close(
+        &format!("{label} y + mask ⊙ (l A)"),
+        &widen(&sum),
+        &values(&add_dropped_product(&yt, &lt, &at, &mask).unwrap()),
+        tolerance::<T>(),
+    );
+    let mut sum_to = vec![T::default(); n * k];
+    let sum_top = Ptr::of(&mut sum_to);
+    helix_kernels_emu::launch(launch::low_rank_add_product(n, k), || unsafe {
+        (kernels.add_product_to)(
+            yp.get(),
+            lp.get(),
+            ap.get(),
+            accp.get(),
+            sum_top.get(),
+            n as i32,
+            k as i32,
+            r as i32,
+            key,
+            threshold,
+            scale,
+        )
+    });
+    assert_close(
+        &format!("{label} acc + (y + mask ⊙ (l A))"),
+        &widen(&sum_to),
+        &values(&add_dropped_product_to(&acct, &yt, &lt, &at, &mask).unwrap()),
+        tolerance::<T>(),
+    );
+
+    let geometry = launch::low_rank_outer_partial(n, k);
+    let parts = geometry.grid.1 as usize;
+    let rows_per_part = launch::low_rank_outer_rows_per_part(n);
+    let mut partial = vec![f32::NAN; parts * r * k];
+    let pp = Ptr::of(&mut partial);
+    helix_kernels_emu::launch(geometry, || unsafe {
+        (kernels.outer_partial)(
+            lp.get(),
+            xp.get(),
+            pp.get(),
+            n as i32,
+            r as i32,
+            k as i32,
+            rows_per_part as i32,
+            key,
+            threshold,
+            scale,
+        )
+    });
+    assert_close(
+        &format!("{label} lᵀ (dropped x)"),
+        &sum_parts(&partial, parts, r * k),
+        &values(&outer_sum_dropped(&lt, &xt, &mask).unwrap()),
+        1e-5 * (n as f32).sqrt(),
+    );
+}
+
+#[test]
+fn dropped_low_rank_products_match_the_reference() {
+    // A shape of remainders, one with two 512-column spans and a second 16-rank group, and
+    // one of 2,500 rows (partial sums of lᵀ x over 128 rows, the last short).
+    for (dims, p) in [
+        ([7, 13, 3], 0.5),
+        ([300, 1100, 20], 0.1),
+        ([2500, 9, 2], 0.05),
+    ] {
+        low_rank_dropped_case::<f32>(
+            dims,
+            p,
+            DroppedKernels {
+                project: low_rank_project_dropped_f32,
+                add_product: low_rank_add_dropped_product_f32,
+                add_product_to: low_rank_add_dropped_product_to_f32,
+                outer_partial: low_rank_outer_partial_dropped_f32,
+            },
+        );
+        low_rank_dropped_case::<bf16>(
+            dims,
+            p,
+            DroppedKernels {
+                project: low_rank_project_dropped_bf16,
+                add_product: low_rank_add_dropped_product_bf16,
+                add_product_to: low_rank_add_dropped_product_to_bf16,
+                outer_partial: low_rank_outer_partial_dropped_bf16,
+            },
+        );
+    }
+}
+
 fn cross_entropy_case<T: Element + candle_core::WithDType>(
     n: usize,
     v: usize,

@@ -72,7 +72,9 @@ pub fn cross_entropy_targets(n: usize, v: usize) -> (Vec<i64>, Vec<f32>) {
 
 /// LoRA's three rank-r products on x [n, k] and y [n, c] in the case's dtype, f32 A [r, k] and
 /// Bᵀ [r, c]: x Aᵀ, y + l Bᵀ (also added to an acc [n, c] in the same pass) and the adapter
-/// gradient lᵀ x, against the same as f32 candle matmuls.
+/// gradient lᵀ x, against the same as f32 candle matmuls; and their `_dropped` forms under
+/// LoRA's dropout at p 0.1 (x dropped in x Aᵀ and lᵀ x; the product l A dropped in the input
+/// gradient y + l A, here with y [n, k]), against the mask's values multiplied in.
 pub(super) fn low_rank(
     case: &Case,
     implementation: Implementation,
@@ -85,15 +87,28 @@ pub(super) fn low_rank(
     let bt = input(23, &[r, c], 0.1)?.to_dtype(DType::F32)?;
     let y = input(24, &[n, c], 1.0)?;
     let acc = input(25, &[n, c], 1.0)?;
-    let (low, sum, sum_to, grad) = match implementation {
+    // The dropped forms' input gradient: y and acc [n, k], as x's gradient is.
+    let dy = input(26, &[n, k], 1.0)?;
+    let dacc = input(27, &[n, k], 1.0)?;
+    let (p, key) = (0.1, crate::dropout::dropout_key(1234, 0, 5));
+    let (low, sum, sum_to, grad, dropped) = match implementation {
         Implementation::Fused => {
-            use crate::low_rank::{add_product, add_product_to, outer_sum, project};
+            use crate::low_rank::*;
+            let mask = crate::dropout::DropoutMask::new(p, key)?.expect("p > 0");
             let low = project(&x, &a)?;
+            let dropped_low = project_dropped(&x, &a, &mask)?;
+            let dropped = [
+                outer_sum_dropped(&dropped_low, &x, &mask)?,
+                add_dropped_product(&dy, &dropped_low, &a, &mask)?,
+                add_dropped_product_to(&dacc, &dy, &dropped_low, &a, &mask)?,
+                dropped_low,
+            ];
             (
                 low.clone(),
                 add_product(&y, &low, &bt)?,
                 add_product_to(&acc, &y, &low, &bt)?,
                 outer_sum(&low, &x)?,
+                dropped,
             )
         }
         Implementation::Unfused => {
@@ -102,14 +117,31 @@ pub(super) fn low_rank(
             let sum = (y.to_dtype(DType::F32)? + low.matmul(&bt)?)?.to_dtype(y.dtype())?;
             let sum_to = (&acc + &sum)?;
             let grad = low.t()?.matmul(&x32)?;
-            (low, sum, sum_to, grad)
+            let mask = crate::unfused::dropout_mask(n * k, p, key);
+            let mask = Tensor::from_vec(mask, (n, k), &Device::Cpu)?.to_device(x.device())?;
+            let x_dropped = (&x32 * &mask)?;
+            let dropped_low = x_dropped.matmul(&a.t()?)?;
+            let input_grad = (dy.to_dtype(DType::F32)? + (dropped_low.matmul(&a)? * &mask)?)?
+                .to_dtype(dy.dtype())?;
+            let dropped = [
+                dropped_low.t()?.matmul(&x_dropped)?,
+                input_grad.clone(),
+                (&dacc + &input_grad)?,
+                dropped_low,
+            ];
+            (low, sum, sum_to, grad, dropped)
         }
     };
+    let [dropped_grad, dropped_sum, dropped_sum_to, dropped_low] = dropped;
     Outputs::f32_on_cpu([
         ("x Aᵀ", low),
         ("y + l Bᵀ", sum),
         ("acc + (y + l Bᵀ)", sum_to),
         ("lᵀ x", grad),
+        ("(dropped x) Aᵀ", dropped_low),
+        ("dy + mask ⊙ (l A)", dropped_sum),
+        ("acc + (dy + mask ⊙ (l A))", dropped_sum_to),
+        ("lᵀ (dropped x)", dropped_grad),
     ])
 }
 
