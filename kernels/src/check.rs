@@ -63,13 +63,14 @@ pub fn cases() -> Vec<Case> {
     }
     // LoRA's rank-r path: activations in the model's dtype, adapters in f32; [rows, in, out,
     // r]: a shape of remainders (rows past a 64-row block, columns past the CPU loops' 8- and
-    // 32-wide passes, ranks past a group of four), then a 7B projection's, at rank 20 (ranks
-    // past 16 take a second block or pass of each CUDA kernel) and as the 7B LoRA bench runs
-    // it (2,048 rows, rank 8).
+    // 32-wide passes, ranks past a group of four), rank 72 (above the CUDA kernels' 64: f32
+    // matmuls on a GPU), then a 7B projection's, at rank 20 (ranks past 16 take a second block
+    // or pass of each CUDA kernel) and as the 7B LoRA bench runs it (2,048 rows, rank 8).
     for dtype in [DType::F32, DType::BF16] {
         for dims in [
             vec![7, 13, 11, 3],
             vec![70, 45, 37, 6],
+            vec![300, 200, 150, 72],
             vec![1024, 576, 1536, 8],
             vec![600, 4096, 11008, 20],
             vec![2048, 4096, 11008, 8],

@@ -138,7 +138,8 @@ fn low_rank_typed<T: CudaDType + DeviceRepr>(
                 .arg(&r32);
             push_mask(&mut args, mask);
             if n * r > 0 {
-                // SAFETY: the argument list matches low_rank_project's signature.
+                // SAFETY: the argument list matches low_rank_project's signature (with a mask,
+                // low_rank_project_dropped's: the same, then key, threshold and scale).
                 unsafe { args.launch(geometry.into()) }.w()?;
             }
             let out = sum_parts(&dev, partial, splits, n * r)?;
@@ -170,7 +171,8 @@ fn low_rank_typed<T: CudaDType + DeviceRepr>(
             args.arg(&n32).arg(&c32).arg(&r32);
             push_mask(&mut args, mask);
             if n * c > 0 {
-                // SAFETY: the argument list matches low_rank_add_product's signature.
+                // SAFETY: the argument list matches the signature of the kernel loaded above
+                // (low_rank_add_[dropped_]product[_to]: acc after m, the mask's three last).
                 unsafe { args.launch(launch::low_rank_add_product(n, c).into()) }.w()?;
             }
             Ok(CudaStorage::wrap_cuda_slice(out, dev))
@@ -200,7 +202,8 @@ fn low_rank_typed<T: CudaDType + DeviceRepr>(
                 .arg(&rows32);
             push_mask(&mut args, mask);
             if r * k > 0 {
-                // SAFETY: the argument list matches low_rank_outer_partial's signature.
+                // SAFETY: the argument list matches low_rank_outer_partial's signature (with a
+                // mask, low_rank_outer_partial_dropped's: the same, then key, threshold and scale).
                 unsafe { args.launch(geometry.into()) }.w()?;
             }
             let out = sum_parts(&dev, partial, parts, r * k)?;

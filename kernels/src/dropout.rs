@@ -31,12 +31,10 @@ pub fn apply_mask(x: &Tensor, mask: &DropoutMask) -> Result<Tensor> {
 /// is multiplied by [`DropoutMask::factor`]`(i)`.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DropoutMask {
-    pub p: f64,
-    pub key: u64,
-    /// [`keep_threshold`]`(p)`.
-    pub threshold: u32,
-    /// 1 / (1 − p) in f32: what a kept element is multiplied by.
-    pub scale: f32,
+    // Read in place by the CUDA launchers, whose kernel arguments borrow them.
+    pub(crate) key: u64,
+    pub(crate) threshold: u32,
+    pub(crate) scale: f32,
 }
 
 impl DropoutMask {
@@ -46,11 +44,25 @@ impl DropoutMask {
             candle_core::bail!("dropout: p = {p} must be in [0, 1)");
         }
         Ok((p > 0.0).then(|| Self {
-            p,
             key,
             threshold: keep_threshold(p),
             scale: (1.0 / (1.0 - p)) as f32,
         }))
+    }
+
+    /// The key the mask is drawn from.
+    pub fn key(&self) -> u64 {
+        self.key
+    }
+
+    /// [`keep_threshold`]`(p)`: an element is kept when its bits fall below it.
+    pub fn threshold(&self) -> u32 {
+        self.threshold
+    }
+
+    /// 1 / (1 − p) in f32: what a kept element is multiplied by.
+    pub fn scale(&self) -> f32 {
+        self.scale
     }
 
     /// What element `i` is multiplied by: the scale where kept, 0 where dropped.

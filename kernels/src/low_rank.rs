@@ -16,7 +16,8 @@
 //! ([`DropoutMask`]) and apply it as they read: x Aᵀ and lᵀ x read x under it, y + l M
 //! multiplies the product l M by it before adding y (the input's gradient). Their values are
 //! those of [`crate::dropout`] applied to x in f32 first (to l M in f32, for the sum), without a
-//! dropped copy of either written and read back.
+//! dropped copy of either written and read back (but on a GPU above rank 64, whose f32 matmuls
+//! take the dropped copy).
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;

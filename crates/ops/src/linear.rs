@@ -68,7 +68,7 @@ pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scaling: f64)
 /// `helix_kernels::low_rank`, not copied to f32), for [`lora_linear`] and the
 /// hand-differentiated decoder layer. Where the layer drops the path's input, the methods that
 /// read it or make its gradient take the dropout's mask, which the kernels apply as they read
-/// (no dropped copy of the input or of its gradient is written).
+/// (no dropped copy of the input or of its gradient is written, up to rank 64 on a GPU).
 #[derive(Clone)]
 pub(crate) struct LowRank {
     a: Tensor,

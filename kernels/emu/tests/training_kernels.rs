@@ -243,7 +243,7 @@ fn low_rank_dropped_case<T: Element + candle_core::WithDType>(
     let mask = DropoutMask::new(p, dropout_key(1234, 0, 3))
         .unwrap()
         .unwrap();
-    let (key, threshold, scale) = (mask.key, mask.threshold, mask.scale);
+    let (key, threshold, scale) = (mask.key(), mask.threshold(), mask.scale());
     let (x, _) = stored::<T>(&seeded(31, n * k, 1.0));
     let a = seeded(32, r * k, 0.1);
     let l = seeded(33, n * r, 0.5);
