@@ -6,7 +6,7 @@
 use std::path::{Component, Path};
 
 use candle_core::{DType, Device};
-use helix_model::weights::{shard_names_from_index_bytes, SafetensorsWeights};
+use helix_model::weights::{shard_names_from_index_bytes, SafetensorsWeights, ShardPart};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -33,8 +33,12 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(t.dims(), shape.as_slice());
         }
         for dim in 0..shape.len().min(2) {
-            let _ =
-                weights.load_shard(&name, shape.as_slice(), dim, 1, 2, DType::F32, &Device::Cpu);
+            let part = ShardPart {
+                dim,
+                index: 1,
+                parts: 2,
+            };
+            let _ = weights.load_shard(&name, shape.as_slice(), part, DType::F32, &Device::Cpu);
         }
     }
 });

@@ -79,20 +79,23 @@ pub struct CheckpointIndex {
     pub groups: BTreeMap<String, BTreeMap<String, IndexEntry>>,
 }
 
+/// `(group, name, stem, whole shape, dtype, split)` of a piece a rank wrote, as [`RankPart`]
+/// carries it (a tuple: a JSON array in the report).
+pub type PieceRecord = (
+    String,
+    String,
+    String,
+    Vec<usize>,
+    String,
+    Option<SplitPiece>,
+);
+
 /// What one rank wrote, as it reports it to rank 0.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct RankPart {
     /// `(sha256, file name, bytes)` of every file the rank wrote.
     pub files: Vec<(String, String, u64)>,
-    /// `(group, name, stem, whole shape, dtype, split)` of every piece.
-    pub pieces: Vec<(
-        String,
-        String,
-        String,
-        Vec<usize>,
-        String,
-        Option<SplitPiece>,
-    )>,
+    pub pieces: Vec<PieceRecord>,
     /// Set when the rank failed to write its part.
     pub error: Option<String>,
 }

@@ -184,14 +184,12 @@ struct Encoder<'a> {
     fast: Option<&'a SpmBpe>,
 }
 
+/// A text's token ids and the byte range of each in the text.
+type IdsAndOffsets = (Vec<u32>, Vec<(usize, usize)>);
+
 impl Encoder<'_> {
     /// Ids and byte offsets of `text`, with the post-processor's special tokens when `special`.
-    fn encode(
-        &self,
-        text: &str,
-        special: bool,
-        cache: &mut WordCache,
-    ) -> Result<(Vec<u32>, Vec<(usize, usize)>)> {
+    fn encode(&self, text: &str, special: bool, cache: &mut WordCache) -> Result<IdsAndOffsets> {
         if let Some(fast) = self.fast.filter(|f| f.accepts(text)) {
             return Ok(fast.encode(text, special, cache));
         }

@@ -682,15 +682,14 @@ impl ParamLoader<'_, '_> {
         full: impl Into<candle_core::Shape>,
         dim: usize,
     ) -> Result<Tensor> {
-        let t = self.weights.load_shard(
-            name,
-            full,
+        let part = crate::weights::ShardPart {
             dim,
-            self.tp_rank,
-            self.tp_size,
-            self.opts.dtype,
-            &self.opts.device,
-        )?;
+            index: self.tp_rank,
+            parts: self.tp_size,
+        };
+        let t = self
+            .weights
+            .load_shard(name, full, part, self.opts.dtype, &self.opts.device)?;
         self.register(name, t)
     }
 

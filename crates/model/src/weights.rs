@@ -38,6 +38,15 @@ impl std::ops::Deref for FileBytes {
     }
 }
 
+/// Which of `parts` equal parts of a tensor along `dim` to read
+/// ([`SafetensorsWeights::load_shard`]): a tensor-parallel rank's is its `index`.
+#[derive(Clone, Copy, Debug)]
+pub struct ShardPart {
+    pub dim: usize,
+    pub index: usize,
+    pub parts: usize,
+}
+
 /// An open checkpoint: memory maps of its files and a table of every tensor in them.
 pub struct SafetensorsWeights {
     dir: PathBuf,
@@ -147,18 +156,18 @@ impl SafetensorsWeights {
         self.entries.get(name).map(|e| e.shape.as_slice())
     }
 
-    /// Part `index` of `parts` equal parts of `name` (stored with `full_shape`, 1-D or 2-D)
-    /// along `dim`: a tensor-parallel rank's shard, read without loading the whole tensor.
+    /// Part `part.index` of `part.parts` equal parts of `name` (stored with `full_shape`, 1-D or
+    /// 2-D) along `part.dim`: a tensor-parallel rank's shard, read without loading the whole
+    /// tensor.
     pub fn load_shard(
         &self,
         name: &str,
         full_shape: impl Into<Shape>,
-        dim: usize,
-        index: usize,
-        parts: usize,
+        part: ShardPart,
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
+        let ShardPart { dim, index, parts } = part;
         let full: Shape = full_shape.into();
         if parts == 1 {
             return self.load(name, full, dtype, device);
@@ -412,7 +421,12 @@ mod tests {
         candle_core::safetensors::save(&HashMap::from([("w".to_string(), t)]), &path)?;
         let bytes = std::fs::read(&path)?;
         let w = SafetensorsWeights::from_bytes(&path, bytes.clone())?;
-        let half = w.load_shard("w", (2, 3), 0, 1, 2, DType::F32, &Device::Cpu)?;
+        let second = ShardPart {
+            dim: 0,
+            index: 1,
+            parts: 2,
+        };
+        let half = w.load_shard("w", (2, 3), second, DType::F32, &Device::Cpu)?;
         assert_eq!(half.to_vec2::<f32>()?, [[3., 4., 5.]]);
         let err = SafetensorsWeights::from_bytes(&path, bytes[..bytes.len() - 1].to_vec())
             .err()
