@@ -74,6 +74,13 @@ def load(name):
         return None
 t1, h, t2 = load("torch-lora-1.json"), load("helix-lora.json"), load("torch-lora-2.json")
 gib = lambda b: b / 2**30
+def phases(what, r):
+    # Where helix's median step went (helix-train bench's median_phase_s).
+    p = r and r.get("median_phase_s")
+    if p:
+        print(f"{what}, helix's step: forward + backward {p['forward_backward']:.3f} s, gradient "
+              f"norm {p['clip']:.3f} s, AdamW {p['optimizer']:.3f} s, other {p['other']:.3f} s "
+              f"(median step {r['median_step_s']:.3f} s)")
 if not (t1 and h and t2):
     print(f"LoRA 7B: no comparison (PyTorch {bool(t1)}/{bool(t2)}, helix {bool(h)})")
 else:
@@ -86,6 +93,7 @@ else:
     print(f"LoRA 7B: helix / PyTorch tokens/s = {h['tokens_per_s']/tps:.2f} (goal >= 1.3); "
           f"peak memory helix / PyTorch = {h['peak_device_bytes']/mem:.2f} (goal <= 1.0); "
           f"MFU {100*h['mfu']:.1f} % (goal >= 45 %)")
+phases("LoRA 7B", h)
 o = load("helix-lora-op-by-op.json")
 if h and o:
     print(f"LoRA 7B, helix layers op by op: {o['tokens_per_s']:.0f} tokens/s, peak GPU "
@@ -120,4 +128,5 @@ if s:
         line += (f" | PyTorch {ts['tokens_per_s']:.0f} tokens/s, MFU {100*ts['mfu']:.1f} %, "
                  f"peak GPU {gib(ts['peak_device_bytes']):.1f} GiB")
     print(line)
+    phases("SFT 7B shape", s)
 PY

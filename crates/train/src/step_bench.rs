@@ -55,17 +55,54 @@ impl StepBench {
 
     /// One optimizer step, finished on the device; its loss.
     pub fn step(&mut self) -> Result<f64> {
+        Ok(self.step_timed()?.0)
+    }
+
+    /// One optimizer step, finished on the device: its loss and where its time went, the
+    /// device synchronised at the end of each phase (the gradients' norm waits for the
+    /// backward anyway, as its sum comes to the host).
+    pub fn step_timed(&mut self) -> Result<(f64, StepPhases)> {
+        let device = self.model.model.device().clone();
+        let t = Instant::now();
         let batches = std::slice::from_ref(&self.batch);
         let (loss, _, grads) = forward_backward(&self.model, batches, &self.opts, &self.job, None)?;
+        device.synchronize()?;
+        let forward_backward_s = t.elapsed().as_secs_f64();
+        let t = Instant::now();
         let (_, scale) = clip_grad_norm(&grads, 1.0)?;
+        let clip_s = t.elapsed().as_secs_f64();
+        let t = Instant::now();
         self.optimizer.step(&grads, 1e-4, scale)?;
-        self.model.model.device().synchronize()?;
-        Ok(loss)
+        device.synchronize()?;
+        let optimizer_s = t.elapsed().as_secs_f64();
+        let phases = StepPhases {
+            forward_backward_s,
+            clip_s,
+            optimizer_s,
+        };
+        Ok((loss, phases))
     }
 
     /// Tokens the model runs per step (rows × seq).
     pub fn tokens(&self) -> usize {
         self.batch.rows * self.batch.seq_len
+    }
+}
+
+/// Where a step's time went ([`StepBench::step_timed`]), in seconds.
+#[derive(Clone, Copy, Debug)]
+pub struct StepPhases {
+    /// Forward and backward of every micro-batch.
+    pub forward_backward_s: f64,
+    /// The gradients' global norm and clipping coefficient.
+    pub clip_s: f64,
+    /// AdamW over every trainable tensor.
+    pub optimizer_s: f64,
+}
+
+impl StepPhases {
+    fn total(&self) -> f64 {
+        self.forward_backward_s + self.clip_s + self.optimizer_s
     }
 }
 
@@ -200,10 +237,13 @@ pub fn bench(cfg: &ConfigFile, opts: &BenchOptions) -> Result<()> {
         }
     }
     let mut times = Vec::with_capacity(opts.steps);
+    let mut phases = Vec::with_capacity(opts.steps);
     for i in 0..opts.steps {
         let t = Instant::now();
-        losses.push(bench.step()?);
+        let (loss, phase) = bench.step_timed()?;
         times.push(t.elapsed().as_secs_f64());
+        losses.push(loss);
+        phases.push(phase);
         if !opts.json {
             println!(
                 "step {}: {:.3} s, loss {:.4}",
@@ -216,6 +256,21 @@ pub fn bench(cfg: &ConfigFile, opts: &BenchOptions) -> Result<()> {
     let peak_device = memory.finish();
     let peak_host = crate::progress::peak_host_memory();
     let median = crate::progress::median(times.clone()).expect("--steps is at least 1");
+    // Each phase's median over the timed steps, and what the step spent outside them (host
+    // work between the phases: the batch's copy to the device, the gradients' bookkeeping).
+    let median_of = |each: Vec<f64>| crate::progress::median(each).expect("--steps is at least 1");
+    let (fb_s, clip_s, optimizer_s, other_s) = (
+        median_of(phases.iter().map(|p| p.forward_backward_s).collect()),
+        median_of(phases.iter().map(|p| p.clip_s).collect()),
+        median_of(phases.iter().map(|p| p.optimizer_s).collect()),
+        median_of(
+            times
+                .iter()
+                .zip(&phases)
+                .map(|(t, p)| (t - p.total()).max(0.0))
+                .collect(),
+        ),
+    );
     let tokens = bench.tokens() as f64;
     let per_token = model_flops_per_token(&shape, &method, seq, true);
     let tflops = per_token * tokens / median / 1e12;
@@ -231,6 +286,12 @@ pub fn bench(cfg: &ConfigFile, opts: &BenchOptions) -> Result<()> {
         "attention": attention,
         "median_step_s": median,
         "step_s": times,
+        "median_phase_s": {
+            "forward_backward": fb_s,
+            "clip": clip_s,
+            "optimizer": optimizer_s,
+            "other": other_s,
+        },
         "tokens_per_s": tokens / median,
         "model_flops_per_token": per_token,
         "model_tflops_per_s": tflops,
@@ -250,6 +311,10 @@ pub fn bench(cfg: &ConfigFile, opts: &BenchOptions) -> Result<()> {
         tokens / median,
         100.0 * tflops / opts.peak_tflops,
         opts.peak_tflops
+    );
+    println!(
+        "median phases: forward + backward {fb_s:.3} s, gradient norm and clipping {clip_s:.3} \
+         s, AdamW {optimizer_s:.3} s, other {other_s:.3} s"
     );
     println!(
         "model FLOPs per token: {} + 6·L·h·s (causal attention, forward and backward) = {:.3} \
