@@ -79,8 +79,8 @@ def phases(what, r):
     p = r and r.get("median_phase_s")
     if p:
         print(f"{what}, helix's step: forward + backward {p['forward_backward']:.3f} s, gradient "
-              f"norm {p['clip']:.3f} s, AdamW {p['optimizer']:.3f} s, other {p['other']:.3f} s "
-              f"(median step {r['median_step_s']:.3f} s)")
+              f"norm {p['clip']:.3f} s, AdamW {p['optimizer']:.3f} s (median step "
+              f"{r['median_step_s']:.3f} s)")
 if not (t1 and h and t2):
     print(f"LoRA 7B: no comparison (PyTorch {bool(t1)}/{bool(t2)}, helix {bool(h)})")
 else:

@@ -100,12 +100,6 @@ pub struct StepPhases {
     pub optimizer_s: f64,
 }
 
-impl StepPhases {
-    fn total(&self) -> f64 {
-        self.forward_backward_s + self.clip_s + self.optimizer_s
-    }
-}
-
 /// `rows` rows of `seq` pseudo-random token ids below `vocab`, the loss on every token after the
 /// first of each row.
 pub fn random_batch(rows: usize, seq: usize, vocab: usize) -> Result<Batch> {
@@ -256,20 +250,13 @@ pub fn bench(cfg: &ConfigFile, opts: &BenchOptions) -> Result<()> {
     let peak_device = memory.finish();
     let peak_host = crate::progress::peak_host_memory();
     let median = crate::progress::median(times.clone()).expect("--steps is at least 1");
-    // Each phase's median over the timed steps, and what the step spent outside them (host
-    // work between the phases: the batch's copy to the device, the gradients' bookkeeping).
+    // Each phase's median over the timed steps (the phases follow one another and cover the
+    // step, the batch's copy to the device being part of the forward).
     let median_of = |each: Vec<f64>| crate::progress::median(each).expect("--steps is at least 1");
-    let (fb_s, clip_s, optimizer_s, other_s) = (
+    let (fb_s, clip_s, optimizer_s) = (
         median_of(phases.iter().map(|p| p.forward_backward_s).collect()),
         median_of(phases.iter().map(|p| p.clip_s).collect()),
         median_of(phases.iter().map(|p| p.optimizer_s).collect()),
-        median_of(
-            times
-                .iter()
-                .zip(&phases)
-                .map(|(t, p)| (t - p.total()).max(0.0))
-                .collect(),
-        ),
     );
     let tokens = bench.tokens() as f64;
     let per_token = model_flops_per_token(&shape, &method, seq, true);
@@ -290,7 +277,6 @@ pub fn bench(cfg: &ConfigFile, opts: &BenchOptions) -> Result<()> {
             "forward_backward": fb_s,
             "clip": clip_s,
             "optimizer": optimizer_s,
-            "other": other_s,
         },
         "tokens_per_s": tokens / median,
         "model_flops_per_token": per_token,
@@ -314,7 +300,7 @@ pub fn bench(cfg: &ConfigFile, opts: &BenchOptions) -> Result<()> {
     );
     println!(
         "median phases: forward + backward {fb_s:.3} s, gradient norm and clipping {clip_s:.3} \
-         s, AdamW {optimizer_s:.3} s, other {other_s:.3} s"
+         s, AdamW {optimizer_s:.3} s"
     );
     println!(
         "model FLOPs per token: {} + 6·L·h·s (causal attention, forward and backward) = {:.3} \

@@ -155,13 +155,16 @@ fn bench_configs_run_one_step_of_one_layer() {
             (report["layers"].as_u64(), report["dtype"].as_str()),
             (Some(1), Some("bf16"))
         );
-        // The step's phases and the time outside them add up to the step.
+        // The step's three phases follow one another and cover it (the timer's own moments
+        // apart).
         let phase = |k: &str| report["median_phase_s"][k].as_f64().unwrap();
-        let parts = ["forward_backward", "clip", "optimizer", "other"].map(phase);
-        assert!(parts.iter().all(|p| *p >= 0.0), "{out}");
-        assert!(parts[0] > 0.0 && parts[2] > 0.0, "{out}");
-        let step = report["median_step_s"].as_f64().unwrap();
-        assert!((parts.iter().sum::<f64>() - step).abs() < 1e-6, "{out}");
+        let parts = ["forward_backward", "clip", "optimizer"].map(phase);
+        assert!(parts[0] > 0.0 && parts[1] >= 0.0 && parts[2] > 0.0, "{out}");
+        let (sum, step) = (
+            parts.iter().sum::<f64>(),
+            report["median_step_s"].as_f64().unwrap(),
+        );
+        assert!(sum <= step && sum > 0.9 * step, "{out}");
         let loss = report["losses"][0].as_f64().unwrap();
         // Random weights of spread 0.02 predict about uniformly over the 32,000 tokens.
         assert!((loss - 32000f64.ln()).abs() < 2.0, "{name}: loss {loss}");
