@@ -179,8 +179,7 @@ pub fn run(case: &Case, implementation: Implementation, device: &Device) -> Resu
             let y = match implementation {
                 Implementation::Fused => crate::dropout(x.as_tensor(), p, key)?,
                 Implementation::Unfused => {
-                    let mask = crate::unfused::dropout_mask(x.elem_count(), p, key);
-                    let mask = Tensor::from_vec(mask, dims, &Device::Cpu)?.to_device(x.device())?;
+                    let mask = crate::unfused::dropout_mask(dims, p, key, x.device())?;
                     (x.as_tensor().to_dtype(DType::F32)? * mask)?.to_dtype(case.dtype)?
                 }
             };

@@ -12,9 +12,9 @@
 //! rank 64 up the products are wide enough for f32 matmuls). Sums over rows go in fixed blocks
 //! added in order, so results do not depend on the number of threads.
 //!
-//! LoRA's dropout lies between the layer's input and A. The `_dropped` forms take its mask
-//! ([`DropoutMask`]) and apply it as they read: x Aᵀ and lᵀ x read x under it, y + l M
-//! multiplies the product l M by it before adding y (the input's gradient). Their values are
+//! LoRA's dropout lies between the layer's input and A. The `_under` forms take its mask
+//! ([`DropoutMask`], or none) and apply it as they read: x Aᵀ and lᵀ x read x under it,
+//! y + l M multiplies the product l M by it before adding y (the input's gradient). Their values are
 //! those of [`crate::dropout`] applied to x in f32 first (to l M in f32, for the sum), without a
 //! dropped copy of either written and read back (but on a GPU above rank 64, whose f32 matmuls
 //! take the dropped copy).
@@ -56,12 +56,8 @@ pub fn project(x: &Tensor, m: &Tensor) -> Result<Tensor> {
     project_under(x, m, None)
 }
 
-/// [`project`] of x dropped under `mask` (as [`crate::dropout`] drops x in f32).
-pub fn project_dropped(x: &Tensor, m: &Tensor, mask: &DropoutMask) -> Result<Tensor> {
-    project_under(x, m, Some(mask))
-}
-
-fn project_under(x: &Tensor, m: &Tensor, mask: Option<&DropoutMask>) -> Result<Tensor> {
+/// [`project`] of x dropped under `mask` when given (as [`crate::dropout`] drops x in f32).
+pub fn project_under(x: &Tensor, m: &Tensor, mask: Option<&DropoutMask>) -> Result<Tensor> {
     let ((n, k), (r, km)) = (x.dims2()?, m.dims2()?);
     if k != km {
         candle_core::bail!("low_rank::project: x [{n}, {k}] but M [{r}, {km}]");
@@ -78,18 +74,18 @@ fn project_under(x: &Tensor, m: &Tensor, mask: Option<&DropoutMask>) -> Result<T
 /// y + l M for y [n, c], l [n, r] and M [r, c]: [n, c] in y's dtype, the product summed first,
 /// then y added in f32 and the sum rounded once.
 pub fn add_product(y: &Tensor, l: &Tensor, m: &Tensor) -> Result<Tensor> {
-    sum_of_product("low_rank::add_product", y, l, m, None, None)
+    add_product_under(y, l, m, None)
 }
 
-/// y + mask ⊙ (l M): [`add_product`] with the product dropped under `mask` before y is added
-/// (LoRA's part of the input's gradient through its dropout, added to the base's).
-pub fn add_dropped_product(
+/// y + mask ⊙ (l M): [`add_product`] with the product dropped under `mask`, when given, before
+/// y is added (LoRA's part of the input's gradient through its dropout, added to the base's).
+pub fn add_product_under(
     y: &Tensor,
     l: &Tensor,
     m: &Tensor,
-    mask: &DropoutMask,
+    mask: Option<&DropoutMask>,
 ) -> Result<Tensor> {
-    sum_of_product("low_rank::add_dropped_product", y, l, m, None, Some(mask))
+    sum_of_product("low_rank::add_product", y, l, m, None, mask)
 }
 
 /// acc + (y + l M): [`add_product`]'s sum, rounded to y's dtype, added to acc ([n, c], y's
@@ -97,29 +93,19 @@ pub fn add_dropped_product(
 /// two: for a residual (the output projection's, the down projection's), or for an input
 /// gradient summed over projections that read the same input.
 pub fn add_product_to(acc: &Tensor, y: &Tensor, l: &Tensor, m: &Tensor) -> Result<Tensor> {
-    add_product_to_under("low_rank::add_product_to", acc, y, l, m, None)
+    add_product_to_under(acc, y, l, m, None)
 }
 
-/// acc + (y + mask ⊙ (l M)): [`add_dropped_product`] added to acc in the same pass, as
+/// acc + (y + mask ⊙ (l M)): [`add_product_under`] added to acc in the same pass, as
 /// [`add_product_to`] adds [`add_product`].
-pub fn add_dropped_product_to(
-    acc: &Tensor,
-    y: &Tensor,
-    l: &Tensor,
-    m: &Tensor,
-    mask: &DropoutMask,
-) -> Result<Tensor> {
-    add_product_to_under("low_rank::add_dropped_product_to", acc, y, l, m, Some(mask))
-}
-
-fn add_product_to_under(
-    what: &str,
+pub fn add_product_to_under(
     acc: &Tensor,
     y: &Tensor,
     l: &Tensor,
     m: &Tensor,
     mask: Option<&DropoutMask>,
 ) -> Result<Tensor> {
+    let what = "low_rank::add_product_to";
     if acc.shape() != y.shape() || acc.dtype() != y.dtype() {
         candle_core::bail!(
             "{what}: acc {:?} {:?} but y {:?} {:?}",
@@ -132,8 +118,8 @@ fn add_product_to_under(
     sum_of_product(what, y, l, m, Some(acc), mask)
 }
 
-/// y + l M (its product dropped under `mask` when given), added to acc when given: the four
-/// public forms above.
+/// y + l M (its product dropped under `mask` when given), added to acc when given: the public
+/// forms above.
 fn sum_of_product(
     what: &str,
     y: &Tensor,
@@ -170,12 +156,8 @@ pub fn outer_sum(l: &Tensor, x: &Tensor) -> Result<Tensor> {
     outer_sum_under(l, x, None)
 }
 
-/// [`outer_sum`] over x dropped under `mask` (as [`crate::dropout`] drops x in f32).
-pub fn outer_sum_dropped(l: &Tensor, x: &Tensor, mask: &DropoutMask) -> Result<Tensor> {
-    outer_sum_under(l, x, Some(mask))
-}
-
-fn outer_sum_under(l: &Tensor, x: &Tensor, mask: Option<&DropoutMask>) -> Result<Tensor> {
+/// [`outer_sum`] over x dropped under `mask` when given (as [`crate::dropout`] drops x in f32).
+pub fn outer_sum_under(l: &Tensor, x: &Tensor, mask: Option<&DropoutMask>) -> Result<Tensor> {
     let ((n, r), (nx, k)) = (l.dims2()?, x.dims2()?);
     if nx != n {
         candle_core::bail!("low_rank::outer_sum: l [{n}, {r}] but x [{nx}, {k}]");
@@ -352,7 +334,7 @@ struct AddProduct {
     r: usize,
     /// What the sum is added to ([`add_product_to`]), packed, y's shape and dtype.
     acc: Option<Tensor>,
-    /// The mask the product is multiplied by before y is added ([`add_dropped_product`]).
+    /// The mask the product is multiplied by before y is added ([`add_product_under`]).
     mask: Option<DropoutMask>,
 }
 

@@ -86,17 +86,17 @@ fn dropped_low_rank_products_equal_the_products_of_dropped_inputs() -> candle_co
         };
         same(
             "x Aᵀ",
-            project_dropped(&x, &a, &mask)?,
+            project_under(&x, &a, Some(&mask))?,
             project(&x_dropped, &a)?,
         )?;
         same(
             "lᵀ x",
-            outer_sum_dropped(&l, &x, &mask)?,
+            outer_sum_under(&l, &x, Some(&mask))?,
             outer_sum(&l, &x_dropped)?,
         )?;
         // y + mask ⊙ (l A): y itself where the mask drops, and within rounding of the sum
         // with the product dropped first where it keeps.
-        let got = add_dropped_product(&y, &l, &a, &mask)?.to_dtype(DType::F32)?;
+        let got = add_product_under(&y, &l, &a, Some(&mask))?.to_dtype(DType::F32)?;
         let product = dropout(&l.matmul(&a)?, p, key)?;
         let want = (y.to_dtype(DType::F32)? + &product)?;
         let (got, want, y32, product) = (

@@ -1,7 +1,7 @@
 //! The ops written with plain candle ops, which candle differentiates node by node: the
 //! definition the fused kernels are checked against ([`crate::check`]).
 
-use candle_core::{Result, Tensor, D};
+use candle_core::{Device, Result, Tensor, D};
 
 /// `x * cos + rotate_half(x) * sin` for x [B, H, S, D]; cos / sin broadcastable to it.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
@@ -39,15 +39,17 @@ pub fn adamw_update(
     Ok((w, m, v))
 }
 
-/// Inverted dropout's mask of `key` over n elements as a tensor's values: 1 / (1 − p) where
-/// the element is kept, 0 where dropped; x · mask is [`crate::dropout`].
-pub fn dropout_mask(n: usize, p: f64, key: u64) -> Vec<f32> {
+/// Inverted dropout's mask of `key` over a tensor of shape `dims`, f32 on `device`: 1 / (1 − p)
+/// where the element is kept, 0 where dropped; x · mask is [`crate::dropout`].
+pub fn dropout_mask(dims: &[usize], p: f64, key: u64, device: &Device) -> Result<Tensor> {
     let threshold = crate::dropout::keep_threshold(p);
     let scale = (1.0 / (1.0 - p)) as f32;
-    (0..n as u64)
+    let n = dims.iter().product::<usize>() as u64;
+    let mask: Vec<f32> = (0..n)
         .map(|i| match crate::dropout::element_bits(key, i) < threshold {
             true => scale,
             false => 0.0,
         })
-        .collect()
+        .collect();
+    Tensor::from_vec(mask, dims, &Device::Cpu)?.to_device(device)
 }

@@ -99,11 +99,7 @@ impl LowRank {
     /// given. The scale goes on it, not on the projection-sized update: one pass over
     /// [rows, r] instead of [rows, out].
     pub(crate) fn low(&self, x: &Tensor, mask: Option<&DropoutMask>) -> Result<Tensor> {
-        let xa = match mask {
-            Some(mask) => low_rank::project_dropped(x, &self.a, mask)?,
-            None => low_rank::project(x, &self.a)?,
-        };
-        xa * self.scaling
+        low_rank::project_under(x, &self.a, mask)? * self.scaling
     }
 
     /// base + low Bᵀ: the projection's output, summed in f32 and rounded once to base's dtype
@@ -125,10 +121,7 @@ impl LowRank {
         dlow: &Tensor,
         mask: Option<&DropoutMask>,
     ) -> Result<Tensor> {
-        match mask {
-            Some(mask) => low_rank::add_dropped_product(base, dlow, &self.a, mask),
-            None => low_rank::add_product(base, dlow, &self.a),
-        }
+        low_rank::add_product_under(base, dlow, &self.a, mask)
     }
 
     /// acc + (base + dlow A): [`Self::add_input_grad`] added to acc (the input gradient of
@@ -140,10 +133,7 @@ impl LowRank {
         dlow: &Tensor,
         mask: Option<&DropoutMask>,
     ) -> Result<Tensor> {
-        match mask {
-            Some(mask) => low_rank::add_dropped_product_to(acc, base, dlow, &self.a, mask),
-            None => low_rank::add_product_to(acc, base, dlow, &self.a),
-        }
+        low_rank::add_product_to_under(acc, base, dlow, &self.a, mask)
     }
 
     /// From the output's gradient dy [rows, out] (x's dtype) and the forward's `low`:
@@ -181,11 +171,9 @@ impl LowRank {
             true => Some(low_rank::outer_sum(low, dy)?.t()?.contiguous()?),
             false => None,
         };
-        let da = match x {
-            Some((x, Some(mask))) => Some(low_rank::outer_sum_dropped(dlow, x, mask)?),
-            Some((x, None)) => Some(low_rank::outer_sum(dlow, x)?),
-            None => None,
-        };
+        let da = x
+            .map(|(x, mask)| low_rank::outer_sum_under(dlow, x, mask))
+            .transpose()?;
         Ok((da, db))
     }
 }

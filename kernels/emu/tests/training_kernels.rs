@@ -237,7 +237,7 @@ fn low_rank_dropped_case<T: Element + candle_core::WithDType>(
 ) {
     use helix_kernels::dropout::{dropout_key, DropoutMask};
     use helix_kernels::low_rank::{
-        add_dropped_product, add_dropped_product_to, outer_sum_dropped, project_dropped,
+        add_product_to_under, add_product_under, outer_sum_under, project_under,
     };
     let label = format!("low_rank dropped {} [{n}, {k}, {r}] p {p}", T::NAME);
     let mask = DropoutMask::new(p, dropout_key(1234, 0, 3))
@@ -284,7 +284,7 @@ fn low_rank_dropped_case<T: Element + candle_core::WithDType>(
     assert_close(
         &format!("{label} (dropped x) Aᵀ"),
         &sum_parts(&partial, splits, n * r),
-        &values(&project_dropped(&xt, &at, &mask).unwrap()),
+        &values(&project_under(&xt, &at, Some(&mask)).unwrap()),
         1e-5 * (k as f32).sqrt(),
     );
 
@@ -308,7 +308,7 @@ fn low_rank_dropped_case<T: Element + candle_core::WithDType>(
     assert_close(
         &format!("{label} y + mask ⊙ (l A)"),
         &widen(&sum),
-        &values(&add_dropped_product(&yt, &lt, &at, &mask).unwrap()),
+        &values(&add_product_under(&yt, &lt, &at, Some(&mask)).unwrap()),
         tolerance::<T>(),
     );
     let mut sum_to = vec![T::default(); n * k];
@@ -331,7 +331,7 @@ fn low_rank_dropped_case<T: Element + candle_core::WithDType>(
     assert_close(
         &format!("{label} acc + (y + mask ⊙ (l A))"),
         &widen(&sum_to),
-        &values(&add_dropped_product_to(&acct, &yt, &lt, &at, &mask).unwrap()),
+        &values(&add_product_to_under(&acct, &yt, &lt, &at, Some(&mask)).unwrap()),
         tolerance::<T>(),
     );
 
@@ -357,7 +357,7 @@ fn low_rank_dropped_case<T: Element + candle_core::WithDType>(
     assert_close(
         &format!("{label} lᵀ (dropped x)"),
         &sum_parts(&partial, parts, r * k),
-        &values(&outer_sum_dropped(&lt, &xt, &mask).unwrap()),
+        &values(&outer_sum_under(&lt, &xt, Some(&mask)).unwrap()),
         1e-5 * (n as f32).sqrt(),
     );
 }

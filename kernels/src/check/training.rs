@@ -72,8 +72,8 @@ pub fn cross_entropy_targets(n: usize, v: usize) -> (Vec<i64>, Vec<f32>) {
 
 /// LoRA's three rank-r products on x [n, k] and y [n, c] in the case's dtype, f32 A [r, k] and
 /// Bᵀ [r, c]: x Aᵀ, y + l Bᵀ (also added to an acc [n, c] in the same pass) and the adapter
-/// gradient lᵀ x, against the same as f32 candle matmuls; and their `_dropped` forms under
-/// LoRA's dropout at p 0.1 (x dropped in x Aᵀ and lᵀ x; the product l A dropped in the input
+/// gradient lᵀ x, against the same as f32 candle matmuls; and their `_under` forms with
+/// LoRA's dropout mask at p 0.1 (x dropped in x Aᵀ and lᵀ x; the product l A dropped in the input
 /// gradient y + l A, here with y [n, k]), against the mask's values multiplied in.
 pub(super) fn low_rank(
     case: &Case,
@@ -96,11 +96,12 @@ pub(super) fn low_rank(
             use crate::low_rank::*;
             let mask = crate::dropout::DropoutMask::new(p, key)?.expect("p > 0");
             let low = project(&x, &a)?;
-            let dropped_low = project_dropped(&x, &a, &mask)?;
+            let mask = Some(&mask);
+            let dropped_low = project_under(&x, &a, mask)?;
             let dropped = [
-                outer_sum_dropped(&dropped_low, &x, &mask)?,
-                add_dropped_product(&dy, &dropped_low, &a, &mask)?,
-                add_dropped_product_to(&dacc, &dy, &dropped_low, &a, &mask)?,
+                outer_sum_under(&dropped_low, &x, mask)?,
+                add_product_under(&dy, &dropped_low, &a, mask)?,
+                add_product_to_under(&dacc, &dy, &dropped_low, &a, mask)?,
                 dropped_low,
             ];
             (
@@ -117,8 +118,7 @@ pub(super) fn low_rank(
             let sum = (y.to_dtype(DType::F32)? + low.matmul(&bt)?)?.to_dtype(y.dtype())?;
             let sum_to = (&acc + &sum)?;
             let grad = low.t()?.matmul(&x32)?;
-            let mask = crate::unfused::dropout_mask(n * k, p, key);
-            let mask = Tensor::from_vec(mask, (n, k), &Device::Cpu)?.to_device(x.device())?;
+            let mask = crate::unfused::dropout_mask(&[n, k], p, key, x.device())?;
             let x_dropped = (&x32 * &mask)?;
             let dropped_low = x_dropped.matmul(&a.t()?)?;
             let input_grad = (dy.to_dtype(DType::F32)? + (dropped_low.matmul(&a)? * &mask)?)?
