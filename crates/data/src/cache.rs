@@ -7,8 +7,10 @@
 //! on reading is reported and rebuilt, never trusted.
 //!
 //! Layout (little-endian): `HELIXTOK` magic, u32 version, u64 header length, JSON header
-//! ([`CacheHeader`]), then per sample u32 length, u32 prompt length, u32 record index, then all
-//! token ids as u32. Labels are not stored: they follow from ids, prompt length and loss mode.
+//! ([`CacheHeader`]), then per sample u32 length, u32 prompt length, u32 record index and u32
+//! count of untrained ranges, then every sample's untrained ranges (u32 start, u32 end), then all
+//! token ids as u32. Labels are not stored: they follow from ids, prompt length, untrained
+//! ranges and loss mode.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -21,7 +23,7 @@ use crate::stats::ReadSummary;
 use crate::tokenize::{LossMode, Sample, TokenizeStats, Tokenized};
 
 const MAGIC: &[u8; 8] = b"HELIXTOK";
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 
 /// Hex SHA-256 of a file's bytes, read a buffer at a time: a training file of many GB is
 /// hashed on every rank (each checks it holds rank 0's data) without being held whole.
@@ -83,14 +85,21 @@ pub fn write_cache(
         tokens: tokenized.samples.iter().map(|s| s.input_ids.len()).sum(),
     };
     let header_json = serde_json::to_vec(&header)?;
-    let mut buf =
-        Vec::with_capacity(24 + header_json.len() + 12 * header.samples + 4 * header.tokens);
+    let ranges: usize = tokenized.samples.iter().map(|s| s.untrained.len()).sum();
+    let mut buf = Vec::with_capacity(
+        24 + header_json.len() + 16 * header.samples + 8 * ranges + 4 * header.tokens,
+    );
     buf.extend_from_slice(MAGIC);
     buf.extend_from_slice(&VERSION.to_le_bytes());
     buf.extend_from_slice(&(header_json.len() as u64).to_le_bytes());
     buf.extend_from_slice(&header_json);
     for s in &tokenized.samples {
-        for v in [s.input_ids.len(), s.prompt_len, s.record] {
+        for v in [s.input_ids.len(), s.prompt_len, s.record, s.untrained.len()] {
+            buf.extend_from_slice(&(v as u32).to_le_bytes());
+        }
+    }
+    for r in tokenized.samples.iter().flat_map(|s| &s.untrained) {
+        for v in [r.start, r.end] {
             buf.extend_from_slice(&(v as u32).to_le_bytes());
         }
     }
@@ -134,22 +143,53 @@ pub fn read_cache(path: &Path, key: &str) -> Result<(ReadSummary, Tokenized)> {
     if header.key != key {
         bail!("{}: cache key differs", path.display());
     }
+    let corrupt = || anyhow::anyhow!("{}: cache is truncated or corrupt", path.display());
     let mut meta = Vec::with_capacity(header.samples);
     for _ in 0..header.samples {
-        meta.push((r.u32()? as usize, r.u32()? as usize, r.u32()? as usize));
+        let [len, prompt_len, record, ranges] = [r.u32()?, r.u32()?, r.u32()?, r.u32()?];
+        meta.push((
+            len as usize,
+            prompt_len as usize,
+            record as usize,
+            ranges as usize,
+        ));
+    }
+    let mut untrained = Vec::with_capacity(meta.len());
+    for &(len, prompt_len, _, ranges) in &meta {
+        let mut sample = Vec::with_capacity(ranges);
+        let mut at = prompt_len;
+        for _ in 0..ranges {
+            let (start, end) = (r.u32()? as usize, r.u32()? as usize);
+            // In order, disjoint, past the prompt and inside the sample: labels index by them.
+            if start < at || end <= start || end > len {
+                return Err(corrupt());
+            }
+            at = end;
+            sample.push(start..end);
+        }
+        untrained.push(sample);
     }
     let total: usize = meta.iter().map(|m| m.0).sum();
-    if total != header.tokens || r.bytes.len() - r.at != 4 * total {
-        bail!("{}: cache is truncated or corrupt", path.display());
+    let prompts_fit = meta
+        .iter()
+        .all(|&(len, prompt_len, _, _)| prompt_len <= len);
+    if total != header.tokens || r.bytes.len() - r.at != 4 * total || !prompts_fit {
+        return Err(corrupt());
     }
     let mut samples = Vec::with_capacity(header.samples);
-    for (len, prompt_len, record) in meta {
+    for ((len, prompt_len, record, _), untrained) in meta.into_iter().zip(untrained) {
         let input_ids: Vec<u32> = r
             .take(4 * len)?
             .chunks_exact(4)
             .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
             .collect();
-        samples.push(Sample::new(input_ids, prompt_len, record, header.loss));
+        samples.push(Sample::with_untrained(
+            input_ids,
+            prompt_len,
+            untrained,
+            record,
+            header.loss,
+        ));
     }
     Ok((
         header.read,

@@ -23,7 +23,7 @@ pub struct DataConfig {
     #[serde(default)]
     pub fields: FieldOverrides,
     /// `alpaca`, `dolly`, `chat` (the model's own template) or a string with `{instruction}`
-    /// and `{input}`/`{context}`.
+    /// and `{input}`/`{context}`. Conversations (`messages`, `sharegpt`) need `chat`.
     #[serde(default = "default_template")]
     pub template: String,
     /// Directory with tokenizer.json; defaults to the model directory.
@@ -69,6 +69,8 @@ pub struct FieldOverrides {
     pub context: Option<String>,
     pub response: Option<String>,
     pub category: Option<String>,
+    /// A conversation's array of turns (`messages` and `sharegpt` formats).
+    pub messages: Option<String>,
 }
 
 fn default_template() -> String {
@@ -140,6 +142,9 @@ impl DataConfig {
         if o.category.is_some() {
             fields.category = o.category.clone();
         }
+        if let (Some(turns), Some(list)) = (&mut fields.turns, &o.messages) {
+            turns.list = list.clone();
+        }
         ReadOptions {
             fields,
             skip_invalid: self.skip_invalid,
@@ -156,6 +161,34 @@ impl DataConfig {
         }
         if self.pad_to_multiple_of == 0 {
             bail!("data.pad_to_multiple_of must be at least 1");
+        }
+        let format = serde_json::to_value(self.format)?;
+        let o = &self.fields;
+        if self.format.is_conversation() {
+            if self.template != "chat" {
+                bail!(
+                    "data.template = {:?} cannot render the conversations of data.format = \
+                     {format}: set data.template = \"chat\" (the model's chat template)",
+                    self.template
+                );
+            }
+            let instruction_keys = [
+                ("instruction", &o.instruction),
+                ("context", &o.context),
+                ("response", &o.response),
+                ("category", &o.category),
+            ];
+            if let Some((key, _)) = instruction_keys.iter().find(|(_, v)| v.is_some()) {
+                bail!(
+                    "[data.fields] {key} does not apply to data.format = {format}, whose rows \
+                     are conversations (name their array of turns with [data.fields] messages)"
+                );
+            }
+        } else if o.messages.is_some() {
+            bail!(
+                "[data.fields] messages names a conversation's turns; data.format = {format} \
+                 reads instructions (use data.format = \"messages\" or \"sharegpt\")"
+            );
         }
         for (key, f) in [
             ("data.validation_fraction", self.validation_fraction),

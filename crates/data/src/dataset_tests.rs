@@ -184,3 +184,66 @@ fn data_config_unknown_keys_and_bad_values_name_the_key() {
         "data.test_fraction must be in [0, 1), got 1.5"
     );
 }
+
+#[test]
+fn conversations_train_on_assistant_turns_and_round_trip_through_the_cache() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("tok");
+    std::fs::create_dir_all(&dir)?;
+    word_tokenizer(&["<|im_start|>", "<|im_end|>"])
+        .save(dir.join("tokenizer.json"), false)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        serde_json::json!({"eos_token": "<|im_end|>", "chat_template": template}).to_string(),
+    )?;
+    let tok = DataTokenizer::open(&dir)?;
+    let data = tmp.path().join("chats.jsonl");
+    std::fs::write(
+        &data,
+        r#"{"messages": [{"role": "user", "content": "one two"}, {"role": "assistant", "content": "three"}, {"role": "user", "content": "four"}, {"role": "assistant", "content": "five six"}]}
+{"messages": [{"role": "system", "content": "six"}, {"role": "user", "content": "one"}, {"role": "assistant", "content": "two"}]}
+"#,
+    )?;
+    let mut cfg = DataConfig::new(data, crate::Format::Messages);
+    cfg.template = "chat".into();
+    cfg.cache_dir = Some(tmp.path().join("cache"));
+    cfg.shuffle = false;
+    let first = prepare(&cfg, &tok)?;
+    assert_eq!(first.train.len(), 2);
+    let id = |w: &str| tok.codec.token_id(w).unwrap() as i64;
+    let trained =
+        |s: &Sample| -> Vec<i64> { s.labels.iter().copied().filter(|&l| l != I).collect() };
+    let by_record = |p: &PreparedData, r: usize| p.train.iter().find(|s| s.record == r).cloned();
+    let end = id("<|im_end|>");
+    let s0 = by_record(&first, 0).unwrap();
+    assert_eq!(trained(&s0), [id("three"), end, id("five"), id("six"), end]);
+    assert_eq!(trained(&by_record(&first, 1).unwrap()), [id("two"), end]);
+    let second = prepare(&cfg, &tok)?;
+    assert!(second.report.sources["train"].cache_hit);
+    assert_eq!(fingerprint(&first), fingerprint(&second));
+
+    // A cache file whose untrained range runs past its sample is rebuilt, not trusted.
+    let path = first.report.sources["train"].cache.clone().unwrap();
+    let bytes = std::fs::read(&path)?;
+    let header_len = u64::from_le_bytes(bytes[12..20].try_into()?) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[20..20 + header_len])?;
+    let key = header["key"].as_str().unwrap().to_string();
+    // The first sample's only untrained range: its end is the u32 after its start.
+    let ranges_at = 20 + header_len + 16 * 2;
+    let mut bad = bytes.clone();
+    bad[ranges_at + 4..ranges_at + 8].copy_from_slice(&999u32.to_le_bytes());
+    std::fs::write(&path, &bad)?;
+    let err = crate::cache::read_cache(&path, &key).unwrap_err();
+    assert!(
+        err.to_string().ends_with("cache is truncated or corrupt"),
+        "{err}"
+    );
+    let again = prepare(&cfg, &tok)?;
+    assert!(!again.report.sources["train"].cache_hit);
+    assert_eq!(fingerprint(&first), fingerprint(&again));
+    Ok(())
+}
+
+const I: i64 = helix_ops::IGNORE_INDEX;

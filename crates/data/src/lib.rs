@@ -23,7 +23,10 @@ pub use batch::{collate_packed, collate_padded, Batch, PadOptions};
 pub use config::{DataConfig, FieldOverrides};
 pub use dataset::{prepare, DataReport, DataTokenizer, PreparedData};
 pub use pack::{pack_first_fit_decreasing, Packing, PackingStats};
-pub use records::{read_records, FieldMap, Format, ReadOptions, ReadReport, Record, SkipCounts};
+pub use records::{
+    read_records, FieldMap, Format, Message, ReadOptions, ReadReport, Record, SkipCounts,
+    TurnFields,
+};
 pub use sampler::{Cursor, RankBatch, Sampler};
 pub use split::{split_by_fraction, Splits};
 pub use stats::{DataStats, ReadSummary};

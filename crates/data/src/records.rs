@@ -1,4 +1,5 @@
-//! Instruction records from Dolly JSONL, Alpaca (JSON array or JSONL) and NeMo-style JSONL.
+//! Instruction records from Dolly JSONL, Alpaca (JSON array or JSONL) and NeMo-style JSONL,
+//! and multi-turn conversations (OpenAI-style `messages`, ShareGPT `conversations`).
 //!
 //! Every bad record is an error naming file, line and field, or — with `skip_invalid` — is
 //! skipped and counted in [`SkipCounts`]; nothing is dropped without being counted.
@@ -21,6 +22,18 @@ pub enum Format {
     Alpaca,
     /// `input` (the whole prompt), `output` (NeMo SFT JSONL).
     Nemo,
+    /// `messages`: `[{"role": …, "content": …}, …]` (OpenAI's chat format; TRL's and
+    /// torchtune's conversational datasets).
+    Messages,
+    /// `conversations`: `[{"from": "human" | "gpt" | "system", "value": …}, …]` (ShareGPT).
+    Sharegpt,
+}
+
+impl Format {
+    /// Whether rows are conversations (trained on every assistant turn), not instructions.
+    pub fn is_conversation(self) -> bool {
+        matches!(self, Self::Messages | Self::Sharegpt)
+    }
 }
 
 impl std::str::FromStr for Format {
@@ -30,7 +43,11 @@ impl std::str::FromStr for Format {
             "dolly" => Ok(Self::Dolly),
             "alpaca" => Ok(Self::Alpaca),
             "nemo" => Ok(Self::Nemo),
-            _ => bail!("unknown data format '{s}' (expected dolly, alpaca or nemo)"),
+            "messages" => Ok(Self::Messages),
+            "sharegpt" => Ok(Self::Sharegpt),
+            _ => bail!(
+                "unknown data format '{s}' (expected dolly, alpaca, nemo, messages or sharegpt)"
+            ),
         }
     }
 }
@@ -50,6 +67,34 @@ pub struct FieldMap {
     /// once the prompt or answer field is named by hand.
     #[serde(default)]
     pub refused: Vec<String>,
+    /// For conversation formats: where a row keeps its turns (the fields above are unused).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub turns: Option<TurnFields>,
+}
+
+/// Where a conversation row keeps its turns and how a turn names its speaker and its text.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TurnFields {
+    /// The row's array of turns (`messages`; ShareGPT: `conversations`).
+    pub list: String,
+    /// A turn's speaker key (`role`; ShareGPT: `from`).
+    pub speaker: String,
+    /// A turn's text key (`content`; ShareGPT: `value`).
+    pub text: String,
+    /// Speakers are ShareGPT's names (`human`, `gpt`, `system`), mapped to chat roles as
+    /// torchtune's ShareGPT loader maps them.
+    pub sharegpt_names: bool,
+}
+
+/// The chat roles a turn may have; only `assistant` turns are trained on.
+pub const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
+
+/// One turn of a conversation.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Message {
+    /// One of [`ROLES`].
+    pub role: String,
+    pub content: String,
 }
 
 /// Every format's prompt and answer fields.
@@ -61,6 +106,26 @@ impl FieldMap {
             Format::Dolly => ("instruction", Some("context"), "response", Some("category")),
             Format::Alpaca => ("instruction", Some("input"), "output", None),
             Format::Nemo => ("input", None, "output", None),
+            Format::Messages | Format::Sharegpt => {
+                let sharegpt = format == Format::Sharegpt;
+                let [list, speaker, text] = match sharegpt {
+                    true => ["conversations", "from", "value"],
+                    false => ["messages", "role", "content"],
+                };
+                return Self {
+                    instruction: String::new(),
+                    context: None,
+                    response: String::new(),
+                    category: None,
+                    refused: Vec::new(),
+                    turns: Some(TurnFields {
+                        list: list.into(),
+                        speaker: speaker.into(),
+                        text: text.into(),
+                        sharegpt_names: sharegpt,
+                    }),
+                };
+            }
         };
         let read = [Some(instruction), context, Some(response)];
         Self {
@@ -73,17 +138,22 @@ impl FieldMap {
                 .filter(|f| !read.contains(&Some(**f)))
                 .map(|f| f.to_string())
                 .collect(),
+            turns: None,
         }
     }
 }
 
-/// One instruction example; `context` is empty when the row has none.
+/// One example: an instruction (`context` empty when the row has none), or a conversation
+/// (`turns`; the three instruction fields are then empty).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Record {
     pub instruction: String,
     pub context: String,
     pub response: String,
     pub category: Option<String>,
+    /// A conversation's turns in order, at least one of them the assistant's; empty for an
+    /// instruction.
+    pub turns: Vec<Message>,
     /// 1-based line of the row in its file (for error messages downstream).
     pub line: usize,
 }
@@ -113,6 +183,8 @@ pub enum InvalidKind {
     InvalidUtf8,
     /// A field of another format's prompt ([`FieldMap::refused`]).
     UnreadField,
+    /// A conversation with a turn of unknown role, or without an assistant turn.
+    BadConversation,
 }
 
 /// Rows skipped under `skip_invalid`, by reason.
@@ -125,6 +197,8 @@ pub struct SkipCounts {
     pub invalid_utf8: usize,
     #[serde(default)]
     pub unread_field: usize,
+    #[serde(default)]
+    pub bad_conversation: usize,
 }
 
 impl SkipCounts {
@@ -135,6 +209,7 @@ impl SkipCounts {
             + self.wrong_type
             + self.invalid_utf8
             + self.unread_field
+            + self.bad_conversation
     }
 
     fn add(&mut self, kind: InvalidKind) {
@@ -145,6 +220,7 @@ impl SkipCounts {
             InvalidKind::WrongType => &mut self.wrong_type,
             InvalidKind::InvalidUtf8 => &mut self.invalid_utf8,
             InvalidKind::UnreadField => &mut self.unread_field,
+            InvalidKind::BadConversation => &mut self.bad_conversation,
         } += 1;
     }
 }
@@ -349,6 +425,16 @@ fn extract(
         let detail = format!("expected a JSON object, found {}", type_name(value));
         return Err(invalid(file, line, None, InvalidKind::NotAnObject, detail));
     };
+    if let Some(turns) = &fields.turns {
+        return Ok(Record {
+            instruction: String::new(),
+            context: String::new(),
+            response: String::new(),
+            category: None,
+            turns: conversation(file, line, obj, turns)?,
+            line,
+        });
+    }
     let wrong_type = |name: &str, v: &Value| {
         let detail = format!("expected a string, found {}", type_name(v));
         invalid(file, line, Some(name), InvalidKind::WrongType, detail)
@@ -397,8 +483,81 @@ fn extract(
         context: optional(&fields.context)?.unwrap_or_default(),
         response: required(&fields.response)?,
         category: optional(&fields.category)?,
+        turns: Vec::new(),
         line,
     })
+}
+
+/// The turns of a conversation row; each error names the turn's field (`messages[2].role`).
+fn conversation(
+    file: &str,
+    line: usize,
+    obj: &serde_json::Map<String, Value>,
+    fields: &TurnFields,
+) -> Result<Vec<Message>, InvalidRow> {
+    let list = fields.list.as_str();
+    let bad = |field: String, kind: InvalidKind, detail: String| {
+        invalid(file, line, Some(&field), kind, detail)
+    };
+    let items = match obj.get(list) {
+        None => {
+            return Err(bad(
+                list.into(),
+                InvalidKind::MissingField,
+                "missing".into(),
+            ))
+        }
+        Some(Value::Array(items)) => items,
+        Some(v) => {
+            let detail = format!("expected an array of turns, found {}", type_name(v));
+            return Err(bad(list.into(), InvalidKind::WrongType, detail));
+        }
+    };
+    let mut turns = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let Some(turn) = item.as_object() else {
+            let detail = format!("expected a JSON object, found {}", type_name(item));
+            return Err(bad(format!("{list}[{i}]"), InvalidKind::WrongType, detail));
+        };
+        let text = |key: &str| -> Result<String, InvalidRow> {
+            let field = format!("{list}[{i}].{key}");
+            match turn.get(key) {
+                None => Err(bad(field, InvalidKind::MissingField, "missing".into())),
+                Some(Value::String(s)) => Ok(s.clone()),
+                Some(v) => {
+                    let detail = format!("expected a string, found {}", type_name(v));
+                    Err(bad(field, InvalidKind::WrongType, detail))
+                }
+            }
+        };
+        let speaker = text(&fields.speaker)?;
+        let role = match (fields.sharegpt_names, speaker.as_str()) {
+            (true, "human") => "user",
+            (true, "gpt") => "assistant",
+            (_, r) if ROLES.contains(&r) => r,
+            (sharegpt, r) => {
+                let known = match sharegpt {
+                    true => "human, gpt, system, or a role: user, assistant, tool",
+                    false => "system, user, assistant or tool",
+                };
+                let detail = format!("unknown speaker \"{r}\" (expected {known})");
+                let field = format!("{list}[{i}].{}", fields.speaker);
+                return Err(bad(field, InvalidKind::BadConversation, detail));
+            }
+        };
+        turns.push(Message {
+            role: role.to_string(),
+            content: text(&fields.text)?,
+        });
+    }
+    if !turns.iter().any(|t| t.role == "assistant") {
+        let detail = format!(
+            "no assistant turn among its {} turns: nothing to train on",
+            turns.len()
+        );
+        return Err(bad(list.into(), InvalidKind::BadConversation, detail));
+    }
+    Ok(turns)
 }
 
 #[cfg(test)]

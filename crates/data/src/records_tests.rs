@@ -177,6 +177,7 @@ fn skip_invalid_counts_every_skipped_row() -> Result<()> {
         wrong_type: 1,
         invalid_utf8: 1,
         unread_field: 0,
+        bad_conversation: 0,
     };
     assert_eq!(r.skipped, expect);
     assert_eq!(r.skipped_rows.len(), 5);
@@ -223,5 +224,92 @@ fn another_format_s_prompt_field_is_refused_unless_fields_are_named() -> Result<
     let cfg: crate::DataConfig =
         toml::from_str("train = \"x\"\nformat = \"nemo\"\n[fields]\ncategory = \"topic\"\n")?;
     assert!(read_records_from_bytes("data.jsonl", alpaca, &cfg.read_options()).is_err());
+    Ok(())
+}
+
+fn turn(role: &str, content: &str) -> Message {
+    Message {
+        role: role.into(),
+        content: content.into(),
+    }
+}
+
+#[test]
+fn reads_messages_and_sharegpt_conversations() -> Result<()> {
+    let messages = br#"{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye."}]}"#;
+    let r = read(messages, Format::Messages, false)?;
+    let want = vec![
+        turn("system", "Be brief."),
+        turn("user", "Hi"),
+        turn("assistant", "Hello."),
+        turn("user", "Bye"),
+        turn("assistant", "Bye."),
+    ];
+    assert_eq!(r.records[0].turns, want);
+    assert_eq!(r.records[0].instruction, "");
+    // ShareGPT's speakers map to roles as torchtune maps them.
+    let sharegpt = br#"[{"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}, {"from": "user", "value": "Bye"}, {"from": "assistant", "value": "Bye."}]}]"#;
+    assert_eq!(
+        read(sharegpt, Format::Sharegpt, false)?.records[0].turns,
+        want
+    );
+    // The array's field may be renamed.
+    let cfg: crate::DataConfig = toml::from_str(
+        "train = \"x\"\nformat = \"messages\"\ntemplate = \"chat\"\n[fields]\nmessages = \"dialog\"\n",
+    )?;
+    cfg.validate()?;
+    let dialog = br#"{"dialog": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}"#;
+    let r = read_records_from_bytes("data.jsonl", dialog, &cfg.read_options())?;
+    assert_eq!(r.records[0].turns, want[1..3]);
+    Ok(())
+}
+
+#[test]
+fn a_bad_conversation_names_its_line_and_turn() -> Result<()> {
+    let cases: [(&[u8], Format, &str); 7] = [
+        (br#"{"instruction": "a"}"#, Format::Messages, "data.jsonl:1: field \"messages\": missing"),
+        (br#"{"messages": "hi"}"#, Format::Messages, "data.jsonl:1: field \"messages\": expected an array of turns, found a string"),
+        (br#"{"messages": [{"role": "user", "content": "a"}, ["x"]]}"#, Format::Messages, "data.jsonl:1: field \"messages[1]\": expected a JSON object, found an array"),
+        (br#"{"messages": [{"role": "user"}]}"#, Format::Messages, "data.jsonl:1: field \"messages[0].content\": missing"),
+        (br#"{"messages": [{"role": "user", "content": [{"type": "text"}]}]}"#, Format::Messages, "data.jsonl:1: field \"messages[0].content\": expected a string, found an array"),
+        (br#"{"messages": [{"role": "assitant", "content": "a"}]}"#, Format::Messages, "data.jsonl:1: field \"messages[0].role\": unknown speaker \"assitant\" (expected system, user, assistant or tool)"),
+        (br#"{"conversations": [{"from": "human", "value": "a"}]}"#, Format::Sharegpt, "data.jsonl:1: field \"conversations\": no assistant turn among its 1 turns: nothing to train on"),
+    ];
+    for (bytes, format, want) in cases {
+        assert_eq!(err(bytes, format), want);
+    }
+    let e = err(
+        br#"{"conversations": [{"from": "bot", "value": "a"}]}"#,
+        Format::Sharegpt,
+    );
+    assert!(e.ends_with("unknown speaker \"bot\" (expected human, gpt, system, or a role: user, assistant, tool)"), "{e}");
+    // Skippable, and counted.
+    let mut bytes = br#"{"messages": [{"role": "user", "content": "a"}]}"#.to_vec();
+    bytes.extend_from_slice(b"\n");
+    bytes.extend_from_slice(br#"{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}"#);
+    let r = read(&bytes, Format::Messages, true)?;
+    assert_eq!((r.records.len(), r.skipped.bad_conversation), (1, 1));
+    assert_eq!(r.records[0].line, 2);
+    Ok(())
+}
+
+#[test]
+fn conversation_settings_that_cannot_work_name_the_key() -> Result<()> {
+    let parse = |text: &str| -> Result<String> {
+        let cfg: crate::DataConfig = toml::from_str(text)?;
+        Ok(cfg.validate().unwrap_err().to_string())
+    };
+    assert_eq!(
+        parse("train = \"x\"\nformat = \"messages\"\n")?,
+        "data.template = \"alpaca\" cannot render the conversations of data.format = \"messages\": set data.template = \"chat\" (the model's chat template)"
+    );
+    assert_eq!(
+        parse("train = \"x\"\nformat = \"sharegpt\"\ntemplate = \"chat\"\n[fields]\nresponse = \"r\"\n")?,
+        "[data.fields] response does not apply to data.format = \"sharegpt\", whose rows are conversations (name their array of turns with [data.fields] messages)"
+    );
+    assert_eq!(
+        parse("train = \"x\"\nformat = \"alpaca\"\n[fields]\nmessages = \"m\"\n")?,
+        "[data.fields] messages names a conversation's turns; data.format = \"alpaca\" reads instructions (use data.format = \"messages\" or \"sharegpt\")"
+    );
     Ok(())
 }

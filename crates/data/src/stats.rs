@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashSet};
 use serde::{Deserialize, Serialize};
 
 use crate::pack::{pack_first_fit_decreasing, PackingStats};
-use crate::records::{ReadReport, SkipCounts};
+use crate::records::{Message, ReadReport, SkipCounts};
 use crate::tokenize::{TokenizeStats, Tokenized};
 
 /// What reading a file found, kept (and cached) apart from the records themselves.
@@ -21,7 +21,7 @@ pub struct ReadSummary {
 
 impl ReadSummary {
     pub fn new(read: &ReadReport) -> Self {
-        let unique: HashSet<(&str, &str, &str)> = read
+        let unique: HashSet<(&str, &str, &str, &[Message])> = read
             .records
             .iter()
             .map(|r| {
@@ -29,6 +29,7 @@ impl ReadSummary {
                     r.instruction.as_str(),
                     r.context.as_str(),
                     r.response.as_str(),
+                    r.turns.as_slice(),
                 )
             })
             .collect();
@@ -50,7 +51,7 @@ impl ReadSummary {
 pub struct DataStats {
     /// Valid records read.
     pub records: usize,
-    /// Records with a distinct (instruction, context, response).
+    /// Records with a distinct (instruction, context, response), or distinct turns.
     pub unique_records: usize,
     pub skipped_invalid: SkipCounts,
     /// Samples after the length policy, and their token counts (prompt + target).

@@ -191,6 +191,7 @@ mod tests {
                 input_ids: vec![1; 3 + i % 5],
                 labels: vec![5; 3 + i % 5],
                 prompt_len: 1,
+                untrained: Vec::new(),
             })
             .collect()
     }

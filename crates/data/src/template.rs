@@ -1,6 +1,9 @@
 //! Prompt templates: a [`Record`] becomes a prompt (no loss under answer-only training) and a
-//! target (trained on). Tokenization appends EOS to the target ([`Rendered::add_eos`]).
+//! target (trained on). Tokenization appends EOS to the target ([`Rendered::add_eos`]). A
+//! conversation becomes the text before its first assistant turn and the rest, in which the
+//! turns between assistant turns are not trained on ([`Rendered::untrained`]).
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
@@ -26,6 +29,9 @@ pub const DOLLY_END_KEY: &str = "### End";
 pub struct Rendered {
     pub prompt: String,
     pub target: String,
+    /// Byte ranges of `target` that answer-only loss does not train on: a conversation's turns
+    /// after its first assistant turn that are not the assistant's. Empty for an instruction.
+    pub untrained: Vec<Range<usize>>,
     /// Append the tokenizer's EOS id after the target. False for chat templates, which end the
     /// assistant turn with their own end-of-turn token.
     pub add_eos: bool,
@@ -82,9 +88,19 @@ impl Template {
     }
 
     pub fn render(&self, rec: &Record) -> Result<Rendered> {
+        if !rec.turns.is_empty() {
+            return match self {
+                Self::Chat(c) => c.render_turns(rec),
+                _ => bail!(
+                    "line {}: a conversation needs the model's chat template (template = \"chat\"), not {self:?}",
+                    rec.line
+                ),
+            };
+        }
         let plain = |prompt: String, target: String| Rendered {
             prompt,
             target,
+            untrained: Vec::new(),
             add_eos: true,
             add_special_tokens: true,
         };
@@ -234,6 +250,84 @@ impl ChatTemplate {
         Ok(Rendered {
             target: target.to_string(),
             prompt,
+            untrained: Vec::new(),
+            add_eos: false,
+            add_special_tokens: false,
+        })
+    }
+
+    /// A conversation: each assistant turn is what rendering the turns through it adds to the
+    /// generation prompt after the turns before it (its text and the template's end of turn),
+    /// as [`Self::render`] separates a single response. Everything else is untrained. Each
+    /// rendering must extend the one before it, or the turns cannot be told apart (a template
+    /// that rewrites earlier turns once later ones follow) and the row is refused.
+    fn render_turns(&self, rec: &Record) -> Result<Rendered> {
+        let mut turns: Vec<(&str, &str)> = Vec::with_capacity(rec.turns.len() + 1);
+        if let Some(s) = &self.system {
+            if rec.turns[0].role != "system" {
+                turns.push(("system", s));
+            }
+        }
+        let leading = turns.len();
+        turns.extend(
+            rec.turns
+                .iter()
+                .map(|m| (m.role.as_str(), m.content.as_str())),
+        );
+        // Byte ranges of the whole text that are trained on, in order.
+        let mut trained: Vec<Range<usize>> = Vec::new();
+        let mut rendered = String::new();
+        let extends = |longer: &str, shorter: &str, what: &str| -> Result<()> {
+            match longer.starts_with(shorter) {
+                true => Ok(()),
+                false => bail!(
+                    "line {}: the chat template renders {what} differently from the turns before it, so the assistant turns cannot be separated from the rest",
+                    rec.line
+                ),
+            }
+        };
+        for (i, (role, _)) in turns.iter().enumerate().skip(leading) {
+            if *role != "assistant" {
+                continue;
+            }
+            let turn = i - leading + 1;
+            let prompt = self.codec.apply_chat_template(&turns[..i], true)?;
+            extends(
+                &prompt,
+                &rendered,
+                &format!("the generation prompt before turn {turn}"),
+            )?;
+            let through = self.codec.apply_chat_template(&turns[..=i], false)?;
+            extends(&through, &prompt, &format!("turn {turn} (the assistant's)"))?;
+            if through.len() > prompt.len() {
+                trained.push(prompt.len()..through.len());
+            }
+            rendered = through;
+        }
+        let text = self.codec.apply_chat_template(&turns, false)?;
+        extends(&text, &rendered, "the conversation's last turns")?;
+        let Some(first) = trained.first().map(|r| r.start) else {
+            bail!(
+                "line {}: the chat template renders no text for the assistant turns",
+                rec.line
+            );
+        };
+        // What the trained ranges leave after the first, relative to it.
+        let mut untrained = Vec::new();
+        let mut at = first;
+        for r in trained
+            .iter()
+            .chain(std::iter::once(&(text.len()..text.len())))
+        {
+            if r.start > at {
+                untrained.push(at - first..r.start - first);
+            }
+            at = r.end;
+        }
+        Ok(Rendered {
+            prompt: text[..first].to_string(),
+            target: text[first..].to_string(),
+            untrained,
             add_eos: false,
             add_special_tokens: false,
         })

@@ -9,6 +9,7 @@ fn rec(instruction: &str, context: &str, response: &str) -> Record {
         context: context.into(),
         response: response.into(),
         category: None,
+        turns: Vec::new(),
         line: 1,
     }
 }
@@ -156,5 +157,115 @@ fn chat_template_splits_prompt_and_assistant_turn() -> Result<()> {
     );
     assert_eq!(r.target, "Paris<|im_end|>\n");
     assert!(!r.add_eos, "the template ends the turn itself");
+    Ok(())
+}
+
+/// A conversation record of (role, content) turns.
+pub(crate) fn conversation(turns: &[(&str, &str)]) -> Record {
+    Record {
+        turns: turns
+            .iter()
+            .map(|(role, content)| crate::records::Message {
+                role: role.to_string(),
+                content: content.to_string(),
+            })
+            .collect(),
+        ..rec("", "", "")
+    }
+}
+
+#[test]
+fn a_conversation_trains_on_each_assistant_turn_and_nothing_between() -> Result<()> {
+    let t = Template::Chat(ChatTemplate::new(chatml_codec(), None)?);
+    let r = t.render(&conversation(&[
+        ("user", "Hi"),
+        ("assistant", "Hello."),
+        ("user", "Bye"),
+        ("assistant", "Bye."),
+        ("user", "Wait"),
+    ]))?;
+    assert_eq!(
+        r.prompt,
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let untrained: Vec<&str> = r.untrained.iter().map(|u| &r.target[u.clone()]).collect();
+    assert_eq!(
+        untrained,
+        [
+            "<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n",
+            "<|im_start|>user\nWait<|im_end|>\n"
+        ]
+    );
+    // What is left is exactly the two assistant turns, each with its end of turn.
+    let mut trained = String::new();
+    let mut at = 0;
+    for u in &r.untrained {
+        trained.push_str(&r.target[at..u.start]);
+        at = u.end;
+    }
+    trained.push_str(&r.target[at..]);
+    assert_eq!(trained, "Hello.<|im_end|>\nBye.<|im_end|>\n");
+    assert!(!r.add_eos && !r.add_special_tokens);
+
+    // The template's own system turn goes first unless the conversation has one.
+    let t = Template::Chat(ChatTemplate::new(chatml_codec(), Some("Be brief.".into()))?);
+    let r = t.render(&conversation(&[("user", "Hi"), ("assistant", "Hello.")]))?;
+    assert!(
+        r.prompt
+            .starts_with("<|im_start|>system\nBe brief.<|im_end|>\n"),
+        "{}",
+        r.prompt
+    );
+    let r = t.render(&conversation(&[
+        ("system", "Terse."),
+        ("user", "Hi"),
+        ("assistant", "Hello."),
+    ]))?;
+    assert!(
+        r.prompt
+            .starts_with("<|im_start|>system\nTerse.<|im_end|>\n<|im_start|>user"),
+        "{}",
+        r.prompt
+    );
+    assert_eq!(
+        (r.target.as_str(), r.untrained.len()),
+        ("Hello.<|im_end|>\n", 0)
+    );
+    Ok(())
+}
+
+#[test]
+fn a_conversation_that_cannot_be_split_is_refused_with_its_line() -> Result<()> {
+    let turns = [
+        ("user", "Hi"),
+        ("assistant", "Hello."),
+        ("user", "Bye"),
+        ("assistant", "Bye."),
+    ];
+    // Not a chat template.
+    let e = format!(
+        "{:#}",
+        Template::Alpaca.render(&conversation(&turns)).unwrap_err()
+    );
+    assert_eq!(
+        e,
+        "line 1: a conversation needs the model's chat template (template = \"chat\"), not Alpaca"
+    );
+    // A template that marks the last turn renders earlier turns differently once more follow.
+    let codec = TextCodec {
+        tokenizer: crate::tokenize::tests::word_tokenizer(&[]),
+        chat_template: Some(
+            "{% for m in messages %}{% if loop.last %}LAST {% endif %}{{ m['content'] }}\n{% endfor %}"
+                .into(),
+        ),
+        bos_token: None,
+        eos_token: None,
+    };
+    let t = Template::Chat(ChatTemplate::new(Arc::new(codec), None)?);
+    let e = format!("{:#}", t.render(&conversation(&turns)).unwrap_err());
+    assert_eq!(
+        e,
+        "line 1: the chat template renders turn 2 (the assistant's) differently from the turns before it, so the assistant turns cannot be separated from the rest"
+    );
     Ok(())
 }

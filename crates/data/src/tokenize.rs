@@ -4,6 +4,10 @@
 //! the ids are what the model sees at inference; the prompt/target split comes from the
 //! tokenizer's byte offsets: a token belongs to the target when it covers any target byte. A
 //! token that covers bytes of both is counted in [`TokenizeStats::boundary_merges`] (trained on).
+//! A conversation's untrained turns inside the target ([`Rendered::untrained`]) are split off
+//! the same way: a token is untrained when all its bytes are.
+
+use std::ops::Range;
 
 use anyhow::{anyhow, bail, Context, Result};
 use helix_ops::IGNORE_INDEX;
@@ -70,6 +74,9 @@ pub struct Sample {
     pub labels: Vec<i64>,
     /// Number of leading prompt tokens (after truncation).
     pub prompt_len: usize,
+    /// Token ranges past the prompt that answer-only loss does not train on either: a
+    /// conversation's turns between (and after) its assistant turns. In order, disjoint.
+    pub untrained: Vec<Range<usize>>,
     /// Index of the record it came from.
     pub record: usize,
 }
@@ -78,20 +85,38 @@ impl Sample {
     /// A sample whose labels follow `loss`: with answer-only loss the first `prompt_len` tokens
     /// get [`IGNORE_INDEX`], every other token is its own label.
     pub fn new(input_ids: Vec<u32>, prompt_len: usize, record: usize, loss: LossMode) -> Self {
-        let labels = input_ids
-            .iter()
-            .enumerate()
-            .map(|(i, &id)| match loss {
-                LossMode::AnswerOnly if i < prompt_len => IGNORE_INDEX,
-                _ => id as i64,
-            })
-            .collect();
+        Self::with_untrained(input_ids, prompt_len, Vec::new(), record, loss)
+    }
+
+    /// [`Sample::new`] with `untrained` token ranges past the prompt that answer-only loss
+    /// ignores too (a conversation's other turns).
+    pub fn with_untrained(
+        input_ids: Vec<u32>,
+        prompt_len: usize,
+        untrained: Vec<Range<usize>>,
+        record: usize,
+        loss: LossMode,
+    ) -> Self {
+        let mut labels: Vec<i64> = input_ids.iter().map(|&id| id as i64).collect();
+        if loss == LossMode::AnswerOnly {
+            let n = labels.len();
+            for r in std::iter::once(0..prompt_len).chain(untrained.iter().cloned()) {
+                labels[r.start.min(n)..r.end.min(n)].fill(IGNORE_INDEX);
+            }
+        }
         Self {
             input_ids,
             labels,
             prompt_len,
+            untrained,
             record,
         }
+    }
+
+    /// Tokens answer-only loss trains on: those past the prompt and outside `untrained`.
+    pub fn answer_tokens(&self) -> usize {
+        let untrained: usize = self.untrained.iter().map(|r| r.len()).sum();
+        self.input_ids.len() - self.prompt_len - untrained
     }
 }
 
@@ -168,8 +193,8 @@ pub fn tokenize_records(
             Outcome::Kept(s, cut) => {
                 stats.truncated_prompt += (cut == Cut::Prompt) as usize;
                 stats.truncated_response += (cut == Cut::Response) as usize;
-                stats.prompt_tokens += s.prompt_len;
-                stats.target_tokens += s.input_ids.len() - s.prompt_len;
+                stats.target_tokens += s.answer_tokens();
+                stats.prompt_tokens += s.input_ids.len() - s.answer_tokens();
                 samples.push(s);
             }
         }
@@ -201,7 +226,8 @@ impl Encoder<'_> {
     }
 }
 
-/// Tokenizes one rendered example; the bool says whether a token straddled prompt and target.
+/// Tokenizes one rendered example; the bool says whether a token straddled prompt and target
+/// (or a conversation's trained and untrained turns).
 fn tokenize_one(
     encoder: &Encoder,
     cache: &mut WordCache,
@@ -218,7 +244,9 @@ fn tokenize_one(
         .iter()
         .position(|o| o.1 > boundary)
         .map_or(offsets.len(), |p| p + lead);
-    let merged = offsets.get(prompt_len).is_some_and(|o| o.0 < boundary);
+    let mut merged = offsets.get(prompt_len).is_some_and(|o| o.0 < boundary);
+    let (untrained, straddled) = untrained_tokens(&offsets, prompt_len, boundary, &r.untrained);
+    merged |= straddled;
     if r.add_eos {
         ids.push(opts.eos_id);
     }
@@ -227,8 +255,8 @@ fn tokenize_one(
     }
 
     let max = opts.max_seq_length;
-    let (ids, prompt_len, cut) = if ids.len() <= max {
-        (ids, prompt_len, Cut::None)
+    let (ids, prompt_len, untrained, cut) = if ids.len() <= max {
+        (ids, prompt_len, untrained, Cut::None)
     } else {
         match opts.policy {
             LengthPolicy::Drop => return Ok((Outcome::Dropped, merged)),
@@ -237,7 +265,12 @@ fn tokenize_one(
                     return Ok((Outcome::Dropped, merged));
                 }
                 ids.truncate(max);
-                (ids, prompt_len, Cut::Response)
+                let untrained = untrained
+                    .into_iter()
+                    .filter(|u| u.start < max)
+                    .map(|u| u.start..u.end.min(max))
+                    .collect();
+                (ids, prompt_len, untrained, Cut::Response)
             }
             LengthPolicy::TruncatePrompt => {
                 let target_len = ids.len() - prompt_len;
@@ -248,12 +281,51 @@ fn tokenize_one(
                 let keep = max - target_len - lead;
                 let mut out = ids[..lead].to_vec();
                 out.extend_from_slice(&ids[prompt_len - keep..]);
-                (out, lead + keep, Cut::Prompt)
+                // Every target token moves left by the prompt tokens cut.
+                let shift = prompt_len - keep - lead;
+                let untrained = untrained
+                    .into_iter()
+                    .map(|u| u.start - shift..u.end - shift)
+                    .collect();
+                (out, lead + keep, untrained, Cut::Prompt)
             }
         }
     };
-    let sample = Sample::new(ids, prompt_len, record, opts.loss);
+    let sample = Sample::with_untrained(ids, prompt_len, untrained, record, opts.loss);
     Ok((Outcome::Kept(sample, cut), merged))
+}
+
+/// Token ranges past `prompt_len` whose every byte lies in one of `untrained` (byte ranges of
+/// the target, which starts at byte `boundary` of the text), and whether a token straddled
+/// the edge of one (it covers trained bytes, so it is trained on).
+fn untrained_tokens(
+    offsets: &[(usize, usize)],
+    prompt_len: usize,
+    boundary: usize,
+    untrained: &[Range<usize>],
+) -> (Vec<Range<usize>>, bool) {
+    let mut ranges: Vec<Range<usize>> = Vec::new();
+    let mut straddled = false;
+    let mut spans = untrained
+        .iter()
+        .map(|u| u.start + boundary..u.end + boundary)
+        .peekable();
+    for (i, &(start, end)) in offsets.iter().enumerate().skip(prompt_len) {
+        // Spans wholly before this token are done with (tokens come in text order).
+        while spans.peek().is_some_and(|u| u.end <= start) {
+            spans.next();
+        }
+        let Some(u) = spans.peek() else { break };
+        if start >= u.start && end <= u.end {
+            match ranges.last_mut() {
+                Some(r) if r.end == i => r.end = i + 1,
+                _ => ranges.push(i..i + 1),
+            }
+        } else if start < u.end && end > u.start {
+            straddled = true;
+        }
+    }
+    (ranges, straddled)
 }
 
 #[cfg(test)]

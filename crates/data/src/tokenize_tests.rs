@@ -4,6 +4,7 @@ use std::str::FromStr;
 use super::*;
 use crate::records::{read_records, Format, ReadOptions};
 use crate::template::ChatTemplate;
+use helix_model::TextCodec;
 
 const WORDS: &[&str] = &[
     "Q",
@@ -78,6 +79,7 @@ fn rec(instruction: &str, response: &str) -> Record {
         context: String::new(),
         response: response.into(),
         category: None,
+        turns: Vec::new(),
         line: 7,
     }
 }
@@ -304,5 +306,83 @@ fn llama2_mask_covers_exactly_response_and_eos() -> Result<()> {
         };
         assert_eq!(merged, expect, "{template:?}");
     }
+    Ok(())
+}
+
+#[test]
+fn a_conversation_s_labels_are_its_assistant_turns_through_every_length_policy() -> Result<()> {
+    let codec = crate::template::tests::chatml_codec();
+    let t = Template::Chat(ChatTemplate::new(codec.clone(), None)?);
+    let turns = [
+        ("user", "Capital of France ?"),
+        ("assistant", "Paris"),
+        ("user", "two plus four"),
+        ("assistant", "six"),
+        ("user", "one"),
+    ];
+    let recs = [crate::template::tests::conversation(&turns)];
+    let id = |w: &str| codec.tokenizer.token_to_id(w).unwrap();
+    let words =
+        "<|im_start|> user Capital of France ? <|im_end|> <|im_start|> assistant Paris <|im_end|> \
+                 <|im_start|> user two plus four <|im_end|> <|im_start|> assistant six <|im_end|> \
+                 <|im_start|> user one <|im_end|>";
+    let ids: Vec<u32> = words.split(' ').map(id).collect();
+    // The trained positions, found by hand: each assistant turn's text and its end of turn.
+    let labels_at = |ids: &[u32], trained: &[usize]| -> Vec<i64> {
+        (0..ids.len())
+            .map(|i| match trained.contains(&i) {
+                true => ids[i] as i64,
+                false => I,
+            })
+            .collect()
+    };
+    let tokenize_with = |t: &Template, max: usize, policy: LengthPolicy, loss: LossMode| {
+        tokenize_records(&recs, t, &codec.tokenizer, &opts(max, policy, loss))
+    };
+    let tokenize = |max, policy, loss| tokenize_with(&t, max, policy, loss);
+
+    let out = tokenize(64, LengthPolicy::Drop, LossMode::AnswerOnly)?;
+    let s = &out.samples[0];
+    assert_eq!(s.input_ids, ids);
+    assert_eq!(s.labels, labels_at(&ids, &[9, 10, 19, 20]));
+    assert_eq!(
+        (s.prompt_len, s.untrained.clone()),
+        (9, vec![11..19, 21..25])
+    );
+    assert_eq!((out.stats.target_tokens, out.stats.prompt_tokens), (4, 21));
+    assert_eq!(out.stats.boundary_merges, 0);
+
+    let out = tokenize(64, LengthPolicy::Drop, LossMode::WholeSequence)?;
+    let whole: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+    assert_eq!(out.samples[0].labels, whole);
+
+    // Cutting the end keeps the first 15 tokens and what they hold of the second user turn.
+    let out = tokenize(15, LengthPolicy::TruncateResponse, LossMode::AnswerOnly)?;
+    let s = &out.samples[0];
+    assert_eq!(s.input_ids, ids[..15]);
+    assert_eq!(s.labels, labels_at(&ids[..15], &[9, 10]));
+    assert_eq!(out.stats.truncated_response, 1);
+
+    // Cutting the prompt keeps every turn from the first assistant one, shifted left.
+    let out = tokenize(20, LengthPolicy::TruncatePrompt, LossMode::AnswerOnly)?;
+    let s = &out.samples[0];
+    assert_eq!(s.input_ids, ids[5..]);
+    assert_eq!(s.labels, labels_at(&ids[5..], &[4, 5, 14, 15]));
+    assert_eq!(s.untrained, vec![6..14, 16..20]);
+    let out = tokenize(16, LengthPolicy::TruncatePrompt, LossMode::AnswerOnly)?;
+    assert_eq!((out.stats.samples, out.stats.dropped), (0, 1));
+
+    // Without newlines between turns, the last user turn's end of turn ends the text, and
+    // is still untrained.
+    let compact = TextCodec {
+        tokenizer: word_tokenizer(&["<|im_start|>", "<|im_end|>"]),
+        chat_template: Some("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant {% endif %}".into()),
+        bos_token: None,
+        eos_token: Some("<|im_end|>".into()),
+    };
+    let compact = Template::Chat(ChatTemplate::new(std::sync::Arc::new(compact), None)?);
+    let out = tokenize_with(&compact, 64, LengthPolicy::Drop, LossMode::AnswerOnly)?;
+    assert_eq!(out.samples[0].input_ids, ids);
+    assert_eq!(out.samples[0].labels, labels_at(&ids, &[9, 10, 19, 20]));
     Ok(())
 }

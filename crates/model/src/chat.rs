@@ -1,10 +1,16 @@
 //! Chat templates: the Jinja strings shipped in tokenizer_config.json, rendered like transformers.
 
+use std::cell::RefCell;
+
 use anyhow::{Context, Result};
 use minijinja::{context, Environment, Error, ErrorKind};
 
 /// Renders a chat template with transformers' conventions: `trim_blocks` and `lstrip_blocks`,
 /// `raise_exception`, Python string methods, and `bos_token`/`eos_token` in scope.
+///
+/// Each thread keeps the last template it compiled: tokenizing a dataset renders the same
+/// template several times per row (a conversation once per assistant turn and more), and
+/// parsing it again each time took most of that time.
 pub fn render(
     template: &str,
     messages: &[(&str, &str)],
@@ -12,6 +18,35 @@ pub fn render(
     bos_token: Option<&str>,
     eos_token: Option<&str>,
 ) -> Result<String> {
+    thread_local! {
+        static COMPILED: RefCell<Option<(String, Environment<'static>)>> =
+            const { RefCell::new(None) };
+    }
+    COMPILED.with_borrow_mut(|compiled| {
+        if compiled
+            .as_ref()
+            .is_none_or(|(source, _)| source != template)
+        {
+            *compiled = Some((template.to_string(), environment(template)?));
+        }
+        let (_, env) = compiled.as_ref().expect("compiled above");
+        let msgs: Vec<_> = messages
+            .iter()
+            .map(|(role, content)| context! { role => *role, content => *content })
+            .collect();
+        env.get_template("chat")?
+            .render(context! {
+                messages => msgs,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => bos_token.unwrap_or(""),
+                eos_token => eos_token.unwrap_or(""),
+            })
+            .context("rendering the chat template")
+    })
+}
+
+/// An environment holding `template`, parsed, as "chat".
+fn environment(template: &str) -> Result<Environment<'static>> {
     let mut env = Environment::new();
     env.set_syntax(
         minijinja::syntax::SyntaxConfig::builder()
@@ -24,22 +59,9 @@ pub fn render(
     env.add_function("raise_exception", |msg: String| -> Result<String, Error> {
         Err(Error::new(ErrorKind::InvalidOperation, msg))
     });
-    env.add_template("chat", template)
+    env.add_template_owned("chat", template.to_string())
         .context("chat template does not parse")?;
-    let msgs: Vec<_> = messages
-        .iter()
-        .map(|(role, content)| context! { role => *role, content => *content })
-        .collect();
-    let out = env
-        .get_template("chat")?
-        .render(context! {
-            messages => msgs,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => bos_token.unwrap_or(""),
-            eos_token => eos_token.unwrap_or(""),
-        })
-        .context("rendering the chat template")?;
-    Ok(out)
+    Ok(env)
 }
 
 #[cfg(test)]

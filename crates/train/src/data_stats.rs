@@ -16,7 +16,7 @@ use helix_train::config::ConfigFile;
 pub struct DataStatsArgs {
     #[arg(long)]
     data: Option<PathBuf>,
-    /// dolly, alpaca (JSON array or JSONL) or nemo
+    /// dolly, alpaca (JSON array or JSONL), nemo, messages or sharegpt (conversations)
     #[arg(long)]
     format: Option<Format>,
     /// A directory with tokenizer.json (and tokenizer_config.json for EOS / chat template).
@@ -47,6 +47,9 @@ pub struct DataStatsArgs {
     response_field: Option<String>,
     #[arg(long)]
     category_field: Option<String>,
+    /// A conversation's array of turns (messages / sharegpt), e.g. --messages-field dialog.
+    #[arg(long)]
+    messages_field: Option<String>,
     /// Tokenizer threads (0, the default: one per core).
     #[arg(long)]
     threads: Option<usize>,
@@ -78,6 +81,7 @@ pub fn run(args: DataStatsArgs, config: Option<&Path>, sets: &[String]) -> Resul
         context_field,
         response_field,
         category_field,
+        messages_field,
         threads,
         no_cache,
         world_size,
@@ -99,6 +103,7 @@ pub fn run(args: DataStatsArgs, config: Option<&Path>, sets: &[String]) -> Resul
                 ("--context-field", context_field.is_some()),
                 ("--response-field", response_field.is_some()),
                 ("--category-field", category_field.is_some()),
+                ("--messages-field", messages_field.is_some()),
                 ("--threads", threads.is_some()),
             ];
             if let Some((flag, _)) = data_flags.iter().find(|(_, given)| *given) {
@@ -138,6 +143,7 @@ pub fn run(args: DataStatsArgs, config: Option<&Path>, sets: &[String]) -> Resul
                 context: context_field,
                 response: response_field,
                 category: category_field,
+                messages: messages_field,
             };
             if let Some(n) = threads {
                 cfg.threads = n;
@@ -223,9 +229,14 @@ pub fn run(args: DataStatsArgs, config: Option<&Path>, sets: &[String]) -> Resul
 
 /// An error about the `[data]` keys, reworded for the flags that set them.
 fn in_flag_names(message: &str) -> String {
-    const FLAG_OF_KEY: [(&str, &str); 7] = [
+    const FLAG_OF_KEY: [(&str, &str); 12] = [
         ("data.train = ", "--data "),
         ("data.format", "--format"),
+        ("[data.fields] messages", "--messages-field"),
+        ("[data.fields] instruction", "--instruction-field"),
+        ("[data.fields] context", "--context-field"),
+        ("[data.fields] response", "--response-field"),
+        ("[data.fields] category", "--category-field"),
         (
             "[data.fields]",
             "--instruction-field, --context-field, --response-field",

@@ -46,8 +46,8 @@ fn every_shipped_config_is_valid() {
         training += 1;
     }
     assert_eq!(
-        training, 6,
-        "quickstart, sft7b, lora7b, lora13b, lora70b, ptuning7b"
+        training, 7,
+        "quickstart, chat_quickstart, sft7b, lora7b, lora13b, lora70b, ptuning7b"
     );
 }
 

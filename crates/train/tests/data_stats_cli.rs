@@ -195,3 +195,81 @@ fn bad_flags_are_named_as_flags() {
     let (ok, out, err) = flags(&["--data", "rows.jsonl", "--max-seq-length", "256"]);
     assert!(ok && out.contains("\"records\": 20"), "{err}");
 }
+
+#[test]
+fn data_stats_reads_conversations_with_the_chat_template() {
+    let tmp = setup();
+    // The word-level tokenizer with ChatML's two special tokens and its template.
+    let dir = tmp.path().join("model");
+    let path = dir.join("tokenizer.json");
+    let mut tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    for (i, t) in ["<|im_start|>", "<|im_end|>"].iter().enumerate() {
+        let id = 100 + i;
+        tok["model"]["vocab"][t] = id.into();
+        tok["added_tokens"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"id": id,
+            "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+            "normalized": false, "special": true}));
+    }
+    std::fs::write(&path, tok.to_string()).unwrap();
+    let template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        serde_json::json!({"eos_token": "<|im_end|>", "chat_template": template}).to_string(),
+    )
+    .unwrap();
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../datasets/conversations_sample.jsonl");
+    let data = data.to_str().unwrap();
+    let run = |extra: &[&str]| {
+        let mut args = vec!["data-stats", "--data", data, "--tokenizer", "model"];
+        args.extend_from_slice(extra);
+        helix_train(&args, tmp.path())
+    };
+    let (ok, out, err) = run(&["--format", "messages", "--template", "chat"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let stats = &v["sources"]["train"]["stats"];
+    assert_eq!(
+        (&stats["records"], &stats["samples"]),
+        (&24.into(), &24.into())
+    );
+    // 38 assistant turns, each its words and its end of turn; every conversation has at least
+    // one user turn (<|im_start|> user WORD <|im_end|>) and a generation prompt untrained.
+    let trained = stats["tokenize"]["target_tokens"].as_u64().unwrap();
+    let untrained = stats["tokenize"]["prompt_tokens"].as_u64().unwrap();
+    assert!(trained >= 2 * 38 && untrained >= 6 * 24, "{stats}");
+    assert_eq!(Some(trained + untrained), stats["total_tokens"].as_u64());
+
+    for (extra, want) in [
+        (
+            &["--format", "messages"][..],
+            "--template = \"alpaca\" cannot render the conversations of --format = \"messages\"",
+        ),
+        (
+            &["--format", "sharegpt", "--template", "chat"][..],
+            "conversations_sample.jsonl:1: field \"conversations\": missing",
+        ),
+        (
+            &[
+                "--format",
+                "messages",
+                "--template",
+                "chat",
+                "--response-field",
+                "x",
+            ][..],
+            "--response-field does not apply to --format = \"messages\"",
+        ),
+    ] {
+        let (ok, _, err) = run(extra);
+        assert!(!ok && err.contains(want), "{extra:?}: {err}");
+        assert!(
+            !err.contains("data."),
+            "{extra:?} names a config key: {err}"
+        );
+    }
+}

@@ -1,0 +1,55 @@
+"""Writes the ids and assistant-only labels of multi-turn conversations as transformers'
+chat template gives them, for tests/chat_data.rs (run by scripts/check-smollm2.sh).
+
+input_ids = tokenizer.apply_chat_template(messages) (no special tokens added: the template
+writes them). Labels are -100 except each assistant turn's tokens: for the assistant turn at
+index i, the tokens from len(apply_chat_template(messages[:i], add_generation_prompt=True)) to
+len(apply_chat_template(messages[:i + 1])). This counts tokens of each prefix tokenized on its
+own (torchtune's way of masking a conversation turn by turn), where helix splits one
+tokenization by byte offsets; each prefix's ids are checked to begin the whole conversation's.
+
+Output (JSONL, one row per conversation, in file order): {"input_ids": [int], "labels": [int]}
+"""
+
+import argparse
+import json
+
+from transformers import AutoTokenizer
+
+
+def ids_of(tokenizer, messages, generation_prompt):
+    ids = tokenizer.apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=generation_prompt
+    )
+    return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data", required=True, help="JSONL with a 'messages' list per row")
+    parser.add_argument("--tokenizer", required=True, help="directory with tokenizer_config.json")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    rows = 0
+    with open(args.data, encoding="utf-8") as src, open(args.out, "w") as out:
+        for line in src:
+            if not line.strip():
+                continue
+            messages = json.loads(line)["messages"]
+            ids = ids_of(tokenizer, messages, False)
+            labels = [-100] * len(ids)
+            for i, m in enumerate(messages):
+                if m["role"] != "assistant":
+                    continue
+                start = len(ids_of(tokenizer, messages[:i], True))
+                through = ids_of(tokenizer, messages[: i + 1], False)
+                assert ids[: len(through)] == through, f"row {rows + 1}: prefix {i} re-tokenizes"
+                labels[start : len(through)] = ids[start : len(through)]
+            out.write(json.dumps({"input_ids": ids, "labels": labels}) + "\n")
+            rows += 1
+    print(f"chat_data_reference: {rows} conversations")
+
+
+if __name__ == "__main__":
+    main()
