@@ -144,6 +144,15 @@ pub fn read_cache(path: &Path, key: &str) -> Result<(ReadSummary, Tokenized)> {
         bail!("{}: cache key differs", path.display());
     }
     let corrupt = || anyhow::anyhow!("{}: cache is truncated or corrupt", path.display());
+    // Counts are checked against the bytes left before anything is sized by them.
+    let fits = |r: &Reader, items: usize, bytes: usize| {
+        items
+            .checked_mul(bytes)
+            .is_some_and(|n| n <= r.bytes.len() - r.at)
+    };
+    if !fits(&r, header.samples, 16) {
+        return Err(corrupt());
+    }
     let mut meta = Vec::with_capacity(header.samples);
     for _ in 0..header.samples {
         let [len, prompt_len, record, ranges] = [r.u32()?, r.u32()?, r.u32()?, r.u32()?];
@@ -155,7 +164,11 @@ pub fn read_cache(path: &Path, key: &str) -> Result<(ReadSummary, Tokenized)> {
         ));
     }
     let mut untrained = Vec::with_capacity(meta.len());
-    for &(len, prompt_len, _, ranges) in &meta {
+    for &(len, prompt_len, record, ranges) in &meta {
+        // Samples index the records they came from (the splits do).
+        if record >= header.read.records || !fits(&r, ranges, 8) {
+            return Err(corrupt());
+        }
         let mut sample = Vec::with_capacity(ranges);
         let mut at = prompt_len;
         for _ in 0..ranges {

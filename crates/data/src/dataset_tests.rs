@@ -232,14 +232,18 @@ fn conversations_train_on_assistant_turns_and_round_trip_through_the_cache() -> 
     let key = header["key"].as_str().unwrap().to_string();
     // The first sample's only untrained range: its end is the u32 after its start.
     let ranges_at = 20 + header_len + 16 * 2;
-    let mut bad = bytes.clone();
-    bad[ranges_at + 4..ranges_at + 8].copy_from_slice(&999u32.to_le_bytes());
-    std::fs::write(&path, &bad)?;
-    let err = crate::cache::read_cache(&path, &key).unwrap_err();
-    assert!(
-        err.to_string().ends_with("cache is truncated or corrupt"),
-        "{err}"
-    );
+    // Its end past the sample, its start inside the prompt, a record that does not exist.
+    let record_at = 20 + header_len + 8;
+    for (at, value) in [(ranges_at + 4, 999u32), (ranges_at, 0), (record_at, 7)] {
+        let mut bad = bytes.clone();
+        bad[at..at + 4].copy_from_slice(&value.to_le_bytes());
+        std::fs::write(&path, &bad)?;
+        let err = crate::cache::read_cache(&path, &key).unwrap_err();
+        assert!(
+            err.to_string().ends_with("cache is truncated or corrupt"),
+            "{err}"
+        );
+    }
     let again = prepare(&cfg, &tok)?;
     assert!(!again.report.sources["train"].cache_hit);
     assert_eq!(fingerprint(&first), fingerprint(&again));

@@ -290,22 +290,27 @@ impl ChatTemplate {
             if *role != "assistant" {
                 continue;
             }
-            let turn = i - leading + 1;
+            // As the reader names turns: from 0, in the row's own list.
+            let turn = i - leading;
             let prompt = self.codec.apply_chat_template(&turns[..i], true)?;
             extends(
                 &prompt,
                 &rendered,
-                &format!("the generation prompt before turn {turn}"),
+                &format!("the generation prompt before turn {turn} (counting from 0)"),
             )?;
             let through = self.codec.apply_chat_template(&turns[..=i], false)?;
-            extends(&through, &prompt, &format!("turn {turn} (the assistant's)"))?;
+            extends(
+                &through,
+                &prompt,
+                &format!("turn {turn} (counting from 0; the assistant's)"),
+            )?;
             if through.len() > prompt.len() {
                 trained.push(prompt.len()..through.len());
             }
             rendered = through;
         }
         let text = self.codec.apply_chat_template(&turns, false)?;
-        extends(&text, &rendered, "the conversation's last turns")?;
+        extends(&text, &rendered, "the turns after the last assistant turn")?;
         let Some(first) = trained.first().map(|r| r.start) else {
             bail!(
                 "line {}: the chat template renders no text for the assistant turns",

@@ -265,7 +265,7 @@ fn a_conversation_that_cannot_be_split_is_refused_with_its_line() -> Result<()> 
     let e = format!("{:#}", t.render(&conversation(&turns)).unwrap_err());
     assert_eq!(
         e,
-        "line 1: the chat template renders turn 2 (the assistant's) differently from the turns before it, so the assistant turns cannot be separated from the rest"
+        "line 1: the chat template renders turn 1 (counting from 0; the assistant's) differently from the turns before it, so the assistant turns cannot be separated from the rest"
     );
     Ok(())
 }

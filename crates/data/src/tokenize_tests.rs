@@ -361,6 +361,7 @@ fn a_conversation_s_labels_are_its_assistant_turns_through_every_length_policy()
     let s = &out.samples[0];
     assert_eq!(s.input_ids, ids[..15]);
     assert_eq!(s.labels, labels_at(&ids[..15], &[9, 10]));
+    assert_eq!(s.untrained, vec![11..15]);
     assert_eq!(out.stats.truncated_response, 1);
 
     // Cutting the prompt keeps every turn from the first assistant one, shifted left.

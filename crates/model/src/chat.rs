@@ -77,6 +77,33 @@ mod tests {
     }
 
     #[test]
+    fn a_thread_switching_templates_renders_each_with_its_own() {
+        let plain = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}";
+        for (template, want) in [
+            (
+                CHATML,
+                "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n",
+            ),
+            (plain, "user: Hi\n"),
+            (
+                CHATML,
+                "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n",
+            ),
+        ] {
+            assert_eq!(
+                render(template, &[("user", "Hi")], false, None, None).unwrap(),
+                want
+            );
+        }
+        // A template that does not parse is an error, and the one before it still renders.
+        assert!(render("{% for %}", &[], false, None, None).is_err());
+        assert_eq!(
+            render(plain, &[("user", "Hi")], false, None, None).unwrap(),
+            "user: Hi\n"
+        );
+    }
+
+    #[test]
     fn raise_exception_surfaces_the_message() {
         let t = "{% if messages[0]['role'] == 'assistant' %}{{ raise_exception('must start with user') }}{% endif %}";
         let e = render(t, &[("assistant", "x")], false, None, None).unwrap_err();
