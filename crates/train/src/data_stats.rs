@@ -7,8 +7,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Result};
 use helix_data::{
     pack_first_fit_decreasing, prepare, Cursor, DataConfig, DataTokenizer, FieldOverrides, Format,
-    LengthPolicy, LossMode, Sampler,
+    LengthPolicy, LossMode, Sample, Sampler,
 };
+use helix_model::TextCodec;
+use helix_ops::IGNORE_INDEX;
 use helix_train::config::ConfigFile;
 
 /// The flags of `data-stats` (without `--config`).
@@ -63,6 +65,10 @@ pub struct DataStatsArgs {
     /// batch.micro_batch_size, else 1).
     #[arg(long)]
     micro_batch_size: Option<usize>,
+    /// Print the first N training samples to stderr as the model sees them, each run of
+    /// trained tokens between [[ and ]], to check a template's loss mask by eye.
+    #[arg(long, default_value_t = 0)]
+    show: usize,
 }
 
 /// Runs `data-stats` on the `[data]` of `config` (with `sets` applied) or on the flags of
@@ -86,6 +92,7 @@ pub fn run(args: DataStatsArgs, config: Option<&Path>, sets: &[String]) -> Resul
         no_cache,
         world_size,
         micro_batch_size,
+        show,
     } = args;
     let (mut cfg, tokenizer_dir, micro_batch_size) = match config {
         Some(path) => {
@@ -161,6 +168,9 @@ pub fn run(args: DataStatsArgs, config: Option<&Path>, sets: &[String]) -> Resul
         None => anyhow!("{}", in_flag_names(&format!("{e:#}"))),
     };
     let prepared = prepare(&cfg, &tok).map_err(named)?;
+    for s in prepared.train.iter().take(show) {
+        eprintln!("{}", shown(s, &tok.codec)?);
+    }
     for (role, src) in &prepared.report.sources {
         for row in &src.skipped_rows {
             eprintln!("skipped ({role}) {row}");
@@ -249,4 +259,34 @@ fn in_flag_names(message: &str) -> String {
     FLAG_OF_KEY
         .iter()
         .fold(message.to_string(), |m, (key, flag)| m.replace(key, flag))
+}
+
+/// A sample as text, each run of trained tokens between `[[` and `]]`, after a line saying
+/// where it came from. Each run's text is what decoding the ids through it adds to decoding
+/// the ids before it, so a run keeps the space a tokenizer folds into its first token.
+fn shown(s: &Sample, codec: &TextCodec) -> Result<String> {
+    let trained: Vec<bool> = s.labels.iter().map(|&l| l != IGNORE_INDEX).collect();
+    let mut out = format!(
+        "sample of record {} ({} tokens, {} trained):\n",
+        s.record,
+        s.input_ids.len(),
+        trained.iter().filter(|&&t| t).count()
+    );
+    let (mut start, mut before) = (0, String::new());
+    while start < trained.len() {
+        let end = (start..trained.len())
+            .find(|&i| trained[i] != trained[start])
+            .unwrap_or(trained.len());
+        let through = codec.decode(&s.input_ids[..end], false)?;
+        let run = match through.strip_prefix(&before) {
+            Some(added) => added.to_string(),
+            None => codec.decode(&s.input_ids[start..end], false)?,
+        };
+        match trained[start] {
+            true => out.push_str(&format!("[[{run}]]")),
+            false => out.push_str(&run),
+        }
+        (start, before) = (end, through);
+    }
+    Ok(out)
 }

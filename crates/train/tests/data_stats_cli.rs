@@ -255,6 +255,32 @@ fn data_stats_reads_conversations_with_the_chat_template() {
     assert_eq!(trained, want as u64, "{stats}");
     assert_eq!(Some(trained + untrained), stats["total_tokens"].as_u64());
 
+    // --show prints a sample with its trained runs marked (on stderr; stdout stays JSON).
+    std::fs::write(
+        tmp.path().join("chat.jsonl"),
+        r#"{"messages": [{"role": "user", "content": "one two"}, {"role": "assistant", "content": "three"}, {"role": "user", "content": "four"}, {"role": "assistant", "content": "five"}]}"#,
+    )
+    .unwrap();
+    let args = ["data-stats", "--data", "chat.jsonl", "--format", "messages"];
+    let (ok, out, err) = helix_train(
+        &[
+            &args[..],
+            &["--template", "chat", "--tokenizer", "model", "--show", "1"],
+        ]
+        .concat(),
+        tmp.path(),
+    );
+    assert!(ok && out.starts_with('{'), "{err}");
+    assert!(
+        err.contains(
+            // The test tokenizer knows neither role: [UNK].
+            "sample of record 0 (17 tokens, 4 trained):\n<|im_start|> [UNK] one two <|im_end|> \
+             <|im_start|> [UNK][[ three <|im_end|>]] <|im_start|> [UNK] four <|im_end|> \
+             <|im_start|> [UNK][[ five <|im_end|>]]\n"
+        ),
+        "{err}"
+    );
+
     for (extra, want) in [
         (
             &["--format", "messages"][..],
