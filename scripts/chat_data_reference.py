@@ -7,8 +7,10 @@ index i, the tokens from len(apply_chat_template(messages[:i], add_generation_pr
 len(apply_chat_template(messages[:i + 1])). This counts tokens of each prefix tokenized on its
 own (torchtune's way of masking a conversation turn by turn), where helix splits one
 tokenization by byte offsets; each prefix's ids are checked to begin the whole conversation's.
+labels_last keeps the last assistant turn's span alone (torchtune's train_on_last).
 
-Output (JSONL, one row per conversation, in file order): {"input_ids": [int], "labels": [int]}
+Output (JSONL, one row per conversation, in file order):
+  {"input_ids": [int], "labels": [int], "labels_last": [int]}
 """
 
 import argparse
@@ -39,6 +41,7 @@ def main():
             messages = json.loads(line)["messages"]
             ids = ids_of(tokenizer, messages, False)
             labels = [-100] * len(ids)
+            labels_last = list(labels)
             for i, m in enumerate(messages):
                 if m["role"] != "assistant":
                     continue
@@ -46,7 +49,10 @@ def main():
                 through = ids_of(tokenizer, messages[: i + 1], False)
                 assert ids[: len(through)] == through, f"row {rows + 1}: prefix {i} re-tokenizes"
                 labels[start : len(through)] = ids[start : len(through)]
-            out.write(json.dumps({"input_ids": ids, "labels": labels}) + "\n")
+                labels_last = [-100] * len(ids)
+                labels_last[start : len(through)] = ids[start : len(through)]
+            row = {"input_ids": ids, "labels": labels, "labels_last": labels_last}
+            out.write(json.dumps(row) + "\n")
             rows += 1
     print(f"chat_data_reference: {rows} conversations")
 

@@ -59,6 +59,18 @@ fn conversations_match_transformers_chat_template_turn_by_turn() -> Result<()> {
     assert_eq!(tokenized.stats.target_tokens, trained);
     assert_eq!(tokenized.stats.boundary_merges, 0);
 
+    // The last assistant turn alone.
+    let last = TokenizeOptions {
+        loss: LossMode::LastAssistantTurn,
+        ..opts.clone()
+    };
+    let last_turns = tokenize_records(&read.records, &template, &codec.tokenizer, &last)?;
+    let mut trained_last = 0;
+    for (s, want) in last_turns.samples.iter().zip(&reference) {
+        assert_eq!(s.labels, ints(&want["labels_last"]), "record {}", s.record);
+        trained_last += s.labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
+    }
+
     // The same conversations in ShareGPT's form give the same samples.
     let dir = tempfile::tempdir()?;
     let sharegpt = dir.path().join("sharegpt.json");
@@ -88,8 +100,8 @@ fn conversations_match_transformers_chat_template_turn_by_turn() -> Result<()> {
     assert_eq!(again.samples, tokenized.samples);
     println!(
         "{} conversations, {tokens} tokens: input_ids and assistant-only labels identical to \
-         transformers' apply_chat_template turn by turn ({trained} trained tokens); ShareGPT \
-         form identical",
+         transformers' apply_chat_template turn by turn ({trained} trained tokens; {trained_last} \
+         under last_assistant_turn); ShareGPT form identical",
         reference.len()
     );
     Ok(())

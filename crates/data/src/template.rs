@@ -44,6 +44,30 @@ impl Rendered {
     pub fn text(&self) -> String {
         format!("{}{}", self.prompt, self.target)
     }
+
+    /// The same text with only its last trained part as the target: a conversation's turns
+    /// before its last assistant turn join the prompt (an instruction is unchanged).
+    pub fn last_turn_only(&self) -> Self {
+        let mut untrained = self.untrained.as_slice();
+        let trailing = untrained
+            .last()
+            .filter(|u| u.end == self.target.len())
+            .cloned();
+        if trailing.is_some() {
+            untrained = &untrained[..untrained.len() - 1];
+        }
+        let start = untrained.last().map_or(0, |u| u.end);
+        Self {
+            prompt: format!("{}{}", self.prompt, &self.target[..start]),
+            target: self.target[start..].to_string(),
+            untrained: trailing
+                .map(|u| u.start - start..u.end - start)
+                .into_iter()
+                .collect(),
+            add_eos: self.add_eos,
+            add_special_tokens: self.add_special_tokens,
+        }
+    }
 }
 
 #[derive(Clone)]

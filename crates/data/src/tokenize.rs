@@ -22,10 +22,28 @@ use crate::template::{Rendered, Template};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LossMode {
-    /// Prompt tokens get [`IGNORE_INDEX`] (NeMo `answer_only_loss`, Alpaca's `IGNORE_INDEX`).
+    /// Prompt tokens get [`IGNORE_INDEX`] (NeMo `answer_only_loss`, Alpaca's `IGNORE_INDEX`);
+    /// in a conversation, every turn but the assistant's.
     AnswerOnly,
     /// Every token is a target.
     WholeSequence,
+    /// A conversation's last assistant turn only (torchtune's `train_on_last` masking); the
+    /// same as [`Self::AnswerOnly`] for an instruction.
+    LastAssistantTurn,
+}
+
+impl std::str::FromStr for LossMode {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "answer_only" => Ok(Self::AnswerOnly),
+            "whole_sequence" => Ok(Self::WholeSequence),
+            "last_assistant_turn" => Ok(Self::LastAssistantTurn),
+            _ => bail!(
+                "unknown loss '{s}' (expected answer_only, whole_sequence or last_assistant_turn)"
+            ),
+        }
+    }
 }
 
 /// What to do with a sample longer than `max_seq_length`.
@@ -98,7 +116,7 @@ impl Sample {
         loss: LossMode,
     ) -> Self {
         let mut labels: Vec<i64> = input_ids.iter().map(|&id| id as i64).collect();
-        if loss == LossMode::AnswerOnly {
+        if loss != LossMode::WholeSequence {
             let n = labels.len();
             for r in std::iter::once(0..prompt_len).chain(untrained.iter().cloned()) {
                 labels[r.start.min(n)..r.end.min(n)].fill(IGNORE_INDEX);
@@ -235,6 +253,14 @@ fn tokenize_one(
     record: usize,
     opts: &TokenizeOptions,
 ) -> Result<(Outcome, bool)> {
+    let last_turn;
+    let r = match opts.loss {
+        LossMode::LastAssistantTurn => {
+            last_turn = r.last_turn_only();
+            &last_turn
+        }
+        _ => r,
+    };
     let text = r.text();
     let boundary = r.prompt.len();
     let (mut ids, offsets) = encoder.encode(&text, r.add_special_tokens, cache)?;

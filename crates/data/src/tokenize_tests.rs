@@ -4,6 +4,8 @@ use std::str::FromStr;
 use super::*;
 use crate::records::{read_records, Format, ReadOptions};
 use crate::template::ChatTemplate;
+use std::sync::Arc;
+
 use helix_model::TextCodec;
 
 const WORDS: &[&str] = &[
@@ -309,8 +311,9 @@ fn llama2_mask_covers_exactly_response_and_eos() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn a_conversation_s_labels_are_its_assistant_turns_through_every_length_policy() -> Result<()> {
+/// The ChatML codec, its template, and a conversation of two assistant turns between three
+/// user turns.
+fn two_assistant_turns() -> Result<(Arc<TextCodec>, Template, [Record; 1])> {
     let codec = crate::template::tests::chatml_codec();
     let t = Template::Chat(ChatTemplate::new(codec.clone(), None)?);
     let turns = [
@@ -320,7 +323,12 @@ fn a_conversation_s_labels_are_its_assistant_turns_through_every_length_policy()
         ("assistant", "six"),
         ("user", "one"),
     ];
-    let recs = [crate::template::tests::conversation(&turns)];
+    Ok((codec, t, [crate::template::tests::conversation(&turns)]))
+}
+
+#[test]
+fn a_conversation_s_labels_are_its_assistant_turns_through_every_length_policy() -> Result<()> {
+    let (codec, t, recs) = two_assistant_turns()?;
     let id = |w: &str| codec.tokenizer.token_to_id(w).unwrap();
     let words =
         "<|im_start|> user Capital of France ? <|im_end|> <|im_start|> assistant Paris <|im_end|> \
@@ -361,7 +369,11 @@ fn a_conversation_s_labels_are_its_assistant_turns_through_every_length_policy()
     let s = &out.samples[0];
     assert_eq!(s.input_ids, ids[..15]);
     assert_eq!(s.labels, labels_at(&ids[..15], &[9, 10]));
-    assert_eq!(s.untrained, vec![11..15]);
+    // One untrained range, clipped to the cut.
+    assert_eq!(
+        (s.untrained.len(), s.untrained.first()),
+        (1, Some(&(11..15)))
+    );
     assert_eq!(out.stats.truncated_response, 1);
 
     // Cutting the prompt keeps every turn from the first assistant one, shifted left.
@@ -385,5 +397,60 @@ fn a_conversation_s_labels_are_its_assistant_turns_through_every_length_policy()
     let out = tokenize_with(&compact, 64, LengthPolicy::Drop, LossMode::AnswerOnly)?;
     assert_eq!(out.samples[0].input_ids, ids);
     assert_eq!(out.samples[0].labels, labels_at(&ids, &[9, 10, 19, 20]));
+    Ok(())
+}
+
+#[test]
+fn last_assistant_turn_loss_trains_the_last_assistant_turn_only() -> Result<()> {
+    let (codec, t, recs) = two_assistant_turns()?;
+    let tokenize = |max: usize, policy: LengthPolicy| {
+        let o = opts(max, policy, LossMode::LastAssistantTurn);
+        tokenize_records(&recs, &t, &codec.tokenizer, &o)
+    };
+    let all = tokenize_records(
+        &recs,
+        &t,
+        &codec.tokenizer,
+        &opts(64, LengthPolicy::Drop, LossMode::AnswerOnly),
+    )?;
+    let ids = &all.samples[0].input_ids;
+    // As the answer-only test finds them: "six" and its <|im_end|> at 19 and 20, the trailing
+    // user turn 21..25.
+    let only = |ids: &[u32], trained: &[usize]| -> Vec<i64> {
+        (0..ids.len())
+            .map(|i| {
+                if trained.contains(&i) {
+                    ids[i] as i64
+                } else {
+                    I
+                }
+            })
+            .collect()
+    };
+    let out = tokenize(64, LengthPolicy::Drop)?;
+    let s = &out.samples[0];
+    assert_eq!(&s.input_ids, ids);
+    assert_eq!(s.labels, only(ids, &[19, 20]));
+    assert_eq!(s.prompt_len, 19);
+    assert_eq!(
+        (s.untrained.len(), s.untrained.first()),
+        (1, Some(&(21..25)))
+    );
+    assert_eq!(out.stats.target_tokens, 2);
+    // Cutting the prompt now may cut the earlier turns, the first assistant turn among them.
+    let out = tokenize(8, LengthPolicy::TruncatePrompt)?;
+    let s = &out.samples[0];
+    assert_eq!(s.input_ids, ids[17..]);
+    assert_eq!(s.labels, only(&ids[17..], &[2, 3]));
+    // An instruction trains as under answer-only loss.
+    let instruction = [rec("Capital of France ?", "Paris")];
+    let run = |loss| {
+        let o = opts(64, LengthPolicy::Drop, loss);
+        tokenize_records(&instruction, &t, &codec.tokenizer, &o).map(|t| t.samples)
+    };
+    assert_eq!(
+        run(LossMode::LastAssistantTurn)?,
+        run(LossMode::AnswerOnly)?
+    );
     Ok(())
 }

@@ -34,9 +34,13 @@ pub struct DataStatsArgs {
     /// truncate_prompt, truncate_response (the default) or drop
     #[arg(long)]
     length_policy: Option<LengthPolicy>,
-    /// Train on the whole sequence instead of the response only.
-    #[arg(long)]
+    /// Train on the whole sequence instead of the response only (--loss whole_sequence).
+    #[arg(long, conflicts_with = "loss")]
     whole_sequence_loss: bool,
+    /// answer_only (the default), whole_sequence, or last_assistant_turn (a conversation's
+    /// last assistant turn only).
+    #[arg(long)]
+    loss: Option<LossMode>,
     /// Skip (and count) invalid rows instead of stopping at the first.
     #[arg(long)]
     skip_invalid: bool,
@@ -82,6 +86,7 @@ pub fn run(args: DataStatsArgs, config: Option<&Path>, sets: &[String]) -> Resul
         max_seq_length,
         length_policy,
         whole_sequence_loss,
+        loss,
         skip_invalid,
         instruction_field,
         context_field,
@@ -105,6 +110,7 @@ pub fn run(args: DataStatsArgs, config: Option<&Path>, sets: &[String]) -> Resul
                 ("--max-seq-length", max_seq_length.is_some()),
                 ("--length-policy", length_policy.is_some()),
                 ("--whole-sequence-loss", whole_sequence_loss),
+                ("--loss", loss.is_some()),
                 ("--skip-invalid", skip_invalid),
                 ("--instruction-field", instruction_field.is_some()),
                 ("--context-field", context_field.is_some()),
@@ -143,6 +149,9 @@ pub fn run(args: DataStatsArgs, config: Option<&Path>, sets: &[String]) -> Resul
             }
             if whole_sequence_loss {
                 cfg.loss = LossMode::WholeSequence;
+            }
+            if let Some(loss) = loss {
+                cfg.loss = loss;
             }
             cfg.skip_invalid = skip_invalid;
             cfg.fields = FieldOverrides {

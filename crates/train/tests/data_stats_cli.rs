@@ -240,20 +240,39 @@ fn data_stats_reads_conversations_with_the_chat_template() {
     // Trained: each assistant turn's words, tokenized alone, and its <|im_end|> (the word
     // tokenizer makes no token of the newline after it); nothing else.
     let codec = helix_model::TextCodec::open(&dir).unwrap();
-    let mut want = 0;
+    let (mut want, mut want_last) = (0, 0);
     for line in std::fs::read_to_string(data).unwrap().lines() {
         let row: serde_json::Value = serde_json::from_str(line).unwrap();
+        let mut last = 0;
         for m in row["messages"].as_array().unwrap() {
             if m["role"] == "assistant" {
                 let content = m["content"].as_str().unwrap();
-                want += codec.tokenizer.encode(content, false).unwrap().len() + 1;
+                last = codec.tokenizer.encode(content, false).unwrap().len() + 1;
+                want += last;
             }
         }
+        want_last += last;
     }
-    let trained = stats["tokenize"]["target_tokens"].as_u64().unwrap();
+    let trained = |stats: &serde_json::Value| stats["tokenize"]["target_tokens"].as_u64();
     let untrained = stats["tokenize"]["prompt_tokens"].as_u64().unwrap();
-    assert_eq!(trained, want as u64, "{stats}");
-    assert_eq!(Some(trained + untrained), stats["total_tokens"].as_u64());
+    assert_eq!(trained(stats), Some(want as u64), "{stats}");
+    assert_eq!(
+        Some(trained(stats).unwrap() + untrained),
+        stats["total_tokens"].as_u64()
+    );
+    // The last assistant turn alone.
+    let (ok, out, err) = run(&[
+        "--format",
+        "messages",
+        "--template",
+        "chat",
+        "--loss",
+        "last_assistant_turn",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let last = &v["sources"]["train"]["stats"];
+    assert_eq!(trained(last), Some(want_last as u64), "{last}");
 
     // --show prints a sample with its trained runs marked (on stderr; stdout stays JSON).
     std::fs::write(
