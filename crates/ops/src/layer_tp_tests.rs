@@ -211,7 +211,13 @@ fn split_layer_equals_the_whole(
 
     for (rank, (y, x_grad, named)) in results.into_iter().enumerate() {
         let d = rel_diff(&y, &whole)?;
-        assert!(d < 1e-6, "rank {rank}: output differs by {d}");
+        // With dropout the whole layer's reference scales LoRA's update after B, the layer
+        // before it (as in compare_in): 7.1e-7 at most over 600 random layers, but 1.09e-6 once
+        // in CI; without, 5.6e-7 over 2,400. A wrong split or a missed all-reduce is off by the
+        // order of the output.
+        let dropout = kinds.iter().any(|k| matches!(k, Kind::LoraDropout));
+        let tol = if dropout { 4e-6 } else { 1e-6 };
+        assert!(d < tol, "rank {rank}: output differs by {d}");
         match (train_input, x_grad) {
             (true, Some(g)) => {
                 let d = rel_diff(&g, whole_grads.get(&x).expect("x trains"))?;
