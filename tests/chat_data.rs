@@ -1,14 +1,16 @@
 //! Multi-turn conversations (datasets/conversations_sample.jsonl) with a real chat template and
-//! tokenizer (SmolLM2's ChatML), against transformers' `apply_chat_template` turn by turn
-//! (scripts/chat_data_reference.py). Gated: runs when HELIX_CHAT_TOKENIZER and HELIX_CHAT_REF
-//! are set; scripts/check-smollm2.sh (run by `.ci/run`) sets them.
+//! tokenizer (SmolLM2's ChatML), and conversations with tool calls
+//! (datasets/tool_calls_sample.jsonl) under configs/chat_templates/chatml_tools.jinja, against
+//! transformers' `apply_chat_template` turn by turn (scripts/chat_data_reference.py). Gated:
+//! runs when HELIX_CHAT_TOKENIZER and HELIX_CHAT_REF (HELIX_TOOLS_REF) are set;
+//! scripts/check-smollm2.sh (run by `.ci/run`) sets them.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Result;
 use helix::data::{
-    read_records, tokenize_records, Format, LengthPolicy, LossMode, ReadOptions, Template,
+    read_records, tokenize_records, Format, LengthPolicy, LossMode, ReadOptions, Sample, Template,
     TokenizeOptions,
 };
 use helix::model::TextCodec;
@@ -17,45 +19,15 @@ use serde_json::Value;
 
 #[test]
 fn conversations_match_transformers_chat_template_turn_by_turn() -> Result<()> {
-    let var = |k: &str| std::env::var_os(k).map(PathBuf::from);
-    let (Some(tokenizer_dir), Some(reference)) =
-        (var("HELIX_CHAT_TOKENIZER"), var("HELIX_CHAT_REF"))
-    else {
-        eprintln!("skipped: set HELIX_CHAT_TOKENIZER and HELIX_CHAT_REF");
+    let Some((codec, reference)) = gated("HELIX_CHAT_REF", None)? else {
         return Ok(());
     };
-    let reference: Vec<Value> = std::fs::read_to_string(&reference)?
-        .lines()
-        .map(serde_json::from_str)
-        .collect::<Result<_, _>>()?;
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets/conversations_sample.jsonl");
-    let codec = Arc::new(TextCodec::open(&tokenizer_dir)?);
     let template = Template::from_spec("chat", Some(codec.clone()))?;
-    let opts = TokenizeOptions {
-        max_seq_length: 1 << 16,
-        policy: LengthPolicy::Drop,
-        loss: LossMode::AnswerOnly,
-        eos_id: codec.token_id("<|im_end|>").unwrap(),
-        threads: 0,
-    };
+    let opts = options(&codec);
     let read = read_records(&data, &ReadOptions::new(Format::Messages))?;
     let tokenized = tokenize_records(&read.records, &template, &codec.tokenizer, &opts)?;
-    assert_eq!(tokenized.samples.len(), reference.len());
-    let ints = |v: &Value| -> Vec<i64> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|x| x.as_i64().unwrap())
-            .collect()
-    };
-    let (mut tokens, mut trained) = (0, 0);
-    for (s, want) in tokenized.samples.iter().zip(&reference) {
-        let ids: Vec<i64> = s.input_ids.iter().map(|&i| i as i64).collect();
-        assert_eq!(ids, ints(&want["input_ids"]), "record {}", s.record);
-        assert_eq!(s.labels, ints(&want["labels"]), "record {}", s.record);
-        tokens += ids.len();
-        trained += s.labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
-    }
+    let (tokens, trained) = compare(&tokenized.samples, &reference);
     assert_eq!(tokenized.stats.target_tokens, trained);
     assert_eq!(tokenized.stats.boundary_merges, 0);
 
@@ -102,6 +74,95 @@ fn conversations_match_transformers_chat_template_turn_by_turn() -> Result<()> {
         "{} conversations, {tokens} tokens: input_ids and assistant-only labels identical to \
          transformers' apply_chat_template turn by turn ({trained} trained tokens; {trained_last} \
          under last_assistant_turn); ShareGPT form identical",
+        reference.len()
+    );
+    Ok(())
+}
+
+/// The tokenizer (with `template`, a file under the repository, in place of its own) and the
+/// reference rows, when HELIX_CHAT_TOKENIZER and `reference_var` are set.
+fn gated(
+    reference_var: &str,
+    template: Option<&str>,
+) -> Result<Option<(Arc<TextCodec>, Vec<Value>)>> {
+    let var = |k: &str| std::env::var_os(k).map(PathBuf::from);
+    let (Some(tokenizer_dir), Some(reference)) = (var("HELIX_CHAT_TOKENIZER"), var(reference_var))
+    else {
+        eprintln!("skipped: set HELIX_CHAT_TOKENIZER and {reference_var}");
+        return Ok(None);
+    };
+    let mut codec = TextCodec::open(&tokenizer_dir)?;
+    if let Some(file) = template {
+        codec.set_chat_template_file(&Path::new(env!("CARGO_MANIFEST_DIR")).join(file))?;
+    }
+    let reference = std::fs::read_to_string(reference)?
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    Ok(Some((Arc::new(codec), reference)))
+}
+
+/// Every sample whole, answer-only, ChatML's end of turn as EOS.
+fn options(codec: &TextCodec) -> TokenizeOptions {
+    TokenizeOptions {
+        max_seq_length: 1 << 16,
+        policy: LengthPolicy::Drop,
+        loss: LossMode::AnswerOnly,
+        eos_id: codec.token_id("<|im_end|>").unwrap(),
+        threads: 0,
+    }
+}
+
+/// Asserts each sample's ids and labels are the reference's; (tokens, trained tokens).
+fn compare(samples: &[Sample], reference: &[Value]) -> (usize, usize) {
+    assert_eq!(samples.len(), reference.len());
+    let (mut tokens, mut trained) = (0, 0);
+    for (s, want) in samples.iter().zip(reference) {
+        let ids: Vec<i64> = s.input_ids.iter().map(|&i| i as i64).collect();
+        assert_eq!(ids, ints(&want["input_ids"]), "record {}", s.record);
+        assert_eq!(s.labels, ints(&want["labels"]), "record {}", s.record);
+        tokens += ids.len();
+        trained += s.labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
+    }
+    (tokens, trained)
+}
+
+fn ints(v: &Value) -> Vec<i64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_i64().unwrap())
+        .collect()
+}
+
+#[test]
+fn tool_calls_match_transformers_chat_template_turn_by_turn() -> Result<()> {
+    let template_file = "configs/chat_templates/chatml_tools.jinja";
+    let Some((codec, reference)) = gated("HELIX_TOOLS_REF", Some(template_file))? else {
+        return Ok(());
+    };
+    let template = Template::from_spec("chat", Some(codec.clone()))?;
+    let read = read_records(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets/tool_calls_sample.jsonl"),
+        &ReadOptions::new(Format::Messages),
+    )?;
+    let calls: usize = read
+        .records
+        .iter()
+        .flat_map(|r| &r.turns)
+        .flat_map(|t| t.extra.iter().filter(|(k, _)| k == "tool_calls"))
+        .map(|(_, v)| match v {
+            helix::model::OrderedJson::Array(calls) => calls.len(),
+            _ => 0,
+        })
+        .sum();
+    assert!(calls >= 10, "the sample should call tools: {calls}");
+    let tokenized = tokenize_records(&read.records, &template, &codec.tokenizer, &options(&codec))?;
+    let (tokens, trained) = compare(&tokenized.samples, &reference);
+    println!(
+        "{} conversations with {calls} tool calls, {tokens} tokens: input_ids and \
+         assistant-only labels identical to transformers' apply_chat_template(tools=...) \
+         turn by turn ({trained} trained tokens)",
         reference.len()
     );
     Ok(())

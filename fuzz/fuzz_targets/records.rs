@@ -39,6 +39,11 @@ fuzz_target!(|data: &[u8]| {
                     format.is_conversation(),
                     r.turns.iter().any(|t| t.role == "assistant")
                 );
+                // Only an assistant turn that calls tools may have no text.
+                for t in &r.turns {
+                    let calls = t.extra.iter().any(|(k, _)| k == "tool_calls");
+                    assert!(t.content.is_some() || (t.role == "assistant" && calls));
+                }
             }
         }
     }

@@ -26,6 +26,9 @@ pub struct DataConfig {
     /// and `{input}`/`{context}`. Conversations (`messages`, `sharegpt`) need `chat`.
     #[serde(default = "default_template")]
     pub template: String,
+    /// A Jinja file to use as the chat template in place of the tokenizer's (a base model
+    /// without one, or data written for another); `template = "chat"` renders with it.
+    pub chat_template: Option<PathBuf>,
     /// Directory with tokenizer.json; defaults to the model directory.
     pub tokenizer: Option<PathBuf>,
     #[serde(default = "default_max_seq_length")]
@@ -71,6 +74,8 @@ pub struct FieldOverrides {
     pub category: Option<String>,
     /// A conversation's array of turns (`messages` and `sharegpt` formats).
     pub messages: Option<String>,
+    /// A conversation's list of tool schemas (default `tools`).
+    pub tools: Option<String>,
 }
 
 fn default_template() -> String {
@@ -105,6 +110,7 @@ impl DataConfig {
             format,
             fields: FieldOverrides::default(),
             template: default_template(),
+            chat_template: None,
             tokenizer: None,
             max_seq_length: default_max_seq_length(),
             length_policy: default_length_policy(),
@@ -142,8 +148,13 @@ impl DataConfig {
         if o.category.is_some() {
             fields.category = o.category.clone();
         }
-        if let (Some(turns), Some(list)) = (&mut fields.turns, &o.messages) {
-            turns.list = list.clone();
+        if let Some(turns) = &mut fields.turns {
+            if let Some(list) = &o.messages {
+                turns.list = list.clone();
+            }
+            if let Some(tools) = &o.tools {
+                turns.tools = tools.clone();
+            }
         }
         ReadOptions {
             fields,
@@ -184,10 +195,20 @@ impl DataConfig {
                      are conversations (name their array of turns with [data.fields] messages)"
                 );
             }
-        } else if o.messages.is_some() {
+        } else if let Some(key) = [("messages", &o.messages), ("tools", &o.tools)]
+            .iter()
+            .find_map(|(key, v)| v.is_some().then_some(key))
+        {
             bail!(
-                "[data.fields] messages names a conversation's turns; data.format = {format} \
+                "[data.fields] {key} names a conversation's field; data.format = {format} \
                  reads instructions (use data.format = \"messages\" or \"sharegpt\")"
+            );
+        }
+        if self.chat_template.is_some() && self.template != "chat" {
+            bail!(
+                "data.chat_template is set but data.template = {:?} does not use it: set \
+                 data.template = \"chat\"",
+                self.template
             );
         }
         for (key, f) in [

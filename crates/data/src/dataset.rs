@@ -31,7 +31,24 @@ pub struct DataTokenizer {
 
 impl DataTokenizer {
     pub fn open(dir: &Path) -> Result<Self> {
-        let codec = Arc::new(TextCodec::open(dir)?);
+        Self::with_codec(dir, TextCodec::open(dir)?)
+    }
+
+    /// The tokenizer `cfg` prepares data with: `dir`'s, its chat template replaced by the
+    /// Jinja file `data.chat_template` names, when it names one.
+    pub fn for_config(cfg: &DataConfig, dir: &Path) -> Result<Self> {
+        cfg.validate()?; // a mistake in the keys is named before any file is read
+        let mut codec = TextCodec::open(dir)?;
+        if let Some(file) = &cfg.chat_template {
+            codec
+                .set_chat_template_file(file)
+                .context("data.chat_template")?;
+        }
+        Self::with_codec(dir, codec)
+    }
+
+    fn with_codec(dir: &Path, codec: TextCodec) -> Result<Self> {
+        let codec = Arc::new(codec);
         let eos_id = codec
             .eos_token
             .as_deref()
@@ -195,7 +212,7 @@ pub fn prepare(cfg: &DataConfig, tok: &DataTokenizer) -> Result<PreparedData> {
 
 /// Bumped whenever helix's own reading, templating or tokenizing changes its output, so caches
 /// written by an older helix are never hits.
-const TOKENS_REVISION: u32 = 2;
+const TOKENS_REVISION: u32 = 3;
 
 /// Everything the tokens of one file depend on besides its bytes and the tokenizer's.
 #[derive(Serialize)]
@@ -204,6 +221,9 @@ struct CacheKey<'a> {
     data_sha256: String,
     tokenizer_sha256: Vec<(String, String)>,
     template: &'a str,
+    /// The chat template's text, hashed: tokenizer_config.json's, a chat_template.jinja
+    /// beside it, or data.chat_template's file.
+    chat_template_sha256: Option<String>,
     fields: FieldMap,
     skip_invalid: bool,
     max_seq_length: usize,
@@ -241,6 +261,11 @@ fn load_source(
             data_sha256: data_sha256.clone(),
             tokenizer_sha256,
             template: &cfg.template,
+            chat_template_sha256: (cfg.template == "chat")
+                .then(|| tok.codec.chat_template.as_deref())
+                .flatten()
+                .map(|t| key_sha256(&t))
+                .transpose()?,
             fields: read_opts.fields.clone(),
             skip_invalid: read_opts.skip_invalid,
             max_seq_length: opts.max_seq_length,

@@ -247,6 +247,45 @@ fn conversations_train_on_assistant_turns_and_round_trip_through_the_cache() -> 
     let again = prepare(&cfg, &tok)?;
     assert!(!again.report.sources["train"].cache_hit);
     assert_eq!(fingerprint(&first), fingerprint(&again));
+
+    // data.chat_template renders in place of the tokenizer's template, and its text keys the
+    // cache: a changed file is a miss, never the old tokens.
+    let file = tmp.path().join("plus.jinja");
+    let shouting = template.replace("{{ m['content'] }}", "plus {{ m['content'] }}");
+    std::fs::write(&file, &shouting)?;
+    let mut cfg = cfg.clone();
+    cfg.chat_template = Some(file.clone());
+    let shouted = prepare(&cfg, &DataTokenizer::for_config(&cfg, &dir)?)?;
+    assert!(!shouted.report.sources["train"].cache_hit);
+    let s0 = by_record(&shouted, 0).unwrap();
+    let plus = id("plus");
+    assert_eq!(
+        trained(&s0),
+        [plus, id("three"), end, plus, id("five"), id("six"), end]
+    );
+    std::fs::write(&file, template)?;
+    let plain = prepare(&cfg, &DataTokenizer::for_config(&cfg, &dir)?)?;
+    assert_eq!(fingerprint(&plain), fingerprint(&first));
+    std::fs::write(&file, &shouting)?;
+    let cached = prepare(&cfg, &DataTokenizer::for_config(&cfg, &dir)?)?;
+    assert!(cached.report.sources["train"].cache_hit);
+    assert_eq!(fingerprint(&cached), fingerprint(&shouted));
+    // A file that is not there, or does not parse, is named.
+    cfg.chat_template = Some(tmp.path().join("missing.jinja"));
+    let err = DataTokenizer::for_config(&cfg, &dir).err().unwrap();
+    let err = format!("{err:#}");
+    assert!(
+        err.starts_with("data.chat_template: cannot read the chat template ")
+            && err.contains("missing.jinja"),
+        "{err}"
+    );
+    std::fs::write(&file, "{% for m in messages %}")?;
+    cfg.chat_template = Some(file);
+    let err = format!("{:#}", DataTokenizer::for_config(&cfg, &dir).err().unwrap());
+    assert!(
+        err.starts_with("data.chat_template: chat template ") && err.contains("does not parse"),
+        "{err}"
+    );
     Ok(())
 }
 

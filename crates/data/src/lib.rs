@@ -1,5 +1,5 @@
 //! Instruction data for helix, in the order a run uses it: the `[data]` config ([`config`]),
-//! records from Dolly / Alpaca / NeMo files ([`records`]), prompt templates ([`template`]),
+//! records from Dolly / Alpaca / NeMo files ([`records`]) and conversations ([`conversation`]), prompt templates ([`template`]),
 //! tokens with answer-only or whole-sequence labels ([`tokenize`]), the on-disk token cache
 //! ([`cache`]), splits ([`split`]), all tied together by [`dataset::prepare`]; then per step the
 //! seeded data-parallel [`sampler`], [`pack`]ing and [`batch`] collation. See
@@ -8,6 +8,7 @@
 pub mod batch;
 pub mod cache;
 pub mod config;
+pub mod conversation;
 pub mod dataset;
 pub mod pack;
 pub mod records;
@@ -21,12 +22,10 @@ pub mod tokenize;
 
 pub use batch::{collate_packed, collate_padded, Batch, PadOptions};
 pub use config::{DataConfig, FieldOverrides};
+pub use conversation::{Message, TurnFields};
 pub use dataset::{prepare, DataReport, DataTokenizer, PreparedData};
 pub use pack::{pack_first_fit_decreasing, Packing, PackingStats};
-pub use records::{
-    read_records, FieldMap, Format, Message, ReadOptions, ReadReport, Record, SkipCounts,
-    TurnFields,
-};
+pub use records::{read_records, FieldMap, Format, ReadOptions, ReadReport, Record, SkipCounts};
 pub use sampler::{Cursor, RankBatch, Sampler};
 pub use split::{split_by_fraction, Splits};
 pub use stats::{DataStats, ReadSummary};

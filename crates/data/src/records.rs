@@ -12,6 +12,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::Value;
 
+use crate::conversation::{conversation_record, Message, TurnFields};
+use helix_model::OrderedJson;
+
 /// The on-disk formats; each has default field names ([`FieldMap::for_format`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -72,31 +75,6 @@ pub struct FieldMap {
     pub turns: Option<TurnFields>,
 }
 
-/// Where a conversation row keeps its turns and how a turn names its speaker and its text.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TurnFields {
-    /// The row's array of turns (`messages`; ShareGPT: `conversations`).
-    pub list: String,
-    /// A turn's speaker key (`role`; ShareGPT: `from`).
-    pub speaker: String,
-    /// A turn's text key (`content`; ShareGPT: `value`).
-    pub text: String,
-    /// Speakers are ShareGPT's names (`human`, `gpt`, `system`), mapped to chat roles as
-    /// torchtune's ShareGPT loader maps them.
-    pub sharegpt_names: bool,
-}
-
-/// The chat roles a turn may have; only `assistant` turns are trained on.
-pub const ROLES: [&str; 4] = ["system", "user", "assistant", "tool"];
-
-/// One turn of a conversation.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Message {
-    /// One of [`ROLES`].
-    pub role: String,
-    pub content: String,
-}
-
 /// Every format's prompt and answer fields.
 const FORMAT_FIELDS: [&str; 5] = ["instruction", "input", "context", "response", "output"];
 
@@ -123,6 +101,7 @@ impl FieldMap {
                         speaker: speaker.into(),
                         text: text.into(),
                         sharegpt_names: sharegpt,
+                        tools: crate::conversation::default_tools(),
                     }),
                 };
             }
@@ -154,6 +133,8 @@ pub struct Record {
     /// A conversation's turns in order, at least one of them the assistant's; empty for an
     /// instruction.
     pub turns: Vec<Message>,
+    /// A conversation's tool schemas (`tools`: a JSON array of objects), when it has them.
+    pub tools: Option<OrderedJson>,
     /// 1-based line of the row in its file (for error messages downstream).
     pub line: usize,
 }
@@ -306,7 +287,7 @@ pub fn read_records_from_bytes(file: &str, bytes: &[u8], opts: &ReadOptions) -> 
     Ok(report)
 }
 
-fn invalid(
+pub(crate) fn invalid(
     file: &str,
     line: usize,
     field: Option<&str>,
@@ -336,15 +317,35 @@ fn jsonl_row(file: &str, line: usize, raw: &[u8], fields: &FieldMap) -> Result<R
         let detail = format!("invalid UTF-8 at byte {} of the line", e.valid_up_to() + 1);
         invalid(file, line, None, InvalidKind::InvalidUtf8, detail)
     })?;
-    let value: Value = serde_json::from_str(text).map_err(|e| {
-        let detail = format!(
+    row_from_text(file, line, text, fields, |e| {
+        format!(
             "malformed JSON at column {}: {}",
             e.column(),
-            json_message(&e)
-        );
-        invalid(file, line, None, InvalidKind::MalformedJson, detail)
-    })?;
-    extract(file, line, &value, fields)
+            json_message(e)
+        )
+    })
+}
+
+/// A row's JSON text read as `fields` asks; a conversation's objects keep their key order.
+fn row_from_text(
+    file: &str,
+    line: usize,
+    text: &str,
+    fields: &FieldMap,
+    describe: impl Fn(&serde_json::Error) -> String,
+) -> Result<Record, InvalidRow> {
+    let malformed =
+        |e: serde_json::Error| invalid(file, line, None, InvalidKind::MalformedJson, describe(&e));
+    match &fields.turns {
+        Some(turns) => {
+            let row: OrderedJson = serde_json::from_str(text).map_err(malformed)?;
+            conversation_record(file, line, &row, turns)
+        }
+        None => {
+            let value: Value = serde_json::from_str(text).map_err(malformed)?;
+            extract(file, line, &value, fields)
+        }
+    }
 }
 
 /// Rows of a JSON array. Invalid UTF-8 or broken JSON syntax makes the whole array unreadable,
@@ -388,18 +389,7 @@ fn array_rows(
             .filter(|&&b| b == b'\n')
             .count();
         scanned = start;
-        let row = serde_json::from_str::<Value>(item.get())
-            .map_err(|e| {
-                invalid(
-                    file,
-                    line,
-                    None,
-                    InvalidKind::MalformedJson,
-                    json_message(&e),
-                )
-            })
-            .and_then(|v| extract(file, line, &v, fields));
-        rows.push(row);
+        rows.push(row_from_text(file, line, item.get(), fields, json_message));
     }
     Ok(rows)
 }
@@ -425,16 +415,6 @@ fn extract(
         let detail = format!("expected a JSON object, found {}", type_name(value));
         return Err(invalid(file, line, None, InvalidKind::NotAnObject, detail));
     };
-    if let Some(turns) = &fields.turns {
-        return Ok(Record {
-            instruction: String::new(),
-            context: String::new(),
-            response: String::new(),
-            category: None,
-            turns: conversation(file, line, obj, turns)?,
-            line,
-        });
-    }
     let wrong_type = |name: &str, v: &Value| {
         let detail = format!("expected a string, found {}", type_name(v));
         invalid(file, line, Some(name), InvalidKind::WrongType, detail)
@@ -484,80 +464,9 @@ fn extract(
         response: required(&fields.response)?,
         category: optional(&fields.category)?,
         turns: Vec::new(),
+        tools: None,
         line,
     })
-}
-
-/// The turns of a conversation row; each error names the turn's field (`messages[2].role`).
-fn conversation(
-    file: &str,
-    line: usize,
-    obj: &serde_json::Map<String, Value>,
-    fields: &TurnFields,
-) -> Result<Vec<Message>, InvalidRow> {
-    let list = fields.list.as_str();
-    let bad = |field: String, kind: InvalidKind, detail: String| {
-        invalid(file, line, Some(&field), kind, detail)
-    };
-    let items = match obj.get(list) {
-        None => {
-            return Err(bad(
-                list.into(),
-                InvalidKind::MissingField,
-                "missing".into(),
-            ))
-        }
-        Some(Value::Array(items)) => items,
-        Some(v) => {
-            let detail = format!("expected an array of turns, found {}", type_name(v));
-            return Err(bad(list.into(), InvalidKind::WrongType, detail));
-        }
-    };
-    let mut turns = Vec::with_capacity(items.len());
-    for (i, item) in items.iter().enumerate() {
-        let Some(turn) = item.as_object() else {
-            let detail = format!("expected a JSON object, found {}", type_name(item));
-            return Err(bad(format!("{list}[{i}]"), InvalidKind::WrongType, detail));
-        };
-        let text = |key: &str| -> Result<String, InvalidRow> {
-            let field = format!("{list}[{i}].{key}");
-            match turn.get(key) {
-                None => Err(bad(field, InvalidKind::MissingField, "missing".into())),
-                Some(Value::String(s)) => Ok(s.clone()),
-                Some(v) => {
-                    let detail = format!("expected a string, found {}", type_name(v));
-                    Err(bad(field, InvalidKind::WrongType, detail))
-                }
-            }
-        };
-        let speaker = text(&fields.speaker)?;
-        let role = match (fields.sharegpt_names, speaker.as_str()) {
-            (true, "human") => "user",
-            (true, "gpt") => "assistant",
-            (_, r) if ROLES.contains(&r) => r,
-            (sharegpt, r) => {
-                let known = match sharegpt {
-                    true => "human, gpt, system, or a role: user, assistant, tool",
-                    false => "system, user, assistant or tool",
-                };
-                let detail = format!("unknown speaker \"{r}\" (expected {known})");
-                let field = format!("{list}[{i}].{}", fields.speaker);
-                return Err(bad(field, InvalidKind::BadConversation, detail));
-            }
-        };
-        turns.push(Message {
-            role: role.to_string(),
-            content: text(&fields.text)?,
-        });
-    }
-    if !turns.iter().any(|t| t.role == "assistant") {
-        let detail = format!(
-            "no assistant turn among its {} turns: nothing to train on",
-            turns.len()
-        );
-        return Err(bad(list.into(), InvalidKind::BadConversation, detail));
-    }
-    Ok(turns)
 }
 
 #[cfg(test)]

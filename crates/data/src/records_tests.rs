@@ -1,4 +1,5 @@
 use super::*;
+use crate::conversation::Message;
 
 fn read(bytes: &[u8], format: Format, skip: bool) -> Result<ReadReport> {
     let mut opts = ReadOptions::new(format);
@@ -228,10 +229,7 @@ fn another_format_s_prompt_field_is_refused_unless_fields_are_named() -> Result<
 }
 
 fn turn(role: &str, content: &str) -> Message {
-    Message {
-        role: role.into(),
-        content: content.into(),
-    }
+    Message::text(role, content)
 }
 
 #[test]
@@ -309,7 +307,76 @@ fn conversation_settings_that_cannot_work_name_the_key() -> Result<()> {
     );
     assert_eq!(
         parse("train = \"x\"\nformat = \"alpaca\"\n[fields]\nmessages = \"m\"\n")?,
-        "[data.fields] messages names a conversation's turns; data.format = \"alpaca\" reads instructions (use data.format = \"messages\" or \"sharegpt\")"
+        "[data.fields] messages names a conversation's field; data.format = \"alpaca\" reads instructions (use data.format = \"messages\" or \"sharegpt\")"
+    );
+    assert_eq!(
+        parse("train = \"x\"\nformat = \"dolly\"\n[fields]\ntools = \"functions\"\n")?,
+        "[data.fields] tools names a conversation's field; data.format = \"dolly\" reads instructions (use data.format = \"messages\" or \"sharegpt\")"
+    );
+    assert_eq!(
+        parse("train = \"x\"\nformat = \"alpaca\"\nchat_template = \"t.jinja\"\n")?,
+        "data.chat_template is set but data.template = \"alpaca\" does not use it: set data.template = \"chat\""
     );
     Ok(())
+}
+
+#[test]
+fn tool_calls_and_tools_pass_through_in_file_order() -> Result<()> {
+    use helix_model::OrderedJson;
+    let row = br#"{"tools": [{"type": "function", "function": {"name": "f", "parameters": {"z": 1, "a": 2}}}], "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": null, "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {"z": 1.5, "a": "x"}}}]}, {"content": "42", "tool_call_id": "c1", "role": "tool"}, {"role": "assistant", "tool_calls": [{"function": {"name": "f", "arguments": "{}"}}]}, {"role": "assistant", "content": "Done."}]}"#;
+    let r = read(row, Format::Messages, false)?;
+    let rec = &r.records[0];
+    let keys = |v: &OrderedJson| -> Vec<String> {
+        match v {
+            OrderedJson::Object(e) => e.iter().map(|(k, _)| k.clone()).collect(),
+            _ => panic!("not an object: {v:?}"),
+        }
+    };
+    // A null text stays null for the template; an absent one stays absent.
+    let t = &rec.turns[1];
+    assert_eq!((t.role.as_str(), t.content.as_deref()), ("assistant", None));
+    assert_eq!(keys(&t.to_json()), ["role", "content", "tool_calls"]);
+    assert_eq!(t.to_json().get("content"), Some(&OrderedJson::Null));
+    assert_eq!(keys(&rec.turns[3].to_json()), ["role", "tool_calls"]);
+    // Keys keep the file's order, however deep.
+    let args = &rec.turns[1].extra[1].1;
+    let OrderedJson::Array(calls) = args else {
+        panic!("{args:?}")
+    };
+    let arguments = calls[0].get("function").and_then(|f| f.get("arguments"));
+    assert_eq!(keys(arguments.unwrap()), ["z", "a"]);
+    assert_eq!(
+        rec.turns[2].to_json(),
+        OrderedJson::Object(vec![
+            ("role".into(), OrderedJson::String("tool".into())),
+            ("content".into(), OrderedJson::String("42".into())),
+            ("tool_call_id".into(), OrderedJson::String("c1".into())),
+        ])
+    );
+    let tools = rec.tools.as_ref().unwrap();
+    let OrderedJson::Array(schemas) = tools else {
+        panic!("{tools:?}")
+    };
+    let params = schemas[0].get("function").and_then(|f| f.get("parameters"));
+    assert_eq!(keys(params.unwrap()), ["z", "a"]);
+    // A row without tools has none.
+    let plain = br#"{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "tools": null}"#;
+    assert_eq!(read(plain, Format::Messages, false)?.records[0].tools, None);
+    Ok(())
+}
+
+#[test]
+fn a_bad_tool_call_names_its_field() {
+    let cases: [(&[u8], &str); 7] = [
+        (br#"{"messages": [{"role": "user", "content": "a", "tool_calls": [{"function": {}}]}, {"role": "assistant", "content": "b"}]}"#, "data.jsonl:1: field \"messages[0].tool_calls\": a user turn cannot call tools; only the assistant's can"),
+        (br#"{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": {"function": {}}}]}"#, "data.jsonl:1: field \"messages[1].tool_calls\": expected an array of tool calls, found an object"),
+        (br#"{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [{"function": {}}, "f()"]}]}"#, "data.jsonl:1: field \"messages[1].tool_calls[1]\": expected a tool call (an object), found a string"),
+        (br#"{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": null}]}"#, "data.jsonl:1: field \"messages[1].content\": expected a string, found null (only a turn that calls tools may have no text)"),
+        (br#"{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": []}]}"#, "data.jsonl:1: field \"messages[1].content\": missing"),
+        (br#"{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "tools": {"name": "f"}}"#, "data.jsonl:1: field \"tools\": expected an array of tool schemas, found an object"),
+        (br#"{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "tools": [{"name": "f"}, "g"]}"#, "data.jsonl:1: field \"tools[1]\": expected a tool's JSON schema (an object), found a string"),
+    ];
+    for (bytes, want) in cases {
+        assert_eq!(err(bytes, Format::Messages), want);
+    }
 }

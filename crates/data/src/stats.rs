@@ -4,8 +4,9 @@ use std::collections::{BTreeMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
+use crate::conversation::Message;
 use crate::pack::{pack_first_fit_decreasing, PackingStats};
-use crate::records::{Message, ReadReport, SkipCounts};
+use crate::records::{ReadReport, SkipCounts};
 use crate::tokenize::{TokenizeStats, Tokenized};
 
 /// What reading a file found, kept (and cached) apart from the records themselves.

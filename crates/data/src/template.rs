@@ -7,8 +7,9 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use helix_model::TextCodec;
+use helix_model::{OrderedJson, TextCodec};
 
+use crate::conversation::Message;
 use crate::records::Record;
 
 /// Stanford Alpaca's `PROMPT_DICT["prompt_input"]` (train.py), byte for byte.
@@ -286,18 +287,21 @@ impl ChatTemplate {
     /// rendering must extend the one before it, or the turns cannot be told apart (a template
     /// that rewrites earlier turns once later ones follow) and the row is refused.
     fn render_turns(&self, rec: &Record) -> Result<Rendered> {
-        let mut turns: Vec<(&str, &str)> = Vec::with_capacity(rec.turns.len() + 1);
+        let mut turns: Vec<OrderedJson> = Vec::with_capacity(rec.turns.len() + 1);
+        let mut roles: Vec<&str> = Vec::with_capacity(rec.turns.len() + 1);
         if let Some(s) = &self.system {
             if rec.turns[0].role != "system" {
-                turns.push(("system", s));
+                turns.push(OrderedJson::message("system", s));
+                roles.push("system");
             }
         }
         let leading = turns.len();
-        turns.extend(
-            rec.turns
-                .iter()
-                .map(|m| (m.role.as_str(), m.content.as_str())),
-        );
+        turns.extend(rec.turns.iter().map(Message::to_json));
+        roles.extend(rec.turns.iter().map(|m| m.role.as_str()));
+        let tools = rec.tools.as_ref();
+        let render = |turns: &[OrderedJson], generation_prompt: bool| {
+            self.codec.render_chat(turns, tools, generation_prompt)
+        };
         // Byte ranges of the whole text that are trained on, in order.
         let mut trained: Vec<Range<usize>> = Vec::new();
         let mut rendered = String::new();
@@ -310,19 +314,19 @@ impl ChatTemplate {
                 ),
             }
         };
-        for (i, (role, _)) in turns.iter().enumerate().skip(leading) {
+        for (i, role) in roles.iter().enumerate().skip(leading) {
             if *role != "assistant" {
                 continue;
             }
             // As the reader names turns: from 0, in the row's own list.
             let turn = i - leading;
-            let prompt = self.codec.apply_chat_template(&turns[..i], true)?;
+            let prompt = render(&turns[..i], true)?;
             extends(
                 &prompt,
                 &rendered,
                 &format!("the generation prompt before turn {turn} (counting from 0)"),
             )?;
-            let through = self.codec.apply_chat_template(&turns[..=i], false)?;
+            let through = render(&turns[..=i], false)?;
             extends(
                 &through,
                 &prompt,
@@ -333,7 +337,7 @@ impl ChatTemplate {
             }
             rendered = through;
         }
-        let text = self.codec.apply_chat_template(&turns, false)?;
+        let text = render(&turns, false)?;
         extends(&text, &rendered, "the turns after the last assistant turn")?;
         let Some(first) = trained.first().map(|r| r.start) else {
             bail!(

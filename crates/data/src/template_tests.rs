@@ -10,6 +10,7 @@ fn rec(instruction: &str, context: &str, response: &str) -> Record {
         response: response.into(),
         category: None,
         turns: Vec::new(),
+        tools: None,
         line: 1,
     }
 }
@@ -165,10 +166,7 @@ pub(crate) fn conversation(turns: &[(&str, &str)]) -> Record {
     Record {
         turns: turns
             .iter()
-            .map(|(role, content)| crate::records::Message {
-                role: role.to_string(),
-                content: content.to_string(),
-            })
+            .map(|(role, content)| crate::conversation::Message::text(role, content))
             .collect(),
         ..rec("", "", "")
     }
@@ -267,5 +265,45 @@ fn a_conversation_that_cannot_be_split_is_refused_with_its_line() -> Result<()> 
         e,
         "line 1: the chat template renders turn 1 (counting from 0; the assistant's) differently from the turns before it, so the assistant turns cannot be separated from the rest"
     );
+    Ok(())
+}
+
+#[test]
+fn tool_calls_are_trained_and_tool_results_are_not() -> Result<()> {
+    // The shipped tool template, on the same word-level codec.
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../configs/chat_templates/chatml_tools.jinja");
+    let mut codec = Arc::try_unwrap(chatml_codec()).ok().unwrap();
+    codec.set_chat_template_file(&path)?;
+    let t = Template::Chat(ChatTemplate::new(Arc::new(codec), None)?);
+    let row = br#"{"messages": [{"role": "user", "content": "Weather in Oslo?"}, {"role": "assistant", "content": null, "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"location": "Oslo", "days": 2, "scale": 0.5}}}]}, {"role": "tool", "content": "-3 C"}, {"role": "assistant", "content": "It is -3 C."}], "tools": [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"location": {"type": "string"}}}}}]}"#;
+    let rec = crate::records::read_records_from_bytes(
+        "data.jsonl",
+        row,
+        &ReadOptions::new(Format::Messages),
+    )?
+    .records
+    .remove(0);
+    let r = t.render(&rec)?;
+    // The tools' schemas are in the system turn, in json.dumps' layout and the file's order.
+    assert!(
+        r.prompt.contains("\n<tools>\n{\"type\": \"function\", \"function\": {\"name\": \"get_weather\", \"parameters\": {\"type\": \"object\", \"properties\": {\"location\": {\"type\": \"string\"}}}}}\n</tools>\n"),
+        "{}",
+        r.prompt
+    );
+    assert!(r
+        .prompt
+        .ends_with("<|im_start|>user\nWeather in Oslo?<|im_end|>\n<|im_start|>assistant\n"));
+    let untrained: Vec<&str> = r.untrained.iter().map(|u| &r.target[u.clone()]).collect();
+    assert_eq!(
+        untrained,
+        ["<|im_start|>user\n<tool_response>\n-3 C\n</tool_response><|im_end|>\n<|im_start|>assistant\n"]
+    );
+    let first = r.untrained[0].start;
+    assert_eq!(
+        &r.target[..first],
+        "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"location\": \"Oslo\", \"days\": 2, \"scale\": 0.5}}\n</tool_call><|im_end|>\n"
+    );
+    assert_eq!(&r.target[r.untrained[0].end..], "It is -3 C.<|im_end|>\n");
     Ok(())
 }

@@ -82,6 +82,7 @@ fn rec(instruction: &str, response: &str) -> Record {
         response: response.into(),
         category: None,
         turns: Vec::new(),
+        tools: None,
         line: 7,
     }
 }

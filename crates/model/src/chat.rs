@@ -3,17 +3,23 @@
 use std::cell::RefCell;
 
 use anyhow::{Context, Result};
-use minijinja::{context, Environment, Error, ErrorKind};
+use minijinja::{context, Environment, Error, ErrorKind, Value};
+
+use crate::chat_json::OrderedJson;
 
 /// Renders a chat template with transformers' conventions: `trim_blocks` and `lstrip_blocks`,
-/// `raise_exception`, Python string methods, and `bos_token`/`eos_token` in scope.
+/// `raise_exception`, Python string methods, Python's `json.dumps` as `tojson`, and
+/// `messages`, `tools` (none when absent), `documents` (none), `add_generation_prompt`,
+/// `bos_token` and `eos_token` in scope. Messages are JSON objects passed as they are, so a
+/// template sees every key a turn has (`tool_calls`, `name`, …) in the file's order.
 ///
 /// Each thread keeps the last template it compiled: tokenizing a dataset renders the same
 /// template several times per row (a conversation once per assistant turn and more), and
 /// parsing it again each time took most of that time.
 pub fn render(
     template: &str,
-    messages: &[(&str, &str)],
+    messages: &[OrderedJson],
+    tools: Option<&OrderedJson>,
     add_generation_prompt: bool,
     bos_token: Option<&str>,
     eos_token: Option<&str>,
@@ -30,13 +36,12 @@ pub fn render(
             *compiled = Some((template.to_string(), environment(template)?));
         }
         let (_, env) = compiled.as_ref().expect("compiled above");
-        let msgs: Vec<_> = messages
-            .iter()
-            .map(|(role, content)| context! { role => *role, content => *content })
-            .collect();
+        let msgs: Vec<Value> = messages.iter().map(OrderedJson::to_jinja).collect();
         env.get_template("chat")?
             .render(context! {
                 messages => msgs,
+                tools => tools.map_or(Value::from(()), OrderedJson::to_jinja),
+                documents => Value::from(()),
                 add_generation_prompt => add_generation_prompt,
                 bos_token => bos_token.unwrap_or(""),
                 eos_token => eos_token.unwrap_or(""),
@@ -56,6 +61,7 @@ fn environment(template: &str) -> Result<Environment<'static>> {
             .context("chat template syntax")?,
     );
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_filter("tojson", crate::chat_json::tojson);
     env.add_function("raise_exception", |msg: String| -> Result<String, Error> {
         Err(Error::new(ErrorKind::InvalidOperation, msg))
     });
@@ -68,11 +74,18 @@ fn environment(template: &str) -> Result<Environment<'static>> {
 mod tests {
     use super::*;
 
+    fn msgs(turns: &[(&str, &str)]) -> Vec<OrderedJson> {
+        turns
+            .iter()
+            .map(|(r, c)| OrderedJson::message(r, c))
+            .collect()
+    }
+
     const CHATML: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nBe brief.<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 
     #[test]
     fn chatml_with_default_system_prompt() {
-        let s = render(CHATML, &[("user", "Hi")], true, None, None).unwrap();
+        let s = render(CHATML, &msgs(&[("user", "Hi")]), None, true, None, None).unwrap();
         assert_eq!(s, "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
     }
 
@@ -91,14 +104,14 @@ mod tests {
             ),
         ] {
             assert_eq!(
-                render(template, &[("user", "Hi")], false, None, None).unwrap(),
+                render(template, &msgs(&[("user", "Hi")]), None, false, None, None).unwrap(),
                 want
             );
         }
         // A template that does not parse is an error, and the one before it still renders.
-        assert!(render("{% for %}", &[], false, None, None).is_err());
+        assert!(render("{% for %}", &[], None, false, None, None).is_err());
         assert_eq!(
-            render(plain, &[("user", "Hi")], false, None, None).unwrap(),
+            render(plain, &msgs(&[("user", "Hi")]), None, false, None, None).unwrap(),
             "user: Hi\n"
         );
     }
@@ -106,7 +119,7 @@ mod tests {
     #[test]
     fn raise_exception_surfaces_the_message() {
         let t = "{% if messages[0]['role'] == 'assistant' %}{{ raise_exception('must start with user') }}{% endif %}";
-        let e = render(t, &[("assistant", "x")], false, None, None).unwrap_err();
+        let e = render(t, &msgs(&[("assistant", "x")]), None, false, None, None).unwrap_err();
         assert!(format!("{e:#}").contains("must start with user"), "{e:#}");
     }
 
@@ -114,7 +127,7 @@ mod tests {
     fn python_string_methods_work() {
         let t = "{{ messages[0]['content'].strip() }}";
         assert_eq!(
-            render(t, &[("user", "  x  ")], false, None, None).unwrap(),
+            render(t, &msgs(&[("user", "  x  ")]), None, false, None, None).unwrap(),
             "x"
         );
     }

@@ -19,9 +19,11 @@ pub use linear::{Dense, Linear};
 pub use llama::{ForwardMask, KvCache, LayerContext, Llama, LoadOptions};
 pub use weights::SafetensorsWeights;
 pub mod chat;
+pub mod chat_json;
 pub mod generate;
 pub mod model_dir;
 pub mod tokenizer_setup;
 
+pub use chat_json::OrderedJson;
 pub use generate::{generate, generate_after, SamplingOptions};
 pub use model_dir::{ModelDir, TextCodec};

@@ -7,6 +7,7 @@ use candle_core::{DType, Device};
 use serde_json::Value;
 use tokenizers::Tokenizer;
 
+use crate::chat_json::OrderedJson;
 use crate::config::LlamaConfig;
 use crate::llama::{Llama, LoadOptions};
 use crate::tokenizer_setup::apply_llama_post_processor;
@@ -94,16 +95,51 @@ impl TextCodec {
         messages: &[(&str, &str)],
         add_generation_prompt: bool,
     ) -> Result<String> {
+        let messages: Vec<OrderedJson> = messages
+            .iter()
+            .map(|(role, content)| OrderedJson::message(role, content))
+            .collect();
+        self.render_chat(&messages, None, add_generation_prompt)
+    }
+
+    /// Renders whole JSON turns (tool calls and any other keys included) and the tools'
+    /// schemas, as `apply_chat_template(messages, tools=tools, tokenize=False)` does.
+    pub fn render_chat(
+        &self,
+        messages: &[OrderedJson],
+        tools: Option<&OrderedJson>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let template = self.chat_template.as_deref().context(
-            "this model has no chat template (tokenizer_config.json has no 'chat_template')",
+            "this model has no chat template (tokenizer_config.json has no 'chat_template'; \
+             data.chat_template or --chat-template names a Jinja file to use)",
         )?;
         crate::chat::render(
             template,
             messages,
+            tools,
             add_generation_prompt,
             self.bos_token.as_deref(),
             self.eos_token.as_deref(),
         )
+    }
+
+    /// Replaces the model's chat template with the Jinja file at `path` (transformers'
+    /// `chat_template.jinja`, vLLM's `--chat-template`), for a model without one or with
+    /// another than the data was written for.
+    pub fn set_chat_template_file(&mut self, path: &Path) -> Result<()> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the chat template {}", path.display()))?;
+        crate::chat::render(&text, &[], None, false, None, None)
+            .map(drop)
+            .or_else(|e| match format!("{e:#}").contains("does not parse") {
+                true => Err(e),
+                // A template may refuse an empty conversation; it parsed, which is what counts here.
+                false => Ok(()),
+            })
+            .with_context(|| format!("chat template {}", path.display()))?;
+        self.chat_template = Some(text);
+        Ok(())
     }
 }
 

@@ -116,6 +116,10 @@ pub(crate) enum Command {
         /// System message for --chat (the template's default when absent).
         #[arg(long)]
         system: Option<String>,
+        /// A Jinja file for --chat in place of the model's chat template (the file a run's
+        /// data.chat_template named, say).
+        #[arg(long, requires = "chat")]
+        chat_template: Option<PathBuf>,
         #[arg(long, default_value_t = 128)]
         max_new_tokens: usize,
         /// 0 = greedy decoding.

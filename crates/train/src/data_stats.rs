@@ -28,6 +28,9 @@ pub struct DataStatsArgs {
     /// {instruction} and {input}/{context}
     #[arg(long)]
     template: Option<String>,
+    /// A Jinja file to render with in place of the tokenizer's chat template (--template chat).
+    #[arg(long)]
+    chat_template: Option<PathBuf>,
     /// Tokens a sample may hold (default 2048).
     #[arg(long)]
     max_seq_length: Option<usize>,
@@ -56,6 +59,9 @@ pub struct DataStatsArgs {
     /// A conversation's array of turns (messages / sharegpt), e.g. --messages-field dialog.
     #[arg(long)]
     messages_field: Option<String>,
+    /// A conversation's list of tool schemas (default tools).
+    #[arg(long)]
+    tools_field: Option<String>,
     /// Tokenizer threads (0, the default: one per core).
     #[arg(long)]
     threads: Option<usize>,
@@ -83,6 +89,7 @@ pub fn run(args: DataStatsArgs, config: Option<&Path>, sets: &[String]) -> Resul
         format,
         tokenizer,
         template,
+        chat_template,
         max_seq_length,
         length_policy,
         whole_sequence_loss,
@@ -93,6 +100,7 @@ pub fn run(args: DataStatsArgs, config: Option<&Path>, sets: &[String]) -> Resul
         response_field,
         category_field,
         messages_field,
+        tools_field,
         threads,
         no_cache,
         world_size,
@@ -107,6 +115,7 @@ pub fn run(args: DataStatsArgs, config: Option<&Path>, sets: &[String]) -> Resul
                 ("--format", format.is_some()),
                 ("--tokenizer", tokenizer.is_some()),
                 ("--template", template.is_some()),
+                ("--chat-template", chat_template.is_some()),
                 ("--max-seq-length", max_seq_length.is_some()),
                 ("--length-policy", length_policy.is_some()),
                 ("--whole-sequence-loss", whole_sequence_loss),
@@ -117,6 +126,7 @@ pub fn run(args: DataStatsArgs, config: Option<&Path>, sets: &[String]) -> Resul
                 ("--response-field", response_field.is_some()),
                 ("--category-field", category_field.is_some()),
                 ("--messages-field", messages_field.is_some()),
+                ("--tools-field", tools_field.is_some()),
                 ("--threads", threads.is_some()),
             ];
             if let Some((flag, _)) = data_flags.iter().find(|(_, given)| *given) {
@@ -141,6 +151,7 @@ pub fn run(args: DataStatsArgs, config: Option<&Path>, sets: &[String]) -> Resul
             if let Some(t) = template {
                 cfg.template = t;
             }
+            cfg.chat_template = chat_template;
             if let Some(n) = max_seq_length {
                 cfg.max_seq_length = n;
             }
@@ -160,6 +171,7 @@ pub fn run(args: DataStatsArgs, config: Option<&Path>, sets: &[String]) -> Resul
                 response: response_field,
                 category: category_field,
                 messages: messages_field,
+                tools: tools_field,
             };
             if let Some(n) = threads {
                 cfg.threads = n;
@@ -170,12 +182,12 @@ pub fn run(args: DataStatsArgs, config: Option<&Path>, sets: &[String]) -> Resul
     if no_cache {
         cfg.cache = false;
     }
-    let tok = DataTokenizer::open(&tokenizer_dir)?;
     // Errors about [data] keys, named as the flags that set them when flags did.
     let named = |e: anyhow::Error| match config {
         Some(_) => e,
         None => anyhow!("{}", in_flag_names(&format!("{e:#}"))),
     };
+    let tok = DataTokenizer::for_config(&cfg, &tokenizer_dir).map_err(named)?;
     let prepared = prepare(&cfg, &tok).map_err(named)?;
     for s in prepared.train.iter().take(show) {
         eprintln!("{}", shown(s, &tok.codec)?);
@@ -248,10 +260,12 @@ pub fn run(args: DataStatsArgs, config: Option<&Path>, sets: &[String]) -> Resul
 
 /// An error about the `[data]` keys, reworded for the flags that set them.
 fn in_flag_names(message: &str) -> String {
-    const FLAG_OF_KEY: [(&str, &str); 12] = [
+    const FLAG_OF_KEY: [(&str, &str); 14] = [
         ("data.train = ", "--data "),
         ("data.format", "--format"),
+        ("data.chat_template", "--chat-template"),
         ("[data.fields] messages", "--messages-field"),
+        ("[data.fields] tools", "--tools-field"),
         ("[data.fields] instruction", "--instruction-field"),
         ("[data.fields] context", "--context-field"),
         ("[data.fields] response", "--response-field"),

@@ -206,6 +206,7 @@ fn run(cli: Cli) -> Result<()> {
             prompt,
             chat,
             system,
+            chat_template,
             max_new_tokens,
             temperature,
             top_k,
@@ -215,7 +216,12 @@ fn run(cli: Cli) -> Result<()> {
             print_ids,
         } => {
             let dir = ModelDir::open(&model)?;
-            let codec = TextCodec::open(&model)?;
+            let mut codec = TextCodec::open(&model)?;
+            if let Some(file) = &chat_template {
+                codec
+                    .set_chat_template_file(file)
+                    .context("--chat-template")?;
+            }
             let device = device(0)?;
             let model = load_model(&dir, adapter.as_deref(), dtype.into(), &device)?;
             let prompt_ids = if chat {

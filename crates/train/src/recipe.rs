@@ -495,7 +495,8 @@ impl Data {
     fn load(cfg: &ConfigFile, config_path: &Path, job: &Job) -> Result<Self> {
         let data_cfg = cfg.data(config_path)?;
         let dir = cfg.tokenizer_dir(config_path)?;
-        let tok = DataTokenizer::open(&dir).with_context(|| tokenizer_key(cfg, &dir))?;
+        let tok =
+            DataTokenizer::for_config(data_cfg, &dir).with_context(|| tokenizer_key(cfg, &dir))?;
         let prepared = prepare(data_cfg, &tok)?;
         prepared.check_trainable(data_cfg, job.dp.size)?;
         for (role, src) in &prepared.report.sources {
@@ -529,12 +530,17 @@ impl Data {
             job.dp.index,
             micro,
         )?;
-        let sha256 = prepared
+        let mut sha256: BTreeMap<String, String> = prepared
             .report
             .sources
             .iter()
             .map(|(role, src)| (format!("data.{role}"), src.sha256.clone()))
             .collect();
+        // The samples depend on the chat template as much as on the data.
+        if let Some(file) = &data_cfg.chat_template {
+            let sha = helix_data::cache::file_sha256(file).context("data.chat_template")?;
+            sha256.insert("data.chat_template".into(), sha);
+        }
         Ok(Self {
             train,
             validation,

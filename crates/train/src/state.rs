@@ -385,7 +385,8 @@ pub fn check_same_run(dir: &Path, now: &RunRecord, warn: impl Fn(String)) -> Res
             &before[..before.len().min(12)],
             &after[..after.len().min(12)]
         );
-        if key == "data.train" {
+        // Both decide the training samples; validation and test files only what is measured.
+        if key == "data.train" || key == "data.chat_template" {
             bail!(
                 "{what}: a resumed run must read the same samples; put the file back, or start \
                  a new run (another trainer.output_dir) on the new data"
@@ -581,6 +582,20 @@ mod tests {
         check_same_run(dir, &record("aaaa", "dddd"), warn)?;
         let w = warnings.borrow().join("\n");
         assert!(w.contains("data.validation's contents changed"), "{w}");
+        // The chat template decides the samples as the training file does.
+        let with_template = |template: &str| {
+            let mut run = record("aaaa", "bbbb");
+            run.data_sha256
+                .insert("data.chat_template".into(), template.into());
+            run
+        };
+        write(with_template("eeee"))?;
+        check_same_run(dir, &with_template("eeee"), warn)?;
+        let err = check_same_run(dir, &with_template("ffff"), warn).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("data.chat_template's contents changed"),
+            "{err:#}"
+        );
         // A checkpoint from before helix recorded the files: nothing to compare.
         write(RunRecord {
             data_sha256: BTreeMap::new(),

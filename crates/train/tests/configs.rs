@@ -46,8 +46,9 @@ fn every_shipped_config_is_valid() {
         training += 1;
     }
     assert_eq!(
-        training, 7,
-        "quickstart, chat_quickstart, sft7b, lora7b, lora13b, lora70b, ptuning7b"
+        training, 8,
+        "quickstart, chat_quickstart, tool_calls_quickstart, sft7b, lora7b, lora13b, lora70b, \
+         ptuning7b"
     );
 }
 

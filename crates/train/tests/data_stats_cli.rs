@@ -320,6 +320,21 @@ fn data_stats_reads_conversations_with_the_chat_template() {
             ][..],
             "--response-field does not apply to --format = \"messages\"",
         ),
+        (
+            &["--format", "alpaca", "--chat-template", "t.jinja"][..],
+            "--chat-template is set but --template = \"alpaca\" does not use it",
+        ),
+        (
+            &[
+                "--format",
+                "messages",
+                "--template",
+                "chat",
+                "--chat-template",
+                "missing.jinja",
+            ][..],
+            "--chat-template: cannot read the chat template missing.jinja",
+        ),
     ] {
         let (ok, _, err) = run(extra);
         assert!(!ok && err.contains(want), "{extra:?}: {err}");
@@ -328,4 +343,51 @@ fn data_stats_reads_conversations_with_the_chat_template() {
             "{extra:?} names a config key: {err}"
         );
     }
+
+    // Tool calls, rendered by the shipped tool template in place of the tokenizer's.
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let tools = root.join("datasets/tool_calls_sample.jsonl");
+    let template = root.join("configs/chat_templates/chatml_tools.jinja");
+    let (ok, out, err) = helix_train(
+        &[
+            "data-stats",
+            "--data",
+            tools.to_str().unwrap(),
+            "--format",
+            "messages",
+            "--template",
+            "chat",
+            "--chat-template",
+            template.to_str().unwrap(),
+            "--tokenizer",
+            "model",
+            "--show",
+            "1",
+        ],
+        tmp.path(),
+    );
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let stats = &v["sources"]["train"]["stats"];
+    assert_eq!(
+        (&stats["records"], &stats["samples"]),
+        (&10.into(), &10.into())
+    );
+    // Two trained runs, the tool call's turn and the answer, with the tool's result between
+    // them untrained (the test tokenizer knows few of the words: [UNK]). transformers checks
+    // the exact labels (tests/chat_data.rs).
+    let shown = err
+        .split("sample of record 0 ")
+        .nth(1)
+        .and_then(|s| s.split('\n').nth(1))
+        .unwrap_or_default();
+    assert_eq!(shown.matches("[[").count(), 2, "{err}");
+    let between = shown
+        .split("]]")
+        .nth(1)
+        .unwrap()
+        .split("[[")
+        .next()
+        .unwrap();
+    assert_eq!(between.matches("<|im_start|>").count(), 2, "{shown}");
 }
