@@ -150,9 +150,8 @@ fn tool_calls_match_transformers_chat_template_turn_by_turn() -> Result<()> {
         .records
         .iter()
         .flat_map(|r| &r.turns)
-        .flat_map(|t| t.extra.iter().filter(|(k, _)| k == "tool_calls"))
-        .map(|(_, v)| match v {
-            helix::model::OrderedJson::Array(calls) => calls.len(),
+        .map(|t| match t.json.get("tool_calls") {
+            Some(helix::model::OrderedJson::Array(calls)) => calls.len(),
             _ => 0,
         })
         .sum();

@@ -41,8 +41,7 @@ fuzz_target!(|data: &[u8]| {
                 );
                 // Only an assistant turn that calls tools may have no text.
                 for t in &r.turns {
-                    let calls = t.extra.iter().any(|(k, _)| k == "tool_calls");
-                    assert!(t.content.is_some() || (t.role == "assistant" && calls));
+                    assert!(t.content.is_some() || (t.role == "assistant" && t.calls_tools()));
                 }
             }
         }

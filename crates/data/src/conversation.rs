@@ -39,9 +39,10 @@ pub struct Message {
     /// The turn's text; `None` for an assistant turn that only calls tools (its content null
     /// or absent).
     pub content: Option<String>,
-    /// The turn's other keys in file order (`tool_calls`, `name`, `tool_call_id`, a null
-    /// content, …), which the template sees as they are.
-    pub extra: Vec<(String, OrderedJson)>,
+    /// The turn as the template sees it: every key of the row's object in file order
+    /// (`tool_calls`, `name`, `tool_call_id`, a null content, …), the speaker as `role` (a
+    /// role's name) and the text as `content`.
+    pub json: OrderedJson,
 }
 
 impl Message {
@@ -50,18 +51,13 @@ impl Message {
         Self {
             role: role.into(),
             content: Some(content.into()),
-            extra: Vec::new(),
+            json: OrderedJson::message(role, content),
         }
     }
 
-    /// The turn as the template sees it: `role`, `content` when it is text, then the rest.
-    pub fn to_json(&self) -> OrderedJson {
-        let mut entries = vec![("role".to_string(), OrderedJson::String(self.role.clone()))];
-        if let Some(c) = &self.content {
-            entries.push(("content".into(), OrderedJson::String(c.clone())));
-        }
-        entries.extend(self.extra.iter().cloned());
-        OrderedJson::Object(entries)
+    /// Whether the turn calls tools (a non-empty `tool_calls`).
+    pub fn calls_tools(&self) -> bool {
+        matches!(self.json.get("tool_calls"), Some(OrderedJson::Array(c)) if !c.is_empty())
     }
 }
 
@@ -229,20 +225,21 @@ fn turn(
             return Err(bad(field(&fields.text), InvalidKind::WrongType, detail));
         }
     };
-    // Everything else goes to the template as it is; a null text stays null there.
-    let extra = entries
-        .iter()
-        .filter(|(k, v)| {
-            *k != fields.speaker && !(*k == fields.text && matches!(v, OrderedJson::String(_)))
-        })
-        .map(|(k, v)| match *k == fields.text {
-            true => ("content".to_string(), v.clone()),
-            false => (k.clone(), v.clone()),
-        })
-        .collect();
+    // Everything goes to the template as it is, in order; the speaker and text under the
+    // names templates read.
+    let json = OrderedJson::Object(
+        entries
+            .iter()
+            .map(|(k, v)| match k {
+                k if *k == fields.speaker => ("role".into(), OrderedJson::String(role.into())),
+                k if *k == fields.text => ("content".into(), v.clone()),
+                k => (k.clone(), v.clone()),
+            })
+            .collect(),
+    );
     Ok(Message {
         role: role.into(),
         content,
-        extra,
+        json,
     })
 }

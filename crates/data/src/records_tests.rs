@@ -335,23 +335,37 @@ fn tool_calls_and_tools_pass_through_in_file_order() -> Result<()> {
     // A null text stays null for the template; an absent one stays absent.
     let t = &rec.turns[1];
     assert_eq!((t.role.as_str(), t.content.as_deref()), ("assistant", None));
-    assert_eq!(keys(&t.to_json()), ["role", "content", "tool_calls"]);
-    assert_eq!(t.to_json().get("content"), Some(&OrderedJson::Null));
-    assert_eq!(keys(&rec.turns[3].to_json()), ["role", "tool_calls"]);
+    assert_eq!(keys(&t.json), ["role", "content", "tool_calls"]);
+    assert_eq!(t.json.get("content"), Some(&OrderedJson::Null));
+    assert_eq!(keys(&rec.turns[3].json), ["role", "tool_calls"]);
     // Keys keep the file's order, however deep.
-    let args = &rec.turns[1].extra[1].1;
+    assert!(t.calls_tools() && rec.turns[3].calls_tools() && !rec.turns[4].calls_tools());
+    let args = t.json.get("tool_calls").unwrap();
     let OrderedJson::Array(calls) = args else {
         panic!("{args:?}")
     };
     let arguments = calls[0].get("function").and_then(|f| f.get("arguments"));
     assert_eq!(keys(arguments.unwrap()), ["z", "a"]);
+    // The turn's own order, whatever it is.
     assert_eq!(
-        rec.turns[2].to_json(),
+        rec.turns[2].json,
         OrderedJson::Object(vec![
-            ("role".into(), OrderedJson::String("tool".into())),
             ("content".into(), OrderedJson::String("42".into())),
             ("tool_call_id".into(), OrderedJson::String("c1".into())),
+            ("role".into(), OrderedJson::String("tool".into())),
         ])
+    );
+    // ShareGPT's names become role and content in their places; a speaker's name a role's.
+    let sharegpt = br#"{"conversations": [{"value": "Hi", "from": "human"}, {"from": "gpt", "weight": 1, "value": "Hello."}]}"#;
+    let r = read(sharegpt, Format::Sharegpt, false)?;
+    assert_eq!(keys(&r.records[0].turns[0].json), ["content", "role"]);
+    assert_eq!(
+        keys(&r.records[0].turns[1].json),
+        ["role", "weight", "content"]
+    );
+    assert_eq!(
+        r.records[0].turns[1].json.get("role"),
+        Some(&OrderedJson::String("assistant".into()))
     );
     let tools = rec.tools.as_ref().unwrap();
     let OrderedJson::Array(schemas) = tools else {
@@ -379,4 +393,16 @@ fn a_bad_tool_call_names_its_field() {
     for (bytes, want) in cases {
         assert_eq!(err(bytes, Format::Messages), want);
     }
+}
+
+#[test]
+fn conversations_differing_only_in_their_tools_are_distinct() -> Result<()> {
+    let mut bytes = Vec::new();
+    for tools in ["[]", r#"[{"name": "f"}]"#, r#"[{"name": "f"}]"#] {
+        bytes.extend_from_slice(format!(r#"{{"messages": [{{"role": "user", "content": "a"}}, {{"role": "assistant", "content": "b"}}], "tools": {tools}}}"#).as_bytes());
+        bytes.push(b'\n');
+    }
+    let r = read(&bytes, Format::Messages, false)?;
+    assert_eq!(crate::stats::ReadSummary::new(&r).unique_records, 2);
+    Ok(())
 }

@@ -8,6 +8,7 @@ use crate::conversation::Message;
 use crate::pack::{pack_first_fit_decreasing, PackingStats};
 use crate::records::{ReadReport, SkipCounts};
 use crate::tokenize::{TokenizeStats, Tokenized};
+use helix_model::OrderedJson;
 
 /// What reading a file found, kept (and cached) apart from the records themselves.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -22,7 +23,14 @@ pub struct ReadSummary {
 
 impl ReadSummary {
     pub fn new(read: &ReadReport) -> Self {
-        let unique: HashSet<(&str, &str, &str, &[Message])> = read
+        type Key<'a> = (
+            &'a str,
+            &'a str,
+            &'a str,
+            &'a [Message],
+            Option<&'a OrderedJson>,
+        );
+        let unique: HashSet<Key> = read
             .records
             .iter()
             .map(|r| {
@@ -31,6 +39,7 @@ impl ReadSummary {
                     r.context.as_str(),
                     r.response.as_str(),
                     r.turns.as_slice(),
+                    r.tools.as_ref(),
                 )
             })
             .collect();
@@ -52,7 +61,7 @@ impl ReadSummary {
 pub struct DataStats {
     /// Valid records read.
     pub records: usize,
-    /// Records with a distinct (instruction, context, response), or distinct turns.
+    /// Records with a distinct (instruction, context, response), or distinct turns and tools.
     pub unique_records: usize,
     pub skipped_invalid: SkipCounts,
     /// Samples after the length policy, and their token counts (prompt + target).

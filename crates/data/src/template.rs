@@ -9,7 +9,6 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use helix_model::{OrderedJson, TextCodec};
 
-use crate::conversation::Message;
 use crate::records::Record;
 
 /// Stanford Alpaca's `PROMPT_DICT["prompt_input"]` (train.py), byte for byte.
@@ -296,7 +295,7 @@ impl ChatTemplate {
             }
         }
         let leading = turns.len();
-        turns.extend(rec.turns.iter().map(Message::to_json));
+        turns.extend(rec.turns.iter().map(|m| m.json.clone()));
         roles.extend(rec.turns.iter().map(|m| m.role.as_str()));
         let tools = rec.tools.as_ref();
         let render = |turns: &[OrderedJson], generation_prompt: bool| {

@@ -3,9 +3,10 @@
 use std::cell::RefCell;
 
 use anyhow::{Context, Result};
-use minijinja::{context, Environment, Error, ErrorKind, Value};
+use minijinja::value::ValueKind;
+use minijinja::{context, Environment, Error, ErrorKind, State, Value};
 
-use crate::chat_json::OrderedJson;
+use crate::chat_json::{python_float_repr, OrderedJson};
 
 /// Renders a chat template with transformers' conventions: `trim_blocks` and `lstrip_blocks`,
 /// `raise_exception`, Python string methods, Python's `json.dumps` as `tojson`, and
@@ -61,6 +62,46 @@ fn environment(template: &str) -> Result<Environment<'static>> {
             .context("chat template syntax")?,
     );
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    // Where minijinja and Python's jinja2 differ on values a conversation's JSON carries:
+    // floats print as Python's repr, an absent key has length 0, and strings and maps are
+    // sequences while none is not iterable.
+    env.set_formatter(|out, state, value| match value.kind() {
+        ValueKind::Number if !value.is_integer() => {
+            let f = f64::try_from(value.clone()).unwrap_or(f64::NAN);
+            out.write_str(&python_float_repr(f))
+                .map_err(|e| Error::new(ErrorKind::WriteFailure, e.to_string()))
+        }
+        _ => minijinja::escape_formatter(out, state, value),
+    });
+    env.add_filter("string", |state: &State, value: &Value| {
+        match value.kind() {
+            ValueKind::Number if !value.is_integer() => {
+                let f = f64::try_from(value.clone()).unwrap_or(f64::NAN);
+                Ok(Value::from(python_float_repr(f)))
+            }
+            _ => minijinja::filters::string(state, value),
+        }
+    });
+    env.add_filter("length", |value: &Value| match value.is_undefined() {
+        true => Ok(0),
+        false => minijinja::filters::length(value),
+    });
+    env.add_test("sequence", |value: &Value| {
+        matches!(
+            value.kind(),
+            ValueKind::Undefined | ValueKind::String | ValueKind::Seq | ValueKind::Map
+        )
+    });
+    env.add_test("iterable", |value: &Value| {
+        matches!(
+            value.kind(),
+            ValueKind::Undefined
+                | ValueKind::String
+                | ValueKind::Seq
+                | ValueKind::Map
+                | ValueKind::Iterable
+        )
+    });
     env.add_filter("tojson", crate::chat_json::tojson);
     env.add_function("raise_exception", |msg: String| -> Result<String, Error> {
         Err(Error::new(ErrorKind::InvalidOperation, msg))
@@ -129,6 +170,20 @@ mod tests {
         assert_eq!(
             render(t, &msgs(&[("user", "  x  ")]), None, false, None, None).unwrap(),
             "x"
+        );
+    }
+
+    #[test]
+    fn json_values_render_as_python_jinja2_renders_them() {
+        // The expected string is transformers' compiled template (jinja2) rendering the same.
+        let t = "{% set m = messages[0] %}{{ m.x }}|{{ m.y }}|{{ m.x | string }}|{{ m.missing | length }}|{{ 'ab' is sequence }}|{{ m is sequence }}|{{ m.content is iterable }}|{{ {'b': 1, 'a': m.x} | tojson }}|{% for k in m %}{{ k }},{% endfor %}|{{ m.flag }}|{{ m.content }}|{{ m.n }}";
+        let m: OrderedJson = serde_json::from_str(
+            r#"{"content": null, "x": 1e-07, "y": 1e16, "role": "assistant", "flag": true, "n": 3}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            render(t, &[m], None, false, None, None).unwrap(),
+            r#"1e-07|1e+16|1e-07|0|True|True|False|{"b": 1, "a": 1e-07}|content,x,y,role,flag,n,|True|None|3"#
         );
     }
 }

@@ -345,7 +345,8 @@ impl DumpStyle {
                 c if (c as u32) < 0x20 => {
                     let _ = write!(out, "\\u{:04x}", c as u32);
                 }
-                c if self.ensure_ascii && !c.is_ascii() => {
+                // Python's ensure_ascii keeps only the printable ASCII range, space to '~'.
+                c if self.ensure_ascii && (c as u32) > 0x7e => {
                     let mut units = [0u16; 2];
                     for u in c.encode_utf16(&mut units) {
                         let _ = write!(out, "\\u{u:04x}");
@@ -384,8 +385,20 @@ pub fn python_float_repr(f: f64) -> String {
     if f.is_infinite() {
         return if f > 0.0 { "Infinity" } else { "-Infinity" }.into();
     }
-    // Rust's `{:e}` gives the shortest round-trip digits: "-1.2345e-7".
-    let sci = format!("{f:e}");
+    // Rust's `{:e}` gives the shortest round-trip digits ("-1.2345e-7"), but where two
+    // strings that short are equally near `f` it may take the other one from Python, which
+    // takes the even one: so round `f` itself to that many digits (half to even), as long as
+    // that reads back as `f`.
+    let shortest = format!("{f:e}");
+    let digits = shortest
+        .split('e')
+        .next()
+        .map_or(1, |m| m.chars().filter(char::is_ascii_digit).count());
+    let even = format!("{f:.*e}", digits - 1);
+    let sci = match even.parse::<f64>() {
+        Ok(g) if g == f => even,
+        _ => shortest,
+    };
     let (mantissa, exp) = sci.split_once('e').expect("{:e} always has an exponent");
     let exp: i32 = exp.parse().expect("an integer exponent");
     let (sign, mantissa) = match mantissa.strip_prefix('-') {
@@ -439,6 +452,10 @@ mod tests {
             (1.7976931348623157e308, "1.7976931348623157e+308"),
             (5e-324, "5e-324"),
             (0.30000000000000004, "0.30000000000000004"),
+            // Two shortest strings equally near: Python takes the even last digit.
+            (2f64.powi(50) + 0.25, "1125899906842624.2"),
+            (2f64.powi(49) + 0.25, "562949953421312.2"),
+            (1e23, "1e+23"),
         ] {
             assert_eq!(python_float_repr(f), want, "{f:e}");
         }
@@ -473,8 +490,8 @@ mod tests {
             r#"{"alpha":[true,null,2.5,"é\n\"<>&'"],"m":{},"n":[],"x":1e-07,"zeta":1}"#
         );
         assert_eq!(
-            dumps(r#""é\u0001""#, "(ensure_ascii=true)"),
-            r#""\u00e9\u0001""#
+            dumps(r#""é\u0001\u007f""#, "(ensure_ascii=true)"),
+            r#""\u00e9\u0001\u007f""#
         );
         assert_eq!(dumps(r#""😀""#, "(true)"), r#""\ud83d\ude00""#);
     }

@@ -43,15 +43,21 @@ impl TextCodec {
                 _ => None,
             }
         };
+        // As transformers ≥ 4.43 reads them: chat_template.jinja before tokenizer_config.json's
+        // template, which is a string or a list of named ones (the "default" one is used).
+        let jinja = dir.join("chat_template.jinja");
         let chat_template = match cfg.get("chat_template") {
+            _ if jinja.exists() => Some(
+                std::fs::read_to_string(&jinja)
+                    .with_context(|| format!("cannot read {}", jinja.display()))?,
+            ),
             Some(Value::String(s)) => Some(s.clone()),
-            _ => {
-                let jinja = dir.join("chat_template.jinja");
-                jinja
-                    .exists()
-                    .then(|| std::fs::read_to_string(&jinja))
-                    .transpose()?
-            }
+            Some(Value::Array(named)) => named
+                .iter()
+                .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                .and_then(|t| t.get("template")?.as_str())
+                .map(str::to_string),
+            _ => None,
         };
         let (bos_token, eos_token) = (token_str("bos_token"), token_str("eos_token"));
         apply_llama_post_processor(
@@ -168,5 +174,37 @@ impl ModelDir {
             &LoadOptions::inference(dtype, device.clone()),
         )
         .with_context(|| format!("loading model from {}", self.path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_chat_template_is_found_where_transformers_looks_first() -> Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let dir = tmp.path();
+        std::fs::write(
+            dir.join("tokenizer.json"),
+            r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null, "pre_tokenizer": null, "post_processor": null, "decoder": null, "model": {"type": "WordLevel", "vocab": {"a": 0}, "unk_token": "a"}}"#,
+        )?;
+        let config = |template: serde_json::Value| {
+            let cfg = serde_json::json!({ "chat_template": template });
+            std::fs::write(dir.join("tokenizer_config.json"), cfg.to_string())
+        };
+        let template = || TextCodec::open(dir).map(|c| c.chat_template);
+        config("from the config".into())?;
+        assert_eq!(template()?.as_deref(), Some("from the config"));
+        // Named templates: the default one.
+        config(serde_json::json!([
+            {"name": "tool_use", "template": "tools"},
+            {"name": "default", "template": "plain"}
+        ]))?;
+        assert_eq!(template()?.as_deref(), Some("plain"));
+        // A chat_template.jinja beside it comes first.
+        std::fs::write(dir.join("chat_template.jinja"), "from the file")?;
+        assert_eq!(template()?.as_deref(), Some("from the file"));
+        Ok(())
     }
 }

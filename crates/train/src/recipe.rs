@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::state::CHAT_TEMPLATE_KEY;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use helix_ckpt::{BackgroundWriter, CheckpointStore};
@@ -536,10 +537,13 @@ impl Data {
             .iter()
             .map(|(role, src)| (format!("data.{role}"), src.sha256.clone()))
             .collect();
-        // The samples depend on the chat template as much as on the data.
-        if let Some(file) = &data_cfg.chat_template {
-            let sha = helix_data::cache::file_sha256(file).context("data.chat_template")?;
-            sha256.insert("data.chat_template".into(), sha);
+        // The samples depend on the chat template as much as on the data, wherever it came
+        // from (data.chat_template, tokenizer_config.json, chat_template.jinja).
+        if let Some(text) = tok.codec.chat_template.as_deref() {
+            if data_cfg.template == "chat" {
+                let sha = helix_ckpt::sha256_hex(text.as_bytes());
+                sha256.insert(CHAT_TEMPLATE_KEY.into(), sha);
+            }
         }
         Ok(Self {
             train,

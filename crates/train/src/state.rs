@@ -286,6 +286,10 @@ impl SaveRendezvous for StoreSaveRendezvous {
     }
 }
 
+/// The key of the chat template's sha256 among a run's data files: a conversation's samples
+/// depend on it (`data.chat_template`, or the tokenizer's) as much as on the data.
+pub const CHAT_TEMPLATE_KEY: &str = "the chat template";
+
 pub fn config_sha256(numerics: &serde_json::Value) -> String {
     helix_ckpt::sha256_hex(numerics.to_string().as_bytes())
 }
@@ -386,7 +390,7 @@ pub fn check_same_run(dir: &Path, now: &RunRecord, warn: impl Fn(String)) -> Res
             &after[..after.len().min(12)]
         );
         // Both decide the training samples; validation and test files only what is measured.
-        if key == "data.train" || key == "data.chat_template" {
+        if key == "data.train" || key == CHAT_TEMPLATE_KEY {
             bail!(
                 "{what}: a resumed run must read the same samples; put the file back, or start \
                  a new run (another trainer.output_dir) on the new data"
@@ -586,14 +590,14 @@ mod tests {
         let with_template = |template: &str| {
             let mut run = record("aaaa", "bbbb");
             run.data_sha256
-                .insert("data.chat_template".into(), template.into());
+                .insert(CHAT_TEMPLATE_KEY.into(), template.into());
             run
         };
         write(with_template("eeee"))?;
         check_same_run(dir, &with_template("eeee"), warn)?;
         let err = check_same_run(dir, &with_template("ffff"), warn).unwrap_err();
         assert!(
-            format!("{err:#}").contains("data.chat_template's contents changed"),
+            format!("{err:#}").contains("the chat template's contents changed"),
             "{err:#}"
         );
         // A checkpoint from before helix recorded the files: nothing to compare.
