@@ -120,6 +120,10 @@ pub(crate) enum Command {
         /// data.chat_template named, say).
         #[arg(long, requires = "chat")]
         chat_template: Option<PathBuf>,
+        /// A JSON file holding a list of tool schemas for --chat, which the template lists
+        /// as a conversation row's `tools` are.
+        #[arg(long, requires = "chat")]
+        tools: Option<PathBuf>,
         #[arg(long, default_value_t = 128)]
         max_new_tokens: usize,
         /// 0 = greedy decoding.

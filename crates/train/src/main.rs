@@ -12,7 +12,7 @@
 //!   becomes (samples, tokens, truncation, packing, splits), as JSON
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -20,7 +20,7 @@ use candle_core::{DType, Device};
 use clap::Parser;
 use helix_model::gguf::{import_gguf, ImportOptions};
 use helix_model::hf_export::{parse_size, source_dtype, ExportOptions};
-use helix_model::{LlamaConfig, ModelDir, SamplingOptions, TextCodec};
+use helix_model::{LlamaConfig, ModelDir, OrderedJson, SamplingOptions, TextCodec};
 use helix_parallel::launch::{launch, LaunchOptions};
 use helix_peft::{export_merged, load_with_adapter, Customized};
 
@@ -207,6 +207,7 @@ fn run(cli: Cli) -> Result<()> {
             chat,
             system,
             chat_template,
+            tools,
             max_new_tokens,
             temperature,
             top_k,
@@ -227,10 +228,11 @@ fn run(cli: Cli) -> Result<()> {
             let prompt_ids = if chat {
                 let mut messages = Vec::new();
                 if let Some(s) = &system {
-                    messages.push(("system", s.as_str()));
+                    messages.push(OrderedJson::message("system", s));
                 }
-                messages.push(("user", prompt.as_str()));
-                let text = codec.apply_chat_template(&messages, true)?;
+                messages.push(OrderedJson::message("user", &prompt));
+                let tools = tools.as_deref().map(read_tools).transpose()?;
+                let text = codec.render_chat(&messages, tools.as_ref(), true)?;
                 codec.encode(&text, false)?
             } else {
                 if system.is_some() {
@@ -454,4 +456,23 @@ fn run_training(path: &std::path::Path, cfg: &ConfigFile) -> Result<()> {
         eprintln!("wrote {}", p.display());
     }
     Ok(())
+}
+
+/// `generate --tools FILE`: a JSON list of tool schemas, as a conversation row's `tools`.
+fn read_tools(path: &Path) -> Result<OrderedJson> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--tools: cannot read {}", path.display()))?;
+    let tools: OrderedJson = serde_json::from_str(&text)
+        .with_context(|| format!("--tools: {} is not JSON", path.display()))?;
+    match &tools {
+        OrderedJson::Array(schemas)
+            if schemas.iter().all(|s| matches!(s, OrderedJson::Object(_))) =>
+        {
+            Ok(tools)
+        }
+        _ => bail!(
+            "--tools: {} must hold a JSON list of tool schemas (objects)",
+            path.display()
+        ),
+    }
 }

@@ -112,6 +112,51 @@ fn generate_with_lora_and_ptuning_adapters_matches_full_forward_greedy() -> Resu
 }
 
 #[test]
+fn generate_renders_the_chat_template_file_with_the_tools_given() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let model = model_dir(tmp.path());
+    let template = tmp.path().join("tools.jinja");
+    std::fs::write(
+        &template,
+        "{% for t in tools %}{{ t.name }} {% endfor %}{% for m in messages %}{{ m.content }}{% endfor %}",
+    )?;
+    let tools = tmp.path().join("tools.json");
+    std::fs::write(&tools, r#"[{"name": "two"}, {"name": "three"}]"#)?;
+    let generate = |tools: &Path| {
+        helix_train(
+            &[
+                "generate",
+                "--model",
+                model.to_str().unwrap(),
+                "--chat",
+                "--chat-template",
+                template.to_str().unwrap(),
+                "--tools",
+                tools.to_str().unwrap(),
+                "--prompt",
+                "one",
+                "--max-new-tokens",
+                "2",
+                "--print-ids",
+            ],
+            tmp.path(),
+        )
+    };
+    let (ok, out, err) = generate(&tools);
+    assert!(ok, "{err}");
+    let json: serde_json::Value = serde_json::from_str(out.lines().last().unwrap())?;
+    // "two three one": the tools' names, then the prompt (the test vocabulary: one = 5, …).
+    assert_eq!(ids(&json["prompt_ids"]), vec![6, 7, 5]);
+    std::fs::write(&tools, r#"{"name": "two"}"#)?;
+    let (ok, _, err) = generate(&tools);
+    assert!(
+        !ok && err.contains("--tools: ") && err.contains("must hold a JSON list of tool schemas"),
+        "{err}"
+    );
+    Ok(())
+}
+
+#[test]
 fn export_merges_lora_into_sharded_safetensors_with_the_adapter_logits() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let model = model_dir(tmp.path());
