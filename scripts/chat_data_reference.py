@@ -10,6 +10,9 @@ tokenization by byte offsets; each prefix's ids are checked to begin the whole c
 labels_last keeps the last assistant turn's span alone (torchtune's train_on_last).
 A row's "tools" go to the template as apply_chat_template(tools=...) takes them, and
 --chat-template renders with a Jinja file in place of the tokenizer's template.
+--generation-labels adds labels_generation: the ids where
+apply_chat_template(return_assistant_tokens_mask=True) marks the template's
+{% generation %} blocks (TRL's assistant_only_loss), -100 elsewhere.
 
 Output (JSONL, one row per conversation, in file order):
   {"input_ids": [int], "labels": [int], "labels_last": [int]}
@@ -38,6 +41,7 @@ def main():
     parser.add_argument("--tokenizer", required=True, help="directory with tokenizer_config.json")
     parser.add_argument("--out", required=True)
     parser.add_argument("--chat-template", help="a Jinja file to use as the chat template")
+    parser.add_argument("--generation-labels", action="store_true")
     args = parser.parse_args()
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     template = None
@@ -68,6 +72,18 @@ def main():
                 labels_last = [-100] * len(ids)
                 labels_last[start : len(through)] = ids[start : len(through)]
             row = {"input_ids": ids, "labels": labels, "labels_last": labels_last}
+            if args.generation_labels:
+                out_dict = tokenizer.apply_chat_template(
+                    messages,
+                    tools=tools,
+                    chat_template=template,
+                    tokenize=True,
+                    return_dict=True,
+                    return_assistant_tokens_mask=True,
+                )
+                assert list(out_dict["input_ids"]) == ids, f"row {rows + 1}: ids differ"
+                mask = out_dict["assistant_masks"]
+                row["labels_generation"] = [t if m else -100 for t, m in zip(ids, mask)]
             out.write(json.dumps(row) + "\n")
             rows += 1
     print(f"chat_data_reference: {rows} conversations")

@@ -26,6 +26,6 @@ HELIX_SMOLLM2_DIR="$work/smollm2" HELIX_SMOLLM2_REF="$work/ref" \
   --tokenizer "$work/smollm2" --out "$work/chat_ref.jsonl"
 "$py" scripts/chat_data_reference.py --data datasets/tool_calls_sample.jsonl \
   --tokenizer "$work/smollm2" --chat-template configs/chat_templates/chatml_tools.jinja \
-  --out "$work/tools_ref.jsonl"
+  --generation-labels --out "$work/tools_ref.jsonl"
 HELIX_CHAT_TOKENIZER="$work/smollm2" HELIX_CHAT_REF="$work/chat_ref.jsonl" \
   HELIX_TOOLS_REF="$work/tools_ref.jsonl" cargo test -q --workspace --test chat_data -- --nocapture

@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use helix::data::{
-    read_records, tokenize_records, Format, LengthPolicy, LossMode, ReadOptions, Sample, Template,
-    TokenizeOptions,
+    read_records, tokenize_records, AssistantSpans, Format, LengthPolicy, LossMode, ReadOptions,
+    Sample, Template, TokenizeOptions,
 };
 use helix::model::TextCodec;
 use helix::ops::IGNORE_INDEX;
@@ -158,10 +158,33 @@ fn tool_calls_match_transformers_chat_template_turn_by_turn() -> Result<()> {
     assert!(calls >= 10, "the sample should call tools: {calls}");
     let tokenized = tokenize_records(&read.records, &template, &codec.tokenizer, &options(&codec))?;
     let (tokens, trained) = compare(&tokenized.samples, &reference);
+
+    // The template's {% generation %} blocks, as return_assistant_tokens_mask reads them.
+    let Template::Chat(chat) = template else {
+        unreachable!("a chat template")
+    };
+    let generation = Template::Chat(chat.with_spans(AssistantSpans::Generation)?);
+    let by_blocks = tokenize_records(
+        &read.records,
+        &generation,
+        &codec.tokenizer,
+        &options(&codec),
+    )?;
+    let mut trained_generation = 0;
+    for (s, want) in by_blocks.samples.iter().zip(&reference) {
+        assert_eq!(
+            s.labels,
+            ints(&want["labels_generation"]),
+            "record {}",
+            s.record
+        );
+        trained_generation += s.labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
+    }
     println!(
         "{} conversations with {calls} tool calls, {tokens} tokens: input_ids and \
          assistant-only labels identical to transformers' apply_chat_template(tools=...) \
-         turn by turn ({trained} trained tokens)",
+         turn by turn ({trained} trained tokens), and to its {{% generation %}} mask \
+         ({trained_generation})",
         reference.len()
     );
     Ok(())

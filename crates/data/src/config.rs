@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::chat_template::AssistantSpans;
 use crate::records::{FieldMap, Format, ReadOptions};
 use crate::tokenize::{LengthPolicy, LossMode};
 
@@ -29,6 +30,10 @@ pub struct DataConfig {
     /// A Jinja file to use as the chat template in place of the tokenizer's (a base model
     /// without one, or data written for another); `template = "chat"` renders with it.
     pub chat_template: Option<PathBuf>,
+    /// How the chat template's assistant text is found: `turns` (what rendering each
+    /// assistant turn adds) or `generation` (its `{% generation %}` blocks).
+    #[serde(default)]
+    pub assistant_spans: AssistantSpans,
     /// Directory with tokenizer.json; defaults to the model directory.
     pub tokenizer: Option<PathBuf>,
     #[serde(default = "default_max_seq_length")]
@@ -111,6 +116,7 @@ impl DataConfig {
             fields: FieldOverrides::default(),
             template: default_template(),
             chat_template: None,
+            assistant_spans: AssistantSpans::Turns,
             tokenizer: None,
             max_seq_length: default_max_seq_length(),
             length_policy: default_length_policy(),
@@ -202,6 +208,13 @@ impl DataConfig {
             bail!(
                 "[data.fields] {key} names a conversation's field; data.format = {format} \
                  reads instructions (use data.format = \"messages\" or \"sharegpt\")"
+            );
+        }
+        if self.assistant_spans != AssistantSpans::Turns && self.template != "chat" {
+            bail!(
+                "data.assistant_spans = \"generation\" reads the chat template's \
+                 {{% generation %}} blocks, but data.template = {:?}: set data.template = \"chat\"",
+                self.template
             );
         }
         if self.chat_template.is_some() && self.template != "chat" {

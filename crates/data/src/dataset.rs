@@ -11,6 +11,7 @@ use helix_model::TextCodec;
 use serde::Serialize;
 
 use crate::cache::{cache_path, file_sha256, key_sha256, read_cache, write_cache};
+use crate::chat_template::AssistantSpans;
 use crate::config::DataConfig;
 use crate::records::{read_records, FieldMap};
 use crate::split::split_by_fraction;
@@ -157,8 +158,14 @@ impl PreparedData {
 /// Reads, templates, tokenizes and splits the data of `cfg`.
 pub fn prepare(cfg: &DataConfig, tok: &DataTokenizer) -> Result<PreparedData> {
     cfg.validate()?;
-    let template =
+    let mut template =
         Template::from_spec(&cfg.template, Some(tok.codec.clone())).context("data.template")?;
+    if let Template::Chat(chat) = template {
+        template = Template::Chat(
+            chat.with_spans(cfg.assistant_spans)
+                .context("data.assistant_spans")?,
+        );
+    }
     let mut sources = BTreeMap::new();
     let mut load = |role: &str, file: &Path| -> Result<(usize, Tokenized)> {
         let (report, tokenized) = load_source(cfg, tok, &template, file)
@@ -224,6 +231,7 @@ struct CacheKey<'a> {
     /// The chat template's text, hashed: tokenizer_config.json's, a chat_template.jinja
     /// beside it, or data.chat_template's file.
     chat_template_sha256: Option<String>,
+    assistant_spans: AssistantSpans,
     fields: FieldMap,
     skip_invalid: bool,
     max_seq_length: usize,
@@ -266,6 +274,7 @@ fn load_source(
                 .flatten()
                 .map(|t| key_sha256(&t))
                 .transpose()?,
+            assistant_spans: cfg.assistant_spans,
             fields: read_opts.fields.clone(),
             skip_invalid: read_opts.skip_invalid,
             max_seq_length: opts.max_seq_length,

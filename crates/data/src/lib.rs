@@ -7,6 +7,7 @@
 
 pub mod batch;
 pub mod cache;
+pub mod chat_template;
 pub mod config;
 pub mod conversation;
 pub mod dataset;
@@ -30,7 +31,7 @@ pub use sampler::{Cursor, RankBatch, Sampler};
 pub use split::{split_by_fraction, Splits};
 pub use stats::{DataStats, ReadSummary};
 pub use stream::{eval_batches, BatchStream, Position};
-pub use template::{ChatTemplate, Rendered, Template, UserTemplate};
+pub use template::{AssistantSpans, ChatTemplate, Rendered, Template, UserTemplate};
 pub use tokenize::{
     tokenize_records, LengthPolicy, LossMode, Sample, TokenizeOptions, TokenizeStats, Tokenized,
 };

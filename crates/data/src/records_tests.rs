@@ -314,6 +314,10 @@ fn conversation_settings_that_cannot_work_name_the_key() -> Result<()> {
         "[data.fields] tools names a conversation's field; data.format = \"dolly\" reads instructions (use data.format = \"messages\" or \"sharegpt\")"
     );
     assert_eq!(
+        parse("train = \"x\"\nformat = \"alpaca\"\nassistant_spans = \"generation\"\n")?,
+        "data.assistant_spans = \"generation\" reads the chat template's {% generation %} blocks, but data.template = \"alpaca\": set data.template = \"chat\""
+    );
+    assert_eq!(
         parse("train = \"x\"\nformat = \"alpaca\"\nchat_template = \"t.jinja\"\n")?,
         "data.chat_template is set but data.template = \"alpaca\" does not use it: set data.template = \"chat\""
     );

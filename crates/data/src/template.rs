@@ -7,9 +7,11 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use helix_model::{OrderedJson, TextCodec};
+use helix_model::TextCodec;
 
 use crate::records::Record;
+
+pub use crate::chat_template::{AssistantSpans, ChatTemplate};
 
 /// Stanford Alpaca's `PROMPT_DICT["prompt_input"]` (train.py), byte for byte.
 pub const ALPACA_PROMPT_INPUT: &str = "Below is an instruction that describes a task, paired with an input that provides further context. Write a response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:";
@@ -114,7 +116,7 @@ impl Template {
     pub fn render(&self, rec: &Record) -> Result<Rendered> {
         if !rec.turns.is_empty() {
             return match self {
-                Self::Chat(c) => c.render_turns(rec),
+                Self::Chat(c) => c.render_record(rec),
                 _ => bail!(
                     "line {}: a conversation needs the model's chat template (template = \"chat\"), not {self:?}",
                     rec.line
@@ -154,7 +156,7 @@ impl Template {
                 plain(p, format!("{}\n\n{DOLLY_END_KEY}", rec.response))
             }
             Self::User(u) => plain(u.render(rec), rec.response.clone()),
-            Self::Chat(c) => c.render(rec)?,
+            Self::Chat(c) => c.render_record(rec)?,
         })
     }
 }
@@ -231,138 +233,6 @@ impl UserTemplate {
             });
         }
         out
-    }
-}
-
-/// The model's chat template (e.g. SmolLM2's ChatML).
-#[derive(Clone)]
-pub struct ChatTemplate {
-    codec: Arc<TextCodec>,
-    system: Option<String>,
-}
-
-impl ChatTemplate {
-    pub fn new(codec: Arc<TextCodec>, system: Option<String>) -> Result<Self> {
-        if codec.chat_template.is_none() {
-            bail!("the model has no chat template (tokenizer_config.json has no 'chat_template')");
-        }
-        Ok(Self { codec, system })
-    }
-
-    /// The prompt is the conversation up to the generation prompt; the target is what the full
-    /// conversation adds after it (the response and the template's end-of-turn).
-    fn render(&self, rec: &Record) -> Result<Rendered> {
-        let user = if rec.context.is_empty() {
-            rec.instruction.clone()
-        } else {
-            format!("{}\n\n{}", rec.instruction, rec.context)
-        };
-        let mut messages: Vec<(&str, &str)> = Vec::new();
-        if let Some(s) = &self.system {
-            messages.push(("system", s));
-        }
-        messages.push(("user", &user));
-        let prompt = self.codec.apply_chat_template(&messages, true)?;
-        messages.push(("assistant", &rec.response));
-        let full = self.codec.apply_chat_template(&messages, false)?;
-        let Some(target) = full.strip_prefix(&prompt) else {
-            bail!(
-                "line {}: the chat template renders the assistant turn differently from its generation prompt, so the response cannot be separated from the prompt",
-                rec.line
-            );
-        };
-        Ok(Rendered {
-            target: target.to_string(),
-            prompt,
-            untrained: Vec::new(),
-            add_eos: false,
-            add_special_tokens: false,
-        })
-    }
-
-    /// A conversation: each assistant turn is what rendering the turns through it adds to the
-    /// generation prompt after the turns before it (its text and the template's end of turn),
-    /// as [`Self::render`] separates a single response. Everything else is untrained. Each
-    /// rendering must extend the one before it, or the turns cannot be told apart (a template
-    /// that rewrites earlier turns once later ones follow) and the row is refused.
-    fn render_turns(&self, rec: &Record) -> Result<Rendered> {
-        let mut turns: Vec<OrderedJson> = Vec::with_capacity(rec.turns.len() + 1);
-        let mut roles: Vec<&str> = Vec::with_capacity(rec.turns.len() + 1);
-        if let Some(s) = &self.system {
-            if rec.turns[0].role != "system" {
-                turns.push(OrderedJson::message("system", s));
-                roles.push("system");
-            }
-        }
-        let leading = turns.len();
-        turns.extend(rec.turns.iter().map(|m| m.json.clone()));
-        roles.extend(rec.turns.iter().map(|m| m.role.as_str()));
-        let tools = rec.tools.as_ref();
-        let render = |turns: &[OrderedJson], generation_prompt: bool| {
-            self.codec.render_chat(turns, tools, generation_prompt)
-        };
-        // Byte ranges of the whole text that are trained on, in order.
-        let mut trained: Vec<Range<usize>> = Vec::new();
-        let mut rendered = String::new();
-        let extends = |longer: &str, shorter: &str, what: &str| -> Result<()> {
-            match longer.starts_with(shorter) {
-                true => Ok(()),
-                false => bail!(
-                    "line {}: the chat template renders {what} differently from the turns before it, so the assistant turns cannot be separated from the rest",
-                    rec.line
-                ),
-            }
-        };
-        for (i, role) in roles.iter().enumerate().skip(leading) {
-            if *role != "assistant" {
-                continue;
-            }
-            // As the reader names turns: from 0, in the row's own list.
-            let turn = i - leading;
-            let prompt = render(&turns[..i], true)?;
-            extends(
-                &prompt,
-                &rendered,
-                &format!("the generation prompt before turn {turn} (counting from 0)"),
-            )?;
-            let through = render(&turns[..=i], false)?;
-            extends(
-                &through,
-                &prompt,
-                &format!("turn {turn} (counting from 0; the assistant's)"),
-            )?;
-            if through.len() > prompt.len() {
-                trained.push(prompt.len()..through.len());
-            }
-            rendered = through;
-        }
-        let text = render(&turns, false)?;
-        extends(&text, &rendered, "the turns after the last assistant turn")?;
-        let Some(first) = trained.first().map(|r| r.start) else {
-            bail!(
-                "line {}: the chat template renders no text for the assistant turns",
-                rec.line
-            );
-        };
-        // What the trained ranges leave after the first, relative to it.
-        let mut untrained = Vec::new();
-        let mut at = first;
-        for r in trained
-            .iter()
-            .chain(std::iter::once(&(text.len()..text.len())))
-        {
-            if r.start > at {
-                untrained.push(at - first..r.start - first);
-            }
-            at = r.end;
-        }
-        Ok(Rendered {
-            prompt: text[..first].to_string(),
-            target: text[first..].to_string(),
-            untrained,
-            add_eos: false,
-            add_special_tokens: false,
-        })
     }
 }
 

@@ -307,3 +307,63 @@ fn tool_calls_are_trained_and_tool_results_are_not() -> Result<()> {
     assert_eq!(&r.target[r.untrained[0].end..], "It is -3 C.<|im_end|>\n");
     Ok(())
 }
+
+#[test]
+fn generation_blocks_train_what_they_write() -> Result<()> {
+    // ChatML whose assistant text and end of turn sit in a generation block, the newline after
+    // it outside (as TRL's templates have them).
+    let template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|im_end|>{% endgeneration %}{{ '\n' }}{% else %}{{ m['content'] }}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+    let mut codec = Arc::try_unwrap(chatml_codec()).ok().unwrap();
+    codec.chat_template = Some(template.into());
+    let chat = ChatTemplate::new(Arc::new(codec), Some("Be brief.".into()))?;
+    let t = Template::Chat(chat.clone().with_spans(AssistantSpans::Generation)?);
+    let r = t.render(&conversation(&[
+        ("user", "Hi"),
+        ("assistant", "Hello."),
+        ("user", "Bye"),
+        ("assistant", "Bye."),
+    ]))?;
+    assert_eq!(
+        r.prompt,
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    );
+    let untrained: Vec<&str> = r.untrained.iter().map(|u| &r.target[u.clone()]).collect();
+    // Unlike the turn-by-turn spans, the newline after each end of turn is not trained.
+    assert_eq!(
+        untrained,
+        [
+            "\n<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n",
+            "\n"
+        ]
+    );
+    let by_turns = Template::Chat(chat.clone()).render(&conversation(&[
+        ("user", "Hi"),
+        ("assistant", "Hello."),
+        ("user", "Bye"),
+        ("assistant", "Bye."),
+    ]))?;
+    assert_eq!(by_turns.text(), r.text());
+    assert_eq!(
+        by_turns
+            .untrained
+            .iter()
+            .map(|u| &by_turns.target[u.clone()])
+            .collect::<Vec<_>>(),
+        ["<|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\n"]
+    );
+    // An instruction renders as a user and an assistant turn.
+    let r = t.render(&rec("Capital of France?", "", "Paris"))?;
+    assert!(r
+        .prompt
+        .ends_with("<|im_start|>user\nCapital of France?<|im_end|>\n<|im_start|>assistant\n"));
+    assert_eq!(r.target, "Paris<|im_end|>\n");
+    let newline = 15..16;
+    assert_eq!(r.untrained, vec![newline]);
+    // A template without blocks cannot find the assistant's text that way.
+    let e = ChatTemplate::new(chatml_codec(), None)?
+        .with_spans(AssistantSpans::Generation)
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("no {% generation %} blocks"), "{e}");
+    Ok(())
+}

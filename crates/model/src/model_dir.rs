@@ -116,11 +116,24 @@ impl TextCodec {
         tools: Option<&OrderedJson>,
         add_generation_prompt: bool,
     ) -> Result<String> {
+        Ok(self
+            .render_chat_with_generation_spans(messages, tools, add_generation_prompt)?
+            .0)
+    }
+
+    /// [`Self::render_chat`], and the byte ranges the template's `{% generation %}` blocks
+    /// wrote (the assistant's text, as transformers' `return_assistant_tokens_mask` has it).
+    pub fn render_chat_with_generation_spans(
+        &self,
+        messages: &[OrderedJson],
+        tools: Option<&OrderedJson>,
+        add_generation_prompt: bool,
+    ) -> Result<(String, Vec<std::ops::Range<usize>>)> {
         let template = self.chat_template.as_deref().context(
             "this model has no chat template (tokenizer_config.json has no 'chat_template'; \
              data.chat_template or --chat-template names a Jinja file to use)",
         )?;
-        crate::chat::render(
+        crate::chat::render_with_generation_spans(
             template,
             messages,
             tools,

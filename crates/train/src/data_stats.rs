@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Result};
 use helix_data::{
-    pack_first_fit_decreasing, prepare, Cursor, DataConfig, DataTokenizer, FieldOverrides, Format,
-    LengthPolicy, LossMode, Sample, Sampler,
+    pack_first_fit_decreasing, prepare, AssistantSpans, Cursor, DataConfig, DataTokenizer,
+    FieldOverrides, Format, LengthPolicy, LossMode, Sample, Sampler,
 };
 use helix_model::TextCodec;
 use helix_ops::IGNORE_INDEX;
@@ -31,6 +31,10 @@ pub struct DataStatsArgs {
     /// A Jinja file to render with in place of the tokenizer's chat template (--template chat).
     #[arg(long)]
     chat_template: Option<PathBuf>,
+    /// How the chat template's assistant text is found: turns (the default: what rendering
+    /// each assistant turn adds) or generation (its {% generation %} blocks, TRL's way).
+    #[arg(long)]
+    assistant_spans: Option<AssistantSpans>,
     /// Tokens a sample may hold (default 2048).
     #[arg(long)]
     max_seq_length: Option<usize>,
@@ -90,6 +94,7 @@ pub fn run(args: DataStatsArgs, config: Option<&Path>, sets: &[String]) -> Resul
         tokenizer,
         template,
         chat_template,
+        assistant_spans,
         max_seq_length,
         length_policy,
         whole_sequence_loss,
@@ -116,6 +121,7 @@ pub fn run(args: DataStatsArgs, config: Option<&Path>, sets: &[String]) -> Resul
                 ("--tokenizer", tokenizer.is_some()),
                 ("--template", template.is_some()),
                 ("--chat-template", chat_template.is_some()),
+                ("--assistant-spans", assistant_spans.is_some()),
                 ("--max-seq-length", max_seq_length.is_some()),
                 ("--length-policy", length_policy.is_some()),
                 ("--whole-sequence-loss", whole_sequence_loss),
@@ -152,6 +158,9 @@ pub fn run(args: DataStatsArgs, config: Option<&Path>, sets: &[String]) -> Resul
                 cfg.template = t;
             }
             cfg.chat_template = chat_template;
+            if let Some(spans) = assistant_spans {
+                cfg.assistant_spans = spans;
+            }
             if let Some(n) = max_seq_length {
                 cfg.max_seq_length = n;
             }
@@ -260,10 +269,11 @@ pub fn run(args: DataStatsArgs, config: Option<&Path>, sets: &[String]) -> Resul
 
 /// An error about the `[data]` keys, reworded for the flags that set them.
 fn in_flag_names(message: &str) -> String {
-    const FLAG_OF_KEY: [(&str, &str); 14] = [
+    const FLAG_OF_KEY: [(&str, &str); 15] = [
         ("data.train = ", "--data "),
         ("data.format", "--format"),
         ("data.chat_template", "--chat-template"),
+        ("data.assistant_spans", "--assistant-spans"),
         ("[data.fields] messages", "--messages-field"),
         ("[data.fields] tools", "--tools-field"),
         ("[data.fields] instruction", "--instruction-field"),

@@ -321,6 +321,21 @@ fn data_stats_reads_conversations_with_the_chat_template() {
             "--response-field does not apply to --format = \"messages\"",
         ),
         (
+            &["--format", "alpaca", "--assistant-spans", "generation"][..],
+            "--assistant-spans = \"generation\" reads the chat template's {% generation %} blocks, but --template = \"alpaca\"",
+        ),
+        (
+            &[
+                "--format",
+                "messages",
+                "--template",
+                "chat",
+                "--assistant-spans",
+                "generation",
+            ][..],
+            "--assistant-spans: the chat template has no {% generation %} blocks",
+        ),
+        (
             &["--format", "alpaca", "--chat-template", "t.jinja"][..],
             "--chat-template is set but --template = \"alpaca\" does not use it",
         ),
@@ -348,8 +363,8 @@ fn data_stats_reads_conversations_with_the_chat_template() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let tools = root.join("datasets/tool_calls_sample.jsonl");
     let template = root.join("configs/chat_templates/chatml_tools.jinja");
-    let (ok, out, err) = helix_train(
-        &[
+    let tool_stats = |extra: &[&str]| {
+        let mut args = vec![
             "data-stats",
             "--data",
             tools.to_str().unwrap(),
@@ -361,11 +376,11 @@ fn data_stats_reads_conversations_with_the_chat_template() {
             template.to_str().unwrap(),
             "--tokenizer",
             "model",
-            "--show",
-            "1",
-        ],
-        tmp.path(),
-    );
+        ];
+        args.extend_from_slice(extra);
+        helix_train(&args, tmp.path())
+    };
+    let (ok, out, err) = tool_stats(&["--show", "1"]);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let stats = &v["sources"]["train"]["stats"];
@@ -390,4 +405,14 @@ fn data_stats_reads_conversations_with_the_chat_template() {
         .next()
         .unwrap();
     assert_eq!(between.matches("<|im_start|>").count(), 2, "{shown}");
+    // By the template's {% generation %} blocks, each assistant turn ends at its end of turn:
+    // the word tokenizer makes no token of the newline after it, so the same tokens train.
+    let by_blocks = |spans: &str| {
+        let (ok, out, err) = tool_stats(&["--assistant-spans", spans]);
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["sources"]["train"]["stats"]["tokenize"]["target_tokens"].clone()
+    };
+    assert_eq!(by_blocks("generation"), stats["tokenize"]["target_tokens"]);
+    assert_eq!(by_blocks("turns"), stats["tokenize"]["target_tokens"]);
 }
