@@ -5,7 +5,7 @@
 use std::ops::Range;
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use helix_model::{OrderedJson, TextCodec};
 use serde::{Deserialize, Serialize};
 
@@ -102,10 +102,9 @@ impl ChatTemplate {
             turns.push(OrderedJson::message("assistant", &rec.response));
         }
         turns.extend(rec.turns.iter().map(|m| m.json.clone()));
-        let (text, trained) = self
-            .codec
-            .render_chat_with_generation_spans(&turns, rec.tools.as_ref(), false)
-            .with_context(|| format!("line {}", rec.line))?;
+        let (text, trained) =
+            self.codec
+                .render_chat_with_generation_spans(&turns, rec.tools.as_ref(), false)?;
         if trained.is_empty() {
             bail!(
                 "line {}: the chat template's {{% generation %}} blocks write no text: nothing \

@@ -217,6 +217,14 @@ impl DataConfig {
                 self.template
             );
         }
+        if self.assistant_spans == AssistantSpans::Generation
+            && self.loss == LossMode::LastAssistantTurn
+        {
+            bail!(
+                "data.loss = \"last_assistant_turn\" needs data.assistant_spans = \"turns\": \
+                 {{% generation %}} blocks do not say which turn each belongs to"
+            );
+        }
         if self.chat_template.is_some() && self.template != "chat" {
             bail!(
                 "data.chat_template is set but data.template = {:?} does not use it: set \

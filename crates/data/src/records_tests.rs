@@ -318,6 +318,10 @@ fn conversation_settings_that_cannot_work_name_the_key() -> Result<()> {
         "data.assistant_spans = \"generation\" reads the chat template's {% generation %} blocks, but data.template = \"alpaca\": set data.template = \"chat\""
     );
     assert_eq!(
+        parse("train = \"x\"\nformat = \"messages\"\ntemplate = \"chat\"\nassistant_spans = \"generation\"\nloss = \"last_assistant_turn\"\n")?,
+        "data.loss = \"last_assistant_turn\" needs data.assistant_spans = \"turns\": {% generation %} blocks do not say which turn each belongs to"
+    );
+    assert_eq!(
         parse("train = \"x\"\nformat = \"alpaca\"\nchat_template = \"t.jinja\"\n")?,
         "data.chat_template is set but data.template = \"alpaca\" does not use it: set data.template = \"chat\""
     );

@@ -7,7 +7,10 @@ use anyhow::{bail, Context, Result};
 use minijinja::value::ValueKind;
 use minijinja::{context, Environment, Error, ErrorKind, State, Value};
 
+use crate::chat_generation::{split_generation_marks, with_generation_tags, GenerationTags};
 use crate::chat_json::{python_float_repr, OrderedJson};
+
+pub use crate::chat_generation::has_generation_blocks;
 
 /// Renders a chat template with transformers' conventions: `trim_blocks` and `lstrip_blocks`,
 /// `raise_exception`, Python string methods, Python's `json.dumps` as `tojson`, and
@@ -24,21 +27,16 @@ pub fn render(
     bos_token: Option<&str>,
     eos_token: Option<&str>,
 ) -> Result<String> {
-    let (text, _) = render_with_generation_spans(
-        template,
-        messages,
-        tools,
-        add_generation_prompt,
-        bos_token,
-        eos_token,
-    )?;
-    Ok(text)
+    let context = template_context(messages, tools, add_generation_prompt, bos_token, eos_token);
+    render_variant(template, GenerationTags::Plain, context)
 }
 
 /// [`render`], and the byte ranges of the text that the template's `{% generation %}` …
 /// `{% endgeneration %}` blocks wrote, in order: what transformers'
 /// `apply_chat_template(return_assistant_tokens_mask=True)` marks as the assistant's (TRL's
-/// `assistant_only_loss` trains on them).
+/// `assistant_only_loss` trains on them). The blocks' marks must leave the text as it is: a
+/// template that filters or trims what a block wrote is refused, since the marks would then
+/// be in the wrong place.
 pub fn render_with_generation_spans(
     template: &str,
     messages: &[OrderedJson],
@@ -47,152 +45,70 @@ pub fn render_with_generation_spans(
     bos_token: Option<&str>,
     eos_token: Option<&str>,
 ) -> Result<(String, Vec<Range<usize>>)> {
-    // Each thread keeps the last template it compiled: tokenizing a dataset renders the same
-    // template several times per row (a conversation once per assistant turn and more), and
-    // parsing it again each time took most of that time.
-    thread_local! {
-        static COMPILED: RefCell<Option<(String, Environment<'static>)>> =
-            const { RefCell::new(None) };
+    let text = render(
+        template,
+        messages,
+        tools,
+        add_generation_prompt,
+        bos_token,
+        eos_token,
+    )?;
+    if !has_generation_blocks(template) {
+        return Ok((text, Vec::new()));
     }
-    COMPILED
-        .with_borrow_mut(|compiled| {
-            if compiled
-                .as_ref()
-                .is_none_or(|(source, _)| source != template)
-            {
-                *compiled = Some((template.to_string(), environment(template)?));
-            }
-            let (_, env) = compiled.as_ref().expect("compiled above");
-            let msgs: Vec<Value> = messages.iter().map(OrderedJson::to_jinja).collect();
-            env.get_template("chat")?
-                .render(context! {
-                    messages => msgs,
-                    tools => tools.map_or(Value::from(()), OrderedJson::to_jinja),
-                    documents => Value::from(()),
-                    add_generation_prompt => add_generation_prompt,
-                    bos_token => bos_token.unwrap_or(""),
-                    eos_token => eos_token.unwrap_or(""),
-                })
-                .context("rendering the chat template")
-        })
-        .and_then(split_generation_marks)
-}
-
-/// Whether `template` marks the assistant's text with `{% generation %}` blocks.
-pub fn has_generation_blocks(template: &str) -> bool {
-    generation_tags(template).next().is_some()
-}
-
-// What a `{% generation %}` / `{% endgeneration %}` tag writes, to be found in the output:
-// private-use characters no tokenizer's text should hold.
-const GENERATION_START: &str = "\u{E000}\u{E001}generation\u{E001}";
-const GENERATION_END: &str = "\u{E000}\u{E001}endgeneration\u{E001}";
-
-/// The `{%…generation…%}` and `{%…endgeneration…%}` tags of `template`: (byte range, the
-/// whitespace control after `{%`, whether it ends a block, the control before `%}`).
-fn generation_tags(template: &str) -> impl Iterator<Item = (Range<usize>, &str, bool, &str)> {
-    let bytes = template.as_bytes();
-    let mut at = 0;
-    std::iter::from_fn(move || {
-        while let Some(found) = template[at..].find("{%") {
-            let start = at + found;
-            at = start + 2;
-            let mut i = at;
-            let control = |i: usize| match bytes.get(i) {
-                Some(b'-' | b'+') => 1,
-                _ => 0,
-            };
-            let left = &template[i..i + control(i)];
-            i += left.len();
-            while bytes.get(i).is_some_and(u8::is_ascii_whitespace) {
-                i += 1;
-            }
-            let word_end = i + template[i..]
-                .find(|c: char| !c.is_ascii_alphanumeric() && c != '_')
-                .unwrap_or(template.len() - i);
-            let ends = match &template[i..word_end] {
-                "generation" => false,
-                "endgeneration" => true,
-                _ => continue,
-            };
-            i = word_end;
-            while bytes.get(i).is_some_and(u8::is_ascii_whitespace) {
-                i += 1;
-            }
-            let right = &template[i..i + control(i)];
-            i += right.len();
-            if template[i..].starts_with("%}") {
-                at = i + 2;
-                return Some((start..at, left, ends, right));
-            }
-        }
-        None
-    })
-}
-
-/// `template` with each generation tag replaced by a block that writes its mark, keeping the
-/// tag's whitespace control on its outer sides (so `trim_blocks` and `lstrip_blocks` act as
-/// on the tag); minijinja knows no `generation` tag, jinja2 takes it from transformers'
-/// extension.
-fn with_generation_marks(template: &str) -> String {
-    let mut out = String::with_capacity(template.len());
-    let mut copied = 0;
-    for (range, left, ends, right) in generation_tags(template) {
-        out.push_str(&template[copied..range.start]);
-        let mark = if ends {
-            GENERATION_END
-        } else {
-            GENERATION_START
-        };
-        out.push_str(&format!(
-            "{{%{left} if true %}}{{{{ \"{mark}\" }}}}{{% endif {right}%}}"
-        ));
-        copied = range.end;
-    }
-    out.push_str(&template[copied..]);
-    out
-}
-
-/// The text without its generation marks, and the ranges between them.
-fn split_generation_marks(marked: String) -> Result<(String, Vec<Range<usize>>)> {
-    if !marked.contains(GENERATION_START) && !marked.contains(GENERATION_END) {
-        return Ok((marked, Vec::new()));
-    }
-    let mut text = String::with_capacity(marked.len());
-    let mut spans = Vec::new();
-    let mut open: Option<usize> = None;
-    let mut rest = marked.as_str();
-    while let Some(i) = rest.find('\u{E000}') {
-        text.push_str(&rest[..i]);
-        rest = &rest[i..];
-        if let Some(after) = rest.strip_prefix(GENERATION_START) {
-            if open.replace(text.len()).is_some() {
-                bail!("the chat template opens a {{% generation %}} block inside another");
-            }
-            rest = after;
-        } else if let Some(after) = rest.strip_prefix(GENERATION_END) {
-            let Some(start) = open.take() else {
-                bail!("the chat template ends a {{% generation %}} block it did not open");
-            };
-            if text.len() > start {
-                spans.push(start..text.len());
-            }
-            rest = after;
-        } else {
-            let c = rest.chars().next().expect("found above");
-            text.push(c);
-            rest = &rest[c.len_utf8()..];
-        }
-    }
-    text.push_str(rest);
-    if open.is_some() {
-        bail!("the chat template leaves a {{% generation %}} block open");
+    let context = template_context(messages, tools, add_generation_prompt, bos_token, eos_token);
+    let (marked_text, spans) =
+        split_generation_marks(render_variant(template, GenerationTags::Marked, context)?)?;
+    if marked_text != text {
+        bail!(
+            "the chat template changes the text of its {{% generation %}} blocks after writing \
+             it (a filter or a trim around them), so where they are in the text cannot be told"
+        );
     }
     Ok((text, spans))
 }
 
-/// An environment holding `template`, parsed, as "chat".
-fn environment(template: &str) -> Result<Environment<'static>> {
+/// What transformers hands a chat template.
+fn template_context(
+    messages: &[OrderedJson],
+    tools: Option<&OrderedJson>,
+    add_generation_prompt: bool,
+    bos_token: Option<&str>,
+    eos_token: Option<&str>,
+) -> Value {
+    context! {
+        messages => messages.iter().map(OrderedJson::to_jinja).collect::<Vec<Value>>(),
+        tools => tools.map_or(Value::from(()), OrderedJson::to_jinja),
+        documents => Value::from(()),
+        add_generation_prompt => add_generation_prompt,
+        bos_token => bos_token.unwrap_or(""),
+        eos_token => eos_token.unwrap_or(""),
+    }
+}
+
+/// `template` rendered with its generation tags as `tags` says. Each thread keeps the last
+/// template it compiled in each form: tokenizing a dataset renders the same template several
+/// times per row (a conversation once per assistant turn and more), and parsing it again
+/// each time took most of that time.
+fn render_variant(template: &str, tags: GenerationTags, context: Value) -> Result<String> {
+    thread_local! {
+        static COMPILED: RefCell<[Option<(String, Environment<'static>)>; 2]> =
+            const { RefCell::new([None, None]) };
+    }
+    COMPILED.with_borrow_mut(|compiled| {
+        let slot = &mut compiled[tags as usize];
+        if slot.as_ref().is_none_or(|(source, _)| source != template) {
+            *slot = Some((template.to_string(), environment(template, tags)?));
+        }
+        let (_, env) = slot.as_ref().expect("compiled above");
+        env.get_template("chat")?
+            .render(context)
+            .context("rendering the chat template")
+    })
+}
+
+/// An environment holding `template`, parsed, as "chat", its generation tags as `tags` says.
+fn environment(template: &str, tags: GenerationTags) -> Result<Environment<'static>> {
     let mut env = Environment::new();
     env.set_syntax(
         minijinja::syntax::SyntaxConfig::builder()
@@ -246,7 +162,7 @@ fn environment(template: &str) -> Result<Environment<'static>> {
     env.add_function("raise_exception", |msg: String| -> Result<String, Error> {
         Err(Error::new(ErrorKind::InvalidOperation, msg))
     });
-    env.add_template_owned("chat", with_generation_marks(template))
+    env.add_template_owned("chat", with_generation_tags(template, tags)?)
         .context("chat template does not parse")?;
     Ok(env)
 }
@@ -359,17 +275,24 @@ mod tests {
         assert_eq!(text, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|><|im_start|>user\nBye<|im_end|>\n<|im_start|>assistant\nBye.<|im_end|>");
         assert_eq!(spans, [52..68, 121..135]);
         assert_eq!(render(t, &turns, None, false, None, None).unwrap(), text);
-        // Unbalanced blocks are errors, not spans.
+        // Tags that do not pair up do not parse, as in jinja2.
         for bad in [
             "{% generation %}{% generation %}x{% endgeneration %}{% endgeneration %}",
             "x{% endgeneration %}",
             "{% generation %}x",
         ] {
             let e = render(bad, &[], None, false, None, None).unwrap_err();
-            assert!(
-                format!("{e:#}").contains("generation %} block"),
-                "{bad}: {e:#}"
-            );
+            assert!(format!("{e:#}").contains("do not pair up"), "{bad}: {e:#}");
         }
+        // A block whose text a filter changes cannot be located: refused, while the text
+        // itself renders as jinja2 renders it.
+        let upper = "{% filter upper %}{% generation %}{{ messages[0].content }}{% endgeneration %}{% endfilter %}";
+        let hi = msgs(&[("assistant", "hi")]);
+        assert_eq!(render(upper, &hi, None, false, None, None).unwrap(), "HI");
+        let e = render_with_generation_spans(upper, &hi, None, false, None, None).unwrap_err();
+        assert!(
+            format!("{e:#}").contains("changes the text of its"),
+            "{e:#}"
+        );
     }
 }

@@ -19,6 +19,7 @@ pub use linear::{Dense, Linear};
 pub use llama::{ForwardMask, KvCache, LayerContext, Llama, LoadOptions};
 pub use weights::SafetensorsWeights;
 pub mod chat;
+mod chat_generation;
 pub mod chat_json;
 pub mod generate;
 pub mod model_dir;

@@ -1,6 +1,8 @@
 //! `helix-train data-stats` end to end: from a config file, and its errors for bad configs.
 
 mod common;
+use std::path::Path;
+
 use common::{helix_train, write_tokenizer};
 
 fn setup() -> tempfile::TempDir {
@@ -363,7 +365,7 @@ fn data_stats_reads_conversations_with_the_chat_template() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let tools = root.join("datasets/tool_calls_sample.jsonl");
     let template = root.join("configs/chat_templates/chatml_tools.jinja");
-    let tool_stats = |extra: &[&str]| {
+    let tool_stats = |template: &Path, extra: &[&str]| {
         let mut args = vec![
             "data-stats",
             "--data",
@@ -380,7 +382,7 @@ fn data_stats_reads_conversations_with_the_chat_template() {
         args.extend_from_slice(extra);
         helix_train(&args, tmp.path())
     };
-    let (ok, out, err) = tool_stats(&["--show", "1"]);
+    let (ok, out, err) = tool_stats(&template, &["--show", "1"]);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     let stats = &v["sources"]["train"]["stats"];
@@ -405,14 +407,29 @@ fn data_stats_reads_conversations_with_the_chat_template() {
         .next()
         .unwrap();
     assert_eq!(between.matches("<|im_start|>").count(), 2, "{shown}");
-    // By the template's {% generation %} blocks, each assistant turn ends at its end of turn:
-    // the word tokenizer makes no token of the newline after it, so the same tokens train.
-    let by_blocks = |spans: &str| {
-        let (ok, out, err) = tool_stats(&["--assistant-spans", spans]);
+    // By {% generation %} blocks: the same template with its end of turn moved out of the
+    // block trains one token fewer per assistant turn (20 in the sample).
+    let without_end = tmp.path().join("without_end.jinja");
+    let text = std::fs::read_to_string(&template).unwrap();
+    let moved = text.replace(
+        "{{- '<|im_end|>' }}\n{%- endgeneration %}",
+        "{%- endgeneration %}\n{{- '<|im_end|>' }}",
+    );
+    assert_ne!(
+        moved, text,
+        "the template's block ends after its end of turn"
+    );
+    std::fs::write(&without_end, moved).unwrap();
+    let by_blocks = |template: &Path| {
+        let (ok, out, err) = tool_stats(template, &["--assistant-spans", "generation"]);
         assert!(ok, "{err}");
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        v["sources"]["train"]["stats"]["tokenize"]["target_tokens"].clone()
+        v["sources"]["train"]["stats"]["tokenize"]["target_tokens"]
+            .as_u64()
+            .unwrap()
     };
-    assert_eq!(by_blocks("generation"), stats["tokenize"]["target_tokens"]);
-    assert_eq!(by_blocks("turns"), stats["tokenize"]["target_tokens"]);
+    let turns = stats["tokenize"]["target_tokens"].as_u64().unwrap();
+    // The word tokenizer makes no token of the newline after an end of turn.
+    assert_eq!(by_blocks(&template), turns);
+    assert_eq!(by_blocks(&without_end), turns - 20);
 }
