@@ -472,7 +472,7 @@ fn adapters_round_trip_in_peft_format() -> Result<()> {
         tokens: VirtualTokens::Encoder(e),
     };
     let out = tmp.path().join("ptuning");
-    save_ptuning(&out, &p, &cfg, "tiny-gqa-tied")?;
+    save_ptuning(&out, &p, &cfg, "tiny-gqa-tied", None)?;
     let Adapter::Ptuning {
         cfg: back_cfg,
         prompt_embeddings,
@@ -552,7 +552,7 @@ fn write_helix_adapters_for_peft_interop() -> Result<()> {
             }
             match &method {
                 Method::Lora(_) => save_lora(&dir, c.lora.as_ref().unwrap(), &name)?,
-                _ => save_ptuning(&dir, c.ptuning.as_ref().unwrap(), &cfg, &name)?,
+                _ => save_ptuning(&dir, c.ptuning.as_ref().unwrap(), &cfg, &name, None)?,
             }
             c.set_training(false);
             let (logits, loss) = logits_and_loss(&c, &batch)?;

@@ -36,11 +36,14 @@ const CHAT_TEMPLATES_DIR: &str = "additional_chat_templates";
 /// transformers' default `max_shard_size` ("5GB").
 pub const DEFAULT_MAX_SHARD_BYTES: usize = 5_000_000_000;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ExportOptions {
     /// dtype of the written weights (F32, BF16 or F16).
     pub dtype: DType,
     pub max_shard_bytes: usize,
+    /// A chat template to write as `chat_template.jinja` in place of the source's (the one an
+    /// adapter was trained with); transformers reads that file before tokenizer_config.json's.
+    pub chat_template: Option<String>,
 }
 
 /// Writes `model` to `out` with `config.json` and tokenizer files taken from `src_dir`.
@@ -125,6 +128,11 @@ fn export_hf(
             &src_dir.join(CHAT_TEMPLATES_DIR),
             &staging.join(CHAT_TEMPLATES_DIR),
         )?;
+        if let Some(template) = &opts.chat_template {
+            let path = staging.join("chat_template.jinja");
+            std::fs::write(&path, template)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
         write_json(&staging.join("config.json"), &config)?;
         Ok(report)
     })

@@ -27,12 +27,23 @@ pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 /// helix's own file beside a P-tuning adapter: the full prompt encoder.
 pub const PROMPT_ENCODER_WEIGHTS: &str = "prompt_encoder.safetensors";
 pub const PROMPT_EMBEDDINGS: &str = "prompt_embeddings";
+/// The chat template a run rendered its data with, when it was not the base model's
+/// (`data.chat_template`), saved beside the adapter as transformers saves a tokenizer's.
+pub const ADAPTER_CHAT_TEMPLATE: &str = "chat_template.jinja";
 
 /// An adapter's directory, written whole: a crash leaves the previous adapter, never new
 /// weights beside an old config.
 pub const ADAPTER_DIR: DirKind = DirKind {
     what: "an adapter save",
-    holds: |name| [ADAPTER_CONFIG, ADAPTER_WEIGHTS, PROMPT_ENCODER_WEIGHTS].contains(&name),
+    holds: |name| {
+        [
+            ADAPTER_CONFIG,
+            ADAPTER_WEIGHTS,
+            PROMPT_ENCODER_WEIGHTS,
+            ADAPTER_CHAT_TEMPLATE,
+        ]
+        .contains(&name)
+    },
 };
 
 /// An adapter read from disk.
@@ -66,15 +77,37 @@ pub fn save_lora(dir: &Path, adapters: &LoraAdapters, base_model: &str) -> Resul
         .into_iter()
         .map(|(k, v)| (k, v.as_tensor().clone()))
         .collect();
-    save_lora_tensors(dir, &adapters.cfg, &named, base_model)
+    save_lora_tensors(dir, &adapters.cfg, &named, base_model, None)
 }
 
-/// [`save_lora`] from given tensors (PEFT keys), e.g. gathered from tensor-parallel shards.
+/// The chat template saved beside an adapter ([`ADAPTER_CHAT_TEMPLATE`]), if there is one.
+pub fn adapter_chat_template(dir: &Path) -> Result<Option<String>> {
+    let path = dir.join(ADAPTER_CHAT_TEMPLATE);
+    match path.exists() {
+        true => std::fs::read_to_string(&path)
+            .map(Some)
+            .with_context(|| format!("cannot read {}", path.display())),
+        false => Ok(None),
+    }
+}
+
+/// Writes `chat_template` (when given) into an adapter's staging directory.
+fn write_chat_template(staging: &Path, chat_template: Option<&str>) -> Result<()> {
+    let Some(text) = chat_template else {
+        return Ok(());
+    };
+    let path = staging.join(ADAPTER_CHAT_TEMPLATE);
+    std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// [`save_lora`] from given tensors (PEFT keys), e.g. gathered from tensor-parallel shards,
+/// with the run's chat template beside them when it has its own.
 pub fn save_lora_tensors(
     dir: &Path,
     cfg: &LoraConfig,
     named: &[(String, Tensor)],
     base_model: &str,
+    chat_template: Option<&str>,
 ) -> Result<()> {
     let mut targets = cfg.target_modules.clone();
     targets.sort();
@@ -99,17 +132,20 @@ pub fn save_lora_tensors(
     });
     write_dir(dir, &ADAPTER_DIR, |staging| {
         save_tensors(&staging.join(ADAPTER_WEIGHTS), named)?;
+        write_chat_template(staging, chat_template)?;
         write_json(&staging.join(ADAPTER_CONFIG), &config)
     })
 }
 
 /// Writes a P-tuning adapter as PEFT's `save_pretrained` does (config + `prompt_embeddings`),
-/// plus the encoder in `prompt_encoder.safetensors` when there is one.
+/// plus the encoder in `prompt_encoder.safetensors` when there is one, and the run's chat
+/// template when it has its own.
 pub fn save_ptuning(
     dir: &Path,
     ptuning: &Ptuning,
     model: &LlamaConfig,
     base_model: &str,
+    chat_template: Option<&str>,
 ) -> Result<()> {
     let cfg = &ptuning.cfg;
     let config = json!({
@@ -145,6 +181,7 @@ pub fn save_ptuning(
                 .collect();
             save_tensors(&staging.join(PROMPT_ENCODER_WEIGHTS), &named)?;
         }
+        write_chat_template(staging, chat_template)?;
         write_json(&staging.join(ADAPTER_CONFIG), &config)
     })
 }

@@ -22,7 +22,9 @@ use helix_model::gguf::{import_gguf, ImportOptions};
 use helix_model::hf_export::{parse_size, source_dtype, ExportOptions};
 use helix_model::{LlamaConfig, ModelDir, OrderedJson, SamplingOptions, TextCodec};
 use helix_parallel::launch::{launch, LaunchOptions};
-use helix_peft::{export_merged, load_with_adapter, Customized};
+use helix_peft::{
+    adapter_chat_template, export_merged, load_with_adapter, Customized, ADAPTER_CHAT_TEMPLATE,
+};
 
 use helix_train::config::ConfigFile;
 use helix_train::device;
@@ -218,10 +220,17 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let dir = ModelDir::open(&model)?;
             let mut codec = TextCodec::open(&model)?;
-            if let Some(file) = &chat_template {
-                codec
+            // --chat-template, else the template the adapter was trained with, if it has one.
+            let adapters_own = adapter.as_deref().map(|a| a.join(ADAPTER_CHAT_TEMPLATE));
+            match (&chat_template, adapters_own.filter(|f| chat && f.exists())) {
+                (Some(file), _) => codec
                     .set_chat_template_file(file)
-                    .context("--chat-template")?;
+                    .context("--chat-template")?,
+                (None, Some(file)) => {
+                    codec.set_chat_template_file(&file)?;
+                    eprintln!("chat template: {} (the adapter's)", file.display());
+                }
+                (None, None) => {}
             }
             let device = device(0)?;
             let model = load_model(&dir, adapter.as_deref(), dtype.into(), &device)?;
@@ -308,6 +317,12 @@ fn run(cli: Cli) -> Result<()> {
             let opts = ExportOptions {
                 dtype: dtype.map_or(base_dtype, DType::from),
                 max_shard_bytes: parse_size(&max_shard_size).context("--max-shard-size")?,
+                // The template the adapter was trained with, when it has its own.
+                chat_template: adapter
+                    .as_deref()
+                    .map(adapter_chat_template)
+                    .transpose()?
+                    .flatten(),
             };
             let c = load_model(&dir, adapter.as_deref(), base_dtype, &Device::Cpu)?;
             let report = export_merged(&c, &model, &out, &opts)?;

@@ -99,6 +99,14 @@ pub fn write_outputs(
     write: bool,
 ) -> Result<Vec<PathBuf>> {
     let base = model_dir.path.display().to_string();
+    // The run's own chat template goes with what it writes, as the base model's does.
+    let chat_template = match cfg.data.as_ref().and_then(|d| d.chat_template.as_ref()) {
+        Some(file) => Some(
+            std::fs::read_to_string(file)
+                .with_context(|| format!("data.chat_template = {}", file.display()))?,
+        ),
+        None => None,
+    };
     let mut written = Vec::new();
     if let Some(dir) = adapter_out(cfg, method) {
         match method {
@@ -109,7 +117,7 @@ pub fn write_outputs(
                     .map(|(n, v)| Ok((n.clone(), model.gather_whole(&n, v.as_tensor())?)))
                     .collect::<Result<Vec<_>>>()?;
                 if write {
-                    save_lora_tensors(&dir, lora, &named, &base)?;
+                    save_lora_tensors(&dir, lora, &named, &base, chat_template.as_deref())?;
                 }
             }
             _ if write => save_ptuning(
@@ -117,6 +125,7 @@ pub fn write_outputs(
                 model.ptuning.as_ref().expect("P-tuning"),
                 model.model.config(),
                 &base,
+                chat_template.as_deref(),
             )?,
             _ => {}
         }
@@ -129,6 +138,7 @@ pub fn write_outputs(
         let opts = ExportOptions {
             dtype: cfg.model_dtype()?,
             max_shard_bytes: parse_size(&cfg.output.max_shard_size)?,
+            chat_template,
         };
         let report = match model.model.tensor_parallel() {
             None if write => Some(export_merged(model, &model_dir.path, &dir, &opts)?),

@@ -66,6 +66,27 @@ fn greedy_full(c: &Customized, prompt: &[u32], max_new: usize, eos: u32) -> Resu
     Ok(out)
 }
 
+/// `helix-train export` of `model` with `adapter` merged into `out`, run in `dir`.
+fn export(
+    dir: &Path,
+    model: &Path,
+    adapter: &Path,
+    out: &Path,
+    extra: &[&str],
+) -> (bool, String, String) {
+    let mut args = vec![
+        "export",
+        "--model",
+        model.to_str().unwrap(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    helix_train(&args, dir)
+}
+
 fn ids(v: &serde_json::Value) -> Vec<u32> {
     v.as_array()
         .unwrap()
@@ -122,33 +143,60 @@ fn generate_renders_the_chat_template_file_with_the_tools_given() -> Result<()> 
     )?;
     let tools = tmp.path().join("tools.json");
     std::fs::write(&tools, r#"[{"name": "two"}, {"name": "three"}]"#)?;
-    let generate = |tools: &Path| {
-        helix_train(
-            &[
-                "generate",
-                "--model",
-                model.to_str().unwrap(),
-                "--chat",
-                "--chat-template",
-                template.to_str().unwrap(),
-                "--tools",
-                tools.to_str().unwrap(),
-                "--prompt",
-                "one",
-                "--max-new-tokens",
-                "2",
-                "--print-ids",
-            ],
-            tmp.path(),
-        )
+    let generate = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--chat",
+            "--tools",
+            tools.to_str().unwrap(),
+            "--prompt",
+            "one",
+            "--max-new-tokens",
+            "2",
+            "--print-ids",
+        ];
+        args.extend_from_slice(extra);
+        helix_train(&args, tmp.path())
     };
-    let (ok, out, err) = generate(&tools);
+    let with_template = ["--chat-template", template.to_str().unwrap()];
+    let (ok, out, err) = generate(&with_template);
     assert!(ok, "{err}");
     let json: serde_json::Value = serde_json::from_str(out.lines().last().unwrap())?;
     // "two three one": the tools' names, then the prompt (the test vocabulary: one = 5, …).
     assert_eq!(ids(&json["prompt_ids"]), vec![6, 7, 5]);
+
+    // An adapter saved with its own template: generate --chat reads it, export writes it.
+    let adapter = tmp.path().join("adapter");
+    std::fs::create_dir(&adapter)?;
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(
+            fixture("tiny-gqa-tied").join("lora").join(f),
+            adapter.join(f),
+        )?;
+    }
+    std::fs::copy(&template, adapter.join("chat_template.jinja"))?;
+    let (ok, out, err) = generate(&["--adapter", adapter.to_str().unwrap()]);
+    assert!(ok && err.contains("(the adapter's)"), "{err}");
+    let json: serde_json::Value = serde_json::from_str(out.lines().last().unwrap())?;
+    assert_eq!(ids(&json["prompt_ids"]), vec![6, 7, 5]);
+    let merged = tmp.path().join("merged");
+    let (ok, _, err) = export(tmp.path(), &model, &adapter, &merged, &[]);
+    assert!(ok, "{err}");
+    assert_eq!(
+        std::fs::read_to_string(merged.join("chat_template.jinja"))?,
+        std::fs::read_to_string(&template)?
+    );
+    // transformers reads chat_template.jinja first; so does helix.
+    let codec = helix_model::TextCodec::open(&merged)?;
+    assert_eq!(
+        codec.chat_template,
+        Some(std::fs::read_to_string(&template)?)
+    );
+
     std::fs::write(&tools, r#"{"name": "two"}"#)?;
-    let (ok, _, err) = generate(&tools);
+    let (ok, _, err) = generate(&with_template);
     assert!(
         !ok && err.contains("--tools: ") && err.contains("must hold a JSON list of tool schemas"),
         "{err}"
@@ -169,19 +217,12 @@ fn export_merges_lora_into_sharded_safetensors_with_the_adapter_logits() -> Resu
         "{{ tools }}",
     )?;
     let out = tmp.path().join("merged");
-    let (ok, _, err) = helix_train(
-        &[
-            "export",
-            "--model",
-            model.to_str().unwrap(),
-            "--adapter",
-            adapter.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-            "--max-shard-size",
-            "40KB",
-        ],
+    let (ok, _, err) = export(
         tmp.path(),
+        &model,
+        &adapter,
+        &out,
+        &["--max-shard-size", "40KB"],
     );
     assert!(ok, "{err}");
     assert!(err.contains("LoRA merged"), "{err}");
