@@ -570,10 +570,12 @@ mod tests {
         let err = format!("{:#}", waiter.join().unwrap().unwrap_err());
         assert!(err.contains(want), "{err}");
         // Rank 0 waits for rank 1's heartbeat to hear it (rank 2 told the store itself).
+        // Timed from before the thread starts, which a loaded machine may delay: the beat
+        // below comes at least 300 ms after this.
+        let start = Instant::now();
         let told = std::thread::spawn(move || {
-            let t = Instant::now();
             server.wait_until_told(3, Duration::from_secs(10));
-            t.elapsed()
+            start.elapsed()
         });
         std::thread::sleep(Duration::from_millis(300));
         write_frame(&mut beat, &[BEAT])?;
