@@ -143,7 +143,8 @@ fn end_of(template: &str, from: usize, close: &str) -> usize {
                 }
                 i += 1;
             }
-            _ if template[i..].starts_with(close) => return i + close.len(),
+            // Bytes, not str: `i` walks through multi-byte characters.
+            _ if bytes[i..].starts_with(close.as_bytes()) => return i + close.len(),
             _ => i += 1,
         }
     }
@@ -254,6 +255,20 @@ mod tests {
         ] {
             assert!(found(text).is_empty(), "{text}");
         }
+        // Non-ASCII text inside tags and unclosed tags are scanned, not sliced mid-character.
+        for text in [
+            "{% set café = 'é' %}{{ café }}",
+            "{{ é",
+            "{% é",
+            "{# é",
+            "{% raw %}é",
+        ] {
+            assert!(found(text).is_empty(), "{text}");
+        }
+        assert_eq!(
+            found("{% set é = 1 %}{% generation %}é{% endgeneration %}").len(),
+            2
+        );
         // After a raw block, tags count again.
         assert_eq!(
             found("{% raw %}{% generation %}{% endraw %}{% generation %}").len(),
