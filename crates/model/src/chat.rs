@@ -8,7 +8,7 @@ use minijinja::value::ValueKind;
 use minijinja::{context, Environment, Error, ErrorKind, State, Value};
 
 use crate::chat_generation::{split_generation_marks, with_generation_tags, GenerationTags};
-use crate::chat_json::{python_float_repr, OrderedJson};
+use crate::chat_json::{python_float_text, OrderedJson};
 
 pub use crate::chat_generation::has_generation_blocks;
 
@@ -121,23 +121,19 @@ fn environment(template: &str, tags: GenerationTags) -> Result<Environment<'stat
     // Where minijinja and Python's jinja2 differ on values a conversation's JSON carries:
     // floats print as Python's repr, an absent key has length 0, and strings and maps are
     // sequences while none is not iterable.
-    env.set_formatter(|out, state, value| match value.kind() {
-        ValueKind::Number if !value.is_integer() => {
-            let f = f64::try_from(value.clone()).unwrap_or(f64::NAN);
-            out.write_str(&python_float_repr(f))
-                .map_err(|e| Error::new(ErrorKind::WriteFailure, e.to_string()))
-        }
-        _ => minijinja::escape_formatter(out, state, value),
+    env.set_formatter(|out, state, value| match python_float_text(value) {
+        Some(text) => out
+            .write_str(&text)
+            .map_err(|e| Error::new(ErrorKind::WriteFailure, e.to_string())),
+        None => minijinja::escape_formatter(out, state, value),
     });
-    env.add_filter("string", |state: &State, value: &Value| {
-        match value.kind() {
-            ValueKind::Number if !value.is_integer() => {
-                let f = f64::try_from(value.clone()).unwrap_or(f64::NAN);
-                Ok(Value::from(python_float_repr(f)))
-            }
-            _ => minijinja::filters::string(state, value),
-        }
-    });
+    env.add_filter(
+        "string",
+        |state: &State, value: &Value| match python_float_text(value) {
+            Some(text) => Ok(Value::from(text)),
+            None => minijinja::filters::string(state, value),
+        },
+    );
     env.add_filter("length", |value: &Value| match value.is_undefined() {
         true => Ok(0),
         false => minijinja::filters::length(value),

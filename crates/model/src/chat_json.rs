@@ -247,12 +247,10 @@ impl DumpStyle {
         match value.kind() {
             ValueKind::None => out.push_str("null"),
             ValueKind::Bool => out.push_str(if value.is_true() { "true" } else { "false" }),
-            ValueKind::Number if value.is_integer() => out.push_str(&value.to_string()),
-            ValueKind::Number => {
-                let f = f64::try_from(value.clone())
-                    .map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
-                out.push_str(&python_float_repr(f));
-            }
+            ValueKind::Number => match python_float_text(value) {
+                Some(text) => out.push_str(&text),
+                None => out.push_str(&value.to_string()),
+            },
             ValueKind::String => self.string(value.as_str().unwrap_or(""), out),
             ValueKind::Seq | ValueKind::Iterable => {
                 let items: Vec<Value> = value.try_iter()?.collect();
@@ -364,15 +362,19 @@ fn python_key(k: &Value) -> Result<String, Error> {
     match k.kind() {
         ValueKind::None => Ok("null".into()),
         ValueKind::Bool => Ok(if k.is_true() { "true" } else { "false" }.into()),
-        ValueKind::Number if k.is_integer() => Ok(k.to_string()),
-        ValueKind::Number => Ok(python_float_repr(
-            f64::try_from(k.clone()).unwrap_or(f64::NAN),
-        )),
+        ValueKind::Number => Ok(python_float_text(k).unwrap_or_else(|| k.to_string())),
         kind => Err(Error::new(
             ErrorKind::InvalidOperation,
             format!("tojson: keys must be str, int, float, bool or None, not {kind}"),
         )),
     }
+}
+
+/// A float written as Python writes it ([`python_float_repr`]); `None` for any other value,
+/// integers included (they print as they are).
+pub fn python_float_text(value: &Value) -> Option<String> {
+    (value.kind() == ValueKind::Number && !value.is_integer())
+        .then(|| python_float_repr(f64::try_from(value.clone()).unwrap_or(f64::NAN)))
 }
 
 /// Python's `repr(float)` (what `json.dumps` writes): the shortest digits that read back as
