@@ -45,18 +45,11 @@ pub fn render_with_generation_spans(
     bos_token: Option<&str>,
     eos_token: Option<&str>,
 ) -> Result<(String, Vec<Range<usize>>)> {
-    let text = render(
-        template,
-        messages,
-        tools,
-        add_generation_prompt,
-        bos_token,
-        eos_token,
-    )?;
+    let context = template_context(messages, tools, add_generation_prompt, bos_token, eos_token);
+    let text = render_variant(template, GenerationTags::Plain, context.clone())?;
     if !has_generation_blocks(template) {
         return Ok((text, Vec::new()));
     }
-    let context = template_context(messages, tools, add_generation_prompt, bos_token, eos_token);
     let (marked_text, spans) =
         split_generation_marks(render_variant(template, GenerationTags::Marked, context)?)?;
     if marked_text != text {
@@ -66,6 +59,12 @@ pub fn render_with_generation_spans(
         );
     }
     Ok((text, spans))
+}
+
+/// An error unless `template` parses (its generation tags paired), as a check before it is
+/// used: rendering is what the data's rows are for.
+pub fn check_parses(template: &str) -> Result<()> {
+    environment(template, GenerationTags::Plain).map(drop)
 }
 
 /// What transformers hands a chat template.

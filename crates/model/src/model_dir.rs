@@ -116,9 +116,14 @@ impl TextCodec {
         tools: Option<&OrderedJson>,
         add_generation_prompt: bool,
     ) -> Result<String> {
-        Ok(self
-            .render_chat_with_generation_spans(messages, tools, add_generation_prompt)?
-            .0)
+        crate::chat::render(
+            self.template()?,
+            messages,
+            tools,
+            add_generation_prompt,
+            self.bos_token.as_deref(),
+            self.eos_token.as_deref(),
+        )
     }
 
     /// [`Self::render_chat`], and the byte ranges the template's `{% generation %}` blocks
@@ -129,17 +134,20 @@ impl TextCodec {
         tools: Option<&OrderedJson>,
         add_generation_prompt: bool,
     ) -> Result<(String, Vec<std::ops::Range<usize>>)> {
-        let template = self.chat_template.as_deref().context(
-            "this model has no chat template (tokenizer_config.json has no 'chat_template'; \
-             data.chat_template or --chat-template names a Jinja file to use)",
-        )?;
         crate::chat::render_with_generation_spans(
-            template,
+            self.template()?,
             messages,
             tools,
             add_generation_prompt,
             self.bos_token.as_deref(),
             self.eos_token.as_deref(),
+        )
+    }
+
+    fn template(&self) -> Result<&str> {
+        self.chat_template.as_deref().context(
+            "this model has no chat template (tokenizer_config.json has no 'chat_template'; \
+             data.chat_template or --chat-template names a Jinja file to use)",
         )
     }
 
@@ -149,13 +157,7 @@ impl TextCodec {
     pub fn set_chat_template_file(&mut self, path: &Path) -> Result<()> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("cannot read the chat template {}", path.display()))?;
-        crate::chat::render(&text, &[], None, false, None, None)
-            .map(drop)
-            .or_else(|e| match format!("{e:#}").contains("does not parse") {
-                true => Err(e),
-                // A template may refuse an empty conversation; it parsed, which is what counts here.
-                false => Ok(()),
-            })
+        crate::chat::check_parses(&text)
             .with_context(|| format!("chat template {}", path.display()))?;
         self.chat_template = Some(text);
         Ok(())
