@@ -105,21 +105,7 @@ pub(crate) fn conversation_record(
     let tools = match row.get(&fields.tools) {
         None | Some(OrderedJson::Null) => None,
         Some(OrderedJson::Array(schemas)) => {
-            if let Some((i, s)) = schemas
-                .iter()
-                .enumerate()
-                .find(|(_, s)| !matches!(s, OrderedJson::Object(_)))
-            {
-                let detail = format!(
-                    "expected a tool's JSON schema (an object), found {}",
-                    s.type_name()
-                );
-                return Err(bad(
-                    format!("{}[{i}]", fields.tools),
-                    InvalidKind::WrongType,
-                    detail,
-                ));
-            }
+            objects_only(schemas, &fields.tools, "a tool's JSON schema", &bad)?;
             Some(OrderedJson::Array(schemas.clone()))
         }
         Some(v) => {
@@ -136,6 +122,27 @@ pub(crate) fn conversation_record(
         tools,
         line,
     })
+}
+
+/// An error naming the first of `items` (the array at `field`) that is not an object, the
+/// `what` each should be.
+fn objects_only(
+    items: &[OrderedJson],
+    field: &str,
+    what: &str,
+    bad: &dyn Fn(String, InvalidKind, String) -> InvalidRow,
+) -> Result<(), InvalidRow> {
+    match items
+        .iter()
+        .enumerate()
+        .find(|(_, item)| !matches!(item, OrderedJson::Object(_)))
+    {
+        Some((i, item)) => {
+            let detail = format!("expected {what} (an object), found {}", item.type_name());
+            Err(bad(format!("{field}[{i}]"), InvalidKind::WrongType, detail))
+        }
+        None => Ok(()),
+    }
 }
 
 /// One turn, `at` naming it (`messages[2]`).
@@ -181,18 +188,7 @@ fn turn(
     let calls = match item.get("tool_calls") {
         None | Some(OrderedJson::Null) => 0,
         Some(OrderedJson::Array(calls)) if role == "assistant" => {
-            if let Some((j, c)) = calls
-                .iter()
-                .enumerate()
-                .find(|(_, c)| !matches!(c, OrderedJson::Object(_)))
-            {
-                let detail = format!("expected a tool call (an object), found {}", c.type_name());
-                return Err(bad(
-                    format!("{at}.tool_calls[{j}]"),
-                    InvalidKind::WrongType,
-                    detail,
-                ));
-            }
+            objects_only(calls, &field("tool_calls"), "a tool call", bad)?;
             calls.len()
         }
         Some(OrderedJson::Array(_)) => {
