@@ -24,13 +24,15 @@ import json
 from transformers import AutoTokenizer
 
 
+def tokenized(tokenizer, messages, tools, chat_template, **kwargs):
+    return tokenizer.apply_chat_template(
+        messages, tools=tools, chat_template=chat_template, tokenize=True, **kwargs
+    )
+
+
 def ids_of(tokenizer, messages, generation_prompt, tools=None, chat_template=None):
-    ids = tokenizer.apply_chat_template(
-        messages,
-        tools=tools,
-        chat_template=chat_template,
-        tokenize=True,
-        add_generation_prompt=generation_prompt,
+    ids = tokenized(
+        tokenizer, messages, tools, chat_template, add_generation_prompt=generation_prompt
     )
     return list(ids["input_ids"] if isinstance(ids, dict) else ids)
 
@@ -73,11 +75,11 @@ def main():
                 labels_last[start : len(through)] = ids[start : len(through)]
             row = {"input_ids": ids, "labels": labels, "labels_last": labels_last}
             if args.generation_labels:
-                out_dict = tokenizer.apply_chat_template(
+                out_dict = tokenized(
+                    tokenizer,
                     messages,
-                    tools=tools,
-                    chat_template=template,
-                    tokenize=True,
+                    tools,
+                    template,
                     return_dict=True,
                     return_assistant_tokens_mask=True,
                 )
