@@ -89,19 +89,28 @@ impl ChatTemplate {
         }
     }
 
-    /// The whole record rendered once; what its `{% generation %}` blocks write is trained.
-    fn render_generation(&self, rec: &Record) -> Result<Rendered> {
+    /// The turns the template renders for `rec`: the configured system turn unless the
+    /// conversation opens with its own, then the conversation's turns (an instruction's: a
+    /// user turn and an assistant turn); and how many turns come before the record's own.
+    fn messages(&self, rec: &Record) -> (Vec<OrderedJson>, usize) {
         let mut turns = Vec::with_capacity(rec.turns.len() + 2);
         if let Some(s) = &self.system {
             if rec.turns.first().is_none_or(|t| t.role != "system") {
                 turns.push(OrderedJson::message("system", s));
             }
         }
+        let leading = turns.len();
         if rec.turns.is_empty() {
             turns.push(OrderedJson::message("user", &Self::user_text(rec)));
             turns.push(OrderedJson::message("assistant", &rec.response));
         }
         turns.extend(rec.turns.iter().map(|m| m.json.clone()));
+        (turns, leading)
+    }
+
+    /// The whole record rendered once; what its `{% generation %}` blocks write is trained.
+    fn render_generation(&self, rec: &Record) -> Result<Rendered> {
+        let (turns, _) = self.messages(rec);
         let (text, trained) =
             self.codec
                 .render_chat_with_generation_spans(&turns, rec.tools.as_ref(), false)?;
@@ -148,17 +157,7 @@ impl ChatTemplate {
     /// rendering must extend the one before it, or the turns cannot be told apart (a template
     /// that rewrites earlier turns once later ones follow) and the row is refused.
     fn render_turns(&self, rec: &Record) -> Result<Rendered> {
-        let mut turns: Vec<OrderedJson> = Vec::with_capacity(rec.turns.len() + 1);
-        let mut roles: Vec<&str> = Vec::with_capacity(rec.turns.len() + 1);
-        if let Some(s) = &self.system {
-            if rec.turns[0].role != "system" {
-                turns.push(OrderedJson::message("system", s));
-                roles.push("system");
-            }
-        }
-        let leading = turns.len();
-        turns.extend(rec.turns.iter().map(|m| m.json.clone()));
-        roles.extend(rec.turns.iter().map(|m| m.role.as_str()));
+        let (turns, leading) = self.messages(rec);
         let tools = rec.tools.as_ref();
         let render = |turns: &[OrderedJson], generation_prompt: bool| {
             self.codec.render_chat(turns, tools, generation_prompt)
@@ -175,12 +174,12 @@ impl ChatTemplate {
                 ),
             }
         };
-        for (i, role) in roles.iter().enumerate().skip(leading) {
-            if *role != "assistant" {
+        // `turn` as the reader names turns: from 0, in the row's own list.
+        for (turn, m) in rec.turns.iter().enumerate() {
+            if m.role != "assistant" {
                 continue;
             }
-            // As the reader names turns: from 0, in the row's own list.
-            let turn = i - leading;
+            let i = leading + turn;
             let prompt = render(&turns[..i], true)?;
             extends(
                 &prompt,
