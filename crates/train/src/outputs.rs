@@ -89,24 +89,18 @@ pub fn check_outputs_replaceable(cfg: &ConfigFile) -> Result<()> {
 
 /// At the end: the adapter in PEFT format (`output_dir/adapter`), and the model as a Hugging
 /// Face directory (`output_dir/model`: full SFT always, LoRA merged when `output.merged`).
-/// Every rank of rank 0's tensor-parallel group calls this (it gathers shards); `write` is
-/// set on rank 0 alone.
+/// `chat_template`, the run's own (`data.chat_template`, as its data was rendered with), goes
+/// beside both as `chat_template.jinja`. Every rank of rank 0's tensor-parallel group calls
+/// this (it gathers shards); `write` is set on rank 0 alone.
 pub fn write_outputs(
     cfg: &ConfigFile,
     model: &Customized,
     model_dir: &ModelDir,
     method: &Method,
+    chat_template: Option<&str>,
     write: bool,
 ) -> Result<Vec<PathBuf>> {
     let base = model_dir.path.display().to_string();
-    // The run's own chat template goes with what it writes, as the base model's does.
-    let chat_template = match cfg.data.as_ref().and_then(|d| d.chat_template.as_ref()) {
-        Some(file) => Some(
-            std::fs::read_to_string(file)
-                .with_context(|| format!("data.chat_template = {}", file.display()))?,
-        ),
-        None => None,
-    };
     let mut written = Vec::new();
     if let Some(dir) = adapter_out(cfg, method) {
         match method {
@@ -117,7 +111,7 @@ pub fn write_outputs(
                     .map(|(n, v)| Ok((n.clone(), model.gather_whole(&n, v.as_tensor())?)))
                     .collect::<Result<Vec<_>>>()?;
                 if write {
-                    save_lora_tensors(&dir, lora, &named, &base, chat_template.as_deref())?;
+                    save_lora_tensors(&dir, lora, &named, &base, chat_template)?;
                 }
             }
             _ if write => save_ptuning(
@@ -125,7 +119,7 @@ pub fn write_outputs(
                 model.ptuning.as_ref().expect("P-tuning"),
                 model.model.config(),
                 &base,
-                chat_template.as_deref(),
+                chat_template,
             )?,
             _ => {}
         }
@@ -138,7 +132,7 @@ pub fn write_outputs(
         let opts = ExportOptions {
             dtype: cfg.model_dtype()?,
             max_shard_bytes: parse_size(&cfg.output.max_shard_size)?,
-            chat_template,
+            chat_template: chat_template.map(str::to_string),
         };
         let report = match model.model.tensor_parallel() {
             None if write => Some(export_merged(model, &model_dir.path, &dir, &opts)?),

@@ -106,6 +106,7 @@ fn train_rank(cfg: &ConfigFile, config_path: &Path, job: &mut Job) -> Result<Run
         train: mut stream,
         validation,
         sha256,
+        own_chat_template,
     } = Data::load(cfg, config_path, job)?;
     if main {
         job.barrier("data")?;
@@ -357,7 +358,14 @@ fn train_rank(cfg: &ConfigFile, config_path: &Path, job: &mut Job) -> Result<Run
         outputs = write_plots(&t.output_dir, &read_metrics(&log.path)?)?;
     }
     if !preempted && job.dp.index == 0 {
-        outputs.extend(write_outputs(cfg, &model, &model_dir, &method, main)?);
+        outputs.extend(write_outputs(
+            cfg,
+            &model,
+            &model_dir,
+            &method,
+            own_chat_template.as_deref(),
+            main,
+        )?);
     }
     Ok(RunSummary {
         rank: job.rank,
@@ -490,6 +498,9 @@ struct Data {
     validation: Vec<Batch>,
     /// SHA-256 of each file read, by its key (`data.train`, …).
     sha256: BTreeMap<String, String>,
+    /// The text of `data.chat_template`, when the run renders with its own template: what it
+    /// writes beside its adapter and model.
+    own_chat_template: Option<String>,
 }
 
 impl Data {
@@ -545,10 +556,15 @@ impl Data {
                 sha256.insert(CHAT_TEMPLATE_KEY.into(), sha);
             }
         }
+        let own_chat_template = match data_cfg.chat_template {
+            Some(_) => tok.codec.chat_template.clone(),
+            None => None,
+        };
         Ok(Self {
             train,
             validation,
             sha256,
+            own_chat_template,
         })
     }
 }

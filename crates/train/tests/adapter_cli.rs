@@ -1,6 +1,7 @@
 //! `helix-train generate --adapter` and `helix-train export` end to end, on a tiny model with the
 //! PEFT-made adapters of tests/fixtures: generation through the KV cache equals greedy decoding
-//! by full forward passes; a merged, sharded export gives the adapter model's logits.
+//! by full forward passes; a merged, sharded export gives the adapter model's logits; a chat
+//! template of the run's own travels with its adapter and model.
 
 mod common;
 use common::{fixture, helix_train, write_tokenizer};
@@ -415,4 +416,48 @@ fn adapter_errors_name_the_file_and_the_problem() -> Result<()> {
         "{err}"
     );
     Ok(())
+}
+
+#[test]
+fn a_run_s_own_chat_template_is_saved_beside_its_adapter_and_model() {
+    let tmp = common::tiny_run_dir("lora");
+    let dir = tmp.path();
+    let template = "{% for m in messages %}Q {{ m['content'] }} A {% endfor %}";
+    std::fs::write(dir.join("t.jinja"), template).unwrap();
+    let run = |out: &str, own: bool| {
+        let mut args = vec![
+            "--config",
+            "run.toml",
+            "--set",
+            "trainer.max_steps=1",
+            "--set",
+            "output.merged=true",
+            "--set",
+            "data.template=chat",
+        ];
+        let out = format!("trainer.output_dir={out}");
+        args.extend(["--set", &out]);
+        if own {
+            args.extend(["--set", "data.chat_template=t.jinja"]);
+        }
+        let (ok, _, err) = helix_train(&args, dir);
+        assert!(ok, "{err}");
+    };
+    run("own", true);
+    for saved in [
+        "own/adapter/chat_template.jinja",
+        "own/model/chat_template.jinja",
+    ] {
+        assert_eq!(std::fs::read_to_string(dir.join(saved)).unwrap(), template);
+    }
+    // With the tokenizer's own template nothing is written beside the adapter: the base model
+    // already carries it.
+    std::fs::write(
+        dir.join("model/tokenizer_config.json"),
+        serde_json::json!({"bos_token": "<s>", "eos_token": "</s>", "chat_template": template})
+            .to_string(),
+    )
+    .unwrap();
+    run("tokenizers", false);
+    assert!(!dir.join("tokenizers/adapter/chat_template.jinja").exists());
 }
