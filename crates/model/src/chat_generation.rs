@@ -110,16 +110,16 @@ fn statement(template: &str, start: usize) -> Statement<'_> {
         .map_or(template.len(), |e| i + e);
     let word = &template[i..word_end];
     let end = end_of(template, word_end, "%}");
-    let inside = template[word_end..end].strip_suffix("%}").unwrap_or("");
-    let right = match inside.trim_end().as_bytes().last() {
-        Some(b'-' | b'+') => &inside.trim_end()[inside.trim_end().len() - 1..],
+    // What follows the word, up to `%}` (a right control sits just before it).
+    let inside = template[word_end..end]
+        .strip_suffix("%}")
+        .unwrap_or("")
+        .trim_end();
+    let right = match inside.as_bytes().last() {
+        Some(b'-' | b'+') => &inside[inside.len() - 1..],
         _ => "",
     };
-    let bare = inside
-        .trim_end()
-        .trim_end_matches(['-', '+'])
-        .trim()
-        .is_empty();
+    let bare = inside.trim_end_matches(['-', '+']).trim().is_empty();
     Statement {
         word,
         bare,
