@@ -212,7 +212,8 @@ fn unknown_rope_scaling_is_refused_when_loading_a_directory() {
         LlamaConfig::from_file(&tmp.path().join("config.json")).unwrap_err()
     );
     assert!(
-        e.contains("config.json") && e.contains("rope_scaling type 'longrope' is not supported"),
+        e.contains("config.json")
+            && e.contains("rope_scaling: rope_type 'longrope' is not supported"),
         "{e}"
     );
 }

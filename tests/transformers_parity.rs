@@ -8,6 +8,7 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use helix::model::linear::keep_dense;
 use helix::model::{ForwardMask, Llama, LlamaConfig, LoadOptions, SafetensorsWeights};
+use helix::ops::RopeTable;
 
 fn check_fixture(name: &str) -> Result<()> {
     let dir = fixture(name);
@@ -86,6 +87,50 @@ fn tiny_gqa_tied_matches_transformers() -> Result<()> {
 #[test]
 fn tiny_gqa_untied_three_layers_matches_transformers() -> Result<()> {
     check_fixture("tiny-gqa-untied-b3")
+}
+
+#[test]
+fn llama3_scaled_rope_matches_transformers() -> Result<()> {
+    check_fixture("tiny-llama3-rope")
+}
+
+#[test]
+fn yarn_scaled_rope_matches_transformers() -> Result<()> {
+    check_fixture("tiny-yarn-rope")
+}
+
+/// RoPE's tables for the scalings real checkpoints ship with (Llama 3.1 / 3.2, YaRN with its
+/// options, linear, none), read from the config.json transformers writes for each, against
+/// transformers' LlamaRotaryEmbedding at positions up to 131,071.
+#[test]
+fn rope_tables_match_transformers_for_every_scaling() -> Result<()> {
+    let dir = fixture("rope");
+    let dev = Device::Cpu;
+    let cases: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json"))?)?;
+    let r = candle_core::safetensors::load(dir.join("tables.safetensors"), &dev)?;
+    let positions = r["positions"].unsqueeze(0)?;
+    assert!(cases.len() >= 7, "{} cases", cases.len());
+    for (name, config) in &cases {
+        let cfg = LlamaConfig::from_json_str(&config.to_string())?;
+        let (inv_freq, _) = cfg
+            .rope_scaling
+            .inverse_frequencies(cfg.head_dim, cfg.rope_theta);
+        let want = r[&format!("inv_freq.{name}")].to_vec1::<f32>()?;
+        // Each step is transformers' f32 operation in its order: the same bits.
+        assert_eq!(inv_freq, want, "{name}: inverse frequencies");
+        let table = RopeTable::new(cfg.head_dim, cfg.rope_theta, &cfg.rope_scaling, &dev)?;
+        let (cos, sin) = table.cos_sin(&positions, DType::F32)?;
+        let d_cos = max_abs(&(cos.squeeze(0)?.squeeze(0)? - &r[&format!("cos.{name}")])?);
+        let d_sin = max_abs(&(sin.squeeze(0)?.squeeze(0)? - &r[&format!("sin.{name}")])?);
+        println!("{name}: max |dcos| = {d_cos:.1e}, max |dsin| = {d_sin:.1e}");
+        // The angles are the same f32 products; only cos / sin's last bit may differ.
+        assert!(
+            d_cos <= 1e-6 && d_sin <= 1e-6,
+            "{name}: cos {d_cos}, sin {d_sin}"
+        );
+    }
+    Ok(())
 }
 
 #[test]

@@ -6,6 +6,9 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::rope_config::read_rope;
+pub use helix_ops::RopeScaling;
+
 /// The validated shape of a Llama-architecture model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
@@ -18,8 +21,8 @@ pub struct LlamaConfig {
     pub head_dim: usize,
     pub rms_norm_eps: f64,
     pub rope_theta: f64,
-    /// Positions are divided by this ("linear" rope_scaling); 1.0 without scaling.
-    pub rope_linear_factor: f64,
+    /// `rope_scaling`'s frequency scaling (Llama 3.1's, YaRN, linear), or none.
+    pub rope_scaling: RopeScaling,
     pub max_position_embeddings: usize,
     pub vocab_size: usize,
     pub tie_word_embeddings: bool,
@@ -40,6 +43,8 @@ struct HfConfig {
     rms_norm_eps: f64,
     rope_theta: Option<f64>,
     rope_scaling: Option<Value>,
+    /// transformers 5 writes the base and the scaling as one object.
+    rope_parameters: Option<Value>,
     max_position_embeddings: usize,
     vocab_size: usize,
     #[serde(default)]
@@ -77,7 +82,12 @@ impl LlamaConfig {
         if hf.attention_bias || hf.mlp_bias {
             bail!("attention_bias / mlp_bias = true is not supported (Llama has no biases)");
         }
-        let rope_linear_factor = parse_rope_scaling(hf.rope_scaling.as_ref())?;
+        let (rope_theta, rope_scaling) = read_rope(
+            hf.rope_theta,
+            hf.rope_scaling.as_ref(),
+            hf.rope_parameters.as_ref(),
+            hf.max_position_embeddings,
+        )?;
         let kv = hf.num_key_value_heads.unwrap_or(hf.num_attention_heads);
         let head_dim = match hf.head_dim {
             Some(d) => d,
@@ -114,8 +124,8 @@ impl LlamaConfig {
             num_key_value_heads: kv,
             head_dim,
             rms_norm_eps: hf.rms_norm_eps,
-            rope_theta: hf.rope_theta.unwrap_or(10_000.0),
-            rope_linear_factor,
+            rope_theta,
+            rope_scaling,
             max_position_embeddings: hf.max_position_embeddings,
             vocab_size: hf.vocab_size,
             tie_word_embeddings: hf.tie_word_embeddings,
@@ -164,17 +174,24 @@ impl LlamaConfig {
         Ok(())
     }
 
-    /// Named shapes of the Llama 2 family (vocabulary 32,000, context 4,096).
+    /// Named shapes of Meta's checkpoints, as their `config.json` files state them: Llama 2
+    /// (vocabulary 32,000, context 4,096) and Llama 3.1 / 3.2 (vocabulary 128,256, context
+    /// 131,072 by Llama 3's RoPE scaling of an 8,192 context).
     pub fn preset(name: &str) -> Result<Self> {
-        let (hidden, inter, layers, heads, kv) = match name {
-            "llama2-7b" => (4096, 11008, 32, 32, 32),
-            "llama2-13b" => (5120, 13824, 40, 40, 40),
-            "llama2-70b" => (8192, 28672, 80, 64, 8),
-            other => {
-                bail!("unknown model preset '{other}' (known: llama2-7b, llama2-13b, llama2-70b)")
-            }
+        let (hidden, inter, layers, heads, kv, llama3_factor, tied) = match name {
+            "llama2-7b" => (4096, 11008, 32, 32, 32, None, false),
+            "llama2-13b" => (5120, 13824, 40, 40, 40, None, false),
+            "llama2-70b" => (8192, 28672, 80, 64, 8, None, false),
+            "llama3.2-1b" => (2048, 8192, 16, 32, 8, Some(32.0), true),
+            "llama3.2-3b" => (3072, 8192, 28, 24, 8, Some(32.0), true),
+            "llama3.1-8b" => (4096, 14336, 32, 32, 8, Some(8.0), false),
+            "llama3.1-70b" => (8192, 28672, 80, 64, 8, Some(8.0), false),
+            other => bail!(
+                "unknown model preset '{other}' (known: {})",
+                Self::PRESETS.join(", ")
+            ),
         };
-        Ok(LlamaConfig {
+        let llama2 = LlamaConfig {
             hidden_size: hidden,
             intermediate_size: inter,
             num_hidden_layers: layers,
@@ -183,14 +200,43 @@ impl LlamaConfig {
             head_dim: hidden / heads,
             rms_norm_eps: 1e-5,
             rope_theta: 10_000.0,
-            rope_linear_factor: 1.0,
+            rope_scaling: RopeScaling::None,
             max_position_embeddings: 4096,
             vocab_size: 32_000,
-            tie_word_embeddings: false,
+            tie_word_embeddings: tied,
             bos_token_id: Some(1),
             eos_token_ids: vec![2],
+        };
+        Ok(match llama3_factor {
+            None => llama2,
+            Some(factor) => LlamaConfig {
+                rope_theta: 500_000.0,
+                rope_scaling: RopeScaling::Llama3 {
+                    factor,
+                    low_freq_factor: 1.0,
+                    high_freq_factor: 4.0,
+                    original_max_position_embeddings: 8192.0,
+                },
+                max_position_embeddings: 131_072,
+                vocab_size: 128_256,
+                bos_token_id: Some(128_000),
+                // <|end_of_text|>, <|eom_id|>, <|eot_id|>: the instruct models' list.
+                eos_token_ids: vec![128_001, 128_008, 128_009],
+                ..llama2
+            },
         })
     }
+
+    /// The names [`LlamaConfig::preset`] knows.
+    pub const PRESETS: [&'static str; 7] = [
+        "llama2-7b",
+        "llama2-13b",
+        "llama2-70b",
+        "llama3.2-1b",
+        "llama3.2-3b",
+        "llama3.1-8b",
+        "llama3.1-70b",
+    ];
 
     /// The tensors of a Hugging Face checkpoint of this shape: names and shapes, in the order
     /// the model reads them.
@@ -247,37 +293,6 @@ fn as_token_id(n: &serde_json::Number, key: &str) -> Result<u32> {
         .with_context(|| format!("{key}: {n} is not a token id"))
 }
 
-/// Accepts no scaling ("default") and "linear"; anything else would silently change the model's
-/// positions, so it is an error.
-fn parse_rope_scaling(v: Option<&Value>) -> Result<f64> {
-    let Some(v) = v else { return Ok(1.0) };
-    if v.is_null() {
-        return Ok(1.0);
-    }
-    let obj = v
-        .as_object()
-        .context("rope_scaling: expected an object or null")?;
-    let kind = obj
-        .get("rope_type")
-        .or_else(|| obj.get("type"))
-        .and_then(Value::as_str)
-        .context("rope_scaling: missing 'rope_type'")?;
-    match kind {
-        "default" => Ok(1.0),
-        "linear" => {
-            let f = obj
-                .get("factor")
-                .and_then(Value::as_f64)
-                .context("rope_scaling: 'linear' needs a numeric 'factor'")?;
-            if !(f > 0.0) {
-                bail!("rope_scaling.factor must be positive, got {f}");
-            }
-            Ok(f)
-        }
-        other => bail!("rope_scaling type '{other}' is not supported (supported: default, linear)"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -308,20 +323,20 @@ mod tests {
     }
 
     #[test]
-    fn unknown_rope_scaling_is_an_error() {
-        let err = LlamaConfig::from_json_str(&with(
-            r#""rope_scaling":{"rope_type":"yarn","factor":4.0}"#,
+    fn rope_scaling_is_read_and_checked() {
+        let c = LlamaConfig::from_json_str(&with(
+            r#""rope_theta":500000.0,"rope_scaling":{"rope_type":"llama3","factor":8.0,
+            "low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}"#,
         ))
-        .unwrap_err();
+        .unwrap();
+        assert!(matches!(c.rope_scaling, RopeScaling::Llama3 { factor, .. } if factor == 8.0));
+        let err = LlamaConfig::from_json_str(&with(r#""rope_scaling":{"rope_type":"dynamic"}"#))
+            .unwrap_err();
         assert!(
             err.to_string()
-                .contains("rope_scaling type 'yarn' is not supported"),
+                .contains("rope_scaling: rope_type 'dynamic' is not supported"),
             "{err}"
         );
-        let c =
-            LlamaConfig::from_json_str(&with(r#""rope_scaling":{"type":"linear","factor":2.0}"#))
-                .unwrap();
-        assert_eq!(c.rope_linear_factor, 2.0);
     }
 
     #[test]
@@ -335,11 +350,30 @@ mod tests {
     }
 
     #[test]
-    fn presets_have_llama2_sizes() {
-        let p7 = LlamaConfig::preset("llama2-7b").unwrap().num_parameters() as f64 / 1e9;
-        let p70 = LlamaConfig::preset("llama2-70b").unwrap().num_parameters() as f64 / 1e9;
-        assert!((6.7..6.8).contains(&p7), "{p7}");
-        assert!((68.9..69.1).contains(&p70), "{p70}");
-        assert!(LlamaConfig::preset("llama3").is_err());
+    fn presets_have_their_checkpoints_sizes() {
+        // Parameter counts of Meta's checkpoints, in billions, as their model cards give them.
+        let billions = |name: &str| {
+            let c = LlamaConfig::preset(name).unwrap();
+            c.validate().unwrap();
+            c.num_parameters() as f64 / 1e9
+        };
+        for (name, range) in [
+            ("llama2-7b", 6.7..6.8),
+            ("llama2-13b", 13.0..13.1),
+            ("llama2-70b", 68.9..69.1),
+            ("llama3.2-1b", 1.23..1.24),
+            ("llama3.2-3b", 3.21..3.22),
+            ("llama3.1-8b", 8.03..8.04),
+            ("llama3.1-70b", 70.5..70.6),
+        ] {
+            let b = billions(name);
+            assert!(range.contains(&b), "{name}: {b}");
+        }
+        assert_eq!(LlamaConfig::PRESETS.len(), 7);
+        let err = LlamaConfig::preset("llama3").unwrap_err().to_string();
+        assert!(
+            err.contains("known: llama2-7b, ") && err.contains("llama3.1-70b"),
+            "{err}"
+        );
     }
 }

@@ -194,7 +194,12 @@ fn plan_tensors(meta: &Meta, content: &gguf_file::Content, hp: &Hparams) -> Resu
         let dims = content.tensor_infos[name].shape.dims();
         let Some((hf, shape, unpermute_heads)) = map_tensor(name, hp) else {
             if name == "rope_freqs.weight" {
-                bail!(meta.err("tensor rope_freqs.weight (llama3-style RoPE frequency scaling) is not supported"));
+                bail!(meta.err(
+                    "tensor rope_freqs.weight (Llama 3.1's RoPE scaling, as per-frequency \
+                     factors) is not supported by GGUF import: they do not say the \
+                     rope_scaling they came from; the Hugging Face checkpoint's config.json \
+                     does, and helix loads it directly"
+                ));
             }
             bail!(meta.err(format!(
                 "unexpected tensor {name} for a llama model with {} layers",

@@ -10,6 +10,7 @@ mod gguf_tokenizer;
 pub mod hf_export;
 pub mod linear;
 pub mod llama;
+mod rope_config;
 pub mod safetensors_write;
 pub mod weights;
 pub mod written_dir;

@@ -199,7 +199,7 @@ impl Llama {
         let rope = RopeTable::new(
             cfg.head_dim,
             cfg.rope_theta,
-            cfg.rope_linear_factor,
+            &cfg.rope_scaling,
             &opts.device,
         )?;
         Ok(Self {

@@ -236,7 +236,8 @@ impl PackedBatch {
             .reshape((b, s, 1))?
             .to_dtype(dtype)?;
         let positions = Tensor::new(&[[0i64, 1, 2, 3, 4, 5, 6], [0, 1, 2, 0, 1, 0, 0]], dev)?;
-        let (cos, sin) = RopeTable::new(D, 10000.0, 1.0, dev)?.cos_sin(&positions, dtype)?;
+        let (cos, sin) =
+            RopeTable::new(D, 10000.0, &RopeScaling::None, dev)?.cos_sin(&positions, dtype)?;
         Ok(Self {
             x,
             spec,

@@ -32,7 +32,7 @@ pub use loss::{
     count_targets, linear_cross_entropy, vocab_parallel_cross_entropy, VocabShard, IGNORE_INDEX,
 };
 pub use norm::rms_norm;
-pub use rope::{apply_rope, RopeTable};
+pub use rope::{apply_rope, RopeScaling, RopeTable};
 
 /// The fused kernels compared with their references (`helix-train kernel-check`).
 pub use helix_kernels::check as kernel_check;

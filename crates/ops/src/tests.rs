@@ -149,7 +149,7 @@ fn mask_blocks_future_padding_and_other_documents() -> Result<()> {
 #[test]
 fn rope_rotates_pairs_half_a_head_apart() -> Result<()> {
     // Position 1 with theta such that the first frequency is 1 rad: (x0, x2) rotate by 1 rad.
-    let table = RopeTable::new(4, 10000.0, 1.0, &Device::Cpu)?;
+    let table = RopeTable::new(4, 10000.0, &RopeScaling::None, &Device::Cpu)?;
     let (cos, sin) = table.cos_sin(&Tensor::new(&[[1i64]], &Device::Cpu)?, DType::F32)?;
     let x = Tensor::new(&[1f32, 0.0, 0.0, 0.0], &Device::Cpu)?.reshape((1, 1, 1, 4))?;
     let y = apply_rope(&x, &cos, &sin)?
@@ -293,7 +293,8 @@ fn rope_attention_matches_the_steps_one_by_one() -> Result<()> {
     let positions = Tensor::arange(0i64, s as i64, &dev)?
         .unsqueeze(0)?
         .repeat((b, 1))?;
-    let (cos, sin) = RopeTable::new(d, 10000.0, 1.0, &dev)?.cos_sin(&positions, DType::F32)?;
+    let (cos, sin) =
+        RopeTable::new(d, 10000.0, &RopeScaling::None, &dev)?.cos_sin(&positions, DType::F32)?;
     let valid = [vec![1u8; s], [vec![1u8; s - 2], vec![0; 2]].concat()].concat();
     let spec = MaskSpec {
         batch: b,
