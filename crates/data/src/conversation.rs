@@ -36,8 +36,8 @@ pub(crate) fn default_tools() -> String {
 pub struct Message {
     /// One of [`ROLES`].
     pub role: String,
-    /// The turn's text; `None` for an assistant turn that only calls tools (its content null
-    /// or absent).
+    /// The turn's text (a list of text parts' texts joined); `None` for an assistant turn
+    /// that only calls tools (its content null or absent).
     pub content: Option<String>,
     /// The turn as the template sees it: every key of the row's object in file order
     /// (`tool_calls`, `name`, `tool_call_id`, a null content, …), the speaker as `role` (a
@@ -206,6 +206,7 @@ fn turn(
     };
     let content = match item.get(&fields.text) {
         Some(OrderedJson::String(s)) => Some(s.clone()),
+        Some(OrderedJson::Array(parts)) => Some(text_parts(parts, &field(&fields.text), bad)?),
         None | Some(OrderedJson::Null) if calls > 0 => None,
         None => {
             let f = field(&fields.text);
@@ -216,7 +217,10 @@ fn turn(
                 OrderedJson::Null => "expected a string, found null (only a turn that calls \
                                       tools may have no text)"
                     .to_string(),
-                _ => format!("expected a string, found {}", v.type_name()),
+                _ => format!(
+                    "expected a string or a list of text parts, found {}",
+                    v.type_name()
+                ),
             };
             return Err(bad(field(&fields.text), InvalidKind::WrongType, detail));
         }
@@ -238,4 +242,55 @@ fn turn(
         content,
         json,
     })
+}
+
+/// The text of a turn whose content is a list of parts (OpenAI's and transformers'
+/// `[{"type": "text", "text": "…"}, …]`), which the template receives as they are; `at` names
+/// the content. helix trains text-only models, so a part of another type (an image) is an
+/// error rather than something the template might drop unseen.
+fn text_parts(
+    parts: &[OrderedJson],
+    at: &str,
+    bad: &dyn Fn(String, InvalidKind, String) -> InvalidRow,
+) -> Result<String, InvalidRow> {
+    objects_only(parts, at, "a content part", bad)?;
+    let mut text = String::new();
+    for (i, part) in parts.iter().enumerate() {
+        let field = |key: &str| format!("{at}[{i}].{key}");
+        match (part.get("type"), part.get("text")) {
+            (Some(OrderedJson::String(t)), Some(OrderedJson::String(s))) if t == "text" => {
+                text.push_str(s)
+            }
+            (Some(OrderedJson::String(t)), None) if t == "text" => {
+                return Err(bad(
+                    field("text"),
+                    InvalidKind::MissingField,
+                    "missing".into(),
+                ))
+            }
+            (Some(OrderedJson::String(t)), Some(v)) if t == "text" => {
+                let detail = format!("expected a string, found {}", v.type_name());
+                return Err(bad(field("text"), InvalidKind::WrongType, detail));
+            }
+            (Some(OrderedJson::String(t)), _) => {
+                let detail = format!(
+                    "a content part of type \"{t}\": helix trains text-only models, so only \
+                     \"text\" parts are read"
+                );
+                return Err(bad(field("type"), InvalidKind::BadConversation, detail));
+            }
+            (None, _) => {
+                return Err(bad(
+                    field("type"),
+                    InvalidKind::MissingField,
+                    "missing".into(),
+                ))
+            }
+            (Some(v), _) => {
+                let detail = format!("expected a string, found {}", v.type_name());
+                return Err(bad(field("type"), InvalidKind::WrongType, detail));
+            }
+        }
+    }
+    Ok(text)
 }

@@ -264,12 +264,17 @@ fn reads_messages_and_sharegpt_conversations() -> Result<()> {
 
 #[test]
 fn a_bad_conversation_names_its_line_and_turn() -> Result<()> {
-    let cases: [(&[u8], Format, &str); 7] = [
+    let cases: [(&[u8], Format, &str); 12] = [
         (br#"{"instruction": "a"}"#, Format::Messages, "data.jsonl:1: field \"messages\": missing"),
         (br#"{"messages": "hi"}"#, Format::Messages, "data.jsonl:1: field \"messages\": expected an array of turns, found a string"),
         (br#"{"messages": [{"role": "user", "content": "a"}, ["x"]]}"#, Format::Messages, "data.jsonl:1: field \"messages[1]\": expected a JSON object, found an array"),
         (br#"{"messages": [{"role": "user"}]}"#, Format::Messages, "data.jsonl:1: field \"messages[0].content\": missing"),
-        (br#"{"messages": [{"role": "user", "content": [{"type": "text"}]}]}"#, Format::Messages, "data.jsonl:1: field \"messages[0].content\": expected a string, found an array"),
+        (br#"{"messages": [{"role": "user", "content": [{"type": "text"}]}]}"#, Format::Messages, "data.jsonl:1: field \"messages[0].content[0].text\": missing"),
+        (br#"{"messages": [{"role": "user", "content": [{"type": "text", "text": 1}]}]}"#, Format::Messages, "data.jsonl:1: field \"messages[0].content[0].text\": expected a string, found a number"),
+        (br#"{"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image", "url": "x.png"}]}]}"#, Format::Messages, "data.jsonl:1: field \"messages[0].content[1].type\": a content part of type \"image\": helix trains text-only models, so only \"text\" parts are read"),
+        (br#"{"messages": [{"role": "user", "content": [{"text": "a"}]}]}"#, Format::Messages, "data.jsonl:1: field \"messages[0].content[0].type\": missing"),
+        (br#"{"messages": [{"role": "user", "content": ["a"]}]}"#, Format::Messages, "data.jsonl:1: field \"messages[0].content[0]\": expected a content part (an object), found a string"),
+        (br#"{"messages": [{"role": "user", "content": 3}]}"#, Format::Messages, "data.jsonl:1: field \"messages[0].content\": expected a string or a list of text parts, found a number"),
         (br#"{"messages": [{"role": "assitant", "content": "a"}]}"#, Format::Messages, "data.jsonl:1: field \"messages[0].role\": unknown speaker \"assitant\" (expected system, user, assistant or tool)"),
         (br#"{"conversations": [{"from": "human", "value": "a"}]}"#, Format::Sharegpt, "data.jsonl:1: field \"conversations\": no assistant turn among its 1 turns: nothing to train on"),
     ];
@@ -325,6 +330,22 @@ fn conversation_settings_that_cannot_work_name_the_key() -> Result<()> {
         parse("train = \"x\"\nformat = \"alpaca\"\nchat_template = \"t.jinja\"\n")?,
         "data.chat_template is set but data.template = \"alpaca\" does not use it: set data.template = \"chat\""
     );
+    Ok(())
+}
+
+#[test]
+fn content_parts_reach_the_template_as_they_are() -> Result<()> {
+    use helix_model::OrderedJson;
+    let row = br#"{"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there", "cache": true}]}, {"role": "assistant", "content": []}]}"#;
+    let r = read(row, Format::Messages, false)?;
+    let turns = &r.records[0].turns;
+    assert_eq!(turns[0].content.as_deref(), Some("Hi there"));
+    assert_eq!(turns[1].content.as_deref(), Some(""));
+    // The template gets the list itself, every key of every part in place.
+    let OrderedJson::Array(parts) = turns[0].json.get("content").unwrap() else {
+        panic!("{:?}", turns[0].json)
+    };
+    assert_eq!(parts[1].get("cache"), Some(&OrderedJson::Bool(true)));
     Ok(())
 }
 

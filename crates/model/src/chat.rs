@@ -8,7 +8,7 @@ use minijinja::value::ValueKind;
 use minijinja::{context, Environment, Error, ErrorKind, State, Value};
 
 use crate::chat_generation::{split_generation_marks, with_generation_tags, GenerationTags};
-use crate::chat_json::{python_float_text, OrderedJson};
+use crate::chat_json::{python_text, OrderedJson};
 
 pub use crate::chat_generation::has_generation_blocks;
 
@@ -118,21 +118,20 @@ fn environment(template: &str, tags: GenerationTags) -> Result<Environment<'stat
     );
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
     // Where minijinja and Python's jinja2 differ on values a conversation's JSON carries:
-    // floats print as Python's repr, an absent key has length 0, and strings and maps are
-    // sequences while none is not iterable.
-    env.set_formatter(|out, state, value| match python_float_text(value) {
+    // floats print as Python's repr, lists and maps with their floats so too, an absent key
+    // has length 0, and strings and maps are sequences while none is not iterable.
+    env.set_formatter(|out, state, value| match python_text(value) {
         Some(text) => out
             .write_str(&text)
             .map_err(|e| Error::new(ErrorKind::WriteFailure, e.to_string())),
         None => minijinja::escape_formatter(out, state, value),
     });
-    env.add_filter(
-        "string",
-        |state: &State, value: &Value| match python_float_text(value) {
+    env.add_filter("string", |state: &State, value: &Value| {
+        match python_text(value) {
             Some(text) => Ok(Value::from(text)),
             None => minijinja::filters::string(state, value),
-        },
-    );
+        }
+    });
     env.add_filter("length", |value: &Value| match value.is_undefined() {
         true => Ok(0),
         false => minijinja::filters::length(value),
@@ -235,6 +234,26 @@ mod tests {
         assert_eq!(
             render(t, &[m], None, false, None, None).unwrap(),
             r#"1e-07|1e+16|1e-07|0|True|True|False|{"b": 1, "a": 1e-07}|content,x,y,role,flag,n,|True|None|3"#
+        );
+    }
+
+    #[test]
+    fn containers_print_as_python_jinja2_prints_them() {
+        // The expected string is jinja2 (transformers' compiled template) rendering the same:
+        // Python's repr of lists and dicts, their strings quoted as repr quotes them and
+        // their floats as repr writes them.
+        let t = "{% set m = messages[0] %}{{ m.content }}|{{ m.content[1] }}|{{ [1, 'a', none, true, 2.5, 1e20] }}|{{ {'k': \"it's\"} }}|{{ m.content | string }}";
+        let m: OrderedJson = serde_json::from_str(
+            r#"{"role": "user", "content": [{"type": "text", "text": "hi \"q\" it's\n"}, {"type": "x", "n": null, "f": 1e-07}]}"#,
+        )
+        .unwrap();
+        let parts =
+            r#"[{'type': 'text', 'text': 'hi "q" it\'s\n'}, {'type': 'x', 'n': None, 'f': 1e-07}]"#;
+        assert_eq!(
+            render(t, &[m], None, false, None, None).unwrap(),
+            format!(
+                r#"{parts}|{{'type': 'x', 'n': None, 'f': 1e-07}}|[1, 'a', None, True, 2.5, 1e+20]|{{'k': "it's"}}|{parts}"#
+            )
         );
     }
 

@@ -377,6 +377,55 @@ pub fn python_float_text(value: &Value) -> Option<String> {
         .then(|| python_float_repr(f64::try_from(value.clone()).unwrap_or(f64::NAN)))
 }
 
+/// What Python's jinja2 prints for a float or a container (`{{ x }}`, `x | string`): the
+/// float's repr, or the list's or dict's repr with each float in it as Python writes it
+/// (minijinja writes a container's floats as Rust does, `1e-7` for `1e-07`); `None` for
+/// other values, which minijinja already prints as Python does.
+pub fn python_text(value: &Value) -> Option<String> {
+    match value.kind() {
+        ValueKind::Seq | ValueKind::Map => {
+            let mut out = String::new();
+            python_repr(value, &mut out);
+            Some(out)
+        }
+        _ => python_float_text(value),
+    }
+}
+
+/// Python's `repr` of a value inside a container: strings quoted as Python quotes them
+/// (minijinja's debug form does that, as it prints `None` and `True`), floats by
+/// [`python_float_repr`].
+fn python_repr(value: &Value, out: &mut String) {
+    match value.kind() {
+        ValueKind::Seq => {
+            out.push('[');
+            for (i, item) in value.try_iter().into_iter().flatten().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                python_repr(&item, out);
+            }
+            out.push(']');
+        }
+        ValueKind::Map => {
+            out.push('{');
+            for (i, key) in value.try_iter().into_iter().flatten().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                python_repr(&key, out);
+                out.push_str(": ");
+                python_repr(&value.get_item(&key).unwrap_or_default(), out);
+            }
+            out.push('}');
+        }
+        _ => match python_float_text(value) {
+            Some(text) => out.push_str(&text),
+            None => out.push_str(&format!("{value:?}")),
+        },
+    }
+}
+
 /// Python's `repr(float)` (what `json.dumps` writes): the shortest digits that read back as
 /// `f`, in positional notation for exponents -4 to 15 (always with a fractional part) and as
 /// `1.5e+16` / `1e-05` beyond; `NaN` and `Infinity` as json.dumps allows them.
