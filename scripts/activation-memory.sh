@@ -3,7 +3,9 @@
 # on SmolLM2-135M-Instruct, f32 on this CPU, rows of SEQ tokens, with
 # trainer.activation_checkpointing = "none" and then "full". Prints each run's peak resident
 # memory (the process's VmHWM, which includes the weights and optimizer state) and median step
-# time, and the ratios. The losses of the two runs must agree (they do not change).
+# time, and the ratios, and beside the memory saved what `helix-train plan` predicts it saves
+# (its activations kept minus those under recomputation, for the same shape and dtype). The
+# losses of the two runs must agree (they do not change).
 # Usage: scripts/activation-memory.sh [SEQ=512] [MICRO_BATCH=2] [--method lora|sft]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -74,6 +76,16 @@ python3 - "$(to_mib $none)" "$(to_mib $full)" "$none_s" "$full_s" <<'EOF'
 import sys
 n, f, ns, fs = map(float, sys.argv[1:])
 print(f"full / none: peak memory {f / n:.2f} ({n - f:.0f} MiB less), step time {fs / ns:.2f}")
+EOF
+predicted=$("$helix" plan --config configs/quickstart.toml --set "model.path=$model" \
+  --set "method.name=$method" --set "data.max_seq_length=$seq" \
+  --set "batch.micro_batch_size=$micro" --set "batch.global_batch_size=$micro" \
+  --nodes 1 --gpus-per-node 1 --json |
+  python3 -c 'import json, sys; p = json.load(sys.stdin)["plan"]; print((p["activation_bytes_kept"] - p["activation_bytes_recomputed"]) / 2**20)')
+python3 - "$(to_mib $none)" "$(to_mib $full)" "$predicted" <<'EOF'
+import sys
+n, f, p = map(float, sys.argv[1:])
+print(f"memory saved: measured {n - f:.0f} MiB, helix-train plan predicts {p:.0f} MiB ({p / (n - f):.2f} of it)")
 EOF
 none_losses=$(losses "$out/none")
 full_losses=$(losses "$out/full")

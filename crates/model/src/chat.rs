@@ -258,6 +258,20 @@ mod tests {
     }
 
     #[test]
+    fn tuples_and_infinities_print_as_python_jinja2_prints_them() {
+        // jinja2's rendering of the same template and turn.
+        let t = "{% set m = messages[0] %}{{ (1, 2.5) }}|{{ (1e-7,) }}|{{ () }}|{{ m.content[1].items() | list }}|{{ {'b': 1e-7, 'a': 2} | dictsort }}|{{ 1e308 * 10 }}|{{ [1e308 * 10, -1e308 * 10] }}|{{ {'a': [1, (2.5, none)]} }}|{{ m.content[1] | string }}";
+        let m: OrderedJson = serde_json::from_str(
+            r#"{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "x", "f": 1e-07}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            render(t, &[m], None, false, None, None).unwrap(),
+            "(1, 2.5)|(1e-07,)|()|[('type', 'x'), ('f', 1e-07)]|[('a', 2), ('b', 1e-07)]|inf|[inf, -inf]|{'a': [1, (2.5, None)]}|{'type': 'x', 'f': 1e-07}"
+        );
+    }
+
+    #[test]
     fn generation_blocks_mark_what_transformers_marks() {
         // transformers' _render_with_assistant_indices on this template and conversation
         // gave the text below and the spans (52, 68), (121, 135); whitespace control on and

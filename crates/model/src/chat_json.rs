@@ -377,53 +377,81 @@ pub fn python_float_text(value: &Value) -> Option<String> {
         .then(|| python_float_repr(f64::try_from(value.clone()).unwrap_or(f64::NAN)))
 }
 
-/// What Python's jinja2 prints for a float or a container (`{{ x }}`, `x | string`): the
-/// float's repr, or the list's or dict's repr with each float in it as Python writes it
-/// (minijinja writes a container's floats as Rust does, `1e-7` for `1e-07`); `None` for
-/// other values, which minijinja already prints as Python does.
+/// What Python's jinja2 prints for a float or a list, tuple or dict (`{{ x }}`,
+/// `x | string`): the float as `str(float)` writes it, the container as its repr with each
+/// float in it so written (minijinja writes a container's floats as Rust does, `1e-7` for
+/// `1e-07`); `None` for other values, which minijinja prints itself (as Python does but for
+/// objects jinja2 prints as `<...>`).
 pub fn python_text(value: &Value) -> Option<String> {
+    if is_plain_container(value) {
+        let mut out = String::new();
+        python_repr(value, &mut out);
+        return Some(out);
+    }
+    (value.kind() == ValueKind::Number && !value.is_integer())
+        .then(|| python_str_float(f64::try_from(value.clone()).unwrap_or(f64::NAN)))
+}
+
+/// A list, a tuple or a dict holding data: a conversation's JSON, a template's literal or a
+/// filter's result. Other sequences and maps (the loop, a namespace, a macro) keep
+/// minijinja's own form.
+fn is_plain_container(value: &Value) -> bool {
     match value.kind() {
-        ValueKind::Seq | ValueKind::Map => {
-            let mut out = String::new();
-            python_repr(value, &mut out);
-            Some(out)
+        ValueKind::Seq => true,
+        ValueKind::Map => {
+            value.downcast_object_ref::<OrderedMap>().is_some()
+                || value
+                    .downcast_object_ref::<indexmap::IndexMap<Value, Value>>()
+                    .is_some()
         }
-        _ => python_float_text(value),
+        _ => false,
+    }
+}
+
+/// Python's `str` of a float: its repr, `inf` and `nan` included (json.dumps writes those
+/// `Infinity` and `NaN`).
+fn python_str_float(f: f64) -> String {
+    match f {
+        f if f.is_nan() => "nan".into(),
+        f if f.is_infinite() => if f > 0.0 { "inf" } else { "-inf" }.into(),
+        f => python_float_repr(f),
     }
 }
 
 /// Python's `repr` of a value inside a container: strings quoted as Python quotes them
 /// (minijinja's debug form does that, as it prints `None` and `True`), floats by
-/// [`python_float_repr`].
+/// [`python_str_float`], tuples in parentheses.
 fn python_repr(value: &Value, out: &mut String) {
-    match value.kind() {
-        ValueKind::Seq => {
-            out.push('[');
-            for (i, item) in value.try_iter().into_iter().flatten().enumerate() {
-                if i > 0 {
-                    out.push_str(", ");
-                }
-                python_repr(&item, out);
-            }
-            out.push(']');
+    if !is_plain_container(value) {
+        match value.kind() == ValueKind::Number && !value.is_integer() {
+            true => out.push_str(&python_str_float(
+                f64::try_from(value.clone()).unwrap_or(f64::NAN),
+            )),
+            false => out.push_str(&format!("{value:?}")),
         }
-        ValueKind::Map => {
-            out.push('{');
-            for (i, key) in value.try_iter().into_iter().flatten().enumerate() {
-                if i > 0 {
-                    out.push_str(", ");
-                }
-                python_repr(&key, out);
-                out.push_str(": ");
-                python_repr(&value.get_item(&key).unwrap_or_default(), out);
-            }
-            out.push('}');
-        }
-        _ => match python_float_text(value) {
-            Some(text) => out.push_str(&text),
-            None => out.push_str(&format!("{value:?}")),
-        },
+        return;
     }
+    let items: Vec<Value> = value.try_iter().into_iter().flatten().collect();
+    let (open, close) = match value.kind() {
+        ValueKind::Map => ('{', '}'),
+        _ if value.is_tuple() => ('(', ')'),
+        _ => ('[', ']'),
+    };
+    out.push(open);
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        python_repr(item, out);
+        if open == '{' {
+            out.push_str(": ");
+            python_repr(&value.get_item(item).unwrap_or_default(), out);
+        }
+    }
+    if open == '(' && items.len() == 1 {
+        out.push(','); // a one-element tuple: (1,)
+    }
+    out.push(close);
 }
 
 /// Python's `repr(float)` (what `json.dumps` writes): the shortest digits that read back as

@@ -63,14 +63,18 @@ fn parse_scaling(key: &str, v: Option<&Value>, max_positions: usize) -> Result<R
         .as_object()
         .with_context(|| format!("{key}: expected an object or null"))?;
     let field = Fields { key, obj };
-    // transformers reads "rope_type", and "type" from configs written before it was renamed.
-    let kind = match obj.get("rope_type").or_else(|| obj.get("type")) {
+    // transformers reads "rope_type", and "type" from configs written before it was renamed;
+    // LlamaConfig copies a "type" over "rope_type", so "type" wins where both are present.
+    let named = ["type", "rope_type"]
+        .into_iter()
+        .find_map(|name| obj.get(name).map(|t| (name, t)));
+    let kind = match named {
         // rope_parameters may hold only the base.
         None if key == "rope_parameters" => "default",
         None => bail!("{key}: missing 'rope_type'"),
-        Some(t) => t
+        Some((name, t)) => t
             .as_str()
-            .with_context(|| format!("{key}.rope_type: expected a string, found {t}"))?,
+            .with_context(|| format!("{key}.{name}: expected a string, found {t}"))?,
     };
     Ok(match kind {
         "default" => RopeScaling::None,
@@ -120,8 +124,10 @@ fn parse_scaling(key: &str, v: Option<&Value>, max_positions: usize) -> Result<R
                     _ => mscale_of(factor, 1.0),
                 },
             };
+            // transformers' `get("truncate", True)`: absent truncates, null does not.
             let truncate = match obj.get("truncate") {
-                None | Some(Value::Null) => true,
+                None => true,
+                Some(Value::Null) => false,
                 Some(Value::Bool(b)) => *b,
                 Some(other) => bail!("{key}.truncate: expected true or false, found {other}"),
             };
@@ -243,6 +249,26 @@ mod tests {
         };
         let m = |x: f64| 0.1 * x * 4f64.ln() + 1.0;
         assert!((attention_factor - m(2.0) / m(1.0)).abs() < 1e-15);
+    }
+
+    #[test]
+    fn type_wins_over_rope_type_and_a_null_truncate_does_not_truncate() {
+        // transformers' LlamaConfig copies "type" over "rope_type".
+        assert_eq!(
+            scaling(json!({"rope_type": "default", "type": "linear", "factor": 2.0})).unwrap(),
+            RopeScaling::Linear { factor: 2.0 }
+        );
+        let truncate = |v: Value| match scaling(v).unwrap() {
+            RopeScaling::Yarn { truncate, .. } => truncate,
+            other => panic!("{other:?}"),
+        };
+        assert!(truncate(json!({"rope_type": "yarn", "factor": 2.0})));
+        assert!(!truncate(
+            json!({"rope_type": "yarn", "factor": 2.0, "truncate": null})
+        ));
+        assert!(!truncate(
+            json!({"rope_type": "yarn", "factor": 2.0, "truncate": false})
+        ));
     }
 
     #[test]

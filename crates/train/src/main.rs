@@ -462,8 +462,8 @@ fn run_training(path: &std::path::Path, cfg: &ConfigFile) -> Result<()> {
     );
     if let Some(peak) = r.peak_host_bytes {
         eprintln!(
-            "peak host memory {} (activation checkpointing: {})",
-            helix_peft::human_bytes(peak as usize),
+            "peak host memory {:.0} MiB (activation checkpointing: {})",
+            peak as f64 / (1u64 << 20) as f64,
             cfg.trainer.activation_checkpointing.name()
         );
     }

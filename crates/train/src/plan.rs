@@ -163,17 +163,35 @@ pub fn plan(job: &Job, hw: &Hardware) -> Result<Plan> {
     } else {
         optimizer_bytes
     };
-    // Activations kept for the backward, per micro-batch (Korthikanti et al. 2022, without
-    // sequence parallelism or recomputation, 16-bit): s·b·h·(10 + 24/t + 5·a·s/(h·t)) per layer.
+    // Activations kept for the backward, per micro-batch, as helix's one-op decoder layers
+    // keep them (crates/ops/src/layer.rs): the layer's input and the residual after attention
+    // (h each, whole on every rank: no sequence parallelism); the rotated q and k, v, and the
+    // attention's output (this rank's heads); the gate and up outputs (this rank's features);
+    // all in the model's dtype. Then the attention's log-sum-exp or row statistics (f32, per
+    // query head) and each LoRA projection's rank-r activation (f32). Neither attention keeps
+    // an S × S score matrix, and the norms and SwiGLU are recomputed in the backward.
     let s = job.tokens_per_sample as f64;
     let b = job.micro_batch as f64;
-    let a = m.num_attention_heads as f64;
-    let per_layer_act = s * b * h * (10.0 + 24.0 / tf + 5.0 * a * s / (h * tf));
-    let activation_bytes_kept = per_layer_act * l * job.dtype_bytes as f64 / 2.0;
-    // Full recomputation keeps each layer's input (s·b·h) and, during a layer's backward,
-    // that one layer's activations.
-    let activation_bytes_recomputed =
-        (s * b * h * l * 2.0 + per_layer_act) * job.dtype_bytes as f64 / 2.0;
+    let dtype = job.dtype_bytes as f64;
+    let (qw, kvw) = (
+        (m.num_attention_heads * m.head_dim) as f64,
+        (m.num_key_value_heads * m.head_dim) as f64,
+    );
+    let i = m.intermediate_size as f64;
+    let lora_ranks = match &job.method {
+        Method::Lora(lora) => (lora.r * lora.target_modules.len()) as f64,
+        _ => 0.0,
+    };
+    let per_token_layer = (2.0 * h + (2.0 * qw + 2.0 * kvw + 2.0 * i) / tf) * dtype
+        + 2.0 * 4.0 * m.num_attention_heads as f64 / tf
+        + 4.0 * lora_ranks;
+    let per_layer_act = s * b * per_token_layer;
+    // The loss takes the final hidden states' gradient in the forward (f32).
+    let loss_grad = s * b * h * 4.0;
+    let activation_bytes_kept = per_layer_act * l + loss_grad;
+    // Full recomputation keeps each layer's input and, during a layer's backward, that one
+    // layer's activations.
+    let activation_bytes_recomputed = s * b * h * dtype * l + per_layer_act + loss_grad;
     let activation_bytes = match job.recompute {
         true => activation_bytes_recomputed,
         false => activation_bytes_kept,
@@ -524,14 +542,17 @@ mod tests {
         let kept = plan(&j, &Hardware::default()).unwrap();
         j.recompute = true;
         let p = plan(&j, &Hardware::default()).unwrap();
-        // Korthikanti et al.: s·b·h·(34 + 5·a·s/h) bytes per layer in 16 bits, 32 layers kept;
-        // recomputed, 32 layer inputs of s·b·h 16-bit values plus one layer's activations.
+        // A layer keeps, per token, x and the residual (h each), q, k, v and the attention's
+        // output (h each: no GQA in 7B), gate and up (11,008 each) in bf16, and 32 heads'
+        // softmax statistics in f32; the loss keeps the final hidden states' f32 gradient.
+        // Recomputed: 32 layer inputs of s·h bf16 values plus one layer's activations.
         let (s, h) = (2048.0, 4096.0);
-        let per_layer = s * h * (34.0 + 5.0 * 32.0 * s / h);
-        assert!((kept.activation_bytes / (32.0 * per_layer) - 1.0).abs() < 1e-9);
-        let want = 32.0 * s * h * 2.0 + per_layer;
+        let per_layer = s * ((6.0 * h + 2.0 * 11008.0) * 2.0 + 32.0 * 8.0);
+        let loss = s * h * 4.0;
+        assert!((kept.activation_bytes / (32.0 * per_layer + loss) - 1.0).abs() < 1e-9);
+        let want = 32.0 * s * h * 2.0 + per_layer + loss;
         assert!((p.activation_bytes / want - 1.0).abs() < 1e-9);
-        assert!(p.activation_bytes < kept.activation_bytes / 20.0);
+        assert!(p.activation_bytes < kept.activation_bytes / 7.0);
         // The model FLOPs (MFU's numerator) do not change; the GPU does 2·N_layers + 4·L·h·s
         // more per token.
         assert_eq!(p.flops_per_gpu, kept.flops_per_gpu);

@@ -46,9 +46,9 @@ fn every_shipped_config_is_valid() {
         training += 1;
     }
     assert_eq!(
-        training, 8,
+        training, 9,
         "quickstart, chat_quickstart, tool_calls_quickstart, sft7b, lora7b, lora13b, lora70b, \
-         ptuning7b"
+         ptuning7b, lora_llama31_8b"
     );
 }
 
@@ -63,6 +63,7 @@ fn plan_reports_every_cluster_config() {
         ("lora13b", false),
         ("lora70b", true),
         ("ptuning7b", false),
+        ("lora_llama31_8b", false),
     ] {
         let config = format!("configs/{name}.toml");
         let out = helix_train_ok(
