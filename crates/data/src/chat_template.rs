@@ -127,15 +127,12 @@ impl ChatTemplate {
     /// The prompt is the conversation up to the generation prompt; the target is what the full
     /// conversation adds after it (the response and the template's end-of-turn).
     fn render(&self, rec: &Record) -> Result<Rendered> {
-        let user = Self::user_text(rec);
-        let mut messages: Vec<(&str, &str)> = Vec::new();
-        if let Some(s) = &self.system {
-            messages.push(("system", s));
-        }
-        messages.push(("user", &user));
-        let prompt = self.codec.apply_chat_template(&messages, true)?;
-        messages.push(("assistant", &rec.response));
-        let full = self.codec.apply_chat_template(&messages, false)?;
+        // The system turn if configured, the user turn, the assistant turn.
+        let (turns, _) = self.messages(rec);
+        let prompt = self
+            .codec
+            .render_chat(&turns[..turns.len() - 1], None, true)?;
+        let full = self.codec.render_chat(&turns, None, false)?;
         let Some(target) = full.strip_prefix(&prompt) else {
             bail!(
                 "line {}: the chat template renders the assistant turn differently from its generation prompt, so the response cannot be separated from the prompt",
@@ -164,7 +161,8 @@ impl ChatTemplate {
         };
         // Byte ranges of the whole text that are trained on, in order.
         let mut trained: Vec<Range<usize>> = Vec::new();
-        let mut rendered = String::new();
+        // The rendering of the first `rendered_turns` turns.
+        let (mut rendered, mut rendered_turns) = (String::new(), 0);
         let extends = |longer: &str, shorter: &str, what: &str| -> Result<()> {
             match longer.starts_with(shorter) {
                 true => Ok(()),
@@ -195,10 +193,17 @@ impl ChatTemplate {
             if through.len() > prompt.len() {
                 trained.push(prompt.len()..through.len());
             }
-            rendered = through;
+            (rendered, rendered_turns) = (through, i + 1);
         }
-        let text = render(&turns, false)?;
-        extends(&text, &rendered, "the turns after the last assistant turn")?;
+        // A conversation ending on the assistant's turn has just been rendered whole.
+        let text = match rendered_turns == turns.len() {
+            true => rendered,
+            false => {
+                let text = render(&turns, false)?;
+                extends(&text, &rendered, "the turns after the last assistant turn")?;
+                text
+            }
+        };
         if trained.is_empty() {
             bail!(
                 "line {}: the chat template renders no text for the assistant turns",

@@ -47,9 +47,6 @@ pub fn render_with_generation_spans(
 ) -> Result<(String, Vec<Range<usize>>)> {
     let context = template_context(messages, tools, add_generation_prompt, bos_token, eos_token);
     let text = render_variant(template, GenerationTags::Plain, context.clone())?;
-    if !has_generation_blocks(template) {
-        return Ok((text, Vec::new()));
-    }
     let (marked_text, spans) =
         split_generation_marks(render_variant(template, GenerationTags::Marked, context)?)?;
     if marked_text != text {
@@ -136,21 +133,15 @@ fn environment(template: &str, tags: GenerationTags) -> Result<Environment<'stat
         true => Ok(0),
         false => minijinja::filters::length(value),
     });
-    env.add_test("sequence", |value: &Value| {
+    fn is_sequence(value: &Value) -> bool {
         matches!(
             value.kind(),
             ValueKind::Undefined | ValueKind::String | ValueKind::Seq | ValueKind::Map
         )
-    });
+    }
+    env.add_test("sequence", is_sequence);
     env.add_test("iterable", |value: &Value| {
-        matches!(
-            value.kind(),
-            ValueKind::Undefined
-                | ValueKind::String
-                | ValueKind::Seq
-                | ValueKind::Map
-                | ValueKind::Iterable
-        )
+        is_sequence(value) || value.kind() == ValueKind::Iterable
     });
     env.add_filter("tojson", crate::chat_json::tojson);
     env.add_function("raise_exception", |msg: String| -> Result<String, Error> {

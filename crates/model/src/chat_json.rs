@@ -373,8 +373,13 @@ fn python_key(k: &Value) -> Result<String, Error> {
 /// A float written as Python writes it ([`python_float_repr`]); `None` for any other value,
 /// integers included (they print as they are).
 pub fn python_float_text(value: &Value) -> Option<String> {
+    float_of(value).map(python_float_repr)
+}
+
+/// The value when it is a float (not an integer).
+fn float_of(value: &Value) -> Option<f64> {
     (value.kind() == ValueKind::Number && !value.is_integer())
-        .then(|| python_float_repr(f64::try_from(value.clone()).unwrap_or(f64::NAN)))
+        .then(|| f64::try_from(value.clone()).unwrap_or(f64::NAN))
 }
 
 /// What Python's jinja2 prints for a float or a list, tuple or dict (`{{ x }}`,
@@ -388,8 +393,7 @@ pub fn python_text(value: &Value) -> Option<String> {
         python_repr(value, &mut out);
         return Some(out);
     }
-    (value.kind() == ValueKind::Number && !value.is_integer())
-        .then(|| python_str_float(f64::try_from(value.clone()).unwrap_or(f64::NAN)))
+    float_of(value).map(python_str_float)
 }
 
 /// A list, a tuple or a dict holding data: a conversation's JSON, a template's literal or a
@@ -423,32 +427,41 @@ fn python_str_float(f: f64) -> String {
 /// [`python_str_float`], tuples in parentheses.
 fn python_repr(value: &Value, out: &mut String) {
     if !is_plain_container(value) {
-        match value.kind() == ValueKind::Number && !value.is_integer() {
-            true => out.push_str(&python_str_float(
-                f64::try_from(value.clone()).unwrap_or(f64::NAN),
-            )),
-            false => out.push_str(&format!("{value:?}")),
+        match float_of(value) {
+            Some(f) => out.push_str(&python_str_float(f)),
+            None => out.push_str(&format!("{value:?}")),
         }
         return;
     }
-    let items: Vec<Value> = value.try_iter().into_iter().flatten().collect();
-    let (open, close) = match value.kind() {
-        ValueKind::Map => ('{', '}'),
-        _ if value.is_tuple() => ('(', ')'),
-        _ => ('[', ']'),
+    if value.kind() == ValueKind::Map {
+        // The pairs as they are stored, as tojson's dump walks them (no lookup per key).
+        let pairs = value.as_object().and_then(|o| o.try_iter_pairs());
+        out.push('{');
+        for (i, (k, v)) in pairs.into_iter().flatten().enumerate() {
+            if i > 0 {
+                out.push_str(", ");
+            }
+            python_repr(&k, out);
+            out.push_str(": ");
+            python_repr(&v, out);
+        }
+        out.push('}');
+        return;
+    }
+    let (open, close) = match value.is_tuple() {
+        true => ('(', ')'),
+        false => ('[', ']'),
     };
     out.push(open);
-    for (i, item) in items.iter().enumerate() {
-        if i > 0 {
+    let mut n = 0;
+    for item in value.try_iter().into_iter().flatten() {
+        if n > 0 {
             out.push_str(", ");
         }
-        python_repr(item, out);
-        if open == '{' {
-            out.push_str(": ");
-            python_repr(&value.get_item(item).unwrap_or_default(), out);
-        }
+        python_repr(&item, out);
+        n += 1;
     }
-    if open == '(' && items.len() == 1 {
+    if open == '(' && n == 1 {
         out.push(','); // a one-element tuple: (1,)
     }
     out.push(close);

@@ -26,7 +26,7 @@ pub const TOKENIZER_FILES: [&str; 9] = [
     "vocab.json",
     "merges.txt",
     "added_tokens.json",
-    "chat_template.jinja",
+    crate::model_dir::CHAT_TEMPLATE_FILE,
     "generation_config.json",
 ];
 
@@ -129,9 +129,7 @@ fn export_hf(
             &staging.join(CHAT_TEMPLATES_DIR),
         )?;
         if let Some(template) = &opts.chat_template {
-            let path = staging.join("chat_template.jinja");
-            std::fs::write(&path, template)
-                .with_context(|| format!("cannot write {}", path.display()))?;
+            crate::model_dir::write_chat_template_file(staging, template)?;
         }
         write_json(&staging.join("config.json"), &config)?;
         Ok(report)

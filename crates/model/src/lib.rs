@@ -28,4 +28,6 @@ pub mod tokenizer_setup;
 
 pub use chat_json::OrderedJson;
 pub use generate::{generate, generate_after, SamplingOptions};
-pub use model_dir::{ModelDir, TextCodec};
+pub use model_dir::{
+    read_chat_template_file, write_chat_template_file, ModelDir, TextCodec, CHAT_TEMPLATE_FILE,
+};

@@ -13,6 +13,27 @@ use crate::llama::{Llama, LoadOptions};
 use crate::tokenizer_setup::apply_llama_post_processor;
 use crate::weights::SafetensorsWeights;
 
+/// A chat template saved as its own file, as transformers ≥ 4.43 reads it and ≥ 4.57 saves
+/// it: in a model or tokenizer directory, and beside an adapter trained with its own.
+pub const CHAT_TEMPLATE_FILE: &str = "chat_template.jinja";
+
+/// The [`CHAT_TEMPLATE_FILE`] in `dir`, if there is one.
+pub fn read_chat_template_file(dir: &Path) -> Result<Option<String>> {
+    let path = dir.join(CHAT_TEMPLATE_FILE);
+    match path.exists() {
+        true => std::fs::read_to_string(&path)
+            .map(Some)
+            .with_context(|| format!("cannot read {}", path.display())),
+        false => Ok(None),
+    }
+}
+
+/// Writes `text` as the [`CHAT_TEMPLATE_FILE`] in `dir`.
+pub fn write_chat_template_file(dir: &Path, text: &str) -> Result<()> {
+    let path = dir.join(CHAT_TEMPLATE_FILE);
+    std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))
+}
+
 /// The text side of a model directory: tokenizer.json plus what tokenizer_config.json says.
 pub struct TextCodec {
     pub tokenizer: Tokenizer,
@@ -45,14 +66,10 @@ impl TextCodec {
         };
         // As transformers ≥ 4.43 reads them: chat_template.jinja before tokenizer_config.json's
         // template, which is a string or a list of named ones (the "default" one is used).
-        let jinja = dir.join("chat_template.jinja");
-        let chat_template = match cfg.get("chat_template") {
-            _ if jinja.exists() => Some(
-                std::fs::read_to_string(&jinja)
-                    .with_context(|| format!("cannot read {}", jinja.display()))?,
-            ),
-            Some(Value::String(s)) => Some(s.clone()),
-            Some(Value::Array(named)) => named
+        let chat_template = match (read_chat_template_file(dir)?, cfg.get("chat_template")) {
+            (Some(text), _) => Some(text),
+            (None, Some(Value::String(s))) => Some(s.clone()),
+            (None, Some(Value::Array(named))) => named
                 .iter()
                 .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
                 .and_then(|t| t.get("template")?.as_str())

@@ -26,12 +26,11 @@ pub fn read_rope(
     let obj = params
         .as_object()
         .context("rope_parameters: expected an object or null")?;
-    let theta_p = match obj.get("rope_theta") {
-        None | Some(Value::Null) => theta,
-        Some(v) => v
-            .as_f64()
-            .context("rope_parameters.rope_theta: expected a number")?,
+    let fields = Fields {
+        key: "rope_parameters",
+        obj,
     };
+    let theta_p = fields.optional("rope_theta")?.unwrap_or(theta);
     let theta_p = check_theta("rope_parameters.rope_theta", theta_p)?;
     let from_params = parse_scaling("rope_parameters", Some(params), max_position_embeddings)?;
     // A file carrying both spellings must not say two things.

@@ -28,8 +28,8 @@ pub use dropout::SeededDropout;
 pub use export::{export_merged, gathered_weights};
 pub use lora::{LoraAdapters, LoraBuilder, LoraConfig, LoraLinear, LLAMA_TARGETS};
 pub use peft_format::{
-    adapter_chat_template, load_with_adapter, read_adapter, save_lora, save_lora_tensors,
-    save_ptuning, Adapter, ADAPTER_CHAT_TEMPLATE, ADAPTER_DIR,
+    load_with_adapter, read_adapter, save_lora, save_lora_tensors, save_ptuning, Adapter,
+    ADAPTER_DIR,
 };
 pub use ptuning::{EncoderType, PromptEncoder, Ptuning, PtuningConfig, VirtualTokens};
 

@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use helix_model::safetensors_write::{save_tensors, write_json};
 use helix_model::written_dir::{write_dir, DirKind};
-use helix_model::{LlamaConfig, SafetensorsWeights};
+use helix_model::{write_chat_template_file, LlamaConfig, SafetensorsWeights, CHAT_TEMPLATE_FILE};
 use serde_json::{json, Value};
 
 use crate::lora::{LoraAdapters, LoraConfig};
@@ -27,9 +27,6 @@ pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
 /// helix's own file beside a P-tuning adapter: the full prompt encoder.
 pub const PROMPT_ENCODER_WEIGHTS: &str = "prompt_encoder.safetensors";
 pub const PROMPT_EMBEDDINGS: &str = "prompt_embeddings";
-/// The chat template a run rendered its data with, when it was not the base model's
-/// (`data.chat_template`), saved beside the adapter as transformers saves a tokenizer's.
-pub const ADAPTER_CHAT_TEMPLATE: &str = "chat_template.jinja";
 
 /// An adapter's directory, written whole: a crash leaves the previous adapter, never new
 /// weights beside an old config.
@@ -40,7 +37,9 @@ pub const ADAPTER_DIR: DirKind = DirKind {
             ADAPTER_CONFIG,
             ADAPTER_WEIGHTS,
             PROMPT_ENCODER_WEIGHTS,
-            ADAPTER_CHAT_TEMPLATE,
+            // The chat template a run rendered its data with, when it was not the base
+            // model's (`data.chat_template`), saved as transformers saves a tokenizer's.
+            CHAT_TEMPLATE_FILE,
         ]
         .contains(&name)
     },
@@ -80,24 +79,12 @@ pub fn save_lora(dir: &Path, adapters: &LoraAdapters, base_model: &str) -> Resul
     save_lora_tensors(dir, &adapters.cfg, &named, base_model, None)
 }
 
-/// The chat template saved beside an adapter ([`ADAPTER_CHAT_TEMPLATE`]), if there is one.
-pub fn adapter_chat_template(dir: &Path) -> Result<Option<String>> {
-    let path = dir.join(ADAPTER_CHAT_TEMPLATE);
-    match path.exists() {
-        true => std::fs::read_to_string(&path)
-            .map(Some)
-            .with_context(|| format!("cannot read {}", path.display())),
-        false => Ok(None),
-    }
-}
-
 /// Writes `chat_template` (when given) into an adapter's staging directory.
 fn write_chat_template(staging: &Path, chat_template: Option<&str>) -> Result<()> {
-    let Some(text) = chat_template else {
-        return Ok(());
-    };
-    let path = staging.join(ADAPTER_CHAT_TEMPLATE);
-    std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))
+    match chat_template {
+        Some(text) => write_chat_template_file(staging, text),
+        None => Ok(()),
+    }
 }
 
 /// [`save_lora`] from given tensors (PEFT keys), e.g. gathered from tensor-parallel shards,

@@ -20,11 +20,12 @@ use candle_core::{DType, Device};
 use clap::Parser;
 use helix_model::gguf::{import_gguf, ImportOptions};
 use helix_model::hf_export::{parse_size, source_dtype, ExportOptions};
-use helix_model::{LlamaConfig, ModelDir, OrderedJson, SamplingOptions, TextCodec};
-use helix_parallel::launch::{launch, LaunchOptions};
-use helix_peft::{
-    adapter_chat_template, export_merged, load_with_adapter, Customized, ADAPTER_CHAT_TEMPLATE,
+use helix_model::{
+    read_chat_template_file, LlamaConfig, ModelDir, OrderedJson, SamplingOptions, TextCodec,
+    CHAT_TEMPLATE_FILE,
 };
+use helix_parallel::launch::{launch, LaunchOptions};
+use helix_peft::{export_merged, load_with_adapter, Customized};
 
 use helix_train::config::ConfigFile;
 use helix_train::device;
@@ -221,7 +222,7 @@ fn run(cli: Cli) -> Result<()> {
             let dir = ModelDir::open(&model)?;
             let mut codec = TextCodec::open(&model)?;
             // --chat-template, else the template the adapter was trained with, if it has one.
-            let adapters_own = adapter.as_deref().map(|a| a.join(ADAPTER_CHAT_TEMPLATE));
+            let adapters_own = adapter.as_deref().map(|a| a.join(CHAT_TEMPLATE_FILE));
             match (&chat_template, adapters_own.filter(|f| chat && f.exists())) {
                 (Some(file), _) => codec
                     .set_chat_template_file(file)
@@ -320,7 +321,7 @@ fn run(cli: Cli) -> Result<()> {
                 // The template the adapter was trained with, when it has its own.
                 chat_template: adapter
                     .as_deref()
-                    .map(adapter_chat_template)
+                    .map(read_chat_template_file)
                     .transpose()?
                     .flatten(),
             };

@@ -118,12 +118,13 @@ pub fn plan(job: &Job, hw: &Hardware) -> Result<Plan> {
     let norms = (2 * m.num_hidden_layers + 1) as f64 * h;
     let total = m.num_parameters() as f64;
     let params_per_gpu = (total - norms) / tf + norms;
+    // The projections' widths: query heads, key / value heads, MLP features.
+    let q = (m.num_attention_heads * m.head_dim) as f64;
+    let kv = (m.num_key_value_heads * m.head_dim) as f64;
+    let i = m.intermediate_size as f64;
     let trainable_per_gpu = match &job.method {
         Method::FullSft => params_per_gpu,
         Method::Lora(lora) => {
-            let q = (m.num_attention_heads * m.head_dim) as f64;
-            let kv = (m.num_key_value_heads * m.head_dim) as f64;
-            let i = m.intermediate_size as f64;
             let r = lora.r as f64;
             let shape = |leaf: &str| match leaf {
                 "q_proj" => (q, h),
@@ -173,16 +174,11 @@ pub fn plan(job: &Job, hw: &Hardware) -> Result<Plan> {
     let s = job.tokens_per_sample as f64;
     let b = job.micro_batch as f64;
     let dtype = job.dtype_bytes as f64;
-    let (qw, kvw) = (
-        (m.num_attention_heads * m.head_dim) as f64,
-        (m.num_key_value_heads * m.head_dim) as f64,
-    );
-    let i = m.intermediate_size as f64;
     let lora_ranks = match &job.method {
         Method::Lora(lora) => (lora.r * lora.target_modules.len()) as f64,
         _ => 0.0,
     };
-    let per_token_layer = (2.0 * h + (2.0 * qw + 2.0 * kvw + 2.0 * i) / tf) * dtype
+    let per_token_layer = (2.0 * h + (2.0 * q + 2.0 * kv + 2.0 * i) / tf) * dtype
         + 2.0 * 4.0 * m.num_attention_heads as f64 / tf
         + 4.0 * lora_ranks;
     let per_layer_act = s * b * per_token_layer;
