@@ -8,18 +8,28 @@ use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::chat_template::AssistantSpans;
-use crate::records::{FieldMap, Format, ReadOptions};
+use crate::records::Format;
+use crate::source::Source;
 use crate::tokenize::{LengthPolicy, LossMode};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
-    /// Training data file (JSON array or JSONL).
-    pub train: PathBuf,
-    /// Separate validation / test files; when absent, split off `train` by fraction.
+    /// Training data file (JSON array or JSONL); or several, as `[[data.mix]]`.
+    pub train: Option<PathBuf>,
+    /// Training files mixed into one training set, each read in its own format and template,
+    /// in the shares their weights give (all of every file, once, when no file has a weight).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mix: Vec<MixSource>,
+    /// With weighted `[[data.mix]]` files: how many training samples the mixture holds (an
+    /// epoch); by default as many as the files hold together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub samples_per_epoch: Option<usize>,
+    /// Separate validation / test files; when absent, split off the training files by fraction.
     pub validation: Option<PathBuf>,
     pub test: Option<PathBuf>,
-    pub format: Format,
+    /// How rows are read; `[[data.mix]]` files may each name their own.
+    pub format: Option<Format>,
     /// Field-name overrides for the format's defaults.
     #[serde(default)]
     pub fields: FieldOverrides,
@@ -70,6 +80,20 @@ pub struct DataConfig {
     pub threads: usize,
 }
 
+/// One `[[data.mix]]` file: what is not given is `[data]`'s.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MixSource {
+    pub file: PathBuf,
+    /// This file's share of the mixture, relative to the other files' weights (NeMo's
+    /// `concat_sampling_probabilities`); a file drawn beyond its size is repeated.
+    pub weight: Option<f64>,
+    pub format: Option<Format>,
+    pub template: Option<String>,
+    /// Replaces `[data.fields]` whole for this file.
+    pub fields: Option<FieldOverrides>,
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct FieldOverrides {
@@ -109,10 +133,12 @@ impl DataConfig {
     /// A config with every default, for `train` in `format`.
     pub fn new(train: PathBuf, format: Format) -> Self {
         Self {
-            train,
+            train: Some(train),
+            mix: Vec::new(),
+            samples_per_epoch: None,
             validation: None,
             test: None,
-            format,
+            format: Some(format),
             fields: FieldOverrides::default(),
             template: default_template(),
             chat_template: None,
@@ -134,40 +160,6 @@ impl DataConfig {
         }
     }
 
-    pub fn read_options(&self) -> ReadOptions {
-        let mut fields = FieldMap::for_format(self.format);
-        let o = &self.fields;
-        // Naming the prompt or answer field takes the mapping in hand: rows are read as named.
-        if o.instruction.is_some() || o.response.is_some() {
-            fields.refused.clear();
-        }
-        if let Some(f) = &o.instruction {
-            fields.instruction = f.clone();
-        }
-        if let Some(f) = &o.response {
-            fields.response = f.clone();
-        }
-        if o.context.is_some() {
-            fields.context = o.context.clone();
-            fields.refused.retain(|f| Some(f) != o.context.as_ref());
-        }
-        if o.category.is_some() {
-            fields.category = o.category.clone();
-        }
-        if let Some(turns) = &mut fields.turns {
-            if let Some(list) = &o.messages {
-                turns.list = list.clone();
-            }
-            if let Some(tools) = &o.tools {
-                turns.tools = tools.clone();
-            }
-        }
-        ReadOptions {
-            fields,
-            skip_invalid: self.skip_invalid,
-        }
-    }
-
     /// Checks the values serde cannot, naming the key.
     pub fn validate(&self) -> Result<()> {
         if self.max_seq_length < 2 {
@@ -179,43 +171,10 @@ impl DataConfig {
         if self.pad_to_multiple_of == 0 {
             bail!("data.pad_to_multiple_of must be at least 1");
         }
-        let format = serde_json::to_value(self.format)?;
-        let o = &self.fields;
-        if self.format.is_conversation() {
-            if self.template != "chat" {
-                bail!(
-                    "data.template = {:?} cannot render the conversations of data.format = \
-                     {format}: set data.template = \"chat\" (the model's chat template)",
-                    self.template
-                );
-            }
-            let instruction_keys = [
-                ("instruction", &o.instruction),
-                ("context", &o.context),
-                ("response", &o.response),
-                ("category", &o.category),
-            ];
-            if let Some((key, _)) = instruction_keys.iter().find(|(_, v)| v.is_some()) {
-                bail!(
-                    "[data.fields] {key} does not apply to data.format = {format}, whose rows \
-                     are conversations (name their array of turns with [data.fields] messages)"
-                );
-            }
-        } else if let Some(key) = [("messages", &o.messages), ("tools", &o.tools)]
-            .iter()
-            .find_map(|(key, v)| v.is_some().then_some(key))
-        {
-            bail!(
-                "[data.fields] {key} names a conversation's field; data.format = {format} \
-                 reads instructions (use data.format = \"messages\" or \"sharegpt\")"
-            );
-        }
-        if self.assistant_spans != AssistantSpans::Turns && self.template != "chat" {
-            bail!(
-                "data.assistant_spans = \"generation\" reads the chat template's \
-                 {{% generation %}} blocks, but data.template = {:?}: set data.template = \"chat\"",
-                self.template
-            );
+        let sources = self.train_sources()?;
+        self.check_weights()?;
+        for source in sources.iter().chain(&self.held_out_sources()?) {
+            source.validate(self)?;
         }
         if self.assistant_spans == AssistantSpans::Generation
             && self.loss == LossMode::LastAssistantTurn
@@ -225,12 +184,18 @@ impl DataConfig {
                  {{% generation %}} blocks do not say which turn each belongs to"
             );
         }
-        if self.chat_template.is_some() && self.template != "chat" {
-            bail!(
-                "data.chat_template is set but data.template = {:?} does not use it: set \
-                 data.template = \"chat\"",
-                self.template
-            );
+        if self.chat_template.is_some() && !self.uses_chat_template() {
+            match self.mix.is_empty() {
+                true => bail!(
+                    "data.chat_template is set but data.template = {:?} does not use it: set \
+                     data.template = \"chat\"",
+                    self.template
+                ),
+                false => bail!(
+                    "data.chat_template is set but no file is read with template = \"chat\" \
+                     (data.template, data.mix[i].template)"
+                ),
+            }
         }
         for (key, f) in [
             ("data.validation_fraction", self.validation_fraction),
@@ -247,6 +212,68 @@ impl DataConfig {
             bail!("data.test and data.test_fraction are both set; use one");
         }
         Ok(())
+    }
+
+    /// The files the training samples come from: `data.train`, or each `[[data.mix]]` file.
+    pub fn train_sources(&self) -> Result<Vec<Source<'_>>> {
+        match (&self.train, self.mix.is_empty()) {
+            (Some(_), false) => {
+                bail!("data.train and [[data.mix]] are both set: give one training file, or a mix")
+            }
+            (None, true) => bail!("data.train is missing (or give [[data.mix]] files)"),
+            (Some(file), true) => Ok(vec![Source::plain(self, "train", file)?]),
+            (None, false) => (0..self.mix.len())
+                .map(|i| Source::mixed(self, i))
+                .collect(),
+        }
+    }
+
+    /// `data.validation` and `data.test`, where given, read with `[data]`'s settings.
+    pub fn held_out_sources(&self) -> Result<Vec<Source<'_>>> {
+        [("validation", &self.validation), ("test", &self.test)]
+            .into_iter()
+            .filter_map(|(role, file)| Some(Source::plain(self, role, file.as_deref()?)))
+            .collect()
+    }
+
+    /// Weights on every `[[data.mix]]` file or on none, each positive.
+    fn check_weights(&self) -> Result<()> {
+        let weighted = self.mix.iter().filter(|m| m.weight.is_some()).count();
+        if weighted > 0 && weighted < self.mix.len() {
+            let i = self
+                .mix
+                .iter()
+                .position(|m| m.weight.is_none())
+                .expect("some");
+            bail!(
+                "data.mix[{i}].weight is missing: give every [[data.mix]] file a weight (its \
+                 share of the mixture), or none (to take every file whole)"
+            );
+        }
+        for (i, m) in self.mix.iter().enumerate() {
+            if let Some(w) = m.weight.filter(|w| !(w.is_finite() && *w > 0.0)) {
+                bail!("data.mix[{i}].weight must be a positive number, got {w}");
+            }
+        }
+        match self.samples_per_epoch {
+            Some(_) if weighted == 0 => bail!(
+                "data.samples_per_epoch sizes a weighted mixture: give the [[data.mix]] files \
+                 weights (without them every file is taken whole)"
+            ),
+            Some(0) => bail!("data.samples_per_epoch must be at least 1"),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether a training or held-out file is rendered with the chat template.
+    pub fn uses_chat_template(&self) -> bool {
+        let own = self.mix.iter().filter_map(|m| m.template.as_deref());
+        let inherited = self.mix.is_empty()
+            || self.mix.iter().any(|m| m.template.is_none())
+            || self.validation.is_some()
+            || self.test.is_some();
+        own.chain(inherited.then_some(self.template.as_str()))
+            .any(|t| t == "chat")
     }
 
     pub fn cache_dir(&self) -> PathBuf {

@@ -13,7 +13,9 @@ use serde::Serialize;
 use crate::cache::{cache_path, file_sha256, key_sha256, read_cache, write_cache};
 use crate::chat_template::AssistantSpans;
 use crate::config::DataConfig;
+use crate::mix::{apportion, draw, draw_seed, MixShare};
 use crate::records::{read_records, FieldMap};
+use crate::source::Source;
 use crate::split::split_by_fraction;
 use crate::stats::{DataStats, ReadSummary};
 use crate::template::Template;
@@ -96,10 +98,13 @@ pub struct SplitCounts {
     pub test: usize,
 }
 
-/// What [`prepare`] did: per-file statistics, cache use and the split sizes (in samples).
+/// What [`prepare`] did: per-file statistics, cache use, each `[[data.mix]]` file's share and
+/// the split sizes (in samples).
 #[derive(Clone, Debug, Serialize)]
 pub struct DataReport {
     pub sources: BTreeMap<String, SourceReport>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub mix: Vec<MixShare>,
     pub splits: SplitCounts,
 }
 
@@ -118,92 +123,118 @@ impl PreparedData {
         if n >= ranks.max(1) {
             return Ok(());
         }
-        let Some(src) = self.report.sources.get("train") else {
-            bail!("no training data was read");
-        };
-        let st = &src.stats;
-        let mut why = Vec::new();
-        if st.tokenize.dropped > 0 {
-            let policy = serde_json::to_value(cfg.length_policy)?;
-            let other = match cfg.length_policy {
-                LengthPolicy::TruncatePrompt => "",
-                _ => ", or set data.length_policy = \"truncate_prompt\"",
+        if let Some(size) = cfg.samples_per_epoch.filter(|&s| s == n) {
+            bail!(
+                "data.samples_per_epoch = {size} is fewer than the {ranks} data-parallel \
+                 ranks that share the mixture"
+            );
+        }
+        let mut files = Vec::new();
+        for source in cfg.train_sources()? {
+            let Some(src) = self.report.sources.get(&source.role) else {
+                bail!("no training data was read from {}", source.file_key());
             };
-            why.push(format!(
-                "{} were dropped as longer than data.max_seq_length = {} under \
-                 data.length_policy = {policy} (raise data.max_seq_length{other})",
-                st.tokenize.dropped, cfg.max_seq_length
-            ));
-        }
-        let split_off = st.samples.saturating_sub(n);
-        if split_off > 0 {
-            why.push(format!(
-                "{split_off} went to the validation / test split (data.validation_fraction, \
-                 data.test_fraction)"
-            ));
-        }
-        bail!(
-            "data.train = {}: {n} training sample(s) for {ranks} data-parallel rank(s): of its \
-             {} records, {}",
-            cfg.train.display(),
-            st.records,
-            match why.is_empty() {
-                true => "none was dropped or split off: add rows".to_string(),
-                false => why.join("; "),
+            let st = &src.stats;
+            let kept = match self.report.mix.iter().find(|m| m.source == source.role) {
+                Some(share) => share.samples,
+                None => n,
+            };
+            let mut why = Vec::new();
+            if st.tokenize.dropped > 0 {
+                let policy = serde_json::to_value(cfg.length_policy)?;
+                let other = match cfg.length_policy {
+                    LengthPolicy::TruncatePrompt => "",
+                    _ => ", or set data.length_policy = \"truncate_prompt\"",
+                };
+                why.push(format!(
+                    "{} were dropped as longer than data.max_seq_length = {} under \
+                     data.length_policy = {policy} (raise data.max_seq_length{other})",
+                    st.tokenize.dropped, cfg.max_seq_length
+                ));
             }
-        );
+            let split_off = st.samples.saturating_sub(kept);
+            if split_off > 0 {
+                why.push(format!(
+                    "{split_off} went to the validation / test split (data.validation_fraction, \
+                     data.test_fraction)"
+                ));
+            }
+            files.push((
+                format!("{} = {}", source.file_key(), source.file.display()),
+                format!(
+                    "of its {} records, {}",
+                    st.records,
+                    match why.is_empty() {
+                        true => "none was dropped or split off: add rows".to_string(),
+                        false => why.join("; "),
+                    }
+                ),
+            ));
+        }
+        let counted = format!("{n} training sample(s) for {ranks} data-parallel rank(s)");
+        match files.as_slice() {
+            [(file, why)] if cfg.mix.is_empty() => bail!("{file}: {counted}: {why}"),
+            _ => bail!(
+                "{counted}: {}",
+                files
+                    .iter()
+                    .map(|(file, why)| format!("{file}: {why}"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+        }
     }
 }
 
-/// Reads, templates, tokenizes and splits the data of `cfg`.
+/// Reads, templates, tokenizes and splits the data of `cfg`, and mixes its training files.
 pub fn prepare(cfg: &DataConfig, tok: &DataTokenizer) -> Result<PreparedData> {
     cfg.validate()?;
-    let mut template =
-        Template::from_spec(&cfg.template, Some(tok.codec.clone())).context("data.template")?;
-    if let Template::Chat(chat) = template {
-        template = Template::Chat(
-            chat.with_spans(cfg.assistant_spans)
-                .context("data.assistant_spans")?,
-        );
-    }
     let mut sources = BTreeMap::new();
-    let mut load = |role: &str, file: &Path| -> Result<(usize, Tokenized)> {
-        let (report, tokenized) = load_source(cfg, tok, &template, file)
-            .with_context(|| format!("data.{role} = {}", file.display()))?;
+    let mut load = |source: &Source| -> Result<(usize, Tokenized)> {
+        let template = source_template(cfg, source, tok)?;
+        let (report, tokenized) = load_source(cfg, tok, &template, source)
+            .with_context(|| format!("{} = {}", source.file_key(), source.file.display()))?;
         let records = report.stats.records;
-        sources.insert(role.to_string(), report);
+        sources.insert(source.role.clone(), report);
         Ok((records, tokenized))
     };
 
-    let (records, train_file) = load("train", &cfg.train)?;
-    let split = split_by_fraction(
-        records,
-        cfg.validation_fraction,
-        cfg.test_fraction,
-        cfg.seed,
-    )
-    .context("splitting data.train")?;
-    let mut role_of = vec![0u8; records];
-    for &r in &split.validation {
-        role_of[r] = 1;
+    let train_sources = cfg.train_sources()?;
+    let (mut per_file, mut validation, mut test) = (Vec::new(), Vec::new(), Vec::new());
+    for source in &train_sources {
+        let (records, tokenized) = load(source)?;
+        let split = split_by_fraction(
+            records,
+            cfg.validation_fraction,
+            cfg.test_fraction,
+            cfg.seed,
+        )
+        .with_context(|| format!("splitting {}", source.file_key()))?;
+        let mut role_of = vec![0u8; records];
+        for &r in &split.validation {
+            role_of[r] = 1;
+        }
+        for &r in &split.test {
+            role_of[r] = 2;
+        }
+        let mut train = Vec::new();
+        for s in tokenized.samples {
+            match role_of[s.record] {
+                0 => train.push(s),
+                1 => validation.push(s),
+                _ => test.push(s),
+            }
+        }
+        per_file.push(train);
     }
-    for &r in &split.test {
-        role_of[r] = 2;
-    }
-    let (mut train, mut validation, mut test) = (Vec::new(), Vec::new(), Vec::new());
-    for s in train_file.samples {
-        match role_of[s.record] {
-            0 => train.push(s),
-            1 => validation.push(s),
-            _ => test.push(s),
+    for source in cfg.held_out_sources()? {
+        let samples = load(&source)?.1.samples;
+        match source.role.as_str() {
+            "validation" => validation = samples,
+            _ => test = samples,
         }
     }
-    if let Some(f) = &cfg.validation {
-        validation = load("validation", f)?.1.samples;
-    }
-    if let Some(f) = &cfg.test {
-        test = load("test", f)?.1.samples;
-    }
+    let (train, mix) = mix_files(cfg, &train_sources, per_file)?;
     let splits = SplitCounts {
         train: train.len(),
         validation: validation.len(),
@@ -213,10 +244,75 @@ pub fn prepare(cfg: &DataConfig, tok: &DataTokenizer) -> Result<PreparedData> {
         train,
         validation,
         test,
-        report: DataReport { sources, splits },
+        report: DataReport {
+            sources,
+            mix,
+            splits,
+        },
     })
 }
 
+/// The template `source` is rendered with.
+fn source_template(cfg: &DataConfig, source: &Source, tok: &DataTokenizer) -> Result<Template> {
+    let key = source.template_key();
+    let template =
+        Template::from_spec(source.template, Some(tok.codec.clone())).context(key.clone())?;
+    Ok(match template {
+        Template::Chat(chat) => Template::Chat(
+            chat.with_spans(cfg.assistant_spans)
+                .context("data.assistant_spans")?,
+        ),
+        other => other,
+    })
+}
+
+/// The training set of the files' training samples: all of each, in file order, or, with
+/// weights, each file's share of the mixture (see [`crate::mix`]).
+fn mix_files(
+    cfg: &DataConfig,
+    sources: &[Source],
+    per_file: Vec<Vec<Sample>>,
+) -> Result<(Vec<Sample>, Vec<MixShare>)> {
+    if cfg.mix.is_empty() {
+        return Ok((per_file.into_iter().flatten().collect(), Vec::new()));
+    }
+    let weights: Option<Vec<f64>> = sources.iter().map(|s| s.weight).collect();
+    let available: Vec<usize> = per_file.iter().map(Vec::len).collect();
+    let counts = match &weights {
+        Some(w) => apportion(
+            w,
+            cfg.samples_per_epoch
+                .unwrap_or_else(|| available.iter().sum()),
+        ),
+        None => available.clone(),
+    };
+    let sum: f64 = weights.iter().flatten().sum();
+    let mut shares = Vec::new();
+    let mut train = Vec::with_capacity(counts.iter().sum());
+    for (i, (samples, &count)) in per_file.into_iter().zip(&counts).enumerate() {
+        let source = &sources[i];
+        if samples.is_empty() && count > 0 {
+            bail!(
+                "{} = {}: no training samples to draw its {count} from (its weight's share \
+                 of data.samples_per_epoch); see its statistics with helix-train data-stats",
+                source.file_key(),
+                source.file.display()
+            );
+        }
+        for j in draw(samples.len(), count, draw_seed(cfg.seed, i))? {
+            train.push(samples[j].clone());
+        }
+        shares.push(MixShare {
+            source: source.role.clone(),
+            file: source.file.to_path_buf(),
+            share: source.weight.map(|w| w / sum),
+            samples: samples.len(),
+            drawn: count,
+            passes: count as f64 / samples.len().max(1) as f64,
+        });
+    }
+    Ok((train, shares))
+}
 /// Bumped whenever helix's own reading, templating or tokenizing changes its output, so caches
 /// written by an older helix are never hits.
 const TOKENS_REVISION: u32 = 3;
@@ -244,10 +340,11 @@ fn load_source(
     cfg: &DataConfig,
     tok: &DataTokenizer,
     template: &Template,
-    file: &Path,
+    source: &Source,
 ) -> Result<(SourceReport, Tokenized)> {
     let t = Instant::now();
-    let read_opts = cfg.read_options();
+    let file = source.file;
+    let read_opts = source.read_options(cfg.skip_invalid);
     let opts = TokenizeOptions {
         max_seq_length: cfg.max_seq_length,
         policy: cfg.length_policy,
@@ -268,8 +365,8 @@ fn load_source(
             revision: TOKENS_REVISION,
             data_sha256: data_sha256.clone(),
             tokenizer_sha256,
-            template: &cfg.template,
-            chat_template_sha256: (cfg.template == "chat")
+            template: source.template,
+            chat_template_sha256: (source.template == "chat")
                 .then(|| tok.codec.chat_template.as_deref())
                 .flatten()
                 .map(|t| key_sha256(&t))

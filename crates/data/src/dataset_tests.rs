@@ -1,6 +1,7 @@
 use std::path::Path;
 
 use super::*;
+use crate::config::MixSource;
 use crate::tokenize::tests::word_tokenizer;
 
 /// A tokenizer directory the way a model ships it: tokenizer.json + tokenizer_config.json.
@@ -81,7 +82,10 @@ fn any_input_change_misses_the_cache() -> Result<()> {
         assert!(!p.report.sources["train"].cache_hit, "{c:?}");
     }
     // The data file's bytes, not its name or time, are the key.
-    std::fs::write(&cfg.train, ROWS.replace("seven eight\"}", "seven\"}"))?;
+    std::fs::write(
+        cfg.train.as_ref().unwrap(),
+        ROWS.replace("seven eight\"}", "seven\"}"),
+    )?;
     assert!(!prepare(&cfg, &tok)?.report.sources["train"].cache_hit);
     // So is the tokenizer's.
     std::fs::write(
@@ -168,8 +172,17 @@ fn data_config_unknown_keys_and_bad_values_name_the_key() {
     assert!(err.contains("line 3") && err.contains("answer"), "{err}");
     let err = parse("train = \"a.json\"\nformat = \"csv\"\n");
     assert!(err.contains("line 2") && err.contains("csv"), "{err}");
-    let err = parse("format = \"alpaca\"\n");
-    assert!(err.contains("missing field `train`"), "{err}");
+    let no_train: DataConfig = toml::from_str("format = \"alpaca\"\n").unwrap();
+    assert_eq!(
+        no_train.validate().unwrap_err().to_string(),
+        "data.train is missing (or give [[data.mix]] files)"
+    );
+    let no_format: DataConfig = toml::from_str("train = \"a.json\"\n").unwrap();
+    assert_eq!(
+        no_format.validate().unwrap_err().to_string(),
+        "data.format is missing: say how data.train is read (\"alpaca\", \"dolly\", \
+         \"messages\", …)"
+    );
 
     let mut cfg = DataConfig::new("a.json".into(), crate::Format::Alpaca);
     cfg.max_seq_length = 1;
@@ -290,3 +303,227 @@ fn conversations_train_on_assistant_turns_and_round_trip_through_the_cache() -> 
 }
 
 const I: i64 = helix_ops::IGNORE_INDEX;
+
+/// Dolly rows, read through their own format and template beside setup's Alpaca rows.
+const DOLLY_ROWS: &str = r#"{"instruction": "six", "context": "", "response": "one two", "category": "qa"}
+{"instruction": "seven", "context": "eight", "response": "three", "category": "qa"}
+{"instruction": "eight", "context": "", "response": "four five", "category": "qa"}
+{"instruction": "two", "context": "one", "response": "six", "category": "qa"}
+"#;
+
+/// setup's Alpaca file and a Dolly file as `[[data.mix]]`, with `weights` (or none).
+fn mix_config(tmp: &Path, weights: [Option<f64>; 2]) -> Result<(DataConfig, DataTokenizer)> {
+    let (mut cfg, tok) = setup(tmp)?;
+    let dolly = tmp.join("dolly.jsonl");
+    std::fs::write(&dolly, DOLLY_ROWS)?;
+    cfg.mix = vec![
+        MixSource {
+            file: cfg.train.take().unwrap(),
+            weight: weights[0],
+            format: None,
+            template: None,
+            fields: None,
+        },
+        MixSource {
+            file: dolly,
+            weight: weights[1],
+            format: Some(crate::Format::Dolly),
+            template: Some("D {instruction} {context} R ".into()),
+            fields: None,
+        },
+    ];
+    Ok((cfg, tok))
+}
+
+/// Each mixed file prepared alone, as a plain `data.train` with its own settings.
+fn alone(cfg: &DataConfig, tok: &DataTokenizer) -> Result<Vec<Vec<Sample>>> {
+    let mut out = Vec::new();
+    for m in &cfg.mix {
+        let mut one = cfg.clone();
+        one.mix.clear();
+        one.samples_per_epoch = None;
+        one.train = Some(m.file.clone());
+        one.format = m.format.or(cfg.format);
+        one.template = m.template.clone().unwrap_or(cfg.template.clone());
+        one.cache = false;
+        out.push(prepare(&one, tok)?.train);
+    }
+    Ok(out)
+}
+
+#[test]
+fn an_unweighted_mix_is_every_file_whole_in_its_own_format() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (cfg, tok) = mix_config(tmp.path(), [None, None])?;
+    let p = prepare(&cfg, &tok)?;
+    let each = alone(&cfg, &tok)?;
+    assert_eq!((each[0].len(), each[1].len()), (6, 4));
+    assert_eq!(p.train, [each[0].clone(), each[1].clone()].concat());
+    // The Dolly rows went through their own template: "D six R one two".
+    let words = |s: &Sample| s.input_ids.len();
+    assert_eq!(words(&p.train[6]), 1 + 5 + 1);
+    let keys: Vec<&String> = p.report.sources.keys().collect();
+    assert_eq!(keys, ["mix[0]", "mix[1]"]);
+    let shares: Vec<(usize, usize, Option<f64>)> = p
+        .report
+        .mix
+        .iter()
+        .map(|m| (m.samples, m.drawn, m.share))
+        .collect();
+    assert_eq!(shares, [(6, 6, None), (4, 4, None)]);
+    Ok(())
+}
+
+#[test]
+fn weights_give_each_file_its_share_repeating_the_small_one() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (mut cfg, tok) = mix_config(tmp.path(), [Some(1.0), Some(3.0)])?;
+    cfg.samples_per_epoch = Some(12);
+    let p = prepare(&cfg, &tok)?;
+    let each = alone(&cfg, &tok)?;
+    assert_eq!(p.train.len(), 12);
+    // 3 distinct Alpaca samples, then 9 Dolly samples: every one twice, one of them thrice.
+    let (alpaca, dolly) = p.train.split_at(3);
+    assert!(alpaca.iter().all(|s| each[0].contains(s)));
+    assert!(alpaca.windows(2).all(|w| w[0] != w[1]));
+    let times: Vec<usize> = each[1]
+        .iter()
+        .map(|s| dolly.iter().filter(|d| *d == s).count())
+        .collect();
+    assert_eq!(times.iter().sum::<usize>(), 9);
+    assert!(times.iter().all(|&t| t == 2 || t == 3), "{times:?}");
+    let m = &p.report.mix[1];
+    assert_eq!((m.samples, m.drawn, m.share), (4, 9, Some(0.75)));
+    assert_eq!(m.passes, 2.25);
+    assert_eq!(
+        m.to_string(),
+        format!(
+            "data.mix[1] = {}: 4 training samples, 9 drawn (share 0.750, 2.25 passes per epoch)",
+            cfg.mix[1].file.display()
+        )
+    );
+    // The same mixture again (from the cache), another one under another seed.
+    let again = prepare(&cfg, &tok)?;
+    assert!(again.report.sources["mix[1]"].cache_hit);
+    assert_eq!(again.train, p.train);
+    cfg.seed += 1;
+    assert_ne!(prepare(&cfg, &tok)?.train[..3], p.train[..3]);
+    // By default the mixture is as large as the files together: 10, split 2.5 / 7.5 → 3 / 7.
+    cfg.samples_per_epoch = None;
+    let p = prepare(&cfg, &tok)?;
+    let drawn: Vec<usize> = p.report.mix.iter().map(|m| m.drawn).collect();
+    assert_eq!(drawn, [3, 7]);
+    Ok(())
+}
+
+#[test]
+fn mixed_files_split_off_validation_each_and_name_their_keys() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let (mut cfg, tok) = mix_config(tmp.path(), [Some(1.0), Some(1.0)])?;
+    cfg.validation_fraction = 0.25;
+    let p = prepare(&cfg, &tok)?;
+    // 6 × 0.25 rounds to 2 (1.5 → 2), 4 × 0.25 to 1; the rest trains.
+    assert_eq!(p.validation.len(), 3);
+    let available: Vec<usize> = p.report.mix.iter().map(|m| m.samples).collect();
+    assert_eq!(available, [4, 3]);
+    assert_eq!(p.train.len(), 7);
+
+    // Every sample too long: an empty mixture, and each file's reason.
+    cfg.max_seq_length = 3;
+    let empty = prepare(&cfg, &tok)?;
+    let err = empty.check_trainable(&cfg, 1).unwrap_err().to_string();
+    assert!(
+        err.starts_with("0 training sample(s) for 1 data-parallel rank(s): data.mix[0].file = "),
+        "{err}"
+    );
+    assert!(
+        err.contains("of its 4 records, 4 were dropped as longer than data.max_seq_length = 3"),
+        "{err}"
+    );
+    // A file the mixture's size needs but that gives no training sample is named.
+    cfg.samples_per_epoch = Some(4);
+    let err = format!("{:#}", prepare(&cfg, &tok).err().unwrap());
+    assert!(err.starts_with("data.mix[0].file = "), "{err}");
+    assert!(
+        err.contains("no training samples to draw its 2 from"),
+        "{err}"
+    );
+    // Errors inside a file name its key.
+    cfg.max_seq_length = 64;
+    std::fs::write(&cfg.mix[1].file, "{\"instruction\": \"one\"}\n")?;
+    let err = format!("{:#}", prepare(&cfg, &tok).err().unwrap());
+    assert!(
+        err.starts_with(&format!(
+            "data.mix[1].file = {}: ",
+            cfg.mix[1].file.display()
+        )),
+        "{err}"
+    );
+    Ok(())
+}
+
+#[test]
+fn mix_settings_that_cannot_work_name_the_key() -> Result<()> {
+    let validate = |text: &str| -> String {
+        let cfg: DataConfig = toml::from_str(text).unwrap();
+        cfg.validate().unwrap_err().to_string()
+    };
+    let two = "format = \"alpaca\"\n[[mix]]\nfile = \"a.json\"\n[[mix]]\nfile = \"b.json\"\n";
+    assert_eq!(
+        validate(&format!("train = \"t.json\"\n{two}")),
+        "data.train and [[data.mix]] are both set: give one training file, or a mix"
+    );
+    assert_eq!(
+        validate(&format!("{two}weight = 2\n")),
+        "data.mix[0].weight is missing: give every [[data.mix]] file a weight (its share of \
+         the mixture), or none (to take every file whole)"
+    );
+    assert_eq!(
+        validate("format = \"alpaca\"\n[[mix]]\nfile = \"a.json\"\nweight = -1\n"),
+        "data.mix[0].weight must be a positive number, got -1"
+    );
+    assert_eq!(
+        validate(&format!("samples_per_epoch = 100\n{two}")),
+        "data.samples_per_epoch sizes a weighted mixture: give the [[data.mix]] files weights \
+         (without them every file is taken whole)"
+    );
+    assert_eq!(
+        validate("[[mix]]\nfile = \"a.json\"\nformat = \"alpaca\"\n[[mix]]\nfile = \"b.json\"\n"),
+        "data.mix[1].format is missing: set it, or data.format for the files that do not set \
+         their own"
+    );
+    // What a file sets itself is named as its own key; what it takes from [data], as [data]'s.
+    assert_eq!(
+        validate(&format!("{two}format = \"messages\"\n")),
+        "data.template = \"alpaca\" cannot render the conversations of data.mix[1].format = \
+         \"messages\": set data.template = \"chat\" (the model's chat template)"
+    );
+    assert_eq!(
+        validate(&format!(
+            "{two}format = \"messages\"\ntemplate = \"chat\"\n[mix.fields]\nresponse = \"r\"\n"
+        )),
+        "data.mix[1].fields.response does not apply to data.mix[1].format = \"messages\", \
+         whose rows are conversations (name their array of turns with \
+         data.mix[1].fields.messages)"
+    );
+    assert_eq!(
+        validate(&format!("chat_template = \"t.jinja\"\n{two}")),
+        "data.chat_template is set but no file is read with template = \"chat\" \
+         (data.template, data.mix[i].template)"
+    );
+    // A held-out file with [[data.mix]] is read with [data]'s format.
+    assert_eq!(
+        validate("validation = \"v.json\"\n[[mix]]\nfile = \"a.json\"\nformat = \"alpaca\"\n"),
+        "data.format is missing: say how data.validation is read (\"alpaca\", \"dolly\", \
+         \"messages\", …)"
+    );
+    let err =
+        toml::from_str::<DataConfig>("format = \"alpaca\"\n[[mix]]\nfile = \"a\"\nwieght = 1\n")
+            .unwrap_err()
+            .to_string();
+    assert!(
+        err.contains("line 4") && err.contains("unknown field `wieght`"),
+        "{err}"
+    );
+    Ok(())
+}

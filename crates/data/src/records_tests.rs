@@ -219,13 +219,18 @@ fn another_format_s_prompt_field_is_refused_unless_fields_are_named() -> Result<
     // Fields named by hand are taken as meant.
     let cfg: crate::DataConfig =
         toml::from_str("train = \"x\"\nformat = \"nemo\"\n[fields]\ninstruction = \"input\"\n")?;
-    let r = read_records_from_bytes("data.jsonl", alpaca, &cfg.read_options())?;
+    let r = read_records_from_bytes("data.jsonl", alpaca, &train_read_options(&cfg)?)?;
     assert_eq!(r.records[0].instruction, "");
     // Naming only the category leaves the check on.
     let cfg: crate::DataConfig =
         toml::from_str("train = \"x\"\nformat = \"nemo\"\n[fields]\ncategory = \"topic\"\n")?;
-    assert!(read_records_from_bytes("data.jsonl", alpaca, &cfg.read_options()).is_err());
+    assert!(read_records_from_bytes("data.jsonl", alpaca, &train_read_options(&cfg)?).is_err());
     Ok(())
+}
+
+/// How `cfg` reads its training file.
+fn train_read_options(cfg: &crate::DataConfig) -> Result<ReadOptions> {
+    Ok(cfg.train_sources()?[0].read_options(cfg.skip_invalid))
 }
 
 fn turn(role: &str, content: &str) -> Message {
@@ -257,7 +262,7 @@ fn reads_messages_and_sharegpt_conversations() -> Result<()> {
     )?;
     cfg.validate()?;
     let dialog = br#"{"dialog": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}"#;
-    let r = read_records_from_bytes("data.jsonl", dialog, &cfg.read_options())?;
+    let r = read_records_from_bytes("data.jsonl", dialog, &train_read_options(&cfg)?)?;
     assert_eq!(r.records[0].turns, want[1..3]);
     Ok(())
 }

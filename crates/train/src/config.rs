@@ -475,16 +475,57 @@ fn apply_set(table: &mut toml::Table, set: &str) -> Result<Option<String>> {
 
 fn set_value(table: &mut toml::Table, path: &str, value: toml::Value) -> Result<()> {
     let keys: Vec<&str> = path.split('.').collect();
+    let (last, parents) = keys.split_last().expect("split gives one at least");
     let mut at = table;
-    for k in &keys[..keys.len() - 1] {
-        at = at
-            .entry(k.to_string())
-            .or_insert_with(|| toml::Value::Table(Default::default()))
+    for k in parents {
+        let (name, index) = indexed(k)?;
+        let mut entry = at
+            .entry(name)
+            .or_insert_with(|| toml::Value::Table(Default::default()));
+        if let Some(i) = index {
+            entry = list_entry(entry, name, i)?;
+        }
+        at = entry
             .as_table_mut()
             .with_context(|| format!("{k} is not a section"))?;
     }
-    at.insert(keys[keys.len() - 1].to_string(), value);
+    let (name, index) = indexed(last)?;
+    match index {
+        None => {
+            at.insert(name.to_string(), value);
+        }
+        Some(i) => {
+            let list = at
+                .get_mut(name)
+                .with_context(|| format!("{name} is not set, so {last} cannot be"))?;
+            *list_entry(list, name, i)? = value;
+        }
+    }
     Ok(())
+}
+
+/// `mix[1]` → ("mix", Some(1)); `lr` → ("lr", None).
+fn indexed(key: &str) -> Result<(&str, Option<usize>)> {
+    match key.strip_suffix(']').and_then(|k| k.split_once('[')) {
+        Some((name, i)) => {
+            let i = i
+                .parse()
+                .with_context(|| format!("{key}: the index in [] must be a number"))?;
+            Ok((name, Some(i)))
+        }
+        None => Ok((key, None)),
+    }
+}
+
+/// Entry `i` of the list `value` (named `name`), which must exist: `--set` changes entries of
+/// a list, it does not make new ones.
+fn list_entry<'a>(value: &'a mut toml::Value, name: &str, i: usize) -> Result<&'a mut toml::Value> {
+    let list = value
+        .as_array_mut()
+        .with_context(|| format!("{name} is not a list"))?;
+    let len = list.len();
+    list.get_mut(i)
+        .with_context(|| format!("{name}[{i}] is past the end of {name}, which has {len} entries"))
 }
 
 /// serde's "unknown field `x`, expected one of `a`, `b`" (and "unknown variant"), with the

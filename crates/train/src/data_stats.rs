@@ -264,6 +264,9 @@ pub fn run(args: DataStatsArgs, config: Option<&Path>, sets: &[String]) -> Resul
             src.stats.records as f64 / src.seconds
         );
     }
+    for share in &prepared.report.mix {
+        eprintln!("{share}");
+    }
     Ok(())
 }
 

@@ -525,6 +525,9 @@ impl Data {
                 prepared.train.len(),
                 prepared.validation.len()
             );
+            for share in &prepared.report.mix {
+                eprintln!("{share}");
+            }
         }
         let micro = cfg.batch.micro_batch_size;
         let validation = eval_batches(
@@ -551,7 +554,7 @@ impl Data {
         // The samples depend on the chat template as much as on the data, wherever it came
         // from (data.chat_template, tokenizer_config.json, chat_template.jinja).
         if let Some(text) = tok.codec.chat_template.as_deref() {
-            if data_cfg.template == "chat" {
+            if data_cfg.uses_chat_template() {
                 let sha = helix_ckpt::sha256_hex(text.as_bytes());
                 sha256.insert(CHAT_TEMPLATE_KEY.into(), sha);
             }

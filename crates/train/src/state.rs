@@ -390,7 +390,7 @@ pub fn check_same_run(dir: &Path, now: &RunRecord, warn: impl Fn(String)) -> Res
             &after[..after.len().min(12)]
         );
         // Both decide the training samples; validation and test files only what is measured.
-        if key == "data.train" || key == CHAT_TEMPLATE_KEY {
+        if key == "data.train" || key.starts_with("data.mix[") || key == CHAT_TEMPLATE_KEY {
             bail!(
                 "{what}: a resumed run must read the same samples; put the file back, or start \
                  a new run (another trainer.output_dir) on the new data"

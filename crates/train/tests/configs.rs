@@ -46,9 +46,9 @@ fn every_shipped_config_is_valid() {
         training += 1;
     }
     assert_eq!(
-        training, 9,
-        "quickstart, chat_quickstart, tool_calls_quickstart, sft7b, lora7b, lora13b, lora70b, \
-         ptuning7b, lora_llama31_8b"
+        training, 10,
+        "quickstart, chat_quickstart, tool_calls_quickstart, mix_quickstart, sft7b, lora7b, \
+         lora13b, lora70b, ptuning7b, lora_llama31_8b"
     );
 }
 

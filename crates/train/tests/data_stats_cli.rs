@@ -115,6 +115,33 @@ fn data_stats_reads_a_config_and_reports_splits_packing_and_cache() {
 }
 
 #[test]
+fn data_stats_reports_each_mixed_file_and_its_share() {
+    let tmp = setup();
+    let mixed = CONFIG.replace("train = \"rows.jsonl\"\n", "samples_per_epoch = 30\n")
+        + "\n[[data.mix]]\nfile = \"rows.jsonl\"\nweight = 2\n\n[[data.mix]]\nfile = \"more.jsonl\"\n\
+           weight = 1\nformat = \"nemo\"\n";
+    std::fs::write(tmp.path().join("mix.toml"), mixed).unwrap();
+    std::fs::write(
+        tmp.path().join("more.jsonl"),
+        "{\"input\": \"one\", \"output\": \"two\"}\n".repeat(4),
+    )
+    .unwrap();
+    let (ok, out, err) = helix_train(&["data-stats", "--config", "mix.toml"], tmp.path());
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    // 15 + 3 training samples (a quarter of each file is validation), mixed 20 + 10.
+    assert_eq!(v["splits"]["train"], 30);
+    assert_eq!(v["splits"]["validation"], 6);
+    assert_eq!(v["mix"][1]["samples"], 3);
+    assert_eq!(v["mix"][1]["drawn"], 10);
+    assert_eq!(v["sources"]["mix[1]"]["stats"]["records"], 4);
+    assert!(
+        err.contains("data.mix[0] = rows.jsonl: 15 training samples, 20 drawn (share 0.667"),
+        "{err}"
+    );
+}
+
+#[test]
 fn bad_configs_name_the_file_line_and_key() {
     let tmp = setup();
     let cases = [

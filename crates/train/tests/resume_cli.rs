@@ -72,6 +72,16 @@ fn refused_before_the_model(dir: &Path, out: &str, set: &str, want: &str) {
     );
 }
 
+/// Resuming `out` after one word of the data file `file` changed must fail saying `want`,
+/// before the model loads; the file is put back after.
+fn refused_after_editing(dir: &Path, out: &str, file: &str, want: &str) {
+    let path = dir.join(file);
+    let before = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, before.replacen("one", "two", 1)).unwrap();
+    refused_before_the_model(dir, out, "trainer.save_interval=5", want);
+    std::fs::write(&path, before).unwrap();
+}
+
 fn signal(child: &Child, sig: &str) {
     common::signal(child.id(), sig);
 }
@@ -382,16 +392,58 @@ fn a_kill_during_a_save_and_a_damaged_shard_fall_back_to_the_previous_checkpoint
         refused_before_the_model(dir, "crash", set, want);
     }
     // So is a training file whose contents changed under the same name.
-    let rows = dir.join("rows.jsonl");
-    let before = std::fs::read_to_string(&rows).unwrap();
-    std::fs::write(&rows, before.replacen("one", "six", 1)).unwrap();
-    refused_before_the_model(
-        dir,
-        "crash",
-        "trainer.save_interval=5",
-        "data.train's contents changed",
+    refused_after_editing(dir, "crash", "rows.jsonl", "data.train's contents changed");
+}
+
+/// Two files in a weighted `[[data.mix]]`, each in its own format: the run reports each
+/// file's share, a kill -9 resumes bit-exactly, and a mixed file that changed is refused.
+#[test]
+fn a_weighted_mix_of_files_resumes_exactly_and_refuses_a_changed_file() {
+    let tmp = setup("lora");
+    let dir = tmp.path();
+    let words = ["one", "two", "three", "four", "five"];
+    let dolly: Vec<String> = (0..12)
+        .map(|i| {
+            format!(
+                r#"{{"instruction": "{}", "context": "{}", "response": "{}", "category": "x"}}"#,
+                words[i % 5],
+                words[(i / 2) % 5],
+                words[(i + 4) % 5]
+            )
+        })
+        .collect();
+    std::fs::write(dir.join("dolly.jsonl"), dolly.join("\n")).unwrap();
+    let cfg = std::fs::read_to_string(dir.join("run.toml"))
+        .unwrap()
+        .replace("train = \"rows.jsonl\"\n", "samples_per_epoch = 60\n");
+    let mix = "[[data.mix]]\nfile = \"rows.jsonl\"\nweight = 1\n\n[[data.mix]]\n\
+               file = \"dolly.jsonl\"\nweight = 2\nformat = \"dolly\"\n\
+               template = \"Q {instruction} {context} A \"\n";
+    std::fs::write(dir.join("run.toml"), format!("{cfg}\n{mix}")).unwrap();
+
+    let err = run(dir, "straight");
+    // 10 of the 12 Dolly rows train (validation_fraction = 0.2); 40 of 60 samples are theirs.
+    assert!(
+        err.contains(
+            "data.mix[1] = dolly.jsonl: 10 training samples, 40 drawn (share 0.667, 4.00 \
+             passes per epoch)"
+        ),
+        "{err}"
     );
-    std::fs::write(&rows, before).unwrap();
+    let straight = dir.join("straight");
+    let mut child = start_slow(dir, "killed", 100, &[]);
+    let killed = dir.join("killed");
+    wait_for("step 10's checkpoint", || checkpoint_done(&killed, 10));
+    signal(&child, "-KILL");
+    child.wait().unwrap();
+    run(dir, "killed");
+    assert_same_run("lora", "a weighted mix, kill -9", &straight, &killed);
+    refused_after_editing(
+        dir,
+        "killed",
+        "dolly.jsonl",
+        "data.mix[1]'s contents changed",
+    );
 }
 
 #[test]

@@ -155,6 +155,46 @@ fn set_overrides_any_key_with_a_toml_value() -> Result<()> {
         c.lora.as_ref().unwrap().target_modules,
         ["q_proj", "k_proj"]
     );
+    // An entry of a list, by its index, as errors name it: a [[data.mix]] file's weight.
+    let mixed = BASE.replace("train = \"rows.jsonl\"\n", "")
+        + "[[data.mix]]\nfile = \"a.json\"\nweight = 1\n[[data.mix]]\nfile = \"b.json\"\nweight = 1\n";
+    let c = load(
+        &mixed,
+        &[
+            "data.mix[1].weight=3",
+            "optimizer.betas=[0.9, 0.999]",
+            "optimizer.betas[1]=0.95",
+        ],
+    )?;
+    let mix = &c.data.as_ref().unwrap().mix;
+    assert_eq!((mix[0].weight, mix[1].weight), (Some(1.0), Some(3.0)));
+    assert_eq!(c.optimizer.betas, [0.9, 0.95]);
+    let err = format!("{:#}", load(&mixed, &["data.mix[2].weight=3"]).unwrap_err());
+    assert!(
+        err.contains(
+            "--set data.mix[2].weight=3: mix[2] is past the end of mix, which has 2 entries"
+        ),
+        "{err}"
+    );
+    let err = format!("{:#}", load(&mixed, &["data.mix[x].weight=3"]).unwrap_err());
+    assert!(
+        err.contains("mix[x]: the index in [] must be a number"),
+        "{err}"
+    );
+    let err = format!(
+        "{:#}",
+        load(&mixed, &["data.format[0]=alpaca"]).unwrap_err()
+    );
+    assert!(err.contains("format is not a list"), "{err}");
+    // A list the file leaves at its default has no entries to change.
+    let err = format!(
+        "{:#}",
+        load(&mixed, &["optimizer.betas[1]=0.95"]).unwrap_err()
+    );
+    assert!(
+        err.contains("betas is not set, so betas[1] cannot be"),
+        "{err}"
+    );
     let err = load(BASE, &["trainer.max_steps=abc"])
         .unwrap_err()
         .to_string();
@@ -190,9 +230,12 @@ fn set_overrides_any_key_with_a_toml_value() -> Result<()> {
     assert_eq!(c.trainer.output_dir, PathBuf::from("222"));
     // --set supplies a key the file lacks, and replaces one of the wrong type.
     let no_format = BASE.replace("format = \"alpaca\"\n", "");
-    assert!(load(&no_format, &[]).is_err());
+    assert!(load(&no_format, &[])?.data.unwrap().validate().is_err());
     let c = load(&no_format, &["data.format=alpaca"])?;
-    assert_eq!(format!("{:?}", c.data.as_ref().unwrap().format), "Alpaca");
+    assert_eq!(
+        format!("{:?}", c.data.as_ref().unwrap().format),
+        "Some(Alpaca)"
+    );
     let text_steps = BASE.replace("max_steps = 20", "max_steps = \"20\"");
     let err = load(&text_steps, &[]).unwrap_err().to_string();
     assert!(
