@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Gated check of LoRA and P-tuning against Hugging Face PEFT, both ways, on the tiny models and
+# Gated check of LoRA, DoRA and P-tuning against Hugging Face PEFT, both ways, on the tiny models and
 # on the real SmolLM2-135M-Instruct (imported from its GGUF by helix):
 #   PEFT → helix: PEFT's adapters (scripts/peft_reference.py) load into helix with PEFT's
 #     logits, loss and every adapter gradient (tests/peft_parity.rs);
@@ -35,6 +35,7 @@ for m in "${models[@]}"; do
   [ "$m" = --model ] && continue
   name=${m%%=*} dir=${m#*=}
   $helix export --model "$dir" --adapter "$interop/$name/lora" --out "$interop/$name/merged"
+  $helix export --model "$dir" --adapter "$interop/$name/dora" --out "$interop/$name/merged-dora"
 done
 for method in lora ptuning; do
   $helix generate --model "$smollm2" --adapter "$interop/smollm2/$method" --chat \

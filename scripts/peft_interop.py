@@ -2,12 +2,14 @@
 
     $(scripts/setup-python.sh) scripts/peft_interop.py --dir DIR --model NAME=MODEL_DIR ...
 
-DIR/<NAME>/lora and DIR/<NAME>/ptuning are adapters helix trained and saved in PEFT's format
+DIR/<NAME>/lora, DIR/<NAME>/dora (LoRA with use_dora) and DIR/<NAME>/ptuning are adapters helix
+trained and saved in PEFT's format
 (tests/peft_parity.rs, write_helix_adapters_for_peft_interop), each with helix_logits.safetensors
 (logits on batch.safetensors). For each:
   - PeftModel.from_pretrained(base, adapter) gives helix's logits (real and virtual positions);
-  - DIR/<NAME>/merged (`helix-train export --adapter …/lora`), when present, loads with
-    AutoModelForCausalLM.from_pretrained and gives the same logits as helix's LoRA model;
+  - DIR/<NAME>/merged (`helix-train export --adapter …/lora`) and DIR/<NAME>/merged-dora
+    (`… --adapter …/dora`), when present, load with AutoModelForCausalLM.from_pretrained and give
+    the same logits as helix's LoRA / DoRA model;
   - DIR/<NAME>/<method>/generate.json (`helix-train generate --adapter … --print-ids`), when
     present: PEFT's greedy generate from the same prompt ids gives the same new tokens.
 Prints one line per check; exits 1 if generation differs or any logits differ by more than
@@ -52,8 +54,10 @@ def main() -> None:
     ok = True
     for spec in args.model:
         name, model_dir = spec.split("=", 1)
-        for method in ("lora", "ptuning"):
+        for method in ("lora", "dora", "ptuning"):
             d = os.path.join(args.dir, name, method)
+            if method == "dora" and not os.path.isdir(d):
+                continue
             helix = load_file(os.path.join(d, "helix_logits.safetensors"))["logits"]
             b = load_file(os.path.join(d, "batch.safetensors"))
             mask = b["attention_mask"]
@@ -63,14 +67,14 @@ def main() -> None:
             n = out.shape[1] - mask.shape[1]  # virtual tokens in front (P-tuning)
             keep = torch.cat([torch.ones(mask.shape[0], n, dtype=mask.dtype), mask], 1).float()
             ok &= compare(f"{name}/{method}: PeftModel.from_pretrained(helix adapter)", out, helix, keep, args.tol)
-            merged = os.path.join(args.dir, name, "merged")
-            if method == "lora" and os.path.isdir(merged):
+            merged = os.path.join(args.dir, name, {"lora": "merged", "dora": "merged-dora"}.get(method, ""))
+            if method in ("lora", "dora") and os.path.isdir(merged):
                 with torch.no_grad():
                     m = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32,
                                                              attn_implementation="eager").eval()
                     out = m(input_ids=b["input_ids"], attention_mask=mask).logits
-                ok &= compare(f"{name}/merged: AutoModelForCausalLM.from_pretrained(helix export)", out, helix,
-                              keep, args.tol)
+                ok &= compare(f"{name}/{os.path.basename(merged)}: AutoModelForCausalLM.from_pretrained(helix export)",
+                              out, helix, keep, args.tol)
             gen_path = os.path.join(d, "generate.json")
             if os.path.exists(gen_path):
                 g = json.load(open(gen_path))

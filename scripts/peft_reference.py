@@ -1,8 +1,9 @@
 """Reference outputs of Hugging Face PEFT for helix's LoRA and P-tuning parity tests.
 
-    $(scripts/setup-python.sh) scripts/peft_reference.py fixtures
-        rewrites tests/fixtures/<tiny>/{lora,ptuning,ptuning-lstm}/ for the tiny models made by
-        scripts/make_reference.py, on their committed batch (reference.safetensors)
+    $(scripts/setup-python.sh) scripts/peft_reference.py fixtures [--methods lora,dora,...]
+        rewrites tests/fixtures/<tiny>/{lora,dora,ptuning,ptuning-lstm}/ (those named) for the
+        tiny models made by scripts/make_reference.py, on their committed batch
+        (reference.safetensors)
     $(scripts/setup-python.sh) scripts/peft_reference.py model --model DIR --alpaca FILE --out DIR
         the same for a real model (SmolLM2 imported by helix), on a batch of real Alpaca rows
         that it writes to DIR/batch.safetensors; computed in f64 (--dtype float32 for PyTorch's
@@ -20,7 +21,8 @@ Each method directory holds
 
 LoRA: r=8, lora_alpha=16, dropout 0, all seven projections (rsLoRA on one tiny model); every
 lora_A / lora_B is set to seeded N(0, 0.1^2) so that B is non-zero and every adapter weight gets
-a gradient. P-tuning: 10 virtual tokens, MLP encoder (and a 2-layer LSTM on one tiny model),
+a gradient. DoRA (one tiny model): the same, and each magnitude set to its row norms of
+W + s*BA times seeded (1 + N(0, 0.1^2)), so that it differs from the norm it divides by. P-tuning: 10 virtual tokens, MLP encoder (and a 2-layer LSTM on one tiny model),
 PyTorch's own initialisation. Forward in train mode (dropout is 0), eager attention; f32 for the
 tiny fixtures, f64 for a real model (gradients saved as f32).
 """
@@ -40,9 +42,9 @@ SEED = 4321
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 ADAPTER_STD = 0.1
 TINY = {
-    "tiny-mha-untied": dict(rslora=False, lstm=False, encoder_hidden=32),
-    "tiny-gqa-tied": dict(rslora=False, lstm=True, encoder_hidden=32),
-    "tiny-gqa-untied-b3": dict(rslora=True, lstm=False, encoder_hidden=40),
+    "tiny-mha-untied": dict(rslora=False, lstm=False, encoder_hidden=32, dora=False),
+    "tiny-gqa-tied": dict(rslora=False, lstm=True, encoder_hidden=32, dora=True),
+    "tiny-gqa-untied-b3": dict(rslora=True, lstm=False, encoder_hidden=40, dora=False),
 }
 VIRTUAL_TOKENS = 10
 
@@ -91,18 +93,28 @@ def run(model, batch: dict, out_dir: str, base_name: str, grad_key) -> dict:
     return {"loss": out.loss.item(), "trainable": n}
 
 
-def lora(model_dir: str, batch: dict, out_dir: str, base_name: str, rslora: bool) -> dict:
+def lora(model_dir: str, batch: dict, out_dir: str, base_name: str, rslora: bool, dora: bool = False) -> dict:
     torch.manual_seed(SEED)
     gen = torch.Generator().manual_seed(SEED)
     model = get_peft_model(load_base(model_dir), LoraConfig(
         r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, bias="none",
-        task_type="CAUSAL_LM", use_rslora=rslora))
+        task_type="CAUSAL_LM", use_rslora=rslora, use_dora=dora))
     with torch.no_grad():
         for pname, p in model.named_parameters():
-            if "lora_" in pname:
+            if "lora_A" in pname or "lora_B" in pname:
                 p.copy_(ADAPTER_STD * torch.randn(p.shape, generator=gen))
-    # PEFT's saved names drop the adapter name: ...q_proj.lora_A.default.weight -> ...lora_A.weight
-    return run(model, batch, out_dir, base_name, lambda n: n.replace(".default.", "."))
+        for module in model.modules():
+            if dora and hasattr(module, "lora_magnitude_vector") and "default" in module.lora_magnitude_vector:
+                s = module.scaling["default"]
+                w = module.base_layer.weight + s * module.lora_B["default"].weight @ module.lora_A["default"].weight
+                m = module.lora_magnitude_vector["default"].weight
+                m.copy_(torch.linalg.norm(w, dim=1) * (1 + ADAPTER_STD * torch.randn(m.shape, generator=gen)))
+    # PEFT's saved names drop the adapter name: ...q_proj.lora_A.default.weight -> ...lora_A.weight,
+    # and the magnitude's ".weight": ...lora_magnitude_vector.default.weight -> ...lora_magnitude_vector
+    def key(n: str) -> str:
+        n = n.replace(".default.", ".")
+        return n[:-len(".weight")] if n.endswith("lora_magnitude_vector.weight") else n
+    return run(model, batch, out_dir, base_name, key)
 
 
 def ptuning(model_dir: str, batch: dict, out_dir: str, base_name: str, encoder: str, hidden: int) -> dict:
@@ -118,12 +130,16 @@ def ptuning(model_dir: str, batch: dict, out_dir: str, base_name: str, encoder: 
 
 
 def all_methods(model_dir: str, batch: dict, out_root: str, base_name: str, rslora: bool, lstm: bool,
-                encoder_hidden: int) -> None:
+                encoder_hidden: int, dora: bool = False, methods=None) -> None:
     jobs = [("lora", lambda d: lora(model_dir, batch, d, base_name, rslora)),
             ("ptuning", lambda d: ptuning(model_dir, batch, d, base_name, "MLP", encoder_hidden))]
     if lstm:
         jobs.append(("ptuning-lstm", lambda d: ptuning(model_dir, batch, d, base_name, "LSTM", encoder_hidden)))
+    if dora:
+        jobs.append(("dora", lambda d: lora(model_dir, batch, d, base_name, rslora, dora=True)))
     for method, job in jobs:
+        if methods is not None and method not in methods:
+            continue
         s = job(os.path.join(out_root, method))
         print(f"{base_name}/{method}: loss {s['loss']:.6f}, {s['trainable']} trainable tensors")
 
@@ -155,7 +171,8 @@ def alpaca_batch(model_dir: str, alpaca: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("fixtures")
+    f = sub.add_parser("fixtures")
+    f.add_argument("--methods", help="comma-separated: lora, dora, ptuning, ptuning-lstm (default all)")
     m = sub.add_parser("model")
     m.add_argument("--model", required=True)
     m.add_argument("--alpaca", required=True)
@@ -171,7 +188,8 @@ def main() -> None:
             base = os.path.join("tests/fixtures", name)
             ref = load_file(os.path.join(base, "reference.safetensors"))
             batch = {k: ref[k] for k in ("input_ids", "attention_mask", "position_ids", "labels")}
-            all_methods(base, batch, base, name, o["rslora"], o["lstm"], o["encoder_hidden"])
+            methods = args.methods.split(",") if args.methods else None
+            all_methods(base, batch, base, name, o["rslora"], o["lstm"], o["encoder_hidden"], o["dora"], methods)
     else:
         global DTYPE
         DTYPE = getattr(torch, args.dtype)

@@ -338,7 +338,7 @@ fn tiny(name: &str, method: &str) -> Result<()> {
     let batch = dir.join("reference.safetensors");
     let what = format!("{name}/{method}");
     match method {
-        "lora" => check_lora(&dir, &batch, &dir.join(method), &what, 1e-5),
+        "lora" | "dora" => check_lora(&dir, &batch, &dir.join(method), &what, 1e-5),
         _ => check_ptuning(&dir, &batch, &dir.join(method), &what),
     }
 }
@@ -351,6 +351,13 @@ fn tiny_mha_untied_lora_matches_peft() -> Result<()> {
 #[test]
 fn tiny_gqa_tied_lora_matches_peft() -> Result<()> {
     tiny("tiny-gqa-tied", "lora")
+}
+
+/// DoRA: PEFT's magnitude vectors load, and logits, loss and the gradients of A, B and the
+/// magnitudes (the weight norm held constant, as PEFT holds it) are PEFT's.
+#[test]
+fn tiny_gqa_tied_dora_matches_peft() -> Result<()> {
+    tiny("tiny-gqa-tied", "dora")
 }
 
 #[test]
@@ -531,6 +538,14 @@ fn write_helix_adapters_for_peft_interop() -> Result<()> {
                 Method::Lora(helix::peft::LoraConfig {
                     lora_dropout: 0.0,
                     use_rslora: name.ends_with("b3"),
+                    ..helix::peft::LoraConfig::new(8, 16.0, &helix::peft::LLAMA_TARGETS)
+                }),
+            ),
+            (
+                "dora",
+                Method::Lora(helix::peft::LoraConfig {
+                    lora_dropout: 0.0,
+                    use_dora: true,
                     ..helix::peft::LoraConfig::new(8, 16.0, &helix::peft::LLAMA_TARGETS)
                 }),
             ),

@@ -35,6 +35,9 @@ fuzz_target!(|data: &[u8]| {
     let _ = cfg.numerics();
     if let Ok(data) = cfg.data(path) {
         let _ = data.validate();
-        let _ = data.read_options();
+        let _ = data.uses_chat_template();
+        for source in data.train_sources().into_iter().flatten() {
+            let _ = source.read_options(data.skip_invalid);
+        }
     }
 });

@@ -177,6 +177,16 @@ impl DataConfig {
             source.validate(self)?;
         }
         if self.assistant_spans == AssistantSpans::Generation
+            && !self.mix.is_empty()
+            && !self.uses_chat_template()
+        {
+            bail!(
+                "data.assistant_spans = \"generation\" reads the chat template's \
+                 {{% generation %}} blocks, but no file is read with template = \"chat\" \
+                 (data.template, data.mix[i].template)"
+            );
+        }
+        if self.assistant_spans == AssistantSpans::Generation
             && self.loss == LossMode::LastAssistantTurn
         {
             bail!(
@@ -254,6 +264,12 @@ impl DataConfig {
             if let Some(w) = m.weight.filter(|w| !(w.is_finite() && *w > 0.0)) {
                 bail!("data.mix[{i}].weight must be a positive number, got {w}");
             }
+        }
+        let sum: f64 = self.mix.iter().filter_map(|m| m.weight).sum();
+        if !sum.is_finite() {
+            bail!(
+                "the data.mix[i].weight add up to {sum}: use smaller numbers (only ratios count)"
+            );
         }
         match self.samples_per_epoch {
             Some(_) if weighted == 0 => bail!(

@@ -119,6 +119,7 @@ impl PreparedData {
     /// An error saying why, when the train split holds fewer samples than the `ranks` that
     /// share it (none at all, mostly: every sample dropped as too long).
     pub fn check_trainable(&self, cfg: &DataConfig, ranks: usize) -> Result<()> {
+        self.check_weighted_files(cfg)?;
         let n = self.train.len();
         if n >= ranks.max(1) {
             return Ok(());
@@ -129,15 +130,52 @@ impl PreparedData {
                  ranks that share the mixture"
             );
         }
+        let files = self.file_reasons(cfg, |_| true)?;
+        let counted = format!("{n} training sample(s) for {ranks} data-parallel rank(s)");
+        match files.as_slice() {
+            [(file, why)] if cfg.mix.is_empty() => bail!("{file}: {counted}: {why}"),
+            _ => bail!("{counted}: {}", joined(&files)),
+        }
+    }
+
+    /// An error naming the weighted `[[data.mix]]` files that give no training sample (every
+    /// one dropped as too long, or split off), and why.
+    fn check_weighted_files(&self, cfg: &DataConfig) -> Result<()> {
+        let empty: Vec<&MixShare> = self
+            .report
+            .mix
+            .iter()
+            .filter(|m| m.share.is_some() && m.samples == 0)
+            .collect();
+        if empty.is_empty() {
+            return Ok(());
+        }
+        let files = self.file_reasons(cfg, |role| empty.iter().any(|m| m.source == role))?;
+        bail!(
+            "weighted [[data.mix]] file(s) with no training sample to draw their share from: {}",
+            joined(&files)
+        );
+    }
+
+    /// For each training file that `wanted` picks by its role: its key and file, and what
+    /// became of its records.
+    fn file_reasons(
+        &self,
+        cfg: &DataConfig,
+        wanted: impl Fn(&str) -> bool,
+    ) -> Result<Vec<(String, String)>> {
         let mut files = Vec::new();
         for source in cfg.train_sources()? {
+            if !wanted(&source.role) {
+                continue;
+            }
             let Some(src) = self.report.sources.get(&source.role) else {
                 bail!("no training data was read from {}", source.file_key());
             };
             let st = &src.stats;
             let kept = match self.report.mix.iter().find(|m| m.source == source.role) {
                 Some(share) => share.samples,
-                None => n,
+                None => self.train.len(),
             };
             let mut why = Vec::new();
             if st.tokenize.dropped > 0 {
@@ -171,19 +209,17 @@ impl PreparedData {
                 ),
             ));
         }
-        let counted = format!("{n} training sample(s) for {ranks} data-parallel rank(s)");
-        match files.as_slice() {
-            [(file, why)] if cfg.mix.is_empty() => bail!("{file}: {counted}: {why}"),
-            _ => bail!(
-                "{counted}: {}",
-                files
-                    .iter()
-                    .map(|(file, why)| format!("{file}: {why}"))
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            ),
-        }
+        Ok(files)
     }
+}
+
+/// `file: why; file: why`.
+fn joined(files: &[(String, String)]) -> String {
+    files
+        .iter()
+        .map(|(file, why)| format!("{file}: {why}"))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Reads, templates, tokenizes and splits the data of `cfg`, and mixes its training files.
@@ -288,17 +324,16 @@ fn mix_files(
     };
     let sum: f64 = weights.iter().flatten().sum();
     let mut shares = Vec::new();
-    let mut train = Vec::with_capacity(counts.iter().sum());
+    let mut train = Vec::new();
+    // Each drawn copy is a sample of its own: a size beyond memory is an error, not an abort.
+    train
+        .try_reserve_exact(counts.iter().sum())
+        .map_err(|e| anyhow::anyhow!("data.samples_per_epoch: {e}"))?;
     for (i, (samples, &count)) in per_file.into_iter().zip(&counts).enumerate() {
         let source = &sources[i];
-        if samples.is_empty() && count > 0 {
-            bail!(
-                "{} = {}: no training samples to draw its {count} from (its weight's share \
-                 of data.samples_per_epoch); see its statistics with helix-train data-stats",
-                source.file_key(),
-                source.file.display()
-            );
-        }
+        // A file with nothing to draw gives nothing: check_trainable names it, after
+        // data-stats has printed every file's statistics.
+        let count = if samples.is_empty() { 0 } else { count };
         for j in draw(samples.len(), count, draw_seed(cfg.seed, i))? {
             train.push(samples[j].clone());
         }

@@ -428,28 +428,58 @@ fn mixed_files_split_off_validation_each_and_name_their_keys() -> Result<()> {
     assert_eq!(available, [4, 3]);
     assert_eq!(p.train.len(), 7);
 
-    // Every sample too long: an empty mixture, and each file's reason.
+    // Every sample too long: nothing to draw from, and each file's reason (after the
+    // statistics, which data-stats prints first).
     cfg.max_seq_length = 3;
     let empty = prepare(&cfg, &tok)?;
+    assert!(empty.train.is_empty());
     let err = empty.check_trainable(&cfg, 1).unwrap_err().to_string();
     assert!(
-        err.starts_with("0 training sample(s) for 1 data-parallel rank(s): data.mix[0].file = "),
+        err.starts_with(
+            "weighted [[data.mix]] file(s) with no training sample to draw their share from: \
+             data.mix[0].file = "
+        ),
         "{err}"
     );
     assert!(
         err.contains("of its 4 records, 4 were dropped as longer than data.max_seq_length = 3"),
         "{err}"
     );
-    // A file the mixture's size needs but that gives no training sample is named.
-    cfg.samples_per_epoch = Some(4);
-    let err = format!("{:#}", prepare(&cfg, &tok).err().unwrap());
-    assert!(err.starts_with("data.mix[0].file = "), "{err}");
+    // Unweighted, the same files give the plain count of samples.
+    let mut unweighted = cfg.clone();
+    for m in &mut unweighted.mix {
+        m.weight = None;
+    }
+    let err = prepare(&unweighted, &tok)?
+        .check_trainable(&unweighted, 1)
+        .unwrap_err();
     assert!(
-        err.contains("no training samples to draw its 2 from"),
+        err.to_string()
+            .starts_with("0 training sample(s) for 1 data-parallel rank(s): data.mix[0].file"),
         "{err}"
     );
-    // Errors inside a file name its key.
+    // One file gives nothing, the other its share: still refused, naming the one.
+    cfg.mix[1].template = Some("D {instruction} {context} R one two three four five six".into());
+    cfg.max_seq_length = 9;
+    let p = prepare(&cfg, &tok)?;
+    assert_eq!(p.report.mix[1].samples, 0, "{:?}", p.report.mix);
+    let err = p.check_trainable(&cfg, 1).unwrap_err().to_string();
+    assert!(
+        err.contains("data.mix[1].file = ") && !err.contains("data.mix[0]"),
+        "{err}"
+    );
+    cfg.mix[1].template = Some("D {instruction} {context} R ".into());
+    // Errors inside a file name its key, and the format key that read it.
     cfg.max_seq_length = 64;
+    std::fs::write(
+        &cfg.mix[1].file,
+        "{\"instruction\": \"one\", \"output\": \"two\", \"response\": \"x\"}\n",
+    )?;
+    let err = format!("{:#}", prepare(&cfg, &tok).err().unwrap());
+    assert!(
+        err.contains("is data.mix[1].format right?") && err.contains("(data.mix[1].fields)"),
+        "{err}"
+    );
     std::fs::write(&cfg.mix[1].file, "{\"instruction\": \"one\"}\n")?;
     let err = format!("{:#}", prepare(&cfg, &tok).err().unwrap());
     assert!(

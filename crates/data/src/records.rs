@@ -73,6 +73,26 @@ pub struct FieldMap {
     /// For conversation formats: where a row keeps its turns (the fields above are unused).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub turns: Option<TurnFields>,
+    /// The config keys that chose this map, for messages (not part of the tokens' cache key).
+    #[serde(skip)]
+    pub keys: FieldKeys,
+}
+
+/// Where a file's format and field names were set: `data.format` and `[data.fields]`, or a
+/// `[[data.mix]]` file's own `data.mix[1].format` and `data.mix[1].fields`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldKeys {
+    pub format: String,
+    pub fields: String,
+}
+
+impl Default for FieldKeys {
+    fn default() -> Self {
+        Self {
+            format: "data.format".into(),
+            fields: "[data.fields]".into(),
+        }
+    }
 }
 
 /// Every format's prompt and answer fields.
@@ -103,6 +123,7 @@ impl FieldMap {
                         sharegpt_names: sharegpt,
                         tools: crate::conversation::default_tools(),
                     }),
+                    keys: FieldKeys::default(),
                 };
             }
         };
@@ -118,6 +139,7 @@ impl FieldMap {
                 .map(|f| f.to_string())
                 .collect(),
             turns: None,
+            keys: FieldKeys::default(),
         }
     }
 }
@@ -442,13 +464,15 @@ fn extract(
     };
     if let Some(f) = fields.refused.iter().find(|f| obj.contains_key(f.as_str())) {
         let detail = format!(
-            "this format does not read it (its prompt is \"{}\"{}): is data.format right? To \
-             read these rows as they are, name their fields ([data.fields])",
+            "this format does not read it (its prompt is \"{}\"{}): is {} right? To read these \
+             rows as they are, name their fields ({})",
             fields.instruction,
             fields
                 .context
                 .as_ref()
-                .map_or(String::new(), |c| format!(" and \"{c}\""))
+                .map_or(String::new(), |c| format!(" and \"{c}\"")),
+            fields.keys.format,
+            fields.keys.fields
         );
         return Err(invalid(
             file,

@@ -8,7 +8,7 @@ use anyhow::{bail, Result};
 
 use crate::chat_template::AssistantSpans;
 use crate::config::{DataConfig, FieldOverrides};
-use crate::records::{FieldMap, Format, ReadOptions};
+use crate::records::{FieldKeys, FieldMap, Format, ReadOptions};
 
 #[derive(Clone, Debug)]
 pub struct Source<'a> {
@@ -102,6 +102,20 @@ impl<'a> Source<'a> {
         self.key("template", |m| m.template)
     }
 
+    /// How to name a conversation's array of turns, for a file whose fields set the wrong
+    /// kind: in its own fields table where `[data.fields]` is inherited (a table of its own
+    /// replaces it whole).
+    fn own_fields_advice(&self, field: &str) -> String {
+        match self.mix.filter(|m| !m.fields) {
+            Some(m) => format!(
+                "give data.mix[{i}] its own fields table (data.mix[{i}].fields.{field}), which \
+                 replaces [data.fields]",
+                i = m.index
+            ),
+            None => format!("name their array of turns with {}", self.field_key(field)),
+        }
+    }
+
     fn field_key(&self, field: &str) -> String {
         match self.mix.filter(|m| m.fields) {
             Some(m) => format!("data.mix[{}].fields.{field}", m.index),
@@ -131,22 +145,33 @@ impl<'a> Source<'a> {
             if let Some((key, _)) = instruction_keys.iter().find(|(_, v)| v.is_some()) {
                 bail!(
                     "{} does not apply to {format_key} = {format}, whose rows are \
-                     conversations (name their array of turns with {})",
+                     conversations ({})",
                     self.field_key(key),
-                    self.field_key("messages")
+                    self.own_fields_advice("messages")
                 );
             }
         } else if let Some(key) = [("messages", &o.messages), ("tools", &o.tools)]
             .iter()
             .find_map(|(key, v)| v.is_some().then_some(key))
         {
+            let advice = match self.mix.filter(|m| !m.fields) {
+                Some(m) => format!(
+                    "give data.mix[{}] its own fields table, which replaces [data.fields]",
+                    m.index
+                ),
+                None => format!("use {format_key} = \"messages\" or \"sharegpt\""),
+            };
             bail!(
                 "{} names a conversation's field; {format_key} = {format} reads instructions \
-                 (use {format_key} = \"messages\" or \"sharegpt\")",
+                 ({advice})",
                 self.field_key(key)
             );
         }
-        if cfg.assistant_spans != AssistantSpans::Turns && self.template != "chat" {
+        // In a mix, only the files rendered with the chat template have spans to find.
+        if cfg.assistant_spans != AssistantSpans::Turns
+            && self.template != "chat"
+            && cfg.mix.is_empty()
+        {
             bail!(
                 "data.assistant_spans = \"generation\" reads the chat template's \
                  {{% generation %}} blocks, but {template_key} = {:?}: set {template_key} = \
@@ -186,6 +211,14 @@ impl<'a> Source<'a> {
                 turns.tools = tools.clone();
             }
         }
+        fields.keys = FieldKeys {
+            format: self.format_key(),
+            // A mix file's rows are named in its own table (which replaces [data.fields]).
+            fields: match self.mix {
+                Some(m) => format!("data.mix[{}].fields", m.index),
+                None => "[data.fields]".into(),
+            },
+        };
         ReadOptions {
             fields,
             skip_invalid,

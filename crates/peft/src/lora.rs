@@ -2,6 +2,11 @@
 //! with A [r, in], B [out, r], s = alpha / r (or alpha / √r with rsLoRA). W stays frozen, in the
 //! model's dtype (bf16 is fine); A and B train in f32.
 //!
+//! DoRA (Liu et al. 2024, PEFT's `use_dora`) adds a trainable magnitude m [out]: each output
+//! row of W + s·BA is rescaled to length m, `y = m / ‖W + s·BA‖ ⊙ (x Wᵀ + s · B(A x))`, the
+//! norm (per row, f32) treated as a constant in the backward as the paper's section 4.3 and
+//! PEFT do. m starts at ‖W‖, so a new adapter changes nothing.
+//!
 //! A [`LoraLinear`] takes a dense projection's place through the model's linear hook
 //! ([`LoraBuilder::hook`]); [`LoraAdapters`] keeps a handle on every one of them for the
 //! trainer (parameters), export, merge and unmerge.
@@ -40,6 +45,9 @@ pub struct LoraConfig {
     pub target_modules: Vec<String>,
     #[serde(default)]
     pub use_rslora: bool,
+    /// DoRA: a trainable magnitude per output feature beside A and B.
+    #[serde(default)]
+    pub use_dora: bool,
 }
 
 fn default_targets() -> Vec<String> {
@@ -54,6 +62,7 @@ impl LoraConfig {
             lora_dropout: 0.0,
             target_modules: target_modules.iter().map(|s| s.to_string()).collect(),
             use_rslora: false,
+            use_dora: false,
         }
     }
 
@@ -132,6 +141,11 @@ impl LoraConfig {
             self.use_rslora.to_string(),
             other.use_rslora.to_string(),
         );
+        differ(
+            "use_dora",
+            self.use_dora.to_string(),
+            other.use_dora.to_string(),
+        );
         out
     }
 
@@ -150,6 +164,8 @@ pub struct LoraLinear {
     base: Tensor,
     a: Var,
     b: Var,
+    /// DoRA's magnitude [out], f32; `None` for plain LoRA.
+    magnitude: Option<Var>,
     scaling: f64,
     dropout: SeededDropout,
     /// W + s·BA while merged: the base stays untouched, so unmerging is exact.
@@ -167,6 +183,11 @@ impl LoraLinear {
         &self.b
     }
 
+    /// DoRA's magnitude vector, when the layer has one.
+    pub fn magnitude(&self) -> Option<&Var> {
+        self.magnitude.as_ref()
+    }
+
     /// A and B as the forward uses them. In eval mode the adapters are constants: no graph is
     /// recorded, so activations are freed as the forward goes (validation, generation).
     fn adapters(&self) -> (Tensor, Tensor) {
@@ -179,7 +200,9 @@ impl LoraLinear {
     /// Whether the layer, run on its own, is one LoRA op ([`helix_ops::lora_linear`]): the
     /// whole weight on this rank and no dropout.
     fn is_one_op(&self) -> bool {
-        matches!(self.placement, Placement::Whole) && self.dropout.is_identity()
+        matches!(self.placement, Placement::Whole)
+            && self.dropout.is_identity()
+            && self.magnitude.is_none()
     }
 
     /// The next dropout mask, (p, its key), counted as drawn; `None` where dropout is the
@@ -198,10 +221,47 @@ impl LoraLinear {
         self.base.clone()
     }
 
-    /// W + s·BA, computed in f32.
+    /// W + s·BA, computed in f32; with DoRA, each row rescaled to its magnitude.
     pub fn merged_f32(&self) -> candle_core::Result<Tensor> {
         let delta = (self.b.as_tensor().matmul(self.a.as_tensor())? * self.scaling)?;
-        self.base.to_dtype(DType::F32)? + delta
+        let merged = (self.base.to_dtype(DType::F32)? + delta)?;
+        match &self.magnitude {
+            None => Ok(merged),
+            Some(m) => {
+                let scale = (m.as_tensor() / row_norms(&merged)?)?;
+                merged.broadcast_mul(&scale.unsqueeze(1)?)
+            }
+        }
+    }
+
+    /// DoRA's `m / ‖W + s·BA‖ ⊙ (x Wᵀ + s · B(A(dropout(x))))` as PEFT computes it:
+    /// `y + (m/‖·‖ − 1) ⊙ base + m/‖·‖ ⊙ s · update`, where `base` is `y` itself, or with
+    /// dropout the product of the dropped input (PEFT's `DoraLinearVariant`). The norm is a
+    /// constant (no gradient reaches A or B through it); m's gradient is the rest's.
+    fn dora_forward(&self, x: &Tensor, magnitude: &Var) -> candle_core::Result<Tensor> {
+        let (a, b) = self.adapters();
+        let m = match self.dropout.is_training() {
+            true => magnitude.as_tensor().clone(),
+            false => magnitude.as_tensor().detach(),
+        };
+        let y = matmul_t(x, &self.base)?;
+        let xf = x.to_dtype(DType::F32)?;
+        let (xd, base_out) = match self.next_mask() {
+            Some((p, key)) => {
+                let xd = helix_ops::dropout(&xf, p, key)?;
+                let base_out = matmul_t(&xd.to_dtype(self.base.dtype())?, &self.base)?;
+                (xd, base_out.to_dtype(DType::F32)?)
+            }
+            None => (xf, y.to_dtype(DType::F32)?),
+        };
+        let update = matmul_t(&matmul_t(&xd, &a)?, &b)?;
+        let delta = (b.detach().matmul(&a.detach())? * self.scaling)?;
+        let norm = row_norms(&(self.base.to_dtype(DType::F32)? + delta)?)?;
+        let scale = m.broadcast_div(&norm)?;
+        let dora = (base_out.broadcast_mul(&(&scale - 1.0)?)?
+            + (update.broadcast_mul(&scale)? * self.scaling)?)?;
+        let dtype = y.dtype();
+        y + dora.to_dtype(dtype)?
     }
 
     pub fn is_merged(&self) -> bool {
@@ -217,6 +277,9 @@ impl Linear for LoraLinear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         if let Some(w) = self.merged.read().unwrap().as_ref() {
             return self.placement.forward(x, w);
+        }
+        if let Some(m) = &self.magnitude {
+            return self.dora_forward(x, m);
         }
         let (a, b) = self.adapters();
         if self.is_one_op() {
@@ -254,6 +317,9 @@ impl Linear for LoraLinear {
         if let Some(w) = self.merged.read().unwrap().as_ref() {
             // This rank's shard of W + s·BA: B's rows or A's columns follow W's split.
             return Some(Projection::Dense { weight: w.clone() });
+        }
+        if self.magnitude.is_some() {
+            return None; // DoRA runs on the op graph
         }
         let (a, b) = self.adapters();
         Some(Projection::Lora {
@@ -320,6 +386,12 @@ impl LoraBuilder {
     /// A and keeps its columns, so every split starts from the same adapters.
     fn new_layer(&self, prefix: &str, weight: Tensor, placement: &Placement) -> Result<LoraLinear> {
         let (out_dim, in_dim) = weight.dims2()?;
+        if self.cfg.use_dora && !matches!(placement, Placement::Whole) {
+            bail!(
+                "{prefix}: lora.use_dora does not run under tensor parallelism \
+                 (parallel.tensor_parallel > 1)"
+            );
+        }
         let r = self.cfg.r;
         let layer_seed = self.seed ^ fnv1a(prefix);
         let mut rng = rand::SeedableRng::seed_from_u64(layer_seed);
@@ -336,11 +408,19 @@ impl LoraBuilder {
             }
             _ => uniform(&mut rng, &[r, in_dim], 1.0 / (in_dim as f64).sqrt(), &dev)?,
         };
+        // With B = 0, ‖W + s·BA‖ = ‖W‖: the magnitude PEFT starts from.
+        let magnitude = match self.cfg.use_dora {
+            true => Some(Var::from_tensor(&row_norms(
+                &weight.to_dtype(DType::F32)?,
+            )?)?),
+            false => None,
+        };
         Ok(LoraLinear {
             name: prefix.to_string(),
             base: weight,
             a,
             b: Var::zeros((out_dim, r), DType::F32, &dev)?,
+            magnitude,
             scaling: self.cfg.scaling(),
             dropout: SeededDropout::new(self.cfg.lora_dropout, layer_seed.rotate_left(17)),
             merged: RwLock::new(None),
@@ -372,12 +452,16 @@ pub struct LoraAdapters {
 
 impl LoraAdapters {
     /// Trainable tensors under PEFT's saved names
-    /// (`base_model.model.<prefix>.lora_A.weight`, `….lora_B.weight`).
+    /// (`base_model.model.<prefix>.lora_A.weight`, `….lora_B.weight`, and DoRA's
+    /// `….lora_magnitude_vector`, which PEFT saves without `.weight`).
     pub fn named_vars(&self) -> Vec<(String, Var)> {
-        let mut out = Vec::with_capacity(2 * self.layers.len());
+        let mut out = Vec::with_capacity(3 * self.layers.len());
         for l in &self.layers {
             out.push((peft_key(&l.name, "lora_A"), l.a.clone()));
             out.push((peft_key(&l.name, "lora_B"), l.b.clone()));
+            if let Some(m) = &l.magnitude {
+                out.push((magnitude_key(&l.name), m.clone()));
+            }
         }
         out
     }
@@ -431,6 +515,16 @@ impl LoraAdapters {
 /// PEFT's key for an adapter weight of the projection at `prefix`.
 pub fn peft_key(prefix: &str, which: &str) -> String {
     format!("base_model.model.{prefix}.{which}.weight")
+}
+
+/// PEFT's key for DoRA's magnitude of the projection at `prefix`.
+pub fn magnitude_key(prefix: &str) -> String {
+    format!("base_model.model.{prefix}.lora_magnitude_vector")
+}
+
+/// The L2 norm of each row of `w` [out, in]: [out].
+fn row_norms(w: &Tensor) -> candle_core::Result<Tensor> {
+    w.sqr()?.sum(1)?.sqrt()
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! Adapters in Hugging Face PEFT's on-disk format, both ways: `adapter_config.json` plus
 //! `adapter_model.safetensors` (header metadata `{"format": "pt"}`).
 //!
-//! - LoRA: keys `base_model.model.<prefix>.lora_A.weight` [r, in] and `….lora_B.weight` [out, r].
+//! - LoRA: keys `base_model.model.<prefix>.lora_A.weight` [r, in] and `….lora_B.weight` [out, r];
+//!   with DoRA (`"use_dora": true`) also `….lora_magnitude_vector` [out].
 //! - P-tuning: `prompt_embeddings` [num_virtual_tokens, hidden], the encoder's output, which is
 //!   what PEFT loads for inference. helix also writes the whole encoder to
 //!   `prompt_encoder.safetensors` (PEFT's parameter names) so training can resume; PEFT ignores
@@ -63,6 +64,7 @@ pub enum Adapter {
 impl Adapter {
     pub fn kind(&self) -> &'static str {
         match self {
+            Adapter::Lora { cfg, .. } if cfg.use_dora => "DoRA",
             Adapter::Lora { .. } => "LoRA",
             Adapter::Ptuning { .. } => "P-tuning",
         }
@@ -109,7 +111,7 @@ pub fn save_lora_tensors(
         "bias": "none",
         "use_rslora": cfg.use_rslora,
         "fan_in_fan_out": false,
-        "use_dora": false,
+        "use_dora": cfg.use_dora,
         "init_lora_weights": true,
         "inference_mode": true,
         "modules_to_save": null,
@@ -281,7 +283,7 @@ fn lora_config_from_peft(v: &Value) -> Result<LoraConfig> {
         v.get(k)
             .is_none_or(|x| x.is_null() || x.as_object().is_some_and(|o| o.is_empty()))
     };
-    for key in ["fan_in_fan_out", "use_dora", "lora_bias"] {
+    for key in ["fan_in_fan_out", "lora_bias"] {
         if !off(key) {
             bail!("{key} = true is not supported");
         }
@@ -329,6 +331,7 @@ fn lora_config_from_peft(v: &Value) -> Result<LoraConfig> {
             .get("use_rslora")
             .and_then(Value::as_bool)
             .unwrap_or(false),
+        use_dora: v.get("use_dora").and_then(Value::as_bool).unwrap_or(false),
     };
     cfg.validate()?;
     Ok(cfg)

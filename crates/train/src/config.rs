@@ -120,10 +120,15 @@ impl ConfigFile {
                     // `--set trainer.output_dir=nan`: a bare value that parsed as another type
                     // where the key wants a string is the text the user typed. The last --set
                     // of a key is the one that stands.
-                    if let Some(i) = typed.iter().rposition(|t| t.as_deref() == Some(&key)) {
+                    // serde names `data.mix[1].file` as `data.mix.file`.
+                    let is_key = |t: &Option<String>| {
+                        t.as_deref().is_some_and(|t| without_indices(t) == key)
+                    };
+                    if let Some(i) = typed.iter().rposition(is_key) {
+                        let path = typed[i].clone().expect("matched");
                         let text = sets[i].split_once('=').expect("checked").1.trim();
-                        set_value(&mut raw, &key, toml::Value::String(text.to_string()))?;
-                        for t in typed.iter_mut().filter(|t| t.as_deref() == Some(&key)) {
+                        set_value(&mut raw, &path, toml::Value::String(text.to_string()))?;
+                        for t in typed.iter_mut().filter(|t| t.as_deref() == Some(&path)) {
                             *t = None;
                         }
                         retried.push((key, msg));
@@ -135,7 +140,13 @@ impl ConfigFile {
                         return Err(with_sets(first));
                     }
                     return Err(match file_error {
-                        Some(e) if !sets.iter().any(|s| s.trim_start().starts_with(&key)) => e,
+                        Some(e)
+                            if !sets
+                                .iter()
+                                .any(|s| without_indices(s.trim_start()).starts_with(&key)) =>
+                        {
+                            e
+                        }
                         _ => with_sets(&msg),
                     });
                 }
@@ -364,6 +375,13 @@ impl ConfigFile {
         if p.tensor_parallel == 0 {
             bail!("parallel.tensor_parallel must be at least 1");
         }
+        if p.tensor_parallel > 1 && self.lora.as_ref().is_some_and(|l| l.use_dora) {
+            bail!(
+                "lora.use_dora = true does not run under tensor parallelism (parallel.\
+                 tensor_parallel = {}): its weight norm needs whole rows of every projection",
+                p.tensor_parallel
+            );
+        }
         if self.output.merged && self.ptuning.is_some() {
             bail!("output.merged = true cannot be used with P-tuning (its virtual tokens are inputs, not weights)");
         }
@@ -477,19 +495,30 @@ fn set_value(table: &mut toml::Table, path: &str, value: toml::Value) -> Result<
     let keys: Vec<&str> = path.split('.').collect();
     let (last, parents) = keys.split_last().expect("split gives one at least");
     let mut at = table;
+    // The dotted path walked so far, for messages: `data.mix[1]`.
+    let mut walked = String::new();
     for k in parents {
         let (name, index) = indexed(k)?;
-        let mut entry = at
-            .entry(name)
-            .or_insert_with(|| toml::Value::Table(Default::default()));
+        let here = dotted(&walked, name);
+        let mut entry = match index {
+            // A list entry must exist: `--set` changes entries, it does not make them.
+            Some(i) => at
+                .get_mut(name)
+                .with_context(|| format!("{here} is not set, so {here}[{i}] cannot be"))?,
+            None => at
+                .entry(name)
+                .or_insert_with(|| toml::Value::Table(Default::default())),
+        };
         if let Some(i) = index {
-            entry = list_entry(entry, name, i)?;
+            entry = list_entry(entry, &here, i)?;
         }
+        walked = dotted(&walked, k);
         at = entry
             .as_table_mut()
-            .with_context(|| format!("{k} is not a section"))?;
+            .with_context(|| format!("{walked} is not a section"))?;
     }
     let (name, index) = indexed(last)?;
+    let here = dotted(&walked, name);
     match index {
         None => {
             at.insert(name.to_string(), value);
@@ -497,11 +526,34 @@ fn set_value(table: &mut toml::Table, path: &str, value: toml::Value) -> Result<
         Some(i) => {
             let list = at
                 .get_mut(name)
-                .with_context(|| format!("{name} is not set, so {last} cannot be"))?;
-            *list_entry(list, name, i)? = value;
+                .with_context(|| format!("{here} is not set, so {here}[{i}] cannot be"))?;
+            *list_entry(list, &here, i)? = value;
         }
     }
     Ok(())
+}
+
+/// `a.b` from `a` and `b` (`b` alone at the top).
+fn dotted(prefix: &str, key: &str) -> String {
+    match prefix.is_empty() {
+        true => key.to_string(),
+        false => format!("{prefix}.{key}"),
+    }
+}
+
+/// `data.mix[1].file` → `data.mix.file`, as serde names a key inside a list.
+fn without_indices(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    let mut depth = 0;
+    for c in path.chars() {
+        match c {
+            '[' => depth += 1,
+            ']' => depth -= 1,
+            _ if depth == 0 => out.push(c),
+            _ => {}
+        }
+    }
+    out
 }
 
 /// `mix[1]` → ("mix", Some(1)); `lr` → ("lr", None).

@@ -333,10 +333,10 @@ fn run(cli: Cli) -> Result<()> {
                 report.files.len(),
                 if report.files.len() == 1 { "" } else { "s" },
                 report.total_bytes as f64 / 1e6,
-                if c.lora.is_some() {
-                    ", LoRA merged"
-                } else {
-                    ""
+                match &c.lora {
+                    Some(l) if l.cfg.use_dora => ", DoRA merged",
+                    Some(_) => ", LoRA merged",
+                    None => "",
                 },
                 t.elapsed().as_secs_f64()
             );
@@ -434,7 +434,11 @@ fn load_model(
     };
     let c = load_with_adapter(&dir.config, &dir.weights, adapter, dtype, device)
         .with_context(|| format!("loading the adapter {}", adapter.display()))?;
-    let kind = if c.lora.is_some() { "LoRA" } else { "P-tuning" };
+    let kind = match &c.lora {
+        Some(l) if l.cfg.use_dora => "DoRA",
+        Some(_) => "LoRA",
+        None => "P-tuning",
+    };
     eprintln!("{kind} adapter {}: {}", adapter.display(), c.summary());
     Ok(c)
 }

@@ -100,7 +100,7 @@ fn ids(v: &serde_json::Value) -> Vec<u32> {
 fn generate_with_lora_and_ptuning_adapters_matches_full_forward_greedy() -> Result<()> {
     let tmp = tempfile::tempdir()?;
     let model = model_dir(tmp.path());
-    for method in ["lora", "ptuning", "ptuning-lstm"] {
+    for method in ["lora", "dora", "ptuning", "ptuning-lstm"] {
         let adapter = fixture("tiny-gqa-tied").join(method);
         let (ok, out, err) = helix_train(
             &[
@@ -325,6 +325,35 @@ fn export_merges_lora_into_sharded_safetensors_with_the_adapter_logits() -> Resu
     Ok(())
 }
 
+/// PEFT's DoRA adapter merged by `export` (each row of W + s·BA rescaled to its magnitude, as
+/// PEFT's `merge_and_unload`) gives the adapter model's logits.
+#[test]
+fn export_merges_dora_with_the_adapter_logits() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let model = model_dir(tmp.path());
+    let adapter = fixture("tiny-gqa-tied").join("dora");
+    let out = tmp.path().join("merged");
+    let (ok, _, err) = export(tmp.path(), &model, &adapter, &out, &[]);
+    assert!(ok, "{err}");
+    let prompt = [1u32, 5, 6, 7, 8, 9, 3, 4];
+    let with_adapter = full_logits(&load(&model, &adapter)?, &prompt)?;
+    let merged =
+        Customized::frozen(ModelDir::open(&out)?.load_inference(DType::F32, &Device::Cpu)?);
+    let plain = full_logits(
+        &Customized::frozen(ModelDir::open(&model)?.load_inference(DType::F32, &Device::Cpu)?),
+        &prompt,
+    )?;
+    let max_diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+        Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+    };
+    let d = max_diff(&full_logits(&merged, &prompt)?, &with_adapter)?;
+    println!("DoRA merged export vs adapter: max |Δ logits| {d:.3e}");
+    assert!(d <= 1e-5, "{d}");
+    // And the adapter does change the model (the comparison is not of two base models).
+    assert!(max_diff(&plain, &with_adapter)? > 1e-2);
+    Ok(())
+}
+
 #[test]
 fn adapter_errors_name_the_file_and_the_problem() -> Result<()> {
     let tmp = tempfile::tempdir()?;
@@ -394,10 +423,13 @@ fn adapter_errors_name_the_file_and_the_problem() -> Result<()> {
     );
     std::fs::write(
         bad.join("adapter_config.json"),
-        cfg.replace("\"use_dora\": false", "\"use_dora\": true"),
+        cfg.replace("\"fan_in_fan_out\": false", "\"fan_in_fan_out\": true"),
     )?;
     let err = gen(&bad);
-    assert!(err.contains("use_dora = true is not supported"), "{err}");
+    assert!(
+        err.contains("fan_in_fan_out = true is not supported"),
+        "{err}"
+    );
     std::fs::write(
         bad.join("adapter_config.json"),
         cfg.replace("\"LORA\"", "\"IA3\""),

@@ -82,6 +82,18 @@ fn refused_after_editing(dir: &Path, out: &str, file: &str, want: &str) {
     std::fs::write(&path, before).unwrap();
 }
 
+/// A run into `out`, killed with -9 once its step-10 checkpoint is complete, then run again to
+/// the end; its output directory.
+fn killed_at_10_and_resumed(dir: &Path, out: &str) -> std::path::PathBuf {
+    let mut child = start_slow(dir, out, 100, &[]);
+    let killed = dir.join(out);
+    wait_for("step 10's checkpoint", || checkpoint_done(&killed, 10));
+    signal(&child, "-KILL");
+    child.wait().unwrap();
+    run(dir, out);
+    killed
+}
+
 fn signal(child: &Child, sig: &str) {
     common::signal(child.id(), sig);
 }
@@ -395,6 +407,41 @@ fn a_kill_during_a_save_and_a_damaged_shard_fall_back_to_the_previous_checkpoint
     refused_after_editing(dir, "crash", "rows.jsonl", "data.train's contents changed");
 }
 
+/// DoRA (`lora.use_dora`) trains, saves PEFT's `use_dora` adapter with every magnitude vector,
+/// and resumes bit-exactly after kill -9 (the magnitudes and their optimizer state included).
+#[test]
+fn dora_trains_saves_its_magnitudes_and_resumes_exactly() {
+    let tmp = setup("lora");
+    let dir = tmp.path();
+    let cfg = std::fs::read_to_string(dir.join("run.toml")).unwrap();
+    let cfg = cfg.replace("[lora]\n", "[lora]\nuse_dora = true\n");
+    std::fs::write(dir.join("run.toml"), cfg).unwrap();
+    run(dir, "straight");
+    let straight = dir.join("straight");
+    let adapter = straight.join("adapter");
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["use_dora"], true);
+    let tensors = candle_core::safetensors::load(
+        adapter.join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    let magnitudes: Vec<&String> = tensors
+        .keys()
+        .filter(|n| n.ends_with(".lora_magnitude_vector"))
+        .collect();
+    // Two layers × seven projections, each [out].
+    assert_eq!(magnitudes.len(), 14, "{magnitudes:?}");
+    let q = &tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"];
+    assert_eq!(q.rank(), 1);
+
+    let killed = killed_at_10_and_resumed(dir, "killed");
+    assert_same_run("lora", "DoRA, kill -9", &straight, &killed);
+}
+
 /// Two files in a weighted `[[data.mix]]`, each in its own format: the run reports each
 /// file's share, a kill -9 resumes bit-exactly, and a mixed file that changed is refused.
 #[test]
@@ -431,12 +478,7 @@ fn a_weighted_mix_of_files_resumes_exactly_and_refuses_a_changed_file() {
         "{err}"
     );
     let straight = dir.join("straight");
-    let mut child = start_slow(dir, "killed", 100, &[]);
-    let killed = dir.join("killed");
-    wait_for("step 10's checkpoint", || checkpoint_done(&killed, 10));
-    signal(&child, "-KILL");
-    child.wait().unwrap();
-    run(dir, "killed");
+    let killed = killed_at_10_and_resumed(dir, "killed");
     assert_same_run("lora", "a weighted mix, kill -9", &straight, &killed);
     refused_after_editing(
         dir,

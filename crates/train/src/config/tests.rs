@@ -172,7 +172,8 @@ fn set_overrides_any_key_with_a_toml_value() -> Result<()> {
     let err = format!("{:#}", load(&mixed, &["data.mix[2].weight=3"]).unwrap_err());
     assert!(
         err.contains(
-            "--set data.mix[2].weight=3: mix[2] is past the end of mix, which has 2 entries"
+            "--set data.mix[2].weight=3: data.mix[2] is past the end of data.mix, which has 2 \
+             entries"
         ),
         "{err}"
     );
@@ -185,14 +186,25 @@ fn set_overrides_any_key_with_a_toml_value() -> Result<()> {
         "{:#}",
         load(&mixed, &["data.format[0]=alpaca"]).unwrap_err()
     );
-    assert!(err.contains("format is not a list"), "{err}");
+    assert!(err.contains("data.format is not a list"), "{err}");
     // A list the file leaves at its default has no entries to change.
     let err = format!(
         "{:#}",
         load(&mixed, &["optimizer.betas[1]=0.95"]).unwrap_err()
     );
     assert!(
-        err.contains("betas is not set, so betas[1] cannot be"),
+        err.contains("optimizer.betas is not set, so optimizer.betas[1] cannot be"),
+        "{err}"
+    );
+    // A bare value that parses as a number is the text typed, in a list entry too.
+    let c = load(&mixed, &["data.mix[0].file=123", "data.mix[1].template=7"])?;
+    let mix = &c.data.as_ref().unwrap().mix;
+    assert_eq!(mix[0].file, PathBuf::from("123"));
+    assert_eq!(mix[1].template.as_deref(), Some("7"));
+    // An entry of a list the file does not have.
+    let err = format!("{:#}", load(BASE, &["data.mix[0].weight=1"]).unwrap_err());
+    assert!(
+        err.contains("data.mix is not set, so data.mix[0] cannot be"),
         "{err}"
     );
     let err = load(BASE, &["trainer.max_steps=abc"])
@@ -230,7 +242,11 @@ fn set_overrides_any_key_with_a_toml_value() -> Result<()> {
     assert_eq!(c.trainer.output_dir, PathBuf::from("222"));
     // --set supplies a key the file lacks, and replaces one of the wrong type.
     let no_format = BASE.replace("format = \"alpaca\"\n", "");
-    assert!(load(&no_format, &[])?.data.unwrap().validate().is_err());
+    let err = load(&no_format, &[])?.data.unwrap().validate().unwrap_err();
+    assert!(
+        err.to_string().starts_with("data.format is missing"),
+        "{err}"
+    );
     let c = load(&no_format, &["data.format=alpaca"])?;
     assert_eq!(
         format!("{:?}", c.data.as_ref().unwrap().format),
