@@ -593,7 +593,7 @@ fn bf16_base_trains_f32_adapters_and_sft_trains_everything() -> Result<()> {
     let dir = fixture("tiny-gqa-tied");
     let (cfg, weights) = open_model(&dir)?;
     let batch = Batch::read(&dir.join("reference.safetensors"))?;
-    for method in ["lora", "ptuning"] {
+    for method in ["lora", "dora", "ptuning"] {
         let f32_loss = {
             let c = load_with_adapter(&cfg, &weights, &dir.join(method), DType::F32, &dev)?;
             logits_and_loss(&c, &batch)?.1.to_scalar::<f32>()?

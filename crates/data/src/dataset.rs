@@ -324,8 +324,27 @@ fn mix_files(
     };
     let sum: f64 = weights.iter().flatten().sum();
     let mut shares = Vec::new();
+    // Each drawn copy is a sample of its own: a mixture beyond memory is an error naming the
+    // key, not an abort (or the kernel's OOM killer) halfway through.
+    let bytes: f64 = per_file
+        .iter()
+        .zip(&counts)
+        .filter(|(samples, _)| !samples.is_empty())
+        .map(|(samples, &count)| {
+            let total: usize = samples.iter().map(sample_bytes).sum();
+            total as f64 / samples.len() as f64 * count as f64
+        })
+        .sum();
+    if let Some(available) = available_memory_bytes().filter(|&a| bytes > a as f64) {
+        bail!(
+            "data.samples_per_epoch: the mixture's {} samples would take about {:.1} GiB, more \
+             than the {:.1} GiB of memory available",
+            counts.iter().sum::<usize>(),
+            bytes / (1u64 << 30) as f64,
+            available as f64 / (1u64 << 30) as f64
+        );
+    }
     let mut train = Vec::new();
-    // Each drawn copy is a sample of its own: a size beyond memory is an error, not an abort.
     train
         .try_reserve_exact(counts.iter().sum())
         .map_err(|e| anyhow::anyhow!("data.samples_per_epoch: {e}"))?;
@@ -348,6 +367,22 @@ fn mix_files(
     }
     Ok((train, shares))
 }
+/// What one sample holds in memory: its ids, labels and untrained ranges, and their headers.
+fn sample_bytes(s: &Sample) -> usize {
+    std::mem::size_of::<Sample>()
+        + s.input_ids.len() * 4
+        + s.labels.len() * 8
+        + s.untrained.len() * std::mem::size_of::<std::ops::Range<usize>>()
+}
+
+/// The memory the system can still give (Linux's MemAvailable); `None` where it cannot say.
+fn available_memory_bytes() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// Bumped whenever helix's own reading, templating or tokenizing changes its output, so caches
 /// written by an older helix are never hits.
 const TOKENS_REVISION: u32 = 3;

@@ -408,6 +408,13 @@ fn weights_give_each_file_its_share_repeating_the_small_one() -> Result<()> {
     assert_eq!(again.train, p.train);
     cfg.seed += 1;
     assert_ne!(prepare(&cfg, &tok)?.train[..3], p.train[..3]);
+    // A mixture beyond memory is refused before a sample is copied.
+    cfg.samples_per_epoch = Some(1 << 40);
+    let err = prepare(&cfg, &tok).err().unwrap().to_string();
+    assert!(
+        err.starts_with("data.samples_per_epoch: the mixture's 1099511627776 samples"),
+        "{err}"
+    );
     // By default the mixture is as large as the files together: 10, split 2.5 / 7.5 → 3 / 7.
     cfg.samples_per_epoch = None;
     let p = prepare(&cfg, &tok)?;

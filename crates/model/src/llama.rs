@@ -572,9 +572,10 @@ impl DecoderLayer {
     /// The layer's weights for [`decoder_layer`], which runs the whole layer as one op with a
     /// hand-written backward, when every projection can be differentiated by hand; under
     /// tensor parallelism, this rank's shards and the group. Draws each LoRA dropout's next
-    /// mask: called once per forward of the layer. Every projection the model makes (dense,
-    /// placed, LoRA) reports one, so no mask is drawn here for a layer that then runs op by op
-    /// and draws again; a hook's `Linear` that reports none would break that.
+    /// mask: called once per forward of the layer. A layer that then runs op by op must not
+    /// have drawn a mask here: every projection reports one (dense, placed, LoRA) except
+    /// DoRA's, and a model's adapters are all DoRA or none, so a DoRA layer's `None` comes
+    /// before any mask is drawn (dense projections draw none).
     fn hand_differentiated(
         &self,
         eps: f64,

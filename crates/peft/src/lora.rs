@@ -245,23 +245,26 @@ impl LoraLinear {
             false => magnitude.as_tensor().detach(),
         };
         let y = matmul_t(x, &self.base)?;
-        let xf = x.to_dtype(DType::F32)?;
+        let dtype = y.dtype();
+        // Everything past x Wᵀ in f32, rounded once at the end, as PEFT computes it for f32
+        // adapters on a bf16 base.
+        let (xf, wf) = (x.to_dtype(DType::F32)?, self.base.to_dtype(DType::F32)?);
+        let yf = y.to_dtype(DType::F32)?;
         let (xd, base_out) = match self.next_mask() {
             Some((p, key)) => {
                 let xd = helix_ops::dropout(&xf, p, key)?;
-                let base_out = matmul_t(&xd.to_dtype(self.base.dtype())?, &self.base)?;
-                (xd, base_out.to_dtype(DType::F32)?)
+                let base_out = matmul_t(&xd, &wf)?;
+                (xd, base_out)
             }
-            None => (xf, y.to_dtype(DType::F32)?),
+            None => (xf, yf.clone()),
         };
         let update = matmul_t(&matmul_t(&xd, &a)?, &b)?;
         let delta = (b.detach().matmul(&a.detach())? * self.scaling)?;
-        let norm = row_norms(&(self.base.to_dtype(DType::F32)? + delta)?)?;
+        let norm = row_norms(&(wf + delta)?)?;
         let scale = m.broadcast_div(&norm)?;
         let dora = (base_out.broadcast_mul(&(&scale - 1.0)?)?
             + (update.broadcast_mul(&scale)? * self.scaling)?)?;
-        let dtype = y.dtype();
-        y + dora.to_dtype(dtype)?
+        (yf + dora)?.to_dtype(dtype)
     }
 
     pub fn is_merged(&self) -> bool {

@@ -331,7 +331,11 @@ fn lora_config_from_peft(v: &Value) -> Result<LoraConfig> {
             .get("use_rslora")
             .and_then(Value::as_bool)
             .unwrap_or(false),
-        use_dora: v.get("use_dora").and_then(Value::as_bool).unwrap_or(false),
+        use_dora: match v.get("use_dora") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(other) => bail!("use_dora = {other} is not true or false"),
+        },
     };
     cfg.validate()?;
     Ok(cfg)

@@ -365,11 +365,16 @@ mod tests {
     }
 
     /// One fixture per method, with LoRA's dropout, and whether the method takes packed rows.
-    fn method_cases(lora_dropout: f64) -> [(&'static str, Method, bool); 3] {
+    fn method_cases(lora_dropout: f64) -> [(&'static str, Method, bool); 4] {
         let mut lora = LoraConfig::new(4, 8.0, &LLAMA_TARGETS);
         lora.lora_dropout = lora_dropout;
+        let dora = LoraConfig {
+            use_dora: true,
+            ..lora.clone()
+        };
         [
             ("tiny-gqa-untied-b3", Method::Lora(lora), true),
+            ("tiny-mha-untied", Method::Lora(dora), true),
             ("tiny-gqa-tied", Method::FullSft, true),
             (
                 "tiny-mha-untied",

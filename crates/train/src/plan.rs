@@ -138,10 +138,12 @@ pub fn plan(job: &Job, hw: &Hardware) -> Result<Plan> {
                 .iter()
                 .map(|leaf| {
                     let (out, inp) = shape(leaf);
+                    // DoRA's magnitude: one per output feature.
+                    let m = if lora.use_dora { out } else { 0.0 };
                     // A is split with a row-parallel base, B with a column-parallel one.
                     match is_row_parallel(leaf) {
-                        true => r * inp / tf + out * r,
-                        false => r * inp + out / tf * r,
+                        true => r * inp / tf + out * r + m,
+                        false => r * inp + (out * r + m) / tf,
                     }
                 })
                 .sum();
@@ -386,6 +388,14 @@ pub fn render(job: &Job, hw: &Hardware, p: &Plan) -> String {
             }
         ),
     );
+    if matches!(&job.method, Method::Lora(l) if l.use_dora) {
+        w(
+            &mut s,
+            "  (DoRA runs each decoder layer op by op, not as one op: its activations are more \
+             than the one-op layers' above; measure with helix-train bench)"
+                .to_string(),
+        );
+    }
     if job.recompute {
         w(
             &mut s,
