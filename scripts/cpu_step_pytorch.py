@@ -4,7 +4,8 @@ PyTorch side of scripts/cpu-step-vs-pytorch.sh. The same shapes and settings as 
 loss on every token after the first, LoRA r 8, alpha 16 on the seven projections, no dropout,
 f32, sdpa attention, global-norm clipping at 1.0 and AdamW.
 
-Usage: python scripts/cpu_step_pytorch.py MODEL_DIR [STEPS]   (prints the median step time)
+Usage: python scripts/cpu_step_pytorch.py MODEL_DIR [STEPS] [--dora]   (prints the median step time)
+       --dora: PEFT's DoRA (use_dora=True) in place of LoRA
 """
 import statistics
 import sys
@@ -16,15 +17,17 @@ from transformers import AutoModelForCausalLM
 
 
 def main():
-    model_dir = sys.argv[1]
-    steps = int(sys.argv[2]) if len(sys.argv) > 2 else 10
+    args = [a for a in sys.argv[1:] if a != "--dora"]
+    dora = "--dora" in sys.argv[1:]
+    model_dir = args[0]
+    steps = int(args[1]) if len(args) > 1 else 10
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=torch.float32, attn_implementation="sdpa"
     )
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = get_peft_model(
-        model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets)
+        model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets, use_dora=dora)
     )
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -47,7 +50,7 @@ def main():
         step()
         times.append(time.perf_counter() - t)
     print(
-        f"pytorch: {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"pytorch{' DoRA' if dora else ''}: {torch.__version__}, {torch.get_num_threads()} threads, "
         f"median {statistics.median(times):.4f} s over {steps} steps "
         f"(min {min(times):.4f}, max {max(times):.4f})"
     )

@@ -164,8 +164,9 @@ pub struct LoraLinear {
     base: Tensor,
     a: Var,
     b: Var,
-    /// DoRA's magnitude [out], f32; `None` for plain LoRA.
+    /// DoRA's magnitude [out] and ‖W‖² per row (f32, fixed with W); `None` for plain LoRA.
     magnitude: Option<Var>,
+    base_row_sq: Option<Tensor>,
     scaling: f64,
     dropout: SeededDropout,
     /// W + s·BA while merged: the base stays untouched, so unmerging is exact.
@@ -234,37 +235,50 @@ impl LoraLinear {
         }
     }
 
-    /// DoRA's `m / ‖W + s·BA‖ ⊙ (x Wᵀ + s · B(A(dropout(x))))` as PEFT computes it:
-    /// `y + (m/‖·‖ − 1) ⊙ base + m/‖·‖ ⊙ s · update`, where `base` is `y` itself, or with
-    /// dropout the product of the dropped input (PEFT's `DoraLinearVariant`). The norm is a
-    /// constant (no gradient reaches A or B through it); m's gradient is the rest's.
+    /// DoRA as PEFT computes it, `y + (g − 1) ⊙ y_d + g ⊙ s · u_d` with g = m / ‖W + s·BA‖
+    /// (per output row, a constant in the backward: no gradient reaches A or B through it),
+    /// y = x Wᵀ, and y_d, u_d the base product and the low-rank update of the dropped input
+    /// (x itself without dropout). Rearranged as `(x − x_d) Wᵀ + g ⊙ LoRA(x_d)`, the LoRA
+    /// projection runs as [`helix_ops::lora_linear`], one op that keeps only its input and
+    /// rank-r activation, and without dropout the first term is gone: DoRA is LoRA's output
+    /// scaled per feature. The scaling and sum are f32, rounded once to the model's dtype (a
+    /// bf16 model's LoRA output is rounded before it, where PEFT rounds once).
     fn dora_forward(&self, x: &Tensor, magnitude: &Var) -> candle_core::Result<Tensor> {
         let (a, b) = self.adapters();
         let m = match self.dropout.is_training() {
             true => magnitude.as_tensor().clone(),
             false => magnitude.as_tensor().detach(),
         };
-        let y = matmul_t(x, &self.base)?;
-        let dtype = y.dtype();
-        // Everything past x Wᵀ in f32, rounded once at the end, as PEFT computes it for f32
-        // adapters on a bf16 base.
-        let (xf, wf) = (x.to_dtype(DType::F32)?, self.base.to_dtype(DType::F32)?);
-        let yf = y.to_dtype(DType::F32)?;
-        let (xd, base_out) = match self.next_mask() {
-            Some((p, key)) => {
-                let xd = helix_ops::dropout(&xf, p, key)?;
-                let base_out = matmul_t(&xd, &wf)?;
-                (xd, base_out)
+        let g = m.broadcast_div(&self.dora_norm(&a.detach(), &b.detach())?)?;
+        let dtype = x.dtype();
+        let scaled = |lora: Tensor| lora.to_dtype(DType::F32)?.broadcast_mul(&g);
+        match self.next_mask() {
+            None => {
+                let lora = helix_ops::lora_linear(x, &self.base, &a, &b, self.scaling)?;
+                scaled(lora)?.to_dtype(dtype)
             }
-            None => (xf, yf.clone()),
-        };
-        let update = matmul_t(&matmul_t(&xd, &a)?, &b)?;
-        let delta = (b.detach().matmul(&a.detach())? * self.scaling)?;
-        let norm = row_norms(&(wf + delta)?)?;
-        let scale = m.broadcast_div(&norm)?;
-        let dora = (base_out.broadcast_mul(&(&scale - 1.0)?)?
-            + (update.broadcast_mul(&scale)? * self.scaling)?)?;
-        (yf + dora)?.to_dtype(dtype)
+            Some((p, key)) => {
+                let xd = helix_ops::dropout(&x.to_dtype(DType::F32)?, p, key)?.to_dtype(dtype)?;
+                let lora = helix_ops::lora_linear(&xd, &self.base, &a, &b, self.scaling)?;
+                let dropped = matmul_t(&(x - &xd)?, &self.base)?.to_dtype(DType::F32)?;
+                (dropped + scaled(lora)?)?.to_dtype(dtype)
+            }
+        }
+    }
+
+    /// ‖W + s·BA‖ per row, without forming W + s·BA (an [out, in] tensor and three passes
+    /// over it per projection and step): ‖W‖² (kept) + 2s·Σ_k B ⊙ (W Aᵀ) + s²·Σ_k B ⊙ (B A Aᵀ),
+    /// products of rank r.
+    fn dora_norm(&self, a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+        let w_sq = self.base_row_sq.as_ref().expect("a DoRA layer keeps ‖W‖²");
+        let wa = matmul_t(&self.base.to_dtype(DType::F32)?, a)?;
+        let bg = b.matmul(&a.matmul(&a.t()?)?)?;
+        let cross = (b * &wa)?.sum(1)?;
+        let square = (b * &bg)?.sum(1)?;
+        let s = self.scaling;
+        ((w_sq + (cross * (2.0 * s))?)? + (square * (s * s))?)?
+            .relu()?
+            .sqrt()
     }
 
     pub fn is_merged(&self) -> bool {
@@ -412,11 +426,13 @@ impl LoraBuilder {
             _ => uniform(&mut rng, &[r, in_dim], 1.0 / (in_dim as f64).sqrt(), &dev)?,
         };
         // With B = 0, ‖W + s·BA‖ = ‖W‖: the magnitude PEFT starts from.
-        let magnitude = match self.cfg.use_dora {
-            true => Some(Var::from_tensor(&row_norms(
-                &weight.to_dtype(DType::F32)?,
-            )?)?),
+        let base_row_sq = match self.cfg.use_dora {
+            true => Some(weight.to_dtype(DType::F32)?.sqr()?.sum(1)?),
             false => None,
+        };
+        let magnitude = match &base_row_sq {
+            Some(sq) => Some(Var::from_tensor(&sq.sqrt()?)?),
+            None => None,
         };
         Ok(LoraLinear {
             name: prefix.to_string(),
@@ -424,6 +440,7 @@ impl LoraBuilder {
             a,
             b: Var::zeros((out_dim, r), DType::F32, &dev)?,
             magnitude,
+            base_row_sq,
             scaling: self.cfg.scaling(),
             dropout: SeededDropout::new(self.cfg.lora_dropout, layer_seed.rotate_left(17)),
             merged: RwLock::new(None),
@@ -535,17 +552,26 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    #[test]
-    fn eval_mode_computes_the_same_without_recording_a_graph() -> Result<()> {
-        let dev = Device::Cpu;
-        let builder = LoraBuilder::new(LoraConfig::new(2, 4.0, &["q_proj"]), 1)?;
-        let w = Tensor::randn(0f32, 1.0, (3, 4), &dev)?;
+    /// `cfg`'s adapter on one random `q_proj` of [out, in], seeded with `seed`.
+    pub(super) fn one_layer(
+        cfg: LoraConfig,
+        seed: u64,
+        (out, inp): (usize, usize),
+    ) -> Result<(Box<dyn Linear>, LoraAdapters)> {
+        let builder = LoraBuilder::new(cfg, seed)?;
+        let w = Tensor::randn(0f32, 1.0, (out, inp), &Device::Cpu)?;
         let layer = builder.hook(
             "model.layers.0.self_attn.q_proj",
             Dense::new(w),
             &Placement::Whole,
         )?;
-        let adapters = builder.finish()?;
+        Ok((layer, builder.finish()?))
+    }
+
+    #[test]
+    fn eval_mode_computes_the_same_without_recording_a_graph() -> Result<()> {
+        let dev = Device::Cpu;
+        let (layer, adapters) = one_layer(LoraConfig::new(2, 4.0, &["q_proj"]), 1, (3, 4))?;
         adapters.layers[0]
             .b()
             .set(&Tensor::ones((3, 2), DType::F32, &dev)?)?;
@@ -562,6 +588,90 @@ mod tests {
             "eval mode keeps no activations for a backward"
         );
         assert_eq!(eval.to_vec2::<f32>()?, train.to_vec2::<f32>()?);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod dora_tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// One DoRA layer on `q_proj` with dropout `p`, its adapters and magnitude set away from
+    /// their initial values so that every term counts.
+    fn dora_layer(p: f64) -> Result<(Box<dyn Linear>, LoraAdapters)> {
+        let dev = Device::Cpu;
+        let mut cfg = LoraConfig::new(3, 6.0, &["q_proj"]);
+        cfg.lora_dropout = p;
+        cfg.use_dora = true;
+        let (layer, adapters) = super::tests::one_layer(cfg, 11, (5, 4))?;
+        let l = &adapters.layers[0];
+        l.b().set(&Tensor::randn(0f32, 0.5, (5, 3), &dev)?)?;
+        let m = l.magnitude().unwrap();
+        m.set(&(m.as_tensor() * Tensor::new(&[0.5f32, 1.5, 0.8, 1.2, 2.0], &dev)?)?)?;
+        Ok((layer, adapters))
+    }
+
+    /// The rearranged forward (LoRA as one op, scaled) against PEFT's formula composed from
+    /// plain ops with the same dropout mask: `y + (g − 1) ⊙ drop(x) Wᵀ + g ⊙ s · B A drop(x)`,
+    /// g = m / ‖W + s·BA‖ held constant; outputs and the gradients of x, A, B and m.
+    #[test]
+    fn dora_equals_peft_s_formula_with_and_without_dropout() -> Result<()> {
+        let dev = Device::Cpu;
+        for p in [0.0, 0.4] {
+            let (layer, adapters) = dora_layer(p)?;
+            let l = &adapters.layers[0];
+            let x = candle_core::Var::from_tensor(&Tensor::randn(0f32, 1.0, (2, 3, 4), &dev)?)?;
+            let got = layer.forward(x.as_tensor())?;
+            // The reference draws the same mask: a twin layer's first one.
+            let (_, twin) = dora_layer(p)?;
+            let mask = twin.layers[0].next_mask();
+            let (a, b, m) = (l.a().as_tensor(), l.b().as_tensor(), l.magnitude().unwrap());
+            let w = l.base_weight();
+            let s = l.scaling;
+            let xd = match mask {
+                Some((p, key)) => helix_ops::dropout(x.as_tensor(), p, key)?,
+                None => x.as_tensor().clone(),
+            };
+            let norm = (w.clone() + (b.matmul(a)? * s)?)?
+                .sqr()?
+                .sum(1)?
+                .sqrt()?
+                .detach();
+            let g = m.as_tensor().broadcast_div(&norm)?;
+            let y = x.as_tensor().broadcast_matmul(&w.t()?)?;
+            let yd = xd.broadcast_matmul(&w.t()?)?;
+            let u = xd.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)?;
+            let want = ((y + yd.broadcast_mul(&(&g - 1.0)?)?)? + (u.broadcast_mul(&g)? * s)?)?;
+            let d = (&got - &want)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert!(d < 1e-5, "p = {p}: outputs differ by {d}");
+            // Gradients of a weighted sum, so each output element counts differently.
+            let weights = Tensor::randn(0f32, 1.0, got.dims(), &dev)?;
+            let g_got = (&got * &weights)?.sum_all()?.backward()?;
+            let g_want = (&want * &weights)?.sum_all()?.backward()?;
+            for (name, v) in [
+                ("x", x.as_tensor()),
+                ("A", a),
+                ("B", b),
+                ("m", m.as_tensor()),
+            ] {
+                let (gg, gw) = (g_got.get(v).unwrap(), g_want.get(v).unwrap());
+                let d = (gg - gw)?
+                    .abs()?
+                    .flatten_all()?
+                    .max(0)?
+                    .to_scalar::<f32>()?;
+                let scale = gw.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                assert!(
+                    d <= 1e-5 * scale.max(1.0),
+                    "p = {p}: d{name} differs by {d}"
+                );
+            }
+        }
         Ok(())
     }
 }
