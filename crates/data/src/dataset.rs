@@ -226,9 +226,15 @@ fn joined(files: &[(String, String)]) -> String {
 pub fn prepare(cfg: &DataConfig, tok: &DataTokenizer) -> Result<PreparedData> {
     cfg.validate()?;
     let mut sources = BTreeMap::new();
+    // One template per spec: files that share one (train, validation, test) build it once.
+    let mut templates: BTreeMap<String, Template> = BTreeMap::new();
     let mut load = |source: &Source| -> Result<(usize, Tokenized)> {
-        let template = source_template(cfg, source, tok)?;
-        let (report, tokenized) = load_source(cfg, tok, &template, source)
+        if !templates.contains_key(source.template) {
+            let template = source_template(cfg, source, tok)?;
+            templates.insert(source.template.to_string(), template);
+        }
+        let template = &templates[source.template];
+        let (report, tokenized) = load_source(cfg, tok, template, source)
             .with_context(|| format!("{} = {}", source.file_key(), source.file.display()))?;
         let records = report.stats.records;
         sources.insert(source.role.clone(), report);
@@ -290,9 +296,8 @@ pub fn prepare(cfg: &DataConfig, tok: &DataTokenizer) -> Result<PreparedData> {
 
 /// The template `source` is rendered with.
 fn source_template(cfg: &DataConfig, source: &Source, tok: &DataTokenizer) -> Result<Template> {
-    let key = source.template_key();
-    let template =
-        Template::from_spec(source.template, Some(tok.codec.clone())).context(key.clone())?;
+    let template = Template::from_spec(source.template, Some(tok.codec.clone()))
+        .with_context(|| source.template_key())?;
     Ok(match template {
         Template::Chat(chat) => Template::Chat(
             chat.with_spans(cfg.assistant_spans)
@@ -314,14 +319,21 @@ fn mix_files(
     }
     let weights: Option<Vec<f64>> = sources.iter().map(|s| s.weight).collect();
     let available: Vec<usize> = per_file.iter().map(Vec::len).collect();
-    let counts = match &weights {
+    let counts: Vec<usize> = match &weights {
         Some(w) => apportion(
             w,
             cfg.samples_per_epoch
                 .unwrap_or_else(|| available.iter().sum()),
         ),
         None => available.clone(),
-    };
+    }
+    .into_iter()
+    .zip(&available)
+    // A file with nothing to draw gives nothing: check_trainable names it, after data-stats
+    // has printed every file's statistics.
+    .map(|(count, &n)| if n == 0 { 0 } else { count })
+    .collect();
+    let total: usize = counts.iter().sum();
     let sum: f64 = weights.iter().flatten().sum();
     let mut shares = Vec::new();
     // Each drawn copy is a sample of its own: a mixture beyond memory is an error naming the
@@ -329,7 +341,7 @@ fn mix_files(
     let bytes: f64 = per_file
         .iter()
         .zip(&counts)
-        .filter(|(samples, _)| !samples.is_empty())
+        .filter(|(_, &count)| count > 0)
         .map(|(samples, &count)| {
             let total: usize = samples.iter().map(sample_bytes).sum();
             total as f64 / samples.len() as f64 * count as f64
@@ -337,22 +349,18 @@ fn mix_files(
         .sum();
     if let Some(available) = available_memory_bytes().filter(|&a| bytes > a as f64) {
         bail!(
-            "data.samples_per_epoch: the mixture's {} samples would take about {:.1} GiB, more \
-             than the {:.1} GiB of memory available",
-            counts.iter().sum::<usize>(),
+            "data.samples_per_epoch: the mixture's {total} samples would take about {:.1} GiB, \
+             more than the {:.1} GiB of memory available",
             bytes / (1u64 << 30) as f64,
             available as f64 / (1u64 << 30) as f64
         );
     }
     let mut train = Vec::new();
     train
-        .try_reserve_exact(counts.iter().sum())
+        .try_reserve_exact(total)
         .map_err(|e| anyhow::anyhow!("data.samples_per_epoch: {e}"))?;
     for (i, (samples, &count)) in per_file.into_iter().zip(&counts).enumerate() {
         let source = &sources[i];
-        // A file with nothing to draw gives nothing: check_trainable names it, after
-        // data-stats has printed every file's statistics.
-        let count = if samples.is_empty() { 0 } else { count };
         for j in draw(samples.len(), count, draw_seed(cfg.seed, i))? {
             train.push(samples[j].clone());
         }
@@ -367,6 +375,7 @@ fn mix_files(
     }
     Ok((train, shares))
 }
+
 /// What one sample holds in memory: its ids, labels and untrained ranges, and their headers.
 fn sample_bytes(s: &Sample) -> usize {
     std::mem::size_of::<Sample>()

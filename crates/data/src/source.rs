@@ -106,14 +106,18 @@ impl<'a> Source<'a> {
     /// kind: in its own fields table where `[data.fields]` is inherited (a table of its own
     /// replaces it whole).
     fn own_fields_advice(&self, field: &str) -> String {
-        match self.mix.filter(|m| !m.fields) {
-            Some(m) => format!(
+        match self.inherits_fields() {
+            Some(i) => format!(
                 "give data.mix[{i}] its own fields table (data.mix[{i}].fields.{field}), which \
-                 replaces [data.fields]",
-                i = m.index
+                 replaces [data.fields]"
             ),
             None => format!("name their array of turns with {}", self.field_key(field)),
         }
+    }
+
+    /// A mix file's index when it reads `[data.fields]`, having no fields table of its own.
+    fn inherits_fields(&self) -> Option<usize> {
+        self.mix.filter(|m| !m.fields).map(|m| m.index)
     }
 
     fn field_key(&self, field: &str) -> String {
@@ -154,11 +158,10 @@ impl<'a> Source<'a> {
             .iter()
             .find_map(|(key, v)| v.is_some().then_some(key))
         {
-            let advice = match self.mix.filter(|m| !m.fields) {
-                Some(m) => format!(
-                    "give data.mix[{}] its own fields table, which replaces [data.fields]",
-                    m.index
-                ),
+            let advice = match self.inherits_fields() {
+                Some(i) => {
+                    format!("give data.mix[{i}] its own fields table, which replaces [data.fields]")
+                }
                 None => format!("use {format_key} = \"messages\" or \"sharegpt\""),
             };
             bail!(

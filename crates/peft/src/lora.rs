@@ -66,6 +66,14 @@ impl LoraConfig {
         }
     }
 
+    /// What the adapter is called: "DoRA" with `use_dora`, else "LoRA".
+    pub fn name(&self) -> &'static str {
+        match self.use_dora {
+            true => "DoRA",
+            false => "LoRA",
+        }
+    }
+
     /// alpha / r, or alpha / √r with rsLoRA.
     pub fn scaling(&self) -> f64 {
         if self.use_rslora {
@@ -156,6 +164,14 @@ impl LoraConfig {
     }
 }
 
+/// What DoRA adds to a LoRA layer.
+struct Dora {
+    /// The trained magnitude [out], f32.
+    magnitude: Var,
+    /// ‖W‖² per row [out], f32: fixed with W, so kept.
+    base_row_sq: Tensor,
+}
+
 /// A frozen dense projection plus a trainable low-rank update.
 pub struct LoraLinear {
     /// Checkpoint prefix, e.g. `model.layers.0.self_attn.q_proj`.
@@ -164,9 +180,8 @@ pub struct LoraLinear {
     base: Tensor,
     a: Var,
     b: Var,
-    /// DoRA's magnitude [out] and ‖W‖² per row (f32, fixed with W); `None` for plain LoRA.
-    magnitude: Option<Var>,
-    base_row_sq: Option<Tensor>,
+    /// DoRA's part; `None` for plain LoRA.
+    dora: Option<Dora>,
     scaling: f64,
     dropout: SeededDropout,
     /// W + s·BA while merged: the base stays untouched, so unmerging is exact.
@@ -186,7 +201,7 @@ impl LoraLinear {
 
     /// DoRA's magnitude vector, when the layer has one.
     pub fn magnitude(&self) -> Option<&Var> {
-        self.magnitude.as_ref()
+        self.dora.as_ref().map(|d| &d.magnitude)
     }
 
     /// A and B as the forward uses them. In eval mode the adapters are constants: no graph is
@@ -201,9 +216,7 @@ impl LoraLinear {
     /// Whether the layer, run on its own, is one LoRA op ([`helix_ops::lora_linear`]): the
     /// whole weight on this rank and no dropout.
     fn is_one_op(&self) -> bool {
-        matches!(self.placement, Placement::Whole)
-            && self.dropout.is_identity()
-            && self.magnitude.is_none()
+        matches!(self.placement, Placement::Whole) && self.dropout.is_identity()
     }
 
     /// The next dropout mask, (p, its key), counted as drawn; `None` where dropout is the
@@ -226,10 +239,10 @@ impl LoraLinear {
     pub fn merged_f32(&self) -> candle_core::Result<Tensor> {
         let delta = (self.b.as_tensor().matmul(self.a.as_tensor())? * self.scaling)?;
         let merged = (self.base.to_dtype(DType::F32)? + delta)?;
-        match &self.magnitude {
+        match &self.dora {
             None => Ok(merged),
-            Some(m) => {
-                let scale = (m.as_tensor() / row_norms(&merged)?)?;
+            Some(dora) => {
+                let scale = (dora.magnitude.as_tensor() / row_norms(&merged)?)?;
                 merged.broadcast_mul(&scale.unsqueeze(1)?)
             }
         }
@@ -243,13 +256,13 @@ impl LoraLinear {
     /// rank-r activation, and without dropout the first term is gone: DoRA is LoRA's output
     /// scaled per feature. The scaling and sum are f32, rounded once to the model's dtype (a
     /// bf16 model's LoRA output is rounded before it, where PEFT rounds once).
-    fn dora_forward(&self, x: &Tensor, magnitude: &Var) -> candle_core::Result<Tensor> {
+    fn dora_forward(&self, x: &Tensor, dora: &Dora) -> candle_core::Result<Tensor> {
         let (a, b) = self.adapters();
         let m = match self.dropout.is_training() {
-            true => magnitude.as_tensor().clone(),
-            false => magnitude.as_tensor().detach(),
+            true => dora.magnitude.as_tensor().clone(),
+            false => dora.magnitude.as_tensor().detach(),
         };
-        let g = m.broadcast_div(&self.dora_norm(&a.detach(), &b.detach())?)?;
+        let g = m.broadcast_div(&self.dora_norm(dora, &a.detach(), &b.detach())?)?;
         let dtype = x.dtype();
         let scaled = |lora: Tensor| lora.to_dtype(DType::F32)?.broadcast_mul(&g);
         match self.next_mask() {
@@ -269,14 +282,13 @@ impl LoraLinear {
     /// ‖W + s·BA‖ per row, without forming W + s·BA (an [out, in] tensor and three passes
     /// over it per projection and step): ‖W‖² (kept) + 2s·Σ_k B ⊙ (W Aᵀ) + s²·Σ_k B ⊙ (B A Aᵀ),
     /// products of rank r.
-    fn dora_norm(&self, a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-        let w_sq = self.base_row_sq.as_ref().expect("a DoRA layer keeps ‖W‖²");
+    fn dora_norm(&self, dora: &Dora, a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
         let wa = matmul_t(&self.base.to_dtype(DType::F32)?, a)?;
         let bg = b.matmul(&a.matmul(&a.t()?)?)?;
         let cross = (b * &wa)?.sum(1)?;
         let square = (b * &bg)?.sum(1)?;
         let s = self.scaling;
-        ((w_sq + (cross * (2.0 * s))?)? + (square * (s * s))?)?
+        ((&dora.base_row_sq + (cross * (2.0 * s))?)? + (square * (s * s))?)?
             .relu()?
             .sqrt()
     }
@@ -295,8 +307,8 @@ impl Linear for LoraLinear {
         if let Some(w) = self.merged.read().unwrap().as_ref() {
             return self.placement.forward(x, w);
         }
-        if let Some(m) = &self.magnitude {
-            return self.dora_forward(x, m);
+        if let Some(dora) = &self.dora {
+            return self.dora_forward(x, dora);
         }
         let (a, b) = self.adapters();
         if self.is_one_op() {
@@ -335,7 +347,7 @@ impl Linear for LoraLinear {
             // This rank's shard of W + s·BA: B's rows or A's columns follow W's split.
             return Some(Projection::Dense { weight: w.clone() });
         }
-        if self.magnitude.is_some() {
+        if self.dora.is_some() {
             return None; // DoRA runs on the op graph
         }
         let (a, b) = self.adapters();
@@ -426,21 +438,22 @@ impl LoraBuilder {
             _ => uniform(&mut rng, &[r, in_dim], 1.0 / (in_dim as f64).sqrt(), &dev)?,
         };
         // With B = 0, ‖W + s·BA‖ = ‖W‖: the magnitude PEFT starts from.
-        let base_row_sq = match self.cfg.use_dora {
-            true => Some(weight.to_dtype(DType::F32)?.sqr()?.sum(1)?),
+        let dora = match self.cfg.use_dora {
+            true => {
+                let base_row_sq = weight.to_dtype(DType::F32)?.sqr()?.sum(1)?;
+                Some(Dora {
+                    magnitude: Var::from_tensor(&base_row_sq.sqrt()?)?,
+                    base_row_sq,
+                })
+            }
             false => None,
-        };
-        let magnitude = match &base_row_sq {
-            Some(sq) => Some(Var::from_tensor(&sq.sqrt()?)?),
-            None => None,
         };
         Ok(LoraLinear {
             name: prefix.to_string(),
             base: weight,
             a,
             b: Var::zeros((out_dim, r), DType::F32, &dev)?,
-            magnitude,
-            base_row_sq,
+            dora,
             scaling: self.cfg.scaling(),
             dropout: SeededDropout::new(self.cfg.lora_dropout, layer_seed.rotate_left(17)),
             merged: RwLock::new(None),
@@ -479,7 +492,7 @@ impl LoraAdapters {
         for l in &self.layers {
             out.push((peft_key(&l.name, "lora_A"), l.a.clone()));
             out.push((peft_key(&l.name, "lora_B"), l.b.clone()));
-            if let Some(m) = &l.magnitude {
+            if let Some(m) = l.magnitude() {
                 out.push((magnitude_key(&l.name), m.clone()));
             }
         }

@@ -64,8 +64,7 @@ pub enum Adapter {
 impl Adapter {
     pub fn kind(&self) -> &'static str {
         match self {
-            Adapter::Lora { cfg, .. } if cfg.use_dora => "DoRA",
-            Adapter::Lora { .. } => "LoRA",
+            Adapter::Lora { cfg, .. } => cfg.name(),
             Adapter::Ptuning { .. } => "P-tuning",
         }
     }

@@ -500,18 +500,12 @@ fn set_value(table: &mut toml::Table, path: &str, value: toml::Value) -> Result<
     for k in parents {
         let (name, index) = indexed(k)?;
         let here = dotted(&walked, name);
-        let mut entry = match index {
-            // A list entry must exist: `--set` changes entries, it does not make them.
-            Some(i) => at
-                .get_mut(name)
-                .with_context(|| format!("{here} is not set, so {here}[{i}] cannot be"))?,
+        let entry = match index {
+            Some(i) => list_entry(at, name, &here, i)?,
             None => at
                 .entry(name)
                 .or_insert_with(|| toml::Value::Table(Default::default())),
         };
-        if let Some(i) = index {
-            entry = list_entry(entry, &here, i)?;
-        }
         walked = dotted(&walked, k);
         at = entry
             .as_table_mut()
@@ -523,12 +517,7 @@ fn set_value(table: &mut toml::Table, path: &str, value: toml::Value) -> Result<
         None => {
             at.insert(name.to_string(), value);
         }
-        Some(i) => {
-            let list = at
-                .get_mut(name)
-                .with_context(|| format!("{here} is not set, so {here}[{i}] cannot be"))?;
-            *list_entry(list, &here, i)? = value;
-        }
+        Some(i) => *list_entry(at, name, &here, i)? = value,
     }
     Ok(())
 }
@@ -569,15 +558,22 @@ fn indexed(key: &str) -> Result<(&str, Option<usize>)> {
     }
 }
 
-/// Entry `i` of the list `value` (named `name`), which must exist: `--set` changes entries of
-/// a list, it does not make new ones.
-fn list_entry<'a>(value: &'a mut toml::Value, name: &str, i: usize) -> Result<&'a mut toml::Value> {
-    let list = value
+/// Entry `i` of the list `table[name]` (`here` in messages, its dotted path), which must
+/// exist: `--set` changes entries of a list, it does not make new ones.
+fn list_entry<'a>(
+    table: &'a mut toml::Table,
+    name: &str,
+    here: &str,
+    i: usize,
+) -> Result<&'a mut toml::Value> {
+    let list = table
+        .get_mut(name)
+        .with_context(|| format!("{here} is not set, so {here}[{i}] cannot be"))?
         .as_array_mut()
-        .with_context(|| format!("{name} is not a list"))?;
+        .with_context(|| format!("{here} is not a list"))?;
     let len = list.len();
     list.get_mut(i)
-        .with_context(|| format!("{name}[{i}] is past the end of {name}, which has {len} entries"))
+        .with_context(|| format!("{here}[{i}] is past the end of {here}, which has {len} entries"))
 }
 
 /// serde's "unknown field `x`, expected one of `a`, `b`" (and "unknown variant"), with the

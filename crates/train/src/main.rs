@@ -333,11 +333,9 @@ fn run(cli: Cli) -> Result<()> {
                 report.files.len(),
                 if report.files.len() == 1 { "" } else { "s" },
                 report.total_bytes as f64 / 1e6,
-                match &c.lora {
-                    Some(l) if l.cfg.use_dora => ", DoRA merged",
-                    Some(_) => ", LoRA merged",
-                    None => "",
-                },
+                c.lora
+                    .as_ref()
+                    .map_or(String::new(), |l| format!(", {} merged", l.cfg.name())),
                 t.elapsed().as_secs_f64()
             );
             Ok(())
@@ -434,11 +432,7 @@ fn load_model(
     };
     let c = load_with_adapter(&dir.config, &dir.weights, adapter, dtype, device)
         .with_context(|| format!("loading the adapter {}", adapter.display()))?;
-    let kind = match &c.lora {
-        Some(l) if l.cfg.use_dora => "DoRA",
-        Some(_) => "LoRA",
-        None => "P-tuning",
-    };
+    let kind = c.lora.as_ref().map_or("P-tuning", |l| l.cfg.name());
     eprintln!("{kind} adapter {}: {}", adapter.display(), c.summary());
     Ok(c)
 }
