@@ -11,7 +11,7 @@ mod training;
 pub use attention::flash_segments;
 use attention::{attention_softmax, flash_attention};
 pub use training::cross_entropy_targets;
-use training::{adamw, cross_entropy, low_rank, sum_squares};
+use training::{adamw, cross_entropy, low_rank, nf4, sum_squares};
 
 /// Which implementation computes an op.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,6 +106,16 @@ pub fn cases() -> Vec<Case> {
         for dims in [vec![1001], vec![4096, 4096]] {
             out.push(Case {
                 op: "adamw",
+                dtype,
+                dims,
+            });
+        }
+    }
+    // QLoRA's NF4 weights: 15 blocks (one short group of scalers), and a 7B MLP projection.
+    for dtype in [DType::F32, DType::BF16] {
+        for dims in [vec![3, 320], vec![11008, 4096]] {
+            out.push(Case {
+                op: "nf4",
                 dtype,
                 dims,
             });
@@ -220,6 +230,7 @@ pub fn run(case: &Case, implementation: Implementation, device: &Device) -> Resu
         "adamw" => return adamw(case, implementation, &input),
         "sum_squares" => return sum_squares(case, implementation, &input),
         "low_rank" => return low_rank(case, implementation, &input),
+        "nf4" => return nf4(case, implementation, &input),
         "swiglu_backward_and_output" => {
             return swiglu_backward_and_output(case, implementation, &input)
         }

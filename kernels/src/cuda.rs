@@ -60,6 +60,11 @@ pub(crate) const DROPOUT: Module = Module {
     ptx: include_str!(concat!(env!("OUT_DIR"), "/dropout.ptx")),
 };
 
+pub(crate) const NF4: Module = Module {
+    name: "helix_nf4",
+    ptx: include_str!(concat!(env!("OUT_DIR"), "/nf4.ptx")),
+};
+
 pub(crate) const FLASH_ATTENTION: Module = Module {
     name: "helix_flash_attention",
     ptx: include_str!(concat!(env!("OUT_DIR"), "/flash_attention.ptx")),
@@ -476,6 +481,90 @@ fn dropout_typed<T: CudaDType + DeviceRepr>(
         unsafe { args.launch(launch::elementwise(n).into()) }.w()?;
     }
     Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}
+
+/// NF4 codes [numel / 2] of the packed weight w given its blocks' absmax (kernels/cuda/nf4.cu).
+pub(crate) fn nf4_quantize(
+    w: (&CudaStorage, &Layout),
+    absmax: (&CudaStorage, &Layout),
+) -> Result<CudaStorage> {
+    match w.0.dtype() {
+        DType::F32 => nf4_quantize_typed::<f32>("nf4_quantize_f32", w, absmax),
+        DType::BF16 => nf4_quantize_typed::<half::bf16>("nf4_quantize_bf16", w, absmax),
+        DType::F16 => nf4_quantize_typed::<half::f16>("nf4_quantize_f16", w, absmax),
+        other => candle_core::bail!("nf4_quantize: no kernel for {other:?}"),
+    }
+}
+
+fn nf4_quantize_typed<T: CudaDType + DeviceRepr>(
+    function: &str,
+    w: (&CudaStorage, &Layout),
+    absmax: (&CudaStorage, &Layout),
+) -> Result<CudaStorage> {
+    let dev: CudaDevice = w.0.device.clone();
+    let func = dev.get_or_load_custom_func(function, NF4.name, NF4.ptx)?;
+    let typed = views::<T>(function, &[w, absmax])?;
+    let pairs = w.1.shape().elem_count() / 2;
+    // SAFETY: the kernel writes every one of the pairs bytes.
+    let codes = unsafe { dev.alloc::<u8>(pairs)? };
+    let pairs64 = pairs as i64;
+    let mut args = func.builder();
+    args.arg(&typed[0]).arg(&typed[1]).arg(&codes).arg(&pairs64);
+    if pairs > 0 {
+        // SAFETY: the argument list matches nf4_quantize_*'s signature.
+        unsafe { args.launch(launch::elementwise(pairs).into()) }.w()?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(codes, dev))
+}
+
+/// The weight (flat, the factors' dtype) from its NF4 codes, int8 scalers (as u8), factors and
+/// mean (kernels/cuda/nf4.cu).
+pub(crate) fn nf4_dequantize(
+    codes: (&CudaStorage, &Layout),
+    scalers: (&CudaStorage, &Layout),
+    factors: (&CudaStorage, &Layout),
+    mean: f32,
+) -> Result<CudaStorage> {
+    let args = (codes, scalers, factors, mean);
+    match factors.0.dtype() {
+        DType::F32 => nf4_dequantize_typed::<f32>("nf4_dequantize_f32", args),
+        DType::BF16 => nf4_dequantize_typed::<half::bf16>("nf4_dequantize_bf16", args),
+        DType::F16 => nf4_dequantize_typed::<half::f16>("nf4_dequantize_f16", args),
+        other => candle_core::bail!("nf4_dequantize: no kernel for {other:?}"),
+    }
+}
+
+type Nf4Parts<'a> = (
+    (&'a CudaStorage, &'a Layout),
+    (&'a CudaStorage, &'a Layout),
+    (&'a CudaStorage, &'a Layout),
+    f32,
+);
+
+fn nf4_dequantize_typed<T: CudaDType + DeviceRepr>(
+    function: &str,
+    (codes, scalers, factors, mean): Nf4Parts<'_>,
+) -> Result<CudaStorage> {
+    let dev: CudaDevice = codes.0.device.clone();
+    let func = dev.get_or_load_custom_func(function, NF4.name, NF4.ptx)?;
+    let bytes = views::<u8>(function, &[codes, scalers])?;
+    let factors = views::<T>(function, &[factors])?;
+    let pairs = codes.1.shape().elem_count();
+    // SAFETY: the kernel writes both elements of every pair.
+    let w = unsafe { dev.alloc::<T>(2 * pairs)? };
+    let pairs64 = pairs as i64;
+    let mut args = func.builder();
+    args.arg(&bytes[0])
+        .arg(&bytes[1])
+        .arg(&factors[0])
+        .arg(&mean)
+        .arg(&w)
+        .arg(&pairs64);
+    if pairs > 0 {
+        // SAFETY: the argument list matches nf4_dequantize_*'s signature.
+        unsafe { args.launch(launch::elementwise(pairs).into()) }.w()?;
+    }
+    Ok(CudaStorage::wrap_cuda_slice(w, dev))
 }
 
 /// Rotary embeddings (kernels/cuda/rope.cu) of x [B, H, S, D], read through its strides (the

@@ -12,6 +12,7 @@
 //! kernels of [`cross_entropy`]. The optimizer's work runs over all parameters in one launch:
 //! AdamW in place ([`adamw_step`]) and the gradients' sums of squares ([`sums_of_squares`]).
 //! Dropout's masks come from a key and the element's index ([`dropout`]), drawn on the device.
+//! QLoRA's frozen weights are stored in NF4 and dequantized where a matmul reads them ([`nf4`]).
 //!
 //! Storage is f32, bf16 or f16; arithmetic is f32, rounding intermediates to the storage type
 //! exactly where PyTorch's unfused ops store them, so bf16 runs stay close to transformers'.
@@ -30,6 +31,7 @@ pub mod flash_attention;
 mod flash_cpu;
 pub mod launch;
 pub mod low_rank;
+pub mod nf4;
 mod rms_norm;
 mod rope;
 mod simd;

@@ -28,6 +28,34 @@ extern "C" {
         with_output: i32,
     );
 
+    pub fn nf4_quantize_f32(w: *const f32, absmax: *const f32, codes: *mut u8, pairs: i64);
+    pub fn nf4_quantize_bf16(w: *const bf16, absmax: *const bf16, codes: *mut u8, pairs: i64);
+    pub fn nf4_quantize_f16(w: *const f16, absmax: *const f16, codes: *mut u8, pairs: i64);
+    pub fn nf4_dequantize_f32(
+        codes: *const u8,
+        scalers: *const u8,
+        factors: *const f32,
+        mean: f32,
+        w: *mut f32,
+        pairs: i64,
+    );
+    pub fn nf4_dequantize_bf16(
+        codes: *const u8,
+        scalers: *const u8,
+        factors: *const bf16,
+        mean: f32,
+        w: *mut bf16,
+        pairs: i64,
+    );
+    pub fn nf4_dequantize_f16(
+        codes: *const u8,
+        scalers: *const u8,
+        factors: *const f16,
+        mean: f32,
+        w: *mut f16,
+        pairs: i64,
+    );
+
     pub fn dropout_f32(x: *const f32, y: *mut f32, n: i64, key: u64, threshold: u32, scale: f32);
     pub fn dropout_bf16(x: *const bf16, y: *mut bf16, n: i64, key: u64, threshold: u32, scale: f32);
     pub fn dropout_f16(x: *const f16, y: *mut f16, n: i64, key: u64, threshold: u32, scale: f32);

@@ -2,7 +2,7 @@
 //! launchers' grids (helix_kernels::launch), against the CPU references the CPU path trains
 //! with: LoRA's rank-r products, the LM head's cross-entropy statistics and gradient, the
 //! multi-tensor AdamW (bit for bit: both sides round the same f32 operations) and sums of
-//! squares, and RMSNorm, SwiGLU, RoPE and
+//! squares, NF4's quantization and dequantization (bit for bit), and RMSNorm, SwiGLU, RoPE and
 //! the chunked attention's softmax, which a device run has checked too (so they also check the
 //! emulator). Shapes end mid-block
 //! and mid-tile, and ranks pass the kernels' 16-rank steps.
@@ -938,4 +938,68 @@ fn dropout_masks_match_the_reference_bit_for_bit() {
             "p {p}: the reference dropped {dropped}"
         );
     }
+}
+
+type Nf4Quantize<T> = unsafe extern "C" fn(*const T, *const T, *mut u8, i64);
+type Nf4Dequantize<T> = unsafe extern "C" fn(*const u8, *const u8, *const T, f32, *mut T, i64);
+
+/// NF4 (kernels/cuda/nf4.cu) against src/nf4.rs, bit for bit: 300 blocks (a short last group
+/// of scalers), one of them all zeros and one holding an outlier.
+fn nf4_case<T: Element + candle_core::WithDType>(
+    quantize: Nf4Quantize<T>,
+    dequantize: Nf4Dequantize<T>,
+) {
+    use helix_kernels::nf4::{Nf4Weight, BLOCK};
+    let (rows, cols) = (150, 2 * BLOCK);
+    let n = rows * cols;
+    let mut v = seeded(31, n, 0.02);
+    v[5 * BLOCK..6 * BLOCK].fill(0.0);
+    v[1000] = 0.7;
+    let (w, _) = stored::<T>(&v);
+    let q = Nf4Weight::quantize(&cpu(&w, &[rows, cols])).unwrap();
+    let (codes, scalers, factors, mean) = q.parts();
+    let want_codes: Vec<u8> = codes.to_vec1().unwrap();
+    let scalers: Vec<u8> = scalers.to_vec1().unwrap();
+    let factors: Vec<T> = factors.to_vec1().unwrap();
+    let absmax: Vec<T> = cpu(&w, &[n / BLOCK, BLOCK])
+        .abs()
+        .unwrap()
+        .max(1)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+
+    let pairs = n / 2;
+    let g = launch::elementwise(pairs);
+    let mut got_codes = vec![0u8; pairs];
+    let (wp, ap, cp) = (Ptr::read(&w), Ptr::read(&absmax), Ptr::of(&mut got_codes));
+    helix_kernels_emu::launch(g, || unsafe {
+        quantize(wp.get(), ap.get(), cp.get(), pairs as i64)
+    });
+    assert_eq!(got_codes, want_codes, "nf4 {} codes", T::NAME);
+
+    let want = values(&q.dequantize().unwrap());
+    let mut got = vec![T::default(); n];
+    let (cp, sp, fp, op) = (
+        Ptr::read(&want_codes),
+        Ptr::read(&scalers),
+        Ptr::read(&factors),
+        Ptr::of(&mut got),
+    );
+    helix_kernels_emu::launch(g, || unsafe {
+        dequantize(cp.get(), sp.get(), fp.get(), mean, op.get(), pairs as i64)
+    });
+    assert_close(
+        &format!("nf4 {} dequantized", T::NAME),
+        &widen(&got),
+        &want,
+        0.0,
+    );
+}
+
+#[test]
+fn nf4_kernels_match_the_reference_bit_for_bit() {
+    nf4_case::<f32>(nf4_quantize_f32, nf4_dequantize_f32);
+    nf4_case::<bf16>(nf4_quantize_bf16, nf4_dequantize_bf16);
+    nf4_case::<half::f16>(nf4_quantize_f16, nf4_dequantize_f16);
 }

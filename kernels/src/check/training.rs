@@ -268,3 +268,65 @@ pub(super) fn sum_squares(
         ],
     })
 }
+
+/// NF4's codes (as f32) and the weight dequantized from them, for a weight of the case's
+/// shape whose blocks span a hundredfold range of scales; unfused, the codes are the argmin
+/// over the 16 level differences (candle keeps the first on a tie, and index 0 where all are
+/// NaN, as torch does) and the weight the levels gathered times the scalers, each step in the
+/// case's dtype. The scalers' double quantization is [`crate::nf4::double_quantize`] on the
+/// host for both.
+pub(super) fn nf4(
+    case: &Case,
+    implementation: Implementation,
+    input: &SeededInput<'_>,
+) -> Result<Outputs> {
+    use crate::nf4::{double_quantize, rounding, Nf4Weight, BLOCK, LEVELS, SCALER_BLOCK};
+    let dims = &case.dims[..];
+    let n: usize = dims.iter().product();
+    let spread = input(13, &[n / BLOCK, 1], 1.0)?
+        .to_dtype(DType::F32)?
+        .affine(2.0, 0.0)?
+        .exp()?
+        .to_dtype(case.dtype)?;
+    let w = input(12, &[n / BLOCK, BLOCK], 0.05)?.broadcast_mul(&spread)?;
+    let (codes, dequantized) = match implementation {
+        Implementation::Fused => {
+            let q = Nf4Weight::quantize(&w.reshape(dims)?)?;
+            (q.parts().0.clone(), q.dequantize()?)
+        }
+        Implementation::Unfused => {
+            let dtype = case.dtype;
+            let absmax = w.abs()?.max_keepdim(1)?;
+            let levels = Tensor::new(&LEVELS, w.device())?.to_dtype(dtype)?;
+            let scaled = w.broadcast_div(&absmax)?.unsqueeze(2)?;
+            let level = scaled
+                .broadcast_sub(&levels.reshape((1, 1, 16))?)?
+                .abs()?
+                .argmin(2)?;
+            let pairs = level.reshape((n / 2, 2))?.to_dtype(DType::U32)?;
+            let codes = ((pairs.narrow(1, 0, 1)? * 16.0)? + pairs.narrow(1, 1, 1)?)?
+                .flatten_all()?
+                .to_dtype(DType::U8)?;
+            let host: Vec<f32> = absmax.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            let s = double_quantize(&host, rounding(dtype));
+            let group_of: Vec<u32> = (0..host.len()).map(|b| (b / SCALER_BLOCK) as u32).collect();
+            let factor = Tensor::new(s.factors.as_slice(), w.device())?
+                .to_dtype(dtype)?
+                .index_select(&Tensor::new(group_of.as_slice(), w.device())?, 0)?;
+            let q: Vec<f32> = s.quantized.iter().map(|&q| q as f32).collect();
+            let scale = (Tensor::new(q.as_slice(), w.device())?
+                .to_dtype(dtype)?
+                .div(&factor)?
+                + f64::from(s.mean))?;
+            let w = levels
+                .index_select(&level.flatten_all()?, 0)?
+                .reshape((n / BLOCK, BLOCK))?
+                .broadcast_mul(&scale.unsqueeze(1)?)?;
+            (codes, w)
+        }
+    };
+    Outputs::f32_on_cpu([
+        ("codes", codes.to_dtype(DType::F32)?),
+        ("w", dequantized.reshape(dims)?),
+    ])
+}
