@@ -9,65 +9,19 @@
 //! scripts/check-peft.sh does.
 
 mod common;
-use common::{fixture, max_abs};
+use common::{fixture, load_st, max_abs, Batch};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
-use helix::model::{ForwardMask, LlamaConfig, SafetensorsWeights};
+use helix::model::{LlamaConfig, SafetensorsWeights};
 use helix::peft::ptuning::ENCODER_PREFIX;
 use helix::peft::{
     load_for_method, load_with_adapter, read_adapter, save_lora, save_ptuning, Adapter, Customized,
-    Method, ModelBatch, PromptEncoder, Ptuning, VirtualTokens,
+    Method, PromptEncoder, Ptuning, VirtualTokens,
 };
-
-fn load_st(path: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-/// The batch a reference was computed on.
-struct Batch {
-    input_ids: Tensor,
-    position_ids: Tensor,
-    labels: Tensor,
-    mask: ForwardMask,
-    /// [B, S] real-token flags, for comparing logits at real positions only.
-    valid: Vec<u8>,
-}
-
-impl Batch {
-    fn read(path: &Path) -> Result<Self> {
-        let r = load_st(path);
-        let valid: Vec<u8> = r["attention_mask"]
-            .flatten_all()?
-            .to_vec1::<i64>()?
-            .iter()
-            .map(|&m| m as u8)
-            .collect();
-        Ok(Self {
-            input_ids: r["input_ids"].to_dtype(DType::U32)?,
-            position_ids: r["position_ids"].clone(),
-            labels: r["labels"].clone(),
-            mask: ForwardMask {
-                key_valid: Some(valid.clone()),
-                segment_ids: None,
-            },
-            valid,
-        })
-    }
-
-    fn model_batch(&self) -> ModelBatch<'_> {
-        ModelBatch {
-            input_ids: &self.input_ids,
-            position_ids: &self.position_ids,
-            labels: Some(&self.labels),
-            mask: &self.mask,
-        }
-    }
-}
 
 /// (logits [B, S', V], mean loss) of `c` on `batch`.
 fn logits_and_loss(c: &Customized, batch: &Batch) -> Result<(Tensor, Tensor)> {
@@ -163,7 +117,7 @@ fn check_grads(
     let n_ref = reference.keys().filter(|k| k.starts_with("grad.")).count();
     assert_eq!(vars.len(), n_ref, "{what}: every PEFT gradient is checked");
     // The frozen model: no gradient anywhere in it.
-    for (name, w) in c.model.named_weights() {
+    for (name, w) in c.model.named_weights()? {
         assert!(
             grads.get(&w).is_none(),
             "{what}: frozen {name} has a gradient"
@@ -227,7 +181,7 @@ fn check_lora(
     let fresh = load_with_adapter(&cfg, &weights, method_dir, DType::F32, &dev)?;
     let before: Vec<Vec<u32>> = fresh
         .model
-        .named_weights()
+        .named_weights()?
         .iter()
         .map(|(_, t)| bits(t))
         .collect();
@@ -239,7 +193,7 @@ fn check_lora(
         bits(fresh.lora.as_ref().unwrap().layers[0].b().as_tensor()),
         b0
     );
-    for ((name, t), b) in fresh.model.named_weights().iter().zip(&before) {
+    for ((name, t), b) in fresh.model.named_weights()?.iter().zip(&before) {
         assert!(bits(t) == *b, "{what}: base weight {name} changed");
     }
     Ok(())
@@ -318,7 +272,7 @@ fn check_ptuning(model_dir: &Path, batch_path: &Path, method_dir: &Path, what: &
     // Training steps move the encoder and leave the base bit for bit as loaded.
     let before: Vec<Vec<u32>> = c
         .model
-        .named_weights()
+        .named_weights()?
         .iter()
         .map(|(_, t)| bits(t))
         .collect();
@@ -327,7 +281,7 @@ fn check_ptuning(model_dir: &Path, batch_path: &Path, method_dir: &Path, what: &
         sgd_step(&c, &batch, 0.1)?;
     }
     assert_ne!(bits(&c.ptuning.as_ref().unwrap().prompts()?), e0);
-    for ((name, t), b) in c.model.named_weights().iter().zip(&before) {
+    for ((name, t), b) in c.model.named_weights()?.iter().zip(&before) {
         assert!(bits(t) == *b, "{what}: base weight {name} changed");
     }
     Ok(())
@@ -611,7 +565,7 @@ fn bf16_base_trains_f32_adapters_and_sft_trains_everything() -> Result<()> {
             assert_eq!(g.dtype(), DType::F32, "{name}");
             assert!(max_abs(g) > 0.0 && max_abs(g).is_finite(), "{name}");
         }
-        for (name, w) in c.model.named_weights() {
+        for (name, w) in c.model.named_weights()? {
             assert_eq!(w.dtype(), DType::BF16, "{name}");
             assert!(grads.get(&w).is_none(), "frozen {name} has a gradient");
         }
@@ -632,7 +586,7 @@ fn bf16_base_trains_f32_adapters_and_sft_trains_everything() -> Result<()> {
         assert!(grads.get(&var).is_some(), "SFT: no gradient for {name}");
     }
     // Every weight of the model is one of the trainable ones.
-    assert_eq!(sft.trainable().len(), sft.model.named_weights().len());
+    assert_eq!(sft.trainable().len(), sft.model.named_weights()?.len());
     println!("sft: {s}");
     Ok(())
 }

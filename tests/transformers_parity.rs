@@ -21,6 +21,7 @@ fn check_fixture(name: &str) -> Result<()> {
         trainable: &|_| true,
         linear_hook: &keep_dense,
         tensor_parallel: None,
+        quantize_base: Default::default(),
     };
     let model = Llama::load(&cfg, &weights, &opts)?;
     let r = candle_core::safetensors::load(dir.join("reference.safetensors"), &dev)?;
@@ -146,6 +147,7 @@ fn frozen_parameters_get_no_gradient_and_the_rest_still_match() -> Result<()> {
         trainable: &only_layer1,
         linear_hook: &keep_dense,
         tensor_parallel: None,
+        quantize_base: Default::default(),
     };
     let model = Llama::load(&cfg, &weights, &opts)?;
     assert_eq!(model.trainable_params().len(), 9);

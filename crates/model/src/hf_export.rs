@@ -56,7 +56,7 @@ pub fn export_hf_dir(
     opts: &ExportOptions,
     transform: impl FnMut(&str, Tensor) -> Result<Tensor>,
 ) -> Result<ShardReport> {
-    export_named(&model.named_weights(), src_dir, out, opts, transform)
+    export_named(&model.named_weights()?, src_dir, out, opts, transform)
 }
 
 /// Writes whole `weights` already in memory (e.g. gathered from tensor-parallel shards) to

@@ -3,15 +3,16 @@
 
 use candle_core::{Result, Tensor};
 use helix_ops::{
-    copy_to_parallel_region, reduce_from_parallel_region, Projection, SharedCollective,
+    copy_to_parallel_region, linear_base, reduce_from_parallel_region, BaseWeight, Projection,
+    SharedCollective,
 };
 
 /// `y = f(x)` for x [..., in] → y [..., out].
 pub trait Linear: Send + Sync {
     fn forward(&self, x: &Tensor) -> Result<Tensor>;
-    /// The layer's frozen full-rank weight [out, in], as the checkpoint holds it (this rank's
-    /// shard under tensor parallelism).
-    fn weight(&self) -> Tensor;
+    /// The layer's full-rank weight [out, in], as the checkpoint holds it (this rank's shard
+    /// under tensor parallelism), or as QLoRA stores it (NF4).
+    fn weight(&self) -> BaseWeight;
     /// The layer as a [`Projection`] that a decoder layer differentiated by hand
     /// ([`helix_ops::decoder_layer`]) runs: this rank's shard, which the decoder layer places
     /// as the model does (q/k/v/gate/up column-, o/down row-parallel). A LoRA layer with
@@ -28,24 +29,26 @@ pub fn matmul_t(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     helix_ops::linear(x, w)
 }
 
-/// `y = x Wᵀ`, W [out, in] as Hugging Face stores it. Llama has no biases.
+/// `y = x Wᵀ`, W [out, in] as Hugging Face stores it (or in NF4). Llama has no biases.
 #[derive(Debug, Clone)]
 pub struct Dense {
-    pub weight: Tensor,
+    pub weight: BaseWeight,
 }
 
 impl Dense {
-    pub fn new(weight: Tensor) -> Self {
-        Self { weight }
+    pub fn new(weight: impl Into<BaseWeight>) -> Self {
+        Self {
+            weight: weight.into(),
+        }
     }
 }
 
 impl Linear for Dense {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        matmul_t(x, &self.weight)
+        linear_base(x, &self.weight)
     }
 
-    fn weight(&self) -> Tensor {
+    fn weight(&self) -> BaseWeight {
         self.weight.clone()
     }
 
@@ -53,6 +56,34 @@ impl Linear for Dense {
         Some(Projection::Dense {
             weight: self.weight.clone(),
         })
+    }
+}
+
+/// How the decoder layers' frozen projections are held (`model.quantize_base`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Quantization {
+    /// As loaded, in the model's dtype.
+    #[default]
+    None,
+    /// NF4 (QLoRA, torchao's layout: [`helix_ops::nf4`]), dequantized where a product reads it.
+    Nf4,
+}
+
+impl Quantization {
+    /// `none` or `nf4`.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "none" => Some(Quantization::None),
+            "nf4" => Some(Quantization::Nf4),
+            _ => None,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Quantization::None => "none",
+            Quantization::Nf4 => "nf4",
+        }
     }
 }
 
@@ -72,11 +103,11 @@ pub enum Placement {
 impl Placement {
     /// `x Wᵀ` for this placement: the whole product, a column shard of it (the input's
     /// gradient summed over the group), or the sum of the ranks' partial products.
-    pub fn forward(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    pub fn forward(&self, x: &Tensor, w: &BaseWeight) -> Result<Tensor> {
         match self {
-            Placement::Whole => matmul_t(x, w),
-            Placement::Column(g) => matmul_t(&copy_to_parallel_region(x, g)?, w),
-            Placement::Row(g) => reduce_from_parallel_region(&matmul_t(x, w)?, g),
+            Placement::Whole => linear_base(x, w),
+            Placement::Column(g) => linear_base(&copy_to_parallel_region(x, g)?, w),
+            Placement::Row(g) => reduce_from_parallel_region(&linear_base(x, w)?, g),
         }
     }
 }
@@ -92,7 +123,7 @@ impl Linear for PlacedDense {
         self.placement.forward(x, &self.dense.weight)
     }
 
-    fn weight(&self) -> Tensor {
+    fn weight(&self) -> BaseWeight {
         self.dense.weight.clone()
     }
 

@@ -6,18 +6,20 @@
 //! trait, so fused kernels, LoRA and tensor-parallel layers replace them without edits here.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
+use helix_ops::nf4::Nf4Weight;
 use helix_ops::{
     apply_rope, attention_bias, causal_attention, copy_to_parallel_region, count_targets,
     decoder_layer, linear_cross_entropy, reduce_from_parallel_region, rms_norm, rope_attention,
-    swiglu, vocab_parallel_cross_entropy, AttentionKernel, AttentionMask, DecoderWeights, MaskSpec,
-    RopeTable, SharedCollective, VocabShard,
+    swiglu, vocab_parallel_cross_entropy, AttentionKernel, AttentionMask, BaseWeight,
+    DecoderWeights, MaskSpec, RopeTable, SharedCollective, VocabShard,
 };
 
 use crate::config::LlamaConfig;
-use crate::linear::{keep_dense, Dense, Linear, LinearHook, Placement};
+use crate::linear::{keep_dense, Dense, Linear, LinearHook, Placement, Quantization};
 use crate::weights::SafetensorsWeights;
 
 /// How to load: dtype and device of the weights, and which parameters train.
@@ -31,6 +33,10 @@ pub struct LoadOptions<'a> {
     /// The tensor-parallel group this rank belongs to (Megatron style): each rank loads its
     /// shard of every projection, its heads, and its slice of the vocabulary.
     pub tensor_parallel: Option<SharedCollective>,
+    /// How the decoder layers' frozen projections are stored: as loaded, or in NF4 (QLoRA).
+    /// Embeddings, norms and the LM head stay in `dtype`; a trainable projection is never
+    /// quantized.
+    pub quantize_base: Quantization,
 }
 
 impl LoadOptions<'static> {
@@ -42,6 +48,7 @@ impl LoadOptions<'static> {
             trainable: &|_| false,
             linear_hook: &keep_dense,
             tensor_parallel: None,
+            quantize_base: Quantization::None,
         }
     }
 }
@@ -278,8 +285,8 @@ impl Llama {
     }
 
     /// Every weight under its checkpoint name, in checkpoint order; projections as their
-    /// [`Linear`] reports them (a LoRA layer gives its frozen base).
-    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
+    /// [`Linear`] reports them (a LoRA layer gives its frozen base; an NF4 one, dequantized).
+    pub fn named_weights(&self) -> candle_core::Result<Vec<(String, Tensor)>> {
         let mut out = vec![(
             "model.embed_tokens.weight".to_string(),
             self.embed_tokens.clone(),
@@ -302,7 +309,7 @@ impl Llama {
                 layer.input_layernorm.clone(),
             ));
             for (name, linear) in projections {
-                out.push((format!("{p}.{name}.weight"), linear.weight()));
+                out.push((format!("{p}.{name}.weight"), linear.weight().tensor()?));
             }
             out.push((
                 format!("{p}.post_attention_layernorm.weight"),
@@ -313,7 +320,31 @@ impl Llama {
         if let Some(head) = &self.lm_head {
             out.push(("lm_head.weight".to_string(), head.clone()));
         }
-        out
+        Ok(out)
+    }
+
+    /// Bytes the decoder layers' projection weights hold on this rank (less than dense under
+    /// `model.quantize_base = "nf4"`), and what they hold in the model's dtype.
+    pub fn projection_bytes(&self) -> candle_core::Result<(usize, usize)> {
+        let (mut held, mut dense) = (0, 0);
+        for layer in &self.layers {
+            let (a, m) = (&layer.self_attn, &layer.mlp);
+            for p in [
+                &a.q_proj,
+                &a.k_proj,
+                &a.v_proj,
+                &a.o_proj,
+                &m.gate_proj,
+                &m.up_proj,
+                &m.down_proj,
+            ] {
+                let w = p.weight();
+                let (out, inner) = w.dims2()?;
+                held += w.bytes();
+                dense += out * inner * self.dtype.size_in_bytes();
+            }
+        }
+        Ok((held, dense))
     }
 
     /// Token embeddings [B, S, H] of input_ids [B, S] (u32).
@@ -713,11 +744,19 @@ impl ParamLoader<'_, '_> {
         in_dim: usize,
         split: usize,
     ) -> Result<Box<dyn Linear>> {
-        let w = self.get_shard(&format!("{prefix}.weight"), (out_dim, in_dim), split)?;
+        let name = format!("{prefix}.weight");
+        let w = self.get_shard(&name, (out_dim, in_dim), split)?;
         let placement = match (&self.tp, split) {
             (None, _) => Placement::Whole,
             (Some(g), COLUMN) => Placement::Column(g.clone()),
             (Some(g), _) => Placement::Row(g.clone()),
+        };
+        // A rank quantizes its own shard: NF4's blocks run over the shard's elements.
+        let w = match self.opts.quantize_base {
+            Quantization::Nf4 if !(self.opts.trainable)(&name) => BaseWeight::Nf4(Arc::new(
+                Nf4Weight::quantize(&w).with_context(|| format!("model.quantize_base: {name}"))?,
+            )),
+            _ => BaseWeight::Tensor(w),
         };
         (self.opts.linear_hook)(prefix, Dense::new(w), &placement)
             .with_context(|| format!("layer {prefix}"))

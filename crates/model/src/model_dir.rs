@@ -9,6 +9,7 @@ use tokenizers::Tokenizer;
 
 use crate::chat_json::OrderedJson;
 use crate::config::LlamaConfig;
+use crate::linear::Quantization;
 use crate::llama::{Llama, LoadOptions};
 use crate::tokenizer_setup::apply_llama_post_processor;
 use crate::weights::SafetensorsWeights;
@@ -200,12 +201,22 @@ impl ModelDir {
     }
 
     pub fn load_inference(&self, dtype: DType, device: &Device) -> Result<Llama> {
-        Llama::load(
-            &self.config,
-            &self.weights,
-            &LoadOptions::inference(dtype, device.clone()),
-        )
-        .with_context(|| format!("loading model from {}", self.path.display()))
+        self.load_inference_quantized(dtype, device, Quantization::None)
+    }
+
+    /// [`Self::load_inference`] with the projections held as `quantize_base` says.
+    pub fn load_inference_quantized(
+        &self,
+        dtype: DType,
+        device: &Device,
+        quantize_base: Quantization,
+    ) -> Result<Llama> {
+        let opts = LoadOptions {
+            quantize_base,
+            ..LoadOptions::inference(dtype, device.clone())
+        };
+        Llama::load(&self.config, &self.weights, &opts)
+            .with_context(|| format!("loading model from {}", self.path.display()))
     }
 }
 

@@ -23,21 +23,22 @@ use helix_kernels::{rms_norm_backward, swiglu_backward, swiglu_backward_and_outp
 use crate::attention::{AttentionMask, RopeAttention};
 use crate::backward::with_backward_n;
 use crate::collective::SharedCollective;
-use crate::linear::LowRank;
+use crate::linear::{BaseWeight, LowRank};
 use crate::{rms_norm, swiglu};
 
 /// One projection of a [`decoder_layer`].
 #[derive(Clone)]
 pub enum Projection {
-    /// `x Wᵀ`, W [out, in]; W trains when its tensor is tracked (full SFT).
-    Dense { weight: Tensor },
+    /// `x Wᵀ`, W [out, in]; W trains when it is a tracked tensor (full SFT). An NF4 W
+    /// (QLoRA's frozen base) is dequantized where a product reads it.
+    Dense { weight: BaseWeight },
     /// `x Wᵀ + s · (x Aᵀ) Bᵀ` with W frozen and f32 adapters A [r, in], B [out, r], as
     /// [`crate::lora_linear`] computes it; with `dropout` = (p, key), x dropped before A (in
     /// f32, as PEFT's `lora_dropout` feeds `lora_A`) under the mask of `key`
     /// ([`crate::dropout`]'s), which the LoRA kernels apply as they read x, and again to A's
     /// gradient and the input's in the backward.
     Lora {
-        weight: Tensor,
+        weight: BaseWeight,
         a: Tensor,
         b: Tensor,
         scaling: f64,
@@ -219,7 +220,7 @@ pub fn decoder_layer(
 /// A projection of the layer, detached, with where its trainable tensors sit among the op's
 /// inputs.
 struct Proj {
-    weight: Tensor,
+    weight: BaseWeight,
     /// The index of W (Dense) among the op's inputs.
     weight_at: Option<usize>,
     lora: Option<(LowRank, usize, usize)>,
@@ -236,7 +237,7 @@ impl Proj {
         Ok(match p {
             Projection::Dense { weight } => Proj {
                 weight: weight.detach(),
-                weight_at: Some(push(weight)),
+                weight_at: weight.as_tensor().map(&mut push),
                 lora: None,
                 dropout: None,
             },
@@ -278,7 +279,7 @@ fn forward_group(projs: &[&Proj], x: &Tensor) -> Result<Vec<(Tensor, Option<Tens
     projs
         .iter()
         .map(|p| {
-            let y = x.matmul(&p.weight.t()?)?;
+            let y = x.matmul(&p.weight.tensor()?.t()?)?;
             match &p.lora {
                 Some((adapter, ..)) => {
                     let low = adapter.low(x, p.dropout.as_ref())?;
@@ -301,7 +302,7 @@ fn forward_onto(
     residual: &Tensor,
     group: Option<&SharedCollective>,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    let y = sum_over(group, x.matmul(&p.weight.t()?)?)?;
+    let y = sum_over(group, x.matmul(&p.weight.tensor()?.t()?)?)?;
     match &p.lora {
         Some((adapter, ..)) => {
             let low = sum_over(group, adapter.low(x, p.dropout.as_ref())?)?;
@@ -367,7 +368,7 @@ fn input_grads(
         if need_x {
             // This projection's part, added to the group's sum so far in the same pass (the
             // LoRA part through dropout's mask, which lies between x and A).
-            let base = dy.matmul(&p.weight)?;
+            let base = dy.matmul(&p.weight.tensor()?)?;
             let mask = p.dropout.as_ref();
             dx = Some(match (&p.lora, &dlow, dx.take()) {
                 (Some((adapter, ..)), Some(dlow), Some(acc)) => {

@@ -71,6 +71,16 @@ pub(crate) enum Kind {
     Lora,
     /// The same, x dropped before A.
     LoraDropout,
+    /// A frozen NF4 weight with trainable adapters (QLoRA).
+    QLora,
+    /// A frozen NF4 weight alone (QLoRA's untargeted projections, P-tuning's base).
+    FrozenNf4,
+}
+
+fn nf4(w: &Tensor) -> Result<BaseWeight> {
+    Ok(BaseWeight::Nf4(std::sync::Arc::new(
+        helix_kernels::nf4::Nf4Weight::quantize(w)?,
+    )))
 }
 
 pub(crate) struct TestLayer {
@@ -114,17 +124,22 @@ pub(crate) fn test_layer(
         let w =
             (Tensor::randn(0f32, 1.0, (out, inp), dev)? / (inp as f64).sqrt())?.to_dtype(dtype)?;
         projections.push(match kind {
-            Kind::Frozen => Projection::Dense { weight: w },
+            Kind::Frozen => Projection::Dense { weight: w.into() },
+            Kind::FrozenNf4 => Projection::Dense { weight: nf4(&w)? },
             Kind::Trained => Projection::Dense {
-                weight: param(name, w, true)?,
+                weight: param(name, w, true)?.into(),
             },
-            Kind::Lora | Kind::LoraDropout => {
+            Kind::Lora | Kind::LoraDropout | Kind::QLora => {
                 let r = 3;
                 let a = (Tensor::randn(0f32, 1.0, (r, inp), dev)? / (inp as f64).sqrt())?;
                 // B non-zero (PEFT starts it at zero) so that every gradient path carries.
                 let b = (Tensor::randn(0f32, 1.0, (out, r), dev)? * 0.3)?;
+                let weight = match kind {
+                    Kind::QLora => nf4(&w)?,
+                    _ => w.into(),
+                };
                 Projection::Lora {
-                    weight: w,
+                    weight,
                     a: param(&format!("{name}.lora_A"), a, true)?,
                     b: param(&format!("{name}.lora_B"), b, true)?,
                     scaling: 1.7,
@@ -169,15 +184,17 @@ pub(crate) fn composed(
     sin: &Tensor,
     mask: &AttentionMask,
 ) -> Result<Tensor> {
+    // An NF4 weight as the dense tensor it dequantizes to.
+    let dense = |w: &BaseWeight| w.tensor();
     let proj = |p: &Projection, x: &Tensor| match p {
-        Projection::Dense { weight } => linear(x, weight),
+        Projection::Dense { weight } => linear(x, &dense(weight)?),
         Projection::Lora {
             weight,
             a,
             b,
             scaling,
             dropout: None,
-        } => lora_linear(x, weight, a, b, *scaling),
+        } => lora_linear(x, &dense(weight)?.into(), a, b, *scaling),
         // As LoRA layers with dropout run on their own (crates/peft/src/lora.rs).
         Projection::Lora {
             weight,
@@ -189,7 +206,7 @@ pub(crate) fn composed(
             let xd = crate::dropout(&x.to_dtype(DType::F32)?, *p, *key)?;
             // Summed in f32 and rounded once, as `lora_linear` does.
             let update = (linear(&linear(&xd, a)?, b)? * *scaling)?;
-            (linear(x, weight)?.to_dtype(DType::F32)? + update)?.to_dtype(x.dtype())
+            (linear(x, &dense(weight)?)?.to_dtype(DType::F32)? + update)?.to_dtype(x.dtype())
         }
     };
     let xn = rms_norm(x, &w.input_layernorm, w.rms_norm_eps)?;
@@ -380,6 +397,29 @@ fn lora_layer_with_dropout_equals_the_composed_ops() -> Result<()> {
         true,
     )?;
     Ok(())
+}
+
+/// QLoRA: NF4 weights (adapted or not) beside dense ones, against the composed layer on the
+/// dense weights they dequantize to; in bf16 too, where the weights come back in bf16.
+#[test]
+fn qlora_layer_equals_the_composed_ops_on_the_dequantized_weights() -> Result<()> {
+    use Kind::{Frozen, FrozenNf4, QLora};
+    compare([QLora; 7], false, true)?;
+    compare(
+        [
+            QLora,
+            FrozenNf4,
+            QLora,
+            Frozen,
+            FrozenNf4,
+            QLora,
+            Kind::Lora,
+        ],
+        false,
+        false,
+    )?;
+    compare_in(DType::BF16, [QLora; 7], false, true, false)?;
+    compare_in(DType::BF16, [FrozenNf4; 7], false, true, false)
 }
 
 #[test]

@@ -114,7 +114,7 @@ fn shard_layer(
         let at = (rank, size);
         Ok(match p {
             Projection::Dense { weight } => Projection::Dense {
-                weight: part(name, weight, Some(w_dim), at, &mut tracked)?,
+                weight: part(name, &weight.tensor()?, Some(w_dim), at, &mut tracked)?.into(),
             },
             Projection::Lora {
                 weight,
@@ -123,7 +123,7 @@ fn shard_layer(
                 scaling,
                 dropout,
             } => Projection::Lora {
-                weight: part(name, weight, Some(w_dim), at, &mut tracked)?,
+                weight: part(name, &weight.tensor()?, Some(w_dim), at, &mut tracked)?.into(),
                 a: part(&format!("{name}.lora_A"), a, a_dim, at, &mut tracked)?,
                 b: part(&format!("{name}.lora_B"), b, b_dim, at, &mut tracked)?,
                 scaling: *scaling,

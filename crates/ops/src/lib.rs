@@ -27,7 +27,10 @@ pub use collective::{
     copy_to_parallel_region, reduce_from_parallel_region, Collective, SharedCollective,
 };
 pub use layer::{decoder_layer, DecoderWeights, Projection};
-pub use linear::{linear, lora_linear};
+pub use linear::{linear, linear_base, lora_linear, BaseWeight};
+
+/// QLoRA's NF4 storage of frozen weights ([`BaseWeight::Nf4`]).
+pub use helix_kernels::nf4;
 pub use loss::{
     count_targets, linear_cross_entropy, vocab_parallel_cross_entropy, VocabShard, IGNORE_INDEX,
 };

@@ -1,9 +1,12 @@
 //! The projection `x Wᵀ` (W [out, in] as Hugging Face stores it).
 
-use candle_core::{Result, Tensor};
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Result, Tensor};
 
 use helix_kernels::dropout::DropoutMask;
 use helix_kernels::low_rank;
+use helix_kernels::nf4::Nf4Weight;
 
 use crate::backward::{with_backward, with_backward3};
 
@@ -29,6 +32,104 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     y.reshape(out)
 }
 
+/// A projection's weight W [out, in]: a tensor (trained under full SFT, frozen otherwise), or
+/// QLoRA's frozen weight in NF4, dequantized to the model's dtype where a product reads it and
+/// dropped after, as torchao's `linear_nf4` does (forward and backward each dequantize it
+/// again: a weight-sized temporary at a time instead of every weight in bf16).
+#[derive(Clone, Debug)]
+pub enum BaseWeight {
+    Tensor(Tensor),
+    Nf4(Arc<Nf4Weight>),
+}
+
+impl From<Tensor> for BaseWeight {
+    fn from(t: Tensor) -> Self {
+        BaseWeight::Tensor(t)
+    }
+}
+
+impl BaseWeight {
+    /// W as a tensor of the model's dtype: the tensor itself, or NF4 dequantized.
+    pub fn tensor(&self) -> Result<Tensor> {
+        match self {
+            BaseWeight::Tensor(t) => Ok(t.clone()),
+            BaseWeight::Nf4(q) => q.dequantize(),
+        }
+    }
+
+    /// The tensor, when W is held as one (None for NF4).
+    pub fn as_tensor(&self) -> Option<&Tensor> {
+        match self {
+            BaseWeight::Tensor(t) => Some(t),
+            BaseWeight::Nf4(_) => None,
+        }
+    }
+
+    /// (out, in).
+    pub fn dims2(&self) -> Result<(usize, usize)> {
+        match self {
+            BaseWeight::Tensor(t) => t.dims2(),
+            BaseWeight::Nf4(q) => match q.dims() {
+                &[out, inner] => Ok((out, inner)),
+                other => candle_core::bail!("a projection weight is 2-D, not {other:?}"),
+            },
+        }
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self {
+            BaseWeight::Tensor(t) => t.dtype(),
+            BaseWeight::Nf4(q) => q.dtype(),
+        }
+    }
+
+    pub fn device(&self) -> &Device {
+        match self {
+            BaseWeight::Tensor(t) => t.device(),
+            BaseWeight::Nf4(q) => q.device(),
+        }
+    }
+
+    /// Bytes held on the device.
+    pub fn bytes(&self) -> usize {
+        match self {
+            BaseWeight::Tensor(t) => t.elem_count() * t.dtype().size_in_bytes(),
+            BaseWeight::Nf4(q) => q.bytes(),
+        }
+    }
+
+    /// Out of the graph: a tensor detached (NF4 never is in one).
+    pub fn detach(&self) -> Self {
+        match self {
+            BaseWeight::Tensor(t) => BaseWeight::Tensor(t.detach()),
+            BaseWeight::Nf4(q) => BaseWeight::Nf4(q.clone()),
+        }
+    }
+}
+
+/// `x Wᵀ` for a [`BaseWeight`]: [`linear`] for a tensor; for NF4 the weight dequantized for the
+/// product and again for the input's gradient, never kept between them.
+pub fn linear_base(x: &Tensor, w: &BaseWeight) -> Result<Tensor> {
+    let BaseWeight::Nf4(q) = w else {
+        return linear(x, &w.tensor()?);
+    };
+    let dims = x.dims().to_vec();
+    let inner = *dims.last().expect("linear input has a last dimension");
+    let rows = x.elem_count() / inner.max(1);
+    let x2 = x.reshape((rows, inner))?;
+    let y = x2.detach().matmul(&q.dequantize()?.t()?)?;
+    let y = match x2.track_op() {
+        true => {
+            let q = q.clone();
+            with_backward(&x2, y, move |dy| dy.matmul(&q.dequantize()?))?
+        }
+        false => y,
+    };
+    let mut out = dims;
+    *out.last_mut().expect("checked above") = w.dims2()?.0;
+    y.reshape(out)
+}
+
 /// A LoRA projection, `x Wᵀ + s · (x Aᵀ) Bᵀ`, for x [..., in], a frozen W [out, in] and the
 /// trainable A [r, in], B [out, r] (f32, as PEFT keeps adapters; the low-rank path runs in f32,
 /// its update added to x Wᵀ in f32 and the sum rounded to x's dtype once, as PEFT does).
@@ -36,25 +137,34 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// One op with its own backward, so the graph keeps only x and the [rows, r] low-rank
 /// activation, where the composed ops would keep x in f32, the update, its scaled copy and the
 /// sum: four projection-sized tensors per adapted projection. W gets no gradient.
-pub fn lora_linear(x: &Tensor, w: &Tensor, a: &Tensor, b: &Tensor, scaling: f64) -> Result<Tensor> {
+///
+/// W may be NF4 (QLoRA): dequantized for the product, and again in the backward.
+pub fn lora_linear(
+    x: &Tensor,
+    w: &BaseWeight,
+    a: &Tensor,
+    b: &Tensor,
+    scaling: f64,
+) -> Result<Tensor> {
     let in_dims = x.dims().to_vec();
     let inner = *in_dims.last().expect("linear input has a last dimension");
     let rows = x.elem_count() / inner.max(1);
     let x2 = x.detach().reshape((rows, inner))?;
     let w_ = w.detach();
+    let out_dim = w.dims2()?.0;
     let adapter = LowRank::new(a, b, scaling)?;
     let low = adapter.low(&x2, None)?;
-    let y = adapter.add_to(&x2.matmul(&w_.t()?)?, &low)?;
+    let y = adapter.add_to(&x2.matmul(&w_.tensor()?.t()?)?, &low)?;
     let mut out = in_dims.clone();
-    *out.last_mut().expect("checked above") = w.dim(0)?;
+    *out.last_mut().expect("checked above") = out_dim;
     let y = y.reshape(out)?;
     with_backward3((x, a, b), y, move |dy, [need_x, need_a, need_b]| {
-        let dy = dy.reshape((rows, w_.dim(0)?))?;
+        let dy = dy.reshape((rows, out_dim))?;
         let g = adapter.backward(&dy, &low, need_a.then_some(&x2), need_b)?;
         let dx = match need_x {
             true => Some(
                 adapter
-                    .add_input_grad(&dy.matmul(&w_)?, &g.dlow, None)?
+                    .add_input_grad(&dy.matmul(&w_.tensor()?)?, &g.dlow, None)?
                     .reshape(in_dims.as_slice())?,
             ),
             false => None,

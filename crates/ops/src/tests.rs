@@ -263,7 +263,7 @@ fn lora_linear_matches_the_composed_ops() -> Result<()> {
     let b = Var::from_tensor(&Tensor::randn(0f32, 0.3, (5, 4), &dev)?)?;
     let mix = Tensor::randn(0f32, 1.0, (2, 3, 5), &dev)?;
     let s = 0.5;
-    let y = lora_linear(&x, &w, &a, &b, s)?;
+    let y = lora_linear(&x, &w.clone().into(), &a, &b, s)?;
     let composed = (x.broadcast_matmul(&w.t()?)?
         + (x.broadcast_matmul(&a.t()?)?.broadcast_matmul(&b.t()?)? * s)?)?;
     assert!(max_abs_diff(&y, &composed) < 1e-5);

@@ -43,7 +43,7 @@ pub fn gathered_weights(c: &Customized) -> Result<Vec<(String, Tensor)>> {
         bail!("a P-tuning model cannot be merged into its weights (the virtual tokens are inputs)");
     }
     let mut out = Vec::new();
-    for (name, w) in c.model.named_weights() {
+    for (name, w) in c.model.named_weights()? {
         let local = match &c.lora {
             Some(l) => l.merged_weight(&name)?.unwrap_or(w),
             None => w,

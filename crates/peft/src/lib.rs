@@ -16,7 +16,9 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
-use helix_model::linear::{is_row_parallel, keep_dense, shard_of, weight_split, Split};
+use helix_model::linear::{
+    is_row_parallel, keep_dense, shard_of, weight_split, Quantization, Split,
+};
 use helix_model::{
     generate_after, ForwardMask, Llama, LlamaConfig, LoadOptions, SafetensorsWeights,
     SamplingOptions,
@@ -28,8 +30,8 @@ pub use dropout::SeededDropout;
 pub use export::{export_merged, gathered_weights};
 pub use lora::{LoraAdapters, LoraBuilder, LoraConfig, LoraLinear, LLAMA_TARGETS};
 pub use peft_format::{
-    load_with_adapter, read_adapter, save_lora, save_lora_tensors, save_ptuning, Adapter,
-    ADAPTER_DIR,
+    load_with_adapter, load_with_adapter_as, read_adapter, save_lora, save_lora_tensors,
+    save_ptuning, Adapter, ADAPTER_DIR,
 };
 pub use ptuning::{EncoderType, PromptEncoder, Ptuning, PtuningConfig, VirtualTokens};
 
@@ -346,12 +348,55 @@ pub fn load_for_method_split(
     device: &Device,
     tensor_parallel: Option<SharedCollective>,
 ) -> Result<Customized> {
+    let how = ModelLoad {
+        dtype,
+        device: device.clone(),
+        tensor_parallel,
+        quantize_base: Quantization::None,
+    };
+    load_customized(cfg, weights, method, seed, &how)
+}
+
+/// How [`load_customized`] holds the model.
+#[derive(Clone)]
+pub struct ModelLoad {
+    pub dtype: DType,
+    pub device: Device,
+    /// This rank's group under tensor parallelism.
+    pub tensor_parallel: Option<SharedCollective>,
+    /// The frozen projections in NF4 (QLoRA) or as loaded; full SFT trains them, so it takes
+    /// none.
+    pub quantize_base: Quantization,
+}
+
+/// [`load_for_method_split`] with every setting of [`ModelLoad`]: what the trainer calls.
+pub fn load_customized(
+    cfg: &LlamaConfig,
+    weights: &SafetensorsWeights,
+    method: &Method,
+    seed: u64,
+    how: &ModelLoad,
+) -> Result<Customized> {
+    let ModelLoad {
+        dtype,
+        ref device,
+        ref tensor_parallel,
+        quantize_base,
+    } = *how;
+    if matches!(method, Method::FullSft) && quantize_base != Quantization::None {
+        bail!(
+            "model.quantize_base = \"{}\" freezes the projections in 4 bits; full SFT trains \
+             them (use method.name = \"lora\" or \"ptuning\", or quantize_base = \"none\")",
+            quantize_base.name()
+        );
+    }
     let frozen = |hook| LoadOptions {
         dtype,
         device: device.clone(),
         trainable: &|_| false,
         linear_hook: hook,
         tensor_parallel: tensor_parallel.clone(),
+        quantize_base,
     };
     match method {
         Method::FullSft => {
@@ -361,6 +406,7 @@ pub fn load_for_method_split(
                 trainable: &|_| true,
                 linear_hook: &keep_dense,
                 tensor_parallel: tensor_parallel.clone(),
+                quantize_base: Quantization::None,
             };
             Ok(Customized {
                 model: Llama::load(cfg, weights, &opts)?,

@@ -16,7 +16,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, Var};
 use helix_model::linear::{keep_dense, matmul_t, Dense, Linear, Placement};
-use helix_ops::{copy_to_parallel_region, reduce_from_parallel_region, Projection};
+use helix_ops::{
+    copy_to_parallel_region, linear_base, reduce_from_parallel_region, BaseWeight, Projection,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::dropout::SeededDropout;
@@ -176,8 +178,8 @@ struct Dora {
 pub struct LoraLinear {
     /// Checkpoint prefix, e.g. `model.layers.0.self_attn.q_proj`.
     pub name: String,
-    /// The checkpoint's weight, never modified.
-    base: Tensor,
+    /// The checkpoint's weight, never modified (NF4 under QLoRA).
+    base: BaseWeight,
     a: Var,
     b: Var,
     /// DoRA's part; `None` for plain LoRA.
@@ -230,15 +232,16 @@ impl LoraLinear {
         })
     }
 
-    /// The frozen base weight, as loaded.
-    pub fn base_weight(&self) -> Tensor {
+    /// The frozen base weight, as loaded (or quantized).
+    pub fn base_weight(&self) -> BaseWeight {
         self.base.clone()
     }
 
-    /// W + s·BA, computed in f32; with DoRA, each row rescaled to its magnitude.
+    /// W + s·BA, computed in f32 (W dequantized under QLoRA); with DoRA, each row rescaled
+    /// to its magnitude.
     pub fn merged_f32(&self) -> candle_core::Result<Tensor> {
         let delta = (self.b.as_tensor().matmul(self.a.as_tensor())? * self.scaling)?;
-        let merged = (self.base.to_dtype(DType::F32)? + delta)?;
+        let merged = (self.base.tensor()?.to_dtype(DType::F32)? + delta)?;
         match &self.dora {
             None => Ok(merged),
             Some(dora) => {
@@ -273,7 +276,7 @@ impl LoraLinear {
             Some((p, key)) => {
                 let xd = helix_ops::dropout(&x.to_dtype(DType::F32)?, p, key)?.to_dtype(dtype)?;
                 let lora = helix_ops::lora_linear(&xd, &self.base, &a, &b, self.scaling)?;
-                let dropped = matmul_t(&(x - &xd)?, &self.base)?.to_dtype(DType::F32)?;
+                let dropped = linear_base(&(x - &xd)?, &self.base)?.to_dtype(DType::F32)?;
                 (dropped + scaled(lora)?)?.to_dtype(dtype)
             }
         }
@@ -283,7 +286,7 @@ impl LoraLinear {
     /// over it per projection and step): ‖W‖² (kept) + 2s·Σ_k B ⊙ (W Aᵀ) + s²·Σ_k B ⊙ (B A Aᵀ),
     /// products of rank r.
     fn dora_norm(&self, dora: &Dora, a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-        let wa = matmul_t(&self.base.to_dtype(DType::F32)?, a)?;
+        let wa = matmul_t(&self.base.tensor()?.to_dtype(DType::F32)?, a)?;
         let bg = b.matmul(&a.matmul(&a.t()?)?)?;
         let cross = (b * &wa)?.sum(1)?;
         let square = (b * &bg)?.sum(1)?;
@@ -305,7 +308,7 @@ impl LoraLinear {
 impl Linear for LoraLinear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         if let Some(w) = self.merged.read().unwrap().as_ref() {
-            return self.placement.forward(x, w);
+            return self.placement.forward(x, &BaseWeight::Tensor(w.clone()));
         }
         if let Some(dora) = &self.dora {
             return self.dora_forward(x, dora);
@@ -338,14 +341,16 @@ impl Linear for LoraLinear {
         y + (update * self.scaling)?.to_dtype(dtype)?
     }
 
-    fn weight(&self) -> Tensor {
+    fn weight(&self) -> BaseWeight {
         self.base_weight()
     }
 
     fn projection(&self) -> Option<Projection> {
         if let Some(w) = self.merged.read().unwrap().as_ref() {
             // This rank's shard of W + s·BA: B's rows or A's columns follow W's split.
-            return Some(Projection::Dense { weight: w.clone() });
+            return Some(Projection::Dense {
+                weight: BaseWeight::Tensor(w.clone()),
+            });
         }
         if self.dora.is_some() {
             return None; // DoRA runs on the op graph
@@ -376,7 +381,7 @@ impl Linear for SharedLora {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         self.0.forward(x)
     }
-    fn weight(&self) -> Tensor {
+    fn weight(&self) -> BaseWeight {
         self.0.weight()
     }
     fn projection(&self) -> Option<Projection> {
@@ -413,7 +418,12 @@ impl LoraBuilder {
     /// layer's generator is seeded from the run's seed and the layer's name, so the values do
     /// not depend on load order — nor on tensor parallelism: a row-parallel rank draws the whole
     /// A and keeps its columns, so every split starts from the same adapters.
-    fn new_layer(&self, prefix: &str, weight: Tensor, placement: &Placement) -> Result<LoraLinear> {
+    fn new_layer(
+        &self,
+        prefix: &str,
+        weight: BaseWeight,
+        placement: &Placement,
+    ) -> Result<LoraLinear> {
         let (out_dim, in_dim) = weight.dims2()?;
         if self.cfg.use_dora && !matches!(placement, Placement::Whole) {
             bail!(
@@ -440,7 +450,7 @@ impl LoraBuilder {
         // With B = 0, ‖W + s·BA‖ = ‖W‖: the magnitude PEFT starts from.
         let dora = match self.cfg.use_dora {
             true => {
-                let base_row_sq = weight.to_dtype(DType::F32)?.sqr()?.sum(1)?;
+                let base_row_sq = weight.tensor()?.to_dtype(DType::F32)?.sqr()?.sum(1)?;
                 Some(Dora {
                     magnitude: Var::from_tensor(&base_row_sq.sqrt()?)?,
                     base_row_sq,
@@ -640,7 +650,7 @@ mod dora_tests {
             let (_, twin) = dora_layer(p)?;
             let mask = twin.layers[0].next_mask();
             let (a, b, m) = (l.a().as_tensor(), l.b().as_tensor(), l.magnitude().unwrap());
-            let w = l.base_weight();
+            let w = l.base_weight().tensor()?;
             let s = l.scaling;
             let xd = match mask {
                 Some((p, key)) => helix_ops::dropout(x.as_tensor(), p, key)?,

@@ -13,6 +13,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
+use helix_model::linear::Quantization;
 use helix_model::safetensors_write::{save_tensors, write_json};
 use helix_model::written_dir::{write_dir, DirKind};
 use helix_model::{write_chat_template_file, LlamaConfig, SafetensorsWeights, CHAT_TEMPLATE_FILE};
@@ -21,7 +22,7 @@ use serde_json::{json, Value};
 use crate::lora::{LoraAdapters, LoraConfig};
 use crate::ptuning::ENCODER_PREFIX;
 use crate::ptuning::{EncoderType, Ptuning, PtuningConfig, VirtualTokens};
-use crate::{load_for_method, Customized, Method};
+use crate::{load_customized, Customized, Method, ModelLoad};
 
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
@@ -392,9 +393,26 @@ pub fn load_with_adapter(
     dtype: DType,
     device: &Device,
 ) -> Result<Customized> {
+    let how = ModelLoad {
+        dtype,
+        device: device.clone(),
+        tensor_parallel: None,
+        quantize_base: Quantization::None,
+    };
+    load_with_adapter_as(cfg, weights, adapter_dir, &how)
+}
+
+/// [`load_with_adapter`] with the model held as `how` says (its projections in NF4, say).
+pub fn load_with_adapter_as(
+    cfg: &LlamaConfig,
+    weights: &SafetensorsWeights,
+    adapter_dir: &Path,
+    how: &ModelLoad,
+) -> Result<Customized> {
+    let device = &how.device;
     match read_adapter(adapter_dir, device)? {
         Adapter::Lora { cfg: lora, tensors } => {
-            let c = load_for_method(cfg, weights, &Method::Lora(lora), 0, dtype, device)?;
+            let c = load_customized(cfg, weights, &Method::Lora(lora), 0, how)?;
             let adapters = c.lora.as_ref().expect("a LoRA model has adapters");
             adapters.load_tensors(&tensors, &adapter_dir.join(ADAPTER_WEIGHTS))?;
             Ok(c)
@@ -412,7 +430,7 @@ pub fn load_with_adapter(
                     cfg.hidden_size
                 );
             }
-            let mut c = load_for_method(cfg, weights, &Method::Ptuning(p_cfg), 0, dtype, device)?;
+            let mut c = load_customized(cfg, weights, &Method::Ptuning(p_cfg), 0, how)?;
             let p = c
                 .ptuning
                 .as_mut()

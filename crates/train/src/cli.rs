@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use candle_core::DType;
 use clap::{Parser, Subcommand, ValueEnum};
+use helix_model::linear::Quantization;
 
 use crate::data_stats::DataStatsArgs;
 
@@ -78,6 +79,22 @@ impl From<DTypeArg> for DType {
     }
 }
 
+/// `--quantize-base`: the projections as stored, or in NF4 (QLoRA's `model.quantize_base`).
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub(crate) enum QuantizeArg {
+    None,
+    Nf4,
+}
+
+impl From<QuantizeArg> for Quantization {
+    fn from(q: QuantizeArg) -> Self {
+        match q {
+            QuantizeArg::None => Quantization::None,
+            QuantizeArg::Nf4 => Quantization::Nf4,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 pub(crate) enum Command {
     /// Fine-tune as the config says (the same as `helix-train --config FILE`).
@@ -137,6 +154,10 @@ pub(crate) enum Command {
         seed: u64,
         #[arg(long, value_enum, default_value = "f32")]
         dtype: DTypeArg,
+        /// The decoder layers' projections in NF4, as a QLoRA run (model.quantize_base =
+        /// "nf4") trained its adapter on them: a quarter of the weights' memory in bf16.
+        #[arg(long, value_enum, default_value = "none")]
+        quantize_base: QuantizeArg,
         /// Print the generated token ids as JSON after the text.
         #[arg(long)]
         print_ids: bool,

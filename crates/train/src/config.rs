@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::DType;
 use helix_data::DataConfig;
+use helix_model::linear::Quantization;
 use helix_model::Llama;
 use helix_ops::AttentionKernel;
 use helix_peft::{LoraConfig, Method, PtuningConfig};
@@ -214,6 +215,20 @@ impl ConfigFile {
         })
     }
 
+    /// `model.quantize_base`, parsed: none (the default) or nf4.
+    pub fn quantize_base(&self) -> Result<Quantization> {
+        let name = self
+            .model
+            .as_ref()
+            .map_or("none", |m| m.quantize_base.as_str());
+        Quantization::parse(name).with_context(|| {
+            format!(
+                "model.quantize_base = {name:?}: expected \"none\" or \"nf4\"{}",
+                suggest(name, &["none", "nf4"])
+            )
+        })
+    }
+
     /// The method with its options, checked against the sections present.
     pub fn method(&self) -> Result<Method> {
         let name = self
@@ -296,7 +311,13 @@ impl ConfigFile {
         }
         self.model_dtype()?;
         self.attention()?;
-        self.method()?;
+        if let (Method::FullSft, Quantization::Nf4) = (self.method()?, self.quantize_base()?) {
+            bail!(
+                "model.quantize_base = \"nf4\" freezes the projections in 4 bits, and \
+                 method.name = \"sft\" trains them: use lora or ptuning with it, or \
+                 quantize_base = \"none\""
+            );
+        }
         let data = self.data.as_ref().context("[data] is missing")?;
         data.validate()?;
         self.accumulation(data_parallel)?;

@@ -20,12 +20,13 @@ use candle_core::{DType, Device};
 use clap::Parser;
 use helix_model::gguf::{import_gguf, ImportOptions};
 use helix_model::hf_export::{parse_size, source_dtype, ExportOptions};
+use helix_model::linear::Quantization;
 use helix_model::{
     read_chat_template_file, LlamaConfig, ModelDir, OrderedJson, SamplingOptions, TextCodec,
     CHAT_TEMPLATE_FILE,
 };
 use helix_parallel::launch::{launch, LaunchOptions};
-use helix_peft::{export_merged, load_with_adapter, Customized};
+use helix_peft::{export_merged, load_with_adapter_as, Customized, ModelLoad};
 
 use helix_train::config::ConfigFile;
 use helix_train::device;
@@ -157,6 +158,7 @@ fn run(cli: Cli) -> Result<()> {
                 zero1: cfg.parallel.zero1,
                 recompute: cfg.trainer.activation_checkpointing
                     == helix_train::gradients::ActivationCheckpointing::Full,
+                quantize_base: cfg.quantize_base()?,
             };
             let mut hw = helix_train::plan::Hardware::default();
             if let Some(mfu) = mfu {
@@ -217,6 +219,7 @@ fn run(cli: Cli) -> Result<()> {
             top_p,
             seed,
             dtype,
+            quantize_base,
             print_ids,
         } => {
             let dir = ModelDir::open(&model)?;
@@ -234,7 +237,13 @@ fn run(cli: Cli) -> Result<()> {
                 (None, None) => {}
             }
             let device = device(0)?;
-            let model = load_model(&dir, adapter.as_deref(), dtype.into(), &device)?;
+            let how = ModelLoad {
+                dtype: dtype.into(),
+                device,
+                tensor_parallel: None,
+                quantize_base: quantize_base.into(),
+            };
+            let model = load_model(&dir, adapter.as_deref(), &how)?;
             let prompt_ids = if chat {
                 let mut messages = Vec::new();
                 if let Some(s) = &system {
@@ -325,7 +334,13 @@ fn run(cli: Cli) -> Result<()> {
                     .transpose()?
                     .flatten(),
             };
-            let c = load_model(&dir, adapter.as_deref(), base_dtype, &Device::Cpu)?;
+            let how = ModelLoad {
+                dtype: base_dtype,
+                device: Device::Cpu,
+                tensor_parallel: None,
+                quantize_base: Quantization::None,
+            };
+            let c = load_model(&dir, adapter.as_deref(), &how)?;
             let report = export_merged(&c, &model, &out, &opts)?;
             eprintln!(
                 "wrote {} ({} file{}, {:.1} MB{}) in {:.1} s",
@@ -424,13 +439,13 @@ fn run(cli: Cli) -> Result<()> {
 fn load_model(
     dir: &ModelDir,
     adapter: Option<&std::path::Path>,
-    dtype: DType,
-    device: &Device,
+    how: &ModelLoad,
 ) -> Result<Customized> {
     let Some(adapter) = adapter else {
-        return Ok(Customized::frozen(dir.load_inference(dtype, device)?));
+        let model = dir.load_inference_quantized(how.dtype, &how.device, how.quantize_base)?;
+        return Ok(Customized::frozen(model));
     };
-    let c = load_with_adapter(&dir.config, &dir.weights, adapter, dtype, device)
+    let c = load_with_adapter_as(&dir.config, &dir.weights, adapter, how)
         .with_context(|| format!("loading the adapter {}", adapter.display()))?;
     let kind = c.lora.as_ref().map_or("P-tuning", |l| l.cfg.name());
     eprintln!("{kind} adapter {}: {}", adapter.display(), c.summary());

@@ -5,7 +5,7 @@
 //! 7B–70B runs on H100s. Every figure is a formula of the config; the assumptions are printed.
 
 use anyhow::{bail, Result};
-use helix_model::linear::is_row_parallel;
+use helix_model::linear::{is_row_parallel, Quantization};
 use helix_model::LlamaConfig;
 use helix_peft::{Method, PromptEncoder};
 use serde::Serialize;
@@ -55,6 +55,8 @@ pub struct Job {
     pub zero1: bool,
     /// Each decoder layer recomputed in backward (`trainer.activation_checkpointing = "full"`).
     pub recompute: bool,
+    /// The frozen projections in NF4 (`model.quantize_base`).
+    pub quantize_base: Quantization,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -154,7 +156,18 @@ pub fn plan(job: &Job, hw: &Hardware) -> Result<Plan> {
             .map(|(_, s)| s.iter().product::<usize>() as f64)
             .sum(),
     };
-    let weights_bytes = params_per_gpu * job.dtype_bytes as f64;
+    // Under QLoRA the projections hold NF4: half a byte an element, an int8 scaler per 64 and
+    // a factor per 16,384, plus one projection dequantized at a time (the widest, MLP's).
+    let projections_per_gpu = l * (2.0 * h * q + 2.0 * h * kv + 3.0 * h * i) / tf;
+    let weights_bytes = match job.quantize_base {
+        Quantization::None => params_per_gpu * job.dtype_bytes as f64,
+        Quantization::Nf4 => {
+            let nf4 = 0.5 + 1.0 / 64.0 + job.dtype_bytes as f64 / 16384.0;
+            (params_per_gpu - projections_per_gpu) * job.dtype_bytes as f64
+                + projections_per_gpu * nf4
+                + h * i / tf * job.dtype_bytes as f64
+        }
+    };
     // helix accumulates gradients in f32 and keeps AdamW's two moments in f32, plus f32 master
     // weights for parameters held in 16 bits (full SFT).
     let grads_bytes = trainable_per_gpu * 4.0;
@@ -510,6 +523,7 @@ mod tests {
             tensor_parallel: tp,
             zero1: false,
             recompute: false,
+            quantize_base: Quantization::None,
         }
     }
 
@@ -599,5 +613,18 @@ mod tests {
             &Hardware::default()
         )
         .is_err());
+    }
+
+    #[test]
+    fn qlora_holds_70b_projections_in_about_half_a_byte_each_on_one_gpu() {
+        let lora = LoraConfig::new(16, 32.0, &helix_peft::LLAMA_TARGETS);
+        let mut j = job("llama2-70b", Method::Lora(lora), 1, 1, 1);
+        let dense = plan(&j, &Hardware::default()).unwrap().weights_bytes / (1u64 << 30) as f64;
+        j.quantize_base = Quantization::Nf4;
+        let nf4 = plan(&j, &Hardware::default()).unwrap().weights_bytes / (1u64 << 30) as f64;
+        // 68.4 B projection parameters at 0.516 bytes (32.9 GiB), the embedding, LM head and
+        // norms in bf16 (1 GiB), one 28,672 × 8,192 projection dequantized (0.4 GiB).
+        assert!((128.0..130.0).contains(&dense), "{dense}");
+        assert!((33.8..34.8).contains(&nf4), "{nf4}");
     }
 }

@@ -18,7 +18,7 @@ use helix_data::{eval_batches, prepare, Batch, BatchStream, DataTokenizer};
 use helix_model::hf_export::parse_size;
 use helix_model::ModelDir;
 use helix_parallel::Job;
-use helix_peft::{load_for_method_split, read_adapter, Adapter, Customized, Method};
+use helix_peft::{load_customized, read_adapter, Adapter, Customized, Method, ModelLoad};
 
 use crate::config::ConfigFile;
 use crate::gradients::{forward_backward, global_grad_norm, DeviceBatch, GradientOptions};
@@ -162,6 +162,16 @@ fn train_rank(cfg: &ConfigFile, config_path: &Path, job: &mut Job) -> Result<Run
         model_dir.path.display(),
         model.summary()
     ));
+    let (held, dense) = model.model.projection_bytes()?;
+    if held < dense {
+        let mib = |b: usize| b as f64 / (1u64 << 20) as f64;
+        say(format!(
+            "model.quantize_base = \"nf4\": the projections hold {:.1} MiB ({:.1} MiB in {:?})",
+            mib(held),
+            mib(dense),
+            model.model.dtype()
+        ));
+    }
 
     // 4. How long, how fast.
     let total_steps = total_steps(cfg, stream.steps_per_epoch(), accumulation)?;
@@ -434,16 +444,13 @@ fn load_model(
     device: &Device,
     job: &Job,
 ) -> Result<Customized> {
-    let dtype = cfg.model_dtype()?;
-    let mut c = load_for_method_split(
-        &dir.config,
-        &dir.weights,
-        method,
-        cfg.trainer.seed,
-        dtype,
-        device,
-        job.tensor_parallel(),
-    )?;
+    let how = ModelLoad {
+        dtype: cfg.model_dtype()?,
+        device: device.clone(),
+        tensor_parallel: job.tensor_parallel(),
+        quantize_base: cfg.quantize_base()?,
+    };
+    let mut c = load_customized(&dir.config, &dir.weights, method, cfg.trainer.seed, &how)?;
     cfg.configure_model(&mut c.model)?;
     let Some(from) = cfg.method.as_ref().and_then(|m| m.init_from.as_deref()) else {
         return Ok(c);

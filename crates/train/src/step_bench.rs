@@ -14,7 +14,7 @@ use candle_core::Device;
 use helix_data::{collate_padded, Batch, LossMode, PadOptions, Sample};
 use helix_model::{LlamaConfig, SafetensorsWeights};
 use helix_parallel::Job;
-use helix_peft::{load_for_method, Customized, Method};
+use helix_peft::{load_customized, Customized, Method, ModelLoad};
 use serde_json::json;
 
 use crate::config::ConfigFile;
@@ -193,7 +193,13 @@ pub fn bench(cfg: &ConfigFile, opts: &BenchOptions) -> Result<()> {
         Some(w) => w,
         None => SafetensorsWeights::random(&shape, dtype, seed)?,
     };
-    let mut model = load_for_method(&shape, &weights, &method, seed, dtype, &device)?;
+    let how = ModelLoad {
+        dtype,
+        device: device.clone(),
+        tensor_parallel: None,
+        quantize_base: cfg.quantize_base()?,
+    };
+    let mut model = load_customized(&shape, &weights, &method, seed, &how)?;
     cfg.configure_model(&mut model.model)?;
     drop(weights);
     let load_s = t0.elapsed().as_secs_f64();

@@ -30,6 +30,12 @@ pub struct ModelSection {
     /// (transformers' `attn_implementation`).
     #[serde(default = "default_attention")]
     pub attention: String,
+    /// `nf4`: the decoder layers' frozen projections held in 4-bit NormalFloat and
+    /// dequantized where a product reads them (QLoRA; torchtune's `quantize_base`,
+    /// bitsandbytes' `load_in_4bit` with `nf4`), for LoRA, DoRA and P-tuning; `none` (the
+    /// default): as loaded, in `dtype`.
+    #[serde(default = "default_quantize_base")]
+    pub quantize_base: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -174,6 +180,9 @@ fn default_dtype() -> String {
 }
 fn default_attention() -> String {
     "auto".into()
+}
+fn default_quantize_base() -> String {
+    "none".into()
 }
 fn one() -> usize {
     1

@@ -77,6 +77,32 @@ fn attention_is_auto_unless_named() {
 }
 
 #[test]
+fn quantize_base_is_none_unless_nf4_and_refuses_full_sft() {
+    let q = |sets: &[&str]| load(BASE, sets).unwrap().quantize_base();
+    assert_eq!(q(&[]).unwrap(), Quantization::None);
+    assert_eq!(q(&["model.quantize_base=nf4"]).unwrap(), Quantization::Nf4);
+    let err = q(&["model.quantize_base=nf5"]).unwrap_err().to_string();
+    assert!(
+        err.contains("model.quantize_base = \"nf5\"") && err.contains("nf4"),
+        "{err}"
+    );
+    let sft_text = BASE
+        .replace("name = \"lora\"", "name = \"sft\"")
+        .replace("[lora]\nr = 8\nlora_alpha = 16\n", "");
+    let sft = load(&sft_text, &["model.quantize_base=nf4"]).unwrap();
+    let err = sft.validate_training(1).unwrap_err().to_string();
+    assert!(
+        err.contains("model.quantize_base") && err.contains("sft"),
+        "{err}"
+    );
+    // It changes the numbers: a run is not resumed across it.
+    assert_ne!(
+        load(BASE, &[]).unwrap().numerics(),
+        load(BASE, &["model.quantize_base=nf4"]).unwrap().numerics()
+    );
+}
+
+#[test]
 fn wrong_types_and_bad_values_name_the_key() {
     let err = load(
         &BASE.replace("max_steps = 20", "max_steps = \"twenty\""),
