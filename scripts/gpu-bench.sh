@@ -6,7 +6,9 @@
 #      peak GPU memory of both, and the helix / PyTorch ratios;
 #   2. helix's LoRA step again with its decoder layers run op by op (model.fused_layers =
 #      false), and again with the chunked attention (model.attention = chunked): what the
-#      hand-differentiated layer and the FlashAttention kernels buy, as ratios;
+#      hand-differentiated layer and the FlashAttention kernels buy, as ratios; and with its
+#      projections in NF4 (model.quantize_base = nf4, QLoRA): what the dequantizations cost and
+#      the memory they save;
 #   3. causal attention alone at a 7B layer's shape (32 heads of 128, 1 x SEQ, bf16), forward
 #      and backward apart: helix's FlashAttention kernels (helix-train attention-bench, its
 #      forward with 128 query rows a block, what training takes at this shape, and with 64)
@@ -45,6 +47,10 @@ echo "== helix LoRA with the chunked attention (model.attention = chunked), for 
 "$bin" bench --config configs/bench/lora7b.toml --set model.attention=chunked --random-weights \
   --seq "$seq" --steps "$steps" --json | tee "$out/helix-lora-chunked.json" \
   || echo "helix LoRA chunked attention failed"
+echo "== helix QLoRA (model.quantize_base = nf4), for comparison"
+"$bin" bench --config configs/bench/lora7b.toml --set model.quantize_base=nf4 --random-weights \
+  --seq "$seq" --steps "$steps" --json | tee "$out/helix-qlora.json" \
+  || echo "helix QLoRA failed"
 
 echo "== causal attention alone, a Llama-2-7B layer's shape, 1 x $seq tokens, bf16"
 for rows in 128 64; do
@@ -106,6 +112,12 @@ if h and c:
           f"{gib(c['peak_device_bytes']):.1f} GiB; {h.get('attention', '?')} / chunked tokens/s = "
           f"{h['tokens_per_s']/c['tokens_per_s']:.2f}, peak memory = "
           f"{h['peak_device_bytes']/c['peak_device_bytes']:.2f}")
+n = load("helix-qlora.json")
+if h and n:
+    print(f"QLoRA 7B (NF4 projections): {n['tokens_per_s']:.0f} tokens/s, peak GPU "
+          f"{gib(n['peak_device_bytes']):.1f} GiB; NF4 / bf16 tokens/s = "
+          f"{n['tokens_per_s']/h['tokens_per_s']:.2f}, peak memory = "
+          f"{n['peak_device_bytes']/h['peak_device_bytes']:.2f}")
 ha, h64 = load("helix-attention-128.json"), load("helix-attention-64.json")
 if ha and h64:
     print(f"attention alone, helix forward: {ha['forward_ms']:.3f} ms with 128 query rows a block "

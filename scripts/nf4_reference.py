@@ -12,7 +12,12 @@ parity tests. Writes tests/fixtures/nf4/nf4.safetensors (or the path given), for
 Cases: bf16 (128x256, N(0, 0.02^2), block 5 all zeros, three outliers), bf16_wide (64x1024,
 N(0, 1)), f32 (128x256, N(0, 0.02^2)). block_size 64, scaler_block_size 256 (to_nf4's defaults).
 
-    $(scripts/setup-python.sh) scripts/nf4_reference.py [OUT]
+With torchao kept out of scripts/setup-python.sh's environment (PEFT 0.17.1 fails to import
+its LoRA layers with torchao 0.18 installed there):
+
+    py=$(scripts/setup-python.sh)
+    "$py" -m pip install -q --no-deps --target ~/.cache/helix/torchao torchao==0.18.0
+    PYTHONPATH=~/.cache/helix/torchao "$py" scripts/nf4_reference.py [OUT]
 """
 
 import os

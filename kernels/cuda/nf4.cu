@@ -48,14 +48,19 @@ __device__ void nf4_quantize(const T *w, const T *absmax, uint8_t *codes, int64_
 template <typename T>
 __device__ void nf4_dequantize(const uint8_t *codes, const int8_t *scalers, const T *factors,
                                float mean, T *w, int64_t pairs) {
+  // The levels in T, in shared memory: each thread indexes them by its own code, which
+  // constant memory would serialize.
+  __shared__ float levels[16];
+  if (threadIdx.x < 16) levels[threadIdx.x] = round_to<T>(kNf4Levels[threadIdx.x]);
+  __syncthreads();
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < pairs;
        i += (int64_t)gridDim.x * blockDim.x) {
     const int64_t block = (2 * i) / kNf4Block;
     const float factor = to_f32(factors[block / kNf4ScalerBlock]);
     const float scale = round_to<T>(round_to<T>((float)scalers[block] / factor) + mean);
     const uint8_t c = codes[i];
-    w[2 * i] = from_f32<T>(round_to<T>(kNf4Levels[c >> 4]) * scale);
-    w[2 * i + 1] = from_f32<T>(round_to<T>(kNf4Levels[c & 15]) * scale);
+    w[2 * i] = from_f32<T>(levels[c >> 4] * scale);
+    w[2 * i + 1] = from_f32<T>(levels[c & 15] * scale);
   }
 }
 

@@ -69,7 +69,34 @@ impl Nf4Weight {
         let absmax = flat.reshape((n / BLOCK, BLOCK))?.abs()?.max(1)?;
         let codes = flat.apply_op2_no_bwd(&absmax, &QuantizeCodes)?;
         let absmax_host: Vec<f32> = absmax.to_dtype(DType::F32)?.to_vec1()?;
+        // candle's max passes over NaN, and a non-finite weight would quantize to a level: a
+        // sum (in f32, which the weights' magnitudes cannot overflow) tells.
+        let total = flat
+            .to_dtype(DType::F32)?
+            .abs()?
+            .sum_all()?
+            .to_scalar::<f32>()?;
+        if !total.is_finite() {
+            let values: Vec<f32> = flat.to_dtype(DType::F32)?.to_vec1()?;
+            if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+                candle_core::bail!("NF4: element {i} of the weight is {v} (not finite)");
+            }
+        }
         let scalers = double_quantize(&absmax_host, rounding(dtype));
+        if let Some(g) = scalers.factors.iter().position(|f| !f.is_finite()) {
+            let group =
+                &absmax_host[g * SCALER_BLOCK..absmax_host.len().min((g + 1) * SCALER_BLOCK)];
+            let spread = group
+                .iter()
+                .fold(0f32, |m, a| m.max((a - scalers.mean).abs()));
+            if spread > 0.0 {
+                candle_core::bail!(
+                    "NF4 in {dtype:?}: the block scales of group {g} spread {spread:e} about \
+                     their mean, too little for a {dtype:?} factor (256 / (2 · {spread:e}) \
+                     overflows); quantize in bf16 or f32"
+                );
+            }
+        }
         let device = w.device();
         let groups = scalers.factors.len();
         let factors = Tensor::from_vec(scalers.factors, groups, device)?.to_dtype(dtype)?;
@@ -420,6 +447,32 @@ mod tests {
         let w = Tensor::zeros((3, 10), DType::F32, &Device::Cpu).unwrap();
         let e = Nf4Weight::quantize(&w).unwrap_err().to_string();
         assert!(e.contains("[3, 10]") && e.contains("30"), "{e}");
+    }
+
+    #[test]
+    fn non_finite_weights_and_f16_factors_that_overflow_are_refused() {
+        let mut v = vec![0.01f32; 4 * BLOCK];
+        v[130] = f32::NAN;
+        let w = Tensor::from_vec(v, (4, BLOCK), &Device::Cpu).unwrap();
+        let e = Nf4Weight::quantize(&w).unwrap_err().to_string();
+        assert!(e.contains("element 130") && e.contains("NaN"), "{e}");
+        // Block scales 0.01 and 0.0105 about a mean of 0.01025: 256 / (2 · 0.00025) is past
+        // f16's 65,504. In bf16 the same weight quantizes.
+        let v: Vec<f32> = (0..4 * BLOCK)
+            .map(|i| {
+                if (i / BLOCK).is_multiple_of(2) {
+                    0.01
+                } else {
+                    0.0105
+                }
+            })
+            .collect();
+        let w = Tensor::from_vec(v, (4, BLOCK), &Device::Cpu).unwrap();
+        let e = Nf4Weight::quantize(&w.to_dtype(DType::F16).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("F16") && e.contains("group 0"), "{e}");
+        assert!(Nf4Weight::quantize(&w.to_dtype(DType::BF16).unwrap()).is_ok());
     }
 
     #[test]

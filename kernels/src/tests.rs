@@ -3,7 +3,7 @@
 
 use candle_core::Device;
 
-use crate::check::{cases, compare, run, tolerance, Implementation};
+use crate::check::{cases, compare, run, Implementation};
 
 #[test]
 fn cpu_references_match_the_unfused_ops() {
@@ -14,7 +14,7 @@ fn cpu_references_match_the_unfused_ops() {
             println!("{} {name}: max |Δ| {diff:.3e} of {scale:.3e}", case.label());
             assert!(scale > 0.0, "{}: {name} is zero", case.label());
             assert!(
-                diff <= tolerance(case.dtype) * scale,
+                diff <= case.tolerance() * scale,
                 "{} {name}: differs by {diff} of {scale}",
                 case.label()
             );

@@ -285,7 +285,8 @@ impl Llama {
     }
 
     /// Every weight under its checkpoint name, in checkpoint order; projections as their
-    /// [`Linear`] reports them (a LoRA layer gives its frozen base; an NF4 one, dequantized).
+    /// [`Linear`] reports them (a LoRA layer gives its frozen base; an NF4 one, dequantized:
+    /// every projection at once, which is why a QLoRA run writes no merged model).
     pub fn named_weights(&self) -> candle_core::Result<Vec<(String, Tensor)>> {
         let mut out = vec![(
             "model.embed_tokens.weight".to_string(),
@@ -754,7 +755,7 @@ impl ParamLoader<'_, '_> {
         // A rank quantizes its own shard: NF4's blocks run over the shard's elements.
         let w = match self.opts.quantize_base {
             Quantization::Nf4 if !(self.opts.trainable)(&name) => BaseWeight::Nf4(Arc::new(
-                Nf4Weight::quantize(&w).with_context(|| format!("model.quantize_base: {name}"))?,
+                Nf4Weight::quantize(&w).with_context(|| format!("quantizing {name} to NF4"))?,
             )),
             _ => BaseWeight::Tensor(w),
         };

@@ -517,7 +517,8 @@ impl LoraAdapters {
     }
 
     /// Applies W + s·BA (rounded to the base dtype) in every layer instead of W and the
-    /// low-rank path: faster inference. The base weights are kept, so [`Self::unmerge`] is exact.
+    /// low-rank path: faster inference. The base weights are kept, so [`Self::unmerge`] is exact
+    /// (an NF4 base is kept too, beside a dense merged weight per layer).
     pub fn merge(&self) -> Result<()> {
         for l in &self.layers {
             if l.is_merged() {

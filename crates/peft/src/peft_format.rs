@@ -325,20 +325,28 @@ fn lora_config_from_peft(v: &Value) -> Result<LoraConfig> {
     let cfg = LoraConfig {
         r: count(v, "r")?,
         lora_alpha: num(v, "lora_alpha")?,
-        lora_dropout: v.get("lora_dropout").and_then(Value::as_f64).unwrap_or(0.0),
-        target_modules,
-        use_rslora: v
-            .get("use_rslora")
-            .and_then(Value::as_bool)
-            .unwrap_or(false),
-        use_dora: match v.get("use_dora") {
-            None | Some(Value::Null) => false,
-            Some(Value::Bool(b)) => *b,
-            Some(other) => bail!("use_dora = {other} is not true or false"),
+        lora_dropout: match v.get("lora_dropout") {
+            None | Some(Value::Null) => 0.0,
+            Some(x) => x
+                .as_f64()
+                .with_context(|| format!("lora_dropout = {x} is not a number"))?,
         },
+        target_modules,
+        use_rslora: flag(v, "use_rslora")?,
+        use_dora: flag(v, "use_dora")?,
     };
     cfg.validate()?;
     Ok(cfg)
+}
+
+/// A boolean setting of adapter_config.json: false when absent or null, an error naming the key
+/// when it is anything but true or false (a string "true" is not read as false).
+fn flag(v: &Value, key: &str) -> Result<bool> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(other) => bail!("{key} = {other} is not true or false"),
+    }
 }
 
 fn ptuning_config_from_peft(v: &Value) -> Result<PtuningConfig> {

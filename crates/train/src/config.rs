@@ -318,6 +318,14 @@ impl ConfigFile {
                  quantize_base = \"none\""
             );
         }
+        if self.quantize_base()? == Quantization::Nf4 && self.output.merged {
+            bail!(
+                "output.merged = true with model.quantize_base = \"nf4\": the run holds no \
+                 16-bit projections to merge into; merge the adapter it writes with \
+                 `helix-train export --model … --adapter …`, which merges into the \
+                 checkpoint's own weights"
+            );
+        }
         let data = self.data.as_ref().context("[data] is missing")?;
         data.validate()?;
         self.accumulation(data_parallel)?;

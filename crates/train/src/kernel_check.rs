@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
-use helix_ops::kernel_check::{cases, compare, run, tolerance, Case, Implementation};
+use helix_ops::kernel_check::{cases, compare, run, Case, Implementation};
 
 /// Prints one line per compared tensor and returns whether every one is within tolerance;
 /// for the cases of the ops in `only` alone, when it names any.
@@ -43,7 +43,7 @@ pub fn kernel_check(device: &Device, repeats: usize, only: &[String]) -> Result<
             false => run(&case, Implementation::Unfused, &Device::Cpu)?,
         };
         let got = run(&case, Implementation::Fused, device)?;
-        let t = tolerance(case.dtype);
+        let t = case.tolerance();
         for (name, diff, scale) in compare(&want, &got)? {
             let ok = diff <= t * scale && scale > 0.0;
             all_ok &= ok;

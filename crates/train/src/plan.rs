@@ -112,6 +112,12 @@ pub fn plan(job: &Job, hw: &Hardware) -> Result<Plan> {
             job.micro_batch
         );
     }
+    if matches!(job.method, Method::FullSft) && job.quantize_base == Quantization::Nf4 {
+        bail!(
+            "model.quantize_base = \"nf4\" freezes the projections, and full SFT trains them: \
+             plan lora or ptuning with it"
+        );
+    }
     let accumulation = job.global_batch / (job.micro_batch * d);
     let (h, l) = (m.hidden_size as f64, m.num_hidden_layers as f64);
     let (tf, df) = (t as f64, d as f64);
@@ -626,5 +632,8 @@ mod tests {
         // norms in bf16 (1 GiB), one 28,672 × 8,192 projection dequantized (0.4 GiB).
         assert!((128.0..130.0).contains(&dense), "{dense}");
         assert!((33.8..34.8).contains(&nf4), "{nf4}");
+        j.method = Method::FullSft;
+        let e = plan(&j, &Hardware::default()).unwrap_err().to_string();
+        assert!(e.contains("model.quantize_base"), "{e}");
     }
 }

@@ -16,6 +16,7 @@ use candle_core::{DType, Device};
 use helix_ckpt::{BackgroundWriter, CheckpointStore};
 use helix_data::{eval_batches, prepare, Batch, BatchStream, DataTokenizer};
 use helix_model::hf_export::parse_size;
+use helix_model::linear::Quantization;
 use helix_model::ModelDir;
 use helix_parallel::Job;
 use helix_peft::{load_customized, read_adapter, Adapter, Customized, Method, ModelLoad};
@@ -204,6 +205,20 @@ fn train_rank(cfg: &ConfigFile, config_path: &Path, job: &mut Job) -> Result<Run
         say(format!("resumed from {} (step {step})", dir.display()));
         let now = run_layout(cfg, job)?;
         let changed = state.layout_changes(&now);
+        // Each rank quantizes its own shard: NF4's scales depend on the split.
+        if cfg.quantize_base()? == Quantization::Nf4
+            && changed
+                .iter()
+                .any(|c| c.starts_with("parallel.tensor_parallel"))
+        {
+            bail!(
+                "{}: resumed with {}, but under model.quantize_base = \"nf4\" each rank \
+                 quantizes its own shard, so the frozen weights depend on \
+                 parallel.tensor_parallel: resume at the tensor-parallel size the run started with",
+                dir.display(),
+                changed.join(", ")
+            );
+        }
         if !changed.is_empty() {
             say(format!(
                 "note: resumed with {}; these change only rounding, so the losses follow an \

@@ -430,6 +430,16 @@ fn adapter_errors_name_the_file_and_the_problem() -> Result<()> {
         err.contains("fan_in_fan_out = true is not supported"),
         "{err}"
     );
+    // A flag written as a string is an error, not false.
+    std::fs::write(
+        bad.join("adapter_config.json"),
+        cfg.replace("\"use_rslora\": false", "\"use_rslora\": \"true\""),
+    )?;
+    let err = gen(&bad);
+    assert!(
+        err.contains("use_rslora = \"true\" is not true or false"),
+        "{err}"
+    );
     std::fs::write(
         bad.join("adapter_config.json"),
         cfg.replace("\"LORA\"", "\"IA3\""),

@@ -95,6 +95,12 @@ fn quantize_base_is_none_unless_nf4_and_refuses_full_sft() {
         err.contains("model.quantize_base") && err.contains("sft"),
         "{err}"
     );
+    let merged = load(BASE, &["model.quantize_base=nf4", "output.merged=true"]).unwrap();
+    let err = merged.validate_training(1).unwrap_err().to_string();
+    assert!(
+        err.contains("output.merged") && err.contains("export"),
+        "{err}"
+    );
     // It changes the numbers: a run is not resumed across it.
     assert_ne!(
         load(BASE, &[]).unwrap().numerics(),
