@@ -13,12 +13,16 @@ use std::time::Duration;
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
-use helix::model::linear::shard_of;
+use helix::model::linear::{shard_of, weight_split, Quantization, Split};
+use helix::model::safetensors_write::save_tensors;
 use helix::model::{ForwardMask, LlamaConfig, SafetensorsWeights};
 use helix::ops::SharedCollective;
 use helix::parallel::{StoreClient, StoreServer, TcpRing};
 use helix::peft::ptuning::ENCODER_PREFIX;
-use helix::peft::{load_for_method_split, read_adapter, Adapter, Customized, Method, ModelBatch};
+use helix::peft::{
+    load_customized, load_for_method_split, read_adapter, Adapter, Customized, Method, ModelBatch,
+    ModelLoad,
+};
 
 const TP: usize = 2;
 
@@ -52,15 +56,11 @@ fn load_st(path: &std::path::Path) -> HashMap<String, Tensor> {
     candle_core::safetensors::load(path, &Device::Cpu).unwrap()
 }
 
-/// Loss and logits of the fixture batch on this rank's model; backward; this rank's worst
-/// relative gradient difference from `reference`'s `grad.<name>` (sliced to the shard).
-fn check(
-    what: &str,
+/// The hidden states and mean loss of `c` on a reference batch, with its real-token flags.
+fn forward_loss(
     c: &Customized,
     batch: &HashMap<String, Tensor>,
-    reference: &HashMap<String, Tensor>,
-    rank: usize,
-) -> Result<(f32, f32, f32)> {
+) -> Result<(Tensor, Tensor, Vec<u8>)> {
     let valid: Vec<u8> = batch["attention_mask"]
         .flatten_all()?
         .to_vec1::<i64>()?
@@ -79,7 +79,19 @@ fn check(
         mask: &mask,
     })?;
     let (sum, n) = c.model.loss_sum(&hidden, labels.as_ref().unwrap(), 4)?;
-    let loss = (sum / n as f64)?;
+    Ok((hidden, (sum / n as f64)?, valid))
+}
+
+/// Loss and logits of the fixture batch on this rank's model; backward; this rank's worst
+/// relative gradient difference from `reference`'s `grad.<name>` (sliced to the shard).
+fn check(
+    what: &str,
+    c: &Customized,
+    batch: &HashMap<String, Tensor>,
+    reference: &HashMap<String, Tensor>,
+    rank: usize,
+) -> Result<(f32, f32, f32)> {
+    let (hidden, loss, valid) = forward_loss(c, batch)?;
     let logits = c.model.logits(&hidden)?;
     let want = &reference["logits"];
     // Compare real positions (P-tuning adds its virtual tokens in front).
@@ -239,4 +251,119 @@ fn ptuning_at_tp2_matches_peft() {
         let results = adapter_at_tp2_matches_peft(name, "ptuning");
         report(&format!("{name} P-tuning vs PEFT"), &results);
     }
+}
+
+/// What one rank of a QLoRA group computed: its dequantized weight shards, loss, and each
+/// adapter gradient shard with its split.
+type RankRun = (Vec<(String, Tensor)>, f32, GradShards);
+
+/// Gradients by trainable name, each with how the tensor is split.
+type GradShards = Vec<(String, Split, Tensor)>;
+
+const QLORA_FIXTURE: &str = "tiny-gqa-tied";
+
+/// The fixture's PEFT LoRA adapter on `weights`, this rank's part of it under `tp`.
+fn lora_on(
+    weights: &SafetensorsWeights,
+    tp: Option<SharedCollective>,
+    quantize_base: Quantization,
+) -> Result<Customized> {
+    let (cfg, _) = open(QLORA_FIXTURE);
+    let rank = tp.as_ref().map_or(0, |g| g.rank());
+    let adapter = fixture(QLORA_FIXTURE).join("lora");
+    let Adapter::Lora { cfg: lora, tensors } = read_adapter(&adapter, &Device::Cpu)? else {
+        panic!("a LoRA adapter");
+    };
+    let how = ModelLoad {
+        dtype: DType::F32,
+        device: Device::Cpu,
+        tensor_parallel: tp,
+        quantize_base,
+    };
+    let c = load_customized(&cfg, weights, &Method::Lora(lora), 0, &how)?;
+    set_from_whole(&c, &tensors, "", rank)?;
+    Ok(c)
+}
+
+/// The loss of the fixture's batch and the gradient of every trainable tensor, with its split.
+fn loss_and_grads(c: &Customized) -> Result<(f32, GradShards)> {
+    let batch = load_st(&fixture(QLORA_FIXTURE).join("reference.safetensors"));
+    let (_, loss, _) = forward_loss(c, &batch)?;
+    let grads = loss.backward()?;
+    let named = c
+        .trainable()
+        .into_iter()
+        .map(|(k, v)| {
+            let split = c.split_of(&k);
+            (k, split, grads.get(&v).unwrap().clone())
+        })
+        .collect();
+    Ok((loss.to_scalar::<f32>()?, named))
+}
+
+/// QLoRA under tensor parallelism: each rank quantizes its own shard, so the reference is LoRA
+/// in one process on the checkpoint the ranks' dequantized shards make when put together; its
+/// loss and each rank's shard of its gradients must agree.
+#[test]
+fn qlora_at_tp2_equals_lora_on_the_ranks_dequantized_shards() -> Result<()> {
+    let ranks: Vec<RankRun> = on_ranks(|g| {
+        let (_, w) = open(QLORA_FIXTURE);
+        let c = lora_on(&w, Some(g), Quantization::Nf4)?;
+        let (loss, grads) = loss_and_grads(&c)?;
+        Ok((c.model.named_weights()?, loss, grads))
+    });
+
+    // The checkpoint the ranks computed with: their shards put together.
+    let tmp = tempfile::tempdir()?;
+    std::fs::copy(
+        fixture(QLORA_FIXTURE).join("config.json"),
+        tmp.path().join("config.json"),
+    )?;
+    let mut whole_weights = Vec::new();
+    for (i, (key, first)) in ranks[0].0.iter().enumerate() {
+        let t = match weight_split(key) {
+            Split::Replicated => first.clone(),
+            Split::Dim(d) => {
+                let parts: Vec<&Tensor> = ranks.iter().map(|r| &r.0[i].1).collect();
+                Tensor::cat(&parts, d)?
+            }
+        };
+        whole_weights.push((key.clone(), t));
+    }
+    // They are NF4's: the projections moved from the checkpoint's, nothing else did.
+    let original = load_st(&fixture(QLORA_FIXTURE).join("model.safetensors"));
+    for (key, t) in &whole_weights {
+        let moved = max_abs(&(t - &original[key])?) / max_abs(&original[key]);
+        assert_eq!(
+            moved > 1e-3,
+            key.contains("_proj"),
+            "{key} moved by {moved}"
+        );
+    }
+    save_tensors(&tmp.path().join("model.safetensors"), &whole_weights)?;
+    let dense = SafetensorsWeights::open_dir(tmp.path())?;
+    let (loss, grads) = loss_and_grads(&lora_on(&dense, None, Quantization::None)?)?;
+    let grads: HashMap<String, Tensor> = grads.into_iter().map(|(k, _, g)| (k, g)).collect();
+    let mut worst = 0f32;
+    for (rank, (_, rank_loss, rank_grads)) in ranks.iter().enumerate() {
+        assert!(
+            (rank_loss - loss).abs() <= 1e-5,
+            "rank {rank}: {rank_loss} vs {loss}"
+        );
+        for (key, split, got) in rank_grads {
+            let want = shard_of(&grads[key], *split, rank, TP)?;
+            let rel = max_abs(&(got - &want)?) / max_abs(&want).max(1e-12);
+            assert!(
+                rel <= 1e-4,
+                "rank {rank}: gradient of {key} differs by {rel:e}"
+            );
+            worst = worst.max(rel);
+        }
+    }
+    println!(
+        "QLoRA at TP={TP} vs LoRA on the ranks' dequantized shards: loss {loss:.6}, {} gradient \
+         shards a rank, worst relative Δ {worst:.2e}",
+        ranks[0].2.len()
+    );
+    Ok(())
 }
