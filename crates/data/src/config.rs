@@ -281,15 +281,20 @@ impl DataConfig {
         }
     }
 
-    /// Whether a training or held-out file is rendered with the chat template.
-    pub fn uses_chat_template(&self) -> bool {
+    /// Whether a training file is rendered with the chat template: a file of data.mix by its
+    /// own template, data.train (and the files that set none) by `[data]`'s.
+    pub fn trains_with_chat_template(&self) -> bool {
         let own = self.mix.iter().filter_map(|m| m.template.as_deref());
-        let inherited = self.mix.is_empty()
-            || self.mix.iter().any(|m| m.template.is_none())
-            || self.validation.is_some()
-            || self.test.is_some();
+        let inherited = self.mix.is_empty() || self.mix.iter().any(|m| m.template.is_none());
         own.chain(inherited.then_some(self.template.as_str()))
             .any(|t| t == "chat")
+    }
+
+    /// Whether a training or held-out file is rendered with the chat template (held-out files
+    /// by `[data]`'s).
+    pub fn uses_chat_template(&self) -> bool {
+        let held_out = self.validation.is_some() || self.test.is_some();
+        self.trains_with_chat_template() || (held_out && self.template == "chat")
     }
 
     pub fn cache_dir(&self) -> PathBuf {
@@ -301,5 +306,31 @@ impl DataConfig {
         }
         let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("."), PathBuf::from);
         home.join(".cache/helix/data")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chat_template_only_the_held_out_files_use_does_not_train() {
+        let mut cfg = DataConfig::new("a.json".into(), Format::Alpaca);
+        cfg.template = "chat".into();
+        assert!(cfg.trains_with_chat_template() && cfg.uses_chat_template());
+        let file = |f: &str, template: &str| MixSource {
+            file: f.into(),
+            weight: None,
+            format: Some(Format::Alpaca),
+            template: Some(template.into()),
+            fields: None,
+        };
+        cfg.train = None;
+        cfg.mix = vec![file("a.json", "alpaca"), file("b.json", "alpaca")];
+        assert!(!cfg.trains_with_chat_template() && !cfg.uses_chat_template());
+        cfg.validation = Some("v.json".into());
+        assert!(!cfg.trains_with_chat_template() && cfg.uses_chat_template());
+        cfg.mix[1].template = None;
+        assert!(cfg.trains_with_chat_template());
     }
 }

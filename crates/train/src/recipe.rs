@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::state::CHAT_TEMPLATE_KEY;
+use crate::state::{CHAT_TEMPLATE_KEY, HELD_OUT_CHAT_TEMPLATE_KEY};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use helix_ckpt::{BackgroundWriter, CheckpointStore};
@@ -575,10 +575,16 @@ impl Data {
             .collect();
         // The samples depend on the chat template as much as on the data, wherever it came
         // from (data.chat_template, tokenizer_config.json, chat_template.jinja).
+        // Where only held-out files use it, it decides what is measured, not what trains.
         if let Some(text) = tok.codec.chat_template.as_deref() {
-            if data_cfg.uses_chat_template() {
-                let sha = helix_ckpt::sha256_hex(text.as_bytes());
-                sha256.insert(CHAT_TEMPLATE_KEY.into(), sha);
+            let key = match data_cfg.trains_with_chat_template() {
+                true => Some(CHAT_TEMPLATE_KEY),
+                false => data_cfg
+                    .uses_chat_template()
+                    .then_some(HELD_OUT_CHAT_TEMPLATE_KEY),
+            };
+            if let Some(key) = key {
+                sha256.insert(key.into(), helix_ckpt::sha256_hex(text.as_bytes()));
             }
         }
         let own_chat_template = match data_cfg.chat_template {

@@ -290,6 +290,10 @@ impl SaveRendezvous for StoreSaveRendezvous {
 /// depend on it (`data.chat_template`, or the tokenizer's) as much as on the data.
 pub const CHAT_TEMPLATE_KEY: &str = "the chat template";
 
+/// The same, where only held-out files (data.validation, data.test) are rendered with the chat
+/// template: a change moves what is measured, not what trains, so a resumed run warns.
+pub const HELD_OUT_CHAT_TEMPLATE_KEY: &str = "the held-out files' chat template";
+
 pub fn config_sha256(numerics: &serde_json::Value) -> String {
     helix_ckpt::sha256_hex(numerics.to_string().as_bytes())
 }
@@ -599,6 +603,20 @@ mod tests {
         assert!(
             format!("{err:#}").contains("the chat template's contents changed"),
             "{err:#}"
+        );
+        // Rendering only the held-out files, it changes what is measured: a warning.
+        let held_out = |template: &str| {
+            let mut run = record("aaaa", "bbbb");
+            run.data_sha256
+                .insert(HELD_OUT_CHAT_TEMPLATE_KEY.into(), template.into());
+            run
+        };
+        write(held_out("eeee"))?;
+        check_same_run(dir, &held_out("ffff"), warn)?;
+        let w = warnings.borrow().join("\n");
+        assert!(
+            w.contains("the held-out files' chat template's contents changed"),
+            "{w}"
         );
         // A checkpoint from before helix recorded the files: nothing to compare.
         write(RunRecord {
