@@ -17,10 +17,8 @@ use helix::peft::{
 
 fn how(quantize_base: Quantization) -> ModelLoad {
     ModelLoad {
-        dtype: DType::F32,
-        device: Device::Cpu,
-        tensor_parallel: None,
         quantize_base,
+        ..ModelLoad::new(DType::F32, Device::Cpu)
     }
 }
 

@@ -275,10 +275,9 @@ fn lora_on(
         panic!("a LoRA adapter");
     };
     let how = ModelLoad {
-        dtype: DType::F32,
-        device: Device::Cpu,
         tensor_parallel: tp,
         quantize_base,
+        ..ModelLoad::new(DType::F32, Device::Cpu)
     };
     let c = load_customized(&cfg, weights, &Method::Lora(lora), 0, &how)?;
     set_from_whole(&c, &tensors, "", rank)?;

@@ -89,11 +89,15 @@ pub(crate) fn packed_as<'a, T: candle_core::WithDType>(
 
 /// Runs `$body` with `$t` bound to the element type of the CPU storages, which must agree; its
 /// `Vec<$t>` becomes the output storage. With `-> f32` the body returns a `Vec<f32>` whatever
-/// the inputs' type (per-row statistics).
+/// the inputs' type (per-row statistics), with `-> u8` a `Vec<u8>` (NF4's codes).
 macro_rules! dispatch_cpu {
     ($what:expr, ($($s:ident),+), |$t:ident, ($($v:ident),+)| -> f32 $body:expr) => {
         $crate::elem::dispatch_cpu!(@wrap $what, ($($s),+), |$t, ($($v),+)| $body,
             (F32, F32, F32))
+    };
+    ($what:expr, ($($s:ident),+), |$t:ident, ($($v:ident),+)| -> u8 $body:expr) => {
+        $crate::elem::dispatch_cpu!(@wrap $what, ($($s),+), |$t, ($($v),+)| $body,
+            (U8, U8, U8))
     };
     ($what:expr, ($($s:ident),+), |$t:ident, ($($v:ident),+)| $body:expr) => {
         $crate::elem::dispatch_cpu!(@wrap $what, ($($s),+), |$t, ($($v),+)| $body,

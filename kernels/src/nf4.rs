@@ -20,7 +20,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::elem::{packed, packed_as, Elem};
+use crate::elem::{dispatch_cpu, packed, packed_as, Elem};
 
 /// Elements per block, each block scaled by its absmax.
 pub const BLOCK: usize = 64;
@@ -164,10 +164,7 @@ impl Nf4Weight {
             .apply_op3_no_bwd(
                 &self.scalers,
                 &self.factors,
-                &Dequantize {
-                    mean: self.mean,
-                    dtype: self.dtype,
-                },
+                &Dequantize { mean: self.mean },
             )?
             .reshape(self.shape.clone())
     }
@@ -326,20 +323,14 @@ impl CustomOp2 for QuantizeCodes {
         a: &CpuStorage,
         al: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let codes = match (w, a) {
-            (CpuStorage::F32(w), CpuStorage::F32(a)) => {
-                quantize_cpu(packed(w, wl, "NF4 weight")?, packed(a, al, "NF4 absmax")?)
-            }
-            (CpuStorage::BF16(w), CpuStorage::BF16(a)) => {
-                quantize_cpu(packed(w, wl, "NF4 weight")?, packed(a, al, "NF4 absmax")?)
-            }
-            (CpuStorage::F16(w), CpuStorage::F16(a)) => {
-                quantize_cpu(packed(w, wl, "NF4 weight")?, packed(a, al, "NF4 absmax")?)
-            }
-            _ => candle_core::bail!("NF4 quantize: weight and absmax must share a float dtype"),
-        };
-        let n = codes.len();
-        Ok((CpuStorage::U8(codes), Shape::from(n)))
+        let codes = dispatch_cpu!("NF4 quantize", (w, a), |T, (w, a)| -> u8 Ok::<
+            _,
+            candle_core::Error,
+        >(quantize_cpu::<T>(
+            packed(w, wl, "NF4 weight")?,
+            packed(a, al, "NF4 absmax")?
+        )))?;
+        Ok((codes, Shape::from(wl.shape().elem_count() / 2)))
     }
 
     #[cfg(feature = "cuda")]
@@ -355,10 +346,9 @@ impl CustomOp2 for QuantizeCodes {
     }
 }
 
-/// (codes, scalers, factors) → the weight, flat.
+/// (codes, scalers, factors) → the weight, flat, in the factors' dtype.
 struct Dequantize {
     mean: f32,
-    dtype: DType,
 }
 
 impl CustomOp3 for Dequantize {
@@ -377,27 +367,9 @@ impl CustomOp3 for Dequantize {
     ) -> Result<(CpuStorage, Shape)> {
         let codes = packed_as::<u8>(c, cl, "NF4 codes")?;
         let scalers = packed_as::<u8>(s, sl, "NF4 scalers")?;
-        let out = match f {
-            CpuStorage::F32(f) => CpuStorage::F32(dequantize_cpu(
-                codes,
-                scalers,
-                packed(f, fl, "NF4 factors")?,
-                self.mean,
-            )),
-            CpuStorage::BF16(f) => CpuStorage::BF16(dequantize_cpu(
-                codes,
-                scalers,
-                packed(f, fl, "NF4 factors")?,
-                self.mean,
-            )),
-            CpuStorage::F16(f) => CpuStorage::F16(dequantize_cpu(
-                codes,
-                scalers,
-                packed(f, fl, "NF4 factors")?,
-                self.mean,
-            )),
-            _ => candle_core::bail!("NF4 dequantize: factors must be {:?}", self.dtype),
-        };
+        let out = dispatch_cpu!("NF4 dequantize", (f), |T, (f)| Ok::<_, candle_core::Error>(
+            dequantize_cpu::<T>(codes, scalers, packed(f, fl, "NF4 factors")?, self.mean)
+        ))?;
         Ok((out, Shape::from(codes.len() * 2)))
     }
 

@@ -294,22 +294,11 @@ impl Llama {
         )];
         for (l, layer) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{l}");
-            let a = &layer.self_attn;
-            let m = &layer.mlp;
-            let projections: [(&str, &dyn Linear); 7] = [
-                ("self_attn.q_proj", a.q_proj.as_ref()),
-                ("self_attn.k_proj", a.k_proj.as_ref()),
-                ("self_attn.v_proj", a.v_proj.as_ref()),
-                ("self_attn.o_proj", a.o_proj.as_ref()),
-                ("mlp.gate_proj", m.gate_proj.as_ref()),
-                ("mlp.up_proj", m.up_proj.as_ref()),
-                ("mlp.down_proj", m.down_proj.as_ref()),
-            ];
             out.push((
                 format!("{p}.input_layernorm.weight"),
                 layer.input_layernorm.clone(),
             ));
-            for (name, linear) in projections {
+            for (name, linear) in layer.projections() {
                 out.push((format!("{p}.{name}.weight"), linear.weight().tensor()?));
             }
             out.push((
@@ -328,22 +317,11 @@ impl Llama {
     /// `model.quantize_base = "nf4"`), and what they hold in the model's dtype.
     pub fn projection_bytes(&self) -> candle_core::Result<(usize, usize)> {
         let (mut held, mut dense) = (0, 0);
-        for layer in &self.layers {
-            let (a, m) = (&layer.self_attn, &layer.mlp);
-            for p in [
-                &a.q_proj,
-                &a.k_proj,
-                &a.v_proj,
-                &a.o_proj,
-                &m.gate_proj,
-                &m.up_proj,
-                &m.down_proj,
-            ] {
-                let w = p.weight();
-                let (out, inner) = w.dims2()?;
-                held += w.bytes();
-                dense += out * inner * self.dtype.size_in_bytes();
-            }
+        for (_, p) in self.layers.iter().flat_map(DecoderLayer::projections) {
+            let w = p.weight();
+            let (out, inner) = w.dims2()?;
+            held += w.bytes();
+            dense += out * inner * self.dtype.size_in_bytes();
         }
         Ok((held, dense))
     }
@@ -578,6 +556,20 @@ impl Llama {
 }
 
 impl DecoderLayer {
+    /// The seven projections under their names within the layer, in checkpoint order.
+    fn projections(&self) -> [(&'static str, &dyn Linear); 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            ("self_attn.q_proj", a.q_proj.as_ref()),
+            ("self_attn.k_proj", a.k_proj.as_ref()),
+            ("self_attn.v_proj", a.v_proj.as_ref()),
+            ("self_attn.o_proj", a.o_proj.as_ref()),
+            ("mlp.gate_proj", m.gate_proj.as_ref()),
+            ("mlp.up_proj", m.up_proj.as_ref()),
+            ("mlp.down_proj", m.down_proj.as_ref()),
+        ]
+    }
+
     fn forward(
         &self,
         x: &Tensor,

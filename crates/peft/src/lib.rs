@@ -349,10 +349,8 @@ pub fn load_for_method_split(
     tensor_parallel: Option<SharedCollective>,
 ) -> Result<Customized> {
     let how = ModelLoad {
-        dtype,
-        device: device.clone(),
         tensor_parallel,
-        quantize_base: Quantization::None,
+        ..ModelLoad::new(dtype, device.clone())
     };
     load_customized(cfg, weights, method, seed, &how)
 }
@@ -369,6 +367,32 @@ pub struct ModelLoad {
     pub quantize_base: Quantization,
 }
 
+impl ModelLoad {
+    /// The whole model on one device, its projections as loaded.
+    pub fn new(dtype: DType, device: Device) -> Self {
+        Self {
+            dtype,
+            device,
+            tensor_parallel: None,
+            quantize_base: Quantization::None,
+        }
+    }
+}
+
+/// An error unless `method` can train on projections held as `quantize_base` says: full SFT
+/// trains them, so NF4 is refused (by the config's check, `plan` and the loader alike).
+pub fn check_quantize_base(method: &Method, quantize_base: Quantization) -> Result<()> {
+    if matches!(method, Method::FullSft) && quantize_base != Quantization::None {
+        bail!(
+            "model.quantize_base = \"{}\" freezes the projections in 4 bits; full SFT \
+             (method.name = \"sft\") trains them: use lora or ptuning with it, or \
+             quantize_base = \"none\"",
+            quantize_base.name()
+        );
+    }
+    Ok(())
+}
+
 /// [`load_for_method_split`] with every setting of [`ModelLoad`]: what the trainer calls.
 pub fn load_customized(
     cfg: &LlamaConfig,
@@ -383,13 +407,7 @@ pub fn load_customized(
         ref tensor_parallel,
         quantize_base,
     } = *how;
-    if matches!(method, Method::FullSft) && quantize_base != Quantization::None {
-        bail!(
-            "model.quantize_base = \"{}\" freezes the projections in 4 bits; full SFT trains \
-             them (use method.name = \"lora\" or \"ptuning\", or quantize_base = \"none\")",
-            quantize_base.name()
-        );
-    }
+    check_quantize_base(method, quantize_base)?;
     let frozen = |hook| LoadOptions {
         dtype,
         device: device.clone(),

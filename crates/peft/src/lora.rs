@@ -187,7 +187,7 @@ pub struct LoraLinear {
     scaling: f64,
     dropout: SeededDropout,
     /// W + s·BA while merged: the base stays untouched, so unmerging is exact.
-    merged: RwLock<Option<Tensor>>,
+    merged: RwLock<Option<BaseWeight>>,
     /// How the base is split over a tensor-parallel group; the adapters follow it.
     placement: Placement,
 }
@@ -308,7 +308,7 @@ impl LoraLinear {
 impl Linear for LoraLinear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         if let Some(w) = self.merged.read().unwrap().as_ref() {
-            return self.placement.forward(x, &BaseWeight::Tensor(w.clone()));
+            return self.placement.forward(x, w);
         }
         if let Some(dora) = &self.dora {
             return self.dora_forward(x, dora);
@@ -348,9 +348,7 @@ impl Linear for LoraLinear {
     fn projection(&self) -> Option<Projection> {
         if let Some(w) = self.merged.read().unwrap().as_ref() {
             // This rank's shard of W + s·BA: B's rows or A's columns follow W's split.
-            return Some(Projection::Dense {
-                weight: BaseWeight::Tensor(w.clone()),
-            });
+            return Some(Projection::Dense { weight: w.clone() });
         }
         if self.dora.is_some() {
             return None; // DoRA runs on the op graph
@@ -525,7 +523,7 @@ impl LoraAdapters {
                 bail!("{}: already merged", l.name);
             }
             let w = l.merged_f32()?.to_dtype(l.base.dtype())?;
-            *l.merged.write().unwrap() = Some(w);
+            *l.merged.write().unwrap() = Some(w.into());
         }
         Ok(())
     }

@@ -13,7 +13,6 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use helix_model::linear::Quantization;
 use helix_model::safetensors_write::{save_tensors, write_json};
 use helix_model::written_dir::{write_dir, DirKind};
 use helix_model::{write_chat_template_file, LlamaConfig, SafetensorsWeights, CHAT_TEMPLATE_FILE};
@@ -401,13 +400,12 @@ pub fn load_with_adapter(
     dtype: DType,
     device: &Device,
 ) -> Result<Customized> {
-    let how = ModelLoad {
-        dtype,
-        device: device.clone(),
-        tensor_parallel: None,
-        quantize_base: Quantization::None,
-    };
-    load_with_adapter_as(cfg, weights, adapter_dir, &how)
+    load_with_adapter_as(
+        cfg,
+        weights,
+        adapter_dir,
+        &ModelLoad::new(dtype, device.clone()),
+    )
 }
 
 /// [`load_with_adapter`] with the model held as `how` says (its projections in NF4, say).

@@ -311,13 +311,7 @@ impl ConfigFile {
         }
         self.model_dtype()?;
         self.attention()?;
-        if let (Method::FullSft, Quantization::Nf4) = (self.method()?, self.quantize_base()?) {
-            bail!(
-                "model.quantize_base = \"nf4\" freezes the projections in 4 bits, and \
-                 method.name = \"sft\" trains them: use lora or ptuning with it, or \
-                 quantize_base = \"none\""
-            );
-        }
+        helix_peft::check_quantize_base(&self.method()?, self.quantize_base()?)?;
         if self.quantize_base()? == Quantization::Nf4 && self.output.merged {
             bail!(
                 "output.merged = true with model.quantize_base = \"nf4\": the run holds no \

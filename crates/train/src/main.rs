@@ -20,7 +20,6 @@ use candle_core::{DType, Device};
 use clap::Parser;
 use helix_model::gguf::{import_gguf, ImportOptions};
 use helix_model::hf_export::{parse_size, source_dtype, ExportOptions};
-use helix_model::linear::Quantization;
 use helix_model::{
     read_chat_template_file, LlamaConfig, ModelDir, OrderedJson, SamplingOptions, TextCodec,
     CHAT_TEMPLATE_FILE,
@@ -238,10 +237,8 @@ fn run(cli: Cli) -> Result<()> {
             }
             let device = device(0)?;
             let how = ModelLoad {
-                dtype: dtype.into(),
-                device,
-                tensor_parallel: None,
                 quantize_base: quantize_base.into(),
+                ..ModelLoad::new(dtype.into(), device)
             };
             let model = load_model(&dir, adapter.as_deref(), &how)?;
             let prompt_ids = if chat {
@@ -334,12 +331,7 @@ fn run(cli: Cli) -> Result<()> {
                     .transpose()?
                     .flatten(),
             };
-            let how = ModelLoad {
-                dtype: base_dtype,
-                device: Device::Cpu,
-                tensor_parallel: None,
-                quantize_base: Quantization::None,
-            };
+            let how = ModelLoad::new(base_dtype, Device::Cpu);
             let c = load_model(&dir, adapter.as_deref(), &how)?;
             let report = export_merged(&c, &model, &out, &opts)?;
             eprintln!(

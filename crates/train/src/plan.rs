@@ -112,12 +112,7 @@ pub fn plan(job: &Job, hw: &Hardware) -> Result<Plan> {
             job.micro_batch
         );
     }
-    if matches!(job.method, Method::FullSft) && job.quantize_base == Quantization::Nf4 {
-        bail!(
-            "model.quantize_base = \"nf4\" freezes the projections, and full SFT trains them: \
-             plan lora or ptuning with it"
-        );
-    }
+    helix_peft::check_quantize_base(&job.method, job.quantize_base)?;
     let accumulation = job.global_batch / (job.micro_batch * d);
     let (h, l) = (m.hidden_size as f64, m.num_hidden_layers as f64);
     let (tf, df) = (t as f64, d as f64);

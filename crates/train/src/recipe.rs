@@ -206,11 +206,11 @@ fn train_rank(cfg: &ConfigFile, config_path: &Path, job: &mut Job) -> Result<Run
         let now = run_layout(cfg, job)?;
         let changed = state.layout_changes(&now);
         // Each rank quantizes its own shard: NF4's scales depend on the split.
-        if cfg.quantize_base()? == Quantization::Nf4
-            && changed
-                .iter()
-                .any(|c| c.starts_with("parallel.tensor_parallel"))
-        {
+        let tp = "parallel.tensor_parallel";
+        let tp_changed = (state.run.layout.get(tp))
+            .zip(now.get(tp))
+            .is_some_and(|(before, after)| before != after);
+        if cfg.quantize_base()? == Quantization::Nf4 && tp_changed {
             bail!(
                 "{}: resumed with {}, but under model.quantize_base = \"nf4\" each rank \
                  quantizes its own shard, so the frozen weights depend on \

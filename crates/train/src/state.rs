@@ -591,12 +591,12 @@ mod tests {
         let w = warnings.borrow().join("\n");
         assert!(w.contains("data.validation's contents changed"), "{w}");
         // The chat template decides the samples as the training file does.
-        let with_template = |template: &str| {
+        let with_template_at = |key: &str, template: &str| {
             let mut run = record("aaaa", "bbbb");
-            run.data_sha256
-                .insert(CHAT_TEMPLATE_KEY.into(), template.into());
+            run.data_sha256.insert(key.into(), template.into());
             run
         };
+        let with_template = |template: &str| with_template_at(CHAT_TEMPLATE_KEY, template);
         write(with_template("eeee"))?;
         check_same_run(dir, &with_template("eeee"), warn)?;
         let err = check_same_run(dir, &with_template("ffff"), warn).unwrap_err();
@@ -605,12 +605,7 @@ mod tests {
             "{err:#}"
         );
         // Rendering only the held-out files, it changes what is measured: a warning.
-        let held_out = |template: &str| {
-            let mut run = record("aaaa", "bbbb");
-            run.data_sha256
-                .insert(HELD_OUT_CHAT_TEMPLATE_KEY.into(), template.into());
-            run
-        };
+        let held_out = |template: &str| with_template_at(HELD_OUT_CHAT_TEMPLATE_KEY, template);
         write(held_out("eeee"))?;
         check_same_run(dir, &held_out("ffff"), warn)?;
         let w = warnings.borrow().join("\n");

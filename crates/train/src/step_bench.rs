@@ -194,10 +194,8 @@ pub fn bench(cfg: &ConfigFile, opts: &BenchOptions) -> Result<()> {
         None => SafetensorsWeights::random(&shape, dtype, seed)?,
     };
     let how = ModelLoad {
-        dtype,
-        device: device.clone(),
-        tensor_parallel: None,
         quantize_base: cfg.quantize_base()?,
+        ..ModelLoad::new(dtype, device.clone())
     };
     let mut model = load_customized(&shape, &weights, &method, seed, &how)?;
     cfg.configure_model(&mut model.model)?;
