@@ -49,7 +49,7 @@ pub struct ConfigFile {
 
 /// Keys that change how a run is operated, not the numbers it computes: a resumed run may
 /// change them.
-const OPERATIONAL_KEYS: [&str; 19] = [
+const OPERATIONAL_KEYS: [&str; 20] = [
     "parallel.zero1",
     "model.fused_layers",
     "model.attention",
@@ -69,6 +69,7 @@ const OPERATIONAL_KEYS: [&str; 19] = [
     "output.adapter",
     "output.merged",
     "output.max_shard_size",
+    "output.tensorboard",
 ];
 
 impl ConfigFile {

@@ -23,6 +23,7 @@ pub mod schedule;
 pub mod signals;
 pub mod state;
 pub mod step_bench;
+pub mod tensorboard;
 
 use candle_core::Device;
 

@@ -1,5 +1,6 @@
 //! What a run shows and records: a progress bar on a terminal (plain log lines otherwise),
-//! `metrics.jsonl` with one line per step, and `loss.png` / `lr.png` drawn from it.
+//! `metrics.jsonl` with one line per step (and the same scalars as TensorBoard events when
+//! asked), and `loss.png` / `lr.png` drawn from it.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, IsTerminal, Write};
@@ -11,6 +12,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
 use crate::plot::{Chart, Series};
+use crate::tensorboard::EventFile;
 
 /// One line of metrics.jsonl. A training step fills the training fields; a validation pass
 /// adds `val_loss` (step 0 is the validation before training).
@@ -35,31 +37,59 @@ pub struct StepMetrics {
     /// Time the step waited for the previous checkpoint to finish writing.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ckpt_stall_s: Option<f64>,
+    /// When the line was written, in seconds since the Unix epoch (TensorBoard's wall time).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wall_time: Option<f64>,
 }
 
-/// `output_dir/metrics.jsonl`, appended line by line.
+impl StepMetrics {
+    /// The fields this step has, under the TensorBoard tags they are logged as.
+    pub fn scalars(&self) -> Vec<(&'static str, f64)> {
+        [
+            ("train/loss", self.loss),
+            ("train/lr", self.lr),
+            ("train/grad_norm", self.grad_norm),
+            ("train/tokens", self.tokens.map(|t| t as f64)),
+            ("train/tokens_per_s", self.tokens_per_s),
+            ("train/step_time_s", self.step_time_s),
+            ("train/ckpt_stall_s", self.ckpt_stall_s),
+            ("val/loss", self.val_loss),
+        ]
+        .into_iter()
+        .filter_map(|(tag, v)| Some((tag, v?)))
+        .collect()
+    }
+}
+
+/// `output_dir/metrics.jsonl`, appended line by line, and with `tensorboard` the same scalars
+/// in an event file under `output_dir/tensorboard/`.
 pub struct MetricsLog {
     pub path: PathBuf,
     file: File,
+    pub tensorboard: Option<EventFile>,
 }
 
 impl MetricsLog {
     /// Opens the log for a run starting after `resumed_step` completed steps: lines of later
     /// steps (written after the checkpoint a resumed run starts from) are dropped, so the log
-    /// holds each step once.
-    pub fn open(output_dir: &Path, resumed_step: u64) -> Result<Self> {
+    /// holds each step once. With `tensorboard`, a new event file in `output_dir/tensorboard`
+    /// replaces the earlier ones: the kept lines, then each step as it is written.
+    pub fn open(output_dir: &Path, resumed_step: u64, tensorboard: bool) -> Result<Self> {
         let path = output_dir.join("metrics.jsonl");
         // The kept lines as they were written, not re-serialized.
-        let kept: Vec<String> = if resumed_step > 0 && path.exists() {
+        let kept: Vec<(String, StepMetrics)> = if resumed_step > 0 && path.exists() {
             read_metrics_lines(&path)?
                 .into_iter()
                 .filter(|(_, m)| m.step <= resumed_step)
-                .map(|(line, _)| line)
                 .collect()
         } else {
             Vec::new()
         };
-        let mut text = kept.join("\n");
+        let mut text = kept
+            .iter()
+            .map(|(line, _)| line.as_str())
+            .collect::<Vec<_>>()
+            .join("\n");
         if !text.is_empty() {
             text.push('\n');
         }
@@ -68,14 +98,39 @@ impl MetricsLog {
             .append(true)
             .open(&path)
             .with_context(|| format!("cannot open {}", path.display()))?;
-        Ok(Self { path, file })
+        // TensorBoard's history is rebuilt from the kept lines, so it shows what metrics.jsonl
+        // holds whenever the previous run was stopped.
+        let tensorboard = if tensorboard {
+            let mut events = EventFile::create(&output_dir.join("tensorboard"))?;
+            for (_, m) in &kept {
+                events.write_scalars(m.wall_time, m.step, &m.scalars())?;
+            }
+            events.remove_earlier_files()?;
+            Some(events)
+        } else {
+            None
+        };
+        Ok(Self {
+            path,
+            file,
+            tensorboard,
+        })
     }
 
+    /// Appends `m`, stamped with the time now.
     pub fn write(&mut self, m: &StepMetrics) -> Result<()> {
-        let line = serde_json::to_string(m)?;
+        let m = StepMetrics {
+            wall_time: Some(crate::tensorboard::unix_time()),
+            ..m.clone()
+        };
+        let line = serde_json::to_string(&m)?;
         writeln!(self.file, "{line}")
             .and_then(|_| self.file.flush())
-            .with_context(|| format!("cannot write {}", self.path.display()))
+            .with_context(|| format!("cannot write {}", self.path.display()))?;
+        if let Some(events) = &mut self.tensorboard {
+            events.write_scalars(m.wall_time, m.step, &m.scalars())?;
+        }
+        Ok(())
     }
 }
 
@@ -282,7 +337,7 @@ mod tests {
     #[test]
     fn a_resumed_log_drops_the_steps_after_its_checkpoint() -> Result<()> {
         let tmp = tempfile::tempdir()?;
-        let mut log = MetricsLog::open(tmp.path(), 0)?;
+        let mut log = MetricsLog::open(tmp.path(), 0, false)?;
         for step in 0..=12 {
             log.write(&StepMetrics {
                 step,
@@ -291,7 +346,7 @@ mod tests {
             })?;
         }
         drop(log);
-        let mut log = MetricsLog::open(tmp.path(), 10)?;
+        let mut log = MetricsLog::open(tmp.path(), 10, false)?;
         log.write(&StepMetrics {
             step: 11,
             loss: Some(0.5),
@@ -313,7 +368,7 @@ mod tests {
             .contains("metrics.jsonl:1"));
         std::fs::write(&path, text)?;
         // A fresh run starts an empty log.
-        MetricsLog::open(tmp.path(), 0)?;
+        MetricsLog::open(tmp.path(), 0, false)?;
         assert!(read_metrics(&tmp.path().join("metrics.jsonl"))?.is_empty());
         let plots = write_plots(tmp.path(), &m)?;
         assert!(plots.iter().all(|p| p.exists()));
@@ -328,7 +383,7 @@ mod tests {
         let lines = "{\"step\":1,\"loss\":1.6062922044233843}\n\
                      {\"step\":2,\"val_loss\":1.4149011884416853,\"lr\":1e-30}\n";
         std::fs::write(&path, format!("{lines}{{\"step\":3,\"loss\":2.0}}\n"))?;
-        drop(MetricsLog::open(tmp.path(), 2)?);
+        drop(MetricsLog::open(tmp.path(), 2, false)?);
         assert_eq!(std::fs::read_to_string(&path)?, lines);
         let m = read_metrics(&path)?;
         assert_eq!(

@@ -258,7 +258,7 @@ fn train_rank(cfg: &ConfigFile, config_path: &Path, job: &mut Job) -> Result<Run
     // 5. The loop.
     //    Rank 0 alone shows progress and writes metrics and checkpoints.
     let mut metrics = main
-        .then(|| MetricsLog::open(&t.output_dir, step))
+        .then(|| MetricsLog::open(&t.output_dir, step, cfg.output.tensorboard))
         .transpose()?;
     let stop = StopRequest::install()?;
     let progress = Progress::new(total_steps, step, main);

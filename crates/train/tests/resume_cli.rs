@@ -677,3 +677,76 @@ fn a_full_disk_during_a_save_is_named_and_keeps_the_previous_checkpoint() {
     assert!(err.contains("step-000010 (step 10)"), "{err}");
     assert_same_run("lora", "after a full disk", &straight, &full);
 }
+
+/// `output.tensorboard = true`: after a run killed past its step-10 checkpoint is resumed, the
+/// one event file left holds every step of metrics.jsonl once, in order, with its values (as
+/// f32) and wall time, behind a `SessionLog START` that tells a TensorBoard already watching to
+/// drop what the killed run logged. With HELIX_TENSORBOARD_OUT set, the run is copied there for
+/// scripts/check-tensorboard.sh to read with TensorBoard itself.
+#[test]
+fn tensorboard_events_follow_metrics_jsonl_across_a_resume() {
+    let tmp = setup("lora");
+    let dir = tmp.path();
+    let mut cfg = std::fs::read_to_string(dir.join("run.toml")).unwrap();
+    cfg.push_str("\n[output]\ntensorboard = true\n");
+    std::fs::write(dir.join("run.toml"), cfg).unwrap();
+    let mut child = start_slow(dir, "killed", 100, &[]);
+    let out = dir.join("killed");
+    wait_for("step 12", || {
+        std::fs::read_to_string(out.join("metrics.jsonl")).is_ok_and(|m| m.contains("\"step\":12,"))
+    });
+    signal(&child, "-KILL");
+    child.wait().unwrap();
+    let events_dir = out.join("tensorboard");
+    let killed_files = helix_train::tensorboard::event_files(&events_dir).unwrap();
+    let killed_events = helix_train::tensorboard::read_events(&killed_files[0]).unwrap();
+    assert!(killed_events.iter().any(|e| e.step == 12));
+    let killed_bytes = std::fs::read(&killed_files[0]).unwrap();
+    run(dir, "killed");
+
+    let files = helix_train::tensorboard::event_files(&events_dir).unwrap();
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(files[0] != killed_files[0]);
+    let events = helix_train::tensorboard::read_events(&files[0]).unwrap();
+    assert_eq!(events[0].file_version.as_deref(), Some("brain.Event:2"));
+    assert_eq!((events[1].step, events[1].session_status), (0, Some(1)));
+    let rows = common::metrics_rows(&out);
+    assert_eq!(rows.len(), 21, "steps 0..=20");
+    assert_eq!(events.len(), 2 + rows.len());
+    for (e, row) in events[2..].iter().zip(&rows) {
+        assert_eq!(Some(e.step), row["step"].as_u64());
+        assert_eq!(Some(e.wall_time), row["wall_time"].as_f64(), "{row}");
+        let value = |tag: &str| e.scalars.iter().find(|(t, _)| t == tag).map(|(_, v)| *v);
+        assert_eq!(
+            value("train/loss"),
+            row["loss"].as_f64().map(|v| v as f32),
+            "{row}"
+        );
+        assert_eq!(
+            value("train/lr"),
+            row["lr"].as_f64().map(|v| v as f32),
+            "{row}"
+        );
+        assert_eq!(
+            value("val/loss"),
+            row["val_loss"].as_f64().map(|v| v as f32),
+            "{row}"
+        );
+    }
+    if let Ok(keep) = std::env::var("HELIX_TENSORBOARD_OUT") {
+        // tensorboard/: the directory as the resume left it; watched/: with the killed run's
+        // file beside it, as a TensorBoard watching throughout had read both.
+        let keep = Path::new(&keep);
+        for sub in ["tensorboard", "watched"] {
+            std::fs::create_dir_all(keep.join(sub)).unwrap();
+            std::fs::copy(
+                &files[0],
+                keep.join(sub).join(files[0].file_name().unwrap()),
+            )
+            .unwrap();
+        }
+        let killed_name = killed_files[0].file_name().unwrap();
+        std::fs::write(keep.join("watched").join(killed_name), killed_bytes).unwrap();
+        std::fs::copy(out.join("metrics.jsonl"), keep.join("metrics.jsonl")).unwrap();
+    }
+}

@@ -134,6 +134,9 @@ pub struct OutputSection {
     pub merged: bool,
     #[serde(default = "default_shard")]
     pub max_shard_size: String,
+    /// The step metrics also as TensorBoard event files in `output_dir/tensorboard`.
+    #[serde(default)]
+    pub tensorboard: bool,
 }
 
 /// Multi-process runs (launched with `--nproc-per-node`, `srun`, or anything that sets RANK /
@@ -281,6 +284,7 @@ impl Default for OutputSection {
             adapter: true,
             merged: false,
             max_shard_size: default_shard(),
+            tensorboard: false,
         }
     }
 }

@@ -1,0 +1,416 @@
+//! TensorBoard event files (`output.tensorboard = true`): the run's scalars in the format
+//! `tensorboard --logdir` reads, written natively so helix needs no Python to be watched.
+//!
+//! An event file is a sequence of TFRecords (length, masked CRC-32C of the length, the bytes,
+//! their masked CRC-32C), each holding one `tensorflow.Event` protobuf. Only the few fields
+//! helix writes are encoded here: `wall_time`, `step`, `file_version`, a `Summary` of
+//! `simple_value` scalars, and a `SessionLog`.
+//!
+//! Each run writes one new file: the file version, a `SessionLog START` at step 0 (a
+//! TensorBoard already watching drops what it read before, as it does on TensorFlow's own
+//! restarts), the history a resumed run keeps (metrics.jsonl's kept lines, with their wall
+//! times), then each step as it is logged; the earlier files are then removed. Whenever a run
+//! was stopped, the directory holds the steps metrics.jsonl holds, each once.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+
+/// What a file name must contain for TensorBoard to read it as an event file.
+const EVENT_FILE_MARK: &str = "events.out.tfevents.";
+
+/// `SessionLog.SessionStatus.START`.
+const SESSION_START: u64 = 1;
+
+// Field numbers of `tensorflow.Event` (tensorboard/compat/proto/event.proto).
+const EVENT_WALL_TIME: u64 = 1;
+const EVENT_STEP: u64 = 2;
+const EVENT_FILE_VERSION: u64 = 3;
+const EVENT_SUMMARY: u64 = 5;
+const EVENT_SESSION_LOG: u64 = 7;
+// ... of `Summary`, `Summary.Value` and `SessionLog`.
+const SUMMARY_VALUE: u64 = 1;
+const VALUE_TAG: u64 = 1;
+const VALUE_SIMPLE_VALUE: u64 = 2;
+const SESSION_LOG_STATUS: u64 = 1;
+
+/// An event file being appended to, one flushed record at a time.
+pub struct EventFile {
+    pub path: PathBuf,
+    file: File,
+}
+
+impl EventFile {
+    /// Starts a new event file in `dir` (created if missing).
+    pub fn create(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let host = host.trim();
+        // Readers take a directory's files in name order: the time leads, to the microsecond,
+        // so a run resumed within the same second still sorts after the one it follows.
+        let path = dir.join(format!(
+            "{EVENT_FILE_MARK}{}.{:06}.{}.{}",
+            now.as_secs(),
+            now.subsec_micros(),
+            if host.is_empty() { "localhost" } else { host },
+            std::process::id()
+        ));
+        let file = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        let mut out = Self { path, file };
+        let mut version = event_header(unix_time(), 0);
+        put_bytes(&mut version, EVENT_FILE_VERSION, b"brain.Event:2");
+        out.append(&version)?;
+        let mut start = event_header(unix_time(), 0);
+        let mut log = Vec::new();
+        put_varint_field(&mut log, SESSION_LOG_STATUS, SESSION_START);
+        put_bytes(&mut start, EVENT_SESSION_LOG, &log);
+        out.append(&start)?;
+        Ok(out)
+    }
+
+    /// One event at `step` holding every `(tag, value)` as a scalar; `wall_time` in seconds
+    /// since the Unix epoch (now where the step's time is not known).
+    pub fn write_scalars(
+        &mut self,
+        wall_time: Option<f64>,
+        step: u64,
+        scalars: &[(&str, f64)],
+    ) -> Result<()> {
+        let mut summary = Vec::new();
+        for (tag, value) in scalars {
+            let mut v = Vec::new();
+            put_bytes(&mut v, VALUE_TAG, tag.as_bytes());
+            // simple_value is a float: TensorBoard shows f32 whatever the writer held.
+            put_key(&mut v, VALUE_SIMPLE_VALUE, WIRE_FIXED32);
+            v.extend_from_slice(&(*value as f32).to_le_bytes());
+            put_bytes(&mut summary, SUMMARY_VALUE, &v);
+        }
+        let mut event = event_header(wall_time.unwrap_or_else(unix_time), step);
+        put_bytes(&mut event, EVENT_SUMMARY, &summary);
+        self.append(&event)
+    }
+
+    /// Removes the directory's other event files, which this one now supersedes.
+    pub fn remove_earlier_files(&self) -> Result<()> {
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        for old in event_files(dir)? {
+            if old != self.path {
+                std::fs::remove_file(&old)
+                    .with_context(|| format!("cannot remove {}", old.display()))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn append(&mut self, event: &[u8]) -> Result<()> {
+        self.file
+            .write_all(&tf_record(event))
+            .and_then(|_| self.file.flush())
+            .with_context(|| format!("cannot write {}", self.path.display()))
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_time() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
+}
+
+/// The event files in `dir`, in name order.
+pub fn event_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let path = entry?.path();
+        let is_events = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(EVENT_FILE_MARK));
+        if is_events && path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// One event as [`read_events`] finds it: the fields helix writes.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Event {
+    pub wall_time: f64,
+    pub step: u64,
+    pub file_version: Option<String>,
+    pub scalars: Vec<(String, f32)>,
+    /// `SessionLog` status, where the event is one (1: START).
+    pub session_status: Option<u64>,
+}
+
+/// The events of a file helix wrote, each record's checksums verified; a record cut short at
+/// the end (a kill mid-write) ends the list, as it ends TensorBoard's reading.
+pub fn read_events(path: &Path) -> Result<Vec<Event>> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut events = Vec::new();
+    let mut at = 0;
+    while bytes.len() - at >= 12 {
+        let head = &bytes[at..at + 8];
+        let crc = u32::from_le_bytes(bytes[at + 8..at + 12].try_into()?);
+        anyhow::ensure!(
+            crc == masked_crc32c(head),
+            "{}: the record at byte {at} has a bad length checksum",
+            path.display()
+        );
+        let len = u64::from_le_bytes(head.try_into()?) as usize;
+        let Some(end) = (at + 12).checked_add(len).filter(|e| *e < bytes.len() - 3) else {
+            break;
+        };
+        let data = &bytes[at + 12..end];
+        let crc = u32::from_le_bytes(bytes[end..end + 4].try_into()?);
+        anyhow::ensure!(
+            crc == masked_crc32c(data),
+            "{}: the record at byte {at} has a bad data checksum",
+            path.display()
+        );
+        events.push(
+            parse_event(data)
+                .with_context(|| format!("{}: record at byte {at}", path.display()))?,
+        );
+        at = end + 4;
+    }
+    Ok(events)
+}
+
+fn parse_event(data: &[u8]) -> Result<Event> {
+    let mut e = Event::default();
+    for (field, value) in fields(data)? {
+        match (field, value) {
+            (EVENT_WALL_TIME, Field::Fixed64(v)) => e.wall_time = f64::from_bits(v),
+            (EVENT_STEP, Field::Varint(v)) => e.step = v,
+            (EVENT_FILE_VERSION, Field::Bytes(b)) => {
+                e.file_version = Some(String::from_utf8_lossy(b).into())
+            }
+            (EVENT_SUMMARY, Field::Bytes(summary)) => {
+                for (f, value) in fields(summary)? {
+                    let (SUMMARY_VALUE, Field::Bytes(value)) = (f, value) else {
+                        continue;
+                    };
+                    let (mut tag, mut scalar) = (String::new(), None);
+                    for (f, v) in fields(value)? {
+                        match (f, v) {
+                            (VALUE_TAG, Field::Bytes(b)) => tag = String::from_utf8_lossy(b).into(),
+                            (VALUE_SIMPLE_VALUE, Field::Fixed32(bits)) => {
+                                scalar = Some(f32::from_bits(bits))
+                            }
+                            _ => {}
+                        }
+                    }
+                    e.scalars.extend(scalar.map(|s| (tag, s)));
+                }
+            }
+            (EVENT_SESSION_LOG, Field::Bytes(log)) => {
+                for (f, v) in fields(log)? {
+                    if let (SESSION_LOG_STATUS, Field::Varint(status)) = (f, v) {
+                        e.session_status = Some(status);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(e)
+}
+
+/// A protobuf field's value, by wire type.
+enum Field<'a> {
+    Varint(u64),
+    Fixed64(u64),
+    Bytes(&'a [u8]),
+    Fixed32(u32),
+}
+
+/// The (field number, value) pairs of one protobuf message.
+fn fields(mut data: &[u8]) -> Result<Vec<(u64, Field<'_>)>> {
+    let mut out = Vec::new();
+    while !data.is_empty() {
+        let key = take_varint(&mut data)?;
+        let value = match key & 7 {
+            WIRE_VARINT => Field::Varint(take_varint(&mut data)?),
+            WIRE_FIXED64 => Field::Fixed64(u64::from_le_bytes(take(&mut data, 8)?.try_into()?)),
+            WIRE_BYTES => {
+                let n = take_varint(&mut data)? as usize;
+                Field::Bytes(take(&mut data, n)?)
+            }
+            WIRE_FIXED32 => Field::Fixed32(u32::from_le_bytes(take(&mut data, 4)?.try_into()?)),
+            wire => anyhow::bail!("protobuf wire type {wire} is not one helix writes"),
+        };
+        out.push((key >> 3, value));
+    }
+    Ok(out)
+}
+
+fn take<'a>(data: &mut &'a [u8], n: usize) -> Result<&'a [u8]> {
+    anyhow::ensure!(n <= data.len(), "a protobuf field runs past its message");
+    let (head, rest) = data.split_at(n);
+    *data = rest;
+    Ok(head)
+}
+
+fn take_varint(data: &mut &[u8]) -> Result<u64> {
+    let mut v = 0u64;
+    for shift in (0..64).step_by(7) {
+        let b = take(data, 1)?[0];
+        v |= u64::from(b & 0x7f) << shift;
+        if b < 0x80 {
+            return Ok(v);
+        }
+    }
+    anyhow::bail!("a protobuf varint longer than 10 bytes")
+}
+
+/// An `Event` with its wall time and step.
+fn event_header(wall_time: f64, step: u64) -> Vec<u8> {
+    let mut e = Vec::new();
+    put_key(&mut e, EVENT_WALL_TIME, WIRE_FIXED64);
+    e.extend_from_slice(&wall_time.to_le_bytes());
+    put_varint_field(&mut e, EVENT_STEP, step);
+    e
+}
+
+// Protobuf's wire types for the fields written here.
+const WIRE_VARINT: u64 = 0;
+const WIRE_FIXED64: u64 = 1;
+const WIRE_BYTES: u64 = 2;
+const WIRE_FIXED32: u64 = 5;
+
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn put_key(out: &mut Vec<u8>, field: u64, wire: u64) {
+    put_varint(out, (field << 3) | wire);
+}
+
+fn put_varint_field(out: &mut Vec<u8>, field: u64, v: u64) {
+    put_key(out, field, WIRE_VARINT);
+    put_varint(out, v);
+}
+
+fn put_bytes(out: &mut Vec<u8>, field: u64, bytes: &[u8]) {
+    put_key(out, field, WIRE_BYTES);
+    put_varint(out, bytes.len() as u64);
+    out.extend_from_slice(bytes);
+}
+
+/// `data` framed as one TFRecord.
+fn tf_record(data: &[u8]) -> Vec<u8> {
+    let len = (data.len() as u64).to_le_bytes();
+    let mut r = Vec::with_capacity(data.len() + 16);
+    r.extend_from_slice(&len);
+    r.extend_from_slice(&masked_crc32c(&len).to_le_bytes());
+    r.extend_from_slice(data);
+    r.extend_from_slice(&masked_crc32c(data).to_le_bytes());
+    r
+}
+
+/// TFRecord's checksum: CRC-32C rotated and offset, so a CRC stored inside checked data does
+/// not checksum to a fixed value.
+fn masked_crc32c(data: &[u8]) -> u32 {
+    crc32c(data).rotate_right(15).wrapping_add(0xa282_ead8)
+}
+
+/// CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), bit by bit: event records are a few
+/// hundred bytes once per step.
+fn crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &byte in data {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = (crc >> 1) ^ (0x82f6_3b78 & 0u32.wrapping_sub(crc & 1));
+        }
+    }
+    !crc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc32c_matches_the_published_check_values() {
+        // RFC 3720 B.4 and the CRC catalogue's check value for "123456789".
+        assert_eq!(crc32c(b"123456789"), 0xe306_9283);
+        assert_eq!(crc32c(&[0u8; 32]), 0x8a91_36aa);
+        assert_eq!(crc32c(&[0xffu8; 32]), 0x62a8_ab43);
+        let ascending: Vec<u8> = (0..32).collect();
+        assert_eq!(crc32c(&ascending), 0x46dd_794e);
+    }
+
+    #[test]
+    fn varints_and_records_are_framed_as_protobuf_and_tfrecord_say() {
+        let mut v = Vec::new();
+        put_varint(&mut v, 300);
+        assert_eq!(v, [0xac, 0x02]);
+        let r = tf_record(b"abc");
+        assert_eq!(r.len(), 8 + 4 + 3 + 4);
+        assert_eq!(&r[..8], &3u64.to_le_bytes());
+        assert_eq!(&r[12..15], b"abc");
+    }
+
+    #[test]
+    fn written_events_read_back_and_a_flipped_byte_is_named() -> Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let mut f = EventFile::create(tmp.path())?;
+        f.write_scalars(Some(1.7e9), 10, &[("train/loss", 2.25), ("train/lr", 1e-4)])?;
+        let events = read_events(&f.path)?;
+        assert_eq!(events.len(), 3);
+        assert_eq!(events[0].file_version.as_deref(), Some("brain.Event:2"));
+        assert_eq!(
+            (events[1].step, events[1].session_status),
+            (0, Some(SESSION_START))
+        );
+        let want = vec![("train/loss".to_string(), 2.25), ("train/lr".into(), 1e-4)];
+        assert_eq!((events[2].step, &events[2].scalars), (10, &want));
+        assert_eq!(events[2].wall_time, 1.7e9);
+
+        // A record cut short ends the list; a changed byte inside one is an error.
+        let bytes = std::fs::read(&f.path)?;
+        std::fs::write(&f.path, &bytes[..bytes.len() - 3])?;
+        assert_eq!(read_events(&f.path)?.len(), 2);
+        let mut flipped = bytes.clone();
+        let n = flipped.len();
+        flipped[n - 10] ^= 1;
+        std::fs::write(&f.path, &flipped)?;
+        let err = format!("{:#}", read_events(&f.path).unwrap_err());
+        assert!(err.contains("bad data checksum"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_new_file_sorts_last_and_supersedes_the_earlier_ones() -> Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let dir = tmp.path().join("tb");
+        let first = EventFile::create(&dir)?;
+        let second = EventFile::create(&dir)?;
+        assert_eq!(
+            event_files(&dir)?,
+            vec![first.path.clone(), second.path.clone()]
+        );
+        second.remove_earlier_files()?;
+        assert_eq!(event_files(&dir)?, vec![second.path]);
+        Ok(())
+    }
+}
