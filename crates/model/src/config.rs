@@ -56,6 +56,8 @@ struct HfConfig {
     attention_bias: bool,
     #[serde(default)]
     mlp_bias: bool,
+    /// bitsandbytes' 4-bit checkpoints are read (crate::bnb); other methods are refused.
+    quantization_config: Option<Value>,
 }
 
 impl LlamaConfig {
@@ -81,6 +83,9 @@ impl LlamaConfig {
         }
         if hf.attention_bias || hf.mlp_bias {
             bail!("attention_bias / mlp_bias = true is not supported (Llama has no biases)");
+        }
+        if let Some(q) = &hf.quantization_config {
+            crate::bnb::check_quantization_config(q)?;
         }
         let (rope_theta, rope_scaling) = read_rope(
             hf.rope_theta,

@@ -112,6 +112,10 @@ fn export_hf(
     if config.get("dtype").is_some() {
         config["dtype"] = dtype_name;
     }
+    // A 4-bit source (crate::bnb) is written dense: its quantization no longer applies.
+    if let Some(c) = config.as_object_mut() {
+        c.remove("quantization_config");
+    }
     write_dir(out, &MODEL_EXPORT, |staging| {
         let report = save_sharded(staging, "model", specs, opts.max_shard_bytes, |s| {
             produce(&s.name).with_context(|| format!("weight {}", s.name))

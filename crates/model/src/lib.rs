@@ -4,6 +4,7 @@
 // Checks like `!(eps > 0.0)` are written that way on purpose: they reject NaN too.
 #![allow(clippy::neg_cmp_op_on_partial_ord)]
 
+pub mod bnb;
 pub mod config;
 pub mod gguf;
 mod gguf_tokenizer;

@@ -1,6 +1,7 @@
 //! Hugging Face safetensors checkpoints: one file or shards with `model.safetensors.index.json`,
 //! memory-mapped, read tensor by tensor so a 7B model is never held twice in RAM.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
 
@@ -205,8 +206,9 @@ impl SafetensorsWeights {
         Ok(t.to_dtype(dtype)?.to_device(device)?)
     }
 
-    /// The stored bytes of `name`, checked against `shape`, with their dtype and file.
-    fn raw(&self, name: &str, shape: &Shape) -> Result<(&[u8], DType, &Path)> {
+    /// The bytes of `name`, checked against `shape`, with their dtype and file: as stored, or
+    /// dense again where bitsandbytes stored the weight in 4 bits (crate::bnb).
+    fn raw(&self, name: &str, shape: &Shape) -> Result<(Cow<'_, [u8]>, DType, &Path)> {
         let entry = self.entries.get(name).with_context(|| {
             format!(
                 "tensor '{name}' is missing from the checkpoint in {}",
@@ -214,6 +216,24 @@ impl SafetensorsWeights {
             )
         })?;
         let file = &self.files[entry.file].0;
+        if self.is_4bit(name) {
+            let (bytes, dtype, stored_shape) = crate::bnb::dequantize(name, |n| {
+                self.entries.get(n).map(|e| crate::bnb::Stored {
+                    bytes: &self.files[e.file].1[e.start..e.end],
+                    dtype: e.dtype,
+                    shape: &e.shape,
+                })
+            })
+            .with_context(|| format!("in {}", file.display()))?;
+            if stored_shape != shape.dims() {
+                bail!(
+                    "tensor '{name}' in {} is a 4-bit {stored_shape:?} weight, expected {:?}",
+                    file.display(),
+                    shape.dims()
+                );
+            }
+            return Ok((Cow::Owned(bytes), dtype, file));
+        }
         if entry.shape != shape.dims() {
             bail!(
                 "tensor '{name}' in {} has shape {:?}, expected {:?}",
@@ -240,7 +260,14 @@ impl SafetensorsWeights {
                 shape.dims()
             );
         }
-        Ok((bytes, stored, file))
+        Ok((Cow::Borrowed(bytes), stored, file))
+    }
+
+    /// Whether bitsandbytes stored `name` in 4 bits (its JSON quantization state beside it).
+    pub fn is_4bit(&self, name: &str) -> bool {
+        ["nf4", "fp4"]
+            .iter()
+            .any(|t| self.contains(&format!("{name}{}{t}", crate::bnb::QUANT_STATE)))
     }
 
     /// Loads `name`, checking that it has `shape`, converting to `dtype` on `device`.
@@ -253,7 +280,7 @@ impl SafetensorsWeights {
     ) -> Result<Tensor> {
         let shape: Shape = shape.into();
         let (bytes, stored, file) = self.raw(name, &shape)?;
-        let t = Tensor::from_raw_buffer(bytes, stored, shape.dims(), &Device::Cpu)
+        let t = Tensor::from_raw_buffer(&bytes, stored, shape.dims(), &Device::Cpu)
             .with_context(|| format!("tensor '{name}' in {}", file.display()))?;
         Ok(t.to_dtype(dtype)?.to_device(device)?)
     }
