@@ -4,10 +4,11 @@ scalar with the run's metrics.jsonl: the same steps, each once, with the same va
 The run (tests/resume_cli.rs, tensorboard_events_follow_metrics_jsonl_across_a_resume) was
 killed at step 12 and resumed from its step-10 checkpoint. Two directories are read:
 tensorboard/ as the resume left it (one file), and watched/ with the killed run's file beside
-it, as a TensorBoard watching throughout had read both (its last record cut short, too, as a
-kill mid-write leaves it). Three readers are checked: EventAccumulator (the classic one),
-plugin_event_accumulator (the Python server's), and a `tensorboard --logdir` server itself
-(its default Rust data server), asked over HTTP as the browser asks it.
+it, as a TensorBoard watching throughout had read both. Each is read with EventAccumulator (the
+classic reader) and plugin_event_accumulator (the Python server's); watched/ also by a
+`tensorboard --logdir --load_fast=true` server (its Rust data server), asked over HTTP as the
+browser asks it, and, in a copy with the killed run's last record cut short (as a kill
+mid-write leaves it), by EventAccumulator.
 
 Usage: python scripts/tensorboard_check.py --run DIR   (DIR holds metrics.jsonl, tensorboard/,
 watched/)
@@ -76,10 +77,11 @@ def server(logdir, want):
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
     exe = Path(sys.executable).parent / "tensorboard"
+    log = tempfile.TemporaryFile()
     proc = subprocess.Popen(
-        [str(exe), "--logdir", str(logdir), "--port", str(port), "--reload_interval", "1"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        [str(exe), "--logdir", str(logdir), "--port", str(port), "--load_fast=true", "--reload_interval", "1"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     base = f"http://localhost:{port}/data"
     get = lambda path: json.load(urllib.request.urlopen(base + path, timeout=10))
@@ -88,6 +90,9 @@ def server(logdir, want):
         deadline = time.time() + 120
         while got != want and time.time() < deadline:
             time.sleep(1)
+            if proc.poll() is not None:
+                log.seek(0)
+                sys.exit(f"FAIL tensorboard server exited {proc.returncode}:\n{log.read().decode()}")
             try:
                 got = {}
                 for tag in get("/plugin/scalars/tags").get(".", {}):
@@ -99,7 +104,11 @@ def server(logdir, want):
         return got
     finally:
         proc.terminate()
-        proc.wait()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def compare(what, got, want):
@@ -122,7 +131,7 @@ def main():
         logdir = run / sub
         compare(f"{sub}/ EventAccumulator", classic(logdir), want)
         compare(f"{sub}/ plugin_event_accumulator", served(logdir), want)
-    compare("watched/ tensorboard --logdir server", server(run / "watched", want), want)
+    compare("watched/ tensorboard --logdir --load_fast=true server", server(run / "watched", want), want)
     with tempfile.TemporaryDirectory() as tmp:
         cut = Path(tmp) / "watched"
         shutil.copytree(run / "watched", cut)

@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
 use crate::plot::{Chart, Series};
-use crate::tensorboard::EventFile;
+use crate::tensorboard::{unix_time, EventFile, StepScalars};
 
 /// One line of metrics.jsonl. A training step fills the training fields; a validation pass
 /// adds `val_loss` (step 0 is the validation before training).
@@ -66,14 +66,14 @@ impl StepMetrics {
 pub struct MetricsLog {
     pub path: PathBuf,
     file: File,
-    pub tensorboard: Option<EventFile>,
+    tensorboard: Option<EventFile>,
 }
 
 impl MetricsLog {
     /// Opens the log for a run starting after `resumed_step` completed steps: lines of later
     /// steps (written after the checkpoint a resumed run starts from) are dropped, so the log
     /// holds each step once. With `tensorboard`, a new event file in `output_dir/tensorboard`
-    /// replaces the earlier ones: the kept lines, then each step as it is written.
+    /// replaces helix's earlier ones there: the kept lines, then each step as it is written.
     pub fn open(output_dir: &Path, resumed_step: u64, tensorboard: bool) -> Result<Self> {
         let path = output_dir.join("metrics.jsonl");
         // The kept lines as they were written, not re-serialized.
@@ -84,6 +84,20 @@ impl MetricsLog {
                 .collect()
         } else {
             Vec::new()
+        };
+        // TensorBoard's history first: if a kill comes between the two, the next open still
+        // finds the kept lines, and TensorBoard has never shown more than they hold.
+        let tensorboard = if tensorboard {
+            let history: Vec<StepScalars> = kept
+                .iter()
+                .map(|(_, m)| (m.wall_time, m.step, m.scalars()))
+                .collect();
+            Some(EventFile::create(
+                &output_dir.join("tensorboard"),
+                &history,
+            )?)
+        } else {
+            None
         };
         let mut text = kept
             .iter()
@@ -98,18 +112,6 @@ impl MetricsLog {
             .append(true)
             .open(&path)
             .with_context(|| format!("cannot open {}", path.display()))?;
-        // TensorBoard's history is rebuilt from the kept lines, so it shows what metrics.jsonl
-        // holds whenever the previous run was stopped.
-        let tensorboard = if tensorboard {
-            let mut events = EventFile::create(&output_dir.join("tensorboard"))?;
-            for (_, m) in &kept {
-                events.write_scalars(m.wall_time, m.step, &m.scalars())?;
-            }
-            events.remove_earlier_files()?;
-            Some(events)
-        } else {
-            None
-        };
         Ok(Self {
             path,
             file,
@@ -117,10 +119,15 @@ impl MetricsLog {
         })
     }
 
+    /// The TensorBoard event file being written, if any.
+    pub fn event_file(&self) -> Option<&Path> {
+        self.tensorboard.as_ref().map(|e| e.path.as_path())
+    }
+
     /// Appends `m`, stamped with the time now.
     pub fn write(&mut self, m: &StepMetrics) -> Result<()> {
         let m = StepMetrics {
-            wall_time: Some(crate::tensorboard::unix_time()),
+            wall_time: Some(unix_time()),
             ..m.clone()
         };
         let line = serde_json::to_string(&m)?;

@@ -381,7 +381,7 @@ fn train_rank(cfg: &ConfigFile, config_path: &Path, job: &mut Job) -> Result<Run
     let mut outputs = Vec::new();
     if let Some(log) = &metrics {
         outputs = write_plots(&t.output_dir, &read_metrics(&log.path)?)?;
-        outputs.extend(log.tensorboard.as_ref().map(|events| events.path.clone()));
+        outputs.extend(log.event_file().map(Path::to_path_buf));
     }
     if !preempted && job.dp.index == 0 {
         outputs.extend(write_outputs(

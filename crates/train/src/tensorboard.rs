@@ -6,11 +6,12 @@
 //! helix writes are encoded here: `wall_time`, `step`, `file_version`, a `Summary` of
 //! `simple_value` scalars, and a `SessionLog`.
 //!
-//! Each run writes one new file: the file version, a `SessionLog START` at step 0 (a
-//! TensorBoard already watching drops what it read before, as it does on TensorFlow's own
-//! restarts), the history a resumed run keeps (metrics.jsonl's kept lines, with their wall
-//! times), then each step as it is logged; the earlier files are then removed. Whenever a run
-//! was stopped, the directory holds the steps metrics.jsonl holds, each once.
+//! Each run starts one new file holding the file version, a `SessionLog START` at step 0 (a
+//! TensorBoard already watching drops what it read before, as on TensorFlow's own restarts)
+//! and the history a resumed run keeps (metrics.jsonl's kept lines, with their wall times),
+//! written whole under a name TensorBoard does not read and then renamed; only then are
+//! helix's earlier files removed. A kill at any point leaves either the old files or the new
+//! one, never a partial history; each step is then appended as it is logged.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -21,6 +22,8 @@ use anyhow::{Context, Result};
 
 /// What a file name must contain for TensorBoard to read it as an event file.
 const EVENT_FILE_MARK: &str = "events.out.tfevents.";
+/// How helix's event files end, so it removes only its own.
+const HELIX_SUFFIX: &str = ".helix";
 
 /// `SessionLog.SessionStatus.START`.
 const SESSION_START: u64 = 1;
@@ -37,6 +40,15 @@ const VALUE_TAG: u64 = 1;
 const VALUE_SIMPLE_VALUE: u64 = 2;
 const SESSION_LOG_STATUS: u64 = 1;
 
+// Protobuf's wire types for the fields written here.
+const WIRE_VARINT: u64 = 0;
+const WIRE_FIXED64: u64 = 1;
+const WIRE_BYTES: u64 = 2;
+const WIRE_FIXED32: u64 = 5;
+
+/// One step's scalars: its wall time (None: now), step, and `(tag, value)` pairs.
+pub type StepScalars = (Option<f64>, u64, Vec<(&'static str, f64)>);
+
 /// An event file being appended to, one flushed record at a time.
 pub struct EventFile {
     pub path: PathBuf,
@@ -44,8 +56,9 @@ pub struct EventFile {
 }
 
 impl EventFile {
-    /// Starts a new event file in `dir` (created if missing).
-    pub fn create(dir: &Path) -> Result<Self> {
+    /// Starts a new event file in `dir` (created if missing) holding `history`, then removes
+    /// helix's other event files there, which it supersedes.
+    pub fn create(dir: &Path, history: &[StepScalars]) -> Result<Self> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -55,72 +68,63 @@ impl EventFile {
         // Readers take a directory's files in name order: the time leads, to the microsecond,
         // so a run resumed within the same second still sorts after the one it follows.
         let path = dir.join(format!(
-            "{EVENT_FILE_MARK}{}.{:06}.{}.{}",
+            "{EVENT_FILE_MARK}{}.{:06}.{}.{}{HELIX_SUFFIX}",
             now.as_secs(),
             now.subsec_micros(),
             if host.is_empty() { "localhost" } else { host },
             std::process::id()
         ));
-        let file = OpenOptions::new()
-            .create_new(true)
-            .append(true)
-            .open(&path)
-            .with_context(|| format!("cannot create {}", path.display()))?;
-        let mut out = Self { path, file };
+        let mut records = Vec::new();
         let mut version = event_header(unix_time(), 0);
         put_bytes(&mut version, EVENT_FILE_VERSION, b"brain.Event:2");
-        out.append(&version)?;
+        records.extend(tf_record(&version));
         let mut start = event_header(unix_time(), 0);
         let mut log = Vec::new();
         put_varint_field(&mut log, SESSION_LOG_STATUS, SESSION_START);
         put_bytes(&mut start, EVENT_SESSION_LOG, &log);
-        out.append(&start)?;
-        Ok(out)
+        records.extend(tf_record(&start));
+        for (wall_time, step, scalars) in history {
+            records.extend(tf_record(&scalars_event(*wall_time, *step, scalars)));
+        }
+        // Whole, synced, under a name without "tfevents" (which TensorBoard would read), then
+        // renamed into place.
+        let pending = dir.join(format!(".pending-{}{HELIX_SUFFIX}", std::process::id()));
+        (|| {
+            let mut f = File::create(&pending)?;
+            f.write_all(&records)?;
+            f.sync_all()?;
+            std::fs::rename(&pending, &path)
+        })()
+        .with_context(|| format!("cannot write {}", path.display()))?;
+        let file = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        for old in helix_event_files(dir)? {
+            if old != path {
+                std::fs::remove_file(&old)
+                    .with_context(|| format!("cannot remove {}", old.display()))?;
+            }
+        }
+        Ok(Self { path, file })
     }
 
-    /// One event at `step` holding every `(tag, value)` as a scalar; `wall_time` in seconds
-    /// since the Unix epoch (now where the step's time is not known).
+    /// Appends one event at `step` holding every `(tag, value)` as a scalar; `wall_time` in
+    /// seconds since the Unix epoch (None: now).
     pub fn write_scalars(
         &mut self,
         wall_time: Option<f64>,
         step: u64,
         scalars: &[(&str, f64)],
     ) -> Result<()> {
-        let mut summary = Vec::new();
-        for (tag, value) in scalars {
-            let mut v = Vec::new();
-            put_bytes(&mut v, VALUE_TAG, tag.as_bytes());
-            // simple_value is a float: TensorBoard shows f32 whatever the writer held.
-            put_key(&mut v, VALUE_SIMPLE_VALUE, WIRE_FIXED32);
-            v.extend_from_slice(&(*value as f32).to_le_bytes());
-            put_bytes(&mut summary, SUMMARY_VALUE, &v);
-        }
-        let mut event = event_header(wall_time.unwrap_or_else(unix_time), step);
-        put_bytes(&mut event, EVENT_SUMMARY, &summary);
-        self.append(&event)
-    }
-
-    /// Removes the directory's other event files, which this one now supersedes.
-    pub fn remove_earlier_files(&self) -> Result<()> {
-        let dir = self.path.parent().unwrap_or(Path::new("."));
-        for old in event_files(dir)? {
-            if old != self.path {
-                std::fs::remove_file(&old)
-                    .with_context(|| format!("cannot remove {}", old.display()))?;
-            }
-        }
-        Ok(())
-    }
-
-    fn append(&mut self, event: &[u8]) -> Result<()> {
         self.file
-            .write_all(&tf_record(event))
+            .write_all(&tf_record(&scalars_event(wall_time, step, scalars)))
             .and_then(|_| self.file.flush())
             .with_context(|| format!("cannot write {}", self.path.display()))
     }
 }
 
-/// Seconds since the Unix epoch.
+/// Seconds since the Unix epoch: the events' wall time, and metrics.jsonl's.
 pub fn unix_time() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -128,21 +132,38 @@ pub fn unix_time() -> f64 {
         .as_secs_f64()
 }
 
-/// The event files in `dir`, in name order.
-pub fn event_files(dir: &Path) -> Result<Vec<PathBuf>> {
+/// The event files helix wrote in `dir`, in name order.
+pub fn helix_event_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
-        let path = entry?.path();
-        let is_events = path
+    let list = || format!("cannot list {}", dir.display());
+    for entry in std::fs::read_dir(dir).with_context(list)? {
+        let path = entry.with_context(list)?.path();
+        let is_helix_events = path
             .file_name()
             .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with(EVENT_FILE_MARK));
-        if is_events && path.is_file() {
+            .is_some_and(|n| n.starts_with(EVENT_FILE_MARK) && n.ends_with(HELIX_SUFFIX));
+        if is_helix_events && path.is_file() {
             files.push(path);
         }
     }
     files.sort();
     Ok(files)
+}
+
+/// An `Event` at `step` whose `Summary` holds each `(tag, value)` as a `simple_value`.
+fn scalars_event(wall_time: Option<f64>, step: u64, scalars: &[(&str, f64)]) -> Vec<u8> {
+    let mut summary = Vec::new();
+    for (tag, value) in scalars {
+        let mut v = Vec::new();
+        put_bytes(&mut v, VALUE_TAG, tag.as_bytes());
+        // simple_value is a float: TensorBoard shows f32 whatever the writer held.
+        put_key(&mut v, VALUE_SIMPLE_VALUE, WIRE_FIXED32);
+        v.extend_from_slice(&(*value as f32).to_le_bytes());
+        put_bytes(&mut summary, SUMMARY_VALUE, &v);
+    }
+    let mut event = event_header(wall_time.unwrap_or_else(unix_time), step);
+    put_bytes(&mut event, EVENT_SUMMARY, &summary);
+    event
 }
 
 /// One event as [`read_events`] finds it: the fields helix writes.
@@ -286,12 +307,6 @@ fn event_header(wall_time: f64, step: u64) -> Vec<u8> {
     e
 }
 
-// Protobuf's wire types for the fields written here.
-const WIRE_VARINT: u64 = 0;
-const WIRE_FIXED64: u64 = 1;
-const WIRE_BYTES: u64 = 2;
-const WIRE_FIXED32: u64 = 5;
-
 fn put_varint(out: &mut Vec<u8>, mut v: u64) {
     while v >= 0x80 {
         out.push((v as u8) | 0x80);
@@ -373,23 +388,25 @@ mod tests {
     #[test]
     fn written_events_read_back_and_a_flipped_byte_is_named() -> Result<()> {
         let tmp = tempfile::tempdir()?;
-        let mut f = EventFile::create(tmp.path())?;
+        let mut f = EventFile::create(tmp.path(), &[(Some(1.6e9), 3, vec![("val/loss", 0.5)])])?;
         f.write_scalars(Some(1.7e9), 10, &[("train/loss", 2.25), ("train/lr", 1e-4)])?;
         let events = read_events(&f.path)?;
-        assert_eq!(events.len(), 3);
+        assert_eq!(events.len(), 4);
         assert_eq!(events[0].file_version.as_deref(), Some("brain.Event:2"));
         assert_eq!(
             (events[1].step, events[1].session_status),
             (0, Some(SESSION_START))
         );
+        assert_eq!(events[2].scalars, vec![("val/loss".to_string(), 0.5)]);
+        assert_eq!((events[2].step, events[2].wall_time), (3, 1.6e9));
         let want = vec![("train/loss".to_string(), 2.25), ("train/lr".into(), 1e-4)];
-        assert_eq!((events[2].step, &events[2].scalars), (10, &want));
-        assert_eq!(events[2].wall_time, 1.7e9);
+        assert_eq!((events[3].step, &events[3].scalars), (10, &want));
+        assert_eq!(events[3].wall_time, 1.7e9);
 
         // A record cut short ends the list; a changed byte inside one is an error.
         let bytes = std::fs::read(&f.path)?;
         std::fs::write(&f.path, &bytes[..bytes.len() - 3])?;
-        assert_eq!(read_events(&f.path)?.len(), 2);
+        assert_eq!(read_events(&f.path)?.len(), 3);
         let mut flipped = bytes.clone();
         let n = flipped.len();
         flipped[n - 10] ^= 1;
@@ -400,17 +417,19 @@ mod tests {
     }
 
     #[test]
-    fn a_new_file_sorts_last_and_supersedes_the_earlier_ones() -> Result<()> {
+    fn a_new_file_supersedes_helix_files_and_leaves_other_tools_files() -> Result<()> {
         let tmp = tempfile::tempdir()?;
         let dir = tmp.path().join("tb");
-        let first = EventFile::create(&dir)?;
-        let second = EventFile::create(&dir)?;
-        assert_eq!(
-            event_files(&dir)?,
-            vec![first.path.clone(), second.path.clone()]
-        );
-        second.remove_earlier_files()?;
-        assert_eq!(event_files(&dir)?, vec![second.path]);
+        let first = EventFile::create(&dir, &[])?;
+        let foreign = dir.join("events.out.tfevents.1700000000.host.pytorch");
+        std::fs::write(&foreign, b"")?;
+        assert_eq!(helix_event_files(&dir)?, vec![first.path.clone()]);
+        let second = EventFile::create(&dir, &[])?;
+        assert!(second.path > first.path);
+        assert_eq!(helix_event_files(&dir)?, vec![second.path]);
+        assert!(foreign.exists());
+        // Nothing is left under the pending name.
+        assert_eq!(std::fs::read_dir(&dir)?.count(), 2);
         Ok(())
     }
 }

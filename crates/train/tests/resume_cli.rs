@@ -678,13 +678,15 @@ fn a_full_disk_during_a_save_is_named_and_keeps_the_previous_checkpoint() {
     assert_same_run("lora", "after a full disk", &straight, &full);
 }
 
-/// `output.tensorboard = true`: after a run killed past its step-10 checkpoint is resumed, the
-/// one event file left holds every step of metrics.jsonl once, in order, with its values (as
-/// f32) and wall time, behind a `SessionLog START` that tells a TensorBoard already watching to
-/// drop what the killed run logged. With HELIX_TENSORBOARD_OUT set, the run is copied there for
+/// `output.tensorboard = true`: after a run killed past its step-10 checkpoint is resumed from
+/// it, the one event file left holds every step of metrics.jsonl once, in order, with its
+/// values (as f32) under each tag, and the killed run's steps up to 10 with their original
+/// wall times, behind a `SessionLog START` that tells a TensorBoard already watching to drop
+/// what the killed run logged. With HELIX_TENSORBOARD_OUT set, the run is copied there for
 /// scripts/check-tensorboard.sh to read with TensorBoard itself.
 #[test]
 fn tensorboard_events_follow_metrics_jsonl_across_a_resume() {
+    use helix_train::tensorboard::{helix_event_files, read_events};
     let tmp = setup("lora");
     let dir = tmp.path();
     let mut cfg = std::fs::read_to_string(dir.join("run.toml")).unwrap();
@@ -692,46 +694,62 @@ fn tensorboard_events_follow_metrics_jsonl_across_a_resume() {
     std::fs::write(dir.join("run.toml"), cfg).unwrap();
     let mut child = start_slow(dir, "killed", 100, &[]);
     let out = dir.join("killed");
-    wait_for("step 12", || {
-        std::fs::read_to_string(out.join("metrics.jsonl")).is_ok_and(|m| m.contains("\"step\":12,"))
+    let events_dir = out.join("tensorboard");
+    let logged = |step: u64| {
+        let files = helix_event_files(&events_dir).unwrap_or_default();
+        files.first().is_some_and(|f| {
+            read_events(f).is_ok_and(|e| e.iter().any(|e| e.step == step && !e.scalars.is_empty()))
+        })
+    };
+    wait_for("step 10's checkpoint and step 12's events", || {
+        checkpoint_done(&out, 10) && logged(12)
     });
     signal(&child, "-KILL");
     child.wait().unwrap();
-    let events_dir = out.join("tensorboard");
-    let killed_files = helix_train::tensorboard::event_files(&events_dir).unwrap();
-    let killed_events = helix_train::tensorboard::read_events(&killed_files[0]).unwrap();
-    assert!(killed_events.iter().any(|e| e.step == 12));
+    let killed_files = helix_event_files(&events_dir).unwrap();
+    assert_eq!(killed_files.len(), 1);
     let killed_bytes = std::fs::read(&killed_files[0]).unwrap();
-    run(dir, "killed");
+    let killed_events = read_events(&killed_files[0]).unwrap();
+    let err = run(dir, "killed");
+    assert!(err.contains("step-000010 (step 10)"), "{err}");
 
-    let files = helix_train::tensorboard::event_files(&events_dir).unwrap();
+    let files = helix_event_files(&events_dir).unwrap();
     assert_eq!(files.len(), 1, "{files:?}");
     assert!(files[0] != killed_files[0]);
-    let events = helix_train::tensorboard::read_events(&files[0]).unwrap();
+    let events = read_events(&files[0]).unwrap();
     assert_eq!(events[0].file_version.as_deref(), Some("brain.Event:2"));
     assert_eq!((events[1].step, events[1].session_status), (0, Some(1)));
+    let start_time = events[1].wall_time;
     let rows = common::metrics_rows(&out);
     assert_eq!(rows.len(), 21, "steps 0..=20");
     assert_eq!(events.len(), 2 + rows.len());
+    let fields = [
+        ("train/loss", "loss"),
+        ("train/lr", "lr"),
+        ("train/grad_norm", "grad_norm"),
+        ("train/tokens", "tokens"),
+        ("train/tokens_per_s", "tokens_per_s"),
+        ("train/step_time_s", "step_time_s"),
+        ("train/ckpt_stall_s", "ckpt_stall_s"),
+        ("val/loss", "val_loss"),
+    ];
     for (e, row) in events[2..].iter().zip(&rows) {
-        assert_eq!(Some(e.step), row["step"].as_u64());
+        let step = e.step;
+        assert_eq!(Some(step), row["step"].as_u64());
         assert_eq!(Some(e.wall_time), row["wall_time"].as_f64(), "{row}");
-        let value = |tag: &str| e.scalars.iter().find(|(t, _)| t == tag).map(|(_, v)| *v);
-        assert_eq!(
-            value("train/loss"),
-            row["loss"].as_f64().map(|v| v as f32),
-            "{row}"
-        );
-        assert_eq!(
-            value("train/lr"),
-            row["lr"].as_f64().map(|v| v as f32),
-            "{row}"
-        );
-        assert_eq!(
-            value("val/loss"),
-            row["val_loss"].as_f64().map(|v| v as f32),
-            "{row}"
-        );
+        // Steps up to the checkpoint are the killed run's, replayed with their times.
+        assert_eq!(e.wall_time < start_time, step <= 10, "step {step}");
+        if step <= 10 {
+            let before = killed_events
+                .iter()
+                .find(|k| k.step == step && !k.scalars.is_empty());
+            assert_eq!(Some(e), before, "step {step} as the killed run logged it");
+        }
+        assert_eq!(e.scalars.len(), row.as_object().unwrap().len() - 2, "{row}");
+        for (tag, field) in fields {
+            let value = e.scalars.iter().find(|(t, _)| t == tag).map(|(_, v)| *v);
+            assert_eq!(value, row[field].as_f64().map(|v| v as f32), "{tag}: {row}");
+        }
     }
     if let Ok(keep) = std::env::var("HELIX_TENSORBOARD_OUT") {
         // tensorboard/: the directory as the resume left it; watched/: with the killed run's
