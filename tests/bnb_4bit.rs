@@ -1,9 +1,12 @@
 //! Checkpoints bitsandbytes stored in 4 bits (transformers' `load_in_4bit` models saved with
 //! `save_pretrained`; fixtures written by scripts/bnb_reference.py with bitsandbytes 0.50.2):
 //! every 4-bit weight reads back to what bitsandbytes' `dequantize_4bit` gives, bit for bit
-//! (NF4 with double quantization in bf16, FP4 without in f32), the model's logits are
-//! transformers' on the 4-bit model, `quantize_base = "nf4"` re-quantizes them with the same
-//! codes, and a damaged or foreign quantized checkpoint is refused naming the key or tensor.
+//! (NF4 with double quantization in bf16, FP4 without in f32, and in bnb-parts several groups
+//! of double quantization, an odd element count, f16, bf16 storage, FP4 with double
+//! quantization), the model's logits are transformers' 4-bit model's, `quantize_base = "nf4"`
+//! re-quantizes them to bitsandbytes' own codes, `export` writes them dense without the
+//! quantization config, and a damaged or foreign quantized checkpoint is refused naming the
+//! key or tensor.
 
 mod common;
 use common::{fixture, load_st, max_abs};
@@ -11,6 +14,7 @@ use common::{fixture, load_st, max_abs};
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use helix::kernels::nf4::Nf4Weight;
+use helix::model::hf_export::{export_hf_dir, ExportOptions, DEFAULT_MAX_SHARD_BYTES};
 use helix::model::linear::{keep_dense, Quantization};
 use helix::model::{ForwardMask, Llama, LlamaConfig, LoadOptions, SafetensorsWeights};
 
@@ -50,8 +54,15 @@ fn weights_equal_bitsandbytes(name: &str) -> Result<usize> {
             diff, 0.0,
             "{name}: {weight} differs from bitsandbytes by {diff}"
         );
-        // Not vacuous: the weights are not all zero, and the codes use many levels.
-        assert!(max_abs(&want) > 0.0);
+        // Not vacuous: the weight takes most of the 16 levels times its scales.
+        let mut values = want.flatten_all()?.to_vec1::<f32>()?;
+        values.sort_by(f32::total_cmp);
+        values.dedup();
+        assert!(
+            values.len() > 16,
+            "{name}: {weight} has {} values",
+            values.len()
+        );
         checked += 1;
     }
     Ok(checked)
@@ -59,9 +70,9 @@ fn weights_equal_bitsandbytes(name: &str) -> Result<usize> {
 
 #[test]
 fn four_bit_weights_read_back_to_bitsandbytes_dequantization_bit_for_bit() -> Result<()> {
-    for name in ["bnb-nf4-bf16", "bnb-fp4-f32"] {
+    for (name, weights) in [("bnb-nf4-bf16", 14), ("bnb-fp4-f32", 14), ("bnb-parts", 3)] {
         let n = weights_equal_bitsandbytes(name)?;
-        assert_eq!(n, 14, "{name}: two layers of seven projections");
+        assert_eq!(n, weights, "{name}");
         println!("{name}: {n} 4-bit weights equal bitsandbytes' dequantize_4bit bit for bit");
     }
     Ok(())
@@ -87,7 +98,7 @@ fn logits(
 
 #[test]
 fn a_four_bit_checkpoint_gives_transformers_logits() -> Result<()> {
-    // f32: the same products as transformers' dequantize-then-matmul, to rounding.
+    // f32: the same products as bitsandbytes' dequantize-then-matmul, to rounding.
     let reference = load_st(&fixture("bnb-fp4-f32").join("reference.safetensors"));
     let [got, want] = logits(
         &load("bnb-fp4-f32", DType::F32, Quantization::None)?,
@@ -100,7 +111,8 @@ fn a_four_bit_checkpoint_gives_transformers_logits() -> Result<()> {
     );
     assert!(d <= 1e-4, "f32 logits differ by {d}");
 
-    // bf16: both compute in bf16 with their own op order; bounded by bf16's rounding.
+    // bf16: both compute in bf16 with their own op order: a few of bf16's steps at the
+    // logits' size (a step is 2^-7 between 1 and 2).
     let reference = load_st(&fixture("bnb-nf4-bf16").join("reference.safetensors"));
     let [got, want] = logits(
         &load("bnb-nf4-bf16", DType::BF16, Quantization::None)?,
@@ -182,40 +194,72 @@ fn foreign_or_damaged_quantized_checkpoints_are_refused_naming_the_key() -> Resu
         "without load_in_4bit",
     );
 
-    // The checkpoint without one weight's absmax: loading that weight names the missing part.
+    // Damaged copies of the checkpoint: loading a weight names what is wrong with it.
     let mut tensors = load_st(&dir.join("model.safetensors"));
-    let gone = "model.layers.1.mlp.down_proj.weight.absmax";
-    tensors.remove(gone);
     let tmp = tempfile::tempdir()?;
-    candle_core::safetensors::save(&tensors, tmp.path().join("model.safetensors"))?;
-    let damaged = SafetensorsWeights::open_dir(tmp.path())?;
-    let err = format!(
-        "{:#}",
-        damaged
-            .load(
-                "model.layers.1.mlp.down_proj.weight",
-                (64, 160),
-                DType::BF16,
-                &Device::Cpu
-            )
-            .unwrap_err()
+    let load_error = |tensors: &std::collections::HashMap<String, Tensor>,
+                      name: &str,
+                      shape: (usize, usize)|
+     -> Result<String> {
+        candle_core::safetensors::save(tensors, tmp.path().join("model.safetensors"))?;
+        let damaged = SafetensorsWeights::open_dir(tmp.path())?;
+        let err = damaged
+            .load(name, shape, DType::BF16, &Device::Cpu)
+            .unwrap_err();
+        Ok(format!("{err:#}"))
+    };
+    let (down, up) = (
+        "model.layers.1.mlp.down_proj.weight",
+        "model.layers.0.mlp.up_proj.weight",
     );
-    assert!(err.contains(gone), "{err}");
+    // A missing absmax.
+    let gone = format!("{down}.absmax");
+    tensors.remove(&gone);
+    let err = load_error(&tensors, down, (64, 128))?;
+    assert!(err.contains(&gone), "{err}");
     // A 4-bit weight asked for at another shape is named with both shapes.
-    let err = format!(
-        "{:#}",
-        damaged
-            .load(
-                "model.layers.0.mlp.up_proj.weight",
-                (64, 160),
-                DType::BF16,
-                &Device::Cpu
-            )
-            .unwrap_err()
-    );
-    assert!(
-        err.contains("4-bit [160, 64] weight, expected [64, 160]"),
-        "{err}"
-    );
+    let err = load_error(&tensors, up, (64, 128))?;
+    let want = "4-bit [128, 64] weight, expected [64, 128]";
+    assert!(err.contains(want), "{err}");
+    // A level table that is not bitsandbytes' (the codes would mean other values).
+    let table = format!("{up}.quant_map");
+    let halved = (&tensors[&table] * 0.5)?;
+    tensors.insert(table.clone(), halved);
+    let err = load_error(&tensors, up, (128, 64))?;
+    let want = format!("'{table}' is not bitsandbytes' nf4 table");
+    assert!(err.contains(&want), "{err}");
+    Ok(())
+}
+
+#[test]
+fn export_writes_a_four_bit_checkpoint_dense_without_its_quantization_config() -> Result<()> {
+    let dir = fixture("bnb-nf4-bf16");
+    let model = load("bnb-nf4-bf16", DType::BF16, Quantization::None)?;
+    let tmp = tempfile::tempdir()?;
+    let out = tmp.path().join("dense");
+    let opts = ExportOptions {
+        dtype: DType::BF16,
+        max_shard_bytes: DEFAULT_MAX_SHARD_BYTES,
+        chat_template: None,
+    };
+    export_hf_dir(&model, &dir, &out, &opts, |_, t| Ok(t))?;
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json"))?)?;
+    assert!(config.get("quantization_config").is_none(), "{config}");
+    // It reads back as an ordinary checkpoint holding bitsandbytes' weights.
+    let weights = SafetensorsWeights::open_dir(&out)?;
+    let mut checked = 0;
+    for (key, want) in load_st(&dir.join("reference.safetensors")) {
+        let Some(name) = key.strip_prefix("dense.") else {
+            continue;
+        };
+        assert!(!weights.is_4bit(name));
+        let got = weights.load(name, want.dims(), DType::BF16, &Device::Cpu)?;
+        let d = max_abs(&(got.to_dtype(DType::F32)? - want.to_dtype(DType::F32)?)?);
+        assert_eq!(d, 0.0, "{name}");
+        checked += 1;
+    }
+    assert_eq!(checked, 14);
+    LlamaConfig::from_file(&out.join("config.json"))?;
     Ok(())
 }

@@ -17,11 +17,51 @@
 
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::DType;
+use rayon::prelude::*;
 use serde::Deserialize;
 use serde_json::Value;
 
 /// What a quantized weight's JSON state is named after: `{weight}{QUANT_STATE}{nf4|fp4}`.
 pub const QUANT_STATE: &str = ".quant_state.bitsandbytes__";
+
+/// bitsandbytes' 4-bit level tables (its `get_4bit_type`, as f32): what its `dequantize_4bit`
+/// looks the codes up in, whatever `quant_map` a checkpoint stores beside them.
+const NF4_LEVELS: [f32; 16] = [
+    -1.0,
+    -0.6961928,
+    -0.52507305,
+    -0.3949175,
+    -0.28444138,
+    -0.18477343,
+    -0.091050036,
+    0.0,
+    0.0795803,
+    0.1609302,
+    0.2461123,
+    0.33791524,
+    0.44070983,
+    0.562617,
+    0.72295684,
+    1.0,
+];
+const FP4_LEVELS: [f32; 16] = [
+    0.0,
+    0.0052083335,
+    0.6666667,
+    1.0,
+    0.33333334,
+    0.5,
+    0.16666667,
+    0.25,
+    0.0,
+    -0.0052083335,
+    -0.6666667,
+    -1.0,
+    -0.33333334,
+    -0.5,
+    -0.16666667,
+    -0.25,
+];
 
 /// `W.weight.quant_state.bitsandbytes__*`, as bitsandbytes' `QuantState.as_dict` packs it.
 #[derive(Debug, Deserialize)]
@@ -31,6 +71,7 @@ struct QuantState {
     dtype: String,
     shape: Vec<usize>,
     nested_blocksize: Option<usize>,
+    nested_dtype: Option<String>,
     nested_offset: Option<f64>,
 }
 
@@ -39,6 +80,22 @@ pub struct Stored<'a> {
     pub bytes: &'a [u8],
     pub dtype: safetensors::Dtype,
     pub shape: &'a [usize],
+}
+
+/// The suffix of `name`'s quantization state where `exists` finds one (`.quant_state.
+/// bitsandbytes__nf4` or `__fp4`): None for a weight not stored in 4 bits; an error where
+/// both are.
+pub fn state_suffix(name: &str, exists: impl Fn(&str) -> bool) -> Result<Option<String>> {
+    let found: Vec<String> = ["nf4", "fp4"]
+        .iter()
+        .map(|t| format!("{QUANT_STATE}{t}"))
+        .filter(|suffix| exists(&format!("{name}{suffix}")))
+        .collect();
+    ensure!(
+        found.len() < 2,
+        "'{name}' has both an NF4 and an FP4 quantization state"
+    );
+    Ok(found.into_iter().next())
 }
 
 /// The dense weight `name` holds, as bitsandbytes dequantizes it: its little-endian bytes, its
@@ -51,35 +108,35 @@ pub fn dequantize<'a>(
         let full = format!("{name}{suffix}");
         get(&full).with_context(|| format!("the 4-bit weight '{name}' has no '{full}'"))
     };
-    let (state_name, state) = ["nf4", "fp4"]
-        .iter()
-        .find_map(|t| {
-            let n = format!("{QUANT_STATE}{t}");
-            get(&format!("{name}{n}")).map(|s| (n, s))
-        })
+    let suffix = state_suffix(name, |n| get(n).is_some())?
         .with_context(|| format!("'{name}' is stored as integers without a quantization state"))?;
-    let state: QuantState = serde_json::from_slice(state.bytes)
-        .with_context(|| format!("'{name}{state_name}' is not bitsandbytes' JSON state"))?;
+    let key = format!("{name}{suffix}");
+    let state: QuantState = serde_json::from_slice(part(&suffix)?.bytes)
+        .with_context(|| format!("'{key}' is not bitsandbytes' JSON state"))?;
     let dtype = match state.dtype.as_str() {
         "float32" => DType::F32,
         "bfloat16" => DType::BF16,
         "float16" => DType::F16,
-        other => bail!("'{name}{state_name}': dtype '{other}' is not f32, bf16 or f16"),
+        other => bail!("'{key}': dtype '{other}' is not f32, bf16 or f16"),
     };
+    let levels = match state.quant_type.as_str() {
+        "nf4" if suffix.ends_with("nf4") => NF4_LEVELS,
+        "fp4" if suffix.ends_with("fp4") => FP4_LEVELS,
+        other => bail!("'{key}': quant_type '{other}' does not match the key"),
+    };
+    let blocksize = state.blocksize;
     ensure!(
-        matches!(state.quant_type.as_str(), "nf4" | "fp4") && state.blocksize > 0,
-        "'{name}{state_name}': quant_type '{}' with blocksize {} is not bitsandbytes' 4-bit",
-        state.quant_type,
-        state.blocksize
+        blocksize.is_power_of_two() && (32..=4096).contains(&blocksize),
+        "'{key}': blocksize {blocksize} is not one bitsandbytes uses (32 to 4096, a power of two)"
     );
     let n = state
         .shape
         .iter()
         .try_fold(1usize, |n, &d| n.checked_mul(d))
-        .with_context(|| format!("'{name}{state_name}': shape {:?} overflows", state.shape))?;
-    let blocks = n.div_ceil(state.blocksize);
+        .with_context(|| format!("'{key}': shape {:?} overflows", state.shape))?;
+    let blocks = n.div_ceil(blocksize);
 
-    let codes = get(name).with_context(|| format!("'{name}' is missing"))?;
+    let codes = part("")?;
     ensure!(
         codes.bytes.len() == n.div_ceil(2),
         "'{name}' holds {} bytes of codes; a {:?} weight in 4 bits needs {}",
@@ -87,11 +144,26 @@ pub fn dequantize<'a>(
         state.shape,
         n.div_ceil(2)
     );
-    let levels = f32s(&part(".quant_map")?, 16, &format!("{name}.quant_map"))?;
+    // bitsandbytes reads its own table, not this one; a checkpoint whose table differs would
+    // mean something else by its codes.
+    let stored_levels = f32s(&part(".quant_map")?, 16, &format!("{name}.quant_map"))?;
+    ensure!(
+        stored_levels
+            .iter()
+            .map(|v| v.to_bits())
+            .eq(levels.iter().map(|v| v.to_bits())),
+        "'{name}.quant_map' is not bitsandbytes' {} table",
+        state.quant_type
+    );
     let absmax_part = part(".absmax")?;
     let absmax: Vec<f32> = match (state.nested_blocksize, state.nested_offset) {
         (Some(group), Some(offset)) => {
-            ensure!(group > 0, "'{name}{state_name}': nested_blocksize 0");
+            ensure!(group > 0, "'{key}': nested_blocksize 0");
+            ensure!(
+                state.nested_dtype.as_deref().unwrap_or("float32") == "float32",
+                "'{key}': nested_dtype {:?} is not float32",
+                state.nested_dtype
+            );
             let what = format!("{name}.absmax");
             ensure!(
                 absmax_part.dtype == safetensors::Dtype::U8 && absmax_part.bytes.len() == blocks,
@@ -99,44 +171,55 @@ pub fn dequantize<'a>(
                 absmax_part.dtype,
                 absmax_part.shape
             );
-            let code = f32s(
+            let nested_levels = f32s(
                 &part(".nested_quant_map")?,
                 256,
                 &format!("{name}.nested_quant_map"),
             )?;
             let groups = blocks.div_ceil(group);
-            let scale = f32s(
+            let group_scale = f32s(
                 &part(".nested_absmax")?,
                 groups,
                 &format!("{name}.nested_absmax"),
             )?;
-            // bitsandbytes: dequantize_blockwise (code times the group's scale, in f32), then
-            // += offset, each an f32 rounding.
+            // bitsandbytes: dequantize_blockwise (the level times its group's scale, in f32),
+            // then += offset, each an f32 rounding.
             let offset = offset as f32;
             absmax_part
                 .bytes
                 .iter()
                 .enumerate()
-                .map(|(b, &q)| code[q as usize] * scale[b / group] + offset)
+                .map(|(b, &q)| nested_levels[q as usize] * group_scale[b / group] + offset)
                 .collect()
         }
         (None, None) => f32s(&absmax_part, blocks, &format!("{name}.absmax"))?,
-        _ => bail!("'{name}{state_name}': nested_blocksize and nested_offset come together"),
+        _ => bail!("'{key}': nested_blocksize and nested_offset come together"),
     };
 
-    let mut out = Vec::with_capacity(n * dtype.size_in_bytes());
-    for i in 0..n {
-        let byte = codes.bytes[i / 2];
-        let code = if i % 2 == 0 { byte >> 4 } else { byte & 15 };
-        // The level times its block's scale in f32, rounded once to the dtype (round to
-        // nearest even, as torch's `.to` does).
-        let v = levels[code as usize] * absmax[i / state.blocksize];
-        match dtype {
-            DType::F32 => out.extend_from_slice(&v.to_le_bytes()),
-            DType::BF16 => out.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
-            _ => out.extend_from_slice(&half::f16::from_f32(v).to_le_bytes()),
-        }
-    }
+    // Block by block in parallel: each level times its block's scale in f32, rounded once to
+    // the dtype (round to nearest even, as torch's `.to` does).
+    let size = dtype.size_in_bytes();
+    let mut out = vec![0u8; n * size];
+    out.par_chunks_mut(blocksize * size)
+        .enumerate()
+        .for_each(|(block, dense)| {
+            let scale = absmax[block];
+            for (j, bytes) in dense.chunks_exact_mut(size).enumerate() {
+                let i = block * blocksize + j;
+                let byte = codes.bytes[i / 2];
+                let nibble = if i.is_multiple_of(2) {
+                    byte >> 4
+                } else {
+                    byte & 15
+                };
+                let v = levels[nibble as usize] * scale;
+                match dtype {
+                    DType::F32 => bytes.copy_from_slice(&v.to_le_bytes()),
+                    DType::BF16 => bytes.copy_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
+                    _ => bytes.copy_from_slice(&half::f16::from_f32(v).to_le_bytes()),
+                }
+            }
+        });
     Ok((out, dtype, state.shape))
 }
 
@@ -158,7 +241,11 @@ fn f32s(t: &Stored, len: usize, what: &str) -> Result<Vec<f32>> {
 /// dequantized as they load); any other method is refused naming the key, before a weight
 /// file is opened.
 pub fn check_quantization_config(q: &Value) -> Result<()> {
-    let method = q.get("quant_method").and_then(Value::as_str).unwrap_or("");
+    // Old transformers configs have load_in_4bit and no quant_method.
+    let method = q
+        .get("quant_method")
+        .and_then(Value::as_str)
+        .unwrap_or("bitsandbytes");
     ensure!(
         method == "bitsandbytes",
         "quantization_config.quant_method = '{method}' is not supported: helix reads \

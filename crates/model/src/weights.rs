@@ -265,9 +265,8 @@ impl SafetensorsWeights {
 
     /// Whether bitsandbytes stored `name` in 4 bits (its JSON quantization state beside it).
     pub fn is_4bit(&self, name: &str) -> bool {
-        ["nf4", "fp4"]
-            .iter()
-            .any(|t| self.contains(&format!("{name}{}{t}", crate::bnb::QUANT_STATE)))
+        // Both states at once is an error, which reading the weight reports.
+        crate::bnb::state_suffix(name, |n| self.contains(n)).map_or(true, |s| s.is_some())
     }
 
     /// Loads `name`, checking that it has `shape`, converting to `dtype` on `device`.
