@@ -8,7 +8,7 @@ it, as a TensorBoard watching throughout had read both. Each is read with EventA
 classic reader) and plugin_event_accumulator (the Python server's); watched/ also by a
 `tensorboard --logdir --load_fast=true` server (its Rust data server), asked over HTTP as the
 browser asks it, and, in a copy with the killed run's last record cut short (as a kill
-mid-write leaves it), by EventAccumulator.
+mid-write leaves it), by EventAccumulator. The run's config must be in the Text tab.
 
 Usage: python scripts/tensorboard_check.py --run DIR   (DIR holds metrics.jsonl, tensorboard/,
 watched/)
@@ -65,9 +65,22 @@ def served(logdir):
     )
     acc.Reload()
     out = {}
-    for tag in acc.Tags()["tensors"]:
+    for tag in acc.PluginTagToContent("scalars"):
         out[tag] = [(t.step, np.float32(tensor_util.make_ndarray(t.tensor_proto).item())) for t in acc.Tensors(tag)]
     return out
+
+
+def config_text(logdir):
+    """The run's config as the Text tab reads it: one text per run, at the step it started."""
+    acc = plugin_event_accumulator.EventAccumulator(
+        str(logdir), size_guidance={plugin_event_accumulator.TENSORS: 0}
+    )
+    acc.Reload()
+    tags = list(acc.PluginTagToContent("text"))
+    if tags != ["config"]:
+        sys.exit(f"FAIL {logdir}: text tags {tags}, expected ['config']")
+    texts = [(t.step, tensor_util.make_ndarray(t.tensor_proto).item().decode()) for t in acc.Tensors("config")]
+    return texts
 
 
 def server(logdir, want):
@@ -132,6 +145,11 @@ def main():
         compare(f"{sub}/ EventAccumulator", classic(logdir), want)
         compare(f"{sub}/ plugin_event_accumulator", served(logdir), want)
     compare("watched/ tensorboard --logdir --load_fast=true server", server(run / "watched", want), want)
+    texts = config_text(run / "tensorboard")
+    # The resumed run's, at step 10: its [output] section asks for these events.
+    if [step for step, _ in texts] != [10] or "    tensorboard = true" not in texts[0][1].splitlines():
+        sys.exit(f"FAIL tensorboard/: config text {texts}")
+    print(f"ok tensorboard tensorboard/ Text tab: the run's config at step 10 ({len(texts[0][1].splitlines())} lines)")
     with tempfile.TemporaryDirectory() as tmp:
         cut = Path(tmp) / "watched"
         shutil.copytree(run / "watched", cut)

@@ -119,6 +119,15 @@ impl MetricsLog {
         })
     }
 
+    /// Records `text` (markdown) under `tag` at `step` in TensorBoard's Text tab, where the
+    /// run writes TensorBoard events.
+    pub fn write_text(&mut self, step: u64, tag: &str, text: &str) -> Result<()> {
+        match &mut self.tensorboard {
+            Some(events) => events.write_text(step, tag, text),
+            None => Ok(()),
+        }
+    }
+
     /// The TensorBoard event file being written, if any.
     pub fn event_file(&self) -> Option<&Path> {
         self.tensorboard.as_ref().map(|e| e.path.as_path())

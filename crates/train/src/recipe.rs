@@ -260,6 +260,12 @@ fn train_rank(cfg: &ConfigFile, config_path: &Path, job: &mut Job) -> Result<Run
     let mut metrics = main
         .then(|| MetricsLog::open(&t.output_dir, step, cfg.output.tensorboard))
         .transpose()?;
+    if let Some(log) = &mut metrics {
+        // The config this run computes with, in TensorBoard's Text tab (a markdown code block).
+        let toml = toml::to_string(cfg).context("the config as TOML")?;
+        let block: Vec<String> = toml.lines().map(|l| format!("    {l}")).collect();
+        log.write_text(step, "config", &block.join("\n"))?;
+    }
     let stop = StopRequest::install()?;
     let progress = Progress::new(total_steps, step, main);
     let peers = StoreSaveRendezvous::for_job(job)?;

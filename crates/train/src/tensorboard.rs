@@ -4,7 +4,8 @@
 //! An event file is a sequence of TFRecords (length, masked CRC-32C of the length, the bytes,
 //! their masked CRC-32C), each holding one `tensorflow.Event` protobuf. Only the few fields
 //! helix writes are encoded here: `wall_time`, `step`, `file_version`, a `Summary` of
-//! `simple_value` scalars, and a `SessionLog`.
+//! `simple_value` scalars or of one text (the run's config, for TensorBoard's Text tab), and a
+//! `SessionLog`.
 //!
 //! Each run starts one new file holding the file version, a `SessionLog START` at step 0 (a
 //! TensorBoard already watching drops what it read before, as on TensorFlow's own restarts)
@@ -39,6 +40,19 @@ const SUMMARY_VALUE: u64 = 1;
 const VALUE_TAG: u64 = 1;
 const VALUE_SIMPLE_VALUE: u64 = 2;
 const SESSION_LOG_STATUS: u64 = 1;
+// ... of a text value: `Summary.Value.metadata` (`SummaryMetadata`: `plugin_data` with its
+// `plugin_name`, and `data_class`) and `Summary.Value.tensor` (`TensorProto`: `dtype`, an
+// empty `tensor_shape` for a scalar, `string_val`).
+const VALUE_METADATA: u64 = 9;
+const VALUE_TENSOR: u64 = 8;
+const METADATA_PLUGIN_DATA: u64 = 1;
+const PLUGIN_DATA_NAME: u64 = 1;
+const METADATA_DATA_CLASS: u64 = 4;
+const DATA_CLASS_TENSOR: u64 = 2;
+const TENSOR_DTYPE: u64 = 1;
+const TENSOR_SHAPE: u64 = 2;
+const TENSOR_STRING_VAL: u64 = 8;
+const DT_STRING: u64 = 7;
 
 // Protobuf's wire types for the fields written here.
 const WIRE_VARINT: u64 = 0;
@@ -117,8 +131,35 @@ impl EventFile {
         step: u64,
         scalars: &[(&str, f64)],
     ) -> Result<()> {
+        self.append(&scalars_event(wall_time, step, scalars))
+    }
+
+    /// Appends `text` (markdown) under `tag` at `step`, for TensorBoard's Text tab.
+    pub fn write_text(&mut self, step: u64, tag: &str, text: &str) -> Result<()> {
+        let mut plugin = Vec::new();
+        put_bytes(&mut plugin, PLUGIN_DATA_NAME, b"text");
+        let mut metadata = Vec::new();
+        put_bytes(&mut metadata, METADATA_PLUGIN_DATA, &plugin);
+        put_varint_field(&mut metadata, METADATA_DATA_CLASS, DATA_CLASS_TENSOR);
+        let mut tensor = Vec::new();
+        put_varint_field(&mut tensor, TENSOR_DTYPE, DT_STRING);
+        put_bytes(&mut tensor, TENSOR_SHAPE, &[]);
+        put_bytes(&mut tensor, TENSOR_STRING_VAL, text.as_bytes());
+        let mut value = Vec::new();
+        put_bytes(&mut value, VALUE_TAG, tag.as_bytes());
+        put_bytes(&mut value, VALUE_METADATA, &metadata);
+        put_bytes(&mut value, VALUE_TENSOR, &tensor);
+        let mut summary = Vec::new();
+        put_bytes(&mut summary, SUMMARY_VALUE, &value);
+        let mut event = event_header(unix_time(), step);
+        put_bytes(&mut event, EVENT_SUMMARY, &summary);
+        self.append(&event)
+    }
+
+    /// `event` as one record at the end of the file, flushed.
+    fn append(&mut self, event: &[u8]) -> Result<()> {
         self.file
-            .write_all(&tf_record(&scalars_event(wall_time, step, scalars)))
+            .write_all(&tf_record(event))
             .and_then(|_| self.file.flush())
             .with_context(|| format!("cannot write {}", self.path.display()))
     }

@@ -722,7 +722,16 @@ fn tensorboard_events_follow_metrics_jsonl_across_a_resume() {
     let start_time = events[1].wall_time;
     let rows = common::metrics_rows(&out);
     assert_eq!(rows.len(), 21, "steps 0..=20");
-    assert_eq!(events.len(), 2 + rows.len());
+    // And the config in the Text tab, once per run (at the step it starts from).
+    assert_eq!(events.len(), 2 + rows.len() + 1);
+    let text = events[2..]
+        .iter()
+        .position(|e| e.scalars.is_empty())
+        .expect("the config's text event")
+        + 2;
+    assert_eq!(events[text].step, 10);
+    let mut events = events;
+    events.remove(text);
     let fields = [
         ("train/loss", "loss"),
         ("train/lr", "lr"),
