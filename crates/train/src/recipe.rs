@@ -260,6 +260,19 @@ fn train_rank(cfg: &ConfigFile, config_path: &Path, job: &mut Job) -> Result<Run
     let mut metrics = main
         .then(|| MetricsLog::open(&t.output_dir, step, cfg.output.tensorboard))
         .transpose()?;
+    if let Some(events) = metrics.as_ref().and_then(MetricsLog::event_file) {
+        let dir = events.parent().unwrap_or(Path::new("."));
+        let foreign = crate::tensorboard::foreign_event_files(dir)?;
+        if !foreign.is_empty() {
+            say(format!(
+                "note: {} also holds {} event file(s) helix did not write ({}); TensorBoard \
+                 shows their values in this run too",
+                dir.display(),
+                foreign.len(),
+                foreign[0].display()
+            ));
+        }
+    }
     if let Some(log) = &mut metrics {
         // The config this run computes with, in TensorBoard's Text tab (a markdown code block).
         let toml = toml::to_string(cfg).context("the config as TOML")?;

@@ -175,15 +175,36 @@ pub fn unix_time() -> f64 {
 
 /// The event files helix wrote in `dir`, in name order.
 pub fn helix_event_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    Ok(event_files(dir)?
+        .into_iter()
+        .filter(|p| is_helix(p))
+        .collect())
+}
+
+/// The event files in `dir` that helix did not write (another tool's, which TensorBoard shows
+/// in the same run), in name order.
+pub fn foreign_event_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    Ok(event_files(dir)?
+        .into_iter()
+        .filter(|p| !is_helix(p))
+        .collect())
+}
+
+fn is_helix(path: &Path) -> bool {
+    path.to_str().is_some_and(|p| p.ends_with(HELIX_SUFFIX))
+}
+
+/// Every event file in `dir`, in name order.
+fn event_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     let list = || format!("cannot list {}", dir.display());
     for entry in std::fs::read_dir(dir).with_context(list)? {
         let path = entry.with_context(list)?.path();
-        let is_helix_events = path
+        let is_events = path
             .file_name()
             .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with(EVENT_FILE_MARK) && n.ends_with(HELIX_SUFFIX));
-        if is_helix_events && path.is_file() {
+            .is_some_and(|n| n.contains("tfevents"));
+        if is_events && path.is_file() {
             files.push(path);
         }
     }
@@ -469,6 +490,7 @@ mod tests {
         assert!(second.path > first.path);
         assert_eq!(helix_event_files(&dir)?, vec![second.path]);
         assert!(foreign.exists());
+        assert_eq!(foreign_event_files(&dir)?, vec![foreign]);
         // Nothing is left under the pending name.
         assert_eq!(std::fs::read_dir(&dir)?.count(), 2);
         Ok(())
