@@ -78,11 +78,11 @@ fn four_bit_weights_read_back_to_bitsandbytes_dequantization_bit_for_bit() -> Re
     Ok(())
 }
 
-/// The model's logits on the reference's ids, and the reference's.
-fn logits(
-    model: &Llama,
-    reference: &std::collections::HashMap<String, Tensor>,
-) -> Result<[Tensor; 2]> {
+/// Fixture `name` loaded in `dtype` with `quantize_base`: max |its logits − transformers'| on
+/// the reference's ids, and max |transformers' logit|.
+fn logits_diff(name: &str, dtype: DType, quantize_base: Quantization) -> Result<(f32, f32)> {
+    let model = load(name, dtype, quantize_base)?;
+    let reference = load_st(&fixture(name).join("reference.safetensors"));
     let ids = reference["input_ids"].to_dtype(DType::U32)?;
     let (b, s) = ids.dims2()?;
     let positions = Tensor::arange(0i64, s as i64, &Device::Cpu)?
@@ -93,33 +93,20 @@ fn logits(
         .logits(&hidden)?
         .reshape((b, s, ()))?
         .to_dtype(DType::F32)?;
-    Ok([got, reference["logits"].clone()])
+    let want = &reference["logits"];
+    Ok((max_abs(&(&got - want)?), max_abs(want)))
 }
 
 #[test]
 fn a_four_bit_checkpoint_gives_transformers_logits() -> Result<()> {
     // f32: the same products as bitsandbytes' dequantize-then-matmul, to rounding.
-    let reference = load_st(&fixture("bnb-fp4-f32").join("reference.safetensors"));
-    let [got, want] = logits(
-        &load("bnb-fp4-f32", DType::F32, Quantization::None)?,
-        &reference,
-    )?;
-    let d = max_abs(&(&got - &want)?);
-    println!(
-        "bnb-fp4-f32: max |dlogits| {d:.3e} of max |logit| {:.3}",
-        max_abs(&want)
-    );
+    let (d, scale) = logits_diff("bnb-fp4-f32", DType::F32, Quantization::None)?;
+    println!("bnb-fp4-f32: max |dlogits| {d:.3e} of max |logit| {scale:.3}");
     assert!(d <= 1e-4, "f32 logits differ by {d}");
 
     // bf16: both compute in bf16 with their own op order: a few of bf16's steps at the
     // logits' size (a step is 2^-7 between 1 and 2).
-    let reference = load_st(&fixture("bnb-nf4-bf16").join("reference.safetensors"));
-    let [got, want] = logits(
-        &load("bnb-nf4-bf16", DType::BF16, Quantization::None)?,
-        &reference,
-    )?;
-    let d = max_abs(&(&got - &want)?);
-    let scale = max_abs(&want);
+    let (d, scale) = logits_diff("bnb-nf4-bf16", DType::BF16, Quantization::None)?;
     println!("bnb-nf4-bf16: max |dlogits| {d:.3e} of max |logit| {scale:.3}");
     assert!(
         d <= 0.02 * scale,
@@ -157,13 +144,9 @@ fn quantize_base_nf4_requantizes_a_bitsandbytes_checkpoint_to_its_own_codes() ->
     assert!(worst < 0.02, "{worst}");
 
     // The model loads that way and still gives transformers' logits to bf16's tolerance.
-    let [got, want] = logits(
-        &load("bnb-nf4-bf16", DType::BF16, Quantization::Nf4)?,
-        &reference,
-    )?;
-    let d = max_abs(&(&got - &want)?);
+    let (d, scale) = logits_diff("bnb-nf4-bf16", DType::BF16, Quantization::Nf4)?;
     println!("bnb-nf4-bf16 with quantize_base = nf4: max |dlogits| {d:.3e}");
-    assert!(d <= 0.03 * max_abs(&want), "{d}");
+    assert!(d <= 0.03 * scale, "{d}");
     Ok(())
 }
 

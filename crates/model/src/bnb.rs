@@ -22,7 +22,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 /// What a quantized weight's JSON state is named after: `{weight}{QUANT_STATE}{nf4|fp4}`.
-pub const QUANT_STATE: &str = ".quant_state.bitsandbytes__";
+const QUANT_STATE: &str = ".quant_state.bitsandbytes__";
 
 /// bitsandbytes' 4-bit level tables (its `get_4bit_type`, as f32): what its `dequantize_4bit`
 /// looks the codes up in, whatever `quant_map` a checkpoint stores beside them.
@@ -99,19 +99,19 @@ pub fn state_suffix(name: &str, exists: impl Fn(&str) -> bool) -> Result<Option<
 }
 
 /// The dense weight `name` holds, as bitsandbytes dequantizes it: its little-endian bytes, its
-/// dtype and shape. `get` finds a stored tensor by name (None when missing).
+/// dtype and shape. `suffix` is its state's, as [`state_suffix`] found it; `get` finds a
+/// stored tensor by name (None when missing).
 pub fn dequantize<'a>(
     name: &str,
+    suffix: &str,
     get: impl Fn(&str) -> Option<Stored<'a>>,
 ) -> Result<(Vec<u8>, DType, Vec<usize>)> {
     let part = |suffix: &str| {
         let full = format!("{name}{suffix}");
         get(&full).with_context(|| format!("the 4-bit weight '{name}' has no '{full}'"))
     };
-    let suffix = state_suffix(name, |n| get(n).is_some())?
-        .with_context(|| format!("'{name}' is stored as integers without a quantization state"))?;
     let key = format!("{name}{suffix}");
-    let state: QuantState = serde_json::from_slice(part(&suffix)?.bytes)
+    let state: QuantState = serde_json::from_slice(part(suffix)?.bytes)
         .with_context(|| format!("'{key}' is not bitsandbytes' JSON state"))?;
     let dtype = match state.dtype.as_str() {
         "float32" => DType::F32,

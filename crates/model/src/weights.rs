@@ -216,8 +216,10 @@ impl SafetensorsWeights {
             )
         })?;
         let file = &self.files[entry.file].0;
-        if self.is_4bit(name) {
-            let (bytes, dtype, stored_shape) = crate::bnb::dequantize(name, |n| {
+        if let Some(suffix) = crate::bnb::state_suffix(name, |n| self.contains(n))
+            .with_context(|| format!("in {}", file.display()))?
+        {
+            let (bytes, dtype, stored_shape) = crate::bnb::dequantize(name, &suffix, |n| {
                 self.entries.get(n).map(|e| crate::bnb::Stored {
                     bytes: &self.files[e.file].1[e.start..e.end],
                     dtype: e.dtype,

@@ -53,11 +53,17 @@ pub fn lock_output_dir(dir: &Path) -> Result<Option<std::fs::File>> {
             return Ok(None);
         }
     }
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     f.set_len(0)?;
     f.rewind()?;
-    write!(f, "pid {} on {}", std::process::id(), host.trim())?;
+    write!(f, "pid {} on {}", std::process::id(), host_name())?;
     Ok(Some(f))
+}
+
+/// This machine's name as the kernel reports it (empty where it cannot be read): who holds an
+/// output directory, and whose TensorBoard event file is whose.
+pub fn host_name() -> String {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    name.trim().to_string()
 }
 
 /// Where the run leaves its PEFT adapter, if it writes one: LoRA and P-tuning, unless

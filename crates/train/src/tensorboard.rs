@@ -77,15 +77,14 @@ impl EventFile {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-        let host = host.trim();
+        let host = crate::outputs::host_name();
         // Readers take a directory's files in name order: the time leads, to the microsecond,
         // so a run resumed within the same second still sorts after the one it follows.
         let path = dir.join(format!(
             "{EVENT_FILE_MARK}{}.{:06}.{}.{}{HELIX_SUFFIX}",
             now.as_secs(),
             now.subsec_micros(),
-            if host.is_empty() { "localhost" } else { host },
+            if host.is_empty() { "localhost" } else { &host },
             std::process::id()
         ));
         let mut records = Vec::new();

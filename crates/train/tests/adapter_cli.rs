@@ -421,30 +421,23 @@ fn adapter_errors_name_the_file_and_the_problem() -> Result<()> {
         err.contains("adapter_model.safetensors: not found"),
         "{err}"
     );
-    std::fs::write(
-        bad.join("adapter_config.json"),
-        cfg.replace("\"fan_in_fan_out\": false", "\"fan_in_fan_out\": true"),
-    )?;
-    let err = gen(&bad);
+    // generate's error with `from` replaced by `to` in the adapter's config.
+    let gen_edited = |from: &str, to: &str| -> Result<String> {
+        std::fs::write(bad.join("adapter_config.json"), cfg.replace(from, to))?;
+        Ok(gen(&bad))
+    };
+    let err = gen_edited("\"fan_in_fan_out\": false", "\"fan_in_fan_out\": true")?;
     assert!(
         err.contains("fan_in_fan_out = true is not supported"),
         "{err}"
     );
     // A flag written as a string is an error, not false.
-    std::fs::write(
-        bad.join("adapter_config.json"),
-        cfg.replace("\"use_rslora\": false", "\"use_rslora\": \"true\""),
-    )?;
-    let err = gen(&bad);
+    let err = gen_edited("\"use_rslora\": false", "\"use_rslora\": \"true\"")?;
     assert!(
         err.contains("use_rslora = \"true\" is not true or false"),
         "{err}"
     );
-    std::fs::write(
-        bad.join("adapter_config.json"),
-        cfg.replace("\"LORA\"", "\"IA3\""),
-    )?;
-    let err = gen(&bad);
+    let err = gen_edited("\"LORA\"", "\"IA3\"")?;
     assert!(err.contains("peft_type") && err.contains("IA3"), "{err}");
     // Adapter weights for another model: the shapes do not fit.
     std::fs::write(bad.join("adapter_config.json"), &cfg)?;
