@@ -13,15 +13,7 @@ seq=${1:-512}
 micro=${2:-2}
 method=lora
 [ "${3:-}" = "--method" ] && method=${4:?--method needs lora or sft}
-model=${HELIX_SMOLLM2:-models/smollm2-135m-instruct}
-if [ ! -f "$model/config.json" ]; then
-  echo "$model: not found; scripts/quickstart.sh (or scripts/fetch-smollm2.sh + helix-train import) makes it" >&2
-  exit 2
-fi
-cargo build --release -q -p helix-train
-helix=./target/release/helix-train
-out=$(mktemp -d)
-trap 'rm -rf "$out"' EXIT
+. scripts/smollm2-run-setup.sh
 
 run() {
   local mode=$1
@@ -55,11 +47,7 @@ EOF
 }
 
 losses() {
-  python3 - "$1/metrics.jsonl" <<'EOF'
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1])]
-print(" ".join(f"{r['loss']:.6f}" for r in rows if r.get("loss") is not None))
-EOF
+  python3 scripts/metrics_losses.py "$1/metrics.jsonl"
 }
 
 to_mib() {

@@ -13,7 +13,8 @@ use candle_core::{DType, Device, Tensor, Var};
 use helix_ops::nf4::Nf4Weight;
 use helix_ops::{
     apply_rope, attention_bias, causal_attention, copy_to_parallel_region, count_targets,
-    decoder_layer, linear_cross_entropy, reduce_from_parallel_region, rms_norm, rope_attention,
+    decoder_layer, gather_from_sequence_parallel_region, linear_cross_entropy,
+    reduce_from_parallel_region, rms_norm, rope_attention, scatter_to_sequence_parallel_region,
     swiglu, vocab_parallel_cross_entropy, AttentionKernel, AttentionMask, BaseWeight,
     DecoderWeights, MaskSpec, RopeTable, SharedCollective, VocabShard,
 };
@@ -112,6 +113,8 @@ pub struct LayerContext {
     cos: Tensor,
     sin: Tensor,
     mask: AttentionMask,
+    /// The batch's rows and their length (B, S).
+    tokens: (usize, usize),
 }
 
 pub struct Llama {
@@ -134,6 +137,9 @@ pub struct Llama {
     /// the chunked matmuls (bias masks): `model.attention` resolved for this device, dtype and
     /// head dimension ([`Llama::set_attention`]).
     flash_attention: bool,
+    /// Whether, under tensor parallelism, the hidden states between the layers' parallel
+    /// regions hold only this rank's chunk of the tokens ([`Llama::set_sequence_parallel`]).
+    sequence_parallel: bool,
 }
 
 impl Llama {
@@ -226,7 +232,23 @@ impl Llama {
                 opts.dtype,
                 cfg.head_dim,
             )?,
+            sequence_parallel: false,
         })
+    }
+
+    /// Sequence parallelism (`parallel.sequence_parallel`, Megatron's): under tensor
+    /// parallelism each rank keeps only its chunk of the tokens between the layers' parallel
+    /// regions — the residual stream, the norms and the layers' saved inputs — where plain
+    /// tensor parallelism keeps every token on every rank ([`helix_ops::RowShard`]). The
+    /// layers must run as one op each ([`Self::set_fused_layers`]). Without a tensor-parallel
+    /// group it changes nothing.
+    pub fn set_sequence_parallel(&mut self, on: bool) {
+        self.sequence_parallel = on;
+    }
+
+    /// The group the tokens are split over, under sequence parallelism.
+    fn sequence_group(&self) -> Option<&SharedCollective> {
+        self.tp.as_ref().filter(|_| self.sequence_parallel)
     }
 
     /// Whether each decoder layer runs as one op with a hand-written backward
@@ -370,11 +392,22 @@ impl Llama {
         mask: &ForwardMask,
     ) -> Result<Tensor> {
         let ctx = self.layer_context(embeds, position_ids, mask)?;
-        let mut x = embeds.clone();
+        let mut x = self.enter_layers(embeds, &ctx)?;
         for i in 0..self.num_layers() {
             x = self.forward_layer(i, &x, &ctx)?;
         }
-        self.final_norm(&x)
+        self.final_norm(&x, &ctx)
+    }
+
+    /// The first decoder layer's input from the embeddings [B, S, H]: the embeddings, or under
+    /// sequence parallelism this rank's chunk of their rows [chunk, H].
+    pub fn enter_layers(&self, embeds: &Tensor, ctx: &LayerContext) -> Result<Tensor> {
+        let Some(g) = self.sequence_group() else {
+            return Ok(embeds.clone());
+        };
+        let (b, s) = ctx.tokens;
+        let rows = embeds.reshape((b * s, self.cfg.hidden_size))?;
+        Ok(scatter_to_sequence_parallel_region(&rows, g)?)
     }
 
     /// Decoder layers, for callers that run them one at a time (activation checkpointing).
@@ -402,18 +435,36 @@ impl Llama {
         };
         let mask = AttentionMask::new(&spec, self.dtype, &self.device, self.flash_attention)?;
         let (cos, sin) = self.rope.cos_sin(position_ids, self.dtype)?;
-        Ok(LayerContext { cos, sin, mask })
+        Ok(LayerContext {
+            cos,
+            sin,
+            mask,
+            tokens: (b, s),
+        })
     }
 
-    /// Decoder layer `i` on hidden states x [B, S, H].
+    /// Decoder layer `i` on hidden states x [B, S, H] (under sequence parallelism, this rank's
+    /// chunk of their rows, as [`Self::enter_layers`] gives it).
     pub fn forward_layer(&self, i: usize, x: &Tensor, ctx: &LayerContext) -> Result<Tensor> {
         let layer = self.layers.get(i).with_context(|| {
             format!("no decoder layer {i} (the model has {})", self.layers.len())
         })?;
         let fused = self
             .fused_layers
-            .then(|| layer.hand_differentiated(self.cfg.rms_norm_eps, self.tp.as_ref()))
+            .then(|| {
+                layer.hand_differentiated(
+                    self.cfg.rms_norm_eps,
+                    self.tp.as_ref(),
+                    self.sequence_parallel,
+                )
+            })
             .flatten();
+        if fused.is_none() && self.sequence_group().is_some() {
+            anyhow::bail!(
+                "decoder layer {i}: sequence parallelism runs each layer as one op, and this one \
+                 cannot (model.fused_layers = false, or DoRA)"
+            );
+        }
         Ok(match fused {
             Some(weights) => decoder_layer(x, &weights, (&ctx.cos, &ctx.sin), &ctx.mask)?,
             None => layer.forward(
@@ -427,9 +478,18 @@ impl Llama {
         })
     }
 
-    /// The RMSNorm after the last decoder layer.
-    pub fn final_norm(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(rms_norm(x, &self.norm, self.cfg.rms_norm_eps)?)
+    /// The RMSNorm after the last decoder layer, whose output x is, as hidden states [B, S, H]
+    /// for the LM head. Under sequence parallelism each rank normalises its chunk (the norm's
+    /// weight gradient summed over the group) and the chunks are gathered.
+    pub fn final_norm(&self, x: &Tensor, ctx: &LayerContext) -> Result<Tensor> {
+        let eps = self.cfg.rms_norm_eps;
+        let Some(g) = self.sequence_group() else {
+            return Ok(rms_norm(x, &self.norm, eps)?);
+        };
+        let normed = rms_norm(x, &copy_to_parallel_region(&self.norm, g)?, eps)?;
+        let (b, s) = ctx.tokens;
+        let rows = gather_from_sequence_parallel_region(&normed, b * s, g)?;
+        Ok(rows.reshape((b, s, self.cfg.hidden_size))?)
     }
 
     /// Final hidden states for input_ids [B, S].
@@ -505,7 +565,13 @@ impl Llama {
                     start: g.rank() * head.dim(0)?,
                     group: g.clone(),
                 };
-                let hid = copy_to_parallel_region(&hid, g)?;
+                // Every rank's vocabulary shard adds to the hidden states' gradient: summed
+                // over the group here, or under sequence parallelism by the reduce-scatter
+                // behind `final_norm`'s gather.
+                let hid = match self.sequence_parallel {
+                    true => hid,
+                    false => copy_to_parallel_region(&hid, g)?,
+                };
                 vocab_parallel_cross_entropy(&hid, head, &lab, chunk_rows, &shard)?
             }
         };
@@ -604,6 +670,7 @@ impl DecoderLayer {
         &self,
         eps: f64,
         tp: Option<&SharedCollective>,
+        sequence_parallel: bool,
     ) -> Option<DecoderWeights> {
         let (a, m) = (&self.self_attn, &self.mlp);
         Some(DecoderWeights {
@@ -619,6 +686,7 @@ impl DecoderLayer {
             heads: (a.n_heads, a.n_kv_heads),
             rms_norm_eps: eps,
             tensor_parallel: tp.cloned(),
+            sequence_parallel,
         })
     }
 }

@@ -23,7 +23,7 @@ pub fn with_backward(
         return Ok(value);
     }
     let op = Precomputed {
-        value: Mutex::new(Some(value.contiguous()?)),
+        value: Mutex::new(Some(packed(value)?)),
         bwd: Arc::new(bwd),
     };
     input.apply_op1_arc(Arc::new(Box::new(op)))
@@ -45,7 +45,7 @@ pub fn with_backward2(
         return Ok(value);
     }
     let op = Precomputed2 {
-        value: Mutex::new(Some(value.contiguous()?)),
+        value: Mutex::new(Some(packed(value)?)),
         bwd: Box::new(move |g| bwd(g, need_a, need_b)),
     };
     a.apply_op2_arc(b, Arc::new(Box::new(op)))
@@ -64,7 +64,7 @@ pub fn with_backward3(
         return Ok(value);
     }
     let op = Precomputed3 {
-        value: Mutex::new(Some(value.contiguous()?)),
+        value: Mutex::new(Some(packed(value)?)),
         bwd: Box::new(move |g| bwd(g, need)),
     };
     a.apply_op3_arc(b, c, Arc::new(Box::new(op)))
@@ -227,6 +227,16 @@ struct Precomputed2 {
 /// The forward's result, handed over once: the op must not keep it alive for the whole life
 /// of the graph (that would hold every such activation twice).
 type PrecomputedValue = Mutex<Option<Tensor>>;
+
+/// `value` laid out from the start of its own storage, as the ops hand it over: a view
+/// (a narrowed chunk of rows) is copied.
+fn packed(value: Tensor) -> Result<Tensor> {
+    let offset = value.layout().start_offset();
+    match value.is_contiguous() && offset == 0 {
+        true => Ok(value),
+        false => value.force_contiguous(),
+    }
+}
 
 fn take(value: &PrecomputedValue) -> Result<Tensor> {
     value

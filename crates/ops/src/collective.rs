@@ -21,6 +21,9 @@ pub trait Collective: Send + Sync {
     fn all_reduce_max(&self, t: &Tensor) -> Result<Tensor>;
     /// Every rank's `t` concatenated along `dim`, in rank order.
     fn all_gather(&self, t: &Tensor, dim: usize) -> Result<Tensor>;
+    /// The sum over the group of `t`, whose dimension 0 divides by the group's size: rank r
+    /// gets part r of `size` equal parts along dimension 0 (half an all-reduce's traffic).
+    fn reduce_scatter_sum(&self, t: &Tensor) -> Result<Tensor>;
 }
 
 pub type SharedCollective = Arc<dyn Collective>;

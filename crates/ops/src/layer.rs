@@ -14,7 +14,10 @@
 //! input, this rank's heads and intermediate features), o/down by input features (their
 //! partial products summed over the group). The collectives sit where Megatron's `f` and `g`
 //! would (collective.rs): after o and down in the forward, after the column-parallel groups'
-//! input gradients in the backward.
+//! input gradients in the backward. Under sequence parallelism (sequence_parallel.rs) the
+//! residual stream between them holds this rank's chunk of the tokens: those all-reduces
+//! become reduce-scatters, and the norms' outputs (and the output gradient, for o and down)
+//! are all-gathered where a projection reads every token.
 
 use candle_core::{Result, Tensor};
 use helix_kernels::dropout::DropoutMask;
@@ -24,6 +27,7 @@ use crate::attention::{AttentionMask, RopeAttention};
 use crate::backward::with_backward_n;
 use crate::collective::SharedCollective;
 use crate::linear::{BaseWeight, LowRank};
+use crate::sequence_parallel::RowShard;
 use crate::{rms_norm, swiglu};
 
 /// One projection of a [`decoder_layer`].
@@ -64,10 +68,15 @@ pub struct DecoderWeights {
     /// projection's adapters split with its weight: B's rows under q/k/v/gate/up, A's columns
     /// under o/down, the other adapter whole); `None` when one rank holds the whole layer.
     pub tensor_parallel: Option<SharedCollective>,
+    /// Under tensor parallelism, whether the layer's input and output are this rank's chunk
+    /// of the tokens ([`crate::RowShard`]: sequence parallelism) instead of all of them.
+    pub sequence_parallel: bool,
 }
 
 /// `x + attn(norm(x))`, then `h + mlp(norm(h))`, for hidden states x [B, S, H], the rotary
-/// tables cos / sin [B, 1, S, D] and the attention's mask ([`crate::AttentionMask`]).
+/// tables cos / sin [B, 1, S, D] and the attention's mask ([`crate::AttentionMask`]). Under
+/// sequence parallelism x is this rank's chunk [chunk, H] of the tokens' rows [B·S, H], and
+/// so is the output.
 ///
 /// The gradients equal those of the layer composed op by op, as candle's autograd takes them
 /// (tests in layer_tests.rs), for the layer's input and for every tracked tensor among the weights:
@@ -78,10 +87,21 @@ pub fn decoder_layer(
     (cos, sin): (&Tensor, &Tensor),
     mask: &AttentionMask,
 ) -> Result<Tensor> {
-    let (b, s, h) = x.dims3()?;
+    let (b, s) = (cos.dim(0)?, cos.dim(2)?);
     let rows = b * s;
+    let h = x.dim(candle_core::D::Minus1)?;
     let eps = w.rms_norm_eps;
-    let tp = w.tensor_parallel.clone().filter(|g| g.size() > 1);
+    let stream = Stream::new(w, rows);
+    let (local, out_shape) = match &stream {
+        Stream::Sharded(_, shard) => (shard.chunk, vec![shard.chunk, h]),
+        _ => (rows, vec![b, s, h]),
+    };
+    if x.dims() != out_shape.as_slice() {
+        candle_core::bail!(
+            "decoder layer: input {:?}, expected {out_shape:?} for {b} × {s} tokens",
+            x.dims()
+        );
+    }
     // The op's inputs: x, the two norms, then each projection's trainable tensors.
     let mut inputs = vec![
         x.clone(),
@@ -99,12 +119,13 @@ pub fn decoder_layer(
     ]
     .map(|p| Proj::new(p, &mut inputs));
     let (q, k, v, o, gate, up, down) = (q?, k?, v?, o?, gate?, up?, down?);
-    let x = x.detach();
+    // This rank's part of the residual stream, [local, H].
+    let x = x.detach().reshape((local, h))?;
     let norm1 = w.input_layernorm.detach();
     let norm2 = w.post_attention_layernorm.detach();
 
     // Attention.
-    let xn1 = rms_norm(&x, &norm1, eps)?.reshape((rows, h))?;
+    let xn1 = stream.whole(&rms_norm(&x, &norm1, eps)?)?;
     let mut qkv = forward_group(&[&q, &k, &v], &xn1)?.into_iter();
     drop(xn1);
     let (qy, low_q) = qkv.next().expect("three outputs");
@@ -123,67 +144,59 @@ pub fn decoder_layer(
         w.heads,
     )?;
     drop((qy, ky, vy));
-    let (x1, low_o) = forward_onto(
-        &o,
-        &attn_y.reshape((rows, q_w))?,
-        &x.reshape((rows, h))?,
-        tp.as_ref(),
-    )?;
-    let x1 = x1.reshape((b, s, h))?;
+    let (x1, low_o) = forward_onto(&o, &attn_y.reshape((rows, q_w))?, &x, &stream)?;
 
     // MLP.
-    let xn2 = rms_norm(&x1, &norm2, eps)?.reshape((rows, h))?;
+    let xn2 = stream.whole(&rms_norm(&x1, &norm2, eps)?)?;
     let mut gu = forward_group(&[&gate, &up], &xn2)?.into_iter();
     drop(xn2);
     let (gate_y, low_gate) = gu.next().expect("two outputs");
     let (up_y, low_up) = gu.next().expect("two outputs");
-    let (y, low_down) = forward_onto(
-        &down,
-        &swiglu(&gate_y, &up_y)?,
-        &x1.reshape((rows, h))?,
-        tp.as_ref(),
-    )?;
-    let y = y.reshape((b, s, h))?;
+    let (y, low_down) = forward_onto(&down, &swiglu(&gate_y, &up_y)?, &x1, &stream)?;
+    let y = y.reshape(out_shape.as_slice())?;
 
     with_backward_n(&inputs, y, move |dy, need| {
         let mut grads: Vec<Option<Tensor>> = vec![None; need.len()];
-        let dy = dy.contiguous()?;
+        let dy = dy.contiguous()?.reshape((local, h))?;
 
         // MLP: down's input gradient, SwiGLU's backward (its output recomputed in the same
         // pass when down's weight or adapters want it), down's own gradients, then gate and
         // up, the second norm. down and o are row-parallel: their input gradients are this
-        // rank's columns as they come, with no collective.
-        let down_group = [(&down, &dy.reshape((rows, h))?, &low_down)];
+        // rank's columns as they come, with no collective (each reads the whole output
+        // gradient: under sequence parallelism, gathered from the chunks).
+        let dy_whole = stream.whole(&dy)?;
+        let down_group = [(&down, &dy_whole, &low_down)];
         let (d_act, down_dlow) = input_grads(&down_group, true)?;
         let d_act = d_act.expect("asked for");
         let (d_gate, d_up) = match down.trains(need) {
             true => {
                 let (d_gate, d_up, act) = swiglu_backward_and_output(&gate_y, &up_y, &d_act)?;
-                param_grads(&down_group, &down_dlow, &act, need, &mut grads)?;
+                param_grads(&down_group, &down_dlow, Some(&act), need, &mut grads)?;
                 (d_gate, d_up)
             }
             false => swiglu_backward(&gate_y, &up_y, &d_act)?,
         };
-        drop((d_act, down_dlow));
-        let xn2 = rms_norm(&x1, &norm2, eps)?.reshape((rows, h))?;
+        drop((d_act, down_dlow, dy_whole));
+        // The second norm's output, recomputed only where a weight or adapter reads it.
+        let xn2 = || stream.whole(&rms_norm(&x1, &norm2, eps)?);
         let d_xn2 = backward_group(
             &[(&gate, &d_gate, &low_gate), (&up, &d_up, &low_up)],
             &xn2,
             true,
             (need, &mut grads),
-            tp.as_ref(),
+            Some(&stream),
         )?
         .expect("asked for");
-        drop((xn2, d_gate, d_up));
-        let (d_x1, d_norm2) =
-            rms_norm_backward(&x1, &norm2, &d_xn2.reshape((b, s, h))?, eps, need[2])?;
-        grads[2] = d_norm2;
+        drop((d_gate, d_up));
+        let (d_x1, d_norm2) = rms_norm_backward(&x1, &norm2, &d_xn2, eps, need[2])?;
+        grads[2] = stream.norm_grad(d_norm2)?;
         let d_x1 = (dy + d_x1)?;
 
         // Attention: o, attention itself, q / k / v, the first norm.
+        let attn_out = || attention.output().reshape((rows, q_w));
         let d_attn = backward_group(
-            &[(&o, &d_x1.reshape((rows, h))?, &low_o)],
-            &attention.output().reshape((rows, q_w))?,
+            &[(&o, &stream.whole(&d_x1)?, &low_o)],
+            &attn_out,
             true,
             (need, &mut grads),
             None,
@@ -192,7 +205,7 @@ pub fn decoder_layer(
         let (dq, dk, dv) = attention.backward(&d_attn.reshape((b, s, q_w))?)?;
         drop(d_attn);
         let need_xn1 = need[0] || need[1];
-        let xn1 = rms_norm(&x, &norm1, eps)?.reshape((rows, h))?;
+        let xn1 = || stream.whole(&rms_norm(&x, &norm1, eps)?);
         let d_xn1 = backward_group(
             &[
                 (&q, &dq.reshape((rows, q_w))?, &low_q),
@@ -202,19 +215,86 @@ pub fn decoder_layer(
             &xn1,
             need_xn1,
             (need, &mut grads),
-            tp.as_ref(),
+            Some(&stream),
         )?;
-        drop(xn1);
         if let Some(d_xn1) = d_xn1 {
-            let (d_x, d_norm1) =
-                rms_norm_backward(&x, &norm1, &d_xn1.reshape((b, s, h))?, eps, need[1])?;
-            grads[1] = d_norm1;
+            let (d_x, d_norm1) = rms_norm_backward(&x, &norm1, &d_xn1, eps, need[1])?;
+            grads[1] = stream.norm_grad(d_norm1)?;
             if need[0] {
-                grads[0] = Some((d_x1 + d_x)?);
+                grads[0] = Some((d_x1 + d_x)?.reshape(out_shape.as_slice())?);
             }
         }
         Ok(grads)
     })
+}
+
+/// Where the layer's residual stream lives, and how the partial sums of a split layer meet:
+/// the row-parallel outputs (o, down) and the column-parallel groups' input gradients.
+enum Stream {
+    /// One rank holds the whole layer.
+    Whole,
+    /// Tensor parallelism: every rank holds every token; partial sums are all-reduced.
+    Replicated(SharedCollective),
+    /// Sequence parallelism: every rank holds its chunk of the tokens; partial sums are
+    /// reduce-scattered into the chunks, and the chunks all-gathered where a projection
+    /// reads the whole input.
+    Sharded(SharedCollective, RowShard),
+}
+
+impl Stream {
+    fn new(w: &DecoderWeights, rows: usize) -> Self {
+        match w.tensor_parallel.clone().filter(|g| g.size() > 1) {
+            None => Stream::Whole,
+            Some(g) if w.sequence_parallel => {
+                let shard = RowShard::new(rows, &g);
+                Stream::Sharded(g, shard)
+            }
+            Some(g) => Stream::Replicated(g),
+        }
+    }
+
+    /// The group, for the sums every rank needs whole (LoRA's rank-r activations and their
+    /// gradients, which have r columns).
+    fn group(&self) -> Option<&SharedCollective> {
+        match self {
+            Stream::Whole => None,
+            Stream::Replicated(g) | Stream::Sharded(g, _) => Some(g),
+        }
+    }
+
+    /// All the tokens' rows [rows, n] from this rank's part of the stream.
+    fn whole(&self, local: &Tensor) -> Result<Tensor> {
+        match self {
+            Stream::Sharded(g, shard) => shard.gather(g, local),
+            _ => Ok(local.clone()),
+        }
+    }
+
+    /// This rank's rows of a tensor every rank holds whole.
+    fn local_of(&self, whole: &Tensor) -> Result<Tensor> {
+        match self {
+            Stream::Sharded(_, shard) => shard.take(whole),
+            _ => Ok(whole.clone()),
+        }
+    }
+
+    /// This rank's part of the group's sum of partial sums [rows, n].
+    fn sum_to_local(&self, partial: Tensor) -> Result<Tensor> {
+        match self {
+            Stream::Whole => Ok(partial),
+            Stream::Replicated(g) => g.all_reduce_sum(&partial),
+            Stream::Sharded(g, shard) => shard.reduce_scatter(g, &partial),
+        }
+    }
+
+    /// A norm weight's gradient from this rank's part of the stream: under sequence
+    /// parallelism each rank saw only its tokens, so the parts are summed.
+    fn norm_grad(&self, g: Option<Tensor>) -> Result<Option<Tensor>> {
+        match (self, g) {
+            (Stream::Sharded(group, _), Some(g)) => Ok(Some(group.all_reduce_sum(&g)?)),
+            (_, g) => Ok(g),
+        }
+    }
 }
 
 /// A projection of the layer, detached, with where its trainable tensors sit among the op's
@@ -291,22 +371,23 @@ fn forward_group(projs: &[&Proj], x: &Tensor) -> Result<Vec<(Tensor, Option<Tens
         .collect()
 }
 
-/// `residual + p(x)` [rows, out] for x [rows, in] and the residual [rows, out], the sum made
-/// with the LoRA update's (one pass, not two), and the LoRA path's scaled rank-r activation.
-/// With a row-parallel `group`, x and W hold this rank's input features: the partial x Wᵀ
-/// and x Aᵀ are summed over the group before the residual and B (whole on every rank) meet
-/// them.
+/// `residual + p(x)` for x [rows, in] and this rank's part of the residual stream [local,
+/// out], the sum made with the LoRA update's (one pass, not two), and the LoRA path's scaled
+/// rank-r activation [rows, r]. With a row-parallel split, x and W hold this rank's input
+/// features: the partial x Wᵀ is summed over the group into this rank's part of the stream,
+/// and the partial x Aᵀ over the group whole (B is whole on every rank).
 fn forward_onto(
     p: &Proj,
     x: &Tensor,
     residual: &Tensor,
-    group: Option<&SharedCollective>,
+    stream: &Stream,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    let y = sum_over(group, x.matmul(&p.weight.tensor()?.t()?)?)?;
+    let y = stream.sum_to_local(x.matmul(&p.weight.tensor()?.t()?)?)?;
     match &p.lora {
         Some((adapter, ..)) => {
-            let low = sum_over(group, adapter.low(x, p.dropout.as_ref())?)?;
-            Ok((adapter.add_onto(residual, &y, &low)?, Some(low)))
+            let low = sum_over(stream.group(), adapter.low(x, p.dropout.as_ref())?)?;
+            let out = adapter.add_onto(residual, &y, &stream.local_of(&low)?)?;
+            Ok((out, Some(low)))
         }
         None => Ok(((residual + y)?, None)),
     }
@@ -314,30 +395,38 @@ fn forward_onto(
 
 /// The backward of projections that read the same x [rows, in], given each one's output
 /// gradient [rows, out] and forward rank-r activation: their trainable tensors' gradients go
-/// into `grads` where `need` asks, and the gradient of x, summed over the projections, is
-/// returned when `need_x`.
+/// into `grads` where `need` asks (x, made by `x` only where one of them reads it), and the
+/// gradient of x, summed over the projections, is returned when `need_x`.
 ///
-/// With a column-parallel `tp` group each rank holds some of the projections' output
-/// features, so what it computes of x's gradient and of each d(x Aᵀ) is a partial sum over
-/// them: both are summed over the group (Megatron's `f` backward). x's partial gradient may
-/// take the partial d(x Aᵀ) A, since A is whole on every rank and the sum is linear; A's
-/// gradient needs the summed d(x Aᵀ).
+/// With a column-parallel split (`stream` given) each rank holds some of the projections'
+/// output features, so what it computes of x's gradient and of each d(x Aᵀ) is a partial sum
+/// over them: x's is summed into this rank's part of the stream (Megatron's `f` backward, or
+/// under sequence parallelism the reduce-scatter that follows its all-gather), each d(x Aᵀ)
+/// over the whole group. x's partial gradient may take the partial d(x Aᵀ) A, since A is
+/// whole on every rank and the sum is linear; A's gradient needs the summed d(x Aᵀ).
 fn backward_group(
     group: &[Member<'_>],
-    x: &Tensor,
+    x: &dyn Fn() -> Result<Tensor>,
     need_x: bool,
     (need, grads): (&[bool], &mut [Option<Tensor>]),
-    tp: Option<&SharedCollective>,
+    stream: Option<&Stream>,
 ) -> Result<Option<Tensor>> {
     let (dx, mut dlows) = input_grads(group, need_x)?;
-    let dx = dx.map(|dx| sum_over(tp, dx)).transpose()?;
+    let dx = match (dx, stream) {
+        (Some(dx), Some(stream)) => Some(stream.sum_to_local(dx)?),
+        (dx, _) => dx,
+    };
+    let tp = stream.and_then(Stream::group);
+    let mut reads_x = false;
     for ((p, ..), dlow) in group.iter().zip(&mut dlows) {
         let a_trains = p.lora.as_ref().is_some_and(|(_, a_at, _)| need[*a_at]);
         if let (true, Some(d)) = (a_trains, dlow.as_mut()) {
             *d = sum_over(tp, d.clone())?;
         }
+        reads_x |= a_trains || p.weight_at.is_some_and(|at| need[at]);
     }
-    param_grads(group, &dlows, x, need, grads)?;
+    let x = reads_x.then(x).transpose()?;
+    param_grads(group, &dlows, x.as_ref(), need, grads)?;
     Ok(dx)
 }
 
@@ -387,21 +476,25 @@ fn input_grads(
 }
 
 /// The half of [`backward_group`] that reads x: the trainable tensors' gradients, W's dyᵀ x
-/// and the adapters', from [`input_grads`]' d(x Aᵀ).
+/// and the adapters', from [`input_grads`]' d(x Aᵀ). x may be `None` where no W or A trains.
 fn param_grads(
     group: &[Member<'_>],
     dlows: &[Option<Tensor>],
-    x: &Tensor,
+    x: Option<&Tensor>,
     need: &[bool],
     grads: &mut [Option<Tensor>],
 ) -> Result<()> {
+    let read_x = || x.ok_or_else(|| candle_core::Error::Msg("x was not made".into()));
     for (&(p, dy, low), dlow) in group.iter().zip(dlows) {
         if let Some(at) = p.weight_at.filter(|&at| need[at]) {
             // W [out, in] gets dyᵀ x.
-            grads[at] = Some(dy.t()?.matmul(x)?);
+            grads[at] = Some(dy.t()?.matmul(read_x()?)?);
         }
         if let (Some((adapter, a_at, b_at)), Some(low), Some(dlow)) = (&p.lora, low, dlow) {
-            let x_a = need[*a_at].then_some((x, p.dropout.as_ref()));
+            let x_a = match need[*a_at] {
+                true => Some((read_x()?, p.dropout.as_ref())),
+                false => None,
+            };
             let (da, db) = adapter.adapter_grads(dy, low, dlow, x_a, need[*b_at])?;
             grads[*a_at] = da;
             grads[*b_at] = db;

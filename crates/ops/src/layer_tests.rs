@@ -171,6 +171,7 @@ pub(crate) fn test_layer(
             heads: HEADS,
             rms_norm_eps: 1e-5,
             tensor_parallel: None,
+            sequence_parallel: false,
         },
         tracked,
     })
@@ -261,6 +262,25 @@ impl PackedBatch {
             real,
             cos,
             sin,
+        })
+    }
+
+    /// The batch's second row alone (two documents and padding, 7 tokens).
+    pub(crate) fn second_row(self) -> Result<Self> {
+        let row = |t: &Tensor| t.narrow(0, 1, 1);
+        let s = self.spec.q_len;
+        let spec = MaskSpec {
+            batch: 1,
+            key_valid: self.spec.key_valid.map(|v| v[s..].to_vec()),
+            segment_ids: self.spec.segment_ids.map(|v| v[s..].to_vec()),
+            ..self.spec
+        };
+        Ok(Self {
+            x: row(&self.x)?,
+            spec,
+            real: row(&self.real)?,
+            cos: row(&self.cos)?,
+            sin: row(&self.sin)?,
         })
     }
 }

@@ -15,6 +15,7 @@ mod linear;
 mod loss;
 mod norm;
 mod rope;
+mod sequence_parallel;
 
 pub use attention::{
     attention_bias, causal_attention, plain_causal_attention, repeat_kv, rope_attention,
@@ -36,6 +37,9 @@ pub use loss::{
 };
 pub use norm::rms_norm;
 pub use rope::{apply_rope, RopeScaling, RopeTable};
+pub use sequence_parallel::{
+    gather_from_sequence_parallel_region, scatter_to_sequence_parallel_region, RowShard,
+};
 
 /// The fused kernels compared with their references (`helix-train kernel-check`).
 pub use helix_kernels::check as kernel_check;

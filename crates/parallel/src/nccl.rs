@@ -249,6 +249,17 @@ impl helix_ops::Collective for NcclGroup {
             .transpose(0, dim)?
             .contiguous()
     }
+
+    fn reduce_scatter_sum(&self, t: &Tensor) -> candle_core::Result<Tensor> {
+        let mut dims = t.dims().to_vec();
+        if dims.is_empty() || !dims[0].is_multiple_of(self.size) {
+            candle_core::bail!("reduce-scatter of {dims:?} over {} ranks", self.size);
+        }
+        dims[0] /= self.size;
+        // Rank r's part of the flat buffer is its rows, dimension 0 being the outermost.
+        self.run(&t.flatten_all()?, Kind::ReduceScatter)?
+            .reshape(dims)
+    }
 }
 
 /// A rank's NCCL communicators on the job's grid: the same tensor-parallel and data-parallel

@@ -409,6 +409,30 @@ impl helix_ops::Collective for TcpRing {
             .collect::<candle_core::Result<Vec<_>>>()?;
         candle_core::Tensor::cat(&parts, dim)?.to_dtype(dtype)
     }
+
+    fn reduce_scatter_sum(
+        &self,
+        t: &candle_core::Tensor,
+    ) -> candle_core::Result<candle_core::Tensor> {
+        if self.size == 1 {
+            return Ok(t.clone());
+        }
+        let (dtype, dev) = (t.dtype(), t.device().clone());
+        let mut dims = t.dims().to_vec();
+        if dims.is_empty() || !dims[0].is_multiple_of(self.size) {
+            candle_core::bail!("reduce-scatter of {dims:?} over {} ranks", self.size);
+        }
+        let mut flat = t
+            .to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let n = flat.len() / self.size;
+        let parts: Vec<Range<usize>> = (0..self.size).map(|r| r * n..(r + 1) * n).collect();
+        TcpRing::reduce_scatter_sum(self, &mut flat, &parts).map_err(to_candle)?;
+        dims[0] /= self.size;
+        let mine = flat[parts[self.index].clone()].to_vec();
+        candle_core::Tensor::from_vec(mine, dims, &dev)?.to_dtype(dtype)
+    }
 }
 
 impl TcpRing {

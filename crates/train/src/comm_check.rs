@@ -57,8 +57,8 @@ fn check_rank(opts: &CommCheckOptions, job: &mut Job) -> Result<bool> {
     job.sum_all_f64(&mut bad)?;
     if main {
         println!(
-            "all-reduce (sum, max), all-gather, bucketed all-reduce, reduce-scatter and \
-             all-gather by owner: {}",
+            "all-reduce (sum, max), all-gather, reduce-scatter, bucketed all-reduce, \
+             reduce-scatter and all-gather by owner: {}",
             match bad[0] {
                 0.0 => "every result exact".to_string(),
                 n => format!("{n} mismatch(es), listed by rank above"),
@@ -133,6 +133,22 @@ fn check_group(
     out.extend(differs(
         &format!("{name} all-gather {dtype:?}"),
         &g.all_gather(&mine, 1)?,
+        &want,
+    )?);
+
+    // Sequence parallelism's reduce-scatter: (2n, 3) rows, rank k keeping rows 2k and 2k + 1
+    // summed; every rank sends (rank + 1) × the row's index and column.
+    let rows = 2 * g.size();
+    let value = |row: usize, c: usize| (row * 3 + c + 1) as f32;
+    let all = (0..rows * 3).map(|i| (r + 1.0) * value(i / 3, i % 3));
+    let mine = make(all.collect(), (rows, 3))?;
+    let rank = g.rank();
+    let want: Vec<f32> = (2 * rank..2 * rank + 2)
+        .flat_map(|row| (0..3).map(move |c| n * (n + 1.0) / 2.0 * value(row, c)))
+        .collect();
+    out.extend(differs(
+        &format!("{name} reduce-scatter {dtype:?}"),
+        &g.reduce_scatter_sum(&mine)?,
         &want,
     )?);
     Ok(out)

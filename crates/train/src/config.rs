@@ -49,8 +49,9 @@ pub struct ConfigFile {
 
 /// Keys that change how a run is operated, not the numbers it computes: a resumed run may
 /// change them.
-const OPERATIONAL_KEYS: [&str; 20] = [
+const OPERATIONAL_KEYS: [&str; 21] = [
     "parallel.zero1",
+    "parallel.sequence_parallel",
     "model.fused_layers",
     "model.attention",
     "trainer.activation_checkpointing",
@@ -193,11 +194,12 @@ impl ConfigFile {
         self.model.as_ref().is_none_or(|m| m.fused_layers)
     }
 
-    /// Sets the `[model]` options that choose how a loaded model computes, not what:
-    /// `fused_layers` and `attention` (an error naming `model.attention` where FlashAttention
-    /// cannot run).
+    /// Sets the options that choose how a loaded model computes, not what: `model.fused_layers`,
+    /// `parallel.sequence_parallel` and `model.attention` (an error naming `model.attention`
+    /// where FlashAttention cannot run).
     pub fn configure_model(&self, model: &mut Llama) -> Result<()> {
         model.set_fused_layers(self.fused_layers());
+        model.set_sequence_parallel(self.parallel.sequence_parallel);
         model
             .set_attention(self.attention()?)
             .context("model.attention")
@@ -404,6 +406,12 @@ impl ConfigFile {
                 "lora.use_dora = true does not run under tensor parallelism (parallel.\
                  tensor_parallel = {}): its weight norm needs whole rows of every projection",
                 p.tensor_parallel
+            );
+        }
+        if p.sequence_parallel && !self.fused_layers() {
+            bail!(
+                "parallel.sequence_parallel = true runs each decoder layer as one op: it cannot \
+                 be used with model.fused_layers = false"
             );
         }
         if self.output.merged && self.ptuning.is_some() {

@@ -201,7 +201,10 @@ fn checkpointed_backward(
     };
     let ctx = llama.layer_context(&inputs.embeds, &inputs.position_ids, &inputs.mask)?;
     let mut saved = Vec::with_capacity(llama.num_layers());
-    let mut x = inputs.embeds.detach();
+    // Under sequence parallelism the layers, and so the saved inputs, hold this rank's chunk
+    // of the tokens.
+    let entry = llama.enter_layers(&inputs.embeds, &ctx)?;
+    let mut x = entry.detach();
     for i in 0..llama.num_layers() {
         let dropout_state = model.rng_state();
         // Detaching drops the layer's graph, and with it every activation but the output.
@@ -212,7 +215,8 @@ fn checkpointed_backward(
 
     let last = Var::from_tensor(&x)?;
     drop(x);
-    let (sum, _) = llama.loss_sum(&llama.final_norm(last.as_tensor())?, labels, chunk_rows)?;
+    let hidden = llama.final_norm(last.as_tensor(), &ctx)?;
+    let (sum, _) = llama.loss_sum(&hidden, labels, chunk_rows)?;
     let loss = sum.to_dtype(DType::F32)?.to_scalar::<f32>()? as f64;
     let store = (sum / denom)?.backward()?;
     add(&store)?;
@@ -231,8 +235,8 @@ fn checkpointed_backward(
     }
     model.set_rng_state(&dropout_after)?;
     // The embeddings and P-tuning's virtual tokens, when they train.
-    if inputs.embeds.track_op() {
-        add(&backward_from(&inputs.embeds, grad)?)?;
+    if entry.track_op() {
+        add(&backward_from(&entry, grad)?)?;
     }
     Ok(loss)
 }

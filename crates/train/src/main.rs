@@ -157,6 +157,7 @@ fn run(cli: Cli) -> Result<()> {
                 zero1: cfg.parallel.zero1,
                 recompute: cfg.trainer.activation_checkpointing
                     == helix_train::gradients::ActivationCheckpointing::Full,
+                sequence_parallel: cfg.parallel.sequence_parallel,
                 quantize_base: cfg.quantize_base()?,
             };
             let mut hw = helix_train::plan::Hardware::default();

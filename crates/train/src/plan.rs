@@ -55,6 +55,9 @@ pub struct Job {
     pub zero1: bool,
     /// Each decoder layer recomputed in backward (`trainer.activation_checkpointing = "full"`).
     pub recompute: bool,
+    /// The residual stream split over the tensor-parallel ranks by tokens
+    /// (`parallel.sequence_parallel`).
+    pub sequence_parallel: bool,
     /// The frozen projections in NF4 (`model.quantize_base`).
     pub quantize_base: Quantization,
 }
@@ -182,7 +185,8 @@ pub fn plan(job: &Job, hw: &Hardware) -> Result<Plan> {
     };
     // Activations kept for the backward, per micro-batch, as helix's one-op decoder layers
     // keep them (crates/ops/src/layer.rs): the layer's input and the residual after attention
-    // (h each, whole on every rank: no sequence parallelism); the rotated q and k, v, and the
+    // (h each, whole on every rank, or under sequence parallelism this rank's share of the
+    // tokens: `stream` values a token); the rotated q and k, v, and the
     // attention's output (this rank's heads); the gate and up outputs (this rank's features);
     // all in the model's dtype. Then the attention's log-sum-exp or row statistics (f32, per
     // query head) and each LoRA projection's rank-r activation (f32). Neither attention keeps
@@ -194,7 +198,9 @@ pub fn plan(job: &Job, hw: &Hardware) -> Result<Plan> {
         Method::Lora(lora) => (lora.r * lora.target_modules.len()) as f64,
         _ => 0.0,
     };
-    let per_token_layer = (2.0 * h + (2.0 * q + 2.0 * kv + 2.0 * i) / tf) * dtype
+    let sequence_parallel = job.sequence_parallel && t > 1;
+    let stream = if sequence_parallel { h / tf } else { h };
+    let per_token_layer = (2.0 * stream + (2.0 * q + 2.0 * kv + 2.0 * i) / tf) * dtype
         + 2.0 * 4.0 * m.num_attention_heads as f64 / tf
         + 4.0 * lora_ranks;
     let per_layer_act = s * b * per_token_layer;
@@ -203,7 +209,7 @@ pub fn plan(job: &Job, hw: &Hardware) -> Result<Plan> {
     let activation_bytes_kept = per_layer_act * l + loss_grad;
     // Full recomputation keeps each layer's input and, during a layer's backward, that one
     // layer's activations.
-    let activation_bytes_recomputed = s * b * h * dtype * l + per_layer_act + loss_grad;
+    let activation_bytes_recomputed = s * b * stream * dtype * l + per_layer_act + loss_grad;
     let activation_bytes = match job.recompute {
         true => activation_bytes_recomputed,
         false => activation_bytes_kept,
@@ -237,8 +243,28 @@ pub fn plan(job: &Job, hw: &Hardware) -> Result<Plan> {
             0.0
         }
     };
+    // Sequence parallelism turns each into an all-gather and a reduce-scatter (half an
+    // all-reduce each, the same traffic), and its backward gathers a norm's output again for
+    // the weights or adapters that read it: q/k/v's, gate/up's (half an all-reduce each).
+    let regathers = match (&job.method, sequence_parallel) {
+        (_, false) | (Method::Ptuning(_), true) => 0.0,
+        (Method::FullSft, true) => 1.0,
+        (Method::Lora(lora), true) => {
+            let reads = |names: &[&str]| {
+                let hit = names
+                    .iter()
+                    .any(|n| lora.target_modules.iter().any(|t| t == n));
+                if hit {
+                    0.5
+                } else {
+                    0.0
+                }
+            };
+            reads(&["q_proj", "k_proj", "v_proj"]) + reads(&["gate_proj", "up_proj"])
+        }
+    };
     let tp_bytes_per_gpu =
-        ar(tf, b * s * h * job.dtype_bytes as f64) * 4.0 * l * accumulation as f64;
+        ar(tf, b * s * h * job.dtype_bytes as f64) * (4.0 + regathers) * l * accumulation as f64;
     let nvswitch = hw.nvswitch_gb_s * 1e9 / 2.0;
     let tp_link = if t <= job.gpus_per_node {
         nvswitch
@@ -334,8 +360,10 @@ pub fn render(job: &Job, hw: &Hardware, p: &Plan) -> String {
         s.push('\n');
     };
     w(&mut s, format!(
-        "{} × {} GPUs: tensor parallel {}, data parallel {}, micro batch {} × accumulation {} = global batch {}, {} tokens per sample",
-        job.nodes, job.gpus_per_node, job.tensor_parallel, p.data_parallel, job.micro_batch,
+        "{} × {} GPUs: tensor parallel {}{}, data parallel {}, micro batch {} × accumulation {} = global batch {}, {} tokens per sample",
+        job.nodes, job.gpus_per_node, job.tensor_parallel,
+        if job.sequence_parallel && job.tensor_parallel > 1 { " (sequence parallel)" } else { "" },
+        p.data_parallel, job.micro_batch,
         p.accumulation, job.global_batch, job.tokens_per_sample
     ));
     w(
@@ -524,6 +552,7 @@ mod tests {
             tensor_parallel: tp,
             zero1: false,
             recompute: false,
+            sequence_parallel: false,
             quantize_base: Quantization::None,
         }
     }
@@ -614,6 +643,39 @@ mod tests {
             &Hardware::default()
         )
         .is_err());
+    }
+
+    #[test]
+    fn sequence_parallelism_splits_the_residual_stream_over_tp8() {
+        let lora = LoraConfig::new(32, 32.0, &["q_proj", "k_proj", "v_proj"]);
+        let mut j = job("llama2-70b", Method::Lora(lora), 8, 8, 8);
+        let plain = plan(&j, &Hardware::default()).unwrap();
+        j.sequence_parallel = true;
+        let sp = plan(&j, &Hardware::default()).unwrap();
+        // Per token and layer the input and the residual (8,192 bf16 values each) shrink to an
+        // eighth: 80 layers × 2,048 tokens × 2 × 7/8 × 8,192 × 2 bytes fewer.
+        let saved = 80.0 * 2048.0 * 2.0 * (7.0 / 8.0) * 8192.0 * 2.0;
+        let got = plain.activation_bytes - sp.activation_bytes;
+        assert!((got / saved - 1.0).abs() < 1e-9, "{got} vs {saved}");
+        // q/k/v's adapters read the first norm's output, gathered again in the backward: 4.5
+        // all-reduces' worth of traffic a layer where plain tensor parallelism moves 4.
+        let ratio = sp.tp_bytes_per_gpu / plain.tp_bytes_per_gpu;
+        assert!((ratio - 4.5 / 4.0).abs() < 1e-12, "{ratio}");
+        // Recomputation keeps each layer's input: an eighth of it.
+        j.recompute = true;
+        let sp_recomputed = plan(&j, &Hardware::default()).unwrap();
+        j.sequence_parallel = false;
+        let recomputed = plan(&j, &Hardware::default()).unwrap();
+        let inputs = 80.0 * 2048.0 * 8192.0 * 2.0 * (7.0 / 8.0);
+        let single_layer = 2048.0 * 2.0 * (7.0 / 8.0) * 8192.0 * 2.0;
+        let got = recomputed.activation_bytes - sp_recomputed.activation_bytes;
+        assert!((got / (inputs + single_layer) - 1.0).abs() < 1e-9);
+        // One rank alone: nothing to split.
+        let mut one = job("llama2-7b", Method::FullSft, 1, 1, 1);
+        let alone = plan(&one, &Hardware::default()).unwrap();
+        one.sequence_parallel = true;
+        let p = plan(&one, &Hardware::default()).unwrap();
+        assert_eq!(p.activation_bytes, alone.activation_bytes);
     }
 
     #[test]

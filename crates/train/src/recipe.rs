@@ -238,11 +238,15 @@ fn train_rank(cfg: &ConfigFile, config_path: &Path, job: &mut Job) -> Result<Run
     let resumed_from = step;
     say(format!(
         "{total_steps} steps of {accumulation} micro-batch(es) × {} rows × {} data-parallel \
-         rank(s), tensor parallel {}, on {} (collectives: {}); {} micro-batches per epoch; \
+         rank(s), tensor parallel {}{}, on {} (collectives: {}); {} micro-batches per epoch; \
          optimizer state {} on this rank{}; checkpoints in {}",
         cfg.batch.micro_batch_size,
         job.dp.size,
         job.tp.size,
+        match cfg.parallel.sequence_parallel && job.tp.size > 1 {
+            true => " with sequence parallelism",
+            false => "",
+        },
         crate::device_name(&device),
         job.backend(),
         stream.steps_per_epoch(),

@@ -110,6 +110,10 @@ fn layout_settings(cfg: &ConfigFile, job: &Job) -> BTreeMap<String, serde_json::
         ),
         ("parallel.tensor_parallel".into(), json!(job.tp.size)),
         ("parallel.zero1".into(), json!(cfg.parallel.zero1)),
+        (
+            "parallel.sequence_parallel".into(),
+            json!(cfg.parallel.sequence_parallel),
+        ),
         ("data-parallel ranks".into(), json!(job.dp.size)),
     ])
 }

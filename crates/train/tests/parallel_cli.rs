@@ -449,12 +449,18 @@ fn an_error_on_one_rank_is_named_by_every_rank() {
 
 /// `ranks` processes with tensor-parallel groups of `tp` against one process, 20 steps.
 fn grid_matches_one_process(method: &str, ranks: usize, tp: usize) {
+    grid_with_matches_one_process(method, ranks, tp, &[]);
+}
+
+/// [`grid_matches_one_process`] with `extra` settings for the grid run.
+fn grid_with_matches_one_process(method: &str, ranks: usize, tp: usize, extra: &[&str]) {
     let tmp = tiny_run_dir(method);
     let dir = tmp.path();
     let mut args = no_dropout(method);
     ok(helix(dir, "one", 1, 0, &args).output().unwrap());
     let tp_set = format!("parallel.tensor_parallel={tp}");
     args.extend(["--set", &tp_set]);
+    args.extend(extra);
     let err = ok(helix(dir, "grid", ranks, free_port(), &args)
         .output()
         .unwrap());
@@ -467,7 +473,8 @@ fn grid_matches_one_process(method: &str, ranks: usize, tp: usize) {
     );
     let worst = same_losses(method, &dir.join("one"), &dir.join("grid"));
     println!(
-        "{method}: TP={tp} × DP={} vs one process over 20 steps: worst relative Δ loss {worst:.2e}",
+        "{method}: TP={tp} × DP={} {extra:?} vs one process over 20 steps: worst relative Δ loss \
+         {worst:.2e}",
         ranks / tp
     );
     // The outputs are whole: the adapter (or model) of the grid run loads like the single one's.
@@ -501,6 +508,40 @@ fn ptuning_tensor_parallel_matches_one_process() {
 fn sft_tensor_parallel_matches_one_process() {
     grid_matches_one_process("sft", 2, 2);
     grid_matches_one_process("sft", 4, 2);
+}
+
+/// Sequence parallelism computes what one process computes: LoRA, P-tuning (whose virtual
+/// tokens join the rows split over the ranks) and full SFT (whose norms' gradients each rank
+/// takes from its own tokens), the batches' padded rows of any length, some not dividing
+/// over the two ranks; and with recomputed layers, which keep only each rank's chunk.
+#[test]
+fn sequence_parallel_matches_one_process() {
+    let sp = ["--set", "parallel.sequence_parallel=true"];
+    for method in ["lora", "ptuning", "sft"] {
+        grid_with_matches_one_process(method, 2, 2, &sp);
+    }
+    let full = ["--set", "trainer.activation_checkpointing=full"];
+    grid_with_matches_one_process("sft", 4, 2, &[&sp[..], &full[..]].concat());
+
+    // LoRA with dropout, one row a micro-batch (so an odd number of tokens leaves the second
+    // rank's chunk padded), recomputed: the masks and losses of plain tensor parallelism.
+    let tmp = tiny_run_dir("lora");
+    let dir = tmp.path();
+    let base = [
+        "--set",
+        "parallel.tensor_parallel=2",
+        "--set",
+        "batch.micro_batch_size=1",
+    ];
+    ok(helix(dir, "tp", 2, free_port(), &base).output().unwrap());
+    let args = [&base[..], &sp[..], &full[..]].concat();
+    let err = ok(helix(dir, "sp", 2, free_port(), &args).output().unwrap());
+    assert!(
+        err.contains("tensor parallel 2 with sequence parallelism"),
+        "{err}"
+    );
+    let worst = same_losses("lora", &dir.join("tp"), &dir.join("sp"));
+    println!("lora with dropout at TP=2, one row a micro-batch: sequence-parallel and recomputed vs plain, 20 steps: worst relative Δ loss {worst:.2e}");
 }
 
 /// Activation checkpointing changes no loss: LoRA with dropout on, at TP=2 (the recomputed

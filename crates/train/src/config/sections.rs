@@ -158,6 +158,11 @@ pub struct ParallelSection {
     /// its memory falls as 1/DP; the numbers do not change.
     #[serde(default)]
     pub zero1: bool,
+    /// Under tensor parallelism, each rank keeps only its share of the tokens between the
+    /// layers' parallel regions (Megatron's sequence parallelism): the residual stream, the
+    /// norms and the saved layer inputs shrink by the group's size; the numbers do not change.
+    #[serde(default)]
+    pub sequence_parallel: bool,
 }
 
 impl Default for ParallelSection {
@@ -167,6 +172,7 @@ impl Default for ParallelSection {
             bucket_mb: default_bucket(),
             tensor_parallel: 1,
             zero1: false,
+            sequence_parallel: false,
         }
     }
 }
