@@ -462,7 +462,7 @@ impl Llama {
         if fused.is_none() && self.sequence_group().is_some() {
             anyhow::bail!(
                 "decoder layer {i}: sequence parallelism runs each layer as one op, and this one \
-                 cannot (model.fused_layers = false, or DoRA)"
+                 runs op by op (model.fused_layers = false)"
             );
         }
         Ok(match fused {
@@ -478,9 +478,9 @@ impl Llama {
         })
     }
 
-    /// The RMSNorm after the last decoder layer, whose output x is, as hidden states [B, S, H]
-    /// for the LM head. Under sequence parallelism each rank normalises its chunk (the norm's
-    /// weight gradient summed over the group) and the chunks are gathered.
+    /// The RMSNorm after the last decoder layer, applied to its output x: the hidden states
+    /// [B, S, H] the LM head reads. Under sequence parallelism each rank normalises its chunk
+    /// (the norm's weight gradient summed over the group) and the chunks are gathered.
     pub fn final_norm(&self, x: &Tensor, ctx: &LayerContext) -> Result<Tensor> {
         let eps = self.cfg.rms_norm_eps;
         let Some(g) = self.sequence_group() else {

@@ -78,6 +78,21 @@ impl Collective for ThreadRank {
     }
 }
 
+/// `f` on each rank of a group of `size` threads; the ranks' results in rank order.
+fn on_ranks<T: Send>(size: usize, f: impl Fn(ThreadRank) -> Result<T> + Sync) -> Result<Vec<T>> {
+    std::thread::scope(|scope| {
+        let f = &f;
+        let handles: Vec<_> = ThreadRank::group(size)
+            .into_iter()
+            .map(|rank| scope.spawn(move || f(rank)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("a rank panicked"))
+            .collect()
+    })
+}
+
 /// A tracked tensor of one rank: its name, and the dimension along which it is this rank's
 /// part of the whole layer's tensor (`None`: the whole tensor).
 type RankTensor = (String, Tensor, Option<usize>);
@@ -224,40 +239,26 @@ fn split_layer_equals_the_whole_as(
         }
     };
 
-    let results = std::thread::scope(|scope| {
-        let handles: Vec<_> = ThreadRank::group(size)
+    let results = on_ranks(size, |rank| {
+        let r = rank.rank;
+        let group: SharedCollective = Arc::new(rank);
+        let sp = tokens == Tokens::Chunk;
+        let (w, tracked) = shard_layer(&layer.weights, (r, size), group.clone(), sp)?;
+        let mask = AttentionMask::new(&batch.spec, DType::F32, &Device::Cpu, false)?;
+        // The rank's own tokens, a tensor of its own under sequence parallelism.
+        let x = match (tokens, train_input) {
+            (Tokens::All, _) => x.clone(),
+            (Tokens::Chunk, true) => Var::from_tensor(&held(&x, &group)?)?.as_tensor().clone(),
+            (Tokens::Chunk, false) => held(&x, &group)?,
+        };
+        let y = decoder_layer(&x, &w, (&batch.cos, &batch.sin), &mask)?;
+        let grads = (&y * held(&mix, &group)?)?.sum_all()?.backward()?;
+        let x_grad = grads.get(&x).cloned();
+        let named = tracked
             .into_iter()
-            .map(|rank| {
-                let (layer, batch, x, mix) = (&layer, &batch, &x, &mix);
-                scope.spawn(move || -> Result<_> {
-                    let r = rank.rank;
-                    let group: SharedCollective = Arc::new(rank);
-                    let sp = tokens == Tokens::Chunk;
-                    let (w, tracked) = shard_layer(&layer.weights, (r, size), group.clone(), sp)?;
-                    let mask = AttentionMask::new(&batch.spec, DType::F32, &Device::Cpu, false)?;
-                    // The rank's own tokens, a tensor of its own under sequence parallelism.
-                    let x = match (tokens, train_input) {
-                        (Tokens::All, _) => x.clone(),
-                        (Tokens::Chunk, true) => {
-                            Var::from_tensor(&held(x, &group)?)?.as_tensor().clone()
-                        }
-                        (Tokens::Chunk, false) => held(x, &group)?,
-                    };
-                    let y = decoder_layer(&x, &w, (&batch.cos, &batch.sin), &mask)?;
-                    let grads = (&y * held(mix, &group)?)?.sum_all()?.backward()?;
-                    let x_grad = grads.get(&x).cloned();
-                    let named = tracked
-                        .into_iter()
-                        .map(|(name, t, dim)| (name, grads.get(&t).cloned(), dim))
-                        .collect::<Vec<_>>();
-                    Ok((y, x_grad, named, group))
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("a rank panicked"))
-            .collect::<Result<Vec<_>>>()
+            .map(|(name, t, dim)| (name, grads.get(&t).cloned(), dim))
+            .collect::<Vec<_>>();
+        Ok((y, x_grad, named, group))
     })?;
 
     for (rank, (y, x_grad, named, group)) in results.into_iter().enumerate() {
@@ -370,4 +371,51 @@ fn lora_layer_with_sequence_parallelism_on_two_ranks_equals_the_whole_layer() ->
 fn sequence_parallelism_pads_the_last_chunk_when_the_tokens_do_not_divide() -> Result<()> {
     split_layer_equals_the_whole_as(LORA, false, true, 2, Tokens::Chunk, 1)?;
     split_layer_equals_the_whole_as([Kind::Trained; 7], true, true, 2, Tokens::Chunk, 1)
+}
+
+/// The sequence-parallel regions' own ops where the rows are fewer than the ranks or do not
+/// divide: every rank's chunk, the rows gathered back, and the gradients each way (scatter's
+/// backward gathers, gather's reduce-scatters a partial sum).
+#[test]
+fn sequence_parallel_regions_round_trip_rows_of_any_count() -> Result<()> {
+    use crate::{gather_from_sequence_parallel_region, scatter_to_sequence_parallel_region};
+    for (rows, size) in [(1, 2), (3, 2), (5, 4), (4, 2)] {
+        let x = Tensor::arange(0f32, (rows * 3) as f32, &Device::Cpu)?.reshape((rows, 3))?;
+        let results = on_ranks(size, |rank| {
+            let r = rank.rank;
+            let group: SharedCollective = Arc::new(rank);
+            let var = Var::from_tensor(&x)?;
+            let chunk = scatter_to_sequence_parallel_region(var.as_tensor(), &group)?;
+            // Each rank weighs its chunk by (rank + 1).
+            let weighted = (&chunk * (r as f64 + 1.0))?;
+            let back = gather_from_sequence_parallel_region(&weighted, rows, &group)?;
+            let grads = back.sum_all()?.backward()?;
+            Ok((chunk, back, grads.get(var.as_tensor()).cloned()))
+        })?;
+        let chunk = rows.div_ceil(size);
+        for (r, (mine, back, grad)) in results.into_iter().enumerate() {
+            assert_eq!(mine.dims(), [chunk, 3], "{rows} rows over {size}: rank {r}");
+            let own = (r * chunk).min(rows)..((r + 1) * chunk).min(rows);
+            let want: Vec<f32> = own
+                .flat_map(|i| (0..3).map(move |c| (i * 3 + c) as f32))
+                .chain(std::iter::repeat(0.0))
+                .take(chunk * 3)
+                .collect();
+            assert_eq!(
+                mine.flatten_all()?.to_vec1::<f32>()?,
+                want,
+                "rank {r}'s chunk"
+            );
+            assert_eq!(back.dims(), [rows, 3]);
+            // Every rank's loss sums the same gathered whole, row i weighted by its owner's
+            // (rank + 1): gather's backward adds the ranks' gradients (× size) into the
+            // owner's chunk, scatter's hands each row its owner's.
+            let grad = grad.expect("x trains").to_vec2::<f32>()?;
+            let want: Vec<Vec<f32>> = (0..rows)
+                .map(|i| vec![(size * (i / chunk + 1)) as f32; 3])
+                .collect();
+            assert_eq!(grad, want, "{rows} rows over {size}: rank {r}'s gradient");
+        }
+    }
+    Ok(())
 }

@@ -37,12 +37,16 @@ impl RowShard {
         }
     }
 
-    /// This rank's chunk of x [rows, …]: its rows, then zero rows up to `chunk`.
+    /// This rank's chunk of x [rows, …]: its rows, then zero rows up to `chunk`, in storage of
+    /// its own (a view would keep all of x alive for as long as the chunk is kept).
     pub fn take(&self, x: &Tensor) -> Result<Tensor> {
         let start = (self.rank * self.chunk).min(self.rows);
         let len = self.chunk.min(self.rows - start);
         let mine = x.narrow(0, start, len)?;
-        pad_rows(&mine, self.chunk)
+        match len == self.chunk && self.size > 1 {
+            true => mine.force_contiguous(),
+            false => pad_rows(&mine, self.chunk),
+        }
     }
 
     /// The whole [rows, …] from every rank's chunk [chunk, …].

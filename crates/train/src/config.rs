@@ -408,7 +408,7 @@ impl ConfigFile {
                 p.tensor_parallel
             );
         }
-        if p.sequence_parallel && !self.fused_layers() {
+        if p.sequence_parallel && p.tensor_parallel > 1 && !self.fused_layers() {
             bail!(
                 "parallel.sequence_parallel = true runs each decoder layer as one op: it cannot \
                  be used with model.fused_layers = false"

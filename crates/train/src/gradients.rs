@@ -202,8 +202,10 @@ fn checkpointed_backward(
     let ctx = llama.layer_context(&inputs.embeds, &inputs.position_ids, &inputs.mask)?;
     let mut saved = Vec::with_capacity(llama.num_layers());
     // Under sequence parallelism the layers, and so the saved inputs, hold this rank's chunk
-    // of the tokens.
+    // of the tokens; the whole embeddings are then kept only where a gradient reaches them
+    // through the chunk (P-tuning, full SFT).
     let entry = llama.enter_layers(&inputs.embeds, &ctx)?;
+    drop(inputs.embeds);
     let mut x = entry.detach();
     for i in 0..llama.num_layers() {
         let dropout_state = model.rng_state();

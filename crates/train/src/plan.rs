@@ -234,7 +234,7 @@ pub fn plan(job: &Job, hw: &Hardware) -> Result<Plan> {
     let compute_s = compute_s_at_peak / hw.mfu;
 
     // Tensor parallel: Megatron's 4 all-reduces of b·s·h activations per layer per micro-batch
-    // (2 forward, 2 backward); a ring all-reduce moves 2(t−1)/t of the buffer per GPU, over
+    // (2 forward, 2 backward; 2 more for a recomputed forward); a ring all-reduce moves 2(t−1)/t of the buffer per GPU, over
     // NVSwitch inside a node (half its bidirectional bandwidth each way).
     let ar = |n: f64, bytes: f64| {
         if n > 1.0 {
@@ -263,8 +263,12 @@ pub fn plan(job: &Job, hw: &Hardware) -> Result<Plan> {
             reads(&["q_proj", "k_proj", "v_proj"]) + reads(&["gate_proj", "up_proj"])
         }
     };
-    let tp_bytes_per_gpu =
-        ar(tf, b * s * h * job.dtype_bytes as f64) * (4.0 + regathers) * l * accumulation as f64;
+    // Recomputation runs each layer's forward collectives again (2 all-reduces' worth).
+    let recomputed = if job.recompute { 2.0 } else { 0.0 };
+    let tp_bytes_per_gpu = ar(tf, b * s * h * job.dtype_bytes as f64)
+        * (4.0 + regathers + recomputed)
+        * l
+        * accumulation as f64;
     let nvswitch = hw.nvswitch_gb_s * 1e9 / 2.0;
     let tp_link = if t <= job.gpus_per_node {
         nvswitch
@@ -670,6 +674,11 @@ mod tests {
         let single_layer = 2048.0 * 2.0 * (7.0 / 8.0) * 8192.0 * 2.0;
         let got = recomputed.activation_bytes - sp_recomputed.activation_bytes;
         assert!((got / (inputs + single_layer) - 1.0).abs() < 1e-9);
+        // And the forwards run again all-reduce again: 6 where 4 were, 6.5 where 4.5.
+        let ratio = recomputed.tp_bytes_per_gpu / plain.tp_bytes_per_gpu;
+        assert!((ratio - 6.0 / 4.0).abs() < 1e-12, "{ratio}");
+        let ratio = sp_recomputed.tp_bytes_per_gpu / sp.tp_bytes_per_gpu;
+        assert!((ratio - 6.5 / 4.5).abs() < 1e-12, "{ratio}");
         // One rank alone: nothing to split.
         let mut one = job("llama2-7b", Method::FullSft, 1, 1, 1);
         let alone = plan(&one, &Hardware::default()).unwrap();
