@@ -34,6 +34,7 @@ use crate::state::{
     check_same_model, check_same_run, choose_checkpoint, restore, restore_trainable, run_layout,
     snapshot, RunRecord, StoreSaveRendezvous,
 };
+use crate::tensorboard::{hparams_of, SessionStatus};
 
 /// How a run ended.
 #[derive(Debug, Clone)]
@@ -282,6 +283,9 @@ fn train_rank(cfg: &ConfigFile, config_path: &Path, job: &mut Job) -> Result<Run
         let toml = toml::to_string(cfg).context("the config as TOML")?;
         let block: Vec<String> = toml.lines().map(|l| format!("    {l}")).collect();
         log.write_text(step, "config", &block.join("\n"))?;
+        // And its values as hyperparameters, for the HParams dashboard's table of runs.
+        let values = serde_json::to_value(cfg).context("the config as JSON")?;
+        log.write_session_start(step, &hparams_of(&values))?;
     }
     let stop = StopRequest::install()?;
     let progress = Progress::new(total_steps, step, main);
@@ -415,6 +419,10 @@ fn train_rank(cfg: &ConfigFile, config_path: &Path, job: &mut Job) -> Result<Run
             own_chat_template.as_deref(),
             main,
         )?);
+    }
+    if let (false, Some(log)) = (preempted, &mut metrics) {
+        // The HParams dashboard's status: the run reached its end and wrote its outputs.
+        log.write_session_end(step, SessionStatus::Success)?;
     }
     Ok(RunSummary {
         rank: job.rank,

@@ -4,8 +4,8 @@
 //! An event file is a sequence of TFRecords (length, masked CRC-32C of the length, the bytes,
 //! their masked CRC-32C), each holding one `tensorflow.Event` protobuf. Only the few fields
 //! helix writes are encoded here: `wall_time`, `step`, `file_version`, a `Summary` of
-//! `simple_value` scalars or of one text (the run's config, for TensorBoard's Text tab), and a
-//! `SessionLog`.
+//! `simple_value` scalars or of one text (the run's config, for TensorBoard's Text tab) or of
+//! the hparams plugin's session infos (hparams.rs), and a `SessionLog`.
 //!
 //! Each run starts one new file holding the file version, a `SessionLog START` at step 0 (a
 //! TensorBoard already watching drops what it read before, as on TensorFlow's own restarts)
@@ -20,6 +20,9 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
+
+mod hparams;
+pub use hparams::{hparams_of, HParam, SessionStatus, SESSION_END_TAG, SESSION_START_TAG};
 
 /// What a file name must contain for TensorBoard to read it as an event file.
 const EVENT_FILE_MARK: &str = "events.out.tfevents.";
@@ -47,6 +50,7 @@ const VALUE_METADATA: u64 = 9;
 const VALUE_TENSOR: u64 = 8;
 const METADATA_PLUGIN_DATA: u64 = 1;
 const PLUGIN_DATA_NAME: u64 = 1;
+const PLUGIN_DATA_CONTENT: u64 = 2;
 const METADATA_DATA_CLASS: u64 = 4;
 const DATA_CLASS_TENSOR: u64 = 2;
 const TENSOR_DTYPE: u64 = 1;
@@ -135,19 +139,34 @@ impl EventFile {
 
     /// Appends `text` (markdown) under `tag` at `step`, for TensorBoard's Text tab.
     pub fn write_text(&mut self, step: u64, tag: &str, text: &str) -> Result<()> {
-        let mut plugin = Vec::new();
-        put_bytes(&mut plugin, PLUGIN_DATA_NAME, b"text");
-        let mut metadata = Vec::new();
-        put_bytes(&mut metadata, METADATA_PLUGIN_DATA, &plugin);
-        put_varint_field(&mut metadata, METADATA_DATA_CLASS, DATA_CLASS_TENSOR);
         let mut tensor = Vec::new();
         put_varint_field(&mut tensor, TENSOR_DTYPE, DT_STRING);
         put_bytes(&mut tensor, TENSOR_SHAPE, &[]);
         put_bytes(&mut tensor, TENSOR_STRING_VAL, text.as_bytes());
+        self.append_plugin_value(step, tag, ("text", &[]), &tensor)
+    }
+
+    /// Appends, at `step`, a summary value under `tag` holding `tensor` (a `TensorProto`),
+    /// whose metadata names `plugin` and its `content` (left out when empty).
+    fn append_plugin_value(
+        &mut self,
+        step: u64,
+        tag: &str,
+        (plugin, content): (&str, &[u8]),
+        tensor: &[u8],
+    ) -> Result<()> {
+        let mut plugin_data = Vec::new();
+        put_bytes(&mut plugin_data, PLUGIN_DATA_NAME, plugin.as_bytes());
+        if !content.is_empty() {
+            put_bytes(&mut plugin_data, PLUGIN_DATA_CONTENT, content);
+        }
+        let mut metadata = Vec::new();
+        put_bytes(&mut metadata, METADATA_PLUGIN_DATA, &plugin_data);
+        put_varint_field(&mut metadata, METADATA_DATA_CLASS, DATA_CLASS_TENSOR);
         let mut value = Vec::new();
         put_bytes(&mut value, VALUE_TAG, tag.as_bytes());
         put_bytes(&mut value, VALUE_METADATA, &metadata);
-        put_bytes(&mut value, VALUE_TENSOR, &tensor);
+        put_bytes(&mut value, VALUE_TENSOR, tensor);
         let mut summary = Vec::new();
         put_bytes(&mut summary, SUMMARY_VALUE, &value);
         let mut event = event_header(unix_time(), step);
@@ -234,6 +253,8 @@ pub struct Event {
     pub step: u64,
     pub file_version: Option<String>,
     pub scalars: Vec<(String, f32)>,
+    /// The other summary values: (tag, the plugin named in its metadata).
+    pub plugin_values: Vec<(String, String)>,
     /// `SessionLog` status, where the event is one (1: START).
     pub session_status: Option<u64>,
 }
@@ -286,17 +307,22 @@ fn parse_event(data: &[u8]) -> Result<Event> {
                     let (SUMMARY_VALUE, Field::Bytes(value)) = (f, value) else {
                         continue;
                     };
-                    let (mut tag, mut scalar) = (String::new(), None);
+                    let (mut tag, mut scalar, mut plugin) = (String::new(), None, None);
                     for (f, v) in fields(value)? {
                         match (f, v) {
                             (VALUE_TAG, Field::Bytes(b)) => tag = String::from_utf8_lossy(b).into(),
                             (VALUE_SIMPLE_VALUE, Field::Fixed32(bits)) => {
                                 scalar = Some(f32::from_bits(bits))
                             }
+                            (VALUE_METADATA, Field::Bytes(m)) => plugin = plugin_name(m)?,
                             _ => {}
                         }
                     }
-                    e.scalars.extend(scalar.map(|s| (tag, s)));
+                    match (scalar, plugin) {
+                        (Some(s), _) => e.scalars.push((tag, s)),
+                        (None, Some(p)) => e.plugin_values.push((tag, p)),
+                        (None, None) => {}
+                    }
                 }
             }
             (EVENT_SESSION_LOG, Field::Bytes(log)) => {
@@ -310,6 +336,20 @@ fn parse_event(data: &[u8]) -> Result<Event> {
         }
     }
     Ok(e)
+}
+
+/// The plugin a `SummaryMetadata` names, if any.
+fn plugin_name(metadata: &[u8]) -> Result<Option<String>> {
+    for (f, v) in fields(metadata)? {
+        if let (METADATA_PLUGIN_DATA, Field::Bytes(plugin)) = (f, v) {
+            for (f, v) in fields(plugin)? {
+                if let (PLUGIN_DATA_NAME, Field::Bytes(name)) = (f, v) {
+                    return Ok(Some(String::from_utf8_lossy(name).into()));
+                }
+            }
+        }
+    }
+    Ok(None)
 }
 
 /// A protobuf field's value, by wire type.

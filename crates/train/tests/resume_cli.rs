@@ -686,7 +686,9 @@ fn a_full_disk_during_a_save_is_named_and_keeps_the_previous_checkpoint() {
 /// scripts/check-tensorboard.sh to read with TensorBoard itself.
 #[test]
 fn tensorboard_events_follow_metrics_jsonl_across_a_resume() {
-    use helix_train::tensorboard::{helix_event_files, read_events};
+    use helix_train::tensorboard::{
+        helix_event_files, read_events, Event, SESSION_END_TAG, SESSION_START_TAG,
+    };
     let tmp = setup("lora");
     let dir = tmp.path();
     let mut cfg = std::fs::read_to_string(dir.join("run.toml")).unwrap();
@@ -722,16 +724,30 @@ fn tensorboard_events_follow_metrics_jsonl_across_a_resume() {
     let start_time = events[1].wall_time;
     let rows = common::metrics_rows(&out);
     assert_eq!(rows.len(), 21, "steps 0..=20");
-    // And the config in the Text tab, once per run (at the step it starts from).
-    assert_eq!(events.len(), 2 + rows.len() + 1);
-    let text = events[2..]
+    // And the config in the Text tab and as the HParams dashboard's session start, once per
+    // run (at the step it starts from), and the session's end at the last step.
+    let others: Vec<(&str, &str, u64)> = events
         .iter()
-        .position(|e| e.scalars.is_empty())
-        .expect("the config's text event")
-        + 2;
-    assert_eq!(events[text].step, 10);
+        .filter(|e| e.scalars.is_empty())
+        .skip(2)
+        .flat_map(|e: &Event| {
+            let step = e.step;
+            e.plugin_values
+                .iter()
+                .map(move |(t, p)| (t.as_str(), p.as_str(), step))
+        })
+        .collect();
+    assert_eq!(
+        others,
+        [
+            ("config", "text", 10),
+            (SESSION_START_TAG, "hparams", 10),
+            (SESSION_END_TAG, "hparams", 20)
+        ]
+    );
+    assert_eq!(events.len(), 2 + rows.len() + 3);
     let mut events = events;
-    events.remove(text);
+    events.retain(|e| e.plugin_values.is_empty());
     let fields = [
         ("train/loss", "loss"),
         ("train/lr", "lr"),
