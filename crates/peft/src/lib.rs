@@ -164,14 +164,17 @@ impl Customized {
             return Split::Replicated;
         }
         if let Some(rest) = name.strip_prefix("base_model.model.") {
+            // `<prefix>.lora_A.weight`, `<prefix>.lora_B.weight`, or DoRA's
+            // `<prefix>.lora_magnitude_vector` (PEFT saves it without `.weight`).
             let (prefix, which) = rest
+                .strip_suffix(".weight")
+                .unwrap_or(rest)
                 .rsplit_once('.')
-                .and_then(|(p, w)| (w == "weight").then_some(p))
-                .and_then(|p| p.rsplit_once('.'))
                 .unwrap_or((rest, ""));
             let leaf = prefix.rsplit('.').next().unwrap_or(prefix);
+            // B and the magnitude follow the output features, A the input features.
             return match (is_row_parallel(leaf), which) {
-                (false, "lora_B") => Split::Dim(0),
+                (false, "lora_B" | "lora_magnitude_vector") => Split::Dim(0),
                 (true, "lora_A") => Split::Dim(1),
                 _ => Split::Replicated,
             };

@@ -5,7 +5,9 @@
 //! DoRA (Liu et al. 2024, PEFT's `use_dora`) adds a trainable magnitude m [out]: each output
 //! row of W + s·BA is rescaled to length m, `y = m / ‖W + s·BA‖ ⊙ (x Wᵀ + s · B(A x))`, the
 //! norm (per row, f32) treated as a constant in the backward as the paper's section 4.3 and
-//! PEFT do. m starts at ‖W‖, so a new adapter changes nothing.
+//! PEFT do. m starts at ‖W‖, so a new adapter changes nothing. Under tensor parallelism m
+//! follows the output features: split with a column-parallel W, whose rank holds whole rows;
+//! whole beside a row-parallel W, whose rows' squared lengths are summed over the group.
 //!
 //! A [`LoraLinear`] takes a dense projection's place through the model's linear hook
 //! ([`LoraBuilder::hook`]); [`LoraAdapters`] keeps a handle on every one of them for the
@@ -170,7 +172,7 @@ impl LoraConfig {
 struct Dora {
     /// The trained magnitude [out], f32.
     magnitude: Var,
-    /// ‖W‖² per row [out], f32: fixed with W, so kept.
+    /// ‖W‖² per row [out], f32: fixed with W, so kept (a row-parallel rank's: its columns').
     base_row_sq: Tensor,
 }
 
@@ -239,15 +241,27 @@ impl LoraLinear {
 
     /// W + s·BA, computed in f32 (W dequantized under QLoRA); with DoRA, each row rescaled
     /// to its magnitude.
+    /// Under tensor parallelism this rank's shard of it (a row-parallel rank's rows rescaled
+    /// by the whole rows' lengths: every rank of the group must call this, in the same order).
     pub fn merged_f32(&self) -> candle_core::Result<Tensor> {
         let delta = (self.b.as_tensor().matmul(self.a.as_tensor())? * self.scaling)?;
         let merged = (self.base.tensor()?.to_dtype(DType::F32)? + delta)?;
         match &self.dora {
             None => Ok(merged),
             Some(dora) => {
-                let scale = (dora.magnitude.as_tensor() / row_norms(&merged)?)?;
+                let norms = self.whole_rows(merged.sqr()?.sum(1)?)?.sqrt()?;
+                let scale = (dora.magnitude.as_tensor() / norms)?;
                 merged.broadcast_mul(&scale.unsqueeze(1)?)
             }
+        }
+    }
+
+    /// Squared row lengths [out] of this rank's part of W-shaped rows, as the whole rows': a
+    /// row-parallel rank holds some columns of every row, so the parts are summed.
+    fn whole_rows(&self, partial: Tensor) -> candle_core::Result<Tensor> {
+        match &self.placement {
+            Placement::Row(g) => g.all_reduce_sum(&partial),
+            _ => Ok(partial),
         }
     }
 
@@ -266,6 +280,9 @@ impl LoraLinear {
             false => dora.magnitude.as_tensor().detach(),
         };
         let g = m.broadcast_div(&self.dora_norm(dora, &a.detach(), &b.detach())?)?;
+        if !matches!(self.placement, Placement::Whole) {
+            return self.placed_dora_forward(x, &g, (&a, &b));
+        }
         let dtype = x.dtype();
         let scaled = |lora: Tensor| lora.to_dtype(DType::F32)?.broadcast_mul(&g);
         match self.next_mask() {
@@ -282,18 +299,53 @@ impl LoraLinear {
         }
     }
 
+    /// DoRA on a tensor-parallel rank, PEFT's formula term by term with this rank's placement:
+    /// `y + (g − 1) ⊙ y_d + g ⊙ s · u_d`, y and y_d the base products of x and of the dropped
+    /// x (through `Placement::forward`: the input's gradient summed over a column-parallel
+    /// group, the partial products over a row-parallel one), u_d the low-rank update of the
+    /// dropped x as the LoRA path under tensor parallelism computes it; g this rank's output
+    /// features' (split with a column-parallel W, whole beside a row-parallel one). In f32,
+    /// rounded once to the model's dtype.
+    fn placed_dora_forward(
+        &self,
+        x: &Tensor,
+        g: &Tensor,
+        (a, b): (&Tensor, &Tensor),
+    ) -> candle_core::Result<Tensor> {
+        let dtype = x.dtype();
+        let f32 = |t: Tensor| t.to_dtype(DType::F32);
+        let y = f32(self.placement.forward(x, &self.base)?)?;
+        let (y_d, x_d) = match self.next_mask() {
+            None => (y.clone(), x.to_dtype(DType::F32)?),
+            Some((p, key)) => {
+                let x_d = helix_ops::dropout(&x.to_dtype(DType::F32)?, p, key)?;
+                let y_d = self.placement.forward(&x_d.to_dtype(dtype)?, &self.base)?;
+                (f32(y_d)?, x_d)
+            }
+        };
+        let low = matmul_t(&x_d, a)?;
+        let low = match &self.placement {
+            Placement::Whole => low,
+            Placement::Column(group) => copy_to_parallel_region(&low, group)?,
+            Placement::Row(group) => reduce_from_parallel_region(&low, group)?,
+        };
+        let u_d = (matmul_t(&low, b)? * self.scaling)?;
+        let scaled = y_d.broadcast_mul(&(g - 1.0)?)?;
+        (y + scaled)?.add(&u_d.broadcast_mul(g)?)?.to_dtype(dtype)
+    }
+
     /// ‖W + s·BA‖ per row, without forming W + s·BA (an [out, in] tensor and three passes
     /// over it per projection and step): ‖W‖² (kept) + 2s·Σ_k B ⊙ (W Aᵀ) + s²·Σ_k B ⊙ (B A Aᵀ),
-    /// products of rank r.
+    /// products of rank r. A row-parallel rank's terms cover its columns: summed over the
+    /// group (A Aᵀ = Σ over the ranks of their columns' products).
     fn dora_norm(&self, dora: &Dora, a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
         let wa = matmul_t(&self.base.tensor()?.to_dtype(DType::F32)?, a)?;
         let bg = b.matmul(&a.matmul(&a.t()?)?)?;
         let cross = (b * &wa)?.sum(1)?;
         let square = (b * &bg)?.sum(1)?;
         let s = self.scaling;
-        ((&dora.base_row_sq + (cross * (2.0 * s))?)? + (square * (s * s))?)?
-            .relu()?
-            .sqrt()
+        let sq = ((&dora.base_row_sq + (cross * (2.0 * s))?)? + (square * (s * s))?)?;
+        self.whole_rows(sq)?.relu()?.sqrt()
     }
 
     pub fn is_merged(&self) -> bool {
@@ -423,12 +475,6 @@ impl LoraBuilder {
         placement: &Placement,
     ) -> Result<LoraLinear> {
         let (out_dim, in_dim) = weight.dims2()?;
-        if self.cfg.use_dora && !matches!(placement, Placement::Whole) {
-            bail!(
-                "{prefix}: lora.use_dora does not run under tensor parallelism \
-                 (parallel.tensor_parallel > 1)"
-            );
-        }
         let r = self.cfg.r;
         let layer_seed = self.seed ^ fnv1a(prefix);
         let mut rng = rand::SeedableRng::seed_from_u64(layer_seed);
@@ -445,12 +491,17 @@ impl LoraBuilder {
             }
             _ => uniform(&mut rng, &[r, in_dim], 1.0 / (in_dim as f64).sqrt(), &dev)?,
         };
-        // With B = 0, ‖W + s·BA‖ = ‖W‖: the magnitude PEFT starts from.
+        // With B = 0, ‖W + s·BA‖ = ‖W‖: the magnitude PEFT starts from (a row-parallel
+        // rank's columns' squares summed over the group for it).
         let dora = match self.cfg.use_dora {
             true => {
                 let base_row_sq = weight.tensor()?.to_dtype(DType::F32)?.sqr()?.sum(1)?;
+                let whole = match placement {
+                    Placement::Row(g) => g.all_reduce_sum(&base_row_sq)?,
+                    _ => base_row_sq.clone(),
+                };
                 Some(Dora {
-                    magnitude: Var::from_tensor(&base_row_sq.sqrt()?)?,
+                    magnitude: Var::from_tensor(&whole.sqrt()?)?,
                     base_row_sq,
                 })
             }
@@ -562,11 +613,6 @@ pub fn peft_key(prefix: &str, which: &str) -> String {
 /// PEFT's key for DoRA's magnitude of the projection at `prefix`.
 pub fn magnitude_key(prefix: &str) -> String {
     format!("base_model.model.{prefix}.lora_magnitude_vector")
-}
-
-/// The L2 norm of each row of `w` [out, in]: [out].
-fn row_norms(w: &Tensor) -> candle_core::Result<Tensor> {
-    w.sqr()?.sum(1)?.sqrt()
 }
 
 #[cfg(test)]

@@ -401,11 +401,11 @@ impl ConfigFile {
         if p.tensor_parallel == 0 {
             bail!("parallel.tensor_parallel must be at least 1");
         }
-        if p.tensor_parallel > 1 && self.lora.as_ref().is_some_and(|l| l.use_dora) {
+        let dora = self.lora.as_ref().is_some_and(|l| l.use_dora);
+        if p.sequence_parallel && p.tensor_parallel > 1 && dora {
             bail!(
-                "lora.use_dora = true does not run under tensor parallelism (parallel.\
-                 tensor_parallel = {}): its weight norm needs whole rows of every projection",
-                p.tensor_parallel
+                "parallel.sequence_parallel = true runs each decoder layer as one op, and \
+                 lora.use_dora = true runs them op by op: set one of them false"
             );
         }
         if p.sequence_parallel && p.tensor_parallel > 1 && !self.fused_layers() {
