@@ -660,9 +660,33 @@ fn recomputed_layers_give_the_losses_of_kept_activations() {
 /// its losses are those of a run that went straight through in one process.
 #[test]
 fn a_run_checkpointed_at_tp2_resumes_at_tp1() {
+    checkpointed_at_tp2_resumes_at_tp1(&[]);
+}
+
+/// The same with DoRA, whose magnitudes are split beside the column-parallel projections
+/// and whole beside the row-parallel ones.
+#[test]
+fn a_dora_run_checkpointed_at_tp2_resumes_at_tp1() {
+    let index = checkpointed_at_tp2_resumes_at_tp1(&["--set", "lora.use_dora=true"]);
+    let magnitude = |proj: &str| {
+        let name = format!("base_model.model.model.layers.0.{proj}.lora_magnitude_vector");
+        index["groups"]["trainable"][&name]["split_dim"].clone()
+    };
+    assert_eq!(magnitude("self_attn.q_proj"), 0);
+    assert!(
+        magnitude("mlp.down_proj").is_null(),
+        "{}",
+        magnitude("mlp.down_proj")
+    );
+}
+
+/// A run stopped at TP 2 with `extra` settings, resumed at TP 1 against one process; the
+/// index of the TP 2 checkpoint it resumed from.
+fn checkpointed_at_tp2_resumes_at_tp1(extra: &[&str]) -> serde_json::Value {
     let tmp = tiny_run_dir("lora");
     let dir = tmp.path();
-    let args = no_dropout("lora");
+    let mut args = no_dropout("lora");
+    args.extend(extra);
     ok(helix(dir, "one", 1, 0, &args).output().unwrap());
     let mut tp2 = args.clone();
     tp2.extend(["--set", "parallel.tensor_parallel=2"]);
@@ -700,8 +724,10 @@ fn a_run_checkpointed_at_tp2_resumes_at_tp1() {
     );
     let worst = same_losses("TP=2 then TP=1", &dir.join("one"), &out);
     println!(
-        "stopped at TP=2 after step {stopped}, resumed at TP=1: worst relative Δ loss {worst:.2e}"
+        "{extra:?} stopped at TP=2 after step {stopped}, resumed at TP=1: worst relative Δ loss \
+         {worst:.2e}"
     );
+    index
 }
 
 /// The directory `latest` names under a run's checkpoints.
