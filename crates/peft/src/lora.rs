@@ -567,7 +567,8 @@ impl LoraAdapters {
 
     /// Applies W + s·BA (rounded to the base dtype) in every layer instead of W and the
     /// low-rank path: faster inference. The base weights are kept, so [`Self::unmerge`] is exact
-    /// (an NF4 base is kept too, beside a dense merged weight per layer).
+    /// (an NF4 base is kept too, beside a dense merged weight per layer). Under tensor
+    /// parallelism every rank of the group must call it (DoRA's row norms are summed over it).
     pub fn merge(&self) -> Result<()> {
         for l in &self.layers {
             if l.is_merged() {

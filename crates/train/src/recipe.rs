@@ -328,6 +328,10 @@ fn train_rank(cfg: &ConfigFile, config_path: &Path, job: &mut Job) -> Result<Run
         let grad_norm = global_grad_norm(&grads, &model, job, zero1.is_some())?;
         if !loss.is_finite() || !grad_norm.is_finite() {
             writer.wait()?;
+            if let Some(log) = &mut metrics {
+                // The HParams dashboard's status: this run stopped on its numbers.
+                log.write_session_end(step, SessionStatus::Failure)?;
+            }
             let last = store.list_complete()?.first().map_or_else(
                 || "none was written".to_string(),
                 |(_, d)| format!("{} is kept", d.display()),

@@ -45,12 +45,14 @@ pub enum HParam {
     Bool(bool),
 }
 
-/// How a run ended (`tensorboard.hparams.Status`).
+/// How a run ended (`tensorboard.hparams.Status`'s values). A run stopped by a signal, to be
+/// resumed, writes none: the dashboard shows it as unknown until a later run finishes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SessionStatus {
+    /// It reached its last step and wrote its outputs.
     Success = 1,
+    /// It stopped on a non-finite loss or gradient.
     Failure = 2,
-    Running = 3,
 }
 
 /// The hyperparameters of a config (its JSON form, defaults filled in), by dotted key:
