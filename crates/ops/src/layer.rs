@@ -171,7 +171,13 @@ pub fn decoder_layer(
         let (d_gate, d_up) = match down.trains(need) {
             true => {
                 let (d_gate, d_up, act) = swiglu_backward_and_output(&gate_y, &up_y, &d_act)?;
-                param_grads(&down_group, &down_dlow, Some(&act), need, &mut grads)?;
+                param_grads(
+                    &down_group,
+                    &down_dlow,
+                    &|| Ok(act.clone()),
+                    need,
+                    &mut grads,
+                )?;
                 (d_gate, d_up)
             }
             false => swiglu_backward(&gate_y, &up_y, &d_act)?,
@@ -184,7 +190,7 @@ pub fn decoder_layer(
             &xn2,
             true,
             (need, &mut grads),
-            Some(&stream),
+            &stream,
         )?
         .expect("asked for");
         drop((d_gate, d_up));
@@ -192,14 +198,15 @@ pub fn decoder_layer(
         grads[2] = stream.norm_grad(d_norm2)?;
         let d_x1 = (dy + d_x1)?;
 
-        // Attention: o, attention itself, q / k / v, the first norm.
+        // Attention: o, attention itself, q / k / v, the first norm. o is row-parallel: its
+        // input gradient is this rank's columns, summed over nothing.
         let attn_out = || attention.output().reshape((rows, q_w));
         let d_attn = backward_group(
             &[(&o, &stream.whole(&d_x1)?, &low_o)],
             &attn_out,
             true,
             (need, &mut grads),
-            None,
+            &Stream::Whole,
         )?
         .expect("asked for");
         let (dq, dk, dv) = attention.backward(&d_attn.reshape((b, s, q_w))?)?;
@@ -215,7 +222,7 @@ pub fn decoder_layer(
             &xn1,
             need_xn1,
             (need, &mut grads),
-            Some(&stream),
+            &stream,
         )?;
         if let Some(d_xn1) = d_xn1 {
             let (d_x, d_norm1) = rms_norm_backward(&x, &norm1, &d_xn1, eps, need[1])?;
@@ -253,12 +260,12 @@ impl Stream {
         }
     }
 
-    /// The group, for the sums every rank needs whole (LoRA's rank-r activations and their
-    /// gradients, which have r columns).
-    fn group(&self) -> Option<&SharedCollective> {
+    /// t summed over the group, whole on every rank: the sums every rank needs whole (LoRA's
+    /// rank-r activations and their gradients, which have r columns).
+    fn sum_whole(&self, t: Tensor) -> Result<Tensor> {
         match self {
-            Stream::Whole => None,
-            Stream::Replicated(g) | Stream::Sharded(g, _) => Some(g),
+            Stream::Whole => Ok(t),
+            Stream::Replicated(g) | Stream::Sharded(g, _) => g.all_reduce_sum(&t),
         }
     }
 
@@ -385,7 +392,7 @@ fn forward_onto(
     let y = stream.sum_to_local(x.matmul(&p.weight.tensor()?.t()?)?)?;
     match &p.lora {
         Some((adapter, ..)) => {
-            let low = sum_over(stream.group(), adapter.low(x, p.dropout.as_ref())?)?;
+            let low = stream.sum_whole(adapter.low(x, p.dropout.as_ref())?)?;
             let out = adapter.add_onto(residual, &y, &stream.local_of(&low)?)?;
             Ok((out, Some(low)))
         }
@@ -398,44 +405,30 @@ fn forward_onto(
 /// into `grads` where `need` asks (x, made by `x` only where one of them reads it), and the
 /// gradient of x, summed over the projections, is returned when `need_x`.
 ///
-/// With a column-parallel split (`stream` given) each rank holds some of the projections'
-/// output features, so what it computes of x's gradient and of each d(x Aᵀ) is a partial sum
-/// over them: x's is summed into this rank's part of the stream (Megatron's `f` backward, or
-/// under sequence parallelism the reduce-scatter that follows its all-gather), each d(x Aᵀ)
-/// over the whole group. x's partial gradient may take the partial d(x Aᵀ) A, since A is
-/// whole on every rank and the sum is linear; A's gradient needs the summed d(x Aᵀ).
+/// With a column-parallel split each rank holds some of the projections' output features, so
+/// what it computes of x's gradient and of each d(x Aᵀ) is a partial sum over them: x's is
+/// summed into this rank's part of the `stream` (Megatron's `f` backward, or under sequence
+/// parallelism the reduce-scatter that follows its all-gather), each d(x Aᵀ) over the whole
+/// group. x's partial gradient may take the partial d(x Aᵀ) A, since A is whole on every rank
+/// and the sum is linear; A's gradient needs the summed d(x Aᵀ). A row-parallel group
+/// passes [`Stream::Whole`]: its sums are whole already.
 fn backward_group(
     group: &[Member<'_>],
     x: &dyn Fn() -> Result<Tensor>,
     need_x: bool,
     (need, grads): (&[bool], &mut [Option<Tensor>]),
-    stream: Option<&Stream>,
+    stream: &Stream,
 ) -> Result<Option<Tensor>> {
     let (dx, mut dlows) = input_grads(group, need_x)?;
-    let dx = match (dx, stream) {
-        (Some(dx), Some(stream)) => Some(stream.sum_to_local(dx)?),
-        (dx, _) => dx,
-    };
-    let tp = stream.and_then(Stream::group);
-    let mut reads_x = false;
+    let dx = dx.map(|dx| stream.sum_to_local(dx)).transpose()?;
     for ((p, ..), dlow) in group.iter().zip(&mut dlows) {
         let a_trains = p.lora.as_ref().is_some_and(|(_, a_at, _)| need[*a_at]);
         if let (true, Some(d)) = (a_trains, dlow.as_mut()) {
-            *d = sum_over(tp, d.clone())?;
+            *d = stream.sum_whole(d.clone())?;
         }
-        reads_x |= a_trains || p.weight_at.is_some_and(|at| need[at]);
     }
-    let x = reads_x.then(x).transpose()?;
-    param_grads(group, &dlows, x.as_ref(), need, grads)?;
+    param_grads(group, &dlows, x, need, grads)?;
     Ok(dx)
-}
-
-/// t summed over the ranks of `group`, or t itself without one.
-fn sum_over(group: Option<&SharedCollective>, t: Tensor) -> Result<Tensor> {
-    match group {
-        Some(g) => g.all_reduce_sum(&t),
-        None => Ok(t),
-    }
 }
 
 /// A projection in a backward group, its output gradient and its forward rank-r activation.
@@ -476,25 +469,33 @@ fn input_grads(
 }
 
 /// The half of [`backward_group`] that reads x: the trainable tensors' gradients, W's dyᵀ x
-/// and the adapters', from [`input_grads`]' d(x Aᵀ). x may be `None` where no W or A trains.
+/// and the adapters', from [`input_grads`]' d(x Aᵀ). x is made by `x` the first time a W or
+/// an A that trains reads it, and not at all where none does.
 fn param_grads(
     group: &[Member<'_>],
     dlows: &[Option<Tensor>],
-    x: Option<&Tensor>,
+    x: &dyn Fn() -> Result<Tensor>,
     need: &[bool],
     grads: &mut [Option<Tensor>],
 ) -> Result<()> {
-    let read_x = || x.ok_or_else(|| candle_core::Error::Msg("x was not made".into()));
+    let mut made: Option<Tensor> = None;
+    let mut read_x = || -> Result<Tensor> {
+        if made.is_none() {
+            made = Some(x()?);
+        }
+        Ok(made.clone().expect("just made"))
+    };
     for (&(p, dy, low), dlow) in group.iter().zip(dlows) {
         if let Some(at) = p.weight_at.filter(|&at| need[at]) {
             // W [out, in] gets dyᵀ x.
-            grads[at] = Some(dy.t()?.matmul(read_x()?)?);
+            grads[at] = Some(dy.t()?.matmul(&read_x()?)?);
         }
         if let (Some((adapter, a_at, b_at)), Some(low), Some(dlow)) = (&p.lora, low, dlow) {
-            let x_a = match need[*a_at] {
-                true => Some((read_x()?, p.dropout.as_ref())),
+            let x = match need[*a_at] {
+                true => Some(read_x()?),
                 false => None,
             };
+            let x_a = x.as_ref().map(|x| (x, p.dropout.as_ref()));
             let (da, db) = adapter.adapter_grads(dy, low, dlow, x_a, need[*b_at])?;
             grads[*a_at] = da;
             grads[*b_at] = db;

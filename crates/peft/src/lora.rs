@@ -249,19 +249,10 @@ impl LoraLinear {
         match &self.dora {
             None => Ok(merged),
             Some(dora) => {
-                let norms = self.whole_rows(merged.sqr()?.sum(1)?)?.sqrt()?;
+                let norms = whole_rows(&self.placement, merged.sqr()?.sum(1)?)?.sqrt()?;
                 let scale = (dora.magnitude.as_tensor() / norms)?;
                 merged.broadcast_mul(&scale.unsqueeze(1)?)
             }
-        }
-    }
-
-    /// Squared row lengths [out] of this rank's part of W-shaped rows, as the whole rows': a
-    /// row-parallel rank holds some columns of every row, so the parts are summed.
-    fn whole_rows(&self, partial: Tensor) -> candle_core::Result<Tensor> {
-        match &self.placement {
-            Placement::Row(g) => g.all_reduce_sum(&partial),
-            _ => Ok(partial),
         }
     }
 
@@ -323,15 +314,25 @@ impl LoraLinear {
                 (f32(y_d)?, x_d)
             }
         };
-        let low = matmul_t(&x_d, a)?;
-        let low = match &self.placement {
-            Placement::Whole => low,
-            Placement::Column(group) => copy_to_parallel_region(&low, group)?,
-            Placement::Row(group) => reduce_from_parallel_region(&low, group)?,
-        };
-        let u_d = (matmul_t(&low, b)? * self.scaling)?;
+        let u_d = (matmul_t(&self.placed_low(&x_d, a)?, b)? * self.scaling)?;
         let scaled = y_d.broadcast_mul(&(g - 1.0)?)?;
         (y + scaled)?.add(&u_d.broadcast_mul(g)?)?.to_dtype(dtype)
+    }
+
+    /// The rank-r activation x·Aᵀ of x [.., in] (f32, dropped where dropout asks) as B reads
+    /// it under this placement (NeMo's LoRA on Megatron layers):
+    /// - column-parallel: A is replicated, B holds this rank's output rows; x·Aᵀ enters B
+    ///   through `copy_to`, so A's gradient is summed over the group. x itself is not copied
+    ///   again: its gradient from this path is already whole.
+    /// - row-parallel: A holds this rank's input columns; the partial x·Aᵀ are summed before
+    ///   B (replicated), so B's gradient is whole on every rank.
+    fn placed_low(&self, x: &Tensor, a: &Tensor) -> candle_core::Result<Tensor> {
+        let low = matmul_t(x, a)?;
+        match &self.placement {
+            Placement::Whole => Ok(low),
+            Placement::Column(g) => copy_to_parallel_region(&low, g),
+            Placement::Row(g) => reduce_from_parallel_region(&low, g),
+        }
     }
 
     /// ‖W + s·BA‖ per row, without forming W + s·BA (an [out, in] tensor and three passes
@@ -345,7 +346,7 @@ impl LoraLinear {
         let square = (b * &bg)?.sum(1)?;
         let s = self.scaling;
         let sq = ((&dora.base_row_sq + (cross * (2.0 * s))?)? + (square * (s * s))?)?;
-        self.whole_rows(sq)?.relu()?.sqrt()
+        whole_rows(&self.placement, sq)?.relu()?.sqrt()
     }
 
     pub fn is_merged(&self) -> bool {
@@ -376,19 +377,7 @@ impl Linear for LoraLinear {
             Some((p, key)) => helix_ops::dropout(&xf, p, key)?,
             None => xf,
         };
-        // Under tensor parallelism (NeMo's LoRA on Megatron layers):
-        // - column-parallel: A is replicated, B holds this rank's output rows; the low-rank
-        //   activation x·Aᵀ enters B through `copy_to`, so A's gradient is summed over the group.
-        //   x itself is not copied again: its gradient from this path is already whole.
-        // - row-parallel: A holds this rank's input columns; the partial x·Aᵀ are summed before
-        //   B (replicated), so B's gradient is whole on every rank.
-        let low = matmul_t(&xf, &a)?;
-        let low = match &self.placement {
-            Placement::Whole => low,
-            Placement::Column(g) => copy_to_parallel_region(&low, g)?,
-            Placement::Row(g) => reduce_from_parallel_region(&low, g)?,
-        };
-        let update = matmul_t(&low, &b)?;
+        let update = matmul_t(&self.placed_low(&xf, &a)?, &b)?;
         let dtype = y.dtype();
         y + (update * self.scaling)?.to_dtype(dtype)?
     }
@@ -496,10 +485,7 @@ impl LoraBuilder {
         let dora = match self.cfg.use_dora {
             true => {
                 let base_row_sq = weight.tensor()?.to_dtype(DType::F32)?.sqr()?.sum(1)?;
-                let whole = match placement {
-                    Placement::Row(g) => g.all_reduce_sum(&base_row_sq)?,
-                    _ => base_row_sq.clone(),
-                };
+                let whole = whole_rows(placement, base_row_sq.clone())?;
                 Some(Dora {
                     magnitude: Var::from_tensor(&whole.sqrt()?)?,
                     base_row_sq,
@@ -609,6 +595,16 @@ impl LoraAdapters {
 /// PEFT's key for an adapter weight of the projection at `prefix`.
 pub fn peft_key(prefix: &str, which: &str) -> String {
     format!("base_model.model.{prefix}.{which}.weight")
+}
+
+/// Squared row lengths [out] of this rank's part of W-shaped rows under `placement`, as the
+/// whole rows': a row-parallel rank holds some columns of every row, so the parts are summed
+/// over the group (every rank of it must call this).
+fn whole_rows(placement: &Placement, partial: Tensor) -> candle_core::Result<Tensor> {
+    match placement {
+        Placement::Row(g) => g.all_reduce_sum(&partial),
+        _ => Ok(partial),
+    }
 }
 
 /// PEFT's key for DoRA's magnitude of the projection at `prefix`.

@@ -401,18 +401,19 @@ impl ConfigFile {
         if p.tensor_parallel == 0 {
             bail!("parallel.tensor_parallel must be at least 1");
         }
-        let dora = self.lora.as_ref().is_some_and(|l| l.use_dora);
-        if p.sequence_parallel && p.tensor_parallel > 1 && dora {
-            bail!(
-                "parallel.sequence_parallel = true runs each decoder layer as one op, and \
-                 lora.use_dora = true runs them op by op: set one of them false"
-            );
-        }
-        if p.sequence_parallel && p.tensor_parallel > 1 && !self.fused_layers() {
-            bail!(
-                "parallel.sequence_parallel = true runs each decoder layer as one op: it cannot \
-                 be used with model.fused_layers = false"
-            );
+        if p.sequence_parallel && p.tensor_parallel > 1 {
+            if self.lora.as_ref().is_some_and(|l| l.use_dora) {
+                bail!(
+                    "parallel.sequence_parallel = true runs each decoder layer as one op, and \
+                     lora.use_dora = true runs them op by op: set one of them false"
+                );
+            }
+            if !self.fused_layers() {
+                bail!(
+                    "parallel.sequence_parallel = true runs each decoder layer as one op: it \
+                     cannot be used with model.fused_layers = false"
+                );
+            }
         }
         if self.output.merged && self.ptuning.is_some() {
             bail!("output.merged = true cannot be used with P-tuning (its virtual tokens are inputs, not weights)");

@@ -234,8 +234,9 @@ pub fn plan(job: &Job, hw: &Hardware) -> Result<Plan> {
     let compute_s = compute_s_at_peak / hw.mfu;
 
     // Tensor parallel: Megatron's 4 all-reduces of b·s·h activations per layer per micro-batch
-    // (2 forward, 2 backward; 2 more for a recomputed forward); a ring all-reduce moves 2(t−1)/t of the buffer per GPU, over
-    // NVSwitch inside a node (half its bidirectional bandwidth each way).
+    // (2 forward, 2 backward; 2 more for a recomputed forward); a ring all-reduce moves
+    // 2(t−1)/t of the buffer per GPU, over NVSwitch inside a node (half its bidirectional
+    // bandwidth each way).
     let ar = |n: f64, bytes: f64| {
         if n > 1.0 {
             2.0 * (n - 1.0) / n * bytes
@@ -251,10 +252,7 @@ pub fn plan(job: &Job, hw: &Hardware) -> Result<Plan> {
         (Method::FullSft, true) => 1.0,
         (Method::Lora(lora), true) => {
             let reads = |names: &[&str]| {
-                let hit = names
-                    .iter()
-                    .any(|n| lora.target_modules.iter().any(|t| t == n));
-                if hit {
+                if names.iter().any(|n| lora.targets(n)) {
                     0.5
                 } else {
                     0.0

@@ -12,7 +12,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
 use crate::plot::{Chart, Series};
-use crate::tensorboard::{unix_time, EventFile, HParam, SessionStatus, StepScalars};
+use crate::tensorboard::{unix_time, EventFile, StepScalars};
 
 /// One line of metrics.jsonl. A training step fills the training fields; a validation pass
 /// adds `val_loss` (step 0 is the validation before training).
@@ -119,31 +119,10 @@ impl MetricsLog {
         })
     }
 
-    /// Records `text` (markdown) under `tag` at `step` in TensorBoard's Text tab, where the
-    /// run writes TensorBoard events.
-    pub fn write_text(&mut self, step: u64, tag: &str, text: &str) -> Result<()> {
-        match &mut self.tensorboard {
-            Some(events) => events.write_text(step, tag, text),
-            None => Ok(()),
-        }
-    }
-
-    /// Records the run's hyperparameters for TensorBoard's HParams dashboard, where the run
-    /// writes TensorBoard events.
-    pub fn write_session_start(&mut self, step: u64, hparams: &[(String, HParam)]) -> Result<()> {
-        match &mut self.tensorboard {
-            Some(events) => events.write_session_start(step, hparams),
-            None => Ok(()),
-        }
-    }
-
-    /// Records how the run ended for the HParams dashboard, where the run writes TensorBoard
-    /// events.
-    pub fn write_session_end(&mut self, step: u64, status: SessionStatus) -> Result<()> {
-        match &mut self.tensorboard {
-            Some(events) => events.write_session_end(step, status),
-            None => Ok(()),
-        }
+    /// The TensorBoard event file being written, if any: for what a run records there beside
+    /// its steps (the config in the Text tab, the HParams session).
+    pub fn tensorboard(&mut self) -> Option<&mut EventFile> {
+        self.tensorboard.as_mut()
     }
 
     /// The TensorBoard event file being written, if any.

@@ -278,14 +278,14 @@ fn train_rank(cfg: &ConfigFile, config_path: &Path, job: &mut Job) -> Result<Run
             ));
         }
     }
-    if let Some(log) = &mut metrics {
+    if let Some(events) = metrics.as_mut().and_then(MetricsLog::tensorboard) {
         // The config this run computes with, in TensorBoard's Text tab (a markdown code block).
         let toml = toml::to_string(cfg).context("the config as TOML")?;
         let block: Vec<String> = toml.lines().map(|l| format!("    {l}")).collect();
-        log.write_text(step, "config", &block.join("\n"))?;
+        events.write_text(step, "config", &block.join("\n"))?;
         // And its values as hyperparameters, for the HParams dashboard's table of runs.
         let values = serde_json::to_value(cfg).context("the config as JSON")?;
-        log.write_session_start(step, &hparams_of(&values))?;
+        events.write_session_start(step, &hparams_of(&values))?;
     }
     let stop = StopRequest::install()?;
     let progress = Progress::new(total_steps, step, main);
@@ -328,9 +328,9 @@ fn train_rank(cfg: &ConfigFile, config_path: &Path, job: &mut Job) -> Result<Run
         let grad_norm = global_grad_norm(&grads, &model, job, zero1.is_some())?;
         if !loss.is_finite() || !grad_norm.is_finite() {
             writer.wait()?;
-            if let Some(log) = &mut metrics {
+            if let Some(events) = metrics.as_mut().and_then(MetricsLog::tensorboard) {
                 // The HParams dashboard's status: this run stopped on its numbers.
-                log.write_session_end(step, SessionStatus::Failure)?;
+                events.write_session_end(step, SessionStatus::Failure)?;
             }
             let last = store.list_complete()?.first().map_or_else(
                 || "none was written".to_string(),
@@ -424,9 +424,12 @@ fn train_rank(cfg: &ConfigFile, config_path: &Path, job: &mut Job) -> Result<Run
             main,
         )?);
     }
-    if let (false, Some(log)) = (preempted, &mut metrics) {
+    if let (false, Some(events)) = (
+        preempted,
+        metrics.as_mut().and_then(MetricsLog::tensorboard),
+    ) {
         // The HParams dashboard's status: the run reached its end and wrote its outputs.
-        log.write_session_end(step, SessionStatus::Success)?;
+        events.write_session_end(step, SessionStatus::Success)?;
     }
     Ok(RunSummary {
         rank: job.rank,
